@@ -1,0 +1,89 @@
+"""The model-family registry: everything model-specific that shared code needs to know.
+
+Shared code (recipes, the data cache, the trainer, sampling) never branches on a family name;
+it looks the family up here.  Adding a family means one adapter file and one entry below.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from importlib import import_module
+from typing import Any, Callable
+
+from flowtune.errors import FlowtuneError
+
+
+@dataclass(frozen=True)
+class FamilySpec:
+    """How flowtune handles one model family.
+
+    Attributes:
+        name: The recipe's ``model.family`` value, e.g. ``"flux"``.
+        description: One line for ``flowtune`` listings.
+        adapter: The :func:`flowtune.flow_matching.create_adapter` name of its adapter.
+        pipeline_class: The diffusers inference pipeline class (``diffusers.<name>``).
+        transformer_class: The diffusers denoiser class, loaded from subfolder ``transformer``.
+        lora_target_modules: Default LoRA targets (peft suffix names) when ``lora.target_modules``
+            is not set in the recipe.
+        spatial_granularity: Image sides (pixels) must be multiples of this.
+        tiny_builder: ``"module:function"`` writing an offline tiny random pipeline in diffusers
+            format; called as ``fn(out_dir: Path, seed: int) -> None``.
+    """
+
+    name: str
+    description: str
+    adapter: str
+    pipeline_class: str
+    transformer_class: str
+    lora_target_modules: tuple[str, ...]
+    spatial_granularity: int
+    tiny_builder: str
+
+    def load_tiny_builder(self) -> Callable[..., Any]:
+        """Import and return the tiny-pipeline builder function."""
+        module, _, attr = self.tiny_builder.partition(":")
+        return getattr(import_module(module), attr)
+
+
+FAMILIES: dict[str, FamilySpec] = {
+    "flux": FamilySpec(
+        name="flux",
+        description="FLUX.1 [dev]/[schnell]: T5 + CLIP text encoders, 16-channel VAE, 2x2 packed latents",
+        adapter="flux",
+        pipeline_class="FluxPipeline",
+        transformer_class="FluxTransformer2DModel",
+        # Attention projections of the double-stream (image + text) and single-stream blocks and
+        # the feed-forward layers of the double-stream blocks (diffusers' FLUX LoRA naming).
+        lora_target_modules=(
+            "attn.to_q",
+            "attn.to_k",
+            "attn.to_v",
+            "attn.to_out.0",
+            "attn.add_q_proj",
+            "attn.add_k_proj",
+            "attn.add_v_proj",
+            "attn.to_add_out",
+            "ff.net.0.proj",
+            "ff.net.2",
+            "ff_context.net.0.proj",
+            "ff_context.net.2",
+            "proj_mlp",
+        ),
+        spatial_granularity=16,
+        tiny_builder="flowtune.tiny:build_tiny_flux",
+    ),
+}
+
+
+def family_names() -> list[str]:
+    """The registered family names, in registration order."""
+    return list(FAMILIES)
+
+
+def get_family(name: str) -> FamilySpec:
+    """Look up a family; raise a :class:`FlowtuneError` naming the known ones if it is unknown."""
+    try:
+        return FAMILIES[name]
+    except KeyError:
+        known = ", ".join(FAMILIES)
+        raise FlowtuneError(f"unknown model family {name!r}; known families: {known}") from None
