@@ -1,0 +1,7 @@
+"""Model adapters: one file per model family (see :class:`ModelAdapter`)."""
+
+from flowtune.flow_matching.adapters.base import FlowMatchingContext, ModelAdapter
+from flowtune.flow_matching.adapters.flux import FluxAdapter
+from flowtune.flow_matching.adapters.simple import SimpleAdapter
+
+__all__ = ["FlowMatchingContext", "FluxAdapter", "ModelAdapter", "SimpleAdapter"]

@@ -1,0 +1,114 @@
+"""The adapter interface between the model-agnostic pipeline and one model family.
+
+The pipeline owns the flow-matching math (timesteps, noising, target, loss); an adapter owns how
+one family's transformer is called: how latents are laid out, which conditioning tensors it takes,
+and how its output maps back to the latent space the loss is computed in.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+
+@dataclass
+class FlowMatchingContext:
+    """Everything an adapter needs to build its model inputs for one step.
+
+    Attributes:
+        noisy_latents: x_t, [B, C, H, W] (image) or [B, C, F, H, W] (video), in ``dtype``.
+        latents: Clean latents x_0, same shape as ``noisy_latents``.
+        timesteps: [B] float, sigma * num_train_timesteps (in [0, num_train_timesteps]).
+        sigma: [B] float32 noise level, 1 = pure noise, 0 = data.
+        task_type: "t2v" or "i2v".
+        data_type: "image" or "video".
+        device: Device of the model inputs.
+        dtype: Compute dtype of the model inputs.
+        batch: The original batch dictionary (model-specific conditioning lives there).
+        cfg_dropout_prob: Probability of dropping a sample's text conditioning.
+        cfg_dropout_mask: [B] bool, True where the sample's text conditioning is dropped for
+            classifier-free guidance training.  Drawn once per sample by the pipeline so that every
+            adapter drops consistently; ``None`` means no dropout.
+    """
+
+    noisy_latents: torch.Tensor
+    latents: torch.Tensor
+    timesteps: torch.Tensor
+    sigma: torch.Tensor
+    task_type: str
+    data_type: str
+    device: torch.device
+    dtype: torch.dtype
+    batch: dict[str, Any]
+    cfg_dropout_prob: float = 0.0
+    cfg_dropout_mask: torch.Tensor | None = None
+
+    @property
+    def video_latents(self) -> torch.Tensor:
+        """Alias of ``latents`` kept for users of the reference API."""
+        return self.latents
+
+
+class ModelAdapter(ABC):
+    """Model-specific input preparation and forward call for :class:`FlowMatchingPipeline`.
+
+    Subclasses implement :meth:`prepare_inputs` and :meth:`forward`.  ``forward`` must return the
+    prediction in the same layout as the clean latents so that the pipeline's loss against the
+    velocity target (noise - x_0) is computed element-wise.
+    """
+
+    @abstractmethod
+    def prepare_inputs(self, context: FlowMatchingContext) -> dict[str, Any]:
+        """Build the keyword inputs of the model's forward call from ``context``."""
+
+    @abstractmethod
+    def forward(self, model: nn.Module, inputs: dict[str, Any]) -> torch.Tensor:
+        """Call ``model`` with ``inputs``; return the velocity prediction shaped like the latents."""
+
+    def post_process_prediction(self, model_pred: Any) -> torch.Tensor:
+        """Take the prediction tensor out of a model's return value (tuple or tensor)."""
+        if isinstance(model_pred, tuple | list):
+            return model_pred[0]
+        return model_pred
+
+    def compute_loss(self, model_pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Per-element squared error in float32.
+
+        Args:
+            model_pred: [B, ...] prediction.
+            target: [B, ...] velocity target, same shape.
+
+        Returns:
+            [B, ...] float32 per-element loss.
+        """
+        return nn.functional.mse_loss(model_pred.float(), target.float(), reduction="none")
+
+    @staticmethod
+    def apply_cfg_dropout(condition: torch.Tensor, context: FlowMatchingContext) -> torch.Tensor:
+        """Zero the rows of a text-conditioning tensor whose sample is dropped.
+
+        Args:
+            condition: [B, ...] conditioning (sequence embeddings [B, L, D] or pooled [B, D]).
+            context: Supplies ``cfg_dropout_mask`` ([B] bool) for this step.
+
+        Returns:
+            ``condition`` with the dropped samples' rows set to zero (unchanged if no mask).
+        """
+        mask = context.cfg_dropout_mask
+        if mask is None:
+            return condition
+        keep = (~mask).to(device=condition.device, dtype=condition.dtype)
+        return condition * keep.view(-1, *([1] * (condition.ndim - 1)))
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The underlying model of a DDP/FSDP/compile wrapper (whose ``config`` an adapter reads)."""
+    while True:
+        inner = getattr(model, "module", None) or getattr(model, "_orig_mod", None)
+        if inner is None:
+            return model
+        model = inner

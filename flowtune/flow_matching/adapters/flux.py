@@ -1,0 +1,123 @@
+"""FLUX.1 adapter: T5 sequence + CLIP pooled conditioning, 2x2-packed latents, 3-axis RoPE ids."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from flowtune.flow_matching.adapters.base import FlowMatchingContext, ModelAdapter, unwrap_model
+
+
+class FluxAdapter(ModelAdapter):
+    """Model adapter for FLUX.1 ([dev], [schnell] and fine-tunes) in diffusers' layout.
+
+    Batch keys (as written by ``flowtune preprocess``):
+        image_latents: [B, C, H, W] VAE latents, already normalized
+            ((z - shift_factor) * scaling_factor); C = 16, H = W = pixels / 8 for FLUX.1.
+        text_embeddings: [B, L, 4096] T5 sequence embeddings.
+        pooled_prompt_embeds: [B, 768] CLIP pooled embeddings.
+
+    Transformer call (``FluxTransformer2DModel.forward``):
+        hidden_states: packed noisy latents [B, (H/2)*(W/2), 4C].
+        encoder_hidden_states / pooled_projections: the text conditioning, with per-sample
+            classifier-free-guidance dropout applied to both consistently.
+        timestep: sigma in [0, 1] ([B]); the transformer scales it by 1000 itself, exactly as
+            FluxPipeline passes ``t / 1000``.
+        img_ids: [(H/2)*(W/2), 3] rows (0, y, x); txt_ids: [L, 3] zeros.
+        guidance: [B] filled with ``guidance_scale``, only when the transformer has guidance
+            embeddings (FLUX.1-dev) and ``use_guidance_embeds`` is true.
+
+    Args:
+        guidance_scale: Guidance value fed to guidance-distilled models during training.
+        use_guidance_embeds: Pass guidance to models that have guidance embeddings.  Models
+            without them (FLUX.1-schnell) never receive guidance, whatever this says; a model
+            with them cannot run without guidance, so ``False`` there is an error.
+    """
+
+    def __init__(self, guidance_scale: float = 3.5, use_guidance_embeds: bool = True):
+        self.guidance_scale = guidance_scale
+        self.use_guidance_embeds = use_guidance_embeds
+
+    def _pack_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """[B, C, H, W] -> [B, (H//2)*(W//2), C*4]: each 2x2 latent patch becomes one token.
+
+        Token order is row-major over patches; within a token, channels vary slowest, then the
+        patch row, then the patch column (diffusers' FluxPipeline._pack_latents).
+        """
+        b, c, h, w = latents.shape
+        if h % 2 or w % 2:
+            raise ValueError(f"FLUX latents need even height and width, got {h}x{w}")
+        latents = latents.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5)
+        return latents.reshape(b, (h // 2) * (w // 2), c * 4)
+
+    def _prepare_latent_image_ids(
+        self, batch_size: int, height: int, width: int, device: torch.device, dtype: torch.dtype
+    ) -> torch.Tensor:
+        """Position ids of the packed image tokens.
+
+        Args:
+            height, width: Latent height and width (before packing).
+
+        Returns:
+            [B, (H//2)*(W//2), 3] with rows (0, y, x), y/x the token's row/column; the first axis
+            is the domain (0 for the generated image; FLUX.1 Kontext uses 1 for reference images).
+        """
+        h, w = height // 2, width // 2
+        ids = torch.zeros(h, w, 3, device=device, dtype=dtype)
+        ids[..., 1] = torch.arange(h, device=device, dtype=dtype)[:, None]
+        ids[..., 2] = torch.arange(w, device=device, dtype=dtype)[None, :]
+        return ids.reshape(1, h * w, 3).expand(batch_size, -1, -1)
+
+    @staticmethod
+    def _unpack_latents(latents: torch.Tensor, height: int, width: int, vae_scale_factor: int = 8) -> torch.Tensor:
+        """[B, (H//2)*(W//2), C*4] -> [B, C, H, W], the inverse of :meth:`_pack_latents`.
+
+        Args:
+            latents: Packed tokens.
+            height, width: Image size in pixels; the latent size is pixels / vae_scale_factor,
+                rounded down to even (diffusers' FluxPipeline._unpack_latents).
+            vae_scale_factor: VAE spatial compression (8 for FLUX.1).
+        """
+        b, _, channels = latents.shape
+        h = 2 * (int(height) // (vae_scale_factor * 2))
+        w = 2 * (int(width) // (vae_scale_factor * 2))
+        latents = latents.view(b, h // 2, w // 2, channels // 4, 2, 2).permute(0, 3, 1, 4, 2, 5)
+        return latents.reshape(b, channels // 4, h, w)
+
+    def prepare_inputs(self, context: FlowMatchingContext) -> dict[str, Any]:
+        """Build the FluxTransformer2DModel inputs from a 4D latent batch."""
+        latents = context.noisy_latents
+        if latents.ndim != 4:
+            raise ValueError(f"FluxAdapter expects image latents [B, C, H, W], got shape {tuple(latents.shape)}")
+        batch, device, dtype = context.batch, context.device, context.dtype
+        b, _, h, w = latents.shape
+        text = batch["text_embeddings"].to(device, dtype=dtype)
+        pooled = batch["pooled_prompt_embeds"].to(device, dtype=dtype)
+        img_ids = self._prepare_latent_image_ids(b, h, w, device, dtype)
+        return {
+            "hidden_states": self._pack_latents(latents),
+            "encoder_hidden_states": self.apply_cfg_dropout(text, context),
+            "pooled_projections": self.apply_cfg_dropout(pooled, context),
+            "timestep": context.sigma.to(device, dtype=dtype),
+            "img_ids": img_ids[0],
+            "txt_ids": torch.zeros(text.shape[1], 3, device=device, dtype=dtype),
+            "guidance": torch.full((b,), self.guidance_scale, device=device, dtype=torch.float32),
+            "latent_size": (h, w),
+        }
+
+    def forward(self, model: nn.Module, inputs: dict[str, Any]) -> torch.Tensor:
+        """Run the transformer; returns the velocity prediction unpacked to [B, C, H, W]."""
+        inputs = dict(inputs)
+        h, w = inputs.pop("latent_size")
+        guidance = inputs.pop("guidance")
+        has_guidance = bool(getattr(unwrap_model(model).config, "guidance_embeds", False))
+        if has_guidance and not self.use_guidance_embeds:
+            raise ValueError(
+                "this FLUX transformer has guidance embeddings (a guidance-distilled model such as "
+                "FLUX.1-dev) and cannot run without guidance; set use_guidance_embeds=True"
+            )
+        pred = model(**inputs, guidance=guidance if has_guidance else None, return_dict=False)
+        pred = self.post_process_prediction(pred)
+        return self._unpack_latents(pred, h, w, vae_scale_factor=1)

@@ -1,0 +1,290 @@
+"""Tiny random pipelines, built offline, for tests and the demo.
+
+A tiny pipeline has the real layout and geometry of its model family (the same components, latent
+channels, VAE downsampling, latent packing, scheduler config) but minimal widths and depths and
+random weights, so everything that shared code does with a real checkpoint (load it, encode
+prompts, pack latents, train a LoRA, sample) runs on a CPU in seconds.  Nothing is downloaded:
+even the tokenizers are constructed here from small fixed vocabularies.
+
+:func:`make_tiny` is what the ``flowtune make-tiny`` command calls; the per-family builders
+(``FamilySpec.tiny_builder``) write the diffusers-format directory.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import zlib
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+from flowtune.errors import FlowtuneError
+from flowtune.families import get_family
+
+if TYPE_CHECKING:
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
+    from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
+
+# Sizes of the tiny FLUX.1 components.  Everything else (latent channels, 2x2 packing, VAE
+# downsampling by 8, RoPE over three axes, guidance embedding) is FLUX.1 [dev]'s own geometry.
+CLIP_HIDDEN = 32  # pooled_projection_dim of the transformer
+T5_D_MODEL = 32  # joint_attention_dim of the transformer
+CLIP_MAX_LENGTH = 77  # CLIP's context length, as in FLUX.1
+T5_MAX_LENGTH = 512  # FLUX.1's T5 tokenizer limit (and FluxPipeline's default max_sequence_length)
+LATENT_CHANNELS = 16  # FLUX.1's VAE latent channels; the transformer sees 16 x 2 x 2 = 64
+VAE_SCALING_FACTOR = 0.3611  # FLUX.1's VAE latent normalisation
+VAE_SHIFT_FACTOR = 0.1159
+
+CLIP_BOS = "<|startoftext|>"
+CLIP_EOS = "<|endoftext|>"
+
+# T5 sentencepiece-style pieces: "\u2581" marks the start of a word.  Whole common words score
+# higher than spelling a word out character by character, as in a trained Unigram model.
+_WORD_START = "\u2581"
+_T5_WORDS = (
+    "a an the of and in on with at to for from by is are this that it its "
+    "photo picture painting drawing image portrait style art render "
+    "red green blue yellow black white orange purple pink brown gray grey "
+    "square circle triangle cat dog bird horse person man woman child face tree flower house car "
+    "sky sun moon sea water mountain city street forest field light dark big small tiny "
+    "beautiful detailed high quality"
+).split()
+_T5_SUFFIXES = ("s", "es", "ed", "ing", "er", "ly")
+_T5_CHARS = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.,;:!?'\"()[]-_/&+*%$#@=<>~"
+
+
+def _component_seed(seed: int, component: str) -> int:
+    """A seed for one component, so that each component depends only on ``seed`` and its name."""
+    return zlib.crc32(f"{seed}:{component}".encode())
+
+
+def _clip_tokenizer() -> CLIPTokenizer:
+    """A byte-level CLIP BPE tokenizer with no merges: every character is its own token."""
+    from tokenizers.pre_tokenizers import ByteLevel
+    from transformers import CLIPTokenizer
+
+    # The 256 printable stand-ins of the byte-level pre-tokenizer, sorted for a stable order.
+    symbols = sorted(ByteLevel.alphabet())
+    tokens = symbols + [s + "</w>" for s in symbols] + [CLIP_BOS, CLIP_EOS]
+    vocab = {token: i for i, token in enumerate(tokens)}
+    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=CLIP_MAX_LENGTH)
+
+
+def _clip_text_encoder(tokenizer: CLIPTokenizer) -> CLIPTextModel:
+    """A 2-layer CLIP text encoder whose special-token ids match ``tokenizer``.
+
+    The pooled output (FLUX's ``pooled_projections``) is read at the first EOS token, so the
+    config's ``eos_token_id`` must be the tokenizer's.
+    """
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    config = CLIPTextConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=CLIP_HIDDEN,
+        intermediate_size=2 * CLIP_HIDDEN,
+        projection_dim=CLIP_HIDDEN,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        max_position_embeddings=CLIP_MAX_LENGTH,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    return CLIPTextModel(config).eval()
+
+
+def _t5_tokenizer() -> T5TokenizerFast:
+    """A T5 Unigram tokenizer over a small fixed vocabulary (ids 0/1/2 = pad/eos/unk, as in T5)."""
+    from tokenizers import Tokenizer, decoders, pre_tokenizers, processors
+    from tokenizers.models import Unigram
+    from transformers import T5TokenizerFast
+
+    pieces: list[tuple[str, float]] = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), (_WORD_START, -4.0)]
+    pieces += [(_WORD_START + word, -3.0) for word in _T5_WORDS]
+    pieces += [(suffix, -3.5) for suffix in _T5_SUFFIXES]
+    pieces += [(_WORD_START + char, -5.0) for char in _T5_CHARS]
+    pieces += [(char, -6.0) for char in _T5_CHARS]
+
+    backend = Tokenizer(Unigram(pieces, unk_id=2, byte_fallback=False))
+    # The same pre-tokenizer and decoder as transformers' T5 tokenizer, so the tokenizer behaves
+    # the same before saving and after loading (loading rebuilds them from the class).
+    backend.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.WhitespaceSplit(),
+            pre_tokenizers.Metaspace(replacement=_WORD_START, prepend_scheme="always", split=True),
+        ]
+    )
+    backend.decoder = decoders.Metaspace(replacement=_WORD_START, prepend_scheme="always", split=True)
+    backend.post_processor = processors.TemplateProcessing(
+        single=["$A", "</s>"], pair=["$A", "</s>", "$B", "</s>"], special_tokens=[("</s>", 1)]
+    )
+    # extra_ids=0: no T5 sentinel tokens, so len(tokenizer) is the vocabulary above.
+    return T5TokenizerFast(tokenizer_object=backend, extra_ids=0, model_max_length=T5_MAX_LENGTH)
+
+
+def _t5_encoder(tokenizer: T5TokenizerFast) -> T5EncoderModel:
+    """A 2-layer T5 v1.1-style encoder (gated GELU, relative attention) sized to ``tokenizer``."""
+    from transformers import T5Config, T5EncoderModel
+
+    config = T5Config(
+        vocab_size=len(tokenizer),
+        d_model=T5_D_MODEL,
+        d_kv=8,
+        d_ff=2 * T5_D_MODEL,
+        num_layers=2,
+        num_heads=4,
+        feed_forward_proj="gated-gelu",
+        dropout_rate=0.0,
+        is_encoder_decoder=False,
+        use_cache=False,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    return T5EncoderModel(config).eval()
+
+
+def _vae() -> AutoencoderKL:
+    """FLUX.1's VAE layout (4 levels: downsampling by 8, 16 latent channels) at 8 channels wide."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(8, 8, 8, 8),
+        layers_per_block=1,
+        norm_num_groups=4,
+        latent_channels=LATENT_CHANNELS,
+        sample_size=64,
+        scaling_factor=VAE_SCALING_FACTOR,
+        shift_factor=VAE_SHIFT_FACTOR,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+    ).eval()
+
+
+def _flux_transformer() -> FluxTransformer2DModel:
+    """A FLUX.1 [dev]-shaped transformer: 2 double- and 2 single-stream blocks, hidden size 32."""
+    from diffusers import FluxTransformer2DModel
+
+    return FluxTransformer2DModel(
+        patch_size=1,
+        in_channels=LATENT_CHANNELS * 4,
+        out_channels=None,
+        num_layers=2,
+        num_single_layers=2,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=T5_D_MODEL,
+        pooled_projection_dim=CLIP_HIDDEN,
+        guidance_embeds=True,
+        axes_dims_rope=(4, 6, 6),
+    ).eval()
+
+
+def _flux_scheduler() -> FlowMatchEulerDiscreteScheduler:
+    """FLUX.1 [dev]'s scheduler config (resolution-dependent timestep shift)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    return FlowMatchEulerDiscreteScheduler(
+        num_train_timesteps=1000,
+        shift=3.0,
+        use_dynamic_shifting=True,
+        base_shift=0.5,
+        max_shift=1.15,
+        base_image_seq_len=256,
+        max_image_seq_len=4096,
+    )
+
+
+def build_tiny_flux(out_dir: Path, seed: int = 0) -> None:
+    """Write a tiny random FLUX.1 [dev]-shaped pipeline to ``out_dir`` in diffusers format.
+
+    The directory loads with ``diffusers.FluxPipeline.from_pretrained`` and generates images
+    (noise-like ones).  Weights are safetensors and depend only on ``seed``: the same seed gives
+    byte-identical weight files.  The caller's global torch RNG state is left untouched.
+
+    Args:
+        out_dir: Where to write; created if missing (use :func:`make_tiny` for an atomic write).
+        seed: Seed for the random weights.
+    """
+    from diffusers import FluxPipeline
+
+    tokenizer = _clip_tokenizer()
+    tokenizer_2 = _t5_tokenizer()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(_component_seed(seed, "text_encoder"))
+        text_encoder = _clip_text_encoder(tokenizer)
+        torch.manual_seed(_component_seed(seed, "text_encoder_2"))
+        text_encoder_2 = _t5_encoder(tokenizer_2)
+        torch.manual_seed(_component_seed(seed, "vae"))
+        vae = _vae()
+        torch.manual_seed(_component_seed(seed, "transformer"))
+        transformer = _flux_transformer()
+
+    pipe = FluxPipeline(
+        scheduler=_flux_scheduler(),
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        text_encoder_2=text_encoder_2,
+        tokenizer_2=tokenizer_2,
+        transformer=transformer,
+    )
+    pipe.save_pretrained(out_dir, safe_serialization=True)
+
+
+def make_tiny(family: str, out_dir: str | Path, seed: int = 0, overwrite: bool = False) -> Path:
+    """Build a tiny random pipeline of ``family`` into ``out_dir`` and return its resolved path.
+
+    The pipeline is written to a temporary sibling directory and renamed into place, so an
+    interrupted build never leaves a half-written model directory at ``out_dir`` (at most a
+    hidden ``.<name>.tmp-*`` sibling).
+
+    Args:
+        family: A registered family name (see :mod:`flowtune.families`).
+        out_dir: The directory to create.  It may exist if it is empty.
+        seed: Seed for the random weights.
+        overwrite: Replace ``out_dir`` if it exists and is not empty.
+
+    Raises:
+        FlowtuneError: Unknown family, ``out_dir`` is a file or a non-empty directory (without
+            ``overwrite``), or its parent directory cannot be written.
+    """
+    spec = get_family(family)
+    target = Path(out_dir).expanduser().resolve()
+    if target.exists():
+        if not target.is_dir():
+            raise FlowtuneError(f"{target} exists and is not a directory; choose another output directory")
+        if any(target.iterdir()) and not overwrite:
+            raise FlowtuneError(
+                f"output directory {target} is not empty; pass --overwrite to replace it "
+                "or choose another directory"
+            )
+
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    except OSError as err:
+        raise FlowtuneError(
+            f"cannot create {target}: {err.strerror or err}; choose a writable location"
+        ) from None
+
+    try:
+        spec.load_tiny_builder()(staging, seed)
+        if target.exists():
+            # Directories cannot be swapped atomically: move the old one aside first, so that at
+            # every moment either the old or the new complete directory exists.
+            retired = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+            target.replace(retired / target.name)
+            staging.replace(target)
+            shutil.rmtree(retired, ignore_errors=True)
+        else:
+            staging.replace(target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return target
