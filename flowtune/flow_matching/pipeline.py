@@ -32,7 +32,6 @@ from typing import Any
 
 import torch
 import torch.nn as nn
-from diffusers.training_utils import compute_density_for_timestep_sampling
 
 from flowtune.flow_matching import rng
 from flowtune.flow_matching.adapters.base import FlowMatchingContext, ModelAdapter
@@ -199,6 +198,10 @@ class FlowMatchingPipeline:
         scheme: str, batch_size: int, mean: float, std: float, generator: rng.Generators, device: torch.device | str
     ) -> torch.Tensor:
         """One draw per sample from diffusers' SD3 density sampler, per-sample generators allowed."""
+        # Imported here: diffusers.training_utils takes seconds to import, and recipe validation
+        # (which imports this module for its constants) should stay fast.
+        from diffusers.training_utils import compute_density_for_timestep_sampling
+
         if generator is None or isinstance(generator, torch.Generator):
             gen_device = generator.device if generator is not None else device
             u = compute_density_for_timestep_sampling(

@@ -1,0 +1,44 @@
+# flowtune: two set-up commands, both self-contained on a fresh clone.
+#   make demo   preprocess -> train -> sample on an embedded tiny model, offline, on the CPU
+#   make test   the test suite
+# Both create .venv at the repo root and install everything into it.
+
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.flowtune-installed
+DEMO_DIR := .flowtune-demo
+
+export HF_HUB_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: demo test lint format docs clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	# torch first, pinned: the CPU build here, the CUDA build on GPU machines. No torchvision.
+	$(BIN)/pip install --quiet torch==2.13.0
+	$(BIN)/pip install --quiet -e '.[dev]'
+	@touch $@
+
+demo: $(STAMP)
+	$(BIN)/flowtune make-tiny flux $(DEMO_DIR)/tiny-flux --overwrite
+	$(BIN)/python scripts/demo_step.py recipes/tiny-flux-demo.yaml
+
+test: $(STAMP)
+	$(BIN)/pytest -q
+
+lint: $(STAMP)
+	$(BIN)/ruff check flowtune tests scripts
+	$(BIN)/ruff format --check flowtune tests scripts
+
+format: $(STAMP)
+	$(BIN)/ruff format flowtune tests scripts
+	$(BIN)/ruff check --fix flowtune tests scripts
+
+docs: $(STAMP)
+	$(BIN)/python scripts/gen_recipe_docs.py
+
+clean:
+	rm -rf $(DEMO_DIR) .pytest_cache .ruff_cache

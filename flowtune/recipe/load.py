@@ -1,0 +1,599 @@
+"""Load a recipe: schema defaults <- YAML file <- ``key=value`` overrides, then validate.
+
+Every user mistake raises :class:`RecipeError` with one line that names the file or key, the
+offending value and what is allowed.  Values are checked against the schema here, before
+OmegaConf sees them, so the messages do not depend on OmegaConf's wording; OmegaConf then merges
+and resolves ``${...}`` interpolations, and :func:`_check_semantics` checks ranges and
+cross-field constraints on the result.
+"""
+
+from __future__ import annotations
+
+import difflib
+import inspect
+import math
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import UnionType
+from typing import Any, Literal, Union, get_args, get_origin
+
+import yaml
+from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+import flowtune
+from flowtune.errors import FlowtuneError
+from flowtune.families import get_family
+from flowtune.recipe.schema import Recipe, schema_fields, section_classes
+
+__all__ = [
+    "BundledRecipe",
+    "RecipeError",
+    "all_keys",
+    "bundled_recipes",
+    "load_recipe",
+    "recipe_to_yaml",
+    "recipes_dir",
+    "resolve_recipe_path",
+]
+
+_NoneType = type(None)
+_INT_RE = re.compile(r"^[-+]?\d+$")
+
+
+class RecipeError(FlowtuneError):
+    """A recipe or override is invalid; the message is one line naming the key or file."""
+
+
+@dataclass(frozen=True)
+class BundledRecipe:
+    """A recipe shipped in the repository's ``recipes/`` folder.
+
+    Attributes:
+        name: The file stem, usable wherever a recipe path is expected.
+        path: The YAML file.
+        description: The recipe's first comment line, without the ``#``.
+    """
+
+    name: str
+    path: Path
+    description: str
+
+
+# --------------------------------------------------------------------------- bundled recipes
+
+
+def recipes_dir() -> Path:
+    """The folder of bundled recipes (``recipes/`` at the repository root)."""
+    return Path(flowtune.__file__).resolve().parents[1] / "recipes"
+
+
+def _first_comment(path: Path) -> str:
+    try:
+        with path.open(encoding="utf-8") as f:
+            for line in f:
+                stripped = line.strip()
+                if stripped.startswith("#"):
+                    return stripped.lstrip("#").strip()
+                if stripped:
+                    break
+    except OSError:
+        pass
+    return ""
+
+
+def bundled_recipes() -> list[BundledRecipe]:
+    """The bundled recipes, sorted by name (empty if the ``recipes/`` folder is absent)."""
+    folder = recipes_dir()
+    if not folder.is_dir():
+        return []
+    paths = sorted(p for p in folder.iterdir() if p.suffix in (".yaml", ".yml") and p.is_file())
+    return [BundledRecipe(p.stem, p, _first_comment(p)) for p in paths]
+
+
+def resolve_recipe_path(recipe: str | Path) -> Path:
+    """The YAML file for ``recipe``: an existing file path, or a bundled recipe's name.
+
+    ``"tiny-flux-demo"`` and ``"tiny-flux-demo.yaml"`` both name the bundled recipe; an existing
+    file of that name in the current directory takes precedence.
+    """
+    path = Path(recipe)
+    if path.is_file():
+        return path
+    if path.is_dir():
+        raise RecipeError(f"recipe {str(recipe)!r} is a directory; give the path of a YAML file")
+    bundled = {b.name: b for b in bundled_recipes()}
+    name = path.name
+    for suffix in (".yaml", ".yml"):
+        name = name.removesuffix(suffix)
+    if len(path.parts) == 1 and name in bundled:
+        return bundled[name].path
+    message = f"recipe not found: {str(recipe)!r}"
+    close = difflib.get_close_matches(name, list(bundled), n=1)
+    if close:
+        message += f" — did you mean the bundled recipe {close[0]!r}?"
+    if bundled:
+        message += f" (bundled recipes: {', '.join(bundled)}; list them with `flowtune recipes`)"
+    raise RecipeError(message)
+
+
+# --------------------------------------------------------------------------- key lookups
+
+_FIELDS = {f.key: f for f in schema_fields()}
+
+
+def all_keys() -> list[str]:
+    """Every settable dotted key of the schema, in section and field order."""
+    return list(_FIELDS)
+
+
+def _section_keys(section: str) -> list[str]:
+    return [k for k in _FIELDS if k.startswith(section + ".")]
+
+
+def _unknown_key_message(key: str) -> str:
+    """``unknown key 'k' — did you mean 'x'?``, or the valid keys when nothing is close."""
+    sections = list(section_classes())
+    head, _, leaf = key.partition(".")
+    # The same field name under another section (``train.lr`` -> ``optimizer.lr``).
+    same_leaf = [k for k in _FIELDS if leaf and k.endswith("." + leaf)]
+    if len(same_leaf) == 1:
+        return f"unknown key {key!r} — did you mean {same_leaf[0]!r}?"
+    candidates = all_keys() if leaf else sections
+    close = difflib.get_close_matches(key, candidates, n=1, cutoff=0.8)
+    if close:
+        return f"unknown key {key!r} — did you mean {close[0]!r}?"
+    if head in sections and leaf:
+        names = ", ".join(k.partition(".")[2] for k in _section_keys(head))
+        return f"unknown key {key!r}; valid keys in {head!r}: {names}"
+    close_section = difflib.get_close_matches(head, sections, n=1, cutoff=0.6)
+    hint = f" — did you mean {close_section[0]!r}?" if close_section else ""
+    return f"unknown key {key!r}: {head!r} is not a recipe section{hint} (sections: {', '.join(sections)})"
+
+
+# --------------------------------------------------------------------------- type checks
+
+
+class _Mismatch(Exception):
+    """A value does not fit a type; ``choices`` is set for a Literal."""
+
+    def __init__(self, expected: str, choices: tuple[Any, ...] | None = None, value: Any = None):
+        super().__init__(expected)
+        self.expected = expected
+        self.choices = choices
+        self.value = value
+
+
+def _fmt(value: Any) -> str:
+    """A value as the user would write it (YAML flow style), without surrounding quotes."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, (dict, list)):
+        return yaml.safe_dump(value, default_flow_style=True, width=10_000).strip().replace("\n", " ")
+    return yaml.safe_dump(value).strip().removesuffix("...").strip()
+
+
+def _describe(tp: Any, plural: bool = False) -> str:
+    """English for a type: ``an integer``, ``a list of strings``, ``a string or null``."""
+    origin, args = get_origin(tp), get_args(tp)
+    if origin is Union or origin is UnionType:
+        parts = [_describe(a, plural) for a in args if a is not _NoneType]
+        text = " or ".join(parts)
+        return text + " or null" if _NoneType in args else text
+    if origin is Literal:
+        return "one of " + ", ".join(_fmt(a) for a in args)
+    if origin is list:
+        if args and get_origin(args[0]) is Literal:
+            inner = "values among " + ", ".join(_fmt(a) for a in get_args(args[0]))
+            return "lists of " + inner if plural else "a list of " + inner
+        inner = _describe(args[0], plural=True) if args else "values"
+        return "lists of " + inner if plural else "a list of " + inner
+    if origin is dict or tp is dict:
+        return "mappings" if plural else "a mapping (key: value)"
+    singular, many = {
+        int: ("an integer", "integers"),
+        float: ("a float", "floats"),
+        bool: ("a boolean (true or false)", "booleans"),
+        str: ("a string", "strings"),
+    }.get(tp, (f"a {getattr(tp, '__name__', tp)}", f"{getattr(tp, '__name__', tp)} values"))
+    return many if plural else singular
+
+
+def _is_interpolation(value: Any) -> bool:
+    return isinstance(value, str) and "${" in value
+
+
+def _coerce(value: Any, tp: Any) -> Any:
+    """``value`` converted to ``tp``, or raise :class:`_Mismatch`.
+
+    Accepts what a user means: ``1e3`` for an integer, ``16`` for a float, a number for a
+    string, and YAML's ``false``/``true`` for a choice ``no``/``yes``.  Interpolations
+    (``${...}``) and ``???`` pass through; OmegaConf resolves and checks them after merging.
+    """
+    if _is_interpolation(value) or (isinstance(value, str) and value == MISSING):
+        return value
+    origin, args = get_origin(tp), get_args(tp)
+    if origin is Union or origin is UnionType:
+        if value is None and _NoneType in args:
+            return None
+        choice_error = None
+        for arg in args:
+            if arg is _NoneType:
+                continue
+            try:
+                return _coerce(value, arg)
+            except _Mismatch as e:
+                choice_error = choice_error or (e if e.choices else None)
+        if choice_error is not None and len(args) == 2 and _NoneType in args:
+            raise _Mismatch(choice_error.expected, choice_error.choices + (None,), value)
+        raise _Mismatch(_describe(tp))
+    if origin is Literal:
+        if isinstance(value, bool):
+            for word in ("no", "off", "false") if not value else ("yes", "on", "true"):
+                if word in args:
+                    return word
+        if value in args and type(value) is type(args[args.index(value)]):
+            return value
+        raise _Mismatch(_describe(tp), args, value)
+    if origin is list:
+        if not isinstance(value, list):
+            raise _Mismatch(_describe(tp))
+        try:
+            return [_coerce(item, args[0]) if args else item for item in value]
+        except _Mismatch as e:
+            if e.choices is not None:
+                raise
+            raise _Mismatch(_describe(tp)) from None
+    if origin is dict or tp is dict:
+        if not isinstance(value, dict):
+            raise _Mismatch(_describe(tp))
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str) and _INT_RE.match(value.strip()):
+            return int(value)
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+    elif tp is Any:
+        return value
+    raise _Mismatch(_describe(tp))
+
+
+def _invalid(key: str, value: Any, mismatch: _Mismatch) -> str:
+    if mismatch.choices is not None:
+        shown = mismatch.value if mismatch.value is not None or value is None else value
+        allowed = ", ".join("null" if c is None else _fmt(c) for c in mismatch.choices)
+        return f"invalid value '{_fmt(shown)}' for {key!r}; allowed values: {allowed}"
+    return f"invalid value '{_fmt(value)}' for {key!r}: expected {mismatch.expected}"
+
+
+def _first_leaf(prefix: str, value: Any) -> str:
+    while isinstance(value, dict) and value:
+        first = next(iter(value))
+        prefix, value = f"{prefix}.{first}", value[first]
+    return prefix
+
+
+def _check_tree(data: dict[Any, Any]) -> dict[str, Any]:
+    """Check a nested recipe mapping against the schema; return it with values converted."""
+    sections = section_classes()
+    result: dict[str, Any] = {}
+    for raw_section, body in data.items():
+        section = str(raw_section)
+        if section not in sections:
+            raise RecipeError(_unknown_key_message(_first_leaf(section, body)))
+        if body is None:  # an empty section (``lora:`` with nothing under it)
+            continue
+        if not isinstance(body, dict):
+            raise RecipeError(
+                f"invalid value '{_fmt(body)}' for {section!r}: expected a mapping of "
+                f"{section} settings (e.g. {_section_keys(section)[0]}: ...)"
+            )
+        checked: dict[str, Any] = {}
+        for raw_name, value in body.items():
+            key = f"{section}.{raw_name}"
+            spec = _FIELDS.get(key)
+            if spec is None:
+                raise RecipeError(_unknown_key_message(key))
+            try:
+                checked[str(raw_name)] = _coerce(value, spec.type)
+            except _Mismatch as e:
+                raise RecipeError(_invalid(key, value, e)) from None
+        result[section] = checked
+    return result
+
+
+# --------------------------------------------------------------------------- parsing
+
+
+def _read_yaml(path: Path) -> dict[Any, Any]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise RecipeError(f"{path}: cannot read the recipe: not UTF-8 text") from None
+    except OSError as e:
+        raise RecipeError(f"{path}: cannot read the recipe: {e.strerror or e}") from None
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+        if root is None:
+            return {}
+        if not isinstance(root, yaml.MappingNode):
+            kind = "a list" if isinstance(root, yaml.SequenceNode) else "a single value"
+            raise RecipeError(
+                f"{path}: a recipe must be a YAML mapping of sections (model:, data:, train:, ...), "
+                f"but the file holds {kind}"
+            )
+        loaded = OmegaConf.create(text)
+    except yaml.YAMLError as e:
+        raise RecipeError(_yaml_error_message(path, e)) from None
+    except OmegaConfBaseException as e:
+        raise RecipeError(f"{path}: invalid recipe: {_first_line(e)}") from None
+    container = OmegaConf.to_container(loaded, resolve=False)
+    assert isinstance(container, dict)
+    return container
+
+
+def _yaml_error_message(path: Path, error: yaml.YAMLError) -> str:
+    mark = getattr(error, "problem_mark", None)
+    problem = getattr(error, "problem", None) or _first_line(error)
+    where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
+    message = f"{where}: invalid YAML: {problem}"
+    context, context_mark = getattr(error, "context", None), getattr(error, "context_mark", None)
+    if context and context_mark is not None:
+        message += f" ({context} at line {context_mark.line + 1})"
+    return message
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def _parse_override(item: str) -> dict[str, Any]:
+    key, sep, value = item.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise RecipeError(
+            f"malformed override {item!r}: expected key=value, e.g. train.max_steps=100 "
+            "or validation.prompts=[a cat,a dog]"
+        )
+    if key.startswith(("+", "~")) or not re.fullmatch(r"[A-Za-z_][\w.]*", key) or ".." in key:
+        raise RecipeError(f"malformed override {item!r}: {key!r} is not a dotted recipe key")
+    try:
+        parsed = OmegaConf.from_dotlist([f"{key}={value}"])
+    except (yaml.YAMLError, OmegaConfBaseException, ValueError) as e:
+        problem = getattr(e, "problem", None) or _first_line(e)
+        raise RecipeError(f"malformed override {item!r}: cannot parse the value: {problem}") from None
+    container = OmegaConf.to_container(parsed, resolve=False)
+    assert isinstance(container, dict)
+    return container
+
+
+# --------------------------------------------------------------------------- semantic checks
+
+
+def _check_semantics(cfg: Any) -> None:
+    """Range and cross-field checks on a merged, resolved recipe; raise the first problem."""
+
+    def fail(key: str, value: Any, requirement: str) -> None:
+        raise RecipeError(f"invalid value '{_fmt(value)}' for {key!r}: {requirement}")
+
+    def get(key: str) -> Any:
+        section, name = key.split(".")
+        return cfg[section][name]
+
+    for key in (
+        "train.max_steps",
+        "train.batch_size",
+        "train.gradient_accumulation",
+        "train.checkpoint_every",
+        "train.log_every",
+        "lora.rank",
+        "flow.num_train_timesteps",
+        "flow.log_interval",
+        "flow.summary_log_interval",
+        "data.max_sequence_length",
+        "validation.steps",
+    ):
+        if get(key) < 1:
+            fail(key, get(key), "must be a positive integer")
+    if cfg.lora.alpha <= 0:
+        fail("lora.alpha", cfg.lora.alpha, "must be a positive integer")
+    for key in ("data.num_workers", "validation.every", "lr_scheduler.warmup_steps"):
+        if get(key) < 0:
+            fail(key, get(key), "must be 0 or a positive integer")
+    keep_last = cfg.train.keep_last
+    if keep_last is not None and keep_last < 1:
+        fail("train.keep_last", keep_last, "must be a positive integer, or null to keep all checkpoints")
+
+    for key in ("flow.i2v_prob", "flow.cfg_dropout_prob", "flow.mix_uniform_ratio", "lora.dropout"):
+        value = get(key)
+        if not 0.0 <= value <= 1.0:
+            fail(key, value, "must be a probability in [0, 1]")
+    if not 0.0 <= cfg.data.validation_split < 1.0:
+        fail("data.validation_split", cfg.data.validation_split, "must be in [0, 1)")
+    sigma_min, sigma_max = cfg.flow.sigma_min, cfg.flow.sigma_max
+    if not 0.0 <= sigma_min < 1.0:
+        fail("flow.sigma_min", sigma_min, "need 0 <= sigma_min < sigma_max <= 1")
+    if not 0.0 < sigma_max <= 1.0:
+        fail("flow.sigma_max", sigma_max, "need 0 <= sigma_min < sigma_max <= 1")
+    if sigma_min >= sigma_max:
+        fail(
+            "flow.sigma_min",
+            sigma_min,
+            f"need 0 <= sigma_min < sigma_max <= 1 (flow.sigma_max is {_fmt(sigma_max)})",
+        )
+    for key, value in (
+        ("flow.flow_shift", cfg.flow.flow_shift),
+        ("flow.logit_std", cfg.flow.logit_std),
+        ("optimizer.lr", cfg.optimizer.lr),
+        ("optimizer.eps", cfg.optimizer.eps),
+    ):
+        if not (math.isfinite(value) and value > 0):
+            fail(key, value, "must be a positive number")
+    for key, value in (
+        ("optimizer.weight_decay", cfg.optimizer.weight_decay),
+        ("train.max_grad_norm", cfg.train.max_grad_norm),
+        ("validation.guidance", cfg.validation.guidance),
+    ):
+        if not (math.isfinite(value) and value >= 0):
+            fail(key, value, "must be 0 or a positive number")
+    if not math.isfinite(cfg.flow.logit_mean):
+        fail("flow.logit_mean", cfg.flow.logit_mean, "must be a finite number")
+    betas = list(cfg.optimizer.betas)
+    if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
+        fail("optimizer.betas", betas, "expected two values [beta1, beta2], each in [0, 1)")
+
+    family = get_family(cfg.model.family)
+    step = family.spatial_granularity
+    resolution = cfg.data.resolution
+    values = [resolution] if isinstance(resolution, int) else list(resolution)
+    if not values:
+        fail("data.resolution", values, "give at least one resolution")
+    for value in values:
+        if value <= 0 or value % step:
+            fail(
+                "data.resolution",
+                resolution if isinstance(resolution, int) else values,
+                f"each value must be a positive multiple of {step} for model family {family.name!r}",
+            )
+    for key in ("validation.height", "validation.width"):
+        value = get(key)
+        if value <= 0 or value % step:
+            fail(key, value, f"must be a positive multiple of {step} for model family {family.name!r}")
+
+    _check_adapter_arguments(family.adapter, OmegaConf.to_container(cfg.model.adapter))
+
+    targets = cfg.lora.target_modules
+    if targets is not None and (len(targets) == 0 or any(not t.strip() for t in targets)):
+        fail(
+            "lora.target_modules",
+            list(targets),
+            "give module name suffixes such as attn.to_q, or null for the family's defaults",
+        )
+    trackers = list(cfg.logging.trackers)
+    if len(set(trackers)) != len(trackers):
+        fail("logging.trackers", trackers, "each tracker may appear once")
+    if cfg.flow.device is not None and not cfg.flow.device.strip():
+        fail("flow.device", cfg.flow.device, "give a device such as cuda or cpu, or null")
+
+
+def _check_adapter_arguments(adapter_name: str, kwargs: Any) -> None:
+    """``model.adapter`` must be keyword arguments the family's adapter accepts.
+
+    Adapters are plain objects (no weights), so building one with the arguments is cheap.
+    """
+    from flowtune.flow_matching.pipeline import create_adapter
+
+    default = create_adapter(adapter_name)
+    parameters = inspect.signature(type(default).__init__).parameters
+    if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
+        accepted = [
+            name
+            for name, p in parameters.items()
+            if name != "self" and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+        ]
+        for name in kwargs:
+            if name not in accepted:
+                key = f"model.adapter.{name}"
+                close = difflib.get_close_matches(str(name), accepted, n=1, cutoff=0.6)
+                if close:
+                    raise RecipeError(f"unknown key {key!r} — did you mean 'model.adapter.{close[0]}'?")
+                raise RecipeError(
+                    f"unknown key {key!r}; the {adapter_name!r} adapter accepts: "
+                    + (", ".join(accepted) or "no arguments")
+                )
+    try:
+        create_adapter(adapter_name, **kwargs)
+    except (TypeError, ValueError) as e:
+        raise RecipeError(f"invalid value '{_fmt(kwargs)}' for 'model.adapter': {_first_line(e)}") from None
+
+
+# --------------------------------------------------------------------------- entry points
+
+
+def _merge(cfg: DictConfig, data: dict[str, Any], origin: str) -> DictConfig:
+    try:
+        merged = OmegaConf.merge(cfg, data)
+    except OmegaConfBaseException as e:  # pragma: no cover - values were checked before
+        key = getattr(e, "full_key", None)
+        where = f" for {key!r}" if key else ""
+        raise RecipeError(f"{origin}invalid value{where}: {_first_line(e)}") from None
+    assert isinstance(merged, DictConfig)
+    return merged
+
+
+def load_recipe(recipe: str | Path, overrides: Sequence[str] = ()) -> Recipe:
+    """Load and validate a recipe.
+
+    Args:
+        recipe: A YAML file path, or the name of a bundled recipe (``"tiny-flux-demo"``).
+        overrides: ``key=value`` strings in OmegaConf dotlist syntax, applied after the file
+            (``train.max_steps=10``, ``optimizer.lr=3e-4``, ``validation.prompts=[a,b]``).
+
+    Returns:
+        A typed OmegaConf ``DictConfig`` over :class:`~flowtune.recipe.schema.Recipe` (attribute
+        and item access, ``**recipe.flow`` works), with interpolations resolved.
+
+    Raises:
+        RecipeError: one line naming the file or key, the value and what is allowed.
+    """
+    if isinstance(overrides, str):
+        overrides = [overrides]
+    path = resolve_recipe_path(recipe)
+    origin = f"{path}: "
+    data = _read_yaml(path)
+    try:
+        checked = _check_tree(data)
+    except RecipeError as e:
+        raise RecipeError(origin + str(e)) from None
+    cfg = _merge(OmegaConf.structured(Recipe), checked, origin)
+    for item in overrides:
+        cfg = _merge(cfg, _check_tree(_parse_override(item)), f"override {item!r}: ")
+
+    try:
+        OmegaConf.resolve(cfg)
+    except OmegaConfBaseException as e:
+        key = getattr(e, "full_key", None)
+        where = f" for {key!r}" if key else ""
+        raise RecipeError(f"cannot resolve interpolation{where}: {_first_line(e)}") from None
+    # Interpolated values skipped the first check; check the whole tree again, now concrete, so
+    # that they get the same messages.
+    _check_tree(OmegaConf.to_container(cfg, resolve=False))  # type: ignore[arg-type]
+
+    missing_keys = OmegaConf.missing_keys(cfg)
+    missing = [k for k in all_keys() if k in missing_keys]
+    if missing:
+        keys = ", ".join(repr(k) for k in missing)
+        how = " ".join(f"{k}=..." for k in missing)
+        plural = "s" if len(missing) > 1 else ""
+        raise RecipeError(
+            f"{origin}missing required value{plural} for {keys}: set {'them' if plural else 'it'} "
+            f"in the recipe or add the override{plural} {how}"
+        )
+    _check_semantics(cfg)
+    return cfg  # type: ignore[return-value]
+
+
+def recipe_to_yaml(recipe: Any) -> str:
+    """The recipe as YAML (interpolations resolved), loadable again with :func:`load_recipe`."""
+    return OmegaConf.to_yaml(recipe, resolve=True)

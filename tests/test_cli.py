@@ -1,0 +1,93 @@
+"""The command line as a user runs it: exit codes, one-line errors, never a traceback."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def flowtune(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "200"}
+    return subprocess.run(
+        [sys.executable, "-m", "flowtune", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300
+    )
+
+
+def assert_user_error(result: subprocess.CompletedProcess, *fragments: str) -> None:
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr + result.stdout
+    message = result.stderr.strip()
+    assert message.count("\n") == 0, f"expected one line, got:\n{message}"
+    for fragment in fragments:
+        assert fragment in message
+
+
+def test_validate_suggests_the_closest_key():
+    result = flowtune("validate", "recipes/flux1-dev-lora.yaml", "train.max_step=5")
+    assert_user_error(result, "unknown key 'train.max_step' — did you mean 'train.max_steps'?")
+
+
+def test_validate_rejects_an_invalid_choice_with_allowed_values():
+    result = flowtune("validate", "recipes/tiny-flux-demo.yaml", "flow.timestep_sampling=banana")
+    assert_user_error(result, "'banana'", "flow.timestep_sampling", "uniform, logit_normal, mode, lognorm, mix")
+
+
+def test_validate_rejects_a_wrong_type():
+    assert_user_error(flowtune("validate", "tiny-flux-demo", "train.max_steps=abc"), "'abc'", "train.max_steps")
+
+
+def test_validate_prints_the_resolved_recipe_with_overrides():
+    result = flowtune("validate", "tiny-flux-demo", "train.max_steps=7", "optimizer.lr=3e-4")
+    assert result.returncode == 0, result.stderr
+    resolved = yaml.safe_load(result.stdout)
+    assert resolved["train"]["max_steps"] == 7 and resolved["optimizer"]["lr"] == pytest.approx(3e-4)
+    assert resolved["flow"]["timestep_sampling"] in ("uniform", "logit_normal", "mode", "lognorm", "mix")
+
+
+def test_validate_missing_recipe():
+    assert_user_error(flowtune("validate", "no-such-recipe.yaml"), "no-such-recipe")
+
+
+def test_recipes_lists_bundled_recipes():
+    result = flowtune("recipes")
+    assert result.returncode == 0, result.stderr
+    assert "flux1-dev-lora" in result.stdout and "tiny-flux-demo" in result.stdout
+
+
+def test_unknown_command_and_help():
+    result = flowtune("bogus")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    result = flowtune("--help")
+    assert result.returncode == 0
+    for command in ("validate", "recipes", "make-tiny"):
+        assert command in result.stdout
+    assert flowtune("--version").stdout.startswith("flowtune ")
+
+
+def test_make_tiny(tmp_path: Path):
+    out = tmp_path / "tiny"
+    result = flowtune("make-tiny", "flux", str(out), "--seed", "3")
+    assert result.returncode == 0, result.stderr
+    assert (out / "model_index.json").is_file() and (out / "transformer").is_dir()
+    assert_user_error(flowtune("make-tiny", "flux", str(out)), "--overwrite")
+    assert flowtune("make-tiny", "flux", str(out), "--overwrite").returncode == 0
+    assert_user_error(flowtune("make-tiny", "sd15", str(tmp_path / "x")), "unknown model family 'sd15'", "flux")
+
+
+def test_demo_step_runs_on_the_tiny_model(tmp_path: Path):
+    """`make demo` for now: one LoRA training step on the tiny model through the pipeline API."""
+    model = tmp_path / "tiny-flux"
+    assert flowtune("make-tiny", "flux", str(model)).returncode == 0
+    result = subprocess.run(
+        [sys.executable, "scripts/demo_step.py", "recipes/tiny-flux-demo.yaml", f"model.pretrained={model}"],
+        cwd=REPO, env={**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "200"}, capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "trainable parameters" in result.stdout and "loss" in result.stdout
