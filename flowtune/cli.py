@@ -18,6 +18,7 @@ from rich.table import Table
 
 from flowtune import __version__
 from flowtune.errors import FlowtuneError
+from flowtune.quiet import quiet_libraries
 
 app = typer.Typer(
     name="flowtune",
@@ -87,6 +88,7 @@ def make_tiny_command(
     """Write a tiny random pipeline of FAMILY (offline, for tests and demos) to OUT_DIR."""
     from flowtune.tiny import make_tiny
 
+    quiet_libraries()
     path = make_tiny(family, out_dir, seed=seed, overwrite=overwrite)
     err.print(f"[green]✓[/green] tiny {family} pipeline written to {path}")
 
@@ -97,6 +99,7 @@ def main() -> None:
     Typer's standalone mode already reports usage errors (unknown command or option) in one
     message with exit status 2; flowtune's own user errors are handled here the same way.
     """
+    quiet_libraries()
     try:
         app()
     except FlowtuneError as exc:

@@ -21,6 +21,7 @@ from rich.table import Table
 from flowtune.errors import FlowtuneError
 from flowtune.families import get_family
 from flowtune.flow_matching import create_pipeline
+from flowtune.quiet import quiet_libraries
 from flowtune.recipe import load_recipe
 
 console = Console()
@@ -36,8 +37,11 @@ def synthetic_image(size: int) -> torch.Tensor:
 
 
 def main(argv: list[str]) -> None:
+    quiet_libraries()
     import diffusers
     from peft import LoraConfig
+
+    quiet_libraries()
 
     recipe = load_recipe(argv[0], argv[1:])
     family = get_family(recipe.model.family)
@@ -49,7 +53,7 @@ def main(argv: list[str]) -> None:
 
     # Text encoders and VAE only: the transformer is loaded on its own, as the trainer will.
     encoders = getattr(diffusers, family.pipeline_class).from_pretrained(
-        recipe.model.pretrained, transformer=None, torch_dtype=dtype
+        recipe.model.pretrained, transformer=None, dtype=dtype
     )
     with torch.no_grad():
         text, pooled, _ = encoders.encode_prompt(
@@ -61,7 +65,7 @@ def main(argv: list[str]) -> None:
     batch = {"image_latents": latents, "text_embeddings": text, "pooled_prompt_embeds": pooled}
 
     transformer = getattr(diffusers, family.transformer_class).from_pretrained(
-        recipe.model.pretrained, subfolder="transformer", torch_dtype=dtype
+        recipe.model.pretrained, subfolder="transformer", dtype=dtype
     )
     transformer.requires_grad_(False)
     targets = list(recipe.lora.target_modules or family.lora_target_modules)
