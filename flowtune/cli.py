@@ -31,10 +31,15 @@ app = typer.Typer(
 out = Console(soft_wrap=True)
 err = Console(stderr=True, soft_wrap=True)
 
-RecipeArg = Annotated[str, typer.Argument(help="A recipe YAML file, or the name of a bundled recipe (see `flowtune recipes`).")]
+RecipeArg = Annotated[
+    str, typer.Argument(help="A recipe YAML file, or the name of a bundled recipe (see `flowtune recipes`).")
+]
 OverridesArg = Annotated[
     list[str] | None,
-    typer.Argument(help="Overrides as dotted key=value pairs, e.g. train.max_steps=10 optimizer.lr=3e-4.", show_default=False),
+    typer.Argument(
+        help="Overrides as dotted key=value pairs, e.g. train.max_steps=10 optimizer.lr=3e-4.",
+        show_default=False,
+    ),
 ]
 
 

@@ -6,9 +6,10 @@ it looks the family up here.  Adding a family means one adapter file and one ent
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import import_module
-from typing import Any, Callable
+from typing import Any
 
 from flowtune.errors import FlowtuneError
 

@@ -93,8 +93,12 @@ def main(argv: list[str]) -> None:
 
     table = Table(title="flowtune demo: one LoRA training step", show_header=False)
     table.add_row("model", f"{recipe.model.family} from {recipe.model.pretrained}")
-    table.add_row("batch", f"latents {tuple(latents.shape)}, T5 {tuple(text.shape)}, CLIP pooled {tuple(pooled.shape)}")
-    table.add_row("LoRA", f"rank {recipe.lora.rank}, {sum(p.numel() for p in trainable):,} trainable parameters")
+    table.add_row(
+        "batch", f"latents {tuple(latents.shape)}, T5 {tuple(text.shape)}, CLIP pooled {tuple(pooled.shape)}"
+    )
+    table.add_row(
+        "LoRA", f"rank {recipe.lora.rank}, {sum(p.numel() for p in trainable):,} trainable parameters"
+    )
     table.add_row("sigma", f"{metrics['sigma_mean']:.3f} ({metrics['sampling_method']})")
     table.add_row("loss", f"{metrics['loss']:.5f} (unweighted {metrics['unweighted_loss']:.5f})")
     table.add_row("grad norm", f"{float(grad_norm):.5f}")

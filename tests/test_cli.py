@@ -16,7 +16,12 @@ REPO = Path(__file__).resolve().parents[1]
 def flowtune(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "200"}
     return subprocess.run(
-        [sys.executable, "-m", "flowtune", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300
+        [sys.executable, "-m", "flowtune", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
 
 
@@ -36,11 +41,15 @@ def test_validate_suggests_the_closest_key():
 
 def test_validate_rejects_an_invalid_choice_with_allowed_values():
     result = flowtune("validate", "recipes/tiny-flux-demo.yaml", "flow.timestep_sampling=banana")
-    assert_user_error(result, "'banana'", "flow.timestep_sampling", "uniform, logit_normal, mode, lognorm, mix")
+    assert_user_error(
+        result, "'banana'", "flow.timestep_sampling", "uniform, logit_normal, mode, lognorm, mix"
+    )
 
 
 def test_validate_rejects_a_wrong_type():
-    assert_user_error(flowtune("validate", "tiny-flux-demo", "train.max_steps=abc"), "'abc'", "train.max_steps")
+    assert_user_error(
+        flowtune("validate", "tiny-flux-demo", "train.max_steps=abc"), "'abc'", "train.max_steps"
+    )
 
 
 def test_validate_prints_the_resolved_recipe_with_overrides():
@@ -78,7 +87,9 @@ def test_make_tiny(tmp_path: Path):
     assert (out / "model_index.json").is_file() and (out / "transformer").is_dir()
     assert_user_error(flowtune("make-tiny", "flux", str(out)), "--overwrite")
     assert flowtune("make-tiny", "flux", str(out), "--overwrite").returncode == 0
-    assert_user_error(flowtune("make-tiny", "sd15", str(tmp_path / "x")), "unknown model family 'sd15'", "flux")
+    assert_user_error(
+        flowtune("make-tiny", "sd15", str(tmp_path / "x")), "unknown model family 'sd15'", "flux"
+    )
 
 
 def test_demo_step_runs_on_the_tiny_model(tmp_path: Path):
@@ -87,7 +98,11 @@ def test_demo_step_runs_on_the_tiny_model(tmp_path: Path):
     assert flowtune("make-tiny", "flux", str(model)).returncode == 0
     result = subprocess.run(
         [sys.executable, "scripts/demo_step.py", "recipes/tiny-flux-demo.yaml", f"model.pretrained={model}"],
-        cwd=REPO, env={**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "200"}, capture_output=True, text=True, timeout=300,
+        cwd=REPO,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "200"},
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert result.returncode == 0, result.stderr
     assert "trainable parameters" in result.stdout and "loss" in result.stdout

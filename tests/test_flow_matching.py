@@ -165,7 +165,9 @@ def test_linear_loss_weighting():
     sigma = torch.tensor([0.0, 0.5])
     weighted, avg_w, unweighted, avg_u, weight, mask = pipe.compute_loss(pred, target, sigma)
     assert torch.equal(weight.flatten(), torch.tensor([1.0, 2.5]))
-    assert torch.equal(weighted[0], torch.full((1, 2, 2), 4.0)) and torch.equal(weighted[1], torch.full((1, 2, 2), 10.0))
+    assert torch.equal(weighted[0], torch.full((1, 2, 2), 4.0)) and torch.equal(
+        weighted[1], torch.full((1, 2, 2), 10.0)
+    )
     assert avg_w.item() == pytest.approx(7.0) and avg_u.item() == pytest.approx(4.0)
     assert unweighted.shape == pred.shape and mask is None
 
@@ -173,13 +175,17 @@ def test_linear_loss_weighting():
 def test_bsmntw_loss_weighting_indexes_table_by_timestep():
     pipe = FlowMatchingPipeline(SimpleAdapter(), loss_weighting_scheme="bsmntw")
     table = pipe._build_bsmntw_weights()
-    _, _, _, _, weight, _ = pipe.compute_loss(torch.zeros(3, 4), torch.ones(3, 4), torch.tensor([0.0, 0.5, 1.0]))
+    _, _, _, _, weight, _ = pipe.compute_loss(
+        torch.zeros(3, 4), torch.ones(3, 4), torch.tensor([0.0, 0.5, 1.0])
+    )
     assert torch.equal(weight.flatten(), table[torch.tensor([0, 500, 999])])
 
 
 def test_no_loss_weighting():
     pipe = FlowMatchingPipeline(SimpleAdapter(), use_loss_weighting=False)
-    _, avg_w, _, avg_u, weight, _ = pipe.compute_loss(torch.zeros(2, 3), torch.ones(2, 3), torch.tensor([0.2, 0.9]))
+    _, avg_w, _, avg_u, weight, _ = pipe.compute_loss(
+        torch.zeros(2, 3), torch.ones(2, 3), torch.tensor([0.2, 0.9])
+    )
     assert torch.equal(weight.flatten(), torch.ones(2)) and avg_w.item() == avg_u.item() == 1.0
 
 
@@ -188,7 +194,9 @@ def test_loss_mask_is_a_masked_mean():
     target = torch.zeros(1, 2, 2, 2)
     target[..., 0, :] = 1.0  # top row error 1, bottom row error 0
     mask = torch.tensor([[[1.0, 1.0], [0.0, 0.0]]])  # [B, H, W]: only the top row counts
-    _, avg_w, _, avg_u, _, returned = pipe.compute_loss(torch.zeros_like(target), target, torch.zeros(1), {"loss_mask": mask})
+    _, avg_w, _, avg_u, _, returned = pipe.compute_loss(
+        torch.zeros_like(target), target, torch.zeros(1), {"loss_mask": mask}
+    )
     assert avg_w.item() == pytest.approx(1.0) and avg_u.item() == pytest.approx(1.0)
     assert returned is mask
     _, unmasked, *_ = pipe.compute_loss(torch.zeros_like(target), target, torch.zeros(1))
@@ -214,7 +222,10 @@ class EchoModel(nn.Module):
 
 def simple_batch(b: int = 4, seed: int = 0) -> dict:
     g = torch.Generator().manual_seed(seed)
-    return {"image_latents": torch.randn(b, 4, 8, 8, generator=g), "text_embeddings": torch.randn(b, 5, 16, generator=g)}
+    return {
+        "image_latents": torch.randn(b, 4, 8, 8, generator=g),
+        "text_embeddings": torch.randn(b, 5, 16, generator=g),
+    }
 
 
 def test_step_returns_reference_shapes_and_backpropagates():
@@ -240,7 +251,11 @@ def test_step_target_is_noise_minus_data(monkeypatch):
     """With sigma fixed, a model predicting exactly noise - x0 has zero loss."""
     pipe = FlowMatchingPipeline(SimpleAdapter(), cfg_dropout_prob=0.0)
     batch = simple_batch(b=2)
-    monkeypatch.setattr(pipe, "sample_timesteps", lambda b, d, generator=None: (torch.full((b,), 0.3), torch.full((b,), 300.0), "fixed"))
+    monkeypatch.setattr(
+        pipe,
+        "sample_timesteps",
+        lambda b, d, generator=None: (torch.full((b,), 0.3), torch.full((b,), 300.0), "fixed"),
+    )
     noise = torch.randn(batch["image_latents"].shape, generator=torch.Generator().manual_seed(7))
 
     class Oracle(nn.Module):
@@ -262,9 +277,17 @@ def test_per_sample_generators_make_samples_independent_of_batch_split():
     def gens(ids):
         return [torch.Generator().manual_seed(1000 + i) for i in ids]
 
-    whole, *_ = pipe.step(EchoModel(), batch, dtype=torch.float32, generator=gens(range(4)), collect_metrics=False)
+    whole, *_ = pipe.step(
+        EchoModel(), batch, dtype=torch.float32, generator=gens(range(4)), collect_metrics=False
+    )
     halves = [
-        pipe.step(EchoModel(), {k: v[s] for k, v in batch.items()}, dtype=torch.float32, generator=gens(range(4)[s]), collect_metrics=False)[0]
+        pipe.step(
+            EchoModel(),
+            {k: v[s] for k, v in batch.items()},
+            dtype=torch.float32,
+            generator=gens(range(4)[s]),
+            collect_metrics=False,
+        )[0]
         for s in (slice(0, 2), slice(2, 4))
     ]
     assert torch.equal(whole, torch.cat(halves))
@@ -279,7 +302,9 @@ def test_cfg_dropout_is_per_sample_and_consistent_across_conditionings():
         "text_embeddings": torch.ones(b, 3, 8),
         "pooled_prompt_embeds": torch.ones(b, 6),
     }
-    _, _, _, metrics = pipe.step(model, batch, dtype=torch.float32, generator=torch.Generator().manual_seed(3))
+    _, _, _, metrics = pipe.step(
+        model, batch, dtype=torch.float32, generator=torch.Generator().manual_seed(3)
+    )
     call = model.calls[-1]
     text_dropped = call["encoder_hidden_states"].abs().sum(dim=(1, 2)) == 0
     pooled_dropped = call["pooled_projections"].abs().sum(dim=1) == 0
@@ -287,7 +312,9 @@ def test_cfg_dropout_is_per_sample_and_consistent_across_conditionings():
     assert 0 < text_dropped.sum().item() < b  # per sample, not all-or-nothing per batch
     assert metrics["cfg_dropped"] == text_dropped.sum().item()
     # kept samples are untouched
-    assert torch.equal(call["encoder_hidden_states"][~text_dropped], torch.ones(int((~text_dropped).sum()), 3, 8))
+    assert torch.equal(
+        call["encoder_hidden_states"][~text_dropped], torch.ones(int((~text_dropped).sum()), 3, 8)
+    )
 
 
 @pytest.mark.parametrize("prob,expected", [(0.0, 0), (1.0, 8)])
@@ -314,7 +341,9 @@ def test_loss_explosion_check(value):
     pipe = FlowMatchingPipeline(SimpleAdapter())
     with pytest.raises(LossExplosionError, match="step 12"):
         pipe.step(ConstantModel(value), simple_batch(), dtype=torch.float32, global_step=12)
-    pipe.step(ConstantModel(value), simple_batch(), dtype=torch.float32, check_loss=False, collect_metrics=False)
+    pipe.step(
+        ConstantModel(value), simple_batch(), dtype=torch.float32, check_loss=False, collect_metrics=False
+    )
 
 
 def test_hot_path_makes_no_host_sync(monkeypatch):
@@ -327,7 +356,9 @@ def test_hot_path_makes_no_host_sync(monkeypatch):
     batch = simple_batch()
     for name in ("item", "__bool__", "__float__", "tolist", "numpy"):
         monkeypatch.setattr(torch.Tensor, name, forbidden)
-    _, avg, _, metrics = pipe.step(EchoModel(), batch, dtype=torch.float32, collect_metrics=False, check_loss=False)
+    _, avg, _, metrics = pipe.step(
+        EchoModel(), batch, dtype=torch.float32, collect_metrics=False, check_loss=False
+    )
     monkeypatch.undo()
     assert metrics == {} and avg.ndim == 0
     with pytest.raises(AssertionError, match="host-device sync"):
@@ -448,9 +479,16 @@ def test_flux_adapter_rejects_video_latents():
 def tiny_flux_transformer(guidance_embeds: bool = True) -> FluxTransformer2DModel:
     torch.manual_seed(0)
     return FluxTransformer2DModel(
-        patch_size=1, in_channels=64, num_layers=2, num_single_layers=2, attention_head_dim=16,
-        num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=24,
-        guidance_embeds=guidance_embeds, axes_dims_rope=(4, 6, 6),
+        patch_size=1,
+        in_channels=64,
+        num_layers=2,
+        num_single_layers=2,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=32,
+        pooled_projection_dim=24,
+        guidance_embeds=guidance_embeds,
+        axes_dims_rope=(4, 6, 6),
     )
 
 
@@ -463,7 +501,9 @@ def test_step_with_real_flux_transformer_backpropagates(guidance_embeds):
         "text_embeddings": torch.randn(2, 10, 32),
         "pooled_prompt_embeds": torch.randn(2, 24),
     }
-    weighted, avg, _, metrics = pipe.step(model, batch, dtype=torch.float32, generator=torch.Generator().manual_seed(0))
+    weighted, avg, _, metrics = pipe.step(
+        model, batch, dtype=torch.float32, generator=torch.Generator().manual_seed(0)
+    )
     assert weighted.shape == (2, 16, 8, 8) and torch.isfinite(avg)
     avg.backward()
     grads = [p.grad for p in model.parameters() if p.grad is not None]
@@ -483,3 +523,17 @@ def test_step_in_bf16_with_real_flux_transformer():
     weighted, avg, _, _ = pipe.step(model, batch, dtype=torch.bfloat16)
     assert weighted.dtype == torch.float32 and torch.isfinite(avg)
     avg.backward()
+
+
+def test_debug_logs_only_when_enabled(caplog):
+    pipe = FlowMatchingPipeline(SimpleAdapter(), log_interval=100, summary_log_interval=10)
+    with caplog.at_level("INFO", logger="flowtune.flow_matching.pipeline"):
+        pipe.step(EchoModel(), simple_batch(), dtype=torch.float32, global_step=0)
+    assert caplog.records == []
+    with caplog.at_level("DEBUG", logger="flowtune.flow_matching.pipeline"):
+        pipe.step(EchoModel(), simple_batch(), dtype=torch.float32, global_step=0)  # detailed
+        pipe.step(EchoModel(), simple_batch(), dtype=torch.float32, global_step=10)  # summary
+        pipe.step(EchoModel(), simple_batch(), dtype=torch.float32, global_step=11)  # nothing
+    text = caplog.text
+    assert "[step 0] flow matching" in text and "[step 0] loss" in text and "unweighted" in text
+    assert "[step 10] loss" in text and "[step 11]" not in text

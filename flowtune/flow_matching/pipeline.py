@@ -190,12 +190,19 @@ class FlowMatchingPipeline:
         if method == "mode":
             return self._density("mode", batch_size, 0.0, 1.0, generator, device).clamp(0.0, 1.0)
         if method == "logit_normal":
-            return self._density("logit_normal", batch_size, self.logit_mean, self.logit_std, generator, device)
+            return self._density(
+                "logit_normal", batch_size, self.logit_mean, self.logit_std, generator, device
+            )
         return rng.rand(batch_size, generator, device)
 
     @staticmethod
     def _density(
-        scheme: str, batch_size: int, mean: float, std: float, generator: rng.Generators, device: torch.device | str
+        scheme: str,
+        batch_size: int,
+        mean: float,
+        std: float,
+        generator: rng.Generators,
+        device: torch.device | str,
     ) -> torch.Tensor:
         """One draw per sample from diffusers' SD3 density sampler, per-sample generators allowed."""
         # Imported here: diffusers.training_utils takes seconds to import, and recipe validation
@@ -211,7 +218,9 @@ class FlowMatchingPipeline:
         if len(generator) != batch_size:
             raise ValueError(f"got {len(generator)} per-sample generators for a batch of {batch_size}")
         draws = [
-            compute_density_for_timestep_sampling(scheme, 1, mean, std, MODE_SCALE, device=g.device, generator=g)
+            compute_density_for_timestep_sampling(
+                scheme, 1, mean, std, MODE_SCALE, device=g.device, generator=g
+            )
             for g in generator
         ]
         return torch.cat(draws).to(device)
@@ -245,7 +254,7 @@ class FlowMatchingPipeline:
         return sigma, sigma * self.num_train_timesteps, self.timestep_sampling
 
     def determine_task_type(self, data_type: str) -> str:
-        """"t2v" for images; for videos "i2v" with probability ``i2v_prob``, else "t2v"."""
+        """ "t2v" for images; for videos "i2v" with probability ``i2v_prob``, else "t2v"."""
         if data_type == "video" and random.random() < self.i2v_prob:
             return "i2v"
         return "t2v"
@@ -364,7 +373,9 @@ class FlowMatchingPipeline:
         detailed_log = debug and global_step % self.log_interval == 0
         summary_log = debug and not detailed_log and global_step % self.summary_log_interval == 0
         if detailed_log:
-            self._log_detailed(global_step, sampling_method, batch_size, sigma, timesteps, latents, noise, noisy_latents)
+            self._log_detailed(
+                global_step, sampling_method, batch_size, sigma, timesteps, latents, noise, noisy_latents
+            )
 
         context = FlowMatchingContext(
             noisy_latents=noisy_latents.to(dtype),
@@ -383,9 +394,14 @@ class FlowMatchingPipeline:
         model_pred = self.model_adapter.forward(model, inputs)
         target = noise - latents.float()
 
-        weighted_loss, average_weighted_loss, unweighted_loss, average_unweighted_loss, loss_weight, loss_mask = (
-            self.compute_loss(model_pred, target, sigma, batch)
-        )
+        (
+            weighted_loss,
+            average_weighted_loss,
+            unweighted_loss,
+            average_unweighted_loss,
+            loss_weight,
+            loss_mask,
+        ) = self.compute_loss(model_pred, target, sigma, batch)
 
         if check_loss:
             value = average_weighted_loss.detach()
@@ -399,7 +415,11 @@ class FlowMatchingPipeline:
         elif summary_log:
             logger.debug(
                 "[step %d] loss %.6f | sigma [%.3f, %.3f] | %s",
-                global_step, float(average_weighted_loss), float(sigma.min()), float(sigma.max()), sampling_method,
+                global_step,
+                float(average_weighted_loss),
+                float(sigma.min()),
+                float(sigma.max()),
+                sampling_method,
             )
 
         metrics: dict[str, Any] = {}
@@ -442,11 +462,22 @@ class FlowMatchingPipeline:
             "[step %d] flow matching x_t = (1 - sigma) x_0 + sigma noise | method %s | shift %s | batch %d\n"
             "  sigma [%.4f, %.4f] mean %.4f%s | timesteps [%.2f, %.2f]\n"
             "  clean [%.4f, %.4f] | noise [%.4f, %.4f] | noisy [%.4f, %.4f]",
-            global_step, sampling_method, self.flow_shift, batch_size,
-            sigma.min().item(), sigma.max().item(), sigma.mean().item(), spread,
-            timesteps.min().item(), timesteps.max().item(),
-            latents.min().item(), latents.max().item(), noise.min().item(), noise.max().item(),
-            noisy_latents.min().item(), noisy_latents.max().item(),
+            global_step,
+            sampling_method,
+            self.flow_shift,
+            batch_size,
+            sigma.min().item(),
+            sigma.max().item(),
+            sigma.mean().item(),
+            spread,
+            timesteps.min().item(),
+            timesteps.max().item(),
+            latents.min().item(),
+            latents.max().item(),
+            noise.min().item(),
+            noise.max().item(),
+            noisy_latents.min().item(),
+            noisy_latents.max().item(),
         )
         bound = 1.5 * max(latents.abs().max().item(), noise.abs().max().item())
         if noisy_latents.abs().max().item() > bound:
@@ -466,10 +497,18 @@ class FlowMatchingPipeline:
         logger.debug(
             "[step %d] loss | pred [%.4f, %.4f] | target [%.4f, %.4f] | weight (%s) [%.4f, %.4f] mean %.4f\n"
             "  unweighted %.6f | weighted %.6f | ratio %.3f",
-            global_step, model_pred.min().item(), model_pred.max().item(), target.min().item(), target.max().item(),
+            global_step,
+            model_pred.min().item(),
+            model_pred.max().item(),
+            target.min().item(),
+            target.max().item(),
             self.loss_weighting_scheme if self.use_loss_weighting else "none",
-            loss_weight.min().item(), loss_weight.max().item(), loss_weight.mean().item(),
-            unweighted, weighted, weighted / max(unweighted, 1e-8),
+            loss_weight.min().item(),
+            loss_weight.max().item(),
+            loss_weight.mean().item(),
+            unweighted,
+            weighted,
+            weighted / max(unweighted, 1e-8),
         )
 
 

@@ -53,4 +53,6 @@ def randn(shape: Sequence[int], generator: Generators, device: torch.device | st
         gen_device = generator.device if generator is not None else device
         return torch.randn(shape, generator=generator, device=gen_device).to(device)
     _check_per_sample(generator, shape[0])
-    return torch.cat([torch.randn((1, *shape[1:]), generator=g, device=g.device).to(device) for g in generator])
+    return torch.cat(
+        [torch.randn((1, *shape[1:]), generator=g, device=g.device).to(device) for g in generator]
+    )

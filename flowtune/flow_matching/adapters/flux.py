@@ -71,7 +71,9 @@ class FluxAdapter(ModelAdapter):
         return ids.reshape(1, h * w, 3).expand(batch_size, -1, -1)
 
     @staticmethod
-    def _unpack_latents(latents: torch.Tensor, height: int, width: int, vae_scale_factor: int = 8) -> torch.Tensor:
+    def _unpack_latents(
+        latents: torch.Tensor, height: int, width: int, vae_scale_factor: int = 8
+    ) -> torch.Tensor:
         """[B, (H//2)*(W//2), C*4] -> [B, C, H, W], the inverse of :meth:`_pack_latents`.
 
         Args:
@@ -90,7 +92,9 @@ class FluxAdapter(ModelAdapter):
         """Build the FluxTransformer2DModel inputs from a 4D latent batch."""
         latents = context.noisy_latents
         if latents.ndim != 4:
-            raise ValueError(f"FluxAdapter expects image latents [B, C, H, W], got shape {tuple(latents.shape)}")
+            raise ValueError(
+                f"FluxAdapter expects image latents [B, C, H, W], got shape {tuple(latents.shape)}"
+            )
         batch, device, dtype = context.batch, context.device, context.dtype
         b, _, h, w = latents.shape
         text = batch["text_embeddings"].to(device, dtype=dtype)
