@@ -23,7 +23,7 @@ $(STAMP): pyproject.toml
 	@touch $@
 
 demo: $(STAMP)
-	$(BIN)/flowtune make-tiny flux $(DEMO_DIR)/tiny-flux --overwrite
+	$(BIN)/python -m flowtune make-tiny flux $(DEMO_DIR)/tiny-flux --overwrite
 	$(BIN)/python scripts/demo_step.py recipes/tiny-flux-demo.yaml
 
 test: $(STAMP)

@@ -416,7 +416,7 @@ class FlowMatchingPipeline:
             logger.debug(
                 "[step %d] loss %.6f | sigma [%.3f, %.3f] | %s",
                 global_step,
-                float(average_weighted_loss),
+                float(average_weighted_loss.detach()),
                 float(sigma.min()),
                 float(sigma.max()),
                 sampling_method,

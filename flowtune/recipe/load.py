@@ -1,11 +1,9 @@
 """Load a recipe: schema defaults <- YAML file <- ``key=value`` overrides, then validate.
 
-Every user mistake raises :class:`RecipeError` with one line that names the file or key, the
-offending value and what is allowed.  Values are checked against the schema here, before
-OmegaConf sees them, so the messages do not depend on OmegaConf's wording; OmegaConf then merges
-and resolves ``${...}`` interpolations, and :func:`_check_semantics` checks ranges and
-cross-field constraints on the result.
-"""
+OmegaConf checks the values against the typed schema while merging and resolves ``${...}``
+interpolations; :func:`_check_semantics` then checks ranges and cross-field constraints.  Every
+user mistake raises :class:`RecipeError` with one line that names the file or key, the offending
+value and what is allowed, worded from the schema rather than from OmegaConf's messages."""
 
 from __future__ import annotations
 
@@ -20,8 +18,8 @@ from types import UnionType
 from typing import Any, Literal, Union, get_args, get_origin
 
 import yaml
-from omegaconf import MISSING, DictConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
 import flowtune
 from flowtune.errors import FlowtuneError
@@ -40,7 +38,6 @@ __all__ = [
 ]
 
 _NoneType = type(None)
-_INT_RE = re.compile(r"^[-+]?\d+$")
 
 
 class RecipeError(FlowtuneError):
@@ -153,21 +150,13 @@ def _unknown_key_message(key: str) -> str:
     return f"unknown key {key!r}: {head!r} is not a recipe section{hint} (sections: {', '.join(sections)})"
 
 
-# --------------------------------------------------------------------------- type checks
-
-
-class _Mismatch(Exception):
-    """A value does not fit a type; ``choices`` is set for a Literal."""
-
-    def __init__(self, expected: str, choices: tuple[Any, ...] | None = None, value: Any = None):
-        super().__init__(expected)
-        self.expected = expected
-        self.choices = choices
-        self.value = value
+# --------------------------------------------------------------------------- error messages
 
 
 def _fmt(value: Any) -> str:
     """A value as the user would write it (YAML flow style), without surrounding quotes."""
+    if OmegaConf.is_config(value):
+        value = OmegaConf.to_container(value, resolve=False)
     if isinstance(value, str):
         return value
     if isinstance(value, (dict, list)):
@@ -185,11 +174,12 @@ def _describe(tp: Any, plural: bool = False) -> str:
     if origin is Literal:
         return "one of " + ", ".join(_fmt(a) for a in args)
     if origin is list:
-        if args and get_origin(args[0]) is Literal:
-            inner = "values among " + ", ".join(_fmt(a) for a in get_args(args[0]))
-            return "lists of " + inner if plural else "a list of " + inner
-        inner = _describe(args[0], plural=True) if args else "values"
-        return "lists of " + inner if plural else "a list of " + inner
+        item = args[0] if args else Any
+        if get_origin(item) is Literal:
+            inner = "values among " + ", ".join(_fmt(a) for a in get_args(item))
+        else:
+            inner = _describe(item, plural=True)
+        return ("lists of " if plural else "a list of ") + inner
     if origin is dict or tp is dict:
         return "mappings" if plural else "a mapping (key: value)"
     singular, many = {
@@ -201,89 +191,11 @@ def _describe(tp: Any, plural: bool = False) -> str:
     return many if plural else singular
 
 
-def _is_interpolation(value: Any) -> bool:
-    return isinstance(value, str) and "${" in value
-
-
-def _coerce(value: Any, tp: Any) -> Any:
-    """``value`` converted to ``tp``, or raise :class:`_Mismatch`.
-
-    Accepts what a user means: ``1e3`` for an integer, ``16`` for a float, a number for a
-    string, and YAML's ``false``/``true`` for a choice ``no``/``yes``.  Interpolations
-    (``${...}``) and ``???`` pass through; OmegaConf resolves and checks them after merging.
-    """
-    if _is_interpolation(value) or (isinstance(value, str) and value == MISSING):
-        return value
-    origin, args = get_origin(tp), get_args(tp)
-    if origin is Union or origin is UnionType:
-        if value is None and _NoneType in args:
-            return None
-        choice_error = None
-        for arg in args:
-            if arg is _NoneType:
-                continue
-            try:
-                return _coerce(value, arg)
-            except _Mismatch as e:
-                choice_error = choice_error or (e if e.choices else None)
-        if choice_error is not None and len(args) == 2 and _NoneType in args:
-            raise _Mismatch(choice_error.expected, choice_error.choices + (None,), value)
-        raise _Mismatch(_describe(tp))
-    if origin is Literal:
-        if isinstance(value, bool):
-            for word in ("no", "off", "false") if not value else ("yes", "on", "true"):
-                if word in args:
-                    return word
-        if value in args and type(value) is type(args[args.index(value)]):
-            return value
-        raise _Mismatch(_describe(tp), args, value)
-    if origin is list:
-        if not isinstance(value, list):
-            raise _Mismatch(_describe(tp))
-        try:
-            return [_coerce(item, args[0]) if args else item for item in value]
-        except _Mismatch as e:
-            if e.choices is not None:
-                raise
-            raise _Mismatch(_describe(tp)) from None
-    if origin is dict or tp is dict:
-        if not isinstance(value, dict):
-            raise _Mismatch(_describe(tp))
-        return value
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-    elif tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        if isinstance(value, str) and _INT_RE.match(value.strip()):
-            return int(value)
-    elif tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                pass
-    elif tp is str:
-        if isinstance(value, str):
-            return value
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return str(value)
-    elif tp is Any:
-        return value
-    raise _Mismatch(_describe(tp))
-
-
-def _invalid(key: str, value: Any, mismatch: _Mismatch) -> str:
-    if mismatch.choices is not None:
-        shown = mismatch.value if mismatch.value is not None or value is None else value
-        allowed = ", ".join("null" if c is None else _fmt(c) for c in mismatch.choices)
-        return f"invalid value '{_fmt(shown)}' for {key!r}; allowed values: {allowed}"
-    return f"invalid value '{_fmt(value)}' for {key!r}: expected {mismatch.expected}"
+def _invalid(key: str, value: Any, tp: Any) -> str:
+    if get_origin(tp) is Literal:
+        allowed = ", ".join(_fmt(c) for c in get_args(tp))
+        return f"invalid value '{_fmt(value)}' for {key!r}; allowed values: {allowed}"
+    return f"invalid value '{_fmt(value)}' for {key!r}: expected {_describe(tp)}"
 
 
 def _first_leaf(prefix: str, value: Any) -> str:
@@ -293,33 +205,58 @@ def _first_leaf(prefix: str, value: Any) -> str:
     return prefix
 
 
-def _check_tree(data: dict[Any, Any]) -> dict[str, Any]:
-    """Check a nested recipe mapping against the schema; return it with values converted."""
-    sections = section_classes()
-    result: dict[str, Any] = {}
-    for raw_section, body in data.items():
-        section = str(raw_section)
-        if section not in sections:
-            raise RecipeError(_unknown_key_message(_first_leaf(section, body)))
-        if body is None:  # an empty section (``lora:`` with nothing under it)
-            continue
-        if not isinstance(body, dict):
+def _error_message(error: OmegaConfBaseException, data: dict[Any, Any] | None = None) -> str:
+    """One line for OmegaConf's error about merging ``data`` (or resolving interpolations, when
+    ``data`` is None), built from the key it names, the value and the schema, not its wording."""
+    full_key = str(getattr(error, "full_key", None) or "")
+    if isinstance(error, ConfigKeyError):
+        if "." not in full_key:  # a whole unknown section: name its first key
+            full_key = _first_leaf(full_key, (data or {}).get(full_key))
+        return _unknown_key_message(full_key)
+    path, item, _ = full_key.partition("[")  # "logging.trackers[1]" is an item of a list
+    field = _FIELDS.get(".".join(path.split(".")[:2]))
+    if field is None or not isinstance(error, ValidationError):  # pragma: no cover - not expected
+        return f"invalid setting {full_key!r}: {_first_line(error)}"
+    value, tp = error.value, field.type
+    item_type = next((get_args(t)[0] for t in (tp, *get_args(tp)) if get_origin(t) is list), None)
+    if item and get_origin(item_type) is Literal:  # a bad choice in a list: name the item
+        tp = item_type
+    elif data is not None:  # the value as written (OmegaConf's may be a node or one item)
+        value = data[field.section][field.name]
+    return _invalid(field.key, value, tp)
+
+
+def _prepare(data: dict[Any, Any], origin: str) -> dict[Any, Any]:
+    """``data`` ready to merge over the schema.
+
+    Drops empty sections (``lora:`` with nothing under it), refuses a section that is not a
+    mapping, and undoes two YAML readings that OmegaConf would refuse: a boolean for a choice
+    that has the word (an unquoted ``no`` for ``train.mixed_precision``) and an integral float
+    for an integer (``max_steps: 1e3``).
+    """
+    result: dict[Any, Any] = {}
+    for section, body in data.items():
+        if section in section_classes() and not isinstance(body, dict):
+            if body is None:
+                continue
             raise RecipeError(
-                f"invalid value '{_fmt(body)}' for {section!r}: expected a mapping of "
+                f"{origin}invalid value '{_fmt(body)}' for {section!r}: expected a mapping of "
                 f"{section} settings (e.g. {_section_keys(section)[0]}: ...)"
             )
-        checked: dict[str, Any] = {}
-        for raw_name, value in body.items():
-            key = f"{section}.{raw_name}"
-            spec = _FIELDS.get(key)
-            if spec is None:
-                raise RecipeError(_unknown_key_message(key))
-            try:
-                checked[str(raw_name)] = _coerce(value, spec.type)
-            except _Mismatch as e:
-                raise RecipeError(_invalid(key, value, e)) from None
-        result[section] = checked
+        if isinstance(body, dict):
+            body = {name: _yaml_value(f"{section}.{name}", value) for name, value in body.items()}
+        result[section] = body
     return result
+
+
+def _yaml_value(key: str, value: Any) -> Any:
+    tp = _FIELDS[key].type if key in _FIELDS else None
+    word = "yes" if value is True else "no" if value is False else None
+    if word and get_origin(tp) is Literal and word in get_args(tp):
+        return word
+    if isinstance(value, float) and value.is_integer() and int in (tp, *get_args(tp)):
+        return int(value)
+    return value
 
 
 # --------------------------------------------------------------------------- parsing
@@ -531,13 +468,11 @@ def _check_adapter_arguments(adapter_name: str, kwargs: Any) -> None:
 # --------------------------------------------------------------------------- entry points
 
 
-def _merge(cfg: DictConfig, data: dict[str, Any], origin: str) -> DictConfig:
+def _merge(cfg: DictConfig, data: dict[Any, Any], origin: str) -> DictConfig:
     try:
-        merged = OmegaConf.merge(cfg, data)
-    except OmegaConfBaseException as e:  # pragma: no cover - values were checked before
-        key = getattr(e, "full_key", None)
-        where = f" for {key!r}" if key else ""
-        raise RecipeError(f"{origin}invalid value{where}: {_first_line(e)}") from None
+        merged = OmegaConf.merge(cfg, _prepare(data, origin))
+    except OmegaConfBaseException as e:
+        raise RecipeError(origin + _error_message(e, data)) from None
     assert isinstance(merged, DictConfig)
     return merged
 
@@ -561,24 +496,18 @@ def load_recipe(recipe: str | Path, overrides: Sequence[str] = ()) -> Recipe:
         overrides = [overrides]
     path = resolve_recipe_path(recipe)
     origin = f"{path}: "
-    data = _read_yaml(path)
-    try:
-        checked = _check_tree(data)
-    except RecipeError as e:
-        raise RecipeError(origin + str(e)) from None
-    cfg = _merge(OmegaConf.structured(Recipe), checked, origin)
+    cfg = _merge(OmegaConf.structured(Recipe), _read_yaml(path), origin)
     for item in overrides:
-        cfg = _merge(cfg, _check_tree(_parse_override(item)), f"override {item!r}: ")
+        cfg = _merge(cfg, _parse_override(item), "")
 
     try:
         OmegaConf.resolve(cfg)
+    except ValidationError as e:  # an interpolation's value does not fit its key
+        raise RecipeError(_error_message(e)) from None
     except OmegaConfBaseException as e:
         key = getattr(e, "full_key", None)
         where = f" for {key!r}" if key else ""
         raise RecipeError(f"cannot resolve interpolation{where}: {_first_line(e)}") from None
-    # Interpolated values skipped the first check; check the whole tree again, now concrete, so
-    # that they get the same messages.
-    _check_tree(OmegaConf.to_container(cfg, resolve=False))  # type: ignore[arg-type]
 
     missing_keys = OmegaConf.missing_keys(cfg)
     missing = [k for k in all_keys() if k in missing_keys]
