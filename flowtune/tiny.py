@@ -166,8 +166,13 @@ def _vae() -> AutoencoderKL:
     ).eval()
 
 
-def _flux_transformer() -> FluxTransformer2DModel:
-    """A FLUX.1 [dev]-shaped transformer: 2 double- and 2 single-stream blocks, hidden size 32."""
+def tiny_flux_transformer(guidance_embeds: bool = True) -> FluxTransformer2DModel:
+    """A FLUX.1 [dev]-shaped transformer: 2 double- and 2 single-stream blocks, hidden size 32.
+
+    Takes latents of 16 channels packed 2x2 ([B, N, 64]), T5 embeddings [B, L, 32] and CLIP
+    pooled embeddings [B, 32]; random weights from torch's global RNG.  ``guidance_embeds=False``
+    gives a FLUX.1 [schnell]-style model.
+    """
     from diffusers import FluxTransformer2DModel
 
     return FluxTransformer2DModel(
@@ -180,7 +185,7 @@ def _flux_transformer() -> FluxTransformer2DModel:
         num_attention_heads=2,
         joint_attention_dim=T5_D_MODEL,
         pooled_projection_dim=CLIP_HIDDEN,
-        guidance_embeds=True,
+        guidance_embeds=guidance_embeds,
         axes_dims_rope=(4, 6, 6),
     ).eval()
 
@@ -223,7 +228,7 @@ def build_tiny_flux(out_dir: Path, seed: int = 0) -> None:
         torch.manual_seed(_component_seed(seed, "vae"))
         vae = _vae()
         torch.manual_seed(_component_seed(seed, "transformer"))
-        transformer = _flux_transformer()
+        transformer = tiny_flux_transformer()
 
     pipe = FluxPipeline(
         scheduler=_flux_scheduler(),

@@ -20,11 +20,10 @@ import time
 from pathlib import Path
 
 import torch
-from diffusers import FluxTransformer2DModel
 
 from flowtune.flow_matching import create_pipeline
 from flowtune.quiet import quiet_libraries
-from flowtune.tiny import make_tiny
+from flowtune.tiny import make_tiny, tiny_flux_transformer
 
 
 def timed(fn, repeats: int, warmup: int = 2) -> float:
@@ -44,18 +43,7 @@ def timed(fn, repeats: int, warmup: int = 2) -> float:
 def bench_step(device: str, batch: int, side: int, repeats: int) -> tuple[float, float]:
     """(pipeline step, direct call) median seconds for a 2+2-block, hidden-32 FLUX transformer."""
     torch.manual_seed(0)
-    model = FluxTransformer2DModel(
-        patch_size=1,
-        in_channels=64,
-        num_layers=2,
-        num_single_layers=2,
-        attention_head_dim=16,
-        num_attention_heads=2,
-        joint_attention_dim=32,
-        pooled_projection_dim=32,
-        guidance_embeds=True,
-        axes_dims_rope=(4, 6, 6),
-    ).to(device)
+    model = tiny_flux_transformer().train().to(device)
     h = side // 8
     data = {
         "image_latents": torch.randn(batch, 16, h, h, device=device),

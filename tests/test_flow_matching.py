@@ -21,6 +21,7 @@ from flowtune.flow_matching import (
     create_adapter,
     create_pipeline,
 )
+from flowtune.tiny import tiny_flux_transformer
 
 N_DRAWS = 100_000
 QUANTILES = torch.tensor([0.01, 0.1, 0.25, 0.5, 0.75, 0.9, 0.99])
@@ -476,30 +477,19 @@ def test_flux_adapter_rejects_video_latents():
         FluxAdapter().prepare_inputs(ctx)
 
 
-def tiny_flux_transformer(guidance_embeds: bool = True) -> FluxTransformer2DModel:
+def seeded_tiny_transformer(guidance_embeds: bool = True) -> FluxTransformer2DModel:
     torch.manual_seed(0)
-    return FluxTransformer2DModel(
-        patch_size=1,
-        in_channels=64,
-        num_layers=2,
-        num_single_layers=2,
-        attention_head_dim=16,
-        num_attention_heads=2,
-        joint_attention_dim=32,
-        pooled_projection_dim=24,
-        guidance_embeds=guidance_embeds,
-        axes_dims_rope=(4, 6, 6),
-    )
+    return tiny_flux_transformer(guidance_embeds).train()
 
 
 @pytest.mark.parametrize("guidance_embeds", [True, False])
 def test_step_with_real_flux_transformer_backpropagates(guidance_embeds):
-    model = tiny_flux_transformer(guidance_embeds)
+    model = seeded_tiny_transformer(guidance_embeds)
     pipe = create_pipeline("flux", flow_shift=3.0, cfg_dropout_prob=0.5)
     batch = {
         "image_latents": torch.randn(2, 16, 8, 8),
         "text_embeddings": torch.randn(2, 10, 32),
-        "pooled_prompt_embeds": torch.randn(2, 24),
+        "pooled_prompt_embeds": torch.randn(2, 32),
     }
     weighted, avg, _, metrics = pipe.step(
         model, batch, dtype=torch.float32, generator=torch.Generator().manual_seed(0)
@@ -513,12 +503,12 @@ def test_step_with_real_flux_transformer_backpropagates(guidance_embeds):
 
 
 def test_step_in_bf16_with_real_flux_transformer():
-    model = tiny_flux_transformer().to(torch.bfloat16)
+    model = seeded_tiny_transformer().to(torch.bfloat16)
     pipe = create_pipeline("flux")
     batch = {
         "image_latents": torch.randn(1, 16, 4, 4),
         "text_embeddings": torch.randn(1, 6, 32),
-        "pooled_prompt_embeds": torch.randn(1, 24),
+        "pooled_prompt_embeds": torch.randn(1, 32),
     }
     weighted, avg, _, _ = pipe.step(model, batch, dtype=torch.bfloat16)
     assert weighted.dtype == torch.float32 and torch.isfinite(avg)
