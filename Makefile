@@ -19,11 +19,13 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet --upgrade pip
 	# torch first, pinned: the CPU build here, the CUDA build on GPU machines. No torchvision.
 	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/pip install --quiet -e '.[dev,datasets]'
 	@touch $@
 
 demo: $(STAMP)
 	$(BIN)/python -m flowtune make-tiny flux $(DEMO_DIR)/tiny-flux --overwrite
+	$(BIN)/python -m flowtune make-dataset $(DEMO_DIR)/dataset --count 16 --size 64x64 --size 96x64 --size 64x96 --overwrite
+	$(BIN)/python -m flowtune preprocess recipes/tiny-flux-demo.yaml
 	$(BIN)/python scripts/demo_step.py recipes/tiny-flux-demo.yaml
 
 test: $(STAMP)

@@ -98,6 +98,53 @@ def make_tiny_command(
     err.print(f"[green]✓[/green] tiny {family} pipeline written to {path}")
 
 
+@app.command()
+def preprocess(recipe: RecipeArg, overrides: OverridesArg = None) -> None:
+    """Encode the recipe's dataset (VAE latents, text embeddings) into data.cache_dir.
+
+    Incremental: only images and captions that changed since the last run are encoded, and an
+    interrupted run continues where it stopped.  Exit status 1 if nothing could be cached.
+    """
+    from flowtune.data.cache import preprocess as run_preprocess
+    from flowtune.recipe import load_recipe, resolve_recipe_path
+
+    quiet_libraries()
+    resolved = load_recipe(resolve_recipe_path(recipe), overrides or [])
+    try:
+        report = run_preprocess(resolved, console=out)
+    except KeyboardInterrupt:
+        err.print(
+            "interrupted: everything encoded so far is saved in "
+            f"{resolved.data.cache_dir}; run the same command again to continue"
+        )
+        raise typer.Exit(130) from None
+    if report.items == 0:
+        err.print("[red]error:[/red] nothing could be cached: every item had a problem (see above)")
+        raise typer.Exit(1)
+    err.print(f"[green]✓[/green] {report.items} items cached in {report.cache_dir}")
+
+
+@app.command("make-dataset")
+def make_dataset_command(
+    out_dir: Annotated[Path, typer.Argument(help="Directory to write images and .txt captions to.")],
+    count: Annotated[int, typer.Option(help="Number of images.")] = 16,
+    seed: Annotated[int, typer.Option(help="Seed of the shapes and colours.")] = 0,
+    size: Annotated[
+        list[str] | None,
+        typer.Option(help="Image size WxH; repeat for several (cycled).", show_default="64x64"),
+    ] = None,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Replace images and captions in OUT_DIR.")
+    ] = False,
+) -> None:
+    """Write a synthetic dataset: coloured shapes with captions that describe them (for demos)."""
+    from flowtune.data.synthetic import make_shapes_dataset, parse_size
+
+    sizes = [parse_size(s) for s in size or ["64x64"]]
+    paths = make_shapes_dataset(out_dir, count, seed=seed, sizes=sizes, overwrite=overwrite)
+    err.print(f"[green]✓[/green] {len(paths)} images with captions written to {out_dir}")
+
+
 def main() -> None:
     """Console-script entry point: run the app, turning user errors into one-line messages.
 

@@ -29,6 +29,8 @@ class FamilySpec:
         spatial_granularity: Image sides (pixels) must be multiples of this.
         tiny_builder: ``"module:function"`` writing an offline tiny random pipeline in diffusers
             format; called as ``fn(out_dir: Path, seed: int) -> None``.
+        encoder: ``"module:Class"`` of the family's :class:`flowtune.encoders.FamilyEncoder`,
+            which ``flowtune preprocess`` uses to turn images and captions into cached tensors.
     """
 
     name: str
@@ -39,11 +41,21 @@ class FamilySpec:
     lora_target_modules: tuple[str, ...]
     spatial_granularity: int
     tiny_builder: str
+    encoder: str
 
     def load_tiny_builder(self) -> Callable[..., Any]:
         """Import and return the tiny-pipeline builder function."""
-        module, _, attr = self.tiny_builder.partition(":")
-        return getattr(import_module(module), attr)
+        return _import_object(self.tiny_builder)
+
+    def load_encoder_class(self) -> type:
+        """Import and return the family's encoder class (a ``FamilyEncoder`` subclass)."""
+        return _import_object(self.encoder)
+
+
+def _import_object(reference: str) -> Any:
+    """The object named by ``"package.module:attribute"``."""
+    module, _, attr = reference.partition(":")
+    return getattr(import_module(module), attr)
 
 
 FAMILIES: dict[str, FamilySpec] = {
@@ -72,6 +84,7 @@ FAMILIES: dict[str, FamilySpec] = {
         ),
         spatial_granularity=16,
         tiny_builder="flowtune.tiny:build_tiny_flux",
+        encoder="flowtune.encoders.flux:FluxEncoder",
     ),
 }
 

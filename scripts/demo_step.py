@@ -1,9 +1,9 @@
-"""One LoRA training step on the tiny demo model, through flowtune's pipeline API.
+"""One LoRA training step on the tiny demo model, on a batch read from the preprocess cache.
 
-This is the demo until `flowtune preprocess` / `train` / `sample` land: it loads the pipeline that
-`flowtune make-tiny` wrote (the same `from_pretrained` paths a real model takes), encodes one
-synthetic image and its caption, wraps the transformer with LoRA through peft, and runs
-`FlowMatchingPipeline.step` + an optimizer step, printing what it did.
+This is the last stage of `make demo` until `flowtune train` lands: after `flowtune make-tiny`,
+`flowtune make-dataset` and `flowtune preprocess`, it checks the cache against the recipe (as
+training will), reads one bucket batch through the cached loader, wraps the transformer with LoRA
+through peft and runs `FlowMatchingPipeline.step` + an optimizer step, printing what it did.
 
 Usage: python scripts/demo_step.py recipes/tiny-flux-demo.yaml [overrides...]
 """
@@ -18,6 +18,8 @@ from omegaconf import OmegaConf
 from rich.console import Console
 from rich.table import Table
 
+from flowtune.data.cache import check_cache
+from flowtune.data.loader import BucketBatchSampler, CacheCollator, CachedDataset
 from flowtune.errors import FlowtuneError
 from flowtune.families import get_family
 from flowtune.flow_matching import create_pipeline
@@ -25,15 +27,6 @@ from flowtune.quiet import quiet_libraries
 from flowtune.recipe import load_recipe
 
 console = Console()
-
-
-def synthetic_image(size: int) -> torch.Tensor:
-    """A red square on a blue background, [1, 3, size, size] in [-1, 1] (the VAE's input range)."""
-    image = torch.zeros(1, 3, size, size)
-    image[:, 2] = 1.0
-    lo, hi = size // 4, 3 * size // 4
-    image[:, :, lo:hi, lo:hi] = torch.tensor([1.0, 0.0, 0.0]).view(1, 3, 1, 1)
-    return image * 2 - 1
 
 
 def main(argv: list[str]) -> None:
@@ -46,23 +39,14 @@ def main(argv: list[str]) -> None:
     recipe = load_recipe(argv[0], argv[1:])
     family = get_family(recipe.model.family)
     dtype = getattr(torch, recipe.model.dtype)
-    size = recipe.data.resolution if isinstance(recipe.data.resolution, int) else recipe.data.resolution[0]
-    caption = "a red square on a blue background"
     torch.manual_seed(recipe.train.seed)
     start = time.perf_counter()
 
-    # Text encoders and VAE only: the transformer is loaded on its own, as the trainer will.
-    encoders = getattr(diffusers, family.pipeline_class).from_pretrained(
-        recipe.model.pretrained, transformer=None, dtype=dtype
-    )
-    with torch.no_grad():
-        text, pooled, _ = encoders.encode_prompt(
-            caption, prompt_2=None, max_sequence_length=recipe.data.max_sequence_length
-        )
-        vae = encoders.vae
-        z = vae.encode(synthetic_image(size).to(dtype)).latent_dist.mode()
-        latents = (z - vae.config.shift_factor) * vae.config.scaling_factor
-    batch = {"image_latents": latents, "text_embeddings": text, "pooled_prompt_embeds": pooled}
+    # What training will do: refuse a stale cache, then read bucket batches from it.
+    data = CachedDataset(check_cache(recipe))
+    sampler = BucketBatchSampler(data.buckets, recipe.train.batch_size, seed=recipe.train.seed)
+    batch = CacheCollator(data.sequence_fields)([data[i] for i in next(iter(sampler))])
+    latents, text, pooled = batch["image_latents"], batch["text_embeddings"], batch["pooled_prompt_embeds"]
 
     transformer = getattr(diffusers, family.transformer_class).from_pretrained(
         recipe.model.pretrained, subfolder="transformer", dtype=dtype
@@ -93,6 +77,7 @@ def main(argv: list[str]) -> None:
 
     table = Table(title="flowtune demo: one LoRA training step", show_header=False)
     table.add_row("model", f"{recipe.model.family} from {recipe.model.pretrained}")
+    table.add_row("cache", f"{len(data)} items in {recipe.data.cache_dir}: {batch['captions'][0]!r}")
     table.add_row(
         "batch", f"latents {tuple(latents.shape)}, T5 {tuple(text.shape)}, CLIP pooled {tuple(pooled.shape)}"
     )
@@ -105,7 +90,7 @@ def main(argv: list[str]) -> None:
     table.add_row("time", f"{elapsed:.2f} s")
     console.print(table)
     console.print(
-        "The full preprocess -> train -> sample demo arrives with those commands; "
+        "`flowtune train` and `flowtune sample` will replace this step; "
         "`flowtune validate recipes/tiny-flux-demo.yaml` shows the recipe."
     )
 

@@ -14,7 +14,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def flowtune(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "200"}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "200", "PYTHONPATH": str(REPO)}
     return subprocess.run(
         [sys.executable, "-m", "flowtune", *args],
         cwd=cwd,
@@ -92,17 +92,53 @@ def test_make_tiny(tmp_path: Path):
     )
 
 
-def test_demo_step_runs_on_the_tiny_model(tmp_path: Path):
-    """`make demo` for now: one LoRA training step on the tiny model through the pipeline API."""
-    model = tmp_path / "tiny-flux"
-    assert flowtune("make-tiny", "flux", str(model)).returncode == 0
+def test_demo_chain_runs_on_the_tiny_model(tmp_path: Path):
+    """`make demo` in a fresh directory: make-tiny, make-dataset, preprocess (twice), one LoRA step."""
+    recipe = str(REPO / "recipes" / "tiny-flux-demo.yaml")
+    assert flowtune("make-tiny", "flux", ".flowtune-demo/tiny-flux", cwd=tmp_path).returncode == 0
+    made = flowtune("make-dataset", ".flowtune-demo/dataset", "--count", "6", "--size", "96x64", cwd=tmp_path)
+    assert made.returncode == 0, made.stderr
+    first = flowtune("preprocess", recipe, cwd=tmp_path)
+    assert first.returncode == 0, first.stderr
+    assert "6 images, 8 captions" in first.stdout and "6 items cached" in first.stderr
+    again = flowtune("preprocess", recipe, cwd=tmp_path)
+    assert "0 images, 0 captions" in again.stdout and "6 images, 8 captions" in again.stdout
     result = subprocess.run(
-        [sys.executable, "scripts/demo_step.py", "recipes/tiny-flux-demo.yaml", f"model.pretrained={model}"],
-        cwd=REPO,
-        env={**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "200"},
+        [sys.executable, str(REPO / "scripts" / "demo_step.py"), recipe],
+        cwd=tmp_path,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "200", "PYTHONPATH": str(REPO)},
         capture_output=True,
         text=True,
         timeout=300,
     )
     assert result.returncode == 0, result.stderr
     assert "trainable parameters" in result.stdout and "loss" in result.stdout
+
+
+def test_preprocess_user_errors_are_one_line(tmp_path: Path):
+    recipe = str(REPO / "recipes" / "tiny-flux-demo.yaml")
+    assert_user_error(flowtune("preprocess", recipe, cwd=tmp_path), "data.source", "does not exist")
+    assert flowtune("make-dataset", "data", "--count", "2", cwd=tmp_path).returncode == 0
+    assert_user_error(
+        flowtune("preprocess", recipe, "data.source=data", "model.pretrained=nowhere/at-all/x", cwd=tmp_path),
+        "model.pretrained",
+        "does not exist",
+    )
+    assert_user_error(flowtune("make-dataset", "data", cwd=tmp_path), "not empty", "--overwrite")
+
+
+def test_preprocess_exits_1_when_nothing_could_be_cached(tmp_path: Path):
+    model = tmp_path / "tiny-flux"
+    assert flowtune("make-tiny", "flux", str(model)).returncode == 0
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "broken.png").write_bytes(b"\x89PNG not really")
+    (data / "empty.jpg").write_bytes(b"")
+    result = flowtune(
+        "preprocess", "tiny-flux-demo", f"model.pretrained={model}", f"data.source={data}", cwd=tmp_path
+    )
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "Traceback" not in result.stdout + result.stderr
+    assert "broken.png" in result.stdout and "empty.jpg" in result.stdout
+    assert "nothing could be cached" in result.stderr
+    assert len((tmp_path / ".flowtune-demo" / "cache" / "errors.jsonl").read_text().splitlines()) == 2

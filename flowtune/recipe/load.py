@@ -349,6 +349,7 @@ def _check_semantics(cfg: Any) -> None:
         "flow.log_interval",
         "flow.summary_log_interval",
         "data.max_sequence_length",
+        "data.encode_batch_size",
         "validation.steps",
     ):
         if get(key) < 1:
@@ -406,6 +407,8 @@ def _check_semantics(cfg: Any) -> None:
     values = [resolution] if isinstance(resolution, int) else list(resolution)
     if not values:
         fail("data.resolution", values, "give at least one resolution")
+    if len(set(values)) != len(values):
+        fail("data.resolution", values, "each resolution may appear once")
     for value in values:
         if value <= 0 or value % step:
             fail(

@@ -121,20 +121,33 @@ class Data:
     image_column: str = "image"
     """Column (or JSON key) holding the image, for `.jsonl` manifests and datasets."""
 
-    caption_column: str = "text"
-    """Column (or JSON key) holding the caption, for `.jsonl` manifests and datasets."""
+    caption_column: str | None = None
+    """Column (or JSON key) holding the caption, for `.jsonl` manifests and datasets. null =
+    `caption` if the data has it, else `text`."""
+
+    dataset_split: str = "train"
+    """Split to read from a Hugging Face dataset name or a saved `DatasetDict`."""
 
     trigger_word: str | None = None
-    """Word prepended to every caption, e.g. a rare token that names the concept being taught.
-    null = captions are used as they are."""
+    """Word prepended to every caption as `"<trigger_word>, <caption>"`, e.g. a rare token that
+    names the concept being taught. null = captions are used as they are."""
 
     default_caption: str | None = None
-    """Caption for images that have none (no caption file or an empty caption). null = an image
-    without a caption is an error."""
+    """Caption for images that have none (no caption file, or an empty one). null = such images
+    are trained with an empty caption, and preprocess warns about each."""
 
     min_size: Literal["skip", "upscale"] = "skip"
-    """What to do with images smaller than their target bucket: `skip` them (with a warning) or
-    `upscale` them."""
+    """What to do with an image smaller than its bucket (it would have to be enlarged): `skip` it
+    (reported in the summary and in `errors.jsonl`) or `upscale` it."""
+
+    latent_dist: Literal["mode", "sample"] = "mode"
+    """Which latent preprocess stores for each image: `mode` = the mean of the VAE's latent
+    distribution (deterministic, what most trainers use), `sample` = one draw from it, seeded per
+    image so that re-running preprocess gives the same latent."""
+
+    encode_batch_size: int = 8
+    """Images (of one bucket) or captions encoded together by preprocess. Lower it if the VAE
+    runs out of memory at high resolutions."""
 
     max_sequence_length: int = 512
     """Maximum number of text-encoder tokens per caption (T5 for FLUX.1: up to 512 for [dev], 256

@@ -1,0 +1,1 @@
+"""Datasets: sources, aspect-ratio buckets, the preprocessing cache and the cached loader."""

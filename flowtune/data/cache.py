@@ -1,0 +1,602 @@
+"""``flowtune preprocess``: encode a dataset once into the cache, incrementally.
+
+The run, in order:
+
+1. **List** the source's records (:mod:`flowtune.data.sources`) and apply the caption options.
+2. **Plan** every item without loading any model: hash each image's bytes (remembered per file by
+   size and mtime, so unchanged files are not re-read), read its size from the header, pick its
+   bucket and crop at each resolution (:mod:`flowtune.data.buckets`), and derive the keys:
+
+   - image entry key = H(image bytes, bucket, crop box, VAE files, dtype, latent_dist)
+   - text entry key  = H(caption, text-encoder files, dtype, max_sequence_length)
+   - item key        = H(image entry key, text entry key)
+
+3. **Encode** only the entries the cache lacks (the family encoder loads just the VAE and/or the
+   text encoders it needs), captions first, then images bucket by bucket; decoding and cropping
+   run in a thread pool ahead of the encoder.  Entries are flushed to a new shard every
+   ``shard_bytes`` or ``flush_seconds``, so a killed run resumes where it stopped.
+4. **Commit** the manifest listing the items, the validation prompts' embeddings and the settings
+   that made the cache; delete shards that no item uses any more; write ``errors.jsonl`` and
+   print a summary.
+
+Validation prompts (``validation.prompts``) and the empty caption are encoded too, so training
+never needs the text encoders.  :func:`check_cache` is what ``flowtune train`` calls to refuse a
+cache made for another model or other settings.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TaskProgressColumn,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from rich.table import Table
+
+from flowtune.data.buckets import CropPlan, apply_crop, bucket_for
+from flowtune.data.images import ImageError, load_rgb, probe_image
+from flowtune.data.sources import Record, apply_caption_options, list_records
+from flowtune.data.store import ERRORS_NAME, CacheStore
+from flowtune.encoders import EncoderSettings, FamilyEncoder, create_encoder
+from flowtune.errors import FlowtuneError
+from flowtune.families import FamilySpec, get_family
+from flowtune.model_files import fingerprint_components, resolve_pretrained
+
+SHARD_BYTES = 256 * 1024**2
+FLUSH_SECONDS = 30.0
+# Files modified this recently are hashed again on the next run even if size and mtime agree,
+# because a same-size rewrite within the filesystem's timestamp granularity would go unseen.
+_RACY_NS = 2_000_000_000
+
+# The recipe keys a cache depends on; `flowtune train` refuses a cache whose values differ.
+SETTINGS_KEYS = (
+    "model.family",
+    "model.pretrained",
+    "model.revision",
+    "model.variant",
+    "model.dtype",
+    "data.source",
+    "data.image_column",
+    "data.caption_column",
+    "data.dataset_split",
+    "data.trigger_word",
+    "data.default_caption",
+    "data.resolution",
+    "data.min_size",
+    "data.max_sequence_length",
+    "data.latent_dist",
+)
+
+
+def _hash(*parts: Any) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
+
+
+def resolutions(recipe: Any) -> list[int]:
+    """``data.resolution`` as a list."""
+    value = recipe.data.resolution
+    return [int(value)] if isinstance(value, int) else [int(v) for v in value]
+
+
+def cache_settings(recipe: Any) -> dict[str, Any]:
+    """The values of :data:`SETTINGS_KEYS` in ``recipe`` (resolution normalised to a list)."""
+    settings: dict[str, Any] = {}
+    for key in SETTINGS_KEYS:
+        section, name = key.split(".")
+        settings[key] = recipe[section][name]
+    settings["data.resolution"] = resolutions(recipe)
+    return settings
+
+
+def _encoder_settings(recipe: Any) -> EncoderSettings:
+    return EncoderSettings(
+        dtype=recipe.model.dtype,
+        max_sequence_length=int(recipe.data.max_sequence_length),
+        latent_dist=recipe.data.latent_dist,
+        variant=recipe.model.variant,
+    )
+
+
+def _encoder_components(spec: FamilySpec) -> tuple[str, ...]:
+    cls = spec.load_encoder_class()
+    return (*cls.image_components, *cls.text_components)
+
+
+@dataclass
+class Problem:
+    """An input that was not cached (``error``, ``skipped``) or cached with a ``warning``."""
+
+    path: str
+    reason: str
+    kind: str = "error"
+
+    def to_json(self) -> dict[str, str]:
+        return {"path": self.path, "kind": self.kind, "reason": self.reason}
+
+
+@dataclass
+class PlannedItem:
+    """One record at one resolution, with its keys."""
+
+    record: Record
+    caption: str
+    resolution: int
+    plan: CropPlan
+    image_sha: str
+    image_key: str
+    text_key: str
+
+    @property
+    def key(self) -> str:
+        return _hash("item", self.image_key, self.text_key)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "key": self.key,
+            "image": self.image_key,
+            "text": self.text_key,
+            "source": self.record.path,
+            "caption": self.caption,
+            "resolution": self.resolution,
+            "image_sha256": self.image_sha,
+            **self.plan.to_json(),
+            "metadata": self.record.metadata,
+        }
+
+
+@dataclass
+class PreprocessReport:
+    """What a preprocess run did (also summarised on the console)."""
+
+    cache_dir: Path
+    source_kind: str
+    records: int
+    items: int
+    images_encoded: int
+    texts_encoded: int
+    images_reused: int
+    texts_reused: int
+    buckets: dict[str, int]
+    problems: list[Problem] = field(default_factory=list)
+    seconds: float = 0.0
+    cache_bytes: int = 0
+    shards_pruned: int = 0
+
+    @property
+    def errors(self) -> list[Problem]:
+        return [p for p in self.problems if p.kind != "warning"]
+
+
+class _ImageProbe:
+    """Image hashes and header sizes, remembered per file across runs by (size, mtime)."""
+
+    def __init__(self, memo: dict[str, list[Any]]):
+        self.old = memo
+        self.new: dict[str, list[Any]] = {}
+
+    def __call__(self, record: Record) -> tuple[str, int, int]:
+        """(sha256 of the bytes, width, height after EXIF orientation); raises ImageError."""
+        stat = record.file_stat()
+        memo_key = str(Path(record.image_file).resolve()) if record.image_file is not None else None
+        if memo_key is not None and stat is not None:
+            known = self.old.get(memo_key)
+            if known is not None and known[:2] == list(stat):
+                self.new[memo_key] = known
+                return known[2], known[3], known[4]
+        data = record.read_image_bytes()
+        info = probe_image(data)
+        sha = hashlib.sha256(data).hexdigest()
+        if memo_key is not None and stat is not None and time.time_ns() - stat[1] > _RACY_NS:
+            self.new[memo_key] = [stat[0], stat[1], sha, info.width, info.height]
+        return sha, info.width, info.height
+
+
+def _plan(
+    recipe: Any, spec: FamilySpec, records: Sequence[Record], identity: dict[str, str], store: CacheStore
+) -> tuple[list[PlannedItem], list[Problem], dict[str, list[Any]]]:
+    """Plan the items of every record at every resolution (no model is loaded)."""
+    data = recipe.data
+    probe = _ImageProbe(store.manifest.get("files", {}))
+    failures: dict[str, str] = store.manifest.get("failures", {})
+    items: list[PlannedItem] = []
+    problems: list[Problem] = []
+    for record in records:
+        caption, warning = apply_caption_options(record.caption, data.trigger_word, data.default_caption)
+        try:
+            sha, width, height = probe(record)
+        except ImageError as err:
+            problems.append(Problem(record.path, str(err)))
+            continue
+        if sha in failures:
+            problems.append(Problem(record.path, failures[sha]))
+            continue
+        if warning:
+            problems.append(Problem(record.path, warning, "warning"))
+        text_key = _hash("text", identity["text"], caption)
+        for resolution in resolutions(recipe):
+            plan = bucket_for(width, height, resolution, spec.spatial_granularity)
+            if plan.needs_upscale and data.min_size == "skip":
+                problems.append(
+                    Problem(
+                        record.path,
+                        f"{width}x{height} is smaller than its {plan.bucket} bucket at resolution "
+                        f"{resolution}; set data.min_size: upscale to train on it",
+                        "skipped",
+                    )
+                )
+                continue
+            image_key = _hash("image", identity["image"], sha, plan.to_json())
+            items.append(PlannedItem(record, caption, resolution, plan, sha, image_key, text_key))
+    return items, problems, probe.new
+
+
+def _batched(seq: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
+    for start in range(0, len(seq), size):
+        yield seq[start : start + size]
+
+
+def _progress(console: Console) -> Progress:
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TaskProgressColumn(),
+        TextColumn("{task.fields[rate]}"),
+        TimeElapsedColumn(),
+        TextColumn("ETA"),
+        TimeRemainingColumn(),
+        console=console,
+        transient=False,
+    )
+
+
+def _rate(task: Any) -> str:
+    speed = task.speed
+    return f"{speed:.1f} items/s" if speed else "- items/s"
+
+
+class _Encoding:
+    """Encodes the missing entries into the store, flushing shards as it goes."""
+
+    def __init__(
+        self,
+        encoder: FamilyEncoder,
+        store: CacheStore,
+        *,
+        batch_size: int,
+        workers: int,
+        shard_bytes: int,
+        flush_seconds: float,
+    ):
+        self.encoder = encoder
+        self.store = store
+        self.batch_size = batch_size
+        self.workers = max(1, workers)
+        self.shard_bytes = shard_bytes
+        self.flush_seconds = flush_seconds
+
+    def _maybe_flush(self) -> None:
+        if (
+            self.store.pending_bytes >= self.shard_bytes
+            or self.store.seconds_since_flush() >= self.flush_seconds
+        ):
+            self.store.flush()
+
+    def texts(self, texts: Sequence[tuple[str, str]], advance: Any) -> None:
+        """Encode ``(key, caption)`` pairs, ``batch_size`` at a time."""
+        fields = list(self.encoder.text_fields)
+        for batch in _batched(texts, self.batch_size):
+            out = self.encoder.encode_prompts([caption for _, caption in batch])
+            for i, (key, _) in enumerate(batch):
+                self.store.add(key, "text", {name: out[name][i] for name in fields})
+            advance(len(batch))
+            self._maybe_flush()
+
+    def images(self, items: Sequence[PlannedItem], advance: Any) -> dict[str, str]:
+        """Encode the image entries of ``items`` (one per distinct key), bucket by bucket.
+
+        Returns ``{image sha256: reason}`` for images that failed to decode.
+        """
+        failed: dict[str, str] = {}
+        by_bucket: dict[Any, list[PlannedItem]] = {}
+        for item in items:
+            by_bucket.setdefault(item.plan.bucket, []).append(item)
+        batches = [b for group in by_bucket.values() for b in _batched(group, self.batch_size)]
+
+        def decode(item: PlannedItem) -> Any:
+            try:
+                return apply_crop(load_rgb(item.record.read_image_bytes()), item.plan)
+            except ImageError as err:
+                return err
+
+        fields = list(self.encoder.image_fields)
+        with ThreadPoolExecutor(self.workers) as pool:
+            # Decode one batch ahead of the encoder.
+            pending = [pool.map(decode, batches[0])] if batches else []
+            for index, batch in enumerate(batches):
+                decoded = list(pending.pop())
+                if index + 1 < len(batches):
+                    pending.append(pool.map(decode, batches[index + 1]))
+                good = [
+                    (item, img)
+                    for item, img in zip(batch, decoded, strict=True)
+                    if not isinstance(img, ImageError)
+                ]
+                for item, img in zip(batch, decoded, strict=True):
+                    if isinstance(img, ImageError):
+                        failed[item.image_sha] = str(img)
+                if good:
+                    generators = [
+                        torch.Generator().manual_seed(int(item.image_key[:15], 16)) for item, _ in good
+                    ]
+                    out = self._encode_image_batch([img for _, img in good], generators, batch[0].plan)
+                    for i, (item, _) in enumerate(good):
+                        self.store.add(item.image_key, "image", {name: out[name][i] for name in fields})
+                advance(len(batch))
+                self._maybe_flush()
+        return failed
+
+    def _encode_image_batch(
+        self, images: list[Any], generators: list[torch.Generator], plan: CropPlan
+    ) -> Any:
+        try:
+            return self.encoder.encode_images(images, generators)
+        except torch.OutOfMemoryError:
+            self.store.flush()
+            raise FlowtuneError(
+                f"out of memory encoding {len(images)} images of {plan.bucket}; lower "
+                "data.encode_batch_size (everything encoded so far is saved: re-run to continue)"
+            ) from None
+
+
+def preprocess(
+    recipe: Any,
+    *,
+    console: Console | None = None,
+    device: str | torch.device | None = None,
+    shard_bytes: int = SHARD_BYTES,
+    flush_seconds: float = FLUSH_SECONDS,
+) -> PreprocessReport:
+    """Bring ``data.cache_dir`` up to date with the recipe's dataset and settings.
+
+    Args:
+        recipe: A validated recipe (:func:`flowtune.recipe.load_recipe`).
+        console: Where progress and the summary go (default: a new stdout console).
+        device: Where the encoders run (default: CUDA if available, else CPU).
+        shard_bytes: Flush a shard once this many bytes of tensors are queued.
+        flush_seconds: ... or once this many seconds passed since the last shard.
+
+    Returns:
+        A :class:`PreprocessReport`. ``report.items == 0`` means nothing could be cached.
+
+    Raises:
+        FlowtuneError: missing source or model, empty dataset, a locked cache, out of memory.
+        KeyboardInterrupt: after saving every entry encoded so far (re-running continues).
+    """
+    console = console or Console()
+    start = time.perf_counter()
+    spec = get_family(recipe.model.family)
+    data = recipe.data
+    listing = list_records(
+        data.source,
+        image_column=data.image_column,
+        caption_column=data.caption_column,
+        dataset_split=data.dataset_split,
+    )
+    model_dir = resolve_pretrained(recipe.model.pretrained, recipe.model.revision, _encoder_components(spec))
+    encoder = create_encoder(spec, model_dir, _encoder_settings(recipe), device)
+    identity = encoder.identity()
+    store = CacheStore.open(data.cache_dir, create=True)
+    with store.locked():
+        items, problems, file_memo = _plan(recipe, spec, listing.records, identity, store)
+        problems = [Problem(p.path, p.reason) for p in listing.problems] + problems
+        prompts = list(dict.fromkeys(["", *recipe.validation.prompts]))
+        prompt_keys = {prompt: _hash("text", identity["text"], prompt) for prompt in prompts}
+
+        texts: dict[str, str] = {}
+        for item in items:
+            texts.setdefault(item.text_key, item.caption)
+        for prompt, key in prompt_keys.items():
+            texts.setdefault(key, prompt)
+        missing_texts = [(key, caption) for key, caption in texts.items() if not store.has(key)]
+        unique_images: dict[str, PlannedItem] = {}
+        for item in items:
+            unique_images.setdefault(item.image_key, item)
+        missing_images = [item for key, item in unique_images.items() if not store.has(key)]
+
+        failures = dict(store.manifest.get("failures", {}))
+        if missing_texts or missing_images:
+            failures.update(
+                _encode(
+                    encoder,
+                    store,
+                    missing_texts,
+                    missing_images,
+                    console,
+                    batch_size=int(data.encode_batch_size),
+                    workers=int(data.num_workers),
+                    shard_bytes=shard_bytes,
+                    flush_seconds=flush_seconds,
+                )
+            )
+        failed_items = [item for item in items if item.image_sha in failures]
+        reported = set()
+        for item in failed_items:
+            if item.record.path not in reported:
+                problems.append(Problem(item.record.path, failures[item.image_sha]))
+                reported.add(item.record.path)
+        items = [item for item in items if item.image_sha not in failures]
+
+        live = (
+            {item.image_key for item in items} | {item.text_key for item in items} | set(prompt_keys.values())
+        )
+        store.manifest.update(
+            {
+                "settings": cache_settings(recipe),
+                "encoder": {**encoder.describe(), "identity": identity, "model_dir": str(model_dir)},
+                "model_fingerprint": _local_fingerprint(recipe, spec),
+                "fields": {"image": encoder.image_fields, "text": encoder.text_fields},
+                "items": [item.to_json() for item in items],
+                "validation_prompts": {p: k for p, k in prompt_keys.items() if p},
+                "empty_prompt": prompt_keys[""],
+                "files": file_memo,
+                "failures": {
+                    sha: reason
+                    for sha, reason in failures.items()
+                    if sha in {i.image_sha for i in failed_items}
+                },
+            }
+        )
+        pruned = store.prune(live)
+        store.write_manifest(complete=True)
+        store.write_errors(p.to_json() for p in problems)
+
+    report = PreprocessReport(
+        cache_dir=Path(data.cache_dir),
+        source_kind=listing.kind,
+        records=len(listing.records),
+        items=len(items),
+        images_encoded=len(missing_images),
+        texts_encoded=len(missing_texts),
+        images_reused=len(unique_images) - len(missing_images),
+        texts_reused=len(texts) - len(missing_texts),
+        buckets=dict(sorted(Counter(str(item.plan.bucket) for item in items).items())),
+        problems=problems,
+        seconds=time.perf_counter() - start,
+        cache_bytes=store.size_bytes(),
+        shards_pruned=pruned,
+    )
+    print_summary(report, console)
+    return report
+
+
+def _encode(
+    encoder: FamilyEncoder,
+    store: CacheStore,
+    missing_texts: Sequence[tuple[str, str]],
+    missing_images: Sequence[PlannedItem],
+    console: Console,
+    **options: Any,
+) -> dict[str, str]:
+    """Load what is needed and encode; on any exit, save what was encoded. Returns failures."""
+    encoder.load(images=bool(missing_images), texts=bool(missing_texts))
+    encoding = _Encoding(encoder, store, **options)
+    failed: dict[str, str] = {}
+    try:
+        with _progress(console) as progress:
+            if missing_texts:
+                task = progress.add_task("captions", total=len(missing_texts), rate="")
+                encoding.texts(
+                    missing_texts,
+                    lambda n: progress.update(task, advance=n, rate=_rate(progress.tasks[task])),
+                )
+            if missing_images:
+                task = progress.add_task("images", total=len(missing_images), rate="")
+                failed = encoding.images(
+                    missing_images,
+                    lambda n: progress.update(task, advance=n, rate=_rate(progress.tasks[task])),
+                )
+    finally:
+        store.flush()
+        encoder.unload()
+    return failed
+
+
+def _local_fingerprint(recipe: Any, spec: FamilySpec) -> str | None:
+    """Fingerprint of the encoder files when ``model.pretrained`` is a local directory."""
+    path = Path(recipe.model.pretrained).expanduser()
+    return fingerprint_components(path, _encoder_components(spec)) if path.is_dir() else None
+
+
+def _format_bytes(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"  # pragma: no cover
+
+
+def print_summary(report: PreprocessReport, console: Console, max_listed: int = 10) -> None:
+    """The end-of-run table, then the problems (first ``max_listed``) and where the rest are."""
+    table = Table(title="preprocess summary", show_header=False, title_justify="left")
+    table.add_column(style="bold")
+    table.add_column()
+    table.add_row("source", f"{report.source_kind}: {report.records} records")
+    table.add_row("items cached", str(report.items))
+    table.add_row("encoded now", f"{report.images_encoded} images, {report.texts_encoded} captions")
+    table.add_row("reused", f"{report.images_reused} images, {report.texts_reused} captions")
+    buckets = ", ".join(f"{name}: {count}" for name, count in report.buckets.items()) or "-"
+    table.add_row("buckets", buckets)
+    kinds = Counter(p.kind for p in report.problems)
+    table.add_row(
+        "problems",
+        ", ".join(f"{n} {kind}{'s' if n != 1 else ''}" for kind, n in sorted(kinds.items())) or "none",
+    )
+    table.add_row("cache", f"{report.cache_dir} ({_format_bytes(report.cache_bytes)})")
+    table.add_row("time", f"{report.seconds:.1f} s")
+    console.print(table)
+    for problem in report.problems[:max_listed]:
+        style = "yellow" if problem.kind == "warning" else "red"
+        console.print(f"[{style}]{problem.kind}[/]: {problem.path}: {problem.reason}", highlight=False)
+    if report.problems:
+        more = len(report.problems) - max_listed
+        prefix = f"... and {more} more; " if more > 0 else ""
+        console.print(f"{prefix}all problems are listed in {report.cache_dir / ERRORS_NAME}", highlight=False)
+
+
+def check_cache(recipe: Any) -> CacheStore:
+    """Open the recipe's cache for training, refusing one made for another model or settings.
+
+    Raises:
+        FlowtuneError: one line saying what differs and how to fix it: no cache, an interrupted
+            preprocess, a setting that differs (named with both values), changed model files or a
+            validation prompt that was not encoded.
+    """
+    root = Path(recipe.data.cache_dir)
+    fix = "run `flowtune preprocess` with this recipe (it re-encodes only what changed)"
+    if not (root / "manifest.json").is_file():
+        raise FlowtuneError(f"no preprocessed cache at {root} (data.cache_dir); {fix} first")
+    store = CacheStore.open(root)
+    if not store.manifest.get("complete"):
+        raise FlowtuneError(
+            f"the cache at {root} is incomplete (preprocess was interrupted); {fix} to finish it"
+        )
+    made_with = store.manifest.get("settings", {})
+    wanted = cache_settings(recipe)
+    differences = [
+        f"{key}={json.dumps(made_with.get(key))} (the recipe has {json.dumps(value)})"
+        for key, value in wanted.items()
+        if made_with.get(key) != value
+    ]
+    if differences:
+        raise FlowtuneError(
+            f"the cache at {root} was made with {'; '.join(differences)}; {fix}, or set data.cache_dir "
+            "to a cache made with these settings"
+        )
+    recorded = store.manifest.get("model_fingerprint")
+    if recorded is not None and recorded != _local_fingerprint(recipe, get_family(recipe.model.family)):
+        raise FlowtuneError(
+            f"the VAE or text encoder files of model.pretrained {recipe.model.pretrained!r} changed since "
+            f"the cache at {root} was made; {fix}"
+        )
+    known = store.manifest.get("validation_prompts", {})
+    missing = [p for p in recipe.validation.prompts if p not in known]
+    if missing:
+        raise FlowtuneError(f"validation prompt {missing[0]!r} is not in the cache at {root}; {fix}")
+    return store

@@ -1,0 +1,195 @@
+"""Reading the cache for training: the cached dataset, the bucket batch sampler and the collator.
+
+- :class:`CachedDataset` returns one item's tensors (image entry + text entry) from the shards,
+  memory-mapped by safetensors; it never decodes an image or runs an encoder.
+- :class:`BucketBatchSampler` yields batches whose items share one bucket (so latents stack),
+  in an order that depends only on ``(seed, epoch)`` and the *global* batch size, and shards each
+  global batch across processes.  Its position is a single number (batches consumed), so a
+  resumed run continues with exactly the batches it would have seen.
+- :class:`CacheCollator` stacks fixed-size fields and pads variable-length sequence fields
+  (e.g. text embeddings of families whose encoders do not pad) with a boolean mask.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset, Sampler
+
+from flowtune.data.store import CacheStore
+
+
+class CachedDataset(Dataset):
+    """The items of a preprocessed cache.
+
+    Each item is ``{field: tensor}`` for the image fields (FLUX.1: ``image_latents`` [C, h, w])
+    and the text fields (FLUX.1: ``text_embeddings`` [L, D], ``pooled_prompt_embeds`` [D]) plus
+    ``key`` (the item key) and ``caption``.
+
+    Args:
+        cache: The cache directory or an open :class:`CacheStore`.
+        indices: The manifest items to expose (default: all), e.g. a training split.
+    """
+
+    def __init__(self, cache: str | Path | CacheStore, indices: Sequence[int] | None = None):
+        self.store = cache if isinstance(cache, CacheStore) else CacheStore.open(cache)
+        all_items = self.store.manifest.get("items", [])
+        self.items: list[dict[str, Any]] = (
+            list(all_items) if indices is None else [all_items[i] for i in indices]
+        )
+        fields = self.store.manifest.get("fields", {})
+        self.image_fields: dict[str, bool] = dict(fields.get("image", {}))
+        self.text_fields: dict[str, bool] = dict(fields.get("text", {}))
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    @property
+    def buckets(self) -> list[tuple[int, int]]:
+        """Each item's bucket as (width, height) in pixels."""
+        return [tuple(item["bucket"]) for item in self.items]
+
+    @property
+    def sequence_fields(self) -> list[str]:
+        """Fields whose first dimension varies per item (padded by :class:`CacheCollator`)."""
+        return [name for name, seq in {**self.image_fields, **self.text_fields}.items() if seq]
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        item = self.items[index]
+        tensors = self.store.read(item["image"], self.image_fields)
+        tensors.update(self.store.read(item["text"], self.text_fields))
+        return {**tensors, "key": item["key"], "caption": item["caption"]}
+
+    def text_entry(self, key: str) -> dict[str, torch.Tensor]:
+        """The text fields of a text entry, each with a leading batch dimension of 1."""
+        return {name: t.unsqueeze(0) for name, t in self.store.read(key, self.text_fields).items()}
+
+    def prompt_embeddings(self, prompt: str) -> dict[str, torch.Tensor]:
+        """The cached encoding of a validation prompt (or ``""``), batch dimension 1.
+
+        Raises:
+            KeyError: the prompt was not encoded by preprocess.
+        """
+        key = (
+            self.store.manifest["empty_prompt"]
+            if prompt == ""
+            else self.store.manifest["validation_prompts"][prompt]
+        )
+        return self.text_entry(key)
+
+
+class CacheCollator:
+    """Collates cached items into a batch.
+
+    Fixed-size fields are stacked to [B, ...]. Each sequence field ``name`` [L_i, ...] is padded
+    with zeros to [B, max L_i, ...] and gets ``name + "_mask"``: [B, max L_i] bool, True on real
+    positions.  ``key`` and ``caption`` become lists.
+    """
+
+    def __init__(self, sequence_fields: Sequence[str] = ()):
+        self.sequence_fields = set(sequence_fields)
+
+    def __call__(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
+        batch: dict[str, Any] = {}
+        for name, value in samples[0].items():
+            values = [s[name] for s in samples]
+            if not isinstance(value, torch.Tensor):
+                batch[name + "s" if name in ("key", "caption") else name] = values
+            elif name in self.sequence_fields:
+                batch[name] = torch.nn.utils.rnn.pad_sequence(values, batch_first=True)
+                lengths = torch.tensor([v.shape[0] for v in values])
+                batch[name + "_mask"] = torch.arange(batch[name].shape[1])[None, :] < lengths[:, None]
+            else:
+                batch[name] = torch.stack(values)
+        return batch
+
+
+class BucketBatchSampler(Sampler[list[int]]):
+    """Batches of dataset indices that never mix buckets, deterministic per (seed, epoch).
+
+    One epoch: the items of each bucket are shuffled and cut into *global* batches of
+    ``batch_size * num_replicas`` items; a bucket's last, incomplete global batch is filled up
+    with items from the start of the same shuffled bucket, so every item is seen at least once
+    per epoch and every batch is full; then the global batches of all buckets are shuffled
+    together.  Process ``rank`` takes slice ``[rank * batch_size, (rank + 1) * batch_size)`` of
+    every global batch, so the samples of a step are the same for any split of the global batch
+    across processes.
+
+    The position is the number of (global) batches consumed since epoch 0
+    (:meth:`set_position`), so resuming needs one integer.
+
+    Args:
+        buckets: Each dataset item's bucket (any hashable, e.g. ``(width, height)``).
+        batch_size: Items per batch on this process.
+        seed: Seed of the order (``train.seed``).
+        num_replicas: Number of processes sharing each global batch.
+        rank: This process's index in ``[0, num_replicas)``.
+    """
+
+    def __init__(
+        self,
+        buckets: Sequence[Hashable],
+        batch_size: int,
+        *,
+        seed: int = 0,
+        num_replicas: int = 1,
+        rank: int = 0,
+    ):
+        if batch_size < 1 or num_replicas < 1 or not 0 <= rank < num_replicas:
+            raise ValueError(f"invalid batch_size={batch_size}, num_replicas={num_replicas}, rank={rank}")
+        if not buckets:
+            raise ValueError("the dataset is empty")
+        self.batch_size = batch_size
+        self.num_replicas = num_replicas
+        self.rank = rank
+        self.seed = seed
+        groups: dict[Hashable, list[int]] = {}
+        for index, bucket in enumerate(buckets):
+            groups.setdefault(bucket, []).append(index)
+        # Sorted by bucket so the order never depends on dict insertion order.
+        self._groups = [groups[b] for b in sorted(groups, key=repr)]
+        self.global_batch_size = batch_size * num_replicas
+        self.batches_per_epoch = sum(-(-len(g) // self.global_batch_size) for g in self._groups)
+        self.epoch = 0
+        self.start_batch = 0
+
+    def global_batches(self, epoch: int) -> list[list[int]]:
+        """All global batches of ``epoch``, in order (each of ``global_batch_size`` indices)."""
+        rng = np.random.default_rng([self.seed, epoch])
+        size = self.global_batch_size
+        batches: list[list[int]] = []
+        for group in self._groups:
+            order = [group[i] for i in rng.permutation(len(group))]
+            count = -(-len(order) // size)
+            padded = [order[i % len(order)] for i in range(count * size)]
+            batches.extend(padded[i * size : (i + 1) * size] for i in range(count))
+        return [batches[i] for i in rng.permutation(len(batches))]
+
+    def set_position(self, batches_consumed: int) -> None:
+        """Continue after ``batches_consumed`` global batches (counted from epoch 0, batch 0)."""
+        self.epoch, self.start_batch = divmod(batches_consumed, self.batches_per_epoch)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Start at the beginning of ``epoch``."""
+        self.epoch, self.start_batch = epoch, 0
+
+    def state_dict(self) -> dict[str, int]:
+        """``{"epoch", "start_batch", "seed", "global_batch_size"}`` of the next iteration."""
+        return {
+            "epoch": self.epoch,
+            "start_batch": self.start_batch,
+            "seed": self.seed,
+            "global_batch_size": self.global_batch_size,
+        }
+
+    def __len__(self) -> int:
+        return self.batches_per_epoch - self.start_batch
+
+    def __iter__(self) -> Iterator[list[int]]:
+        lo, hi = self.rank * self.batch_size, (self.rank + 1) * self.batch_size
+        for batch in self.global_batches(self.epoch)[self.start_batch :]:
+            yield batch[lo:hi]

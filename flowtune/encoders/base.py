@@ -1,0 +1,176 @@
+"""The encoder interface shared by all families, and the loading it has in common.
+
+An encoder turns cropped RGB images into normalised latents and captions into text-conditioning
+tensors, exactly as the family's diffusers pipeline does at inference, so that cached tensors are
+what the transformer would see.  It loads only what it needs: the VAE to encode images, the text
+encoders and tokenizers to encode captions, never the transformer.
+
+Its :meth:`FamilyEncoder.identity` is computed from file fingerprints and settings without
+loading anything, so preprocess can decide that nothing needs encoding in milliseconds.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from abc import ABC, abstractmethod
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
+
+import torch
+
+from flowtune.families import FamilySpec
+from flowtune.model_files import fingerprint_components
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+
+@dataclass(frozen=True)
+class EncoderSettings:
+    """The recipe settings that change what an encoder produces.
+
+    Attributes:
+        dtype: ``model.dtype``: the dtype the VAE and text encoders run in, and of the outputs.
+        max_sequence_length: ``data.max_sequence_length``: text tokens per caption.
+        latent_dist: ``data.latent_dist``: ``"mode"`` or ``"sample"`` of the latent distribution.
+        variant: ``model.variant``: the weight-file variant to load (None = default files).
+    """
+
+    dtype: Literal["bfloat16", "float16", "float32"]
+    max_sequence_length: int
+    latent_dist: Literal["mode", "sample"]
+    variant: str | None = None
+
+
+def _digest(payload: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+class FamilyEncoder(ABC):
+    """Encodes images and captions for one model family (subclass per family).
+
+    Class attributes a subclass sets:
+        image_components: Pipeline subfolders that image encoding loads (their files are
+            fingerprinted into the image identity).
+        text_components: Pipeline subfolders that caption encoding loads.
+        image_fields: ``{name: is_sequence}`` of the tensors :meth:`encode_images` returns
+            (``is_sequence``: dim 0 of a per-item tensor has a per-item length).
+        text_fields: ``{name: is_sequence}`` of the tensors :meth:`encode_prompts` returns.
+        version: Bump when the encoding itself changes, so that old caches are re-encoded.
+
+    The field names are the batch keys the family's flow-matching adapter reads.
+    """
+
+    image_components: ClassVar[tuple[str, ...]] = ("vae",)
+    text_components: ClassVar[tuple[str, ...]] = ()
+    image_fields: ClassVar[dict[str, bool]] = {}
+    text_fields: ClassVar[dict[str, bool]] = {}
+    version: ClassVar[int] = 1
+
+    def __init__(
+        self,
+        spec: FamilySpec,
+        model_dir: Path,
+        settings: EncoderSettings,
+        device: torch.device | str | None = None,
+    ):
+        self.spec = spec
+        self.model_dir = Path(model_dir)
+        self.settings = settings
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.dtype: torch.dtype = getattr(torch, settings.dtype)
+        self.pipe: Any = None
+
+    # -- identity -----------------------------------------------------------------------------
+
+    def identity(self) -> dict[str, str]:
+        """``{"image": hex, "text": hex}``: what the encoded tensors depend on besides the input.
+
+        The image identity covers the VAE files, dtype, ``latent_dist`` and encoder version; the
+        text identity covers the text encoder and tokenizer files, dtype and
+        ``max_sequence_length``.  Nothing is loaded.
+        """
+        common = {"encoder": type(self).__qualname__, "version": self.version, "dtype": self.settings.dtype}
+        image = {
+            **common,
+            "files": fingerprint_components(self.model_dir, self.image_components),
+            "latent_dist": self.settings.latent_dist,
+        }
+        text = {
+            **common,
+            "files": fingerprint_components(self.model_dir, self.text_components),
+            "max_sequence_length": self.settings.max_sequence_length,
+        }
+        return {"image": _digest(image), "text": _digest(text)}
+
+    def describe(self) -> dict[str, Any]:
+        """The settings and component folders, for the cache manifest (human-readable)."""
+        return {
+            "encoder": type(self).__qualname__,
+            "version": self.version,
+            "pipeline_class": self.spec.pipeline_class,
+            "image_components": list(self.image_components),
+            "text_components": list(self.text_components),
+            **asdict(self.settings),
+        }
+
+    # -- loading ------------------------------------------------------------------------------
+
+    def load(self, *, images: bool, texts: bool) -> None:
+        """Load the family pipeline with only the components needed, on ``self.device``.
+
+        Args:
+            images: Load the VAE (and the image processor).
+            texts: Load the text encoders and tokenizers.
+        """
+        import diffusers
+
+        from flowtune.quiet import quiet_libraries
+
+        quiet_libraries()
+        skipped: dict[str, None] = {"transformer": None}
+        if not images:
+            skipped.update(dict.fromkeys(self.image_components))
+        if not texts:
+            skipped.update(dict.fromkeys(self.text_components))
+        pipeline_class = getattr(diffusers, self.spec.pipeline_class)
+        kwargs: dict[str, Any] = {"dtype": self.dtype, **skipped}
+        if self.settings.variant is not None:
+            kwargs["variant"] = self.settings.variant
+        pipe = pipeline_class.from_pretrained(self.model_dir, **kwargs)
+        self.pipe = pipe.to(self.device)
+
+    def unload(self) -> None:
+        """Drop the loaded models (and free accelerator memory)."""
+        self.pipe = None
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    # -- encoding -----------------------------------------------------------------------------
+
+    @abstractmethod
+    def encode_images(
+        self, images: list[Image.Image], generators: list[torch.Generator] | None = None
+    ) -> dict[str, torch.Tensor]:
+        """Encode same-sized RGB images (already cropped to their bucket).
+
+        Args:
+            images: B PIL images of one size (H, W), mode RGB.
+            generators: B CPU generators, used when ``latent_dist`` is ``"sample"``.
+
+        Returns:
+            ``{field: [B, ...]}`` for every field of ``image_fields``, in ``self.dtype``.
+        """
+
+    @abstractmethod
+    def encode_prompts(self, prompts: list[str]) -> dict[str, torch.Tensor]:
+        """Encode B captions: ``{field: [B, ...]}`` for every field of ``text_fields``."""
+
+
+def create_encoder(
+    spec: FamilySpec, model_dir: Path, settings: EncoderSettings, device: torch.device | str | None = None
+) -> FamilyEncoder:
+    """The family's encoder (``FamilySpec.encoder``) for the model files in ``model_dir``."""
+    return spec.load_encoder_class()(spec, model_dir, settings, device)
