@@ -15,6 +15,7 @@ from flowtune.data.buckets import (
     CropPlan,
     apply_crop,
     bucket_for,
+    default_bucket_step,
     make_buckets,
     nearest_bucket,
     plan_crop,
@@ -62,6 +63,18 @@ def test_one_side_is_the_nearest_area_multiple_for_the_other(resolution, granula
         assert bucket.height in nearest_area_sides(bucket.width) or bucket.width in nearest_area_sides(
             bucket.height
         ), bucket
+
+
+def test_bucket_step_spaces_the_sides():
+    assert default_bucket_step(1024, 16) == 64 and default_bucket_step(512, 16) == 32
+    assert default_bucket_step(64, 16) == 16  # never below the granularity
+    coarse = make_buckets(1024, 16)
+    fine = make_buckets(1024, 16, step=16)
+    assert 30 < len(coarse) < 60 < len(fine)
+    # Every bucket has a side on the step grid (the other side is the nearest-area multiple of 16).
+    assert all(b.width % 64 == 0 or b.height % 64 == 0 for b in coarse)
+    with pytest.raises(ValueError, match="step"):
+        make_buckets(1024, 16, step=24)
 
 
 def test_max_aspect_limits_the_set():

@@ -19,6 +19,7 @@ from flowtune.data.loader import BucketBatchSampler, CacheCollator, CachedDatase
 from flowtune.data.store import MANIFEST_NAME, CacheStore
 from flowtune.data.synthetic import make_shapes_dataset
 from flowtune.encoders.base import FamilyEncoder
+from flowtune.encoders.flux import FluxEncoder
 from flowtune.errors import FlowtuneError
 from flowtune.recipe import load_recipe
 from flowtune.tiny import make_tiny
@@ -66,7 +67,7 @@ class _CountingEncoder:
         self.images = 0
         self.texts = 0
         self.loads = 0
-        encoder_cls = FamilyEncoder.__subclasses__()[0]
+        encoder_cls = FluxEncoder
         original_images, original_texts = encoder_cls.encode_images, encoder_cls.encode_prompts
         original_load = FamilyEncoder.load
 
@@ -91,7 +92,7 @@ def test_items_go_to_their_nearest_bucket_with_the_crop_recorded(tmp_path, tiny_
     recipe = _recipe(tmp_path, tiny_flux, dataset)
     report = _run(recipe)
     assert report.items == 10 and report.errors == []
-    buckets = make_buckets(64, 16)
+    buckets = make_buckets(64, 16)  # the default step at 64 px is 16
     for item in _manifest(recipe)["items"]:
         with Image.open(item["source"]) as image:
             size = image.size
@@ -188,7 +189,7 @@ def test_one_changed_caption_or_image_re_encodes_only_that_item(
 
 def test_interrupted_run_keeps_its_work_and_resumes(tmp_path, tiny_flux, dataset, monkeypatch) -> None:
     recipe = _recipe(tmp_path, tiny_flux, dataset, "data.encode_batch_size=2")
-    encoder_cls = FamilyEncoder.__subclasses__()[0]
+    encoder_cls = FluxEncoder
     original = encoder_cls.encode_images
     calls = {"n": 0}
 
@@ -429,3 +430,59 @@ def test_loader_reads_batches_of_one_bucket(tmp_path, tiny_flux, dataset) -> Non
         assert batch["pooled_prompt_embeds"].shape == (2, 32)
         seen.update(batch["keys"])
     assert seen == {i["key"] for i in data.items}
+
+
+_SLOW_PREPROCESS = """
+import sys, time
+from rich.console import Console
+from flowtune.data.cache import preprocess
+from flowtune.encoders.flux import FluxEncoder
+from flowtune.recipe import load_recipe
+
+encode = FluxEncoder.encode_images
+def slow(self, images, generators=None):
+    time.sleep(0.3)
+    return encode(self, images, generators)
+FluxEncoder.encode_images = slow
+preprocess(load_recipe(sys.argv[1], sys.argv[2:]), console=Console(quiet=True), shard_bytes=1)
+"""
+
+
+def test_sigkill_midway_then_rerun_continues_and_matches_a_clean_run(
+    tmp_path, tiny_flux, dataset, monkeypatch
+) -> None:
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    recipe = _recipe(tmp_path, tiny_flux, dataset, "data.encode_batch_size=1")
+    shards = Path(recipe.data.cache_dir) / "shards"
+    repo = Path(__file__).resolve().parents[1]
+    process = subprocess.Popen(
+        [sys.executable, "-c", _SLOW_PREPROCESS, str(tmp_path / "recipe.yaml"), "data.encode_batch_size=1"],
+        env={**os.environ, "PYTHONPATH": str(repo)},
+    )
+    try:
+        deadline = time.monotonic() + 120
+        # Captions (13 one-caption shards) come first; wait until some images are in shards too.
+        while len(list(shards.glob("*.safetensors"))) < 13 + 3:
+            assert process.poll() is None, "preprocess ended before it could be killed"
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        process.send_signal(signal.SIGKILL)
+    finally:
+        process.wait()
+    counter = _CountingEncoder(monkeypatch)
+    report = _run(recipe)
+    assert counter.texts == 0 and 0 < counter.images < 10
+    assert report.items == 10
+    resumed = CachedDataset(recipe.data.cache_dir)
+
+    clean = _recipe(tmp_path / "clean", tiny_flux, dataset, "data.encode_batch_size=1")
+    _run(clean)
+    reference = CachedDataset(clean.data.cache_dir)
+    assert [i["key"] for i in resumed.items] == [i["key"] for i in reference.items]
+    for index in range(len(reference)):
+        assert torch.equal(resumed[index]["image_latents"], reference[index]["image_latents"])

@@ -44,10 +44,18 @@ class Bucket:
         return f"{self.width}x{self.height}"
 
 
-def make_buckets(resolution: int, granularity: int, max_aspect: float = 4.0) -> list[Bucket]:
+def default_bucket_step(resolution: int, granularity: int) -> int:
+    """``resolution / 16`` rounded down to a multiple of ``granularity`` (at least ``granularity``):
+    64 px at 1024, 32 px at 512, so that neighbouring buckets differ by about 6% in aspect."""
+    return max(granularity, resolution // 16 // granularity * granularity)
+
+
+def make_buckets(
+    resolution: int, granularity: int, max_aspect: float = 4.0, step: int | None = None
+) -> list[Bucket]:
     """Buckets whose area is near ``resolution**2``, for both orientations.
 
-    For every side length ``s`` that is a multiple of ``granularity``, the other side is the
+    For every side length ``s`` that is a multiple of ``step``, the other side is the
     multiple of ``granularity`` that brings the area nearest to ``resolution**2`` (on a tie, the
     squarer one); both ``s x other`` and ``other x s`` are buckets when their aspect ratio lies in
     ``[1 / max_aspect, max_aspect]``.  Taking both orientations of every pair makes the set
@@ -58,6 +66,9 @@ def make_buckets(resolution: int, granularity: int, max_aspect: float = 4.0) -> 
         granularity: Every bucket side is a multiple of it (e.g. 16 for FLUX.1: VAE factor 8 x
             2x2 patches).
         max_aspect: Most elongated aspect ratio allowed (>= 1).
+        step: Spacing of the enumerated side lengths, a multiple of ``granularity``; None =
+            :func:`default_bucket_step`.  Finer steps make more, nearly identical buckets, which
+            spreads a small dataset thin.
 
     Returns:
         Distinct buckets sorted by aspect ratio (tallest first); always contains
@@ -73,11 +84,14 @@ def make_buckets(resolution: int, granularity: int, max_aspect: float = 4.0) -> 
         raise ValueError(f"resolution {resolution} is not a multiple of the granularity {granularity}")
     if not max_aspect >= 1.0:
         raise ValueError(f"max_aspect must be at least 1, got {max_aspect}")
+    step = default_bucket_step(resolution, granularity) if step is None else step
+    if step <= 0 or step % granularity != 0:
+        raise ValueError(f"bucket step {step} is not a positive multiple of the granularity {granularity}")
     target = resolution * resolution
     tolerance = 1e-9
     longest = math.isqrt(int(target * max_aspect)) + 2 * granularity
-    buckets: set[Bucket] = set()
-    for side in range(granularity, longest + 1, granularity):
+    buckets: set[Bucket] = {Bucket(resolution, resolution)}
+    for side in range(step, longest + 1, step):
         other = _nearest_area_side(side, target, granularity)
         if 1.0 / max_aspect - tolerance <= side / other <= max_aspect + tolerance:
             buckets.add(Bucket(side, other))
@@ -210,16 +224,23 @@ def apply_crop(image: Image.Image, plan: CropPlan) -> Image.Image:
 
 
 @functools.lru_cache(maxsize=64)
-def _cached_buckets(resolution: int, granularity: int, max_aspect: float) -> tuple[Bucket, ...]:
-    return tuple(make_buckets(resolution, granularity, max_aspect))
+def _cached_buckets(
+    resolution: int, granularity: int, max_aspect: float, step: int | None
+) -> tuple[Bucket, ...]:
+    return tuple(make_buckets(resolution, granularity, max_aspect, step))
 
 
 def bucket_for(
-    width: int, height: int, resolution: int, granularity: int, max_aspect: float = 4.0
+    width: int,
+    height: int,
+    resolution: int,
+    granularity: int,
+    max_aspect: float = 4.0,
+    step: int | None = None,
 ) -> CropPlan:
     """Choose the bucket for a ``width x height`` image at ``resolution`` and plan its crop.
 
-    The buckets of each (resolution, granularity, max_aspect) are made once and cached.
+    The buckets of each (resolution, granularity, max_aspect, step) are made once and cached.
     """
-    bucket = nearest_bucket(width, height, _cached_buckets(resolution, granularity, max_aspect))
+    bucket = nearest_bucket(width, height, _cached_buckets(resolution, granularity, max_aspect, step))
     return plan_crop(width, height, bucket)

@@ -78,6 +78,7 @@ SETTINGS_KEYS = (
     "data.trigger_word",
     "data.default_caption",
     "data.resolution",
+    "data.bucket_step",
     "data.min_size",
     "data.max_sequence_length",
     "data.latent_dist",
@@ -230,7 +231,7 @@ def _plan(
             problems.append(Problem(record.path, warning, "warning"))
         text_key = _hash("text", identity["text"], caption)
         for resolution in resolutions(recipe):
-            plan = bucket_for(width, height, resolution, spec.spatial_granularity)
+            plan = bucket_for(width, height, resolution, spec.spatial_granularity, step=data.bucket_step)
             if plan.needs_upscale and data.min_size == "skip":
                 problems.append(
                     Problem(

@@ -416,6 +416,13 @@ def _check_semantics(cfg: Any) -> None:
                 resolution if isinstance(resolution, int) else values,
                 f"each value must be a positive multiple of {step} for model family {family.name!r}",
             )
+    bucket_step = cfg.data.bucket_step
+    if bucket_step is not None and (bucket_step <= 0 or bucket_step % step):
+        fail(
+            "data.bucket_step",
+            bucket_step,
+            f"must be a positive multiple of {step} for model family {family.name!r}, or null",
+        )
     for key in ("validation.height", "validation.width"):
         value = get(key)
         if value <= 0 or value % step:

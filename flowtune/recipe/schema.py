@@ -118,6 +118,12 @@ class Data:
     several resolutions. Each value must be a multiple of the family's granularity (16 for
     FLUX.1)."""
 
+    bucket_step: int | None = None
+    """Spacing in pixels of the bucket side lengths: buckets are W x H with W or H a multiple of
+    it and W x H near resolution^2. null = resolution / 16 rounded to the family's granularity
+    (64 at 1024), which gives about 45 buckets; smaller steps make more, nearly identical buckets
+    that spread a small dataset thin."""
+
     image_column: str = "image"
     """Column (or JSON key) holding the image, for `.jsonl` manifests and datasets."""
 
@@ -158,7 +164,8 @@ class Data:
     0 = train on everything."""
 
     num_workers: int = 2
-    """Data loader worker processes. 0 loads in the main process."""
+    """Data loader worker processes during training (0 loads in the main process), and the
+    image decoding threads of preprocess."""
 
 
 @dataclass
