@@ -282,6 +282,7 @@ def test_train_refuses_a_cache_made_with_other_settings(tmp_path, tiny_flux, dat
 def test_train_refuses_a_cache_whose_model_files_changed(tmp_path, tiny_flux, dataset) -> None:
     model = tmp_path / "model"
     shutil.copytree(tiny_flux, model)
+    shutil.rmtree(model / "transformer")  # preprocess never needs (or loads) the transformer
     recipe = _recipe(tmp_path, model, dataset)
     _run(recipe)
     make_tiny("flux", model, seed=1, overwrite=True)

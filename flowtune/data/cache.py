@@ -436,13 +436,13 @@ def preprocess(
                     flush_seconds=flush_seconds,
                 )
             )
-        failed_items = [item for item in items if item.image_sha in failures]
-        reported = set()
-        for item in failed_items:
-            if item.record.path not in reported:
-                problems.append(Problem(item.record.path, failures[item.image_sha]))
-                reported.add(item.record.path)
-        items = [item for item in items if item.image_sha not in failures]
+        failed_shas = {item.image_sha for item in items if item.image_sha in failures}
+        failed_paths = dict.fromkeys(
+            (i.record.path, i.image_sha) for i in items if i.image_sha in failed_shas
+        )
+        problems.extend(Problem(path, failures[sha]) for path, sha in failed_paths)
+        images_failed = sum(1 for item in missing_images if item.image_sha in failed_shas)
+        items = [item for item in items if item.image_sha not in failed_shas]
 
         live = (
             {item.image_key for item in items} | {item.text_key for item in items} | set(prompt_keys.values())
@@ -457,11 +457,7 @@ def preprocess(
                 "validation_prompts": {p: k for p, k in prompt_keys.items() if p},
                 "empty_prompt": prompt_keys[""],
                 "files": file_memo,
-                "failures": {
-                    sha: reason
-                    for sha, reason in failures.items()
-                    if sha in {i.image_sha for i in failed_items}
-                },
+                "failures": {sha: failures[sha] for sha in sorted(failed_shas)},
             }
         )
         pruned = store.prune(live)
@@ -473,7 +469,7 @@ def preprocess(
         source_kind=listing.kind,
         records=len(listing.records),
         items=len(items),
-        images_encoded=len(missing_images),
+        images_encoded=len(missing_images) - images_failed,
         texts_encoded=len(missing_texts),
         images_reused=len(unique_images) - len(missing_images),
         texts_reused=len(texts) - len(missing_texts),

@@ -45,20 +45,29 @@ LOCK_NAME = ".lock"
 _ENTRIES_METADATA = "flowtune.entries"
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file in the same directory and a rename."""
+@contextlib.contextmanager
+def atomic_path(path: Path) -> Iterator[str]:
+    """Yield a temporary file name next to ``path``; on success it is synced and renamed to
+    ``path``, on any exception (or kill) ``path`` is untouched.  Temporary names look like
+    ``.<name>.<random>.tmp``."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
     try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
+        yield tmp
+        with open(tmp, "rb") as handle:
             os.fsync(handle.fileno())
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically (see :func:`atomic_path`)."""
+    with atomic_path(path) as tmp:
+        Path(tmp).write_bytes(data)
 
 
 def atomic_write_json(path: Path, obj: Any) -> None:
@@ -205,19 +214,8 @@ class CacheStore:
         shard = f"{SHARDS_DIR}/{uuid.uuid4().hex[:16]}.safetensors"
         tensors = {f"{key}/{name}": t for key, (_, ts) in self._pending.items() for name, t in ts.items()}
         kinds = {key: kind for key, (kind, _) in self._pending.items()}
-        path = self.root / shard
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        os.close(fd)
-        try:
+        with atomic_path(self.root / shard) as tmp:
             save_file(tensors, tmp, metadata={_ENTRIES_METADATA: json.dumps(kinds)})
-            with open(tmp, "rb") as handle:
-                os.fsync(handle.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
         for key, kind in kinds.items():
             self.entries[key] = EntryRef(shard, kind)
         self._pending.clear()
