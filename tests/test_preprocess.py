@@ -369,7 +369,7 @@ def test_trigger_word_and_default_caption(tmp_path, tiny_flux, dataset) -> None:
     (dataset / "0003.txt").unlink()
     recipe = _recipe(tmp_path, tiny_flux, dataset, "data.trigger_word=sks", "data.default_caption=a shape")
     report = _run(recipe)
-    assert not [p for p in report.problems if p.kind == "warning"]
+    assert not [p for p in report.problems if "caption" in p.reason and "tokens" not in p.reason]
     captions = {Path(i["source"]).name: i["caption"] for i in _manifest(recipe)["items"]}
     assert captions["0003.png"] == "sks, a shape"
     assert captions["0000.png"] == "sks, " + (dataset / "0000.txt").read_text().strip()
@@ -487,3 +487,22 @@ def test_sigkill_midway_then_rerun_continues_and_matches_a_clean_run(
     assert [i["key"] for i in resumed.items] == [i["key"] for i in reference.items]
     for index in range(len(reference)):
         assert torch.equal(resumed[index]["image_latents"], reference[index]["image_latents"])
+
+
+def test_captions_longer_than_the_text_encoder_limit_are_warned_about(tmp_path, tiny_flux, dataset) -> None:
+    from transformers import AutoTokenizer
+
+    (dataset / "0001.txt").write_text(" ".join(["red"] * 40))
+    (dataset / "0002.txt").write_text("a cat")
+    recipe = _recipe(tmp_path, tiny_flux, dataset)
+    report = _run(recipe)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_flux / "tokenizer_2")
+    expected = {
+        Path(item["source"]).name
+        for item in _manifest(recipe)["items"]
+        if len(tokenizer(item["caption"])["input_ids"]) > 16
+    }
+    warned = {Path(p.path).name for p in report.problems if "tokens" in p.reason}
+    assert "0001.png" in warned and "0002.png" not in warned
+    assert warned == expected
+    assert report.items == 10  # a warning, not an error

@@ -247,6 +247,26 @@ def _plan(
     return items, problems, probe.new
 
 
+def _truncation_warnings(encoder: FamilyEncoder, items: Sequence[PlannedItem]) -> list[Problem]:
+    """A warning per record whose caption is longer than the text encoder's limit."""
+    captions = list(dict.fromkeys(item.caption for item in items))
+    counts = encoder.token_counts(captions) if captions else None
+    if counts is None:
+        return []
+    limit = encoder.settings.max_sequence_length
+    too_long = {caption: n for caption, n in zip(captions, counts, strict=True) if n > limit}
+    paths = dict.fromkeys((item.record.path, item.caption) for item in items if item.caption in too_long)
+    return [
+        Problem(
+            path,
+            f"caption has {too_long[caption]} tokens; the text encoder sees only the first {limit} "
+            "(data.max_sequence_length)",
+            "warning",
+        )
+        for path, caption in paths
+    ]
+
+
 def _batched(seq: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
     for start in range(0, len(seq), size):
         yield seq[start : start + size]
@@ -407,6 +427,7 @@ def preprocess(
     with store.locked():
         items, problems, file_memo = _plan(recipe, spec, listing.records, identity, store)
         problems = [Problem(p.path, p.reason) for p in listing.problems] + problems
+        problems += _truncation_warnings(encoder, items)
         prompts = list(dict.fromkeys(["", *recipe.validation.prompts]))
         prompt_keys = {prompt: _hash("text", identity["text"], prompt) for prompt in prompts}
 

@@ -164,6 +164,12 @@ class FamilyEncoder(ABC):
             ``{field: [B, ...]}`` for every field of ``image_fields``, in ``self.dtype``.
         """
 
+    def token_counts(self, prompts: list[str]) -> list[int] | None:
+        """Tokens per prompt for the text encoder limited by ``max_sequence_length`` (special
+        tokens included), loading only its tokenizer; preprocess warns about captions longer
+        than the limit, which the encoder truncates.  None = the family does not check."""
+        return None
+
     @abstractmethod
     def encode_prompts(self, prompts: list[str]) -> dict[str, torch.Tensor]:
         """Encode B captions: ``{field: [B, ...]}`` for every field of ``text_fields``."""

@@ -57,3 +57,10 @@ class FluxEncoder(FamilyEncoder):
             max_sequence_length=self.settings.max_sequence_length,
         )
         return {"text_embeddings": text, "pooled_prompt_embeds": pooled}
+
+    def token_counts(self, prompts: list[str]) -> list[int]:
+        """T5 tokens per prompt, as ``encode_prompt`` tokenizes them before truncating to L."""
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(self.model_dir / "tokenizer_2")
+        return [len(ids) for ids in tokenizer(prompts, add_special_tokens=True)["input_ids"]]
