@@ -8,6 +8,7 @@ Measures, on whatever machine runs it (CPU by default, CUDA with --device cuda):
   * `sample_timesteps` for a large batch.
 
 Usage: python scripts/bench_core.py [--device cpu|cuda] [--write docs/performance.md]
+(--write replaces the file up to its `## Data path` section, which scripts/bench_data.py writes.)
 """
 
 from __future__ import annotations
@@ -131,7 +132,10 @@ def main() -> None:
     text = "\n".join(lines)
     print(text)
     if args.write:
-        args.write.write_text(text)
+        # Keep the sections other scripts write (scripts/bench_data.py: "## Data path" and after).
+        old = args.write.read_text() if args.write.exists() else ""
+        start = old.find("\n## Data path\n")
+        args.write.write_text(text + old[start:] if start >= 0 else text)
 
 
 if __name__ == "__main__":

@@ -13,8 +13,8 @@ The run, in order:
 
 3. **Encode** only the entries the cache lacks (the family encoder loads just the VAE and/or the
    text encoders it needs), captions first, then images bucket by bucket; decoding and cropping
-   run in a thread pool ahead of the encoder.  Entries are flushed to a new shard every
-   ``shard_bytes`` or ``flush_seconds``, so a killed run resumes where it stopped.
+   run in a thread pool (up to 8 threads) ahead of the encoder.  Entries are flushed to a new
+   shard every ``shard_bytes`` or ``flush_seconds``, so a killed run resumes where it stopped.
 4. **Commit** the manifest listing the items, the validation prompts' embeddings and the settings
    that made the cache; delete shards that no item uses any more; write ``errors.jsonl`` and
    print a summary.
@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import time
 from collections import Counter
 from collections.abc import Iterator, Sequence
@@ -452,7 +453,7 @@ def preprocess(
                     missing_images,
                     console,
                     batch_size=int(data.encode_batch_size),
-                    workers=int(data.num_workers),
+                    workers=min(8, os.cpu_count() or 1),
                     shard_bytes=shard_bytes,
                     flush_seconds=flush_seconds,
                 )

@@ -100,9 +100,15 @@ class CacheCollator:
             if not isinstance(value, torch.Tensor):
                 batch[name + "s" if name in ("key", "caption") else name] = values
             elif name in self.sequence_fields:
-                batch[name] = torch.nn.utils.rnn.pad_sequence(values, batch_first=True)
-                lengths = torch.tensor([v.shape[0] for v in values])
-                batch[name + "_mask"] = torch.arange(batch[name].shape[1])[None, :] < lengths[:, None]
+                lengths = [v.shape[0] for v in values]
+                # Equal lengths (FLUX.1's T5 output is always max_sequence_length long): a plain
+                # stack, which skips pad_sequence's zero-filled buffer and copy.
+                if len(set(lengths)) == 1:
+                    batch[name] = torch.stack(values)
+                else:
+                    batch[name] = torch.nn.utils.rnn.pad_sequence(values, batch_first=True)
+                positions = torch.arange(batch[name].shape[1])[None, :]
+                batch[name + "_mask"] = positions < torch.tensor(lengths)[:, None]
             else:
                 batch[name] = torch.stack(values)
         return batch

@@ -163,9 +163,11 @@ class Data:
     """Fraction of the records held out of training to measure a validation loss, in [0, 1).
     0 = train on everything."""
 
-    num_workers: int = 2
-    """Data loader worker processes during training (0 loads in the main process), and the
-    image decoding threads of preprocess."""
+    num_workers: int = 0
+    """Data loader worker processes during training. 0 reads in the main process, which is the
+    fastest for the cache (memory-mapped safetensors; worker processes add an inter-process copy
+    of every batch, see docs/performance.md); raise it only if the cache is on a slow network
+    filesystem."""
 
 
 @dataclass
