@@ -24,8 +24,8 @@ class FamilySpec:
         adapter: The :func:`flowtune.flow_matching.create_adapter` name of its adapter.
         pipeline_class: The diffusers inference pipeline class (``diffusers.<name>``).
         transformer_class: The diffusers denoiser class, loaded from subfolder ``transformer``.
-        lora_target_modules: Default LoRA targets (peft suffix names) when ``lora.target_modules``
-            is not set in the recipe.
+        lora_target_modules: Default LoRA targets when ``lora.target_modules`` is not set in the
+            recipe: peft suffix names, or ``*`` patterns over full module names.
         spatial_granularity: Image sides (pixels) must be multiples of this.
         tiny_builder: ``"module:function"`` writing an offline tiny random pipeline in diffusers
             format; called as ``fn(out_dir: Path, seed: int) -> None``.
@@ -81,6 +81,9 @@ FAMILIES: dict[str, FamilySpec] = {
             "ff_context.net.0.proj",
             "ff_context.net.2",
             "proj_mlp",
+            # The single-stream blocks' output projection; a bare "proj_out" would also hit the
+            # transformer's final output layer.
+            "single_transformer_blocks.*.proj_out",
         ),
         spatial_granularity=16,
         tiny_builder="flowtune.tiny:build_tiny_flux",

@@ -23,19 +23,17 @@ from flowtune.data.loader import BucketBatchSampler, CacheCollator, CachedDatase
 from flowtune.errors import FlowtuneError
 from flowtune.families import get_family
 from flowtune.flow_matching import create_pipeline
+from flowtune.model_files import resolve_pretrained
 from flowtune.quiet import quiet_libraries
 from flowtune.recipe import load_recipe
+from flowtune.train.model import add_lora, load_transformer
+from flowtune.train.noise import sample_generators
 
 console = Console()
 
 
 def main(argv: list[str]) -> None:
     quiet_libraries()
-    import diffusers
-    from peft import LoraConfig
-
-    quiet_libraries()
-
     recipe = load_recipe(argv[0], argv[1:])
     family = get_family(recipe.model.family)
     dtype = getattr(torch, recipe.model.dtype)
@@ -48,28 +46,24 @@ def main(argv: list[str]) -> None:
     batch = CacheCollator(data.sequence_fields)([data[i] for i in next(iter(sampler))])
     latents, text, pooled = batch["image_latents"], batch["text_embeddings"], batch["pooled_prompt_embeds"]
 
-    transformer = getattr(diffusers, family.transformer_class).from_pretrained(
-        recipe.model.pretrained, subfolder="transformer", dtype=dtype
+    model_dir = resolve_pretrained(recipe.model.pretrained, recipe.model.revision, ["transformer"])
+    transformer = load_transformer(family, model_dir, dtype, recipe.model.variant)
+    trainable = add_lora(
+        transformer,
+        family,
+        rank=recipe.lora.rank,
+        alpha=recipe.lora.alpha,
+        dropout=recipe.lora.dropout,
+        target_modules=recipe.lora.target_modules,
+        init=recipe.lora.init,
     )
-    transformer.requires_grad_(False)
-    targets = list(recipe.lora.target_modules or family.lora_target_modules)
-    transformer.add_adapter(
-        LoraConfig(
-            r=recipe.lora.rank,
-            lora_alpha=recipe.lora.alpha,
-            lora_dropout=recipe.lora.dropout,
-            target_modules=targets,
-            init_lora_weights=True if recipe.lora.init == "default" else recipe.lora.init,
-        )
-    )
-    trainable = [p for p in transformer.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=recipe.optimizer.lr)
 
     flow = create_pipeline(
         family.adapter, OmegaConf.to_container(recipe.model.adapter), **OmegaConf.to_container(recipe.flow)
     )
-    generator = torch.Generator().manual_seed(recipe.train.seed)
-    _, loss, _, metrics = flow.step(transformer, batch, dtype=dtype, generator=generator)
+    generators = sample_generators(recipe.train.seed, 0, range(recipe.train.batch_size))
+    _, loss, _, metrics = flow.step(transformer, batch, dtype=dtype, generator=generators)
     loss.backward()
     grad_norm = torch.nn.utils.clip_grad_norm_(trainable, recipe.train.max_grad_norm)
     optimizer.step()

@@ -89,8 +89,11 @@ class Lora:
     """Dropout probability on the LoRA branch during training."""
 
     target_modules: list[str] | None = None
-    """Module name suffixes that get LoRA layers (peft `target_modules`, e.g. `attn.to_q`). null =
-    the family's defaults (the attention projections and feed-forward layers)."""
+    """Modules that get LoRA layers: name suffixes as in peft `target_modules` (`attn.to_q` matches
+    every `...attn.to_q`), or glob patterns over full module names
+    (`single_transformer_blocks.*.proj_out`). null = the family's defaults (FLUX.1: the attention
+    projections of both block types, the single blocks' MLP and output projections, and the
+    double blocks' feed-forward layers)."""
 
     init: Literal["default", "gaussian"] = "default"
     """Initialisation of the LoRA weights: `default` = Kaiming-uniform A and zero B (peft's

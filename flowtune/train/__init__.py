@@ -1,0 +1,1 @@
+"""Training: the LoRA-wrapped transformer, per-sample randomness, and (next) the trainer loop."""

@@ -1,0 +1,140 @@
+"""The trainable transformer: loaded frozen, wrapped with LoRA through peft, saved the diffusers way.
+
+- :func:`load_transformer` loads only the ``transformer`` subfolder of ``model.pretrained`` in
+  ``model.dtype`` (the VAE and text encoders are never loaded for training: their outputs are in
+  the preprocess cache).
+- :func:`add_lora` adds peft LoRA layers (``transformer.add_adapter(LoraConfig(...))``) on the
+  recipe's or the family's target modules; everything else stays frozen.  Trainable LoRA weights
+  are kept in float32 whatever the base dtype, so optimizer updates are not rounded away.
+- :func:`save_lora` writes ``pytorch_lora_weights.safetensors`` through the family pipeline's own
+  ``save_lora_weights``, with the peft config (rank, alpha, targets) in the file's metadata, so
+  ``<Pipeline>.load_lora_weights(dir)`` restores exactly the trained update.
+
+Target modules are peft suffixes (``attn.to_q`` matches every ``...attn.to_q``) or, with a ``*``,
+glob patterns over full module names (``single_transformer_blocks.*.proj_out``), which reach
+layers whose bare suffix would also match others (FLUX.1's final ``proj_out``).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from flowtune.errors import FlowtuneError
+from flowtune.families import FamilySpec
+
+LORA_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
+
+
+def expand_target_modules(model: nn.Module, targets: list[str]) -> list[str]:
+    """Targets for peft: suffixes kept as they are, ``*`` patterns replaced by the full names of
+    the modules they match.
+
+    Raises:
+        FlowtuneError: a target (suffix or pattern) that matches no module of ``model``.
+    """
+    names = [name for name, _ in model.named_modules() if name]
+    expanded: list[str] = []
+    for target in targets:
+        if "*" in target:
+            matches = [name for name in names if fnmatch.fnmatchcase(name, target)]
+        else:
+            matches = [target] if any(n == target or n.endswith("." + target) for n in names) else []
+        if not matches:
+            raise FlowtuneError(
+                f"lora.target_modules entry {target!r} matches no module of the transformer; give a "
+                "module name suffix such as attn.to_q, or a pattern such as single_transformer_blocks.*.proj_out"
+            )
+        expanded.extend(m for m in matches if m not in expanded)
+    return expanded
+
+
+def load_transformer(
+    spec: FamilySpec, model_dir: Path, dtype: torch.dtype, variant: str | None = None
+) -> nn.Module:
+    """The family's transformer from ``model_dir/transformer``, in ``dtype``, frozen, in train mode."""
+    import diffusers
+
+    from flowtune.quiet import quiet_libraries
+
+    quiet_libraries()
+    cls = getattr(diffusers, spec.transformer_class)
+    kwargs: dict[str, Any] = {"subfolder": "transformer", "dtype": dtype}
+    if variant is not None:
+        kwargs["variant"] = variant
+    transformer = cls.from_pretrained(model_dir, **kwargs)
+    transformer.requires_grad_(False)
+    transformer.train()
+    return transformer
+
+
+def add_lora(
+    transformer: nn.Module,
+    spec: FamilySpec,
+    *,
+    rank: int,
+    alpha: int,
+    dropout: float = 0.0,
+    target_modules: list[str] | None = None,
+    init: str = "default",
+) -> list[nn.Parameter]:
+    """Add LoRA layers (peft) and return the trainable parameters (the LoRA A and B matrices).
+
+    Args:
+        transformer: The frozen diffusers transformer.
+        spec: Its family (default targets: ``spec.lora_target_modules``).
+        rank, alpha, dropout: ``lora.rank``, ``lora.alpha``, ``lora.dropout``.
+        target_modules: ``lora.target_modules`` (suffixes or ``*`` patterns); None = the family's.
+        init: ``lora.init``: ``"default"`` (Kaiming A, zero B) or ``"gaussian"``.
+    """
+    from peft import LoraConfig
+
+    targets = expand_target_modules(transformer, list(target_modules or spec.lora_target_modules))
+    transformer.add_adapter(
+        LoraConfig(
+            r=rank,
+            lora_alpha=alpha,
+            lora_dropout=dropout,
+            target_modules=targets,
+            init_lora_weights=True if init == "default" else init,
+        )
+    )
+    from diffusers.training_utils import cast_training_params
+
+    cast_training_params(transformer, dtype=torch.float32)
+    return [p for p in transformer.parameters() if p.requires_grad]
+
+
+def save_lora(
+    transformer: nn.Module, spec: FamilySpec, out_dir: Path, dtype: torch.dtype | None = None
+) -> Path:
+    """Write the LoRA of ``transformer`` as ``out_dir/pytorch_lora_weights.safetensors``.
+
+    Goes through ``<family pipeline>.save_lora_weights`` (diffusers key naming) with the peft
+    config as adapter metadata (rank, alpha, target modules), so that the family pipeline's
+    ``load_lora_weights(out_dir)`` restores the same update.
+
+    Args:
+        dtype: Cast the weights to this dtype when saving (None = as trained, float32).
+    """
+    import diffusers
+    from peft.utils import get_peft_model_state_dict
+
+    from flowtune.flow_matching.adapters.base import unwrap_model
+
+    model = unwrap_model(transformer)
+    state = get_peft_model_state_dict(model)
+    if dtype is not None:
+        state = {k: v.to(dtype) for k, v in state.items()}
+    pipeline_class = getattr(diffusers, spec.pipeline_class)
+    pipeline_class.save_lora_weights(
+        out_dir,
+        transformer_lora_layers=state,
+        transformer_lora_adapter_metadata=model.peft_config["default"].to_dict(),
+        weight_name=LORA_WEIGHTS_NAME,
+    )
+    return Path(out_dir) / LORA_WEIGHTS_NAME
