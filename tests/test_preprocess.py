@@ -182,9 +182,23 @@ def test_one_changed_caption_or_image_re_encodes_only_that_item(
     data = CachedDataset(recipe.data.cache_dir)
     captions = {Path(item["source"]).name: item["caption"] for item in data.items}
     assert captions["0002.png"] == "a different caption"
-    # Shards that no item uses any more are deleted; the cache holds exactly what is live.
     live = {i["image"] for i in data.items} | {i["text"] for i in data.items}
     assert live <= set(data.store.entries)
+
+
+def test_shards_no_item_uses_any_more_are_deleted(tmp_path, tiny_flux, dataset) -> None:
+    recipe = _recipe(tmp_path, tiny_flux, dataset)
+    _run(recipe, shard_bytes=1)  # a shard per batch: the first caption shards hold captions only
+    for caption in dataset.glob("*.txt"):
+        caption.write_text("re-captioned " + caption.stem)
+    report = _run(recipe)
+    assert report.shards_pruned >= 1  # the old captions' shards held nothing live
+    store = CachedDataset(recipe.data.cache_dir).store
+    manifest = _manifest(recipe)
+    live = {i["image"] for i in manifest["items"]} | {i["text"] for i in manifest["items"]}
+    live |= set(manifest["validation_prompts"].values()) | {manifest["empty_prompt"]}
+    on_disk = {f"shards/{p.name}" for p in (Path(recipe.data.cache_dir) / "shards").glob("*.safetensors")}
+    assert on_disk == {store.entries[key].shard for key in live}
 
 
 def test_interrupted_run_keeps_its_work_and_resumes(tmp_path, tiny_flux, dataset, monkeypatch) -> None:
