@@ -124,6 +124,23 @@ def preprocess(recipe: RecipeArg, overrides: OverridesArg = None) -> None:
     err.print(f"[green]✓[/green] {report.items} items cached in {report.cache_dir}")
 
 
+@app.command()
+def train(recipe: RecipeArg, overrides: OverridesArg = None) -> None:
+    """Train a LoRA (or the full transformer) on the recipe's preprocessed cache.
+
+    Writes checkpoints, metrics.jsonl and the final weights to train.output_dir.  Ctrl-C or
+    SIGTERM finishes the current step, saves a checkpoint and exits (130 / 143); continue with
+    train.resume=latest.  Exit status 1 if the loss diverges.
+    """
+    from flowtune.recipe import load_recipe, resolve_recipe_path
+    from flowtune.train.trainer import Trainer
+
+    quiet_libraries()
+    resolved = load_recipe(resolve_recipe_path(recipe), overrides or [])
+    result = Trainer(resolved, console=out).run()
+    err.print(f"[green]✓[/green] trained to step {result.step}; weights in {result.final_dir}")
+
+
 @app.command("make-dataset")
 def make_dataset_command(
     out_dir: Annotated[Path, typer.Argument(help="Directory to write images and .txt captions to.")],

@@ -50,6 +50,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
+from flowtune.console import format_bytes
 from flowtune.data.buckets import CropPlan, apply_crop, bucket_for
 from flowtune.data.images import ImageError, load_rgb, probe_image
 from flowtune.data.sources import Record, apply_caption_options, list_records
@@ -543,14 +544,6 @@ def _local_fingerprint(recipe: Any, spec: FamilySpec) -> str | None:
     return fingerprint_components(path, _encoder_components(spec)) if path.is_dir() else None
 
 
-def _format_bytes(n: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TiB"  # pragma: no cover
-
-
 def print_summary(report: PreprocessReport, console: Console, max_listed: int = 10) -> None:
     """The end-of-run table, then the problems (first ``max_listed``) and where the rest are."""
     table = Table(title="preprocess summary", show_header=False, title_justify="left")
@@ -567,7 +560,7 @@ def print_summary(report: PreprocessReport, console: Console, max_listed: int = 
         "problems",
         ", ".join(f"{n} {kind}{'s' if n != 1 else ''}" for kind, n in sorted(kinds.items())) or "none",
     )
-    table.add_row("cache", f"{report.cache_dir} ({_format_bytes(report.cache_bytes)})")
+    table.add_row("cache", f"{report.cache_dir} ({format_bytes(report.cache_bytes)})")
     table.add_row("time", f"{report.seconds:.1f} s")
     console.print(table)
     for problem in report.problems[:max_listed]:

@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Hashable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,36 @@ import torch
 from torch.utils.data import Dataset, Sampler
 
 from flowtune.data.store import CacheStore
+
+
+def split_validation(item_keys: Sequence[str], fraction: float) -> tuple[list[int], list[int]]:
+    """Split items into training and held-out validation indices (``data.validation_split``).
+
+    An item is held out by the hash of its key, not its position, so the split of the items
+    already in a cache stays the same when other items are added or removed, and it does not
+    depend on the seed.
+
+    Args:
+        item_keys: The cache items' keys, in manifest order.
+        fraction: Share of items held out, in [0, 1); any fraction > 0 holds out at least one.
+
+    Returns:
+        (training indices, validation indices), each in manifest order.
+
+    Raises:
+        ValueError: the split would leave no training item.
+    """
+    if fraction <= 0:
+        return list(range(len(item_keys))), []
+    count = max(1, round(len(item_keys) * fraction))
+    if count >= len(item_keys):
+        raise ValueError(
+            f"data.validation_split={fraction} would hold out all {len(item_keys)} items; lower it"
+        )
+    by_hash = sorted(range(len(item_keys)), key=lambda i: hashlib.sha256(item_keys[i].encode()).digest())
+    held_out = set(by_hash[:count])
+    train = [i for i in range(len(item_keys)) if i not in held_out]
+    return train, sorted(held_out)
 
 
 class CachedDataset(Dataset):

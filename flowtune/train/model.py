@@ -109,6 +109,16 @@ def add_lora(
     return [p for p in transformer.parameters() if p.requires_grad]
 
 
+def make_fully_trainable(transformer: nn.Module) -> list[nn.Parameter]:
+    """Unfreeze every transformer weight (``train.mode: full``), kept in float32 as master
+    weights whatever ``model.dtype`` is; returns them."""
+    from diffusers.training_utils import cast_training_params
+
+    transformer.requires_grad_(True)
+    cast_training_params(transformer, dtype=torch.float32)
+    return list(transformer.parameters())
+
+
 def save_lora(
     transformer: nn.Module, spec: FamilySpec, out_dir: Path, dtype: torch.dtype | None = None
 ) -> Path:
@@ -138,3 +148,69 @@ def save_lora(
         weight_name=LORA_WEIGHTS_NAME,
     )
     return Path(out_dir) / LORA_WEIGHTS_NAME
+
+
+def load_lora(transformer: nn.Module, directory: Path) -> None:
+    """Load ``directory/pytorch_lora_weights.safetensors`` (written by :func:`save_lora`) into the
+    LoRA layers already added to ``transformer`` by :func:`add_lora`, bit for bit.
+
+    Raises:
+        FlowtuneError: the file is missing, or its layers do not match the transformer's (another
+            rank or other target modules).
+    """
+    from peft.utils import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    from flowtune.flow_matching.adapters.base import unwrap_model
+
+    path = Path(directory) / LORA_WEIGHTS_NAME
+    if not path.is_file():
+        raise FlowtuneError(f"no LoRA weights at {path}")
+    prefix = "transformer."
+    state = {k[len(prefix) :]: v for k, v in load_file(path).items() if k.startswith(prefix)}
+    model = unwrap_model(transformer)
+    try:
+        result = set_peft_model_state_dict(model, state, adapter_name="default")
+    except RuntimeError as exc:  # shape mismatch: another rank
+        raise FlowtuneError(f"the LoRA in {path} does not fit this model's LoRA layers: {exc}") from None
+    unexpected = list(getattr(result, "unexpected_keys", []) or [])
+    expected = {k for k in model.state_dict() if ".lora_" in k}
+    loaded = {k.replace(".weight", ".default.weight") for k in state}
+    missing = sorted(expected - loaded)
+    if unexpected or missing:
+        example = (unexpected or missing)[0]
+        raise FlowtuneError(
+            f"the LoRA in {path} targets other modules than this recipe's lora.target_modules "
+            f"({len(unexpected)} unexpected, {len(missing)} missing layers, e.g. {example})"
+        )
+
+
+def save_full(transformer: nn.Module, out_dir: Path) -> Path:
+    """Write the whole transformer (full fine-tuning) as ``out_dir/transformer`` in diffusers
+    format, loadable by the family's transformer class ``from_pretrained``."""
+    from flowtune.flow_matching.adapters.base import unwrap_model
+
+    target = Path(out_dir) / "transformer"
+    unwrap_model(transformer).save_pretrained(target, safe_serialization=True)
+    return target
+
+
+def load_full(transformer: nn.Module, directory: Path) -> None:
+    """Load the weights written by :func:`save_full` into ``transformer`` in place, bit for bit."""
+    from safetensors.torch import load_file
+
+    from flowtune.flow_matching.adapters.base import unwrap_model
+
+    files = sorted((Path(directory) / "transformer").glob("*.safetensors"))
+    if not files:
+        raise FlowtuneError(f"no transformer weights in {Path(directory) / 'transformer'}")
+    state: dict[str, torch.Tensor] = {}
+    for file in files:
+        state.update(load_file(file))
+    model = unwrap_model(transformer)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise FlowtuneError(
+            f"the transformer in {directory} does not match this model "
+            f"({len(missing)} missing, {len(unexpected)} unexpected weights)"
+        )

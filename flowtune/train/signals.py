@@ -1,0 +1,86 @@
+"""Graceful stops: SIGINT/SIGTERM finish the current step, then the trainer checkpoints and exits.
+
+The first SIGINT (Ctrl-C) or SIGTERM (a scheduler's pre-emption notice, ``kill``) only records the
+request; the trainer checks it between optimizer steps, saves a checkpoint and raises
+:class:`TrainingInterrupted`, which the CLI turns into exit status 130 (SIGINT) or 143 (SIGTERM).
+A second SIGINT while the step or the save is still running interrupts at once (KeyboardInterrupt),
+for a user who really wants out; checkpoints are written atomically, so that never leaves a broken
+one behind.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+from flowtune.errors import FlowtuneError
+
+_NAMES = {signal.SIGINT: "SIGINT", signal.SIGTERM: "SIGTERM"}
+
+
+class TrainingInterrupted(FlowtuneError):
+    """Training stopped on a signal after saving a checkpoint.
+
+    Attributes:
+        signum: The signal received.
+        checkpoint: The checkpoint saved on the way out (``None`` if none could be).
+        step: The last completed step.
+    """
+
+    def __init__(self, signum: int, step: int, checkpoint: Path | None, message: str):
+        super().__init__(message)
+        self.signum = signum
+        self.step = step
+        self.checkpoint = checkpoint
+        self.exit_code = 128 + int(signum)
+
+
+class StopRequest:
+    """Records SIGINT/SIGTERM while installed (a context manager; main thread only, else inert).
+
+    Attributes:
+        signum: The first signal received, or ``None``.
+
+    Args:
+        console: Anything with a rich-style ``print`` that announces the first signal, or None.
+    """
+
+    def __init__(self, console: Any = None):
+        self.signum: int | None = None
+        self.console = console
+        self._previous: dict[int, Any] = {}
+
+    @property
+    def requested(self) -> bool:
+        """Whether a stop was requested."""
+        return self.signum is not None
+
+    def request(self, signum: int) -> None:
+        """Record a stop request as if ``signum`` had been received."""
+        if self.signum is None:
+            self.signum = signum
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        if self.signum is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        first = self.signum is None
+        self.request(signum)
+        if first and self.console is not None:
+            self.console.print(
+                f"[yellow]{_NAMES.get(signum, signum)} received: finishing this step, then saving a "
+                "checkpoint (Ctrl-C again to stop at once)[/]"
+            )
+
+    def __enter__(self) -> StopRequest:
+        if threading.current_thread() is threading.main_thread():
+            for signum in _NAMES:
+                self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        self._previous.clear()
