@@ -26,7 +26,7 @@ demo: $(STAMP)
 	$(BIN)/python -m flowtune make-tiny flux $(DEMO_DIR)/tiny-flux --overwrite
 	$(BIN)/python -m flowtune make-dataset $(DEMO_DIR)/dataset --count 16 --size 64x64 --size 96x64 --size 64x96 --overwrite
 	$(BIN)/python -m flowtune preprocess recipes/tiny-flux-demo.yaml
-	$(BIN)/python scripts/demo_step.py recipes/tiny-flux-demo.yaml
+	$(BIN)/python -m flowtune train recipes/tiny-flux-demo.yaml
 
 test: $(STAMP)
 	$(BIN)/pytest -q

@@ -133,11 +133,16 @@ def train(recipe: RecipeArg, overrides: OverridesArg = None) -> None:
     train.resume=latest.  Exit status 1 if the loss diverges.
     """
     from flowtune.recipe import load_recipe, resolve_recipe_path
+    from flowtune.train.signals import TrainingInterrupted
     from flowtune.train.trainer import Trainer
 
     quiet_libraries()
     resolved = load_recipe(resolve_recipe_path(recipe), overrides or [])
-    result = Trainer(resolved, console=out).run()
+    try:
+        result = Trainer(resolved, console=out).run()
+    except TrainingInterrupted as stop:
+        err.print(f"[yellow]{escape(str(stop))}[/yellow]", highlight=False)
+        raise typer.Exit(stop.exit_code) from None
     err.print(f"[green]✓[/green] trained to step {result.step}; weights in {result.final_dir}")
 
 

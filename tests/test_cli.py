@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -103,16 +106,84 @@ def test_demo_chain_runs_on_the_tiny_model(tmp_path: Path):
     assert "6 images, 8 captions" in first.stdout and "6 items cached" in first.stderr
     again = flowtune("preprocess", recipe, cwd=tmp_path)
     assert "0 images, 0 captions" in again.stdout and "6 images, 8 captions" in again.stdout
-    result = subprocess.run(
-        [sys.executable, str(REPO / "scripts" / "demo_step.py"), recipe],
+    trained = flowtune("train", recipe, "train.max_steps=4", cwd=tmp_path)
+    assert trained.returncode == 0, trained.stderr
+    assert "13,568 trainable" in trained.stdout and "training done" in trained.stdout
+    assert (tmp_path / ".flowtune-demo" / "run" / "final" / "pytorch_lora_weights.safetensors").is_file()
+    # The demo recipe sets train.overwrite, so running it again starts over instead of refusing.
+    again = flowtune("train", recipe, "train.max_steps=2", cwd=tmp_path)
+    assert again.returncode == 0 and "removed the earlier run" in again.stdout
+
+
+@pytest.fixture(scope="module")
+def cached_demo(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[str]]:
+    """A tiny model, 4 images and their cache (built in-process), and the recipe overrides."""
+    from rich.console import Console
+
+    from flowtune.data.cache import preprocess
+    from flowtune.data.synthetic import make_shapes_dataset
+    from flowtune.recipe import load_recipe
+    from flowtune.tiny import make_tiny
+
+    root = tmp_path_factory.mktemp("cli-train")
+    make_tiny("flux", root / "tiny-flux")
+    make_shapes_dataset(root / "data", 4, seed=0)
+    settings = [
+        f"model.pretrained={root / 'tiny-flux'}",
+        f"data.source={root / 'data'}",
+        f"data.cache_dir={root / 'cache'}",
+    ]
+    preprocess(load_recipe("tiny-flux-demo", settings), console=Console(quiet=True))
+    return root, settings
+
+
+@pytest.mark.parametrize("signum, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_train_checkpoints_and_exits_on_a_signal(tmp_path: Path, cached_demo, signum: int, code: int):
+    """A real signal to a real `flowtune train` process: checkpoint, resume hint, exit 128 + N."""
+    settings = [*cached_demo[1], "train.output_dir=run"]
+    long_run = [*settings, "train.max_steps=1000000", "train.log_every=1", "train.checkpoint_every=1000000"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "200", "PYTHONPATH": str(REPO)}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "flowtune", "train", "tiny-flux-demo", *long_run],
         cwd=tmp_path,
-        env={**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "200", "PYTHONPATH": str(REPO)},
-        capture_output=True,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
         text=True,
-        timeout=300,
     )
-    assert result.returncode == 0, result.stderr
-    assert "trainable parameters" in result.stdout and "loss" in result.stdout
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    deadline = time.monotonic() + 120
+    while not (metrics.is_file() and metrics.read_text().count("\n") >= 3):
+        assert process.poll() is None and time.monotonic() < deadline, process.communicate()
+        time.sleep(0.05)
+    process.send_signal(signum)
+    stdout, stderr = process.communicate(timeout=120)
+    assert process.returncode == code, stderr
+    assert "Traceback" not in stdout + stderr
+    assert "train.resume=latest" in stderr
+    steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
+    checkpoint = tmp_path / "run" / "checkpoints" / f"step-{steps[-1]:06d}"
+    assert (checkpoint / "trainer_state.json").is_file() and (
+        checkpoint / "pytorch_lora_weights.safetensors"
+    ).is_file()
+    assert steps == list(range(1, steps[-1] + 1))
+
+    resumed = flowtune(
+        "train",
+        "tiny-flux-demo",
+        *settings,
+        "train.resume=latest",
+        f"train.max_steps={steps[-1] + 2}",
+        cwd=tmp_path,
+    )
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"({steps[-1]} -> {steps[-1] + 2})" in resumed.stdout
+
+
+def test_train_user_errors_are_one_line(tmp_path: Path):
+    recipe = str(REPO / "recipes" / "tiny-flux-demo.yaml")
+    assert_user_error(flowtune("train", recipe, cwd=tmp_path), "no preprocessed cache", "flowtune preprocess")
+    assert_user_error(flowtune("train", recipe, "train.resume=nowhere", cwd=tmp_path), "train.resume")
 
 
 def test_preprocess_user_errors_are_one_line(tmp_path: Path):

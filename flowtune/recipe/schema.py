@@ -163,8 +163,9 @@ class Data:
     for [schnell]); longer captions are truncated."""
 
     validation_split: float = 0.0
-    """Fraction of the records held out of training to measure a validation loss, in [0, 1).
-    0 = train on everything."""
+    """Fraction of the cached items held out of training to measure a validation loss, in
+    [0, 1). Items are picked by a hash of their content key, so the split stays the same when
+    other items are added. 0 = train on everything."""
 
     num_workers: int = 0
     """Data loader worker processes during training. 0 reads in the main process, which is the
@@ -257,7 +258,10 @@ class Train:
 
     mode: Literal["lora", "full"] = "lora"
     """`lora` trains low-rank adapters on the frozen transformer (see the `lora` section);
-    `full` trains every transformer weight (needs far more memory)."""
+    `full` trains every transformer weight, kept in float32 as master weights (about 16 bytes per
+    parameter with AdamW: far more memory; `optimizer.name: adamw8bit` and
+    `train.gradient_checkpointing` help). Full runs save `transformer/` in diffusers format
+    instead of a LoRA file."""
 
     max_steps: int = 1000
     """Number of optimizer steps to train for."""
@@ -292,15 +296,22 @@ class Train:
     """Keep only the newest this many checkpoints. null keeps all of them."""
 
     log_every: int = 10
-    """Log the loss, learning rate and throughput every this many steps."""
+    """Write a line to `metrics.jsonl` (and the console and trackers) every this many steps, with
+    the loss and gradient norm averaged over those steps. Losses are read back from the GPU only
+    then, so small values cost a little speed."""
 
     resume: str | None = None
-    """Resume from a checkpoint: `latest` = the newest checkpoint in output_dir, or the path of a
-    checkpoint directory. null = start a new run."""
+    """Resume from a checkpoint: `latest` = the newest checkpoint in output_dir (if there is none
+    yet, the run starts at step 0 and says so, so one command both starts and continues a
+    pre-emptible job), or the path of a checkpoint directory (`OUTPUT/checkpoints/step-000250`).
+    null = start a new run. The resumed run repeats the uninterrupted run's steps exactly;
+    settings that change the trajectory (learning rate, flow, seed...) are listed as warnings,
+    and ones that make the checkpoint unusable (family, mode, LoRA rank or targets) are refused."""
 
     overwrite: bool = False
-    """Allow a new run (not resuming) to start in an output_dir that already has checkpoints. false
-    = refuse, to protect earlier results."""
+    """Allow a new run (not resuming) to start in an output_dir that already holds a run: its
+    checkpoints, final weights, metrics and logs are deleted first. false = refuse, to protect
+    earlier results."""
 
     distributed: Literal["ddp", "fsdp"] = "ddp"
     """Multi-GPU strategy when launched on several processes: `ddp` replicates the model on every
@@ -375,8 +386,10 @@ class Logging:
     """Experiment tracking. The console always shows progress."""
 
     trackers: list[Literal["tensorboard", "wandb"]] = field(default_factory=list)
-    """Trackers that receive scalars and validation images: `tensorboard` (logs under
-    output_dir) and/or `wandb` (needs wandb installed and logged in). [] = none."""
+    """Trackers that receive the logged metrics and validation images, through Accelerate:
+    `tensorboard` (event files under output_dir/tensorboard; needs `pip install tensorboard` or
+    `flowtune[tensorboard]`) and/or `wandb` (needs wandb installed and logged in). [] = none;
+    `metrics.jsonl` in output_dir is always written."""
 
     project: str = "flowtune"
     """Project name in the trackers."""
