@@ -34,8 +34,14 @@ T5_D_MODEL = 32  # joint_attention_dim of the transformer
 CLIP_MAX_LENGTH = 77  # CLIP's context length, as in FLUX.1
 T5_MAX_LENGTH = 512  # FLUX.1's T5 tokenizer limit (and FluxPipeline's default max_sequence_length)
 LATENT_CHANNELS = 16  # FLUX.1's VAE latent channels; the transformer sees 16 x 2 x 2 = 64
-VAE_SCALING_FACTOR = 0.3611  # FLUX.1's VAE latent normalisation
-VAE_SHIFT_FACTOR = 0.1159
+# The VAE latent normalisation z -> (z - shift) * scale.  FLUX.1's values (0.3611, 0.1159) are
+# what give *its* VAE's latents zero mean and unit variance; the tiny random VAE's raw latents of
+# ordinary images have mean ~0.03 and std ~0.33 (measured over several seeds on the synthetic
+# shapes), so these are calibrated the same way, and normalized tiny latents have unit variance
+# like real ones.  With FLUX.1's numbers they would be ~8x smaller than the noise, and training
+# on them would hardly see the images.
+VAE_SCALING_FACTOR = 3.0
+VAE_SHIFT_FACTOR = 0.03
 
 CLIP_BOS = "<|startoftext|>"
 CLIP_EOS = "<|endoftext|>"

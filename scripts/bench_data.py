@@ -39,6 +39,7 @@ from pathlib import Path
 
 import safetensors
 import torch
+from perfdoc import write_section  # scripts/perfdoc.py (this directory is on sys.path)
 from rich.console import Console
 from safetensors import safe_open
 from torch.utils.data import DataLoader
@@ -442,17 +443,6 @@ def render(machine: str, images: int, rounds: int, pre: PreprocessResult, loads:
     return "\n".join(lines)
 
 
-def replace_section(document: str, section: str) -> str:
-    """``document`` with its ``## Data path`` section (to the next ``## `` heading) set to ``section``."""
-    lines = document.splitlines(keepends=True)
-    start = next((i for i, line in enumerate(lines) if line.rstrip() == SECTION), None)
-    if start is None:
-        return (document.rstrip("\n") + "\n\n" if document.strip() else "") + section
-    end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
-    rest = "".join(lines[end:])
-    return "".join(lines[:start]) + section + ("\n" + rest if rest else "")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -481,8 +471,7 @@ def main() -> None:
     section = render(machine, args.images, args.rounds, pre, loads)
     print(section)
     if args.write:
-        old = args.write.read_text() if args.write.exists() else "# Performance\n"
-        args.write.write_text(replace_section(old, section))
+        write_section(args.write, SECTION, section)
 
 
 if __name__ == "__main__":

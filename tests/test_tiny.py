@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 import flowtune.tiny
 from flowtune.errors import FlowtuneError
-from flowtune.tiny import make_tiny
+from flowtune.tiny import VAE_SCALING_FACTOR, VAE_SHIFT_FACTOR, make_tiny
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 
@@ -69,7 +69,7 @@ def test_real_flux_geometry(pipe) -> None:
     vae, transformer = pipe.vae.config, pipe.transformer.config
     assert pipe.vae_scale_factor == 8
     assert vae.latent_channels == 16
-    assert (vae.scaling_factor, vae.shift_factor) == (0.3611, 0.1159)
+    assert (vae.scaling_factor, vae.shift_factor) == (VAE_SCALING_FACTOR, VAE_SHIFT_FACTOR)
     assert not vae.use_quant_conv and not vae.use_post_quant_conv
     assert transformer.patch_size == 1 and transformer.in_channels == 64
     assert transformer.guidance_embeds
@@ -80,6 +80,27 @@ def test_real_flux_geometry(pipe) -> None:
     assert scheduler.use_dynamic_shifting and scheduler.shift == 3.0
     assert (scheduler.base_shift, scheduler.max_shift) == (0.5, 1.15)
     assert (scheduler.base_image_seq_len, scheduler.max_image_seq_len) == (256, 4096)
+
+
+def test_normalized_latents_have_unit_scale_like_real_ones(pipe, tmp_path: Path) -> None:
+    """The tiny VAE's scaling/shift factors give images' latents about zero mean and unit
+    variance, as FLUX.1's factors do for its VAE (so noise and data are on the same scale)."""
+    from PIL import Image
+
+    from flowtune.data.synthetic import make_shapes_dataset
+
+    paths = make_shapes_dataset(tmp_path / "shapes", 12, seed=4)
+    images = torch.stack(
+        [
+            torch.from_numpy(np.asarray(Image.open(p), dtype=np.float32) / 127.5 - 1).permute(2, 0, 1)
+            for p in paths
+        ]
+    )
+    config = pipe.vae.config
+    with torch.no_grad():
+        latents = (pipe.vae.encode(images).latent_dist.mode() - config.shift_factor) * config.scaling_factor
+    assert abs(latents.mean().item()) < 0.1
+    assert 0.7 < latents.std().item() < 1.4
 
 
 def test_generates_64x64_image(pipe) -> None:

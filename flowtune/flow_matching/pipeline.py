@@ -214,7 +214,7 @@ class FlowMatchingPipeline:
             u = compute_density_for_timestep_sampling(
                 scheme, batch_size, mean, std, MODE_SCALE, device=gen_device, generator=generator
             )
-            return u.to(device)
+            return rng.to_device(u, device)
         if len(generator) != batch_size:
             raise ValueError(f"got {len(generator)} per-sample generators for a batch of {batch_size}")
         draws = [
@@ -223,7 +223,7 @@ class FlowMatchingPipeline:
             )
             for g in generator
         ]
-        return torch.cat(draws).to(device)
+        return rng.to_device(torch.cat(draws), device)
 
     def sample_timesteps(
         self, batch_size: int, device: torch.device | str | None = None, *, generator: rng.Generators = None

@@ -9,7 +9,9 @@ pipeline therefore accepts ``generator`` as either
 * a sequence of ``B`` generators: sample ``i`` draws only from ``generator[i]``.
 
 Draws are made on the generator's device and moved to ``device``, so a CPU generator works with
-CUDA tensors (bitwise identical results on any accelerator).
+CUDA tensors (bitwise identical results on any accelerator).  Per-sample draws are joined where
+they were made and moved in one copy; a CPU-to-CUDA copy goes through pinned memory without
+blocking, so drawing on the CPU never makes the host wait for the GPU's queued work.
 """
 
 from __future__ import annotations
@@ -26,6 +28,14 @@ def _check_per_sample(generator: Sequence[torch.Generator], batch_size: int) -> 
         raise ValueError(f"got {len(generator)} per-sample generators for a batch of {batch_size}")
 
 
+def to_device(tensor: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """``tensor`` on ``device``; from the CPU to CUDA asynchronously (pinned staging copy)."""
+    device = torch.device(device)
+    if tensor.device.type == "cpu" and device.type == "cuda":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)
+
+
 def rand(batch_size: int, generator: Generators, device: torch.device | str) -> torch.Tensor:
     """Uniform draws in [0, 1).
 
@@ -34,9 +44,9 @@ def rand(batch_size: int, generator: Generators, device: torch.device | str) -> 
     """
     if generator is None or isinstance(generator, torch.Generator):
         gen_device = generator.device if generator is not None else device
-        return torch.rand(batch_size, generator=generator, device=gen_device).to(device)
+        return to_device(torch.rand(batch_size, generator=generator, device=gen_device), device)
     _check_per_sample(generator, batch_size)
-    return torch.cat([torch.rand(1, generator=g, device=g.device).to(device) for g in generator])
+    return to_device(torch.cat([torch.rand(1, generator=g, device=g.device) for g in generator]), device)
 
 
 def randn(shape: Sequence[int], generator: Generators, device: torch.device | str) -> torch.Tensor:
@@ -51,8 +61,8 @@ def randn(shape: Sequence[int], generator: Generators, device: torch.device | st
     shape = tuple(shape)
     if generator is None or isinstance(generator, torch.Generator):
         gen_device = generator.device if generator is not None else device
-        return torch.randn(shape, generator=generator, device=gen_device).to(device)
+        return to_device(torch.randn(shape, generator=generator, device=gen_device), device)
     _check_per_sample(generator, shape[0])
-    return torch.cat(
-        [torch.randn((1, *shape[1:]), generator=g, device=g.device).to(device) for g in generator]
+    return to_device(
+        torch.cat([torch.randn((1, *shape[1:]), generator=g, device=g.device) for g in generator]), device
     )
