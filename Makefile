@@ -27,6 +27,8 @@ demo: $(STAMP)
 	$(BIN)/python -m flowtune make-dataset $(DEMO_DIR)/dataset --count 16 --size 64x64 --size 96x64 --size 64x96 --overwrite
 	$(BIN)/python -m flowtune preprocess recipes/tiny-flux-demo.yaml
 	$(BIN)/python -m flowtune train recipes/tiny-flux-demo.yaml
+	@echo "demo outputs: model $(DEMO_DIR)/tiny-flux, dataset $(DEMO_DIR)/dataset, cache $(DEMO_DIR)/cache,"
+	@echo "  run $(DEMO_DIR)/run (recipe.yaml, metrics.jsonl, checkpoints/, final/pytorch_lora_weights.safetensors)"
 
 test: $(STAMP)
 	$(BIN)/pytest -q

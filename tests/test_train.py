@@ -86,6 +86,17 @@ def test_a_few_steps_reproduce_the_recorded_losses(env, tmp_path) -> None:
     assert losses == pytest.approx(RECORDED_LOSSES, rel=1e-4)
 
 
+def test_the_live_display_draws_on_a_terminal(env, tmp_path) -> None:
+    import io
+
+    buffer = io.StringIO()
+    console = Console(file=buffer, force_terminal=True, width=160)
+    _train(env, tmp_path / "run", "train.max_steps=3", console=console)
+    text = buffer.getvalue()
+    for fragment in ("flowtune train", "3/3", "loss", "samples/s", "mem", "ETA", "training done"):
+        assert fragment in text
+
+
 def test_metrics_records_have_every_documented_field(env, tmp_path) -> None:
     _train(env, tmp_path / "run", "train.log_every=2", "train.max_steps=3")
     records = read_metrics(tmp_path / "run" / "metrics.jsonl")
