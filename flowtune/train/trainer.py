@@ -199,6 +199,9 @@ class Trainer:
         self._check_trackers(trackers)
         try:
             accelerator = Accelerator(
+                # Without an accelerator, say so: Accelerate then sets up multi-process CPU runs
+                # (gloo) under `accelerate launch` / torchrun instead of N independent processes.
+                cpu=not _has_accelerator(),
                 mixed_precision=r.train.mixed_precision,
                 log_with=trackers or None,
                 project_config=ProjectConfiguration(
@@ -730,6 +733,17 @@ class Trainer:
             return self.train()
         finally:
             self.cleanup()
+
+
+def _has_accelerator() -> bool:
+    """Whether torch sees a CUDA, XPU or MPS device."""
+    xpu = getattr(torch, "xpu", None)
+    mps = getattr(torch.backends, "mps", None)
+    return (
+        torch.cuda.is_available()
+        or bool(xpu is not None and xpu.is_available())
+        or bool(mps is not None and mps.is_available())
+    )
 
 
 def _link_or_copy(source: Path, target: Path) -> None:
