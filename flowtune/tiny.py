@@ -172,12 +172,14 @@ def _vae() -> AutoencoderKL:
     ).eval()
 
 
-def tiny_flux_transformer(guidance_embeds: bool = True) -> FluxTransformer2DModel:
-    """A FLUX.1 [dev]-shaped transformer: 2 double- and 2 single-stream blocks, hidden size 32.
+def tiny_flux_transformer(guidance_embeds: bool = True, hidden: int = 32) -> FluxTransformer2DModel:
+    """A FLUX.1 [dev]-shaped transformer: 2 double- and 2 single-stream blocks, hidden size 32
+    unless ``hidden`` says otherwise.
 
     Takes latents of 16 channels packed 2x2 ([B, N, 64]), T5 embeddings [B, L, 32] and CLIP
     pooled embeddings [B, 32]; random weights from torch's global RNG.  ``guidance_embeds=False``
-    gives a FLUX.1 [schnell]-style model.
+    gives a FLUX.1 [schnell]-style model.  ``hidden`` (a multiple of 16) widens it: two heads of
+    ``hidden / 2``, RoPE axes (hidden/8, 3 hidden/16, 3 hidden/16), which sum to the head size.
     """
     from diffusers import FluxTransformer2DModel
 
@@ -187,12 +189,12 @@ def tiny_flux_transformer(guidance_embeds: bool = True) -> FluxTransformer2DMode
         out_channels=None,
         num_layers=2,
         num_single_layers=2,
-        attention_head_dim=16,
+        attention_head_dim=hidden // 2,
         num_attention_heads=2,
         joint_attention_dim=T5_D_MODEL,
         pooled_projection_dim=CLIP_HIDDEN,
         guidance_embeds=guidance_embeds,
-        axes_dims_rope=(4, 6, 6),
+        axes_dims_rope=(hidden // 8, 3 * hidden // 16, 3 * hidden // 16),
     ).eval()
 
 

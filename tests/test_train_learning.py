@@ -14,7 +14,7 @@ from flowtune.data.cache import preprocess
 from flowtune.data.loader import CachedDataset
 from flowtune.data.synthetic import make_shapes_dataset
 from flowtune.recipe import load_recipe
-from flowtune.tiny import CLIP_HIDDEN, LATENT_CHANNELS, T5_D_MODEL, make_tiny
+from flowtune.tiny import make_tiny, tiny_flux_transformer
 from flowtune.train.metrics import read_metrics
 from flowtune.train.trainer import Trainer
 
@@ -28,22 +28,9 @@ def _wide_tiny_flux(root: Path) -> Path:
     only half of the 64 dimensions of a packed latent token and can never fit the velocity; real
     FLUX.1 (hidden 3072) has no such limit.  Width 64 is the smallest that has none either.
     """
-    from diffusers import FluxTransformer2DModel
-
     model = make_tiny("flux", root / "tiny-flux")
     torch.manual_seed(0)
-    transformer = FluxTransformer2DModel(
-        patch_size=1,
-        in_channels=LATENT_CHANNELS * 4,
-        num_layers=2,
-        num_single_layers=2,
-        attention_head_dim=32,
-        num_attention_heads=2,
-        joint_attention_dim=T5_D_MODEL,
-        pooled_projection_dim=CLIP_HIDDEN,
-        guidance_embeds=True,
-        axes_dims_rope=(8, 12, 12),
-    )
+    transformer = tiny_flux_transformer(hidden=64)
     shutil.rmtree(model / "transformer")
     transformer.save_pretrained(model / "transformer")
     return model
