@@ -52,7 +52,7 @@ from flowtune.model_files import resolve_pretrained
 from flowtune.recipe import recipe_to_yaml
 from flowtune.train import checkpoint as ckpt
 from flowtune.train.display import TrainDisplay
-from flowtune.train.metrics import MetricsLog, peak_memory_bytes, tracker_config
+from flowtune.train.metrics import MetricsLog, peak_memory_bytes, read_metrics, tracker_config
 from flowtune.train.model import (
     LORA_WEIGHTS_NAME,
     add_lora,
@@ -394,6 +394,11 @@ class Trainer:
                 self.batches_consumed += 1
                 yield batch
 
+    @property
+    def epoch(self) -> int:
+        """The epoch the next batch belongs to."""
+        return self.batches_consumed // max(1, self.sampler.batches_per_epoch)
+
     def _to_device(self, batch: dict[str, Any]) -> dict[str, Any]:
         return {
             k: v.to(self.device, non_blocking=True) if isinstance(v, torch.Tensor) else v
@@ -561,7 +566,7 @@ class Trainer:
             "time": time.time(),
             "samples_per_s": interval_steps * self.samples_per_step / max(interval_seconds, 1e-9),
             "peak_mem_bytes": peak,
-            "epoch": self.batches_consumed // max(1, self.sampler.batches_per_epoch),
+            "epoch": self.epoch,
         }
         self._display.record(loss_values, record["lr"], peak)
         if self.is_main:
@@ -578,7 +583,7 @@ class Trainer:
         return {
             "step": self.step,
             "batches_consumed": self.batches_consumed,
-            "epoch": self.batches_consumed // max(1, self.sampler.batches_per_epoch),
+            "epoch": self.epoch,
             "samples_per_step": self.samples_per_step,
             "batch_size": r.train.batch_size,
             "num_processes": self.accelerator.num_processes,
@@ -692,9 +697,7 @@ class Trainer:
     def _print_summary(self, start_step: int, seconds: float, final: Path) -> None:
         if not self.is_main:
             return
-        records = [
-            json.loads(line) for line in (self.output_dir / ckpt.METRICS_FILE).read_text().splitlines()
-        ]
+        records = read_metrics(self.output_dir / ckpt.METRICS_FILE)
         last_loss = f"{records[-1]['loss']:.4f}" if records else "-"
         trained = self.step - start_step
         weights = final / (LORA_WEIGHTS_NAME if self.recipe.train.mode == "lora" else "transformer")
