@@ -7,6 +7,7 @@ Layout of a run's output directory (``train.output_dir``)::
     checkpoints/step-000250/         a resumable checkpoint (see below)
     checkpoints/.partial-step-.../   a checkpoint being written (never read; removed on start)
     final/                           the trained weights after the last step, with recipe.yaml
+                                     and trainer_state.json (not resumable: no optimizer state)
 
 A checkpoint directory holds the trained weights in the form users load elsewhere
 (``pytorch_lora_weights.safetensors`` written by the family's diffusers LoRA saver, or
@@ -112,6 +113,11 @@ def find_resume(output_dir: Path, resume: str | None) -> Checkpoint | None:
     if not path.is_dir():
         raise FlowtuneError(f"train.resume: no checkpoint directory at {path}")
     state = read_state(path)
+    if not any(path.glob("random_states_*.pkl")):
+        raise FlowtuneError(
+            f"train.resume: {path} holds trained weights but no training state (optimizer, RNG); "
+            f"resume from a directory under {CHECKPOINTS}/, or train.resume=latest"
+        )
     return Checkpoint(int(state["step"]), path)
 
 
@@ -238,3 +244,66 @@ def _fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+@dataclass(frozen=True)
+class TrainedWeights:
+    """The trained weights of a run, found from a path a user gives (``--ckpt``).
+
+    Attributes:
+        path: The directory holding the weights (a checkpoint or ``final/``).
+        recipe_file: Its ``recipe.yaml``: the base model, family and LoRA settings it was trained with.
+        step: The step the weights are from (None if the directory does not say).
+        lora_file: ``pytorch_lora_weights.safetensors`` for LoRA runs, else None.
+        transformer_dir: ``transformer/`` (diffusers format) for full fine-tuning runs, else None.
+    """
+
+    path: Path
+    recipe_file: Path
+    step: int | None
+    lora_file: Path | None
+    transformer_dir: Path | None
+
+
+def resolve_trained(path: str | Path, lora_name: str) -> TrainedWeights:
+    """Find the weights ``path`` names: a checkpoint directory, a run's ``final/``, or a run's
+    output directory (its ``final/``, or its newest checkpoint when it has no ``final/`` yet).
+
+    Args:
+        path: What the user gave.
+        lora_name: The LoRA file name in checkpoints (``pytorch_lora_weights.safetensors``).
+
+    Raises:
+        FlowtuneError: nothing there, or a directory without flowtune weights and recipe.
+    """
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise FlowtuneError(f"no checkpoint at {path}")
+    if not path.is_dir():
+        raise FlowtuneError(
+            f"{path} is a file; --ckpt takes a checkpoint directory (OUTPUT/{FINAL} or "
+            f"OUTPUT/{CHECKPOINTS}/step-000250) or a run's output directory"
+        )
+    if not (path / RECIPE_FILE).is_file():
+        if (path / FINAL / RECIPE_FILE).is_file():
+            path = path / FINAL
+        elif checkpoints := list_checkpoints(path):
+            path = checkpoints[-1].path
+    recipe_file = path / RECIPE_FILE
+    lora_file = path / lora_name
+    transformer_dir = path / "transformer"
+    if not recipe_file.is_file() or not (lora_file.is_file() or transformer_dir.is_dir()):
+        raise FlowtuneError(
+            f"{path} is not a flowtune checkpoint (it needs {RECIPE_FILE} and {lora_name} or "
+            f"transformer/); give OUTPUT/{FINAL}, OUTPUT/{CHECKPOINTS}/step-000250 or a run's output directory"
+        )
+    step = None
+    if (path / STATE_FILE).is_file():
+        step = int(read_state(path).get("step", 0))
+    return TrainedWeights(
+        path=path,
+        recipe_file=recipe_file,
+        step=step,
+        lora_file=lora_file if lora_file.is_file() else None,
+        transformer_dir=transformer_dir if transformer_dir.is_dir() and not lora_file.is_file() else None,
+    )

@@ -18,6 +18,7 @@ layers whose bare suffix would also match others (FLUX.1's final ``proj_out``).
 from __future__ import annotations
 
 import fnmatch
+import json
 from pathlib import Path
 from typing import Any
 
@@ -119,20 +120,36 @@ def make_fully_trainable(transformer: nn.Module) -> list[nn.Parameter]:
     return list(transformer.parameters())
 
 
+# Keys flowtune adds to the safetensors metadata of every LoRA it writes, next to diffusers'
+# ``lora_adapter_metadata`` (the peft config: rank ``r``, ``lora_alpha``, ``target_modules``).
+META_FAMILY = "flowtune.family"
+META_BASE_MODEL = "flowtune.base_model"
+META_STEP = "flowtune.step"
+META_VERSION = "flowtune.version"
+
+
 def save_lora(
-    transformer: nn.Module, spec: FamilySpec, out_dir: Path, dtype: torch.dtype | None = None
+    transformer: nn.Module,
+    spec: FamilySpec,
+    out_dir: Path,
+    dtype: torch.dtype | None = None,
+    metadata: dict[str, str] | None = None,
 ) -> Path:
     """Write the LoRA of ``transformer`` as ``out_dir/pytorch_lora_weights.safetensors``.
 
-    Goes through ``<family pipeline>.save_lora_weights`` (diffusers key naming) with the peft
-    config as adapter metadata (rank, alpha, target modules), so that the family pipeline's
-    ``load_lora_weights(out_dir)`` restores the same update.
+    Goes through ``<family pipeline>.save_lora_weights`` (diffusers key naming).  The file's
+    safetensors metadata holds diffusers' ``lora_adapter_metadata`` (the peft config: rank,
+    alpha, target modules), which ``load_lora_weights`` reads to restore the same scaling, plus
+    ``flowtune.family`` and whatever ``metadata`` adds (:data:`META_BASE_MODEL`, ...).
 
     Args:
         dtype: Cast the weights to this dtype when saving (None = as trained, float32).
+        metadata: Extra string metadata entries.
     """
     import diffusers
+    from diffusers.loaders.lora_base import LORA_ADAPTER_METADATA_KEY
     from peft.utils import get_peft_model_state_dict
+    from safetensors.torch import save_file
 
     from flowtune.flow_matching.adapters.base import unwrap_model
 
@@ -140,14 +157,34 @@ def save_lora(
     state = get_peft_model_state_dict(model)
     if dtype is not None:
         state = {k: v.to(dtype) for k, v in state.items()}
+    config = {
+        k: sorted(v) if isinstance(v, set) else v for k, v in model.peft_config["default"].to_dict().items()
+    }
     pipeline_class = getattr(diffusers, spec.pipeline_class)
+    # diffusers' layout of the adapter metadata: the peft config keys prefixed "transformer.".
+    packed = pipeline_class.pack_weights(config, pipeline_class.transformer_name)
+    header = {
+        "format": "pt",
+        LORA_ADAPTER_METADATA_KEY: json.dumps(packed, indent=2, sort_keys=True),
+        META_FAMILY: spec.name,
+        **(metadata or {}),
+    }
     pipeline_class.save_lora_weights(
         out_dir,
         transformer_lora_layers=state,
-        transformer_lora_adapter_metadata=model.peft_config["default"].to_dict(),
         weight_name=LORA_WEIGHTS_NAME,
+        # diffusers' own writer adds only its adapter metadata; this one adds flowtune's too.
+        save_function=lambda weights, filename: save_file(weights, filename, metadata=header),
     )
     return Path(out_dir) / LORA_WEIGHTS_NAME
+
+
+def read_lora_metadata(path: Path) -> dict[str, str]:
+    """The safetensors metadata of a LoRA file (``{}`` if it has none)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as handle:
+        return dict(handle.metadata() or {})
 
 
 def load_lora(transformer: nn.Module, directory: Path) -> None:

@@ -55,6 +55,9 @@ from flowtune.train.display import TrainDisplay
 from flowtune.train.metrics import MetricsLog, peak_memory_bytes, read_metrics, tracker_config
 from flowtune.train.model import (
     LORA_WEIGHTS_NAME,
+    META_BASE_MODEL,
+    META_STEP,
+    META_VERSION,
     add_lora,
     load_full,
     load_lora,
@@ -600,7 +603,16 @@ class Trainer:
 
     def _save_weights(self, directory: Path) -> None:
         if self.recipe.train.mode == "lora":
-            save_lora(self.model, self.family, directory)
+            save_lora(
+                self.model,
+                self.family,
+                directory,
+                metadata={
+                    META_BASE_MODEL: self.recipe.model.pretrained,
+                    META_STEP: str(self.step),
+                    META_VERSION: __version__,
+                },
+            )
         else:
             save_full(self.model, directory)
 
@@ -635,7 +647,8 @@ class Trainer:
         return target
 
     def _publish_final(self) -> Path:
-        """``output_dir/final``: the last checkpoint's weights (hard links when possible) and recipe."""
+        """``output_dir/final``: the last checkpoint's weights (hard links when possible), recipe and
+        trainer state (so that ``final/`` names its step)."""
         final = self.output_dir / ckpt.FINAL
         if self.is_main:
             partial = self.output_dir / f"{ckpt.PARTIAL_PREFIX}{ckpt.FINAL}"
@@ -643,7 +656,7 @@ class Trainer:
             partial.mkdir(parents=True)
             source = self.last_checkpoint
             names = [LORA_WEIGHTS_NAME] if self.recipe.train.mode == "lora" else ["transformer"]
-            for name in [*names, ckpt.RECIPE_FILE]:
+            for name in [*names, ckpt.RECIPE_FILE, ckpt.STATE_FILE]:
                 _link_or_copy(source / name, partial / name)
             ckpt.publish(partial, final)
         self.accelerator.wait_for_everyone()
