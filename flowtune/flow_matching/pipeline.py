@@ -317,6 +317,108 @@ class FlowMatchingPipeline:
 
     # ------------------------------------------------------------------ step
 
+    def _batch_latents(
+        self, batch: dict[str, Any], device: torch.device | str | None, dtype: torch.dtype
+    ) -> tuple[torch.Tensor, torch.device]:
+        """The batch's clean latents on the compute device in ``dtype``, and that device."""
+        if "video_latents" in batch:
+            latents = batch["video_latents"]
+        elif "image_latents" in batch:
+            latents = batch["image_latents"]
+        else:
+            raise KeyError("batch must contain 'image_latents' or 'video_latents'")
+        device = torch.device(device) if device is not None else (self.device or latents.device)
+        return latents.to(device, dtype=dtype, non_blocking=True), device
+
+    def predict(
+        self,
+        model: nn.Module,
+        batch: dict[str, Any],
+        latents: torch.Tensor,
+        noise: torch.Tensor,
+        sigma: torch.Tensor,
+        timesteps: torch.Tensor | None = None,
+        *,
+        dtype: torch.dtype = torch.bfloat16,
+        cfg_dropout_mask: torch.Tensor | None = None,
+        task_type: str = "t2v",
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The model's velocity prediction at given noise levels and noise (no randomness here).
+
+        Args:
+            model: The denoiser.
+            batch: The batch (the adapter's conditioning).
+            latents: Clean latents x_0, [B, C, H, W] or [B, C, F, H, W], on the compute device.
+            noise: Noise of the same shape (float32).
+            sigma: [B] noise levels.
+            timesteps: [B] ``sigma * num_train_timesteps`` (computed when None).
+            dtype: Compute dtype of the model inputs.
+            cfg_dropout_mask: [B] bool, True where the text conditioning is dropped; None = none.
+            task_type: "t2v", or "i2v" for a video conditioned on its first frame.
+
+        Returns:
+            model_pred [B, ...] (float32 or the model's dtype), target = noise - x_0 [B, ...]
+            float32, and x_t [B, ...] float32.
+        """
+        if timesteps is None:
+            timesteps = sigma * self.num_train_timesteps
+        noisy_latents = self.noise_schedule.forward(latents.float(), noise, sigma)
+        context = FlowMatchingContext(
+            noisy_latents=noisy_latents.to(dtype),
+            latents=latents,
+            timesteps=timesteps,
+            sigma=sigma,
+            task_type=task_type,
+            data_type=_data_type(batch, latents),
+            device=latents.device,
+            dtype=dtype,
+            batch=batch,
+            cfg_dropout_prob=self.cfg_dropout_prob if cfg_dropout_mask is not None else 0.0,
+            cfg_dropout_mask=cfg_dropout_mask,
+        )
+        inputs = self.model_adapter.prepare_inputs(context)
+        model_pred = self.model_adapter.forward(model, inputs)
+        return model_pred, noise - latents.float(), noisy_latents
+
+    def evaluate(
+        self,
+        model: nn.Module,
+        batch: dict[str, Any],
+        sigma: torch.Tensor,
+        noise: torch.Tensor,
+        *,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype = torch.bfloat16,
+    ) -> torch.Tensor:
+        """Unweighted flow-matching loss at fixed noise levels and noise, for validation.
+
+        No caption dropout and no loss weighting, so the value depends only on the model and the
+        data (not on ``flow.*`` training settings) and is comparable across runs.  Call it under
+        ``torch.no_grad()``.
+
+        Args:
+            sigma: [B] noise levels.
+            noise: Noise shaped like the batch's latents ([B, C, H, W] or [B, C, F, H, W]).
+
+        Returns:
+            [B] float32: each sample's mean squared error of the velocity (over its
+            ``loss_mask`` when the batch has one).
+        """
+        latents, device = self._batch_latents(batch, device, dtype)
+        sigma = sigma.to(device, torch.float32)
+        model_pred, target, _ = self.predict(
+            model, batch, latents, noise.to(device, torch.float32), sigma, dtype=dtype
+        )
+        loss = self.model_adapter.compute_loss(model_pred, target).float()
+        loss_mask = batch.get("loss_mask")
+        if loss_mask is None:
+            return loss.flatten(1).mean(dim=1)
+        mask = loss_mask.to(loss.device, torch.float32)
+        if mask.ndim == loss.ndim - 1:
+            mask = mask.unsqueeze(1)
+        mask = mask.expand_as(loss).flatten(1)
+        return (loss.flatten(1) * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)
+
     def step(
         self,
         model: nn.Module,
@@ -350,21 +452,12 @@ class FlowMatchingPipeline:
             weighted_loss [B, ...], average_weighted_loss (scalar, differentiable), loss_mask
             (or None), metrics (empty unless ``collect_metrics``).
         """
-        if "video_latents" in batch:
-            latents = batch["video_latents"]
-        elif "image_latents" in batch:
-            latents = batch["image_latents"]
-        else:
-            raise KeyError("batch must contain 'image_latents' or 'video_latents'")
-        device = torch.device(device) if device is not None else (self.device or latents.device)
-        latents = latents.to(device, dtype=dtype, non_blocking=True)
+        latents, device = self._batch_latents(batch, device, dtype)
         batch_size = latents.shape[0]
-        data_type = batch.get("data_type") or ("video" if latents.ndim == 5 else "image")
+        data_type = _data_type(batch, latents)
         task_type = self.determine_task_type(data_type)
-
         sigma, timesteps, sampling_method = self.sample_timesteps(batch_size, device, generator=generator)
         noise = rng.randn(latents.shape, generator, device)
-        noisy_latents = self.noise_schedule.forward(latents.float(), noise, sigma)
         cfg_dropout_mask = None
         if self.cfg_dropout_prob > 0:
             cfg_dropout_mask = rng.rand(batch_size, generator, device) < self.cfg_dropout_prob
@@ -372,27 +465,21 @@ class FlowMatchingPipeline:
         debug = logger.isEnabledFor(logging.DEBUG)
         detailed_log = debug and global_step % self.log_interval == 0
         summary_log = debug and not detailed_log and global_step % self.summary_log_interval == 0
+        model_pred, target, noisy_latents = self.predict(
+            model,
+            batch,
+            latents,
+            noise,
+            sigma,
+            timesteps,
+            dtype=dtype,
+            cfg_dropout_mask=cfg_dropout_mask,
+            task_type=task_type,
+        )
         if detailed_log:
             self._log_detailed(
                 global_step, sampling_method, batch_size, sigma, timesteps, latents, noise, noisy_latents
             )
-
-        context = FlowMatchingContext(
-            noisy_latents=noisy_latents.to(dtype),
-            latents=latents,
-            timesteps=timesteps,
-            sigma=sigma,
-            task_type=task_type,
-            data_type=data_type,
-            device=device,
-            dtype=dtype,
-            batch=batch,
-            cfg_dropout_prob=self.cfg_dropout_prob,
-            cfg_dropout_mask=cfg_dropout_mask,
-        )
-        inputs = self.model_adapter.prepare_inputs(context)
-        model_pred = self.model_adapter.forward(model, inputs)
-        target = noise - latents.float()
 
         (
             weighted_loss,
@@ -555,3 +642,8 @@ __all__ = [
     "create_pipeline",
     "logger",
 ]
+
+
+def _data_type(batch: dict[str, Any], latents: torch.Tensor) -> str:
+    """The batch's ``data_type``, else "video" for 5-D latents and "image" otherwise."""
+    return batch.get("data_type") or ("video" if latents.ndim == 5 else "image")
