@@ -146,6 +146,98 @@ def train(recipe: RecipeArg, overrides: OverridesArg = None) -> None:
     err.print(f"[green]✓[/green] trained to step {result.step}; weights in {result.final_dir}")
 
 
+@app.command()
+def sample(
+    prompt: Annotated[
+        list[str] | None,
+        typer.Option("--prompt", "-p", help="A prompt; repeat for several.", show_default=False),
+    ] = None,
+    ckpt: Annotated[
+        Path | None,
+        typer.Option(
+            help="A flowtune checkpoint: OUTPUT/final, OUTPUT/checkpoints/step-N or a run's output "
+            "directory. Base model and defaults come from its recipe.",
+            show_default=False,
+        ),
+    ] = None,
+    model: Annotated[
+        str | None,
+        typer.Option(
+            help="A base model (Hub id or diffusers directory), instead of --ckpt.", show_default=False
+        ),
+    ] = None,
+    lora: Annotated[
+        Path | None, typer.Option(help="A LoRA file to load into --model.", show_default=False)
+    ] = None,
+    prompts_file: Annotated[
+        Path | None, typer.Option(help="A text file with one prompt per line.", show_default=False)
+    ] = None,
+    seed: Annotated[
+        int | None,
+        typer.Option(
+            help="Seed of each prompt's first image (image j: seed + j).", show_default="recipe or 42"
+        ),
+    ] = None,
+    steps: Annotated[int | None, typer.Option(help="Denoising steps.", show_default="recipe or 28")] = None,
+    guidance: Annotated[
+        float | None, typer.Option(help="Guidance scale.", show_default="recipe or 3.5")
+    ] = None,
+    height: Annotated[
+        int | None, typer.Option(help="Height in pixels.", show_default="recipe or 1024")
+    ] = None,
+    width: Annotated[int | None, typer.Option(help="Width in pixels.", show_default="recipe or 1024")] = None,
+    num_images: Annotated[int, typer.Option(help="Images per prompt.")] = 1,
+    lora_scale: Annotated[float, typer.Option(help="LoRA strength (1 = as trained).")] = 1.0,
+    out: Annotated[
+        Path, typer.Option(help="Output directory (numbering continues after existing images).")
+    ] = Path("samples"),
+    device: Annotated[
+        str | None, typer.Option(help="Device, e.g. cuda, cuda:1, cpu.", show_default="cuda if available")
+    ] = None,
+    dtype: Annotated[
+        str | None,
+        typer.Option(help="bfloat16, float16 or float32.", show_default="recipe's, else bfloat16 on GPU"),
+    ] = None,
+    cpu_offload: Annotated[
+        bool,
+        typer.Option("--cpu-offload", help="Move each model to the GPU only while it runs (less memory)."),
+    ] = False,
+) -> None:
+    """Generate images with a trained checkpoint (or a base model and a LoRA) through the
+    family's diffusers pipeline; writes OUT/NNNNNN.png, OUT/samples.jsonl and OUT/grid.png."""
+    from flowtune.sample import SampleSettings, read_prompts, source_from_checkpoint, source_from_model
+    from flowtune.sample import sample as run_sample
+
+    quiet_libraries()
+    if (ckpt is None) == (model is None):
+        raise FlowtuneError("give either --ckpt CHECKPOINT or --model MODEL (with --lora FILE)")
+    if lora is not None and ckpt is not None:
+        raise FlowtuneError("--lora goes with --model; a --ckpt brings its own LoRA")
+    if dtype is not None and dtype not in ("bfloat16", "float16", "float32"):
+        raise FlowtuneError(f"--dtype {dtype!r}: choose bfloat16, float16 or float32")
+    source = source_from_checkpoint(ckpt) if ckpt is not None else source_from_model(model, lora)
+    prompts = read_prompts(prompt or [], prompts_file)
+    if not prompts and prompt is None and prompts_file is None:
+        prompts = source.prompts  # a checkpoint's validation prompts
+    given = {"seed": seed, "steps": steps, "guidance": guidance, "height": height, "width": width}
+    settings = SampleSettings(
+        **{**source.defaults, **{k: v for k, v in given.items() if v is not None}},
+        num_images=num_images,
+        lora_scale=lora_scale,
+    )
+    total = len(prompts) * settings.num_images
+
+    def progress(done: int, _: int, path: Path) -> None:
+        err.print(f"  {done}/{total} {path}", highlight=False)
+
+    result = run_sample(
+        source, prompts, settings, out, device=device, dtype=dtype, cpu_offload=cpu_offload, progress=progress
+    )
+    for warning in result.warnings:
+        err.print(f"[yellow]warning:[/] {escape(warning)}", highlight=False)
+    err.print(f"[green]✓[/green] {len(result.images)} images in {out} (grid: {result.grid})", highlight=False)
+
+
 @app.command("make-dataset")
 def make_dataset_command(
     out_dir: Annotated[Path, typer.Argument(help="Directory to write images and .txt captions to.")],
@@ -165,6 +257,62 @@ def make_dataset_command(
     sizes = [parse_size(s) for s in size or ["64x64"]]
     paths = make_shapes_dataset(out_dir, count, seed=seed, sizes=sizes, overwrite=overwrite)
     err.print(f"[green]✓[/green] {len(paths)} images with captions written to {out_dir}")
+
+
+@app.command()
+def export(
+    ckpt: Annotated[
+        Path,
+        typer.Option(
+            "--ckpt",
+            help="A checkpoint: OUTPUT/final, OUTPUT/checkpoints/step-000250, or a run's output directory.",
+            show_default=False,
+        ),
+    ],
+    fmt: Annotated[
+        str | None,
+        typer.Option(
+            "--format",
+            help="LoRA layout: diffusers (diffusers, ComfyUI), comfyui or kohya (kohya sd-scripts, "
+            "ComfyUI, Forge).",
+            show_default="diffusers",
+        ),
+    ] = None,
+    out_path: Annotated[
+        Path | None,
+        typer.Option(
+            "--out",
+            help="File to write (a directory with --merge).",
+            show_default="RUN/export/RUN-CHECKPOINT-FORMAT.safetensors",
+        ),
+    ] = None,
+    merge: Annotated[
+        bool, typer.Option("--merge", help="Write the base transformer with the LoRA merged in.")
+    ] = False,
+    lora_scale: Annotated[float, typer.Option("--lora-scale", help="Strength of the merged LoRA.")] = 1.0,
+    dtype: Annotated[
+        str | None,
+        typer.Option(
+            help="float32, bfloat16 or float16: of the LoRA weights, or of the merged transformer.",
+            show_default="as stored; model.dtype with --merge",
+        ),
+    ] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing output.")] = False,
+) -> None:
+    """Export a trained LoRA for other tools (ComfyUI, kohya, diffusers), or merge it into the transformer."""
+    from flowtune.interop import export as run_export
+
+    quiet_libraries()
+    result = run_export(
+        ckpt, fmt, out_path, merge=merge, lora_scale=lora_scale, dtype=dtype, overwrite=overwrite
+    )
+    if result.format == "merged":
+        what = f"transformer with {result.modules} LoRA modules merged (scale {lora_scale:g})"
+    elif result.original_modules is None:
+        what = f"{result.modules} LoRA modules ({result.format})"
+    else:
+        what = f"{result.modules} LoRA modules as {result.original_modules} {result.format} modules"
+    err.print(f"[green]✓[/green] {what} written to {escape(str(result.path))}", highlight=False)
 
 
 def main() -> None:

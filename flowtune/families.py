@@ -31,6 +31,10 @@ class FamilySpec:
             format; called as ``fn(out_dir: Path, seed: int) -> None``.
         encoder: ``"module:Class"`` of the family's :class:`flowtune.encoders.FamilyEncoder`,
             which ``flowtune preprocess`` uses to turn images and captions into cached tensors.
+        lora_original_names: ``"module:attribute"`` of the family's
+            :class:`flowtune.interop.naming.OriginalNaming`: how its diffusers LoRA modules are
+            named (and fused) in the original checkpoint layout that kohya sd-scripts and ComfyUI
+            use (``flowtune export --format kohya|comfyui``).  None: the family has no such export.
     """
 
     name: str
@@ -42,6 +46,7 @@ class FamilySpec:
     spatial_granularity: int
     tiny_builder: str
     encoder: str
+    lora_original_names: str | None = None
 
     def load_tiny_builder(self) -> Callable[..., Any]:
         """Import and return the tiny-pipeline builder function."""
@@ -50,6 +55,10 @@ class FamilySpec:
     def load_encoder_class(self) -> type:
         """Import and return the family's encoder class (a ``FamilyEncoder`` subclass)."""
         return _import_object(self.encoder)
+
+    def load_lora_original_names(self) -> Any | None:
+        """Import and return the family's ``OriginalNaming`` (None if it has none)."""
+        return _import_object(self.lora_original_names) if self.lora_original_names else None
 
 
 def _import_object(reference: str) -> Any:
@@ -88,6 +97,7 @@ FAMILIES: dict[str, FamilySpec] = {
         spatial_granularity=16,
         tiny_builder="flowtune.tiny:build_tiny_flux",
         encoder="flowtune.encoders.flux:FluxEncoder",
+        lora_original_names="flowtune.interop.flux:FLUX1_NAMING",
     ),
 }
 
@@ -104,3 +114,12 @@ def get_family(name: str) -> FamilySpec:
     except KeyError:
         known = ", ".join(FAMILIES)
         raise FlowtuneError(f"unknown model family {name!r}; known families: {known}") from None
+
+
+def family_for_pipeline(pipeline_class: str) -> FamilySpec:
+    """The family whose diffusers pipeline class is ``pipeline_class`` (from a model_index.json)."""
+    for spec in FAMILIES.values():
+        if spec.pipeline_class == pipeline_class:
+            return spec
+    known = ", ".join(f"{s.pipeline_class} ({s.name})" for s in FAMILIES.values())
+    raise FlowtuneError(f"flowtune does not support {pipeline_class} models; it supports {known}")

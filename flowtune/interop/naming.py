@@ -1,0 +1,66 @@
+"""How a family names its LoRA modules in the original (non-diffusers) checkpoint layout.
+
+diffusers splits some layers of the original models into several modules: FLUX.1's fused
+``img_attn.qkv`` is ``attn.to_q``, ``attn.to_k`` and ``attn.to_v`` in diffusers.  Tools that use
+the original layout (kohya sd-scripts, ComfyUI, Forge) expect one LoRA per *original* module, so
+an export must know, for each diffusers module, which original module it belongs to and where
+its output rows sit in it.  A family describes that with an :class:`OriginalNaming`, registered
+as ``FamilySpec.lora_original_names``; the export code (:mod:`flowtune.interop.lora`) is the same
+for every family.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class OriginalSlot:
+    """Where the LoRA of one diffusers module goes in the original layout.
+
+    Attributes:
+        name: The original module, e.g. ``"double_blocks.3.img_attn.qkv"``.
+        parts: The diffusers modules whose outputs the original module stacks, in row order
+            (one entry when it is not fused), e.g. ``("transformer_blocks.3.attn.to_q",
+            "transformer_blocks.3.attn.to_k", "transformer_blocks.3.attn.to_v")``.
+        part_sizes: The parts' output sizes relative to each other, e.g. ``(1, 1, 1, 4)`` for a
+            FLUX.1 single block's ``linear1`` (q, k, v: hidden; MLP: 4 x hidden).  Used to size
+            the zero block of a part the LoRA does not train.
+        swap_halves: The original module orders its output rows ``[b; a]`` where diffusers has
+            ``[a; b]`` (FLUX.1's final ``adaLN_modulation``: shift/scale vs. scale/shift), so the
+            rows of ``lora_up`` are swapped in halves.
+        fold_scale: Write the LoRA scale into ``lora_up`` and ``alpha = rank`` (scale 1) instead
+            of keeping it in ``alpha``.  Equivalent for every loader that reads ``alpha``; needed
+            where a known loader ignores ``alpha`` for this module (diffusers' FLUX.1 converter
+            reads none for ``final_layer``).
+    """
+
+    name: str
+    parts: tuple[str, ...]
+    part_sizes: tuple[int, ...] = (1,)
+    swap_halves: bool = False
+    fold_scale: bool = False
+
+    def __post_init__(self) -> None:
+        if len(self.parts) != len(self.part_sizes):
+            raise ValueError(f"{self.name}: {len(self.parts)} parts but {len(self.part_sizes)} part sizes")
+
+
+@dataclass(frozen=True)
+class OriginalNaming:
+    """A family's mapping from diffusers module names to the original layout.
+
+    Attributes:
+        description: What the original layout is, for messages (e.g. ``"FLUX.1 (BFL)"``).
+        slot: ``slot(diffusers_module_name) -> OriginalSlot``, or None for a module that has no
+            original counterpart (a custom LoRA target); names are relative to the transformer,
+            e.g. ``"transformer_blocks.0.attn.to_q"``.
+        kohya_network_module: kohya sd-scripts' ``ss_network_module`` for this family's LoRAs.
+        kohya_base_model_version: kohya sd-scripts' ``ss_base_model_version``.
+    """
+
+    description: str
+    slot: Callable[[str], OriginalSlot | None]
+    kohya_network_module: str
+    kohya_base_model_version: str

@@ -1,0 +1,112 @@
+"""Where exports go, and writing them without ever leaving half a file or replacing one silently.
+
+Default location: ``<run>/export/`` next to the run's ``checkpoints/`` and ``final/``, not inside
+them, so that pruning old checkpoints (``train.keep_last``) or a continued run replacing
+``final/`` never deletes an export.  A checkpoint directory outside any run layout gets its own
+``export/`` folder.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+from flowtune.errors import FlowtuneError
+from flowtune.train.checkpoint import CHECKPOINTS, FINAL
+
+EXPORT_DIR = "export"
+
+
+def default_stem(checkpoint: Path) -> tuple[Path, str]:
+    """The default export folder of a checkpoint and the stem of its export names.
+
+    ``RUN/final`` -> (``RUN/export``, ``"RUN-final"``); ``RUN/checkpoints/step-000250`` ->
+    (``RUN/export``, ``"RUN-step-000250"``); any other directory ``D`` -> (``D/export``, ``"D"``).
+    """
+    checkpoint = Path(checkpoint).resolve()
+    if checkpoint.name == FINAL:
+        run = checkpoint.parent
+    elif checkpoint.parent.name == CHECKPOINTS:
+        run = checkpoint.parent.parent
+    else:
+        return checkpoint / EXPORT_DIR, checkpoint.name
+    return run / EXPORT_DIR, f"{run.name}-{checkpoint.name}"
+
+
+def check_free_file(path: Path, overwrite: bool) -> None:
+    """Refuse to write the file ``path`` over an existing file (unless ``overwrite``) or a directory."""
+    if path.is_dir():
+        raise FlowtuneError(
+            f"{path} is a directory; give --out a file name such as {path / 'lora.safetensors'}"
+        )
+    if path.exists() and not overwrite:
+        raise FlowtuneError(f"{path} already exists; pass --overwrite to replace it or choose another --out")
+
+
+def check_free_dir(path: Path, overwrite: bool) -> None:
+    """Refuse to write the directory ``path`` over a file, or over a non-empty directory unless
+    ``overwrite``."""
+    if path.exists() and not path.is_dir():
+        raise FlowtuneError(f"{path} exists and is not a directory; choose another --out")
+    if path.is_dir() and any(path.iterdir()) and not overwrite:
+        raise FlowtuneError(
+            f"output directory {path} is not empty; pass --overwrite to replace it or choose another --out"
+        )
+
+
+def write_file_atomically(path: Path, write: Callable[[Path], None]) -> Path:
+    """Call ``write(tmp)`` on a temporary file next to ``path``, then rename it to ``path``.
+
+    A process killed mid-write leaves at most a hidden ``.<name>.tmp-*`` file, never a truncated
+    ``path``; an existing ``path`` is replaced in one step.
+    """
+    path = Path(path)
+    _make_parent(path)
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        write(tmp)
+        with open(tmp, "rb") as handle:
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def write_dir_atomically(path: Path, write: Callable[[Path], None]) -> Path:
+    """Call ``write(tmp_dir)`` on a temporary directory next to ``path``, then rename it to ``path``.
+
+    An existing ``path`` is moved aside first and deleted after the rename, so at every moment
+    either the old or the new complete directory exists.
+    """
+    path = Path(path)
+    _make_parent(path)
+    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    try:
+        write(staging)
+        if path.exists():
+            retired = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
+            os.replace(path, retired / path.name)
+            os.replace(staging, path)
+            shutil.rmtree(retired, ignore_errors=True)
+        else:
+            os.replace(staging, path)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return path
+
+
+def _make_parent(path: Path) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise FlowtuneError(
+            f"cannot create {path.parent}: {exc.strerror or exc}; choose another --out"
+        ) from None
