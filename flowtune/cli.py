@@ -226,6 +226,13 @@ def sample(
         lora_scale=lora_scale,
     )
     total = len(prompts) * settings.num_images
+    weights = source.checkpoint or source.lora_file
+    step = f" (step {source.step})" if source.step is not None else ""
+    err.print(
+        f"sampling {total} image{'s' if total != 1 else ''} with {source.spec.name} {source.pretrained}"
+        + (f" + {weights}{step}" if weights else ""),
+        highlight=False,
+    )
 
     def progress(done: int, _: int, path: Path) -> None:
         err.print(f"  {done}/{total} {path}", highlight=False)

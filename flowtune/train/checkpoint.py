@@ -284,15 +284,18 @@ def resolve_trained(path: str | Path, lora_name: str) -> TrainedWeights:
             f"{path} is a file; --ckpt takes a checkpoint directory (OUTPUT/{FINAL} or "
             f"OUTPUT/{CHECKPOINTS}/step-000250) or a run's output directory"
         )
-    if not (path / RECIPE_FILE).is_file():
-        if (path / FINAL / RECIPE_FILE).is_file():
+    def has_weights(directory: Path) -> bool:
+        return (directory / lora_name).is_file() or (directory / "transformer").is_dir()
+
+    if not has_weights(path):  # a run's output directory
+        if has_weights(path / FINAL):
             path = path / FINAL
         elif checkpoints := list_checkpoints(path):
             path = checkpoints[-1].path
     recipe_file = path / RECIPE_FILE
     lora_file = path / lora_name
     transformer_dir = path / "transformer"
-    if not recipe_file.is_file() or not (lora_file.is_file() or transformer_dir.is_dir()):
+    if not recipe_file.is_file() or not has_weights(path):
         raise FlowtuneError(
             f"{path} is not a flowtune checkpoint (it needs {RECIPE_FILE} and {lora_name} or "
             f"transformer/); give OUTPUT/{FINAL}, OUTPUT/{CHECKPOINTS}/step-000250 or a run's output directory"

@@ -1,0 +1,560 @@
+"""Image generation through the family's diffusers pipeline, for ``flowtune sample`` and validation.
+
+flowtune has no sampler of its own: images come from the family's inference pipeline
+(``FluxPipeline`` for FLUX.1) with the LoRA loaded by ``load_lora_weights``, so an image made here is
+the one plain diffusers makes with the same arguments.  Each image is generated alone (batch 1)
+from a CPU generator seeded with its own seed, so any image can be reproduced exactly from the
+seed recorded with it, on any device that gives the same pipeline result.
+
+Outputs of one sampling run (:class:`SampleWriter`)::
+
+    OUT/000000.png      an image; its PNG text chunks hold the prompt, seed, steps, guidance, size,
+                        model, LoRA and checkpoint (chunk "flowtune" holds all of them as JSON)
+    OUT/samples.jsonl   one JSON object per image with the same fields and the file name
+    OUT/grid.png        a contact sheet of the run's images, each captioned with prompt and seed
+
+Numbering continues after the images already in OUT, so sampling twice into one folder loses
+nothing; ``grid.png`` shows the latest run.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from flowtune import __version__
+from flowtune.errors import FlowtuneError
+from flowtune.families import FamilySpec
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+SAMPLES_FILE = "samples.jsonl"
+GRID_FILE = "grid.png"
+ADAPTER_NAME = "flowtune"
+_IMAGE_NAME = re.compile(r"^(\d{6,})\.png$")
+# Side of one cell of the contact sheet, in pixels: images are scaled to fit it (small ones up,
+# with nearest-neighbour pixels, so that a 64x64 sample is still visible).
+_GRID_MIN_CELL = 256
+_GRID_MAX_CELL = 384
+
+
+@dataclass(frozen=True)
+class SampleSettings:
+    """How images are generated.
+
+    Attributes:
+        seed: Seed of the first image of each prompt; image ``j`` of a prompt uses ``seed + j``.
+        steps: Denoising steps.
+        guidance: The pipeline's ``guidance_scale`` (FLUX.1-dev: the distilled guidance value).
+        height, width: Image size in pixels, multiples of the family's granularity.
+        num_images: Images per prompt.
+        lora_scale: Strength of the LoRA (1 = as trained).
+    """
+
+    seed: int = 42
+    steps: int = 28
+    guidance: float = 3.5
+    height: int = 1024
+    width: int = 1024
+    num_images: int = 1
+    lora_scale: float = 1.0
+
+    def check(self, spec: FamilySpec) -> None:
+        """Raise a :class:`FlowtuneError` for settings the pipeline cannot use."""
+        g = spec.spatial_granularity
+        for name, value in (("height", self.height), ("width", self.width)):
+            if value < g or value % g:
+                raise FlowtuneError(
+                    f"{name} {value} is not a positive multiple of {g}, which {spec.name} needs"
+                )
+        if self.steps < 1:
+            raise FlowtuneError(f"steps must be at least 1, got {self.steps}")
+        if self.num_images < 1:
+            raise FlowtuneError(f"num-images must be at least 1, got {self.num_images}")
+
+
+@dataclass
+class SampleJob:
+    """One image to generate.
+
+    Attributes:
+        prompt: The prompt text (recorded with the image).
+        seed: The seed of its CPU generator.
+        inputs: The pipeline's prompt arguments: ``{"prompt": text}``, or precomputed embeddings
+            (``prompt_embeds``... with a batch dimension of 1) when the text encoders are not loaded.
+    """
+
+    prompt: str
+    seed: int
+    inputs: dict[str, Any] = field(default_factory=dict)
+
+
+def plan_jobs(
+    prompts: Sequence[str], settings: SampleSettings, inputs: Sequence[dict[str, Any]] | None = None
+) -> list[SampleJob]:
+    """``settings.num_images`` jobs per prompt, seeded ``seed, seed + 1, ...``.
+
+    Args:
+        inputs: Per prompt, the pipeline's prompt arguments (default ``{"prompt": prompt}``).
+    """
+    jobs = []
+    for i, prompt in enumerate(prompts):
+        prompt_inputs = inputs[i] if inputs is not None else {"prompt": prompt}
+        for j in range(settings.num_images):
+            jobs.append(SampleJob(prompt, settings.seed + j, prompt_inputs))
+    return jobs
+
+
+def generate(pipe: Any, job: SampleJob, settings: SampleSettings) -> Image.Image:
+    """Run the diffusers pipeline for one job; returns the PIL image."""
+    generator = torch.Generator(device="cpu").manual_seed(job.seed)
+    result = pipe(
+        **job.inputs,
+        height=settings.height,
+        width=settings.width,
+        num_inference_steps=settings.steps,
+        guidance_scale=settings.guidance,
+        generator=generator,
+        output_type="pil",
+    )
+    return result.images[0]
+
+
+def read_prompts(prompts: Iterable[str] = (), prompts_file: Path | None = None) -> list[str]:
+    """The prompts given on the command line, then those of a file (one per line; blank lines
+    are skipped).
+
+    Raises:
+        FlowtuneError: the file is missing, or a prompt is blank.
+    """
+    result = list(prompts)
+    if prompts_file is not None:
+        try:
+            text = Path(prompts_file).read_text(encoding="utf-8")
+        except OSError as exc:
+            raise FlowtuneError(
+                f"cannot read the prompts file {prompts_file}: {exc.strerror or exc}"
+            ) from None
+        result.extend(line.strip() for line in text.splitlines() if line.strip())
+    if any(not p.strip() for p in result):
+        raise FlowtuneError("a --prompt is empty; give the text of every prompt")
+    return result
+
+
+# ---------------------------------------------------------------------------------------- writing
+
+
+class SampleWriter:
+    """Writes images with their metadata (PNG text chunks and ``samples.jsonl``) and the grid.
+
+    Args:
+        out_dir: The output directory (created).
+        info: Fields recorded with every image besides the job's and the settings' (model, LoRA,
+            checkpoint, step, ...); ``None`` values are left out.
+    """
+
+    def __init__(self, out_dir: Path, info: dict[str, Any] | None = None):
+        self.out_dir = Path(out_dir)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.info = {k: v for k, v in (info or {}).items() if v is not None}
+        existing = [int(m.group(1)) for p in self.out_dir.iterdir() if (m := _IMAGE_NAME.match(p.name))]
+        self.next_index = max(existing, default=-1) + 1
+        self.images: list[tuple[Image.Image, str]] = []
+        self.records: list[dict[str, Any]] = []
+
+    def add(self, image: Image.Image, job: SampleJob, settings: SampleSettings) -> Path:
+        """Save one image as ``NNNNNN.png`` with its metadata; returns its path."""
+        from PIL.PngImagePlugin import PngInfo
+
+        name = f"{self.next_index:06d}.png"
+        self.next_index += 1
+        record = {
+            "file": name,
+            "prompt": job.prompt,
+            "seed": job.seed,
+            "steps": settings.steps,
+            "guidance": settings.guidance,
+            "height": settings.height,
+            "width": settings.width,
+            **self.info,
+        }
+        if "lora" in self.info:
+            record["lora_scale"] = settings.lora_scale
+        chunks = PngInfo()
+        for key, value in record.items():
+            if key != "file":
+                chunks.add_text(key, str(value))
+        chunks.add_text("software", f"flowtune {__version__}")
+        chunks.add_text("flowtune", json.dumps(record, sort_keys=True))
+        path = self.out_dir / name
+        image.save(path, pnginfo=chunks)
+        with open(self.out_dir / SAMPLES_FILE, "a", encoding="utf-8") as handle:
+            handle.write(json.dumps(record) + "\n")
+        self.images.append((image, f"{job.prompt} (seed {job.seed})"))
+        self.records.append(record)
+        return path
+
+    def write_grid(self, columns: int | None = None) -> Path | None:
+        """Write ``grid.png``: this writer's images in a captioned contact sheet (None if none)."""
+        if not self.images:
+            return None
+        sheet = contact_sheet([i for i, _ in self.images], [c for _, c in self.images], columns)
+        path = self.out_dir / GRID_FILE
+        sheet.save(path)
+        return path
+
+
+def contact_sheet(
+    images: Sequence[Image.Image], captions: Sequence[str], columns: int | None = None
+) -> Image.Image:
+    """Images in a grid, each scaled to fit a square cell with its caption (wrapped, at most three
+    lines) underneath.
+
+    Args:
+        images: PIL images of any sizes.
+        captions: One caption per image.
+        columns: Images per row (default: about square).
+    """
+    from PIL import Image, ImageDraw, ImageFont
+
+    columns = columns or math.ceil(math.sqrt(len(images)))
+    rows = math.ceil(len(images) / columns)
+    cell = min(_GRID_MAX_CELL, max(_GRID_MIN_CELL, max(max(im.size) for im in images)))
+    font_size = max(10, cell // 24)
+    try:
+        font = ImageFont.load_default(size=font_size)
+    except TypeError:  # Pillow without FreeType: a fixed bitmap font
+        font = ImageFont.load_default()
+    line_height = font_size + 4
+    caption_height = 3 * line_height + 8
+    pad = 8
+    sheet = Image.new(
+        "RGB", (columns * (cell + pad) + pad, rows * (cell + caption_height + pad) + pad), "white"
+    )
+    draw = ImageDraw.Draw(sheet)
+    for n, (image, caption) in enumerate(zip(images, captions, strict=True)):
+        x = pad + (n % columns) * (cell + pad)
+        y = pad + (n // columns) * (cell + caption_height + pad)
+        factor = cell / max(image.size)
+        size = (max(1, round(image.width * factor)), max(1, round(image.height * factor)))
+        resample = Image.Resampling.NEAREST if factor > 1 else Image.Resampling.LANCZOS
+        thumb = image.convert("RGB").resize(size, resample)
+        sheet.paste(thumb, (x + (cell - thumb.width) // 2, y + (cell - thumb.height) // 2))
+        for k, line in enumerate(_wrap(draw, caption, font, cell, max_lines=3)):
+            draw.text((x, y + cell + 4 + k * line_height), line, fill="black", font=font)
+    return sheet
+
+
+def _wrap(draw: Any, text: str, font: Any, width: int, max_lines: int) -> list[str]:
+    """Greedy word wrap to ``width`` pixels; the last line ends with "..." when text is cut."""
+    lines: list[str] = []
+    current = ""
+    for word in text.split():
+        candidate = f"{current} {word}".strip()
+        if draw.textlength(candidate, font=font) <= width or not current:
+            current = candidate
+        else:
+            lines.append(current)
+            current = word
+    if current:
+        lines.append(current)
+    if len(lines) > max_lines:
+        last = lines[max_lines - 1]
+        while last and draw.textlength(last + "...", font=font) > width:
+            last = last[:-1]
+        lines = [*lines[: max_lines - 1], last + "..."]
+    return lines
+
+
+# ---------------------------------------------------------------------------------------- loading
+
+
+def check_lora(
+    spec: FamilySpec, transformer: torch.nn.Module, lora_file: Path, base_model: str | None = None
+) -> list[str]:
+    """Check that a LoRA file fits ``transformer`` before diffusers loads it.
+
+    Reads the file through the family pipeline's ``lora_state_dict`` (which also converts kohya
+    and other formats) and compares every LoRA layer with the transformer's module of that name.
+
+    Returns:
+        Warnings: the LoRA was trained on another base model of the same architecture.
+
+    Raises:
+        FlowtuneError: the file is missing or unreadable, was made for another family, targets
+            modules this transformer does not have, or has layer sizes that do not match.
+    """
+    import diffusers
+
+    from flowtune.train.model import META_BASE_MODEL, META_FAMILY, read_lora_metadata
+
+    lora_file = Path(lora_file)
+    if not lora_file.is_file():
+        raise FlowtuneError(f"no LoRA file at {lora_file}")
+    try:
+        metadata = read_lora_metadata(lora_file)
+    except Exception as exc:  # noqa: BLE001 - any unreadable file is one message
+        raise FlowtuneError(f"{lora_file} is not a safetensors LoRA file ({exc})") from None
+    family = metadata.get(META_FAMILY)
+    if family is not None and family != spec.name:
+        raise FlowtuneError(f"{lora_file} is a LoRA for the {family} family; this model is {spec.name}")
+    pipeline_class = getattr(diffusers, spec.pipeline_class)
+    try:
+        state = pipeline_class.lora_state_dict(str(lora_file))
+    except Exception as exc:  # noqa: BLE001 - diffusers' converters raise many kinds
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise FlowtuneError(f"{lora_file} is not a LoRA for {spec.pipeline_class}: {reason}") from None
+    state = state[0] if isinstance(state, tuple) else state
+    prefix = f"{pipeline_class.transformer_name}."
+    modules = dict(transformer.named_modules())
+    layers = 0
+    for key, tensor in state.items():
+        if not key.startswith(prefix) or not key.endswith(".lora_A.weight"):
+            continue
+        name = key[len(prefix) : -len(".lora_A.weight")]
+        up = state.get(f"{prefix}{name}.lora_B.weight")
+        module = modules.get(name)
+        if module is None or not hasattr(module, "in_features"):
+            raise FlowtuneError(
+                f"{lora_file} does not fit this model: it has a LoRA layer for {name!r}, which this "
+                f"{spec.transformer_class} does not have (a LoRA for another model?)"
+            )
+        out_features = up.shape[0] if up is not None else module.out_features
+        if tensor.shape[1] != module.in_features or out_features != module.out_features:
+            raise FlowtuneError(
+                f"{lora_file} was made for another base model: its layer {name!r} is "
+                f"{tensor.shape[1]}->{out_features}, this model's is {module.in_features}->{module.out_features}"
+            )
+        layers += 1
+    if layers == 0:
+        raise FlowtuneError(f"{lora_file} has no LoRA layers for the {spec.transformer_class}")
+    trained_on = metadata.get(META_BASE_MODEL)
+    if base_model is not None and trained_on is not None and trained_on != base_model:
+        return [f"the LoRA was trained on {trained_on}; sampling it with {base_model}"]
+    return []
+
+
+def load_pipeline(
+    spec: FamilySpec,
+    model_dir: Path,
+    *,
+    dtype: torch.dtype,
+    device: torch.device | str,
+    variant: str | None = None,
+    transformer: torch.nn.Module | None = None,
+    without: Iterable[str] = (),
+) -> Any:
+    """The family's diffusers pipeline from ``model_dir`` on ``device``.
+
+    Args:
+        transformer: Use this transformer instead of loading ``model_dir/transformer`` (a full
+            fine-tune, or the model being trained).
+        without: Components not to load (``text_encoder``, ...: validation uses cached prompt
+            embeddings instead).
+    """
+    import diffusers
+
+    from flowtune.quiet import quiet_libraries
+
+    quiet_libraries()
+    pipeline_class = getattr(diffusers, spec.pipeline_class)
+    kwargs: dict[str, Any] = {"dtype": dtype, **dict.fromkeys(without)}
+    if transformer is not None:
+        kwargs["transformer"] = transformer
+    if variant is not None:
+        kwargs["variant"] = variant
+    pipe = pipeline_class.from_pretrained(model_dir, **kwargs)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device)
+
+
+def add_lora(pipe: Any, lora_file: Path, scale: float = 1.0) -> None:
+    """Load a LoRA file into the pipeline (``load_lora_weights``) at the given strength."""
+    lora_file = Path(lora_file)
+    pipe.load_lora_weights(str(lora_file.parent), weight_name=lora_file.name, adapter_name=ADAPTER_NAME)
+    if scale != 1.0:
+        pipe.set_adapters([ADAPTER_NAME], adapter_weights=[scale])
+
+
+def record_info(**fields: Any) -> dict[str, Any]:
+    """The fields recorded with every image (``None`` values dropped), as strings for paths."""
+    return {k: str(v) if isinstance(v, Path) else v for k, v in fields.items() if v is not None}
+
+
+# ---------------------------------------------------------------------------------------- the command
+
+
+@dataclass
+class SampleSource:
+    """What to sample from, resolved from ``--ckpt`` or ``--model``/``--lora``.
+
+    Attributes:
+        spec: The model family.
+        pretrained: The base model (Hub id or directory), as the user or the recipe names it.
+        revision, variant: Hub revision and weight variant of the base model.
+        dtype: Dtype to load the pipeline in.
+        lora_file: The LoRA to load, if any.
+        transformer_dir: A fully fine-tuned transformer (diffusers format) replacing the base one.
+        checkpoint: The checkpoint directory, when sampling from one.
+        step: The checkpoint's training step, when known.
+        defaults: Sampling settings from the checkpoint's recipe (``validation.*``).
+        prompts: Default prompts (the recipe's ``validation.prompts``).
+    """
+
+    spec: FamilySpec
+    pretrained: str
+    revision: str | None = None
+    variant: str | None = None
+    dtype: str | None = None
+    lora_file: Path | None = None
+    transformer_dir: Path | None = None
+    checkpoint: Path | None = None
+    step: int | None = None
+    defaults: dict[str, Any] = field(default_factory=dict)
+    prompts: list[str] = field(default_factory=list)
+
+
+def source_from_checkpoint(ckpt: Path) -> SampleSource:
+    """The base model, weights and defaults of a flowtune checkpoint (or run directory)."""
+    from flowtune.families import get_family
+    from flowtune.recipe import load_recipe
+    from flowtune.train.checkpoint import resolve_trained
+    from flowtune.train.model import LORA_WEIGHTS_NAME
+
+    trained = resolve_trained(ckpt, LORA_WEIGHTS_NAME)
+    recipe = load_recipe(trained.recipe_file)
+    v = recipe.validation
+    return SampleSource(
+        spec=get_family(recipe.model.family),
+        pretrained=recipe.model.pretrained,
+        revision=recipe.model.revision,
+        variant=recipe.model.variant,
+        dtype=recipe.model.dtype,
+        lora_file=trained.lora_file,
+        transformer_dir=trained.transformer_dir,
+        checkpoint=trained.path,
+        step=trained.step,
+        defaults={
+            "seed": v.seed,
+            "steps": v.steps,
+            "guidance": v.guidance,
+            "height": v.height,
+            "width": v.width,
+        },
+        prompts=list(v.prompts),
+    )
+
+
+def source_from_model(model: str, lora: Path | None, revision: str | None = None) -> SampleSource:
+    """A base model (Hub id or diffusers directory) and an optional LoRA file; the family comes
+    from the pipeline class in its ``model_index.json``."""
+    from flowtune.families import family_for_pipeline
+    from flowtune.model_files import resolve_pretrained
+
+    index_file = resolve_pretrained(model, revision, []) / "model_index.json"
+    try:
+        class_name = json.loads(index_file.read_text())["_class_name"]
+    except (OSError, ValueError, KeyError):
+        raise FlowtuneError(
+            f"{model} has no readable model_index.json; is it a diffusers pipeline?"
+        ) from None
+    return SampleSource(
+        spec=family_for_pipeline(class_name), pretrained=model, revision=revision, lora_file=lora
+    )
+
+
+@dataclass
+class SampleResult:
+    """What :func:`sample` wrote: the image paths, ``samples.jsonl`` and ``grid.png``."""
+
+    images: list[Path]
+    records_file: Path
+    grid: Path | None
+    warnings: list[str]
+
+
+def sample(
+    source: SampleSource,
+    prompts: Sequence[str],
+    settings: SampleSettings,
+    out_dir: Path,
+    *,
+    device: str | None = None,
+    dtype: str | None = None,
+    cpu_offload: bool = False,
+    progress: Any = None,
+) -> SampleResult:
+    """Generate ``settings.num_images`` images per prompt with the family's pipeline and write them.
+
+    Args:
+        device: ``cuda``, ``cpu``, ... (default: CUDA when available).
+        dtype: Override of the load dtype (default: the recipe's, else bfloat16 on CUDA and
+            float32 on CPU).
+        cpu_offload: Keep models on the CPU and move each to the GPU only while it runs
+            (``enable_model_cpu_offload``): far less GPU memory, somewhat slower.
+        progress: Called as ``progress(done, total, path)`` after each image.
+
+    Raises:
+        FlowtuneError: no prompts, bad settings, a LoRA that does not fit the model.
+    """
+    import diffusers
+
+    from flowtune.model_files import resolve_pretrained
+
+    spec = source.spec
+    if not prompts:
+        raise FlowtuneError("no prompts: give --prompt TEXT (repeatable) or --prompts-file FILE")
+    settings.check(spec)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    name = dtype or source.dtype or ("bfloat16" if device.startswith("cuda") else "float32")
+    torch_dtype = getattr(torch, name)
+    index = resolve_pretrained(source.pretrained, source.revision, []) / "model_index.json"
+    components = [k for k, v in json.loads(index.read_text()).items() if not k.startswith("_") and v and v[0]]
+    model_dir = resolve_pretrained(source.pretrained, source.revision, components)
+
+    transformer = None
+    if source.transformer_dir is not None:
+        transformer = getattr(diffusers, spec.transformer_class).from_pretrained(
+            source.transformer_dir, dtype=torch_dtype
+        )
+    pipe = load_pipeline(
+        spec,
+        model_dir,
+        dtype=torch_dtype,
+        device="cpu" if cpu_offload else device,
+        variant=source.variant,
+        transformer=transformer,
+    )
+    warnings: list[str] = []
+    if source.lora_file is not None:
+        warnings = check_lora(spec, pipe.transformer, source.lora_file, base_model=source.pretrained)
+        add_lora(pipe, source.lora_file, settings.lora_scale)
+    if cpu_offload:
+        pipe.enable_model_cpu_offload(device=device)
+
+    writer = SampleWriter(
+        out_dir,
+        record_info(
+            family=spec.name,
+            model=source.pretrained,
+            lora=source.lora_file,
+            checkpoint=source.checkpoint,
+            step=source.step,
+        ),
+    )
+    jobs = plan_jobs(prompts, settings)
+    paths = []
+    for done, job in enumerate(jobs, start=1):
+        paths.append(writer.add(generate(pipe, job, settings), job, settings))
+        if progress is not None:
+            progress(done, len(jobs), paths[-1])
+    grid = writer.write_grid(columns=settings.num_images if settings.num_images > 1 else None)
+    return SampleResult(paths, writer.out_dir / SAMPLES_FILE, grid, warnings)
