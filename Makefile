@@ -27,8 +27,12 @@ demo: $(STAMP)
 	$(BIN)/python -m flowtune make-dataset $(DEMO_DIR)/dataset --count 16 --size 64x64 --size 96x64 --size 64x96 --overwrite
 	$(BIN)/python -m flowtune preprocess recipes/tiny-flux-demo.yaml
 	$(BIN)/python -m flowtune train recipes/tiny-flux-demo.yaml
+	rm -rf $(DEMO_DIR)/samples
+	$(BIN)/python -m flowtune sample --ckpt $(DEMO_DIR)/run --out $(DEMO_DIR)/samples --num-images 2 \
+		--prompt "a red circle on a white background" --prompt "a blue square on a white background"
 	@echo "demo outputs: model $(DEMO_DIR)/tiny-flux, dataset $(DEMO_DIR)/dataset, cache $(DEMO_DIR)/cache,"
-	@echo "  run $(DEMO_DIR)/run (recipe.yaml, metrics.jsonl, checkpoints/, final/pytorch_lora_weights.safetensors)"
+	@echo "  run $(DEMO_DIR)/run (recipe.yaml, metrics.jsonl, checkpoints/, final/pytorch_lora_weights.safetensors,"
+	@echo "  samples/step-*/ validation images), samples $(DEMO_DIR)/samples (grid.png, samples.jsonl)"
 
 test: $(STAMP)
 	$(BIN)/pytest -q

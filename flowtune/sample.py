@@ -380,6 +380,9 @@ def add_lora(pipe: Any, lora_file: Path, scale: float = 1.0) -> None:
     """Load a LoRA file into the pipeline (``load_lora_weights``) at the given strength."""
     lora_file = Path(lora_file)
     pipe.load_lora_weights(str(lora_file.parent), weight_name=lora_file.name, adapter_name=ADAPTER_NAME)
+    # load_lora_weights leaves the new LoRA layers in train mode: a file that records a dropout
+    # would otherwise drop parts of the update at random while sampling.
+    pipe.transformer.eval()
     if scale != 1.0:
         pipe.set_adapters([ADAPTER_NAME], adapter_weights=[scale])
 

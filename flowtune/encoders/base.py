@@ -174,6 +174,13 @@ class FamilyEncoder(ABC):
     def encode_prompts(self, prompts: list[str]) -> dict[str, torch.Tensor]:
         """Encode B captions: ``{field: [B, ...]}`` for every field of ``text_fields``."""
 
+    @classmethod
+    @abstractmethod
+    def prompt_inputs(cls, text: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The family pipeline's ``__call__`` arguments that stand for a prompt, from the cached text
+        fields (``{field: [B, ...]}`` as :meth:`encode_prompts` returns them), so that the pipeline
+        samples without its text encoders."""
+
 
 def create_encoder(
     spec: FamilySpec, model_dir: Path, settings: EncoderSettings, device: torch.device | str | None = None

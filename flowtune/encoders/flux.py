@@ -58,6 +58,14 @@ class FluxEncoder(FamilyEncoder):
         )
         return {"text_embeddings": text, "pooled_prompt_embeds": pooled}
 
+    @classmethod
+    def prompt_inputs(cls, text: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """``FluxPipeline(prompt_embeds=[B, L, 4096], pooled_prompt_embeds=[B, 768])``."""
+        return {
+            "prompt_embeds": text["text_embeddings"],
+            "pooled_prompt_embeds": text["pooled_prompt_embeds"],
+        }
+
     def token_counts(self, prompts: list[str]) -> list[int]:
         """T5 tokens per prompt, as ``encode_prompt`` tokenizes them before truncating to L."""
         from transformers import AutoTokenizer

@@ -160,6 +160,10 @@ def save_lora(
     config = {
         k: sorted(v) if isinstance(v, set) else v for k, v in model.peft_config["default"].to_dict().items()
     }
+    # Dropout is a training setting (it stays in recipe.yaml).  diffusers' load_lora_weights leaves
+    # the new LoRA layers in train mode, so a recorded dropout would randomly drop parts of the
+    # update at inference; recorded as 0, the file samples deterministically everywhere.
+    config["lora_dropout"] = 0.0
     pipeline_class = getattr(diffusers, spec.pipeline_class)
     # diffusers' layout of the adapter metadata: the peft config keys prefixed "transformer.".
     packed = pipeline_class.pack_weights(config, pipeline_class.transformer_name)

@@ -69,6 +69,7 @@ from flowtune.train.model import (
 from flowtune.train.noise import sample_generators
 from flowtune.train.optim import build_optimizer, build_scheduler
 from flowtune.train.signals import StopRequest, TrainingInterrupted
+from flowtune.train.validation import SAMPLES_DIR, Validator
 
 # Recipe keys whose change makes a checkpoint unusable (the trained tensors would not fit).
 _INCOMPATIBLE_ON_RESUME = ("model.family", "train.mode", "lora.rank", "lora.target_modules")
@@ -189,6 +190,9 @@ class Trainer:
             OmegaConf.to_container(r.model.adapter),
             **OmegaConf.to_container(r.flow),
         )
+        self.validator = Validator(
+            r, self.family, self.store, self.validation_indices, self.accelerator, self.output_dir
+        )
         if resume is not None:
             self._resume(resume)
         self._setup_outputs(resume)
@@ -241,7 +245,7 @@ class Trainer:
     def _setup_data(self) -> None:
         r = self.recipe
         acc = self.accelerator
-        store = check_cache(r)
+        store = self.store = check_cache(r)
         keys = [item["key"] for item in store.manifest.get("items", [])]
         if not keys:
             raise FlowtuneError(f"the cache at {r.data.cache_dir} has no items; check data.source")
@@ -479,6 +483,8 @@ class Trainer:
                 last = self.step == stop_at
                 if self.step % r.train.log_every == 0 or last:
                     self._flush_metrics()
+                if self.validator.due(self.step, last):
+                    self.validate()
                 if self.step % r.train.checkpoint_every == 0 or last:
                     self.save()
                 if self._stop_requested() and not last:
@@ -490,6 +496,27 @@ class Trainer:
         seconds = time.time() - started
         self._print_summary(start_step, seconds, final)
         return TrainResult(self.output_dir, final, self.last_checkpoint, start_step, self.step, seconds)
+
+    def validate(self) -> dict[str, Any]:
+        """Validation images and loss of the current weights (:class:`Validator`), logged to
+        ``metrics.jsonl`` (``{"step", "val_loss", "time"}``), the console and the trackers.  Its
+        time is left out of the next interval's samples/s."""
+        started = time.perf_counter()
+        result = self.validator.run(self.flow, self.model, self.step, self.device)
+        if "val_loss" in result:
+            record = {"step": self.step, "val_loss": result["val_loss"], "time": time.time()}
+            if self.is_main:
+                self._metrics.write(record)
+            if self._trackers:
+                self.accelerator.log({"val_loss": result["val_loss"]}, step=self.step)
+        if self.is_main:
+            parts = [f"val_loss {result['val_loss']:.4f}"] if "val_loss" in result else []
+            if "samples" in result:
+                parts.append(f"samples in {result['samples']}")
+            self._display.print(f"step {self.step:>6}  validation: {'  '.join(parts)}", highlight=False)
+        spent = time.perf_counter() - started
+        self._interval_start = (self._interval_start[0] + spent, self._interval_start[1])
+        return result
 
     def _stop_requested(self) -> bool:
         signum = self.stop.signum or 0
@@ -703,6 +730,8 @@ class Trainer:
             ("optimizer", f"{r.optimizer.name}, lr {r.optimizer.lr:g}, {r.lr_scheduler.name}"),
             ("output", f"{self.output_dir} (checkpoints every {r.train.checkpoint_every} steps)"),
         ]
+        if self.validator.enabled:
+            rows.append(("validation", self.validator.describe()))
         self.console.print(key_value_table("flowtune train", rows))
         for warning in self._warnings:
             self.console.print(f"[yellow]warning:[/] {warning}", highlight=False)
@@ -711,17 +740,22 @@ class Trainer:
         if not self.is_main:
             return
         records = read_metrics(self.output_dir / ckpt.METRICS_FILE)
-        last_loss = f"{records[-1]['loss']:.4f}" if records else "-"
+        losses = [r["loss"] for r in records if "loss" in r]
+        last_loss = f"{losses[-1]:.4f}" if losses else "-"
+        val_losses = [r["val_loss"] for r in records if "val_loss" in r]
         trained = self.step - start_step
         weights = final / (LORA_WEIGHTS_NAME if self.recipe.train.mode == "lora" else "transformer")
         rows = [
             ("steps", f"{trained} this run ({start_step} -> {self.step}) in {format_duration(seconds)}"),
             ("last loss", last_loss),
+            *([("val_loss", f"{val_losses[-1]:.4f}")] if val_losses else []),
             ("peak memory", format_bytes(peak_memory_bytes(self.device))),
             ("weights", str(weights)),
             ("checkpoint", str(self.last_checkpoint)),
             ("metrics", str(self.output_dir / ckpt.METRICS_FILE)),
         ]
+        if self.validator.prompts:
+            rows.append(("samples", str(self.output_dir / SAMPLES_DIR)))
         if self._trackers:
             rows.append(("trackers", ", ".join(self.recipe.logging.trackers)))
         self.console.print(key_value_table("training done", rows))

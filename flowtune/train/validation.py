@@ -1,0 +1,247 @@
+"""Validation during training: images from the model being trained, and a held-out loss.
+
+Every ``validation.every`` steps and after the last step, :class:`Validator` does two things:
+
+* **Images.**  ``validation.prompts`` are sampled by the family's diffusers pipeline built around
+  the in-memory transformer (LoRA active), with the prompt embeddings that preprocess cached, so
+  the text encoders are never loaded during training.  They are written by
+  :class:`flowtune.sample.SampleWriter` to ``OUTPUT/samples/step-NNNNNN/`` (images, a grid and
+  ``samples.jsonl``) and sent to the trackers.  The main process samples; the others wait.
+* **Validation loss.**  The held-out items (``data.validation_split``) are evaluated at the fixed
+  noise levels :data:`VAL_SIGMAS`, each item with its own fixed noise (seeded by
+  ``validation.seed`` and the item's key), without loss weighting or caption dropout
+  (:meth:`FlowMatchingPipeline.evaluate`): ``val_loss`` depends only on the weights and the
+  held-out data, so it is comparable between steps, runs and recipes with different ``flow.*``
+  settings.  The items are shared out among the processes and the sum is reduced.
+
+Validation leaves training exactly as it was (:func:`training_state_kept`): the modules' train/eval
+flags, torch's CPU and CUDA random states, and the weights (no gradients are taken), so a run with
+validation has the same training losses as one without.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from flowtune.data.loader import CacheCollator, CachedDataset
+from flowtune.data.store import CacheStore
+from flowtune.families import FamilySpec
+from flowtune.flow_matching import rng
+from flowtune.flow_matching.adapters.base import unwrap_model
+from flowtune.sample import SampleJob, SampleSettings, SampleWriter, generate, load_pipeline
+from flowtune.train.checkpoint import checkpoint_name
+
+# The noise levels of the validation loss (sigma = 1 is pure noise): fixed, so that val_loss
+# curves of different runs can be compared.
+VAL_SIGMAS = (0.1, 0.3, 0.5, 0.7, 0.9)
+SAMPLES_DIR = "samples"
+
+
+def validation_seed(seed: int, key: str) -> int:
+    """A 63-bit seed for a held-out item's noise, from ``validation.seed`` and its cache key."""
+    digest = hashlib.sha256(f"{seed}\0{key}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+@contextlib.contextmanager
+def training_state_kept(model: nn.Module, device: torch.device) -> Iterator[None]:
+    """Run the body in eval mode without gradients, then restore every module's train/eval flag
+    and torch's random states (CPU, and the current CUDA device), whatever the body did."""
+    flags = [(module, module.training) for module in model.modules()]
+    devices = (
+        [device.index if device.index is not None else torch.cuda.current_device()]
+        if device.type == "cuda"
+        else []
+    )
+    try:
+        with torch.random.fork_rng(devices=devices), torch.no_grad():
+            model.eval()
+            yield
+    finally:
+        for module, training in flags:
+            module.training = training
+
+
+class Validator:
+    """Validation images and loss of one training run.
+
+    Args:
+        recipe: The run's recipe (``validation.*``, ``model.*``, ``train.batch_size``).
+        spec: The model family.
+        store: The open preprocess cache (validation prompt embeddings, held-out items).
+        heldout_indices: Manifest indices of the held-out items (may be empty).
+        accelerator: The run's Accelerator.
+        output_dir: ``train.output_dir``.
+    """
+
+    def __init__(
+        self,
+        recipe: Any,
+        spec: FamilySpec,
+        store: CacheStore,
+        heldout_indices: list[int],
+        accelerator: Any,
+        output_dir: Path,
+    ):
+        v = recipe.validation
+        self.recipe = recipe
+        self.spec = spec
+        self.accelerator = accelerator
+        self.output_dir = Path(output_dir)
+        self.prompts = list(v.prompts)
+        self.every = int(v.every)
+        self.settings = SampleSettings(
+            seed=v.seed, steps=v.steps, guidance=v.guidance, height=v.height, width=v.width
+        )
+        self.dtype = getattr(torch, recipe.model.dtype)
+        self.heldout = CachedDataset(store, heldout_indices)
+        self.collate = CacheCollator(self.heldout.sequence_fields)
+        self.encoder_class = spec.load_encoder_class()
+        self._prompt_inputs = [
+            self.encoder_class.prompt_inputs(self.heldout.prompt_embeddings(p)) for p in self.prompts
+        ]
+        self._pipe: Any = None
+
+    @property
+    def enabled(self) -> bool:
+        """Whether there is anything to validate (prompts or held-out items)."""
+        return bool(self.prompts) or len(self.heldout) > 0
+
+    def due(self, step: int, last: bool) -> bool:
+        """Whether to validate after ``step``."""
+        return self.enabled and (last or (self.every > 0 and step % self.every == 0))
+
+    def describe(self) -> str:
+        """One line for the run's banner."""
+        parts = []
+        if self.prompts:
+            parts.append(
+                f"{len(self.prompts)} prompt{'s' if len(self.prompts) != 1 else ''} "
+                f"({self.settings.width}x{self.settings.height}, {self.settings.steps} steps)"
+            )
+        if len(self.heldout):
+            parts.append(f"val_loss on {len(self.heldout)} held-out items x {len(VAL_SIGMAS)} sigmas")
+        when = f"every {self.every} steps and at the end" if self.every > 0 else "at the end"
+        return f"{', '.join(parts)}; {when}"
+
+    # ------------------------------------------------------------------ the loss
+
+    def loss(self, flow: Any, model: nn.Module, device: torch.device) -> float | None:
+        """The mean validation loss over the held-out items and :data:`VAL_SIGMAS` (all processes
+        must call it; None when nothing is held out)."""
+        acc = self.accelerator
+        n = len(self.heldout)
+        if n == 0:
+            return None
+        mine = list(range(acc.process_index, n, acc.num_processes))
+        by_bucket: dict[tuple[int, int], list[int]] = {}
+        for i in mine:
+            by_bucket.setdefault(tuple(self.heldout.items[i]["bucket"]), []).append(i)
+        batch_size = self.recipe.train.batch_size
+        total = torch.zeros((), device=device, dtype=torch.float64)
+        count = torch.zeros((), device=device, dtype=torch.float64)
+        for indices in by_bucket.values():
+            for start in range(0, len(indices), batch_size):
+                chunk = indices[start : start + batch_size]
+                batch = self.collate([self.heldout[i] for i in chunk])
+                batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+                generators = [
+                    torch.Generator().manual_seed(validation_seed(self.settings.seed, key))
+                    for key in batch["keys"]
+                ]
+                shape = (
+                    batch["image_latents"].shape if "image_latents" in batch else batch["video_latents"].shape
+                )
+                for sigma in VAL_SIGMAS:
+                    noise = rng.randn(shape, generators, device)
+                    sigmas = torch.full((len(chunk),), sigma, device=device)
+                    with acc.autocast():
+                        losses = flow.evaluate(model, batch, sigmas, noise, device=device, dtype=self.dtype)
+                    total += losses.double().sum()
+                    count += len(chunk)
+        if acc.num_processes > 1:
+            total = acc.reduce(total, "sum")
+            count = acc.reduce(count, "sum")
+        return float(total / count)
+
+    # ------------------------------------------------------------------ the images
+
+    def _pipeline(self, model: nn.Module, device: torch.device) -> Any:
+        if self._pipe is None:
+            from flowtune.model_files import resolve_pretrained
+
+            m = self.recipe.model
+            model_dir = resolve_pretrained(m.pretrained, m.revision, ["vae", "scheduler"])
+            self._pipe = load_pipeline(
+                self.spec,
+                model_dir,
+                dtype=self.dtype,
+                device=device,
+                variant=m.variant,
+                transformer=unwrap_model(model),
+                without=self.encoder_class.text_components,
+            )
+        return self._pipe
+
+    def images(self, model: nn.Module, step: int, device: torch.device) -> list[Any]:
+        """Sample the validation prompts (main process) into ``OUTPUT/samples/step-NNNNNN/``;
+        returns the PIL images."""
+        if not self.prompts:
+            return []
+        pipe = self._pipeline(model, device)
+        out_dir = self.output_dir / SAMPLES_DIR / checkpoint_name(step)
+        shutil.rmtree(out_dir, ignore_errors=True)  # the same step sampled again (a resumed run)
+        writer = SampleWriter(
+            out_dir, {"family": self.spec.name, "model": self.recipe.model.pretrained, "step": step}
+        )
+        images = []
+        for prompt, inputs in zip(self.prompts, self._prompt_inputs, strict=True):
+            job = SampleJob(prompt, self.settings.seed, {k: v.to(device) for k, v in inputs.items()})
+            with self.accelerator.autocast():
+                image = generate(pipe, job, self.settings)
+            writer.add(image, job, self.settings)
+            images.append(image)
+        writer.write_grid()
+        return images
+
+    def log_images(self, images: list[Any], step: int) -> None:
+        """Send the images to the trackers (TensorBoard: one NHWC batch; W&B: a list)."""
+        if not images:
+            return
+        for tracker in self.accelerator.trackers:
+            if tracker.name == "tensorboard":
+                tracker.log_images(
+                    {"validation": np.stack([np.asarray(i.convert("RGB")) for i in images])},
+                    step,
+                    dataformats="NHWC",
+                )
+            elif tracker.name == "wandb":
+                tracker.log_images({"validation": images}, step)
+
+    # ------------------------------------------------------------------ both
+
+    def run(self, flow: Any, model: nn.Module, step: int, device: torch.device) -> dict[str, Any]:
+        """Validate after ``step`` (all processes call it); returns ``{"val_loss": ...}`` when
+        there is a held-out set, and writes and logs the images on the main process."""
+        acc = self.accelerator
+        result: dict[str, Any] = {}
+        with training_state_kept(unwrap_model(model), device):
+            val_loss = self.loss(flow, unwrap_model(model), device)
+            if val_loss is not None:
+                result["val_loss"] = val_loss
+            if acc.is_main_process:
+                images = self.images(model, step, device)
+                self.log_images(images, step)
+                if images:
+                    result["samples"] = str(self.output_dir / SAMPLES_DIR / checkpoint_name(step))
+        acc.wait_for_everyone()
+        return result
