@@ -284,6 +284,7 @@ def resolve_trained(path: str | Path, lora_name: str) -> TrainedWeights:
             f"{path} is a file; --ckpt takes a checkpoint directory (OUTPUT/{FINAL} or "
             f"OUTPUT/{CHECKPOINTS}/step-000250) or a run's output directory"
         )
+
     def has_weights(directory: Path) -> bool:
         return (directory / lora_name).is_file() or (directory / "transformer").is_dir()
 
