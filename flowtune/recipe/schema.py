@@ -165,7 +165,9 @@ class Data:
     validation_split: float = 0.0
     """Fraction of the cached items held out of training to measure a validation loss, in
     [0, 1). Items are picked by a hash of their content key, so the split stays the same when
-    other items are added. 0 = train on everything."""
+    other items are added. `val_loss` is evaluated every `validation.every` steps at 5 fixed
+    noise levels: 5 forward passes per held-out item, so keep the fraction small on large
+    datasets. 0 = train on everything."""
 
     num_workers: int = 0
     """Data loader worker processes during training. 0 reads in the main process, which is the
@@ -355,17 +357,21 @@ class LRScheduler:
 
 @dataclass
 class Validation:
-    """Sample images with the model being trained, to see progress."""
+    """Validation during training: images sampled with the model being trained, and the
+    validation loss on the held-out items (`data.validation_split`); see docs/sampling.md."""
 
     prompts: list[str] = field(default_factory=list)
-    """Prompts to sample. [] = no validation images."""
+    """Prompts to sample, one image each, into `OUTPUT/samples/step-NNNNNN/` and the trackers.
+    `flowtune preprocess` encodes them into the cache (re-run it after changing them), so the
+    text encoders are not loaded during training. [] = no validation images."""
 
     every: int = 250
-    """Sample the prompts every this many steps and after the last step. 0 = only after the last
-    step."""
+    """Validate (sample the prompts and compute `val_loss`) every this many steps and after the
+    last step. 0 = only after the last step."""
 
     seed: int = 42
-    """Seed of the sampling noise: the same seed gives comparable images across steps."""
+    """Seed of the sampling noise and of the held-out items' noise for `val_loss`: the same seed
+    gives comparable images and losses across steps and runs."""
 
     steps: int = 28
     """Denoising steps per image."""
