@@ -451,3 +451,12 @@ def test_export_user_errors_are_one_line(trained, tmp_path) -> None:
         "--overwrite",
     )
     assert_user_error(flowtune("export", "--ckpt", final, "--lora-scale", "0.5"), "--merge only")
+
+
+def test_options_that_do_not_go_together_are_refused(trained) -> None:
+    with pytest.raises(FlowtuneError, match="leave out --format"):
+        export(trained / "final", "kohya", merge=True)
+    with pytest.raises(FlowtuneError, match="--dtype 'fp8' is not one of: float32, bfloat16, float16"):
+        export(trained / "final", "kohya", dtype="fp8")
+    with pytest.raises(FlowtuneError, match="finite"):
+        export(trained / "final", merge=True, lora_scale=float("nan"))

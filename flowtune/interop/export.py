@@ -11,11 +11,17 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from flowtune.errors import FlowtuneError
 from flowtune.train.checkpoint import TrainedWeights, resolve_trained
+
+if TYPE_CHECKING:
+    from flowtune.families import FamilySpec
+    from flowtune.recipe import Recipe
 
 
 @dataclass(frozen=True)
@@ -51,7 +57,8 @@ def _lora_checkpoint(trained: TrainedWeights, spec_transformer_class: str) -> Pa
     return trained.lora_file
 
 
-def _family(trained: TrainedWeights):
+def _family(trained: TrainedWeights) -> tuple[Recipe, FamilySpec]:
+    """The checkpoint's recipe and model family."""
     from flowtune.families import get_family
     from flowtune.recipe import load_recipe
 
@@ -93,13 +100,14 @@ def export_lora(
     if path.is_dir():
         path = path / name
     check_free_file(path, overwrite)
-    counts: list[int | None] = []
+    written: dict[str, tuple[int, int | None]] = {}
 
     def write(tmp: Path) -> None:
-        counts.extend(write_lora(lora_file, spec, fmt, tmp, DTYPES[dtype] if dtype else None))
+        written["counts"] = write_lora(lora_file, spec, fmt, tmp, DTYPES[dtype] if dtype else None)
 
     write_file_atomically(path, write)
-    return ExportResult(path=path, format=fmt, modules=int(counts[0] or 0), original_modules=counts[1])
+    modules, original_modules = written["counts"]
+    return ExportResult(path=path, format=fmt, modules=modules, original_modules=original_modules)
 
 
 def merge_lora(
@@ -128,7 +136,6 @@ def merge_lora(
             be found.
     """
     import diffusers
-    import torch
 
     from flowtune.interop.lora import DTYPES
     from flowtune.interop.output import check_free_dir, default_stem, write_dir_atomically
@@ -136,7 +143,7 @@ def merge_lora(
     from flowtune.quiet import quiet_libraries
 
     _check_choice(dtype, "--dtype", list(DTYPES))
-    if not torch.isfinite(torch.tensor(lora_scale)):
+    if not math.isfinite(lora_scale):
         raise FlowtuneError(f"--lora-scale must be a finite number, got {lora_scale}")
     recipe, spec = _family(trained)
     lora_file = _lora_checkpoint(trained, spec.transformer_class)
