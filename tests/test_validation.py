@@ -52,7 +52,9 @@ def _train(env: Path, out: Path, *overrides: str):
 
 
 def _train_losses(out: Path) -> list[tuple[int, float, float]]:
-    return [(r["step"], r["loss"], r["grad_norm"]) for r in read_metrics(out / "metrics.jsonl") if "loss" in r]
+    return [
+        (r["step"], r["loss"], r["grad_norm"]) for r in read_metrics(out / "metrics.jsonl") if "loss" in r
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -91,7 +93,11 @@ def test_validation_images_are_written_per_step_with_a_grid(validated) -> None:
         ]
         image = Image.open(folder / "000001.png")
         assert image.size == (64, 64)
-        assert image.text["prompt"] == PROMPTS[1] and image.text["seed"] == "5" and image.text["step"] == str(step)
+        assert (
+            image.text["prompt"] == PROMPTS[1]
+            and image.text["seed"] == "5"
+            and image.text["step"] == str(step)
+        )
 
 
 def test_validation_images_equal_diffusers_with_the_checkpoint_s_lora(env, validated) -> None:
@@ -148,3 +154,25 @@ def test_a_run_without_held_out_items_or_prompts_does_not_validate(env, tmp_path
         assert not validator.enabled and not validator.due(4, last=True)
     finally:
         trainer.cleanup()
+
+
+def test_trackers_receive_val_loss_and_the_images_under_bf16_autocast(env, tmp_path) -> None:
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "run"
+    _train(env, out, "train.max_steps=2", "train.mixed_precision=bf16", "logging.trackers=[tensorboard]")
+    events = EventAccumulator(
+        str(next((out / "tensorboard").rglob("events.out.tfevents.*")).parent), size_guidance={"images": 0}
+    )
+    events.Reload()
+    assert "val_loss" in events.Tags()["scalars"] and "loss" in events.Tags()["scalars"]
+    assert [e.step for e in events.Scalars("val_loss")] == [2]
+    images = events.Images("validation")
+    assert [e.step for e in images] == [2]
+    assert (images[0].width, images[0].height) == (2 * 64, 64)  # the two prompts' images, tiled
+    assert sorted(p.name for p in (out / "samples" / "step-000002").glob("*.png")) == [
+        "000000.png",
+        "000001.png",
+        "grid.png",
+    ]
