@@ -163,7 +163,9 @@ def sample(
     model: Annotated[
         str | None,
         typer.Option(
-            help="A base model (Hub id or diffusers directory), instead of --ckpt.", show_default=False
+            help="A base model (Hub id or diffusers directory) with an optional --lora; with --ckpt, "
+            "the base model to use instead of the recipe's model.pretrained.",
+            show_default=False,
         ),
     ] = None,
     lora: Annotated[
@@ -209,13 +211,15 @@ def sample(
     from flowtune.sample import sample as run_sample
 
     quiet_libraries()
-    if (ckpt is None) == (model is None):
-        raise FlowtuneError("give either --ckpt CHECKPOINT or --model MODEL (with --lora FILE)")
+    if ckpt is None and model is None:
+        raise FlowtuneError("give --ckpt CHECKPOINT, or --model MODEL (with --lora FILE)")
     if lora is not None and ckpt is not None:
         raise FlowtuneError("--lora goes with --model; a --ckpt brings its own LoRA")
     if dtype is not None and dtype not in ("bfloat16", "float16", "float32"):
         raise FlowtuneError(f"--dtype {dtype!r}: choose bfloat16, float16 or float32")
-    source = source_from_checkpoint(ckpt) if ckpt is not None else source_from_model(model, lora)
+    source = (
+        source_from_checkpoint(ckpt, base_model=model) if ckpt is not None else source_from_model(model, lora)
+    )
     prompts = read_prompts(prompt or [], prompts_file)
     if not prompts and prompt is None and prompts_file is None:
         prompts = source.prompts  # a checkpoint's validation prompts
@@ -305,13 +309,26 @@ def export(
         ),
     ] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing output.")] = False,
+    model: Annotated[
+        str | None,
+        typer.Option(
+            help="With --merge: the base model to merge into.", show_default="the recipe's model.pretrained"
+        ),
+    ] = None,
 ) -> None:
     """Export a trained LoRA for other tools (ComfyUI, kohya, diffusers), or merge it into the transformer."""
     from flowtune.interop import export as run_export
 
     quiet_libraries()
     result = run_export(
-        ckpt, fmt, out_path, merge=merge, lora_scale=lora_scale, dtype=dtype, overwrite=overwrite
+        ckpt,
+        fmt,
+        out_path,
+        merge=merge,
+        lora_scale=lora_scale,
+        dtype=dtype,
+        overwrite=overwrite,
+        base_model=model,
     )
     if result.format == "merged":
         what = f"transformer with {result.modules} LoRA modules merged (scale {lora_scale:g})"

@@ -425,8 +425,13 @@ class SampleSource:
     prompts: list[str] = field(default_factory=list)
 
 
-def source_from_checkpoint(ckpt: Path) -> SampleSource:
-    """The base model, weights and defaults of a flowtune checkpoint (or run directory)."""
+def source_from_checkpoint(ckpt: Path, base_model: str | None = None) -> SampleSource:
+    """The base model, weights and defaults of a flowtune checkpoint (or run directory).
+
+    Args:
+        base_model: Use this base model instead of the recipe's ``model.pretrained`` (a relative
+            path that no longer resolves, a moved download, a compatible fine-tune).
+    """
     from flowtune.families import get_family
     from flowtune.recipe import load_recipe
     from flowtune.train.checkpoint import resolve_trained
@@ -437,8 +442,8 @@ def source_from_checkpoint(ckpt: Path) -> SampleSource:
     v = recipe.validation
     return SampleSource(
         spec=get_family(recipe.model.family),
-        pretrained=recipe.model.pretrained,
-        revision=recipe.model.revision,
+        pretrained=base_model or recipe.model.pretrained,
+        revision=None if base_model else recipe.model.revision,
         variant=recipe.model.variant,
         dtype=recipe.model.dtype,
         lora_file=trained.lora_file,

@@ -460,3 +460,20 @@ def test_options_that_do_not_go_together_are_refused(trained) -> None:
         export(trained / "final", "kohya", dtype="fp8")
     with pytest.raises(FlowtuneError, match="finite"):
         export(trained / "final", merge=True, lora_scale=float("nan"))
+    with pytest.raises(FlowtuneError, match="--model applies to --merge only"):
+        export(trained / "final", "kohya", base_model="somewhere")
+
+
+def test_merge_into_another_copy_of_the_base_model(trained, tmp_path) -> None:
+    """--model replaces a base model path that no longer resolves (a relative path, a moved copy)."""
+    from diffusers import FluxTransformer2DModel
+
+    moved = tmp_path / "moved-flux"
+    shutil.copytree(trained.parent / "tiny-flux", moved)
+    with pytest.raises(FlowtuneError, match="^--model: .*gone' does not exist"):
+        export(trained / "final", out=tmp_path / "x", merge=True, base_model=str(tmp_path / "gone"))
+    merged = export(trained / "final", out=tmp_path / "merged", merge=True, base_model=str(moved)).path
+    reference = export(trained / "final", out=tmp_path / "reference", merge=True).path
+    a = FluxTransformer2DModel.from_pretrained(merged).state_dict()
+    b = FluxTransformer2DModel.from_pretrained(reference).state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -128,6 +129,12 @@ def test_a_checkpoint_s_recipe_gives_the_defaults_and_a_second_run_adds_images(r
     assert [p.name for p in first.images + second.images] == ["000000.png", "000001.png"]
     assert np.array_equal(np.asarray(Image.open(first.images[0])), np.asarray(Image.open(second.images[0])))
     assert len((tmp_path / "samples.jsonl").read_text().splitlines()) == 2
+    # Another copy of the base model (the recipe's path moved or relative): --model with --ckpt.
+    moved = tmp_path / "moved-flux"
+    shutil.copytree(run.parent / "tiny-flux", moved)
+    third = sample(source_from_checkpoint(run, base_model=str(moved)), source.prompts, settings, tmp_path)
+    assert Image.open(third.images[0]).text["model"] == str(moved)
+    assert np.array_equal(np.asarray(Image.open(first.images[0])), np.asarray(Image.open(third.images[0])))
 
 
 def test_a_model_and_a_lora_file_at_a_lower_strength(run, tmp_path) -> None:

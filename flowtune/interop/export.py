@@ -116,6 +116,7 @@ def merge_lora(
     dtype: str | None = None,
     lora_scale: float = 1.0,
     overwrite: bool = False,
+    base_model: str | None = None,
 ) -> ExportResult:
     """Save the base transformer with the checkpoint's LoRA merged into its weights.
 
@@ -130,6 +131,8 @@ def merge_lora(
         dtype: ``float32``, ``bfloat16`` or ``float16``; None = the recipe's ``model.dtype``.
         lora_scale: Strength of the merged LoRA (1.0 = as trained).
         overwrite: Replace a non-empty ``out``.
+        base_model: The base model (Hub id or directory) instead of the recipe's
+            ``model.pretrained`` (a relative path that no longer resolves, a moved download).
 
     Raises:
         FlowtuneError: a full fine-tuning checkpoint, an unusable ``out``, a base model that cannot
@@ -153,9 +156,16 @@ def merge_lora(
 
     quiet_libraries()
     try:
-        model_dir = resolve_pretrained(recipe.model.pretrained, recipe.model.revision, ["transformer"])
+        model_dir = resolve_pretrained(
+            base_model or recipe.model.pretrained, recipe.model.revision, ["transformer"]
+        )
     except FlowtuneError as exc:
-        raise FlowtuneError(f"the base model of {trained.recipe_file}: {exc}") from None
+        where = (
+            "--model"
+            if base_model
+            else f"the base model of {trained.recipe_file} (give another with --model)"
+        )
+        raise FlowtuneError(f"{where}: {exc}") from None
     kwargs = {"subfolder": "transformer", "dtype": DTYPES[dtype or recipe.model.dtype]}
     if recipe.model.variant is not None:
         kwargs["variant"] = recipe.model.variant
@@ -188,6 +198,7 @@ def export(
     lora_scale: float = 1.0,
     dtype: str | None = None,
     overwrite: bool = False,
+    base_model: str | None = None,
 ) -> ExportResult:
     """``flowtune export``: check the options, find the checkpoint, export or merge.
 
@@ -204,7 +215,11 @@ def export(
         raise FlowtuneError("--merge writes a diffusers transformer folder; leave out --format")
     if not merge and lora_scale != 1.0:
         raise FlowtuneError("--lora-scale applies to --merge only; exported LoRAs keep the trained scale")
+    if not merge and base_model is not None:
+        raise FlowtuneError("--model applies to --merge only (the base model to merge into)")
     trained = resolve_trained(ckpt, LORA_WEIGHTS_NAME)
     if merge:
-        return merge_lora(trained, out, dtype=dtype, lora_scale=lora_scale, overwrite=overwrite)
+        return merge_lora(
+            trained, out, dtype=dtype, lora_scale=lora_scale, overwrite=overwrite, base_model=base_model
+        )
     return export_lora(trained, fmt or "diffusers", out, dtype=dtype, overwrite=overwrite)
