@@ -190,8 +190,8 @@ def sample(
     width: Annotated[int | None, typer.Option(help="Width in pixels.", show_default="recipe or 1024")] = None,
     num_images: Annotated[int, typer.Option(help="Images per prompt.")] = 1,
     lora_scale: Annotated[float, typer.Option(help="LoRA strength (1 = as trained).")] = 1.0,
-    out: Annotated[
-        Path, typer.Option(help="Output directory (numbering continues after existing images).")
+    out_dir: Annotated[
+        Path, typer.Option("--out", help="Output directory (numbering continues after existing images).")
     ] = Path("samples"),
     device: Annotated[
         str | None, typer.Option(help="Device, e.g. cuda, cuda:1, cpu.", show_default="cuda if available")
@@ -232,21 +232,30 @@ def sample(
     total = len(prompts) * settings.num_images
     weights = source.checkpoint or source.lora_file
     step = f" (step {source.step})" if source.step is not None else ""
-    err.print(
+    out.print(
         f"sampling {total} image{'s' if total != 1 else ''} with {source.spec.name} {source.pretrained}"
         + (f" + {weights}{step}" if weights else ""),
         highlight=False,
     )
 
     def progress(done: int, _: int, path: Path) -> None:
-        err.print(f"  {done}/{total} {path}", highlight=False)
+        out.print(f"  {done}/{total} {path}", highlight=False)
 
     result = run_sample(
-        source, prompts, settings, out, device=device, dtype=dtype, cpu_offload=cpu_offload, progress=progress
+        source,
+        prompts,
+        settings,
+        out_dir,
+        device=device,
+        dtype=dtype,
+        cpu_offload=cpu_offload,
+        progress=progress,
     )
     for warning in result.warnings:
         err.print(f"[yellow]warning:[/] {escape(warning)}", highlight=False)
-    err.print(f"[green]✓[/green] {len(result.images)} images in {out} (grid: {result.grid})", highlight=False)
+    err.print(
+        f"[green]✓[/green] {len(result.images)} images in {out_dir} (grid: {result.grid})", highlight=False
+    )
 
 
 @app.command("make-dataset")

@@ -13,28 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-REPO = Path(__file__).resolve().parents[1]
-
-
-def flowtune(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "200", "PYTHONPATH": str(REPO)}
-    return subprocess.run(
-        [sys.executable, "-m", "flowtune", *args],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-
-
-def assert_user_error(result: subprocess.CompletedProcess, *fragments: str) -> None:
-    assert result.returncode == 2, result.stderr
-    assert "Traceback" not in result.stderr + result.stdout
-    message = result.stderr.strip()
-    assert message.count("\n") == 0, f"expected one line, got:\n{message}"
-    for fragment in fragments:
-        assert fragment in message
+from tests.helpers import REPO, assert_user_error, flowtune
 
 
 def test_validate_suggests_the_closest_key():

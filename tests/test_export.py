@@ -5,10 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -23,8 +20,7 @@ from flowtune.families import get_family
 from flowtune.interop import export
 from flowtune.interop.lora import read_lora, write_lora
 from flowtune.train.model import LORA_WEIGHTS_NAME
-
-REPO = Path(__file__).resolve().parents[1]
+from tests.helpers import assert_user_error, flowtune
 
 # ---------------------------------------------------------------------------------------------
 # 1. Round trip through diffusers' converter, in FLUX.1 [dev] shapes.
@@ -254,22 +250,6 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
     preprocess(recipe, console=Console(quiet=True))
     Trainer(recipe, console=Console(quiet=True)).run()
     return root / "run"
-
-
-def flowtune(*args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "200", "PYTHONPATH": str(REPO)}
-    return subprocess.run(
-        [sys.executable, "-m", "flowtune", *args], env=env, capture_output=True, text=True, timeout=300
-    )
-
-
-def assert_user_error(result: subprocess.CompletedProcess, *fragments: str) -> None:
-    assert result.returncode == 2, result.stderr
-    message = result.stderr.strip()
-    assert "Traceback" not in result.stderr + result.stdout
-    assert message.count("\n") == 0, f"expected one line, got:\n{message}"
-    for fragment in fragments:
-        assert fragment in message, message
 
 
 def _images(pipe) -> np.ndarray:

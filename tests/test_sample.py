@@ -4,10 +4,7 @@ one-line errors for bad checkpoints, LoRAs, sizes and prompt lists."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -34,8 +31,8 @@ from flowtune.sample import (
 from flowtune.tiny import make_tiny
 from flowtune.train.model import LORA_WEIGHTS_NAME, read_lora_metadata
 from flowtune.train.trainer import Trainer
+from tests.helpers import assert_user_error, flowtune
 
-REPO = Path(__file__).resolve().parents[1]
 PROMPT = "a red circle on a white background"
 
 
@@ -75,21 +72,9 @@ def _diffusers_images(model_dir: Path, lora_dir: Path | None, seeds, scale: floa
     ]
 
 
-def _flowtune(*args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "200", "PYTHONPATH": str(REPO)}
-    return subprocess.run(
-        [sys.executable, "-m", "flowtune", *args],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-
-
 def test_sample_from_a_checkpoint_gives_plain_diffusers_pixels_and_records_them(run, tmp_path) -> None:
     out = tmp_path / "out"
-    result = _flowtune(
+    result = flowtune(
         "sample", "--ckpt", str(run), "-p", PROMPT, "-p", "a blue square", "--seed", "7",
         "--num-images", "2", "--steps", "3", "--height", "48", "--width", "64", "--out", str(out),
     )  # fmt: skip
@@ -236,21 +221,12 @@ def test_loras_for_another_family_or_base_model_are_refused(run, tmp_path) -> No
         check_lora(spec, transformer, tmp_path / "junk.safetensors")
 
 
-def assert_user_error(result: subprocess.CompletedProcess, *fragments: str) -> None:
-    assert result.returncode == 2, result.stderr
-    assert "Traceback" not in result.stderr + result.stdout
-    message = result.stderr.strip().splitlines()[-1]
-    assert message.startswith("error: ")
-    for fragment in fragments:
-        assert fragment in message
-
-
 def test_user_errors_are_one_line_with_exit_status_2(run, tmp_path) -> None:
-    assert_user_error(_flowtune("sample", "--ckpt", str(tmp_path / "missing"), "-p", "x"), "no checkpoint at")
-    assert_user_error(_flowtune("sample", "--ckpt", str(run), "-p", "x", "--height", "60"), "height 60", "16")
+    assert_user_error(flowtune("sample", "--ckpt", str(tmp_path / "missing"), "-p", "x"), "no checkpoint at")
+    assert_user_error(flowtune("sample", "--ckpt", str(run), "-p", "x", "--height", "60"), "height 60", "16")
     (tmp_path / "prompts.txt").write_text("\n\n")
     assert_user_error(
-        _flowtune(
+        flowtune(
             "sample",
             "--model",
             str(run.parent / "tiny-flux"),
@@ -259,13 +235,13 @@ def test_user_errors_are_one_line_with_exit_status_2(run, tmp_path) -> None:
         ),
         "no prompts",
     )
-    assert_user_error(_flowtune("sample", "-p", "x"), "--ckpt", "--model")
+    assert_user_error(flowtune("sample", "-p", "x"), "--ckpt", "--model")
     other = _rewrite_lora(
         run / "final" / LORA_WEIGHTS_NAME, tmp_path / "other.safetensors",
         edit_metadata=lambda m: {**m, "flowtune.family": "flux2"},
     )  # fmt: skip
     assert_user_error(
-        _flowtune("sample", "--model", str(run.parent / "tiny-flux"), "--lora", str(other), "-p", "x"),
+        flowtune("sample", "--model", str(run.parent / "tiny-flux"), "--lora", str(other), "-p", "x"),
         "flux2 family",
     )
 
