@@ -135,6 +135,7 @@ class Validator:
 
     # ------------------------------------------------------------------ the loss
 
+    @torch.no_grad()
     def loss(self, flow: Any, model: nn.Module, device: torch.device) -> float | None:
         """The mean validation loss over the held-out items and :data:`VAL_SIGMAS` (all processes
         must call it; None when nothing is held out)."""
