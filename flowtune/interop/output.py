@@ -8,14 +8,14 @@ them, so that pruning old checkpoints (``train.keep_last``) or a continued run r
 
 from __future__ import annotations
 
-import os
 import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
+from flowtune.data.store import atomic_path
 from flowtune.errors import FlowtuneError
-from flowtune.train.checkpoint import CHECKPOINTS, FINAL
+from flowtune.train.checkpoint import CHECKPOINTS, FINAL, publish
 
 EXPORT_DIR = "export"
 
@@ -58,45 +58,27 @@ def check_free_dir(path: Path, overwrite: bool) -> None:
 
 
 def write_file_atomically(path: Path, write: Callable[[Path], None]) -> Path:
-    """Call ``write(tmp)`` on a temporary file next to ``path``, then rename it to ``path``.
-
-    A process killed mid-write leaves at most a hidden ``.<name>.tmp-*`` file, never a truncated
-    ``path``; an existing ``path`` is replaced in one step.
-    """
+    """Call ``write(tmp)`` on a temporary file next to ``path``, then rename it to ``path``
+    (:func:`flowtune.data.store.atomic_path`): a process killed mid-write leaves at most a hidden
+    temporary file, never a truncated ``path``; an existing ``path`` is replaced in one step."""
     path = Path(path)
     _make_parent(path)
-    fd, name = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
-    os.close(fd)
-    tmp = Path(name)
-    try:
-        write(tmp)
-        with open(tmp, "rb") as handle:
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp:
+        write(Path(tmp))
     return path
 
 
 def write_dir_atomically(path: Path, write: Callable[[Path], None]) -> Path:
-    """Call ``write(tmp_dir)`` on a temporary directory next to ``path``, then rename it to ``path``.
-
-    An existing ``path`` is moved aside first and deleted after the rename, so at every moment
-    either the old or the new complete directory exists.
-    """
+    """Call ``write(tmp_dir)`` on a temporary directory next to ``path``, then move it into place
+    with :func:`flowtune.train.checkpoint.publish`: an existing ``path`` is moved aside first and
+    deleted after the rename, so at every moment either the old or the new complete directory
+    exists."""
     path = Path(path)
     _make_parent(path)
     staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     try:
         write(staging)
-        if path.exists():
-            retired = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
-            os.replace(path, retired / path.name)
-            os.replace(staging, path)
-            shutil.rmtree(retired, ignore_errors=True)
-        else:
-            os.replace(staging, path)
+        publish(staging, path)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
