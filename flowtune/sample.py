@@ -533,20 +533,14 @@ def sample(
         transformer = getattr(diffusers, spec.transformer_class).from_pretrained(
             source.transformer_dir, dtype=torch_dtype
         )
+    # Loaded on the CPU first, so that a LoRA that does not fit is refused before GPU memory is used.
     pipe = load_pipeline(
-        spec,
-        model_dir,
-        dtype=torch_dtype,
-        device="cpu" if cpu_offload else device,
-        variant=source.variant,
-        transformer=transformer,
+        spec, model_dir, dtype=torch_dtype, device="cpu", variant=source.variant, transformer=transformer
     )
     warnings: list[str] = []
     if source.lora_file is not None:
         warnings = check_lora(spec, pipe.transformer, source.lora_file, base_model=source.pretrained)
         add_lora(pipe, source.lora_file, settings.lora_scale)
-    if cpu_offload:
-        pipe.enable_model_cpu_offload(device=device)
 
     writer = SampleWriter(
         out_dir,
@@ -560,9 +554,20 @@ def sample(
     )
     jobs = plan_jobs(prompts, settings)
     paths = []
-    for done, job in enumerate(jobs, start=1):
-        paths.append(writer.add(generate(pipe, job, settings), job, settings))
-        if progress is not None:
-            progress(done, len(jobs), paths[-1])
+    try:
+        if cpu_offload:
+            pipe.enable_model_cpu_offload(device=device)
+        else:
+            pipe.to(device)
+        for done, job in enumerate(jobs, start=1):
+            paths.append(writer.add(generate(pipe, job, settings), job, settings))
+            if progress is not None:
+                progress(done, len(jobs), paths[-1])
+    except torch.OutOfMemoryError:
+        hint = "a smaller --height/--width" if cpu_offload else "--cpu-offload, or a smaller --height/--width"
+        raise FlowtuneError(
+            f"out of memory on {device} after {len(paths)} of {len(jobs)} images (those are saved in "
+            f"{writer.out_dir}); try {hint}"
+        ) from None
     grid = writer.write_grid(columns=settings.num_images if settings.num_images > 1 else None)
     return SampleResult(paths, writer.out_dir / SAMPLES_FILE, grid, warnings)

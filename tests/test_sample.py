@@ -274,3 +274,22 @@ def test_contact_sheet_lays_out_captioned_cells() -> None:
     assert sheet.width > sheet.height and wide.height > sheet.height
     # The first cell shows the (scaled-up) red image.
     assert sheet.getpixel((8 + 128, 8 + 128)) == (255, 0, 0)
+
+
+def test_running_out_of_memory_is_a_message_and_keeps_the_images_made(run, tmp_path, monkeypatch) -> None:
+    import flowtune.sample as sampling
+
+    real = sampling.generate
+    calls = []
+
+    def generate(pipe, job, settings):
+        calls.append(job.seed)
+        if len(calls) == 2:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real(pipe, job, settings)
+
+    monkeypatch.setattr(sampling, "generate", generate)
+    source = source_from_checkpoint(run)
+    with pytest.raises(FlowtuneError, match="out of memory on cpu after 1 of 3 images.*--cpu-offload"):
+        sample(source, [PROMPT], SampleSettings(steps=1, height=32, width=32, num_images=3), tmp_path)
+    assert [p.name for p in tmp_path.glob("*.png")] == ["000000.png"]
