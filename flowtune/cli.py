@@ -254,7 +254,9 @@ def sample(
     for warning in result.warnings:
         err.print(f"[yellow]warning:[/] {escape(warning)}", highlight=False)
     err.print(
-        f"[green]✓[/green] {len(result.images)} images in {out_dir} (grid: {result.grid})", highlight=False
+        f"[green]✓[/green] {len(result.images)} image{'s' if len(result.images) != 1 else ''} in {out_dir} "
+        f"(grid: {result.grid})",
+        highlight=False,
     )
 
 
