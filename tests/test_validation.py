@@ -176,3 +176,16 @@ def test_trackers_receive_val_loss_and_the_images_under_bf16_autocast(env, tmp_p
         "000001.png",
         "grid.png",
     ]
+
+
+def test_validation_images_out_of_memory_are_skipped_with_a_warning(env, tmp_path, monkeypatch) -> None:
+    def out_of_memory(self, model, step, device):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    monkeypatch.setattr(Validator, "images", out_of_memory)
+    console = Console(record=True, width=200)
+    recipe = load_recipe(env / "recipe.yaml", [f"train.output_dir={tmp_path / 'run'}"])
+    result = Trainer(recipe, console=console).run()
+    assert result.step == 4  # training went on to the end
+    assert "validation images of step 2 skipped: out of memory" in console.export_text()
+    assert [r["step"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "val_loss" in r] == [2, 4]

@@ -483,10 +483,11 @@ class Trainer:
                 last = self.step == stop_at
                 if self.step % r.train.log_every == 0 or last:
                     self._flush_metrics()
-                if self.validator.due(self.step, last):
-                    self.validate()
                 if self.step % r.train.checkpoint_every == 0 or last:
                     self.save()
+                # After the checkpoint: a failure while validating never loses the step.
+                if self.validator.due(self.step, last):
+                    self.validate()
                 if self._stop_requested() and not last:
                     self._stop_for_signal()
         self._flush_metrics()
@@ -513,7 +514,10 @@ class Trainer:
             parts = [f"val_loss {result['val_loss']:.4f}"] if "val_loss" in result else []
             if "samples" in result:
                 parts.append(f"samples in {result['samples']}")
-            self._display.print(f"step {self.step:>6}  validation: {'  '.join(parts)}", highlight=False)
+            if parts:
+                self._display.print(f"step {self.step:>6}  validation: {'  '.join(parts)}", highlight=False)
+            if "warning" in result:
+                self._display.print(f"[yellow]warning:[/] {result['warning']}", highlight=False)
         spent = time.perf_counter() - started
         self._interval_start = (self._interval_start[0] + spent, self._interval_start[1])
         return result

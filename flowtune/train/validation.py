@@ -231,8 +231,13 @@ class Validator:
     # ------------------------------------------------------------------ both
 
     def run(self, flow: Any, model: nn.Module, step: int, device: torch.device) -> dict[str, Any]:
-        """Validate after ``step`` (all processes call it); returns ``{"val_loss": ...}`` when
-        there is a held-out set, and writes and logs the images on the main process."""
+        """Validate after ``step`` (all processes call it).
+
+        Returns:
+            ``val_loss`` when there is a held-out set; on the main process ``samples`` (the
+            images' folder), or ``warning`` when the images ran out of memory and were skipped
+            (training goes on).
+        """
         acc = self.accelerator
         result: dict[str, Any] = {}
         with training_state_kept(unwrap_model(model), device):
@@ -240,7 +245,17 @@ class Validator:
             if val_loss is not None:
                 result["val_loss"] = val_loss
             if acc.is_main_process:
-                images = self.images(model, step, device)
+                try:
+                    images = self.images(model, step, device)
+                except torch.OutOfMemoryError:
+                    # A long run is not lost to a validation image: skip it, free what it took.
+                    images = []
+                    if device.type == "cuda":
+                        torch.cuda.empty_cache()
+                    result["warning"] = (
+                        f"validation images of step {step} skipped: out of memory on {device} "
+                        "(lower validation.height/width, or train.gradient_checkpointing frees memory)"
+                    )
                 self.log_images(images, step)
                 if images:
                     result["samples"] = str(self.output_dir / SAMPLES_DIR / checkpoint_name(step))
