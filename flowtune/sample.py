@@ -158,13 +158,15 @@ class SampleWriter:
     Args:
         out_dir: The output directory (created).
         info: Fields recorded with every image besides the job's and the settings' (model, LoRA,
-            checkpoint, step, ...); ``None`` values are left out.
+            checkpoint, step, ...); ``None`` values are left out, paths are written as strings.
     """
 
     def __init__(self, out_dir: Path, info: dict[str, Any] | None = None):
         self.out_dir = Path(out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        self.info = {k: v for k, v in (info or {}).items() if v is not None}
+        self.info = {
+            k: str(v) if isinstance(v, Path) else v for k, v in (info or {}).items() if v is not None
+        }
         existing = [int(m.group(1)) for p in self.out_dir.iterdir() if (m := _IMAGE_NAME.match(p.name))]
         self.next_index = max(existing, default=-1) + 1
         self.images: list[tuple[Image.Image, str]] = []
@@ -387,11 +389,6 @@ def add_lora(pipe: Any, lora_file: Path, scale: float = 1.0) -> None:
         pipe.set_adapters([ADAPTER_NAME], adapter_weights=[scale])
 
 
-def record_info(**fields: Any) -> dict[str, Any]:
-    """The fields recorded with every image (``None`` values dropped), as strings for paths."""
-    return {k: str(v) if isinstance(v, Path) else v for k, v in fields.items() if v is not None}
-
-
 # ---------------------------------------------------------------------------------------- the command
 
 
@@ -544,13 +541,13 @@ def sample(
 
     writer = SampleWriter(
         out_dir,
-        record_info(
-            family=spec.name,
-            model=source.pretrained,
-            lora=source.lora_file,
-            checkpoint=source.checkpoint,
-            step=source.step,
-        ),
+        {
+            "family": spec.name,
+            "model": source.pretrained,
+            "lora": source.lora_file,
+            "checkpoint": source.checkpoint,
+            "step": source.step,
+        },
     )
     jobs = plan_jobs(prompts, settings)
     paths = []
