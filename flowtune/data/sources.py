@@ -16,6 +16,20 @@
   image bytes of the split are held in memory, which suits fine-tuning sets (thousands of
   images); for much larger sets export the images to a folder or a JSONL manifest.
 
+**Edit pairs** (families whose ``FamilySpec.reference_images`` is true, e.g. FLUX.1 Kontext;
+``list_records(..., references=True)``): each record also carries its control (reference)
+images, in order.
+
+* folder: ``ROOT/images/`` holds the targets and their ``.txt`` instructions (listed like a plain
+  folder); ``ROOT/control/`` holds one reference per target with the same relative path and stem
+  (any supported extension: ``images/cat.png`` -> ``control/cat.jpg``); ``ROOT/control_1/``,
+  ``ROOT/control_2/``, ... hold further references.  A target without its reference file is a
+  problem of that item.
+* jsonl: the ``control`` key (``data.control_column``) holds one path or a list of paths, relative
+  to the manifest like the image: ``{"image": "out.png", "control": "in.png", "caption": "make
+  it blue"}``.
+* datasets: not supported for edit pairs (a :class:`~flowtune.errors.FlowtuneError`).
+
 Problems with single items (an unreadable caption, a bad manifest line, a missing image file) are
 returned as :class:`SourceProblem` so a run can go on with the rest; problems with the whole
 source raise :class:`~flowtune.errors.FlowtuneError` with a one-line message naming
@@ -25,8 +39,10 @@ source raise :class:`~flowtune.errors.FlowtuneError` with a one-line message nam
 from __future__ import annotations
 
 import codecs
+import dataclasses
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -47,6 +63,54 @@ _STRING_DTYPES = frozenset({"string", "large_string", "string_view"})
 _BINARY_DTYPES = frozenset({"binary", "large_binary", "binary_view"})
 _DATASET_ROWS_PER_BATCH = 256
 
+IMAGES_FOLDER = "images"
+"""Sub-folder of an edit-pair folder source that holds the targets and their captions."""
+CONTROL_FOLDER = "control"
+"""Sub-folder of an edit-pair folder source that holds the first reference of each target;
+further references are in ``control_1``, ``control_2``, ..."""
+_CONTROL_FOLDER_PATTERN = re.compile(rf"{CONTROL_FOLDER}(?:_([1-9][0-9]*))?")
+
+
+def _read_file(file: Path) -> bytes:
+    try:
+        return file.read_bytes()
+    except OSError as exc:
+        raise ImageError(f"cannot read file: {exc.strerror or exc}") from exc
+
+
+def _stat_file(file: Path) -> tuple[int, int]:
+    try:
+        stat = file.stat()
+    except OSError as exc:
+        raise ImageError(f"cannot read file: {exc.strerror or exc}") from exc
+    return stat.st_size, stat.st_mtime_ns
+
+
+@dataclass(frozen=True)
+class ControlImage:
+    """One control (reference) image of an edit pair, as listed by a source."""
+
+    path: str
+    """How errors name it: the file path as given (like :attr:`Record.path`)."""
+    image_file: Path
+    """Absolute path of the file."""
+
+    def read_image_bytes(self) -> bytes:
+        """The encoded image.
+
+        Raises:
+            ImageError: ``"cannot read file: <reason>"`` when the file cannot be read.
+        """
+        return _read_file(self.image_file)
+
+    def file_stat(self) -> tuple[int, int]:
+        """``(size in bytes, mtime in ns)`` of the file.
+
+        Raises:
+            ImageError: ``"cannot read file: <reason>"`` when the file cannot be examined.
+        """
+        return _stat_file(self.image_file)
+
 
 @dataclass(frozen=True)
 class Record:
@@ -64,6 +128,9 @@ class Record:
     """Absolute path of the image file, for file-backed records."""
     image_bytes: bytes | None = field(default=None, repr=False)
     """The encoded image, for datasets rows that carry it.  Exactly one of the two is set."""
+    controls: tuple[ControlImage, ...] = ()
+    """The control (reference) images of an edit pair, in reference order (``control/`` first,
+    then ``control_1/``, ...; or the JSONL list order).  Empty for plain images."""
 
     def __post_init__(self) -> None:
         if (self.image_file is None) == (self.image_bytes is None):
@@ -78,10 +145,7 @@ class Record:
         if self.image_bytes is not None:
             return self.image_bytes
         assert self.image_file is not None
-        try:
-            return self.image_file.read_bytes()
-        except OSError as exc:
-            raise ImageError(f"cannot read file: {exc.strerror or exc}") from exc
+        return _read_file(self.image_file)
 
     def file_stat(self) -> tuple[int, int] | None:
         """``(size in bytes, mtime in ns)`` of the image file; None for in-memory records.
@@ -91,11 +155,7 @@ class Record:
         """
         if self.image_file is None:
             return None
-        try:
-            stat = self.image_file.stat()
-        except OSError as exc:
-            raise ImageError(f"cannot read file: {exc.strerror or exc}") from exc
-        return stat.st_size, stat.st_mtime_ns
+        return _stat_file(self.image_file)
 
 
 @dataclass(frozen=True)
@@ -123,6 +183,8 @@ def list_records(
     image_column: str = "image",
     caption_column: str | None = None,
     dataset_split: str = "train",
+    references: bool = False,
+    control_column: str = "control",
 ) -> SourceListing:
     """List the training examples of ``data.source`` (see the module docstring for the kinds).
 
@@ -133,20 +195,28 @@ def list_records(
         caption_column: Key or column holding the caption; None = ``caption`` if present, else
             ``text``, else no captions.  Folders always take captions from ``.txt`` files.
         dataset_split: Split of a saved ``DatasetDict`` or of a dataset name.
+        references: List edit pairs: every record gets its control images (the family's
+            ``reference_images``).  Folders must then have the ``images/`` + ``control/`` layout.
+        control_column: JSONL key holding the control image path(s), with ``references``.
 
     Raises:
         FlowtuneError: The source as a whole cannot be used (does not exist, has no images, is an
-            empty manifest or a file of another kind, lacks the image or caption column, ...).
+            empty manifest or a file of another kind, lacks the image or caption column, lacks the
+            edit-pair layout, ...).
     """
     path = Path(source).expanduser()
     if path.is_dir():
         if _is_saved_dataset(path):
+            if references:
+                raise _no_dataset_references(source)
             dataset = _load_saved_dataset(source, path, dataset_split)
             return _list_dataset(source, dataset, image_column, caption_column)
-        return _list_folder(source, path)
+        return _list_edit_folder(source, path) if references else _list_folder(source, path)
     if path.exists():
         if path.is_file() and path.suffix.lower() == ".jsonl":
-            return _list_jsonl(source, path, image_column, caption_column)
+            return _list_jsonl(
+                source, path, image_column, caption_column, control_column if references else None
+            )
         raise FlowtuneError(
             f"data.source '{source}' is a file but not a .jsonl manifest; point data.source at a folder "
             "of images, a .jsonl manifest or a dataset"
@@ -156,6 +226,8 @@ def list_records(
             f"data.source '{source}' does not exist; check the path (a folder of images, a .jsonl "
             "manifest or a saved dataset)"
         )
+    if references:
+        raise _no_dataset_references(source)
     dataset = _load_hub_dataset(source, dataset_split)
     return _list_dataset(source, dataset, image_column, caption_column)
 
@@ -186,8 +258,11 @@ def apply_caption_options(
 # ----------------------------------------------------------------------------------------- folder
 
 
-def _list_folder(source: str, root: Path) -> SourceListing:
-    """Images under ``root`` (recursively, sorted by relative path) with their ``.txt`` captions."""
+def _list_folder(source: str, root: Path, subfolder: str = "") -> SourceListing:
+    """Images under ``root`` (recursively, sorted by relative path) with their ``.txt`` captions.
+
+    ``subfolder``: ``root`` is this folder of ``source`` (record paths and messages name it).
+    """
     images: list[tuple[str, Path, Path | None]] = []  # (relative posix path, relative path, caption)
     visited: set[str] = set()
     for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
@@ -207,10 +282,12 @@ def _list_folder(source: str, root: Path) -> SourceListing:
             caption_name = captions.get(stem)
             relative = relative_folder / name
             images.append((relative.as_posix(), relative, folder / caption_name if caption_name else None))
+    display_root = Path(source) / subfolder
     if not images:
         extensions = ", ".join(SUPPORTED_EXTENSIONS)
+        where = display_root if subfolder else source
         raise FlowtuneError(
-            f"data.source '{source}': no images ({extensions}) found under {source}; add images there "
+            f"data.source '{source}': no images ({extensions}) found under {where}; add images there "
             "or point data.source at another folder, a .jsonl manifest or a dataset"
         )
     images.sort(key=lambda item: item[0])
@@ -218,7 +295,7 @@ def _list_folder(source: str, root: Path) -> SourceListing:
     records: list[Record] = []
     problems: list[SourceProblem] = []
     for _, relative, caption_file in images:
-        display = str(Path(source) / relative)
+        display = str(display_root / relative)
         caption = None
         if caption_file is not None:
             try:
@@ -228,6 +305,100 @@ def _list_folder(source: str, root: Path) -> SourceListing:
                 continue
         records.append(Record(display, caption, {}, image_file=absolute_root / relative))
     return SourceListing("folder", records, problems)
+
+
+def _list_edit_folder(source: str, root: Path) -> SourceListing:
+    """Edit pairs: targets under ``root/images`` (as :func:`_list_folder` lists them) with their
+    references from ``root/control``, ``root/control_1``, ... (same relative path and stem)."""
+    folders = _control_folders(source, root)
+    if not (root / IMAGES_FOLDER).is_dir() or not folders:
+        raise FlowtuneError(
+            f"data.source '{source}' is not an edit-pair folder: the model family trains on edit pairs "
+            f"and needs {IMAGES_FOLDER}/ (target images with same-stem .txt instructions) and "
+            f"{CONTROL_FOLDER}/ (a same-stem reference image per target; {CONTROL_FOLDER}_1/, "
+            f"{CONTROL_FOLDER}_2/, ... for more) under {source}, or a .jsonl manifest with a control key"
+        )
+    targets = _list_folder(source, root / IMAGES_FOLDER, IMAGES_FOLDER)
+    images_root = (root / IMAGES_FOLDER).absolute()
+    absolute_root = root.absolute()
+    listings: dict[Path, dict[str, list[str]]] = {}
+    records: list[Record] = []
+    problems = list(targets.problems)
+    for record in targets.records:
+        assert record.image_file is not None
+        relative = record.image_file.relative_to(images_root)
+        controls, problem = _edit_pair_controls(source, absolute_root, folders, relative, listings)
+        if problem is not None:
+            problems.append(SourceProblem(record.path, problem))
+        else:
+            records.append(dataclasses.replace(record, controls=controls))
+    return SourceListing("folder", records, problems)
+
+
+def _edit_pair_controls(
+    source: str,
+    root: Path,
+    folders: list[str],
+    relative: Path,
+    listings: dict[Path, dict[str, list[str]]],
+) -> tuple[tuple[ControlImage, ...], str | None]:
+    """``(controls, None)`` of the target ``images/<relative>``, or ``((), problem)``."""
+    controls: list[ControlImage] = []
+    for folder in folders:
+        found = _find_control(root / folder / relative, listings)
+        shown = (Path(folder) / relative.parent / f"{relative.stem}.*").as_posix()
+        if not found:
+            return (), f"no control image {shown}"
+        if len(found) > 1:
+            return (), f"several control images {shown} ({', '.join(found)}); keep one"
+        display = Path(source) / folder / relative.parent / found[0]
+        controls.append(ControlImage(str(display), root / folder / relative.parent / found[0]))
+    return tuple(controls), None
+
+
+def _control_folders(source: str, root: Path) -> list[str]:
+    """``["control", "control_1", ...]``: the reference folders of an edit-pair folder, in order
+    ([] without ``control/``).  A gap in the numbering is a :class:`FlowtuneError`."""
+    numbered: dict[int, str] = {}
+    for name in os.listdir(root):
+        match = _CONTROL_FOLDER_PATTERN.fullmatch(name)
+        if match and (root / name).is_dir():
+            numbered[int(match.group(1) or 0)] = name
+    if 0 not in numbered:
+        return []
+    for index in range(1, max(numbered) + 1):
+        if index not in numbered:
+            raise FlowtuneError(
+                f"data.source '{source}' has {numbered[max(numbered)]}/ but no {CONTROL_FOLDER}_{index}/; "
+                f"reference folders are numbered {CONTROL_FOLDER}/, {CONTROL_FOLDER}_1/, "
+                f"{CONTROL_FOLDER}_2/, ... without gaps"
+            )
+    return [numbered[i] for i in range(len(numbered))]
+
+
+def _find_control(wanted: Path, listings: dict[Path, dict[str, list[str]]]) -> list[str]:
+    """The names of the image files in ``wanted.parent`` that could be ``wanted``'s reference:
+    ``wanted.name`` itself if it exists, else every supported image with its stem (sorted).
+    ``listings`` memoises each folder's ``{stem: [names]}``."""
+    folder = wanted.parent
+    listing = listings.get(folder)
+    if listing is None:
+        listing = {}
+        try:
+            names = sorted(os.listdir(folder))
+        except OSError:
+            names = []
+        for name in names:
+            stem, suffix = os.path.splitext(name)
+            if (
+                not name.startswith(".")
+                and suffix.lower() in SUPPORTED_EXTENSIONS
+                and (folder / name).is_file()
+            ):
+                listing.setdefault(stem, []).append(name)
+        listings[folder] = listing
+    found = listing.get(wanted.stem, [])
+    return [wanted.name] if wanted.name in found else found
 
 
 def _caption_files(filenames: list[str]) -> dict[str, str]:
@@ -266,8 +437,13 @@ def _read_caption(file: Path) -> str:
 # ------------------------------------------------------------------------------------------ jsonl
 
 
-def _list_jsonl(source: str, manifest: Path, image_key: str, caption_key: str | None) -> SourceListing:
-    """One record per JSON object line of ``manifest``; each bad line is a problem."""
+def _list_jsonl(
+    source: str, manifest: Path, image_key: str, caption_key: str | None, control_key: str | None = None
+) -> SourceListing:
+    """One record per JSON object line of ``manifest``; each bad line is a problem.
+
+    ``control_key``: list edit pairs, with the control image path(s) under this key.
+    """
     try:
         raw = manifest.read_bytes()
     except OSError as exc:
@@ -285,20 +461,22 @@ def _list_jsonl(source: str, manifest: Path, image_key: str, caption_key: str | 
         objects += 1
         where = f"{source}:{lineno}"
         try:
-            item = _parse_manifest_line(line, image_key, caption_key)
+            item = _parse_manifest_line(line, image_key, caption_key, control_key)
         except _LineError as exc:
             problems.append(SourceProblem(where, str(exc)))
             continue
-        image, caption, metadata = item
-        image_path = Path(image).expanduser()
-        if image_path.is_absolute():
-            display, file = image, image_path
-        else:
-            display, file = str(display_folder / image), absolute_folder / image_path
+        image, caption, metadata, control_paths = item
+        display, file = _manifest_path(image, display_folder, absolute_folder)
         if not file.is_file():
             problems.append(SourceProblem(display, "not a file" if file.exists() else "file not found"))
             continue
-        records.append(Record(display, caption, metadata, image_file=file))
+        controls = [ControlImage(*_manifest_path(c, display_folder, absolute_folder)) for c in control_paths]
+        bad = next((c for c in controls if not c.image_file.is_file()), None)
+        if bad is not None:
+            reason = "not a file" if bad.image_file.exists() else "file not found"
+            problems.append(SourceProblem(display, f"control image {bad.path}: {reason}"))
+            continue
+        records.append(Record(display, caption, metadata, image_file=file, controls=tuple(controls)))
     if objects == 0:
         raise FlowtuneError(
             f"data.source '{source}' is an empty JSONL manifest; write one JSON object per line, e.g. "
@@ -307,14 +485,23 @@ def _list_jsonl(source: str, manifest: Path, image_key: str, caption_key: str | 
     return SourceListing("jsonl", records, problems)
 
 
+def _manifest_path(path: str, display_folder: Path, absolute_folder: Path) -> tuple[str, Path]:
+    """``(display path, absolute file)`` of a path in a manifest (relative to its folder)."""
+    expanded = Path(path).expanduser()
+    if expanded.is_absolute():
+        return path, expanded
+    return str(display_folder / path), absolute_folder / expanded
+
+
 class _LineError(Exception):
     """A manifest line that cannot be used; the message is the one-line reason."""
 
 
 def _parse_manifest_line(
-    line: bytes, image_key: str, caption_key: str | None
-) -> tuple[str, str | None, dict[str, Any]]:
-    """``(image path, caption or None, metadata)`` of one manifest line."""
+    line: bytes, image_key: str, caption_key: str | None, control_key: str | None = None
+) -> tuple[str, str | None, dict[str, Any], list[str]]:
+    """``(image path, caption or None, metadata, control paths)`` of one manifest line (no control
+    paths when ``control_key`` is None)."""
     try:
         text = line.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -336,8 +523,31 @@ def _parse_manifest_line(
     caption = item.get(key)
     if caption is not None and not isinstance(caption, str):
         raise _LineError(f"caption '{key}' must be a string, got {_json_type(caption)}")
-    metadata = {k: v for k, v in item.items() if k not in (image_key, key)}
-    return image, caption.strip() if caption is not None else None, metadata
+    controls: list[str] = []
+    if control_key is not None:
+        if control_key not in item:
+            raise _LineError(
+                f"no '{control_key}' key with the control image path(s) (set data.control_column to the "
+                "key used)"
+            )
+        controls = _control_paths(item[control_key], control_key)
+    used = (image_key, key, control_key)
+    metadata = {k: v for k, v in item.items() if k not in used}
+    return image, caption.strip() if caption is not None else None, metadata, controls
+
+
+def _control_paths(value: Any, key: str) -> list[str]:
+    """The control paths of a manifest line's ``key``: a path, or a non-empty list of paths."""
+    if isinstance(value, str) and value.strip():
+        return [value]
+    if isinstance(value, list) and value:
+        bad = next((v for v in value if not (isinstance(v, str) and v.strip())), None)
+        if bad is None:
+            return value
+        got = f"an array holding {_json_type(bad)}"
+    else:
+        got = "an empty array" if isinstance(value, list) else _json_type(value)
+    raise _LineError(f"'{key}' must be a file path or a non-empty list of file paths, got {got}")
 
 
 def _json_type(value: Any) -> str:
@@ -356,6 +566,13 @@ def _json_type(value: Any) -> str:
 
 
 # --------------------------------------------------------------------------------------- datasets
+
+
+def _no_dataset_references(source: str) -> FlowtuneError:
+    return FlowtuneError(
+        f"data.source '{source}': Hugging Face datasets are not supported for edit pairs (a family with "
+        "reference images) yet; use a folder (images/ + control/) or a .jsonl manifest with a control key"
+    )
 
 
 def _is_saved_dataset(folder: Path) -> bool:
