@@ -35,6 +35,9 @@ class FamilySpec:
             :class:`flowtune.interop.naming.OriginalNaming`: how its diffusers LoRA modules are
             named (and fused) in the original checkpoint layout that kohya sd-scripts and ComfyUI
             use (``flowtune export --format kohya|comfyui``).  None: the family has no such export.
+        reference_images: The family conditions on reference (control) images besides the
+            caption (image editing: FLUX.1 Kontext): datasets are edit pairs, preprocess caches
+            the references' latents, and sampling takes ``--image``.
     """
 
     name: str
@@ -47,6 +50,7 @@ class FamilySpec:
     tiny_builder: str
     encoder: str
     lora_original_names: str | None = None
+    reference_images: bool = False
 
     def load_tiny_builder(self) -> Callable[..., Any]:
         """Import and return the tiny-pipeline builder function."""
@@ -67,6 +71,29 @@ def _import_object(reference: str) -> Any:
     return getattr(import_module(module), attr)
 
 
+# Attention projections of the double-stream (image + text) and single-stream blocks and the
+# feed-forward layers of the double-stream blocks (diffusers' FLUX.1 LoRA naming); FLUX.1 Kontext
+# has the same transformer.
+_FLUX1_LORA_TARGETS = (
+    "attn.to_q",
+    "attn.to_k",
+    "attn.to_v",
+    "attn.to_out.0",
+    "attn.add_q_proj",
+    "attn.add_k_proj",
+    "attn.add_v_proj",
+    "attn.to_add_out",
+    "ff.net.0.proj",
+    "ff.net.2",
+    "ff_context.net.0.proj",
+    "ff_context.net.2",
+    "proj_mlp",
+    # The single-stream blocks' output projection; a bare "proj_out" would also hit the
+    # transformer's final output layer.
+    "single_transformer_blocks.*.proj_out",
+)
+
+
 FAMILIES: dict[str, FamilySpec] = {
     "flux": FamilySpec(
         name="flux",
@@ -74,30 +101,24 @@ FAMILIES: dict[str, FamilySpec] = {
         adapter="flux",
         pipeline_class="FluxPipeline",
         transformer_class="FluxTransformer2DModel",
-        # Attention projections of the double-stream (image + text) and single-stream blocks and
-        # the feed-forward layers of the double-stream blocks (diffusers' FLUX LoRA naming).
-        lora_target_modules=(
-            "attn.to_q",
-            "attn.to_k",
-            "attn.to_v",
-            "attn.to_out.0",
-            "attn.add_q_proj",
-            "attn.add_k_proj",
-            "attn.add_v_proj",
-            "attn.to_add_out",
-            "ff.net.0.proj",
-            "ff.net.2",
-            "ff_context.net.0.proj",
-            "ff_context.net.2",
-            "proj_mlp",
-            # The single-stream blocks' output projection; a bare "proj_out" would also hit the
-            # transformer's final output layer.
-            "single_transformer_blocks.*.proj_out",
-        ),
+        lora_target_modules=_FLUX1_LORA_TARGETS,
         spatial_granularity=16,
         tiny_builder="flowtune.tiny:build_tiny_flux",
         encoder="flowtune.encoders.flux:FluxEncoder",
         lora_original_names="flowtune.interop.flux:FLUX1_NAMING",
+    ),
+    "flux-kontext": FamilySpec(
+        name="flux-kontext",
+        description="FLUX.1 Kontext [dev]: FLUX.1 that edits reference images per an instruction",
+        adapter="flux_kontext",
+        pipeline_class="FluxKontextPipeline",
+        transformer_class="FluxTransformer2DModel",
+        lora_target_modules=_FLUX1_LORA_TARGETS,
+        spatial_granularity=16,
+        tiny_builder="flowtune.tiny:build_tiny_flux_kontext",
+        encoder="flowtune.encoders.flux_kontext:FluxKontextEncoder",
+        lora_original_names="flowtune.interop.flux:FLUX1_NAMING",
+        reference_images=True,
     ),
 }
 

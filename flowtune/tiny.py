@@ -213,18 +213,19 @@ def _flux_scheduler() -> FlowMatchEulerDiscreteScheduler:
     )
 
 
-def build_tiny_flux(out_dir: Path, seed: int = 0) -> None:
+def build_tiny_flux(out_dir: Path, seed: int = 0, pipeline_class: str = "FluxPipeline") -> None:
     """Write a tiny random FLUX.1 [dev]-shaped pipeline to ``out_dir`` in diffusers format.
 
-    The directory loads with ``diffusers.FluxPipeline.from_pretrained`` and generates images
+    The directory loads with ``diffusers.<pipeline_class>.from_pretrained`` and generates images
     (noise-like ones).  Weights are safetensors and depend only on ``seed``: the same seed gives
     byte-identical weight files.  The caller's global torch RNG state is left untouched.
 
     Args:
         out_dir: Where to write; created if missing (use :func:`make_tiny` for an atomic write).
         seed: Seed for the random weights.
+        pipeline_class: ``FluxPipeline``, or ``FluxKontextPipeline`` (same components).
     """
-    from diffusers import FluxPipeline
+    import diffusers
 
     tokenizer = _clip_tokenizer()
     tokenizer_2 = _t5_tokenizer()
@@ -238,7 +239,7 @@ def build_tiny_flux(out_dir: Path, seed: int = 0) -> None:
         torch.manual_seed(_component_seed(seed, "transformer"))
         transformer = tiny_flux_transformer()
 
-    pipe = FluxPipeline(
+    pipe = getattr(diffusers, pipeline_class)(
         scheduler=_flux_scheduler(),
         vae=vae,
         text_encoder=text_encoder,
@@ -248,6 +249,12 @@ def build_tiny_flux(out_dir: Path, seed: int = 0) -> None:
         transformer=transformer,
     )
     pipe.save_pretrained(out_dir, safe_serialization=True)
+
+
+def build_tiny_flux_kontext(out_dir: Path, seed: int = 0) -> None:
+    """Write a tiny random FLUX.1 Kontext [dev]-shaped pipeline (``FluxKontextPipeline``): the
+    components of :func:`build_tiny_flux`, which Kontext shares with FLUX.1."""
+    build_tiny_flux(out_dir, seed, pipeline_class="FluxKontextPipeline")
 
 
 def make_tiny(family: str, out_dir: str | Path, seed: int = 0, overwrite: bool = False) -> Path:

@@ -3,7 +3,13 @@
 The public API follows the reference flow-matching pipeline (see docs/flow_matching.md).
 """
 
-from flowtune.flow_matching.adapters import FlowMatchingContext, FluxAdapter, ModelAdapter, SimpleAdapter
+from flowtune.flow_matching.adapters import (
+    FlowMatchingContext,
+    FluxAdapter,
+    FluxKontextAdapter,
+    ModelAdapter,
+    SimpleAdapter,
+)
 from flowtune.flow_matching.pipeline import (
     LOSS_WEIGHTING_SCHEMES,
     TIMESTEP_SAMPLING_METHODS,
@@ -20,6 +26,7 @@ __all__ = [
     "FlowMatchingContext",
     "FlowMatchingPipeline",
     "FluxAdapter",
+    "FluxKontextAdapter",
     "LinearInterpolationSchedule",
     "LossExplosionError",
     "ModelAdapter",

@@ -604,13 +604,14 @@ class FlowMatchingPipeline:
 
 def _adapter_registry() -> dict[str, type[ModelAdapter]]:
     from flowtune.flow_matching.adapters.flux import FluxAdapter
+    from flowtune.flow_matching.adapters.flux_kontext import FluxKontextAdapter
     from flowtune.flow_matching.adapters.simple import SimpleAdapter
 
-    return {"flux": FluxAdapter, "simple": SimpleAdapter}
+    return {"flux": FluxAdapter, "flux_kontext": FluxKontextAdapter, "simple": SimpleAdapter}
 
 
 def create_adapter(adapter_type: str, **kwargs: Any) -> ModelAdapter:
-    """Create a model adapter by name ("flux", "simple"; later issues add the other families).
+    """Create a model adapter by name ("flux", "flux_kontext", "simple").
 
     Raises:
         ValueError: unknown name (the message lists the available ones) or bad keyword arguments.

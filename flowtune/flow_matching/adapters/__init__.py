@@ -2,6 +2,7 @@
 
 from flowtune.flow_matching.adapters.base import FlowMatchingContext, ModelAdapter
 from flowtune.flow_matching.adapters.flux import FluxAdapter
+from flowtune.flow_matching.adapters.flux_kontext import FluxKontextAdapter
 from flowtune.flow_matching.adapters.simple import SimpleAdapter
 
-__all__ = ["FlowMatchingContext", "FluxAdapter", "ModelAdapter", "SimpleAdapter"]
+__all__ = ["FlowMatchingContext", "FluxAdapter", "FluxKontextAdapter", "ModelAdapter", "SimpleAdapter"]

@@ -112,9 +112,15 @@ class FluxAdapter(ModelAdapter):
         }
 
     def forward(self, model: nn.Module, inputs: dict[str, Any]) -> torch.Tensor:
-        """Run the transformer; returns the velocity prediction unpacked to [B, C, H, W]."""
+        """Run the transformer; returns the velocity prediction unpacked to [B, C, H, W].
+
+        ``inputs["target_tokens"]`` (optional, set by adapters that append other tokens such as
+        FLUX.1 Kontext's reference images): only the first that many output tokens are the
+        prediction of the image being generated.
+        """
         inputs = dict(inputs)
         h, w = inputs.pop("latent_size")
+        target_tokens = inputs.pop("target_tokens", None)
         guidance = inputs.pop("guidance")
         has_guidance = bool(getattr(unwrap_model(model).config, "guidance_embeds", False))
         if has_guidance and not self.use_guidance_embeds:
@@ -124,4 +130,6 @@ class FluxAdapter(ModelAdapter):
             )
         pred = model(**inputs, guidance=guidance if has_guidance else None, return_dict=False)
         pred = self.post_process_prediction(pred)
+        if target_tokens is not None:
+            pred = pred[:, :target_tokens]
         return self._unpack_latents(pred, h, w, vae_scale_factor=1)

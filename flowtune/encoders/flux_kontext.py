@@ -1,0 +1,70 @@
+"""FLUX.1 Kontext encoding: FLUX.1's, plus reference images resized as FluxKontextPipeline does.
+
+Captions (instructions) and target images are encoded exactly as for FLUX.1
+(:class:`FluxEncoder`).  A reference (control) image is first resized the way
+``FluxKontextPipeline`` resizes its ``image`` argument (to the preferred Kontext resolution
+nearest to its aspect ratio, sides multiples of 16, with the pipeline's own image processor),
+then encoded like any image, so its cached latents are the ``image_latents`` the pipeline computes.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from flowtune.encoders.flux import FluxEncoder
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+# FLUX.1's VAE downsamples by 8; the pipeline rounds a reference's size to multiples of it before
+# taking its aspect ratio.
+_VAE_SCALE_FACTOR = 8
+
+
+class FluxKontextEncoder(FluxEncoder):
+    """FLUX.1 Kontext [dev] encoder: :class:`FluxEncoder` plus reference-image preparation."""
+
+    def control_size(self, width: int, height: int) -> tuple[int, int]:
+        """The (width, height) FluxKontextPipeline resizes a ``width`` x ``height`` reference to:
+        the preferred Kontext resolution nearest in aspect ratio, sides floored to multiples of 16."""
+        from diffusers.pipelines.flux.pipeline_flux_kontext import PREFERRED_KONTEXT_RESOLUTIONS
+
+        width -= width % _VAE_SCALE_FACTOR
+        height -= height % _VAE_SCALE_FACTOR
+        aspect = width / height
+        _, w, h = min((abs(aspect - pw / ph), pw, ph) for pw, ph in PREFERRED_KONTEXT_RESOLUTIONS)
+        g = self.spec.spatial_granularity
+        return w // g * g, h // g * g
+
+    def prepare_control(self, image: Image.Image, size: tuple[int, int]) -> Image.Image:
+        """``image`` resized to ``size`` = (width, height) with the pipeline's image processor, as
+        FluxKontextPipeline resizes its reference (needs :meth:`load` with ``images=True``)."""
+        width, height = size
+        return self.pipe.image_processor.resize(image, height, width)
+
+    @classmethod
+    def reference_inputs(
+        cls, images: list[Any], height: int, width: int, control_resize: str = "kontext"
+    ) -> dict[str, Any]:
+        """FluxKontextPipeline's arguments for the reference image and the output size.
+
+        Args:
+            images: One reference: a PIL image, or normalized latents [1, 16, h, w] (as cached).
+            height, width: The size to generate (passed as ``max_area`` too, which the pipeline
+                otherwise sets to 1024^2 and rescales the output to).
+            control_resize: ``data.control_resize``: ``kontext`` lets the pipeline resize the
+                reference to its preferred resolution; ``match_target`` expects a reference
+                already at (width, height) and keeps it.
+
+        Raises:
+            ValueError: not exactly one reference (diffusers' FluxKontextPipeline takes one).
+        """
+        if len(images) != 1:
+            raise ValueError(f"FluxKontextPipeline takes one reference image, got {len(images)}")
+        return {
+            "image": images[0],
+            "height": height,
+            "width": width,
+            "max_area": height * width,
+            "_auto_resize": control_resize == "kontext",
+        }
