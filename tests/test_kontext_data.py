@@ -11,6 +11,12 @@ import pytest
 from PIL import Image
 
 from flowtune.data.sources import ControlImage, SourceProblem, list_records
+from flowtune.data.synthetic import (
+    COLOURS,
+    DirectoryNotEmptyError,
+    make_edit_pairs_dataset,
+    sample_edit_specs,
+)
 from flowtune.errors import FlowtuneError
 
 
@@ -193,3 +199,52 @@ def test_datasets_are_not_supported_for_edit_pairs(tmp_path: Path) -> None:
         list_records(str(saved), references=True)
     with pytest.raises(FlowtuneError, match="not supported for edit pairs"):
         list_records("someone/edits", references=True)
+
+
+# ------------------------------------------------------------------------------ synthetic pairs
+
+
+def test_synthetic_edit_pairs_recolour_the_control_shape(tmp_path: Path) -> None:
+    root = tmp_path / "edits"
+    paths = make_edit_pairs_dataset(
+        root, 4, seed=2, sizes=[(64, 64), (96, 64)], control_sizes=[(48, 48), (64, 96)]
+    )
+    assert [p.relative_to(root).as_posix() for p in paths] == [f"images/{i:04d}.png" for i in range(4)]
+    for index, (path, edit) in enumerate(zip(paths, sample_edit_specs(4, seed=2), strict=True)):
+        assert edit.new_colour not in (edit.source.colour, edit.source.background)
+        assert path.with_suffix(".txt").read_text() == f"make the {edit.source.shape} {edit.new_colour}\n"
+        with Image.open(path) as target, Image.open(root / "control" / path.name) as control:
+            assert target.size == [(64, 64), (96, 64)][index % 2]
+            assert control.size == [(48, 48), (64, 96)][index % 2]
+            # The centre pixel is the shape's (every shape covers the centre except the ring).
+            if edit.source.shape != "ring":
+                centre = (target.width // 2, target.height // 2)
+                assert target.getpixel(centre) == COLOURS[edit.new_colour]
+                assert (
+                    control.getpixel((control.width // 2, control.height // 2)) == COLOURS[edit.source.colour]
+                )
+            assert target.getpixel((0, 0)) == control.getpixel((0, 0)) == COLOURS[edit.source.background]
+    listing = list_records(str(root), references=True)
+    assert len(listing.records) == 4 and listing.problems == []
+    again = tmp_path / "again"
+    make_edit_pairs_dataset(again, 4, seed=2, sizes=[(64, 64), (96, 64)], control_sizes=[(48, 48), (64, 96)])
+    for path in paths:
+        for folder in ("images", "control"):
+            assert (again / folder / path.name).read_bytes() == (root / folder / path.name).read_bytes()
+
+
+def test_synthetic_edit_pairs_refuse_a_non_empty_folder_unless_overwriting(tmp_path: Path) -> None:
+    root = tmp_path / "edits"
+    make_edit_pairs_dataset(root, 3)
+    with pytest.raises(DirectoryNotEmptyError):
+        make_edit_pairs_dataset(root, 2)
+    make_edit_pairs_dataset(root, 2, overwrite=True)
+    assert sorted(p.name for p in (root / "images").iterdir()) == [
+        "0000.png",
+        "0000.txt",
+        "0001.png",
+        "0001.txt",
+    ]
+    assert sorted(p.name for p in (root / "control").iterdir()) == ["0000.png", "0001.png"]
+    with pytest.raises(ValueError, match="control_sizes is empty"):
+        make_edit_pairs_dataset(tmp_path / "bad", 2, control_sizes=[])

@@ -9,10 +9,16 @@ verify pixels against words.
 :func:`make_shapes_dataset` writes the folder layout the data sources read: ``0000.png`` with its
 caption in ``0000.txt``, ``0001.png`` / ``0001.txt``, ...  Output is byte-identical for the same
 arguments.  From a shell: ``flowtune make-dataset OUT_DIR --count 16 --size 64x64``.
+
+:func:`make_edit_pairs_dataset` writes edit pairs for reference-image families (FLUX.1 Kontext) in
+the folder layout :mod:`flowtune.data.sources` reads for them: ``control/0000.png`` shows a shape,
+``images/0000.png`` the same shape recoloured, and ``images/0000.txt`` the instruction that turns
+one into the other, e.g. ``"make the circle blue"``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -227,19 +233,9 @@ def make_shapes_dataset(
     and ``.txt`` files are removed first (ours or not, so no stale pairs remain); other files are
     kept.  Bad arguments raise a :class:`ValueError` that says what to change.
     """
-    if isinstance(count, bool) or not isinstance(count, (int, np.integer)) or count < 1:
-        raise _DatasetError(f"count must be a positive integer, got {count!r}")
-    sizes = [tuple(size) for size in sizes]
-    if not sizes:
-        raise _DatasetError("sizes is empty; give at least one (width, height)")
-    for size in sizes:
-        if len(size) != 2:
-            raise _DatasetError(f"each size must be a (width, height) pair, got {size!r}")
-        _check_side("width", size[0])
-        _check_side("height", size[1])
-    suffix = image_format.lower().lstrip(".")
-    _check_choice("image_format", suffix, IMAGE_FORMATS)
-    pil_format = IMAGE_FORMATS[suffix]
+    _check_count(count)
+    sizes = _check_sizes(sizes, "sizes")
+    suffix, pil_format = _check_format(image_format)
 
     out_dir = Path(out_dir)
     _prepare_directory(out_dir, overwrite)
@@ -249,13 +245,137 @@ def make_shapes_dataset(
         width, height = sizes[index % len(sizes)]
         stem = f"{index:0{digits}d}"
         image_path = out_dir / f"{stem}.{suffix}"
-        save_options = {"lossless": True} if pil_format == "WEBP" else {}
-        draw_shape(spec, int(width), int(height)).save(image_path, format=pil_format, **save_options)
+        _save(draw_shape(spec, width, height), image_path, pil_format)
         (out_dir / f"{stem}{_CAPTION_SUFFIX}").write_text(
             spec.caption() + "\n", encoding="utf-8", newline="\n"
         )
         paths.append(image_path)
     return paths
+
+
+@dataclass(frozen=True)
+class EditSpec:
+    """One edit pair: ``source`` (the control image) with its shape recoloured to ``new_colour``
+    (the target).  ``new_colour`` differs from the shape's colour and from the background."""
+
+    source: ShapeSpec
+    new_colour: str
+
+    def __post_init__(self) -> None:
+        _check_choice("new colour", self.new_colour, COLOURS)
+        if self.new_colour in (self.source.colour, self.source.background):
+            raise _DatasetError(
+                f"the new colour {self.new_colour!r} must differ from the shape's colour and the background"
+            )
+
+    @property
+    def target(self) -> ShapeSpec:
+        """What the edited (target) image shows."""
+        return dataclasses.replace(self.source, colour=self.new_colour)
+
+    def instruction(self) -> str:
+        """The edit instruction (the target's caption), e.g. ``"make the circle blue"``."""
+        return f"make the {self.source.shape} {self.new_colour}"
+
+
+def sample_edit_specs(count: int, seed: int = 0) -> list[EditSpec]:
+    """``count`` random edits: the shapes of :func:`sample_specs` (``count``, ``seed``), each with a
+    new colour drawn from a generator seeded with ``[seed, 1]``.  This is the sequence
+    :func:`make_edit_pairs_dataset` draws."""
+    rng = np.random.default_rng([seed, 1])
+    edits = []
+    for spec in sample_specs(count, seed):
+        choices = [name for name in COLOURS if name not in (spec.colour, spec.background)]
+        edits.append(EditSpec(spec, choices[int(rng.integers(len(choices)))]))
+    return edits
+
+
+EDIT_IMAGES_DIR = "images"
+"""Sub-folder of an edit-pair dataset with the targets and their instructions."""
+EDIT_CONTROL_DIR = "control"
+"""Sub-folder of an edit-pair dataset with the control (source) images."""
+
+
+def make_edit_pairs_dataset(
+    out_dir: str | Path,
+    count: int = 16,
+    *,
+    seed: int = 0,
+    sizes: Sequence[tuple[int, int]] = ((64, 64),),
+    control_sizes: Sequence[tuple[int, int]] | None = None,
+    image_format: str = "png",
+    overwrite: bool = False,
+) -> list[Path]:
+    """Write ``count`` edit pairs into ``out_dir``; return the target image paths.
+
+    Pair ``i`` (stem ``f"{i:04d}"``, wider when ``count`` > 10000) is:
+
+    * ``out_dir/control/<stem>.<image_format>``: the shape of ``sample_edit_specs(count, seed)[i]``
+      in its original colour, of size ``control_sizes[i % len(control_sizes)]`` (default: the
+      target's size; give other sizes to train on sources and targets of different sizes);
+    * ``out_dir/images/<stem>.<image_format>``: the same shape recoloured, of size
+      ``sizes[i % len(sizes)]`` as ``(width, height)``;
+    * ``out_dir/images/<stem>.txt``: the instruction, e.g. ``"make the circle blue"``.
+
+    The same arguments always give byte-identical files.  Raises :class:`DirectoryNotEmptyError`
+    if ``out_dir`` has any entry and ``overwrite`` is false; with ``overwrite``, the image and
+    ``.txt`` files directly in ``out_dir``, ``out_dir/images`` and ``out_dir/control`` are removed
+    first.  Bad arguments raise a :class:`ValueError` that says what to change.
+    """
+    _check_count(count)
+    target_sizes = _check_sizes(sizes, "sizes")
+    source_sizes = target_sizes if control_sizes is None else _check_sizes(control_sizes, "control_sizes")
+    suffix, pil_format = _check_format(image_format)
+
+    out_dir = Path(out_dir)
+    _prepare_directory(out_dir, overwrite)
+    images_dir, control_dir = out_dir / EDIT_IMAGES_DIR, out_dir / EDIT_CONTROL_DIR
+    _prepare_directory(images_dir, overwrite=True)
+    _prepare_directory(control_dir, overwrite=True)
+    digits = max(_MIN_STEM_DIGITS, len(str(count - 1)))
+    paths = []
+    for index, edit in enumerate(sample_edit_specs(count, seed)):
+        stem = f"{index:0{digits}d}"
+        target_path = images_dir / f"{stem}.{suffix}"
+        _save(draw_shape(edit.target, *target_sizes[index % len(target_sizes)]), target_path, pil_format)
+        control = draw_shape(edit.source, *source_sizes[index % len(source_sizes)])
+        _save(control, control_dir / f"{stem}.{suffix}", pil_format)
+        (images_dir / f"{stem}{_CAPTION_SUFFIX}").write_text(
+            edit.instruction() + "\n", encoding="utf-8", newline="\n"
+        )
+        paths.append(target_path)
+    return paths
+
+
+def _check_count(count: int) -> None:
+    if isinstance(count, bool) or not isinstance(count, (int, np.integer)) or count < 1:
+        raise _DatasetError(f"count must be a positive integer, got {count!r}")
+
+
+def _check_sizes(sizes: Sequence[tuple[int, int]], name: str) -> list[tuple[int, int]]:
+    """``sizes`` as a list of ``(width, height)`` ints; a user error if empty or malformed."""
+    checked = [tuple(size) for size in sizes]
+    if not checked:
+        raise _DatasetError(f"{name} is empty; give at least one (width, height)")
+    for size in checked:
+        if len(size) != 2:
+            raise _DatasetError(f"each size must be a (width, height) pair, got {size!r}")
+        _check_side("width", size[0])
+        _check_side("height", size[1])
+    return [(int(w), int(h)) for w, h in checked]
+
+
+def _check_format(image_format: str) -> tuple[str, str]:
+    """``(file suffix, Pillow format)`` of ``image_format``; a user error if unknown."""
+    suffix = image_format.lower().lstrip(".")
+    _check_choice("image_format", suffix, IMAGE_FORMATS)
+    return suffix, IMAGE_FORMATS[suffix]
+
+
+def _save(image: Image.Image, path: Path, pil_format: str) -> None:
+    """Save losslessly where the format allows (WebP), byte-identically for the same image."""
+    save_options = {"lossless": True} if pil_format == "WEBP" else {}
+    image.save(path, format=pil_format, **save_options)
 
 
 def parse_size(text: str) -> tuple[int, int]:
