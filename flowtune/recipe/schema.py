@@ -137,6 +137,20 @@ class Data:
     dataset_split: str = "train"
     """Split to read from a Hugging Face dataset name or a saved `DatasetDict`."""
 
+    control_column: str = "control"
+    """For families that edit reference images (`flux-kontext`): the `.jsonl` key holding the
+    control (reference) image path, or a list of paths for several references, relative to the
+    manifest like the image. Folder sources use `images/` (targets with `.txt` instructions) and
+    `control/`, `control_1/`, ... (same-stem references) instead; see docs/data.md."""
+
+    control_resize: Literal["kontext", "match_target"] = "kontext"
+    """For families that edit reference images (`flux-kontext`): the size at which each control
+    image is encoded. `kontext` = as FluxKontextPipeline resizes its input image: the preferred
+    Kontext resolution (about 1024x1024) nearest to the control image's aspect ratio, sides
+    multiples of 16. `match_target` = resized (with the same image processor, without cropping)
+    to the target's bucket size, as sampling then resizes the input image to the output size;
+    cheaper at low training resolutions."""
+
     trigger_word: str | None = None
     """Word prepended to every caption as `"<trigger_word>, <caption>"`, e.g. a rare token that
     names the concept being taught. null = captions are used as they are."""
@@ -364,6 +378,11 @@ class Validation:
     """Prompts to sample, one image each, into `OUTPUT/samples/step-NNNNNN/` and the trackers.
     `flowtune preprocess` encodes them into the cache (re-run it after changing them), so the
     text encoders are not loaded during training. [] = no validation images."""
+
+    images: list[str] = field(default_factory=list)
+    """Image-editing families (`flux-kontext`): the reference image each prompt edits, one file
+    per prompt in the same order (or one file for all prompts). Sampled with the VAE that
+    validation loads anyway. [] for families without reference images."""
 
     every: int = 250
     """Validate (sample the prompts and compute `val_loss`) every this many steps and after the
