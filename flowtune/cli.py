@@ -174,6 +174,14 @@ def sample(
     prompts_file: Annotated[
         Path | None, typer.Option(help="A text file with one prompt per line.", show_default=False)
     ] = None,
+    image: Annotated[
+        list[Path] | None,
+        typer.Option(
+            help="Image-editing families (flux-kontext): the reference image to edit; one for all "
+            "prompts or one per prompt.",
+            show_default="the recipe's validation.images",
+        ),
+    ] = None,
     seed: Annotated[
         int | None,
         typer.Option(
@@ -221,8 +229,10 @@ def sample(
         source_from_checkpoint(ckpt, base_model=model) if ckpt is not None else source_from_model(model, lora)
     )
     prompts = read_prompts(prompt or [], prompts_file)
+    images: list[str | Path] = list(image or [])
     if not prompts and prompt is None and prompts_file is None:
-        prompts = source.prompts  # a checkpoint's validation prompts
+        prompts = source.prompts  # a checkpoint's validation prompts (with their images)
+        images = images or list(source.images)
     given = {"seed": seed, "steps": steps, "guidance": guidance, "height": height, "width": width}
     settings = SampleSettings(
         **{**source.defaults, **{k: v for k, v in given.items() if v is not None}},
@@ -250,6 +260,7 @@ def sample(
         dtype=dtype,
         cpu_offload=cpu_offload,
         progress=progress,
+        images=images,
     )
     for warning in result.warnings:
         err.print(f"[yellow]warning:[/] {escape(warning)}", highlight=False)
@@ -272,11 +283,34 @@ def make_dataset_command(
     overwrite: Annotated[
         bool, typer.Option("--overwrite", help="Replace images and captions in OUT_DIR.")
     ] = False,
+    edit_pairs: Annotated[
+        bool,
+        typer.Option(
+            "--edit-pairs",
+            help="Write edit pairs for image-editing families (flux-kontext): OUT_DIR/images/ (the "
+            "shape recoloured, with the instruction as caption) and OUT_DIR/control/ (the original).",
+        ),
+    ] = False,
+    control_size: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="With --edit-pairs: control image size WxH; repeat for several.", show_default="--size"
+        ),
+    ] = None,
 ) -> None:
     """Write a synthetic dataset: coloured shapes with captions that describe them (for demos)."""
-    from flowtune.data.synthetic import make_shapes_dataset, parse_size
+    from flowtune.data.synthetic import make_edit_pairs_dataset, make_shapes_dataset, parse_size
 
     sizes = [parse_size(s) for s in size or ["64x64"]]
+    if edit_pairs:
+        control_sizes = [parse_size(s) for s in control_size] if control_size else None
+        paths = make_edit_pairs_dataset(
+            out_dir, count, seed=seed, sizes=sizes, control_sizes=control_sizes, overwrite=overwrite
+        )
+        err.print(f"[green]✓[/green] {len(paths)} edit pairs written to {out_dir} (images/, control/)")
+        return
+    if control_size:
+        raise FlowtuneError("--control-size goes with --edit-pairs")
     paths = make_shapes_dataset(out_dir, count, seed=seed, sizes=sizes, overwrite=overwrite)
     err.print(f"[green]✓[/green] {len(paths)} images with captions written to {out_dir}")
 

@@ -89,28 +89,83 @@ class SampleJob:
         prompt: The prompt text (recorded with the image).
         seed: The seed of its CPU generator.
         inputs: The pipeline's prompt arguments: ``{"prompt": text}``, or precomputed embeddings
-            (``prompt_embeds``... with a batch dimension of 1) when the text encoders are not loaded.
+            (``prompt_embeds``... with a batch dimension of 1) when the text encoders are not
+            loaded; plus the reference image arguments of image-editing families.
+        references: The reference image files (recorded with the image).
     """
 
     prompt: str
     seed: int
     inputs: dict[str, Any] = field(default_factory=dict)
+    references: tuple[str, ...] = ()
 
 
 def plan_jobs(
-    prompts: Sequence[str], settings: SampleSettings, inputs: Sequence[dict[str, Any]] | None = None
+    prompts: Sequence[str],
+    settings: SampleSettings,
+    inputs: Sequence[dict[str, Any]] | None = None,
+    references: Sequence[tuple[str, ...]] | None = None,
 ) -> list[SampleJob]:
     """``settings.num_images`` jobs per prompt, seeded ``seed, seed + 1, ...``.
 
     Args:
         inputs: Per prompt, the pipeline's prompt arguments (default ``{"prompt": prompt}``).
+        references: Per prompt, its reference image files (image-editing families).
     """
     jobs = []
     for i, prompt in enumerate(prompts):
         prompt_inputs = inputs[i] if inputs is not None else {"prompt": prompt}
+        refs = tuple(references[i]) if references is not None else ()
         for j in range(settings.num_images):
-            jobs.append(SampleJob(prompt, settings.seed + j, prompt_inputs))
+            jobs.append(SampleJob(prompt, settings.seed + j, prompt_inputs, refs))
     return jobs
+
+
+def pair_references(
+    spec: FamilySpec, prompts: Sequence[str], images: Sequence[str | Path]
+) -> list[tuple[str, ...]] | None:
+    """Which reference image goes with which prompt: one image for every prompt, or one per prompt.
+
+    Returns:
+        Per prompt, its reference files; None for families without reference images.
+
+    Raises:
+        FlowtuneError: images for a family that takes none, none for one that needs them, a
+            count that is neither 1 nor the number of prompts, or a missing file.
+    """
+    if not spec.reference_images:
+        if images:
+            raise FlowtuneError(f"{spec.name} models take no reference image; leave out --image")
+        return None
+    if not images:
+        raise FlowtuneError(f"{spec.name} models edit a reference image: give --image FILE")
+    for image in images:
+        if not Path(image).is_file():
+            raise FlowtuneError(f"no image file at {image}")
+    if len(images) == 1:
+        return [(str(images[0]),)] * len(prompts)
+    if len(images) != len(prompts):
+        raise FlowtuneError(
+            f"{len(images)} images for {len(prompts)} prompts: give one --image for all prompts, or one per prompt"
+        )
+    return [(str(image),) for image in images]
+
+
+def load_references(files: Sequence[str]) -> list[Image.Image]:
+    """Decode reference image files to RGB (EXIF orientation applied, as for training data).
+
+    Raises:
+        FlowtuneError: a file that cannot be read or decoded.
+    """
+    from flowtune.data.images import ImageError, load_rgb
+
+    images = []
+    for file in files:
+        try:
+            images.append(load_rgb(Path(file).read_bytes()))
+        except (OSError, ImageError) as exc:
+            raise FlowtuneError(f"cannot read the image {file}: {exc}") from None
+    return images
 
 
 def generate(pipe: Any, job: SampleJob, settings: SampleSettings) -> Image.Image:
@@ -186,6 +241,7 @@ class SampleWriter:
             "guidance": settings.guidance,
             "height": settings.height,
             "width": settings.width,
+            **({"image": ", ".join(job.references)} if job.references else {}),
             **self.info,
         }
         if "lora" in self.info:
@@ -407,6 +463,8 @@ class SampleSource:
         step: The checkpoint's training step, when known.
         defaults: Sampling settings from the checkpoint's recipe (``validation.*``).
         prompts: Default prompts (the recipe's ``validation.prompts``).
+        images: Default reference images (the recipe's ``validation.images``).
+        control_resize: How references are resized (the recipe's ``data.control_resize``).
     """
 
     spec: FamilySpec
@@ -420,6 +478,8 @@ class SampleSource:
     step: int | None = None
     defaults: dict[str, Any] = field(default_factory=dict)
     prompts: list[str] = field(default_factory=list)
+    images: list[str] = field(default_factory=list)
+    control_resize: str = "kontext"
 
 
 def source_from_checkpoint(ckpt: Path, base_model: str | None = None) -> SampleSource:
@@ -455,6 +515,8 @@ def source_from_checkpoint(ckpt: Path, base_model: str | None = None) -> SampleS
             "width": v.width,
         },
         prompts=list(v.prompts),
+        images=list(v.images),
+        control_resize=recipe.data.control_resize,
     )
 
 
@@ -496,10 +558,13 @@ def sample(
     dtype: str | None = None,
     cpu_offload: bool = False,
     progress: Any = None,
+    images: Sequence[str | Path] = (),
 ) -> SampleResult:
     """Generate ``settings.num_images`` images per prompt with the family's pipeline and write them.
 
     Args:
+        images: Reference images of image-editing families (``--image``): one for all prompts,
+            or one per prompt.
         device: ``cuda``, ``cpu``, ... (default: CUDA when available).
         dtype: Override of the load dtype (default: the recipe's, else bfloat16 on CUDA and
             float32 on CPU).
@@ -518,6 +583,7 @@ def sample(
     if not prompts:
         raise FlowtuneError("no prompts: give --prompt TEXT (repeatable) or --prompts-file FILE")
     settings.check(spec)
+    references = pair_references(spec, prompts, images)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     name = dtype or source.dtype or ("bfloat16" if device.startswith("cuda") else "float32")
     torch_dtype = getattr(torch, name)
@@ -549,7 +615,19 @@ def sample(
             "step": source.step,
         },
     )
-    jobs = plan_jobs(prompts, settings)
+    inputs = None
+    if references is not None:
+        encoder_class = spec.load_encoder_class()
+        inputs = []
+        for prompt, files in zip(prompts, references, strict=True):
+            try:
+                extra = encoder_class.reference_inputs(
+                    pipe, load_references(files), settings.height, settings.width, source.control_resize
+                )
+            except ValueError as exc:
+                raise FlowtuneError(str(exc)) from None
+            inputs.append({"prompt": prompt, **extra})
+    jobs = plan_jobs(prompts, settings, inputs, references)
     paths = []
     try:
         if cpu_offload:

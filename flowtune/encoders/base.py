@@ -175,6 +175,18 @@ class FamilyEncoder(ABC):
         """Encode B captions: ``{field: [B, ...]}`` for every field of ``text_fields``."""
 
     @classmethod
+    def reference_inputs(
+        cls, pipe: Any, images: list[Image.Image], height: int, width: int, control_resize: str = "kontext"
+    ) -> dict[str, Any]:
+        """The family pipeline's ``__call__`` arguments for reference images (families with
+        ``FamilySpec.reference_images``; image editing).
+
+        Raises:
+            ValueError: the family takes no reference images, or not that many.
+        """
+        raise ValueError(f"{cls.__name__} takes no reference images")
+
+    @classmethod
     @abstractmethod
     def prompt_inputs(cls, text: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The family pipeline's ``__call__`` arguments that stand for a prompt, from the cached text

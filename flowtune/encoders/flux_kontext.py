@@ -44,27 +44,26 @@ class FluxKontextEncoder(FluxEncoder):
 
     @classmethod
     def reference_inputs(
-        cls, images: list[Any], height: int, width: int, control_resize: str = "kontext"
+        cls, pipe: Any, images: list[Image.Image], height: int, width: int, control_resize: str = "kontext"
     ) -> dict[str, Any]:
-        """FluxKontextPipeline's arguments for the reference image and the output size.
+        """FluxKontextPipeline's arguments (besides the prompt, size and sampler settings) for
+        the reference image, resized as training resized it.
 
         Args:
-            images: One reference: a PIL image, or normalized latents [1, 16, h, w] (as cached).
-            height, width: The size to generate (passed as ``max_area`` too, which the pipeline
-                otherwise sets to 1024^2 and rescales the output to).
+            pipe: The loaded FluxKontextPipeline.
+            images: The reference image (one).
+            height, width: The size generated; passed as ``max_area`` too, without which the
+                pipeline rescales the output to about 1024 x 1024.
             control_resize: ``data.control_resize``: ``kontext`` lets the pipeline resize the
-                reference to its preferred resolution; ``match_target`` expects a reference
-                already at (width, height) and keeps it.
+                reference to its preferred resolution; ``match_target`` resizes it to
+                (width, height) with the pipeline's image processor and keeps that size.
 
         Raises:
             ValueError: not exactly one reference (diffusers' FluxKontextPipeline takes one).
         """
         if len(images) != 1:
             raise ValueError(f"FluxKontextPipeline takes one reference image, got {len(images)}")
-        return {
-            "image": images[0],
-            "height": height,
-            "width": width,
-            "max_area": height * width,
-            "_auto_resize": control_resize == "kontext",
-        }
+        image = images[0]
+        if control_resize == "match_target":
+            image = pipe.image_processor.resize(image, height, width)
+        return {"image": image, "max_area": height * width, "_auto_resize": control_resize == "kontext"}

@@ -428,6 +428,16 @@ def _check_semantics(cfg: Any) -> None:
         if value <= 0 or value % step:
             fail(key, value, f"must be a positive multiple of {step} for model family {family.name!r}")
 
+    images, prompts = list(cfg.validation.images), list(cfg.validation.prompts)
+    if images and not family.reference_images:
+        fail("validation.images", images, f"model family {family.name!r} takes no reference images; use []")
+    if family.reference_images and prompts and len(images) not in (1, len(prompts)):
+        fail(
+            "validation.images",
+            images,
+            f"model family {family.name!r} edits a reference image per prompt: give one image per "
+            f"validation prompt ({len(prompts)}), or one for all",
+        )
     _check_adapter_arguments(family.adapter, OmegaConf.to_container(cfg.model.adapter))
 
     targets = cfg.lora.target_modules

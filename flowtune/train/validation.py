@@ -37,7 +37,15 @@ from flowtune.data.store import CacheStore
 from flowtune.families import FamilySpec
 from flowtune.flow_matching import rng
 from flowtune.flow_matching.adapters.base import unwrap_model
-from flowtune.sample import SampleJob, SampleSettings, SampleWriter, generate, load_pipeline
+from flowtune.sample import (
+    SampleJob,
+    SampleSettings,
+    SampleWriter,
+    generate,
+    load_pipeline,
+    load_references,
+    pair_references,
+)
 from flowtune.train.checkpoint import checkpoint_name
 
 # The noise levels of the validation loss (sigma = 1 is pure noise): fixed, so that val_loss
@@ -109,6 +117,8 @@ class Validator:
         self._prompt_inputs = [
             self.encoder_class.prompt_inputs(self.heldout.prompt_embeddings(p)) for p in self.prompts
         ]
+        # Image-editing families: each prompt's reference image (checked now, read when sampling).
+        self.references = pair_references(spec, self.prompts, list(v.images)) if self.prompts else None
         self._pipe: Any = None
 
     @property
@@ -205,8 +215,21 @@ class Validator:
             out_dir, {"family": self.spec.name, "model": self.recipe.model.pretrained, "step": step}
         )
         images = []
-        for prompt, inputs in zip(self.prompts, self._prompt_inputs, strict=True):
-            job = SampleJob(prompt, self.settings.seed, {k: v.to(device) for k, v in inputs.items()})
+        for i, (prompt, inputs) in enumerate(zip(self.prompts, self._prompt_inputs, strict=True)):
+            inputs = {k: v.to(device) for k, v in inputs.items()}
+            refs: tuple[str, ...] = ()
+            if self.references is not None:
+                refs = self.references[i]
+                inputs.update(
+                    self.encoder_class.reference_inputs(
+                        pipe,
+                        load_references(refs),
+                        self.settings.height,
+                        self.settings.width,
+                        self.recipe.data.control_resize,
+                    )
+                )
+            job = SampleJob(prompt, self.settings.seed, inputs, refs)
             with self.accelerator.autocast():
                 image = generate(pipe, job, self.settings)
             writer.add(image, job, self.settings)
