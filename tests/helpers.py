@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -31,3 +32,22 @@ def assert_user_error(result: subprocess.CompletedProcess, *fragments: str) -> N
     assert message.count("\n") == 0, f"expected one line, got:\n{message}"
     for fragment in fragments:
         assert fragment in message, message
+
+
+def wide_tiny_model(family: str, root: Path) -> Path:
+    """The tiny pipeline of ``family`` (flux, flux-kontext) with a transformer of hidden size 64.
+
+    A FLUX transformer's prediction is ``proj_out`` of its hidden state, so with hidden 32 it spans
+    only half of the 64 dimensions of a packed latent token and can never fit the velocity; real
+    FLUX.1 (hidden 3072) has no such limit.  Width 64 is the smallest that has none either.
+    """
+    import torch
+
+    from flowtune.tiny import make_tiny, tiny_flux_transformer
+
+    model = make_tiny(family, root / f"tiny-{family}")
+    torch.manual_seed(0)
+    transformer = tiny_flux_transformer(hidden=64)
+    shutil.rmtree(model / "transformer")
+    transformer.save_pretrained(model / "transformer")
+    return model

@@ -3,7 +3,6 @@ sampled through diffusers' FluxPipeline with the saved LoRA must land nearest it
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import pytest
@@ -14,26 +13,11 @@ from flowtune.data.cache import preprocess
 from flowtune.data.loader import CachedDataset
 from flowtune.data.synthetic import make_shapes_dataset
 from flowtune.recipe import load_recipe
-from flowtune.tiny import make_tiny, tiny_flux_transformer
 from flowtune.train.metrics import read_metrics
 from flowtune.train.trainer import Trainer
+from tests.helpers import wide_tiny_model
 
 SEQUENCE_LENGTH = 32
-
-
-def _wide_tiny_flux(root: Path) -> Path:
-    """The tiny FLUX.1 pipeline with a transformer of hidden size 64 instead of 32.
-
-    A FLUX transformer's prediction is ``proj_out`` of its hidden state, so with hidden 32 it spans
-    only half of the 64 dimensions of a packed latent token and can never fit the velocity; real
-    FLUX.1 (hidden 3072) has no such limit.  Width 64 is the smallest that has none either.
-    """
-    model = make_tiny("flux", root / "tiny-flux")
-    torch.manual_seed(0)
-    transformer = tiny_flux_transformer(hidden=64)
-    shutil.rmtree(model / "transformer")
-    transformer.save_pretrained(model / "transformer")
-    return model
 
 
 @pytest.mark.slow
@@ -41,7 +25,7 @@ def _wide_tiny_flux(root: Path) -> Path:
 def test_lora_training_makes_each_caption_sample_its_own_image(tmp_path: Path, data_seed: int) -> None:
     from diffusers import FluxPipeline
 
-    model = _wide_tiny_flux(tmp_path)
+    model = wide_tiny_model("flux", tmp_path)
     make_shapes_dataset(tmp_path / "data", 4, seed=data_seed)
     (tmp_path / "recipe.yaml").write_text(
         f"model: {{family: flux, pretrained: '{model}', dtype: float32}}\n"
