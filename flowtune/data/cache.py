@@ -9,11 +9,16 @@ The run, in order:
 
    - image entry key = H(image bytes, bucket, crop box, VAE files, dtype, latent_dist)
    - text entry key  = H(caption, text-encoder files, dtype, max_sequence_length)
-   - item key        = H(image entry key, text entry key)
+   - control entry key (edit pairs) = H(control image bytes, ``data.control_resize``, the size
+     it is encoded at, VAE files, dtype, latent_dist)
+   - item key        = H(image entry key, text entry key[, control entry keys])
 
 3. **Encode** only the entries the cache lacks (the family encoder loads just the VAE and/or the
    text encoders it needs), captions first, then images bucket by bucket; decoding and cropping
-   run in a thread pool (up to 8 threads) ahead of the encoder.  Entries are flushed to a new
+   run in a thread pool (up to 8 threads) ahead of the encoder.  The control images of edit
+   pairs (families with ``FamilySpec.reference_images``) come last, size by size: each is resized
+   by the encoder as the family's pipeline resizes its reference image (``kontext``: to
+   ``encoder.control_size``; ``match_target``: to the target's bucket) and encoded like an image.  Entries are flushed to a new
    shard every ``shard_bytes`` or ``flush_seconds``, so a killed run resumes where it stopped.
 4. **Commit** the manifest listing the items, the validation prompts' embeddings and the settings
    that made the cache; delete shards that no item uses any more; write ``errors.jsonl`` and
@@ -26,12 +31,13 @@ cache made for another model or other settings.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
 import time
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,7 +59,8 @@ from rich.table import Table
 from flowtune.console import format_bytes
 from flowtune.data.buckets import CropPlan, apply_crop, bucket_for
 from flowtune.data.images import ImageError, load_rgb, probe_image
-from flowtune.data.sources import Record, apply_caption_options, list_records
+from flowtune.data.loader import CONTROL_FIELD
+from flowtune.data.sources import ControlImage, Record, apply_caption_options, list_records
 from flowtune.data.store import ERRORS_NAME, CacheStore
 from flowtune.encoders import EncoderSettings, FamilyEncoder, create_encoder
 from flowtune.errors import FlowtuneError
@@ -85,6 +92,8 @@ SETTINGS_KEYS = (
     "data.max_sequence_length",
     "data.latent_dist",
 )
+# ... and, for families with reference images (edit pairs), these too.
+REFERENCE_SETTINGS_KEYS = ("data.control_column", "data.control_resize")
 
 
 def _hash(*parts: Any) -> str:
@@ -98,9 +107,13 @@ def resolutions(recipe: Any) -> list[int]:
 
 
 def cache_settings(recipe: Any) -> dict[str, Any]:
-    """The values of :data:`SETTINGS_KEYS` in ``recipe`` (resolution normalised to a list)."""
+    """The values of :data:`SETTINGS_KEYS` in ``recipe`` (resolution normalised to a list), and of
+    :data:`REFERENCE_SETTINGS_KEYS` for families with reference images."""
+    keys = SETTINGS_KEYS
+    if get_family(recipe.model.family).reference_images:
+        keys += REFERENCE_SETTINGS_KEYS
     settings: dict[str, Any] = {}
-    for key in SETTINGS_KEYS:
+    for key in keys:
         section, name = key.split(".")
         settings[key] = recipe[section][name]
     settings["data.resolution"] = resolutions(recipe)
@@ -133,6 +146,30 @@ class Problem:
         return {"path": self.path, "kind": self.kind, "reason": self.reason}
 
 
+@dataclass(frozen=True)
+class PlannedControl:
+    """One control (reference) image of an edit pair, at the size it is encoded at."""
+
+    source: ControlImage
+    sha: str
+    """sha256 of the file's bytes."""
+    original_size: tuple[int, int]
+    """``(width, height)`` of the file (after its EXIF orientation)."""
+    size: tuple[int, int]
+    """``(width, height)`` it is resized to and encoded at."""
+    key: str
+    """The control entry key."""
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "key": self.key,
+            "source": self.source.path,
+            "sha256": self.sha,
+            "original_size": list(self.original_size),
+            "size": list(self.size),
+        }
+
+
 @dataclass
 class PlannedItem:
     """One record at one resolution, with its keys."""
@@ -144,12 +181,21 @@ class PlannedItem:
     image_sha: str
     image_key: str
     text_key: str
+    controls: tuple[PlannedControl, ...] = ()
+
+    @property
+    def shas(self) -> tuple[str, ...]:
+        """sha256 of the image and of each control image."""
+        return (self.image_sha, *(c.sha for c in self.controls))
 
     @property
     def key(self) -> str:
+        if self.controls:
+            return _hash("item", self.image_key, self.text_key, [c.key for c in self.controls])
         return _hash("item", self.image_key, self.text_key)
 
     def to_json(self) -> dict[str, Any]:
+        controls = {"controls": [c.to_json() for c in self.controls]} if self.controls else {}
         return {
             "key": self.key,
             "image": self.image_key,
@@ -159,6 +205,7 @@ class PlannedItem:
             "resolution": self.resolution,
             "image_sha256": self.image_sha,
             **self.plan.to_json(),
+            **controls,
             "metadata": self.record.metadata,
         }
 
@@ -180,6 +227,10 @@ class PreprocessReport:
     seconds: float = 0.0
     cache_bytes: int = 0
     shards_pruned: int = 0
+    controls_encoded: int = 0
+    """Control (reference) images encoded by this run (edit pairs)."""
+    controls_reused: int = 0
+    """Control images found in the cache already."""
 
     @property
     def errors(self) -> list[Problem]:
@@ -193,7 +244,7 @@ class _ImageProbe:
         self.old = memo
         self.new: dict[str, list[Any]] = {}
 
-    def __call__(self, record: Record) -> tuple[str, int, int]:
+    def __call__(self, record: Record | ControlImage) -> tuple[str, int, int]:
         """(sha256 of the bytes, width, height after EXIF orientation); raises ImageError."""
         stat = record.file_stat()
         memo_key = str(Path(record.image_file).resolve()) if record.image_file is not None else None
@@ -210,13 +261,28 @@ class _ImageProbe:
         return sha, info.width, info.height
 
 
+def _control_problem(control: ControlImage, reason: str) -> str:
+    """The reason given for an item whose control image cannot be used."""
+    return f"control image {control.path}: {reason}"
+
+
 def _plan(
-    recipe: Any, spec: FamilySpec, records: Sequence[Record], identity: dict[str, str], store: CacheStore
-) -> tuple[list[PlannedItem], list[Problem], dict[str, list[Any]]]:
-    """Plan the items of every record at every resolution (no model is loaded)."""
+    recipe: Any,
+    spec: FamilySpec,
+    records: Sequence[Record],
+    identity: dict[str, str],
+    store: CacheStore,
+    encoder: FamilyEncoder,
+) -> tuple[list[PlannedItem], list[Problem], dict[str, list[Any]], dict[str, str]]:
+    """Plan the items of every record at every resolution (no model is loaded).
+
+    Returns the items, the problems, the file memo to save, and ``{sha256: reason}`` of the
+    images left out because an earlier run failed to decode them (remembered again).
+    """
     data = recipe.data
     probe = _ImageProbe(store.manifest.get("files", {}))
     failures: dict[str, str] = store.manifest.get("failures", {})
+    known_failures: dict[str, str] = {}
     items: list[PlannedItem] = []
     problems: list[Problem] = []
     for record in records:
@@ -228,6 +294,10 @@ def _plan(
             continue
         if sha in failures:
             problems.append(Problem(record.path, failures[sha]))
+            known_failures[sha] = failures[sha]
+            continue
+        controls = _probe_controls(record, probe, failures, known_failures, problems)
+        if controls is None:
             continue
         if warning:
             problems.append(Problem(record.path, warning, "warning"))
@@ -245,8 +315,65 @@ def _plan(
                 )
                 continue
             image_key = _hash("image", identity["image"], sha, plan.to_json())
-            items.append(PlannedItem(record, caption, resolution, plan, sha, image_key, text_key))
-    return items, problems, probe.new
+            planned = tuple(
+                _plan_control(encoder, data.control_resize, identity, control, control_sha, size, plan)
+                for control, control_sha, *size in controls
+            )
+            items.append(PlannedItem(record, caption, resolution, plan, sha, image_key, text_key, planned))
+    return items, problems, probe.new, known_failures
+
+
+def _failure(item: PlannedItem, failures: dict[str, str]) -> str | None:
+    """Why ``item`` cannot be cached (its image or a control image failed to decode), or None."""
+    if item.image_sha in failures:
+        return failures[item.image_sha]
+    for control in item.controls:
+        if control.sha in failures:
+            return _control_problem(control.source, failures[control.sha])
+    return None
+
+
+def _probe_controls(
+    record: Record,
+    probe: _ImageProbe,
+    failures: dict[str, str],
+    known_failures: dict[str, str],
+    problems: list[Problem],
+) -> list[tuple[ControlImage, str, int, int]] | None:
+    """``(control, sha256, width, height)`` of each control image of ``record``, or None (with
+    the problem appended) when one cannot be read or is known to fail to decode."""
+    controls = []
+    for control in record.controls:
+        try:
+            sha, width, height = probe(control)
+        except ImageError as err:
+            problems.append(Problem(record.path, _control_problem(control, str(err))))
+            return None
+        if sha in failures:
+            problems.append(Problem(record.path, _control_problem(control, failures[sha])))
+            known_failures[sha] = failures[sha]
+            return None
+        controls.append((control, sha, width, height))
+    return controls
+
+
+def _plan_control(
+    encoder: Any,
+    mode: str,
+    identity: dict[str, str],
+    control: ControlImage,
+    sha: str,
+    original_size: Sequence[int],
+    plan: CropPlan,
+) -> PlannedControl:
+    """The size a control image is encoded at (``data.control_resize``) and its entry key."""
+    width, height = original_size
+    if mode == "match_target":
+        size = (plan.bucket.width, plan.bucket.height)
+    else:
+        size = tuple(int(side) for side in encoder.control_size(width, height))
+    key = _hash("control", identity["image"], sha, mode, list(size))
+    return PlannedControl(control, sha, (width, height), size, key)
 
 
 def _truncation_warnings(encoder: FamilyEncoder, items: Sequence[PlannedItem]) -> list[Problem]:
@@ -336,19 +463,46 @@ class _Encoding:
 
         Returns ``{image sha256: reason}`` for images that failed to decode.
         """
-        failed: dict[str, str] = {}
-        by_bucket: dict[Any, list[PlannedItem]] = {}
-        for item in items:
-            by_bucket.setdefault(item.plan.bucket, []).append(item)
-        batches = [b for group in by_bucket.values() for b in _batched(group, self.batch_size)]
+        jobs = [
+            _ImageJob(
+                item.image_key,
+                item.image_sha,
+                (item.plan.bucket.width, item.plan.bucket.height),
+                functools.partial(_decode_target, item),
+            )
+            for item in items
+        ]
+        return self._encode_jobs(jobs, "image", list(self.encoder.image_fields), "images", advance)
 
-        def decode(item: PlannedItem) -> Any:
+    def controls(self, controls: Sequence[PlannedControl], advance: Any) -> dict[str, str]:
+        """Encode control entries (one per distinct key), size by size: each control image is
+        resized by ``encoder.prepare_control`` and encoded by ``encoder.encode_images``.
+
+        Returns ``{control image sha256: reason}`` for images that failed to decode.
+        """
+        prepare = self.encoder.prepare_control  # type: ignore[attr-defined]
+        jobs = [
+            _ImageJob(c.key, c.sha, c.size, functools.partial(_decode_control, c, prepare)) for c in controls
+        ]
+        return self._encode_jobs(jobs, "control", [CONTROL_FIELD], "control images", advance)
+
+    def _encode_jobs(
+        self, jobs: Sequence[_ImageJob], kind: str, fields: list[str], what: str, advance: Any
+    ) -> dict[str, str]:
+        """Decode (in the thread pool, one batch ahead) and encode ``jobs`` in batches of one size;
+        store ``fields`` of each as a ``kind`` entry.  Returns ``{sha256: reason}`` of failures."""
+        failed: dict[str, str] = {}
+        by_size: dict[tuple[int, int], list[_ImageJob]] = {}
+        for job in jobs:
+            by_size.setdefault(job.size, []).append(job)
+        batches = [b for group in by_size.values() for b in _batched(group, self.batch_size)]
+
+        def decode(job: _ImageJob) -> Any:
             try:
-                return apply_crop(load_rgb(item.record.read_image_bytes()), item.plan)
+                return job.load()
             except ImageError as err:
                 return err
 
-        fields = list(self.encoder.image_fields)
         with ThreadPoolExecutor(self.workers) as pool:
             # Decode one batch ahead of the encoder.
             pending = [pool.map(decode, batches[0])] if batches else []
@@ -357,35 +511,53 @@ class _Encoding:
                 if index + 1 < len(batches):
                     pending.append(pool.map(decode, batches[index + 1]))
                 good = [
-                    (item, img)
-                    for item, img in zip(batch, decoded, strict=True)
+                    (job, img)
+                    for job, img in zip(batch, decoded, strict=True)
                     if not isinstance(img, ImageError)
                 ]
-                for item, img in zip(batch, decoded, strict=True):
+                for job, img in zip(batch, decoded, strict=True):
                     if isinstance(img, ImageError):
-                        failed[item.image_sha] = str(img)
+                        failed[job.sha] = str(img)
                 if good:
-                    generators = [
-                        torch.Generator().manual_seed(int(item.image_key[:15], 16)) for item, _ in good
-                    ]
-                    out = self._encode_image_batch([img for _, img in good], generators, batch[0].plan)
-                    for i, (item, _) in enumerate(good):
-                        self.store.add(item.image_key, "image", {name: out[name][i] for name in fields})
+                    generators = [torch.Generator().manual_seed(int(job.key[:15], 16)) for job, _ in good]
+                    out = self._encode_image_batch([img for _, img in good], generators, batch[0].size, what)
+                    for i, (job, _) in enumerate(good):
+                        self.store.add(job.key, kind, {name: out[name][i] for name in fields})
                 advance(len(batch))
                 self._maybe_flush()
         return failed
 
     def _encode_image_batch(
-        self, images: list[Any], generators: list[torch.Generator], plan: CropPlan
+        self, images: list[Any], generators: list[torch.Generator], size: tuple[int, int], what: str
     ) -> Any:
         try:
             return self.encoder.encode_images(images, generators)
         except torch.OutOfMemoryError:
             self.store.flush()
             raise FlowtuneError(
-                f"out of memory encoding {len(images)} images of {plan.bucket}; lower "
+                f"out of memory encoding {len(images)} {what} of {size[0]}x{size[1]}; lower "
                 "data.encode_batch_size (everything encoded so far is saved: re-run to continue)"
             ) from None
+
+
+@dataclass(frozen=True)
+class _ImageJob:
+    """One image entry to encode: ``load()`` gives the prepared RGB image of ``size`` (w, h)."""
+
+    key: str
+    sha: str
+    size: tuple[int, int]
+    load: Callable[[], Any]
+
+
+def _decode_target(item: PlannedItem) -> Any:
+    """The item's image, decoded and cropped to its bucket; raises ImageError."""
+    return apply_crop(load_rgb(item.record.read_image_bytes()), item.plan)
+
+
+def _decode_control(control: PlannedControl, prepare: Callable[[Any, tuple[int, int]], Any]) -> Any:
+    """The control image, decoded and resized to its size by the encoder; raises ImageError."""
+    return prepare(load_rgb(control.source.read_image_bytes()), control.size)
 
 
 def preprocess(
@@ -421,13 +593,17 @@ def preprocess(
         image_column=data.image_column,
         caption_column=data.caption_column,
         dataset_split=data.dataset_split,
+        references=spec.reference_images,
+        control_column=data.control_column,
     )
     model_dir = resolve_pretrained(recipe.model.pretrained, recipe.model.revision, _encoder_components(spec))
     encoder = create_encoder(spec, model_dir, _encoder_settings(recipe), device)
     identity = encoder.identity()
     store = CacheStore.open(data.cache_dir, create=True)
     with store.locked():
-        items, problems, file_memo = _plan(recipe, spec, listing.records, identity, store)
+        items, problems, file_memo, known_failures = _plan(
+            recipe, spec, listing.records, identity, store, encoder
+        )
         problems = [Problem(p.path, p.reason) for p in listing.problems] + problems
         problems += _truncation_warnings(encoder, items)
         prompts = list(dict.fromkeys(["", *recipe.validation.prompts]))
@@ -443,15 +619,21 @@ def preprocess(
         for item in items:
             unique_images.setdefault(item.image_key, item)
         missing_images = [item for key, item in unique_images.items() if not store.has(key)]
+        unique_controls: dict[str, PlannedControl] = {}
+        for item in items:
+            for control in item.controls:
+                unique_controls.setdefault(control.key, control)
+        missing_controls = [c for key, c in unique_controls.items() if not store.has(key)]
 
         failures = dict(store.manifest.get("failures", {}))
-        if missing_texts or missing_images:
+        if missing_texts or missing_images or missing_controls:
             failures.update(
                 _encode(
                     encoder,
                     store,
                     missing_texts,
                     missing_images,
+                    missing_controls,
                     console,
                     batch_size=int(data.encode_batch_size),
                     workers=min(8, os.cpu_count() or 1),
@@ -459,16 +641,23 @@ def preprocess(
                     flush_seconds=flush_seconds,
                 )
             )
-        failed_shas = {item.image_sha for item in items if item.image_sha in failures}
-        failed_paths = dict.fromkeys(
-            (i.record.path, i.image_sha) for i in items if i.image_sha in failed_shas
-        )
-        problems.extend(Problem(path, failures[sha]) for path, sha in failed_paths)
+        # Images that failed to decode now (the ones known to fail were left out by _plan).
+        failed_shas = {sha for item in items for sha in item.shas if sha in failures}
+        failed_paths: dict[tuple[str, str], None] = {}
+        for item in items:
+            reason = _failure(item, failures)
+            if reason is not None:
+                failed_paths.setdefault((item.record.path, reason))
+        problems.extend(Problem(path, reason) for path, reason in failed_paths)
         images_failed = sum(1 for item in missing_images if item.image_sha in failed_shas)
-        items = [item for item in items if item.image_sha not in failed_shas]
+        controls_failed = sum(1 for control in missing_controls if control.sha in failed_shas)
+        items = [item for item in items if not failed_shas.intersection(item.shas)]
 
         live = (
-            {item.image_key for item in items} | {item.text_key for item in items} | set(prompt_keys.values())
+            {item.image_key for item in items}
+            | {item.text_key for item in items}
+            | {control.key for item in items for control in item.controls}
+            | set(prompt_keys.values())
         )
         store.manifest.update(
             {
@@ -480,7 +669,7 @@ def preprocess(
                 "validation_prompts": {p: k for p, k in prompt_keys.items() if p},
                 "empty_prompt": prompt_keys[""],
                 "files": file_memo,
-                "failures": {sha: failures[sha] for sha in sorted(failed_shas)},
+                "failures": {sha: failures[sha] for sha in sorted(failed_shas | set(known_failures))},
             }
         )
         pruned = store.prune(live)
@@ -501,6 +690,8 @@ def preprocess(
         seconds=time.perf_counter() - start,
         cache_bytes=store.size_bytes(),
         shards_pruned=pruned,
+        controls_encoded=len(missing_controls) - controls_failed,
+        controls_reused=len(unique_controls) - len(missing_controls),
     )
     print_summary(report, console)
     return report
@@ -511,11 +702,12 @@ def _encode(
     store: CacheStore,
     missing_texts: Sequence[tuple[str, str]],
     missing_images: Sequence[PlannedItem],
+    missing_controls: Sequence[PlannedControl],
     console: Console,
     **options: Any,
 ) -> dict[str, str]:
     """Load what is needed and encode; on any exit, save what was encoded. Returns failures."""
-    encoder.load(images=bool(missing_images), texts=bool(missing_texts))
+    encoder.load(images=bool(missing_images or missing_controls), texts=bool(missing_texts))
     encoding = _Encoding(encoder, store, **options)
     failed: dict[str, str] = {}
     try:
@@ -530,6 +722,12 @@ def _encode(
                 task = progress.add_task("images", total=len(missing_images), rate="")
                 failed = encoding.images(
                     missing_images,
+                    lambda n: progress.update(task, advance=n, rate=_rate(progress.tasks[task])),
+                )
+            if missing_controls:
+                task = progress.add_task("control images", total=len(missing_controls), rate="")
+                failed |= encoding.controls(
+                    missing_controls,
                     lambda n: progress.update(task, advance=n, rate=_rate(progress.tasks[task])),
                 )
     finally:
@@ -551,8 +749,14 @@ def print_summary(report: PreprocessReport, console: Console, max_listed: int = 
     table.add_column()
     table.add_row("source", f"{report.source_kind}: {report.records} records")
     table.add_row("items cached", str(report.items))
-    table.add_row("encoded now", f"{report.images_encoded} images, {report.texts_encoded} captions")
-    table.add_row("reused", f"{report.images_reused} images, {report.texts_reused} captions")
+    edit_pairs = bool(report.controls_encoded or report.controls_reused)
+
+    def counts(images: int, controls: int, texts: int) -> str:
+        middle = f"{controls} control images, " if edit_pairs else ""
+        return f"{images} images, {middle}{texts} captions"
+
+    table.add_row("encoded now", counts(report.images_encoded, report.controls_encoded, report.texts_encoded))
+    table.add_row("reused", counts(report.images_reused, report.controls_reused, report.texts_reused))
     buckets = ", ".join(f"{name}: {count}" for name, count in report.buckets.items()) or "-"
     table.add_row("buckets", buckets)
     kinds = Counter(p.kind for p in report.problems)

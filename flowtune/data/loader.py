@@ -1,7 +1,8 @@
 """Reading the cache for training: the cached dataset, the bucket batch sampler and the collator.
 
-- :class:`CachedDataset` returns one item's tensors (image entry + text entry) from the shards,
-  memory-mapped by safetensors; it never decodes an image or runs an encoder.
+- :class:`CachedDataset` returns one item's tensors (image entry + text entry, and the control
+  entries of an edit pair) from the shards, memory-mapped by safetensors; it never decodes an
+  image or runs an encoder.
 - :class:`BucketBatchSampler` yields batches whose items share one bucket (so latents stack),
   in an order that depends only on ``(seed, epoch)`` and the *global* batch size, and shards each
   global batch across processes.  Its position is a single number (batches consumed), so a
@@ -22,6 +23,14 @@ import torch
 from torch.utils.data import Dataset, Sampler
 
 from flowtune.data.store import CacheStore
+
+CONTROL_FIELD = "image_latents"
+"""The field of a control entry (what preprocess stores for each control image)."""
+
+
+def control_key(index: int) -> str:
+    """The batch key of an item's ``index``-th control image's latents: ``control_latents_<index>``."""
+    return f"control_latents_{index}"
 
 
 def split_validation(item_keys: Sequence[str], fraction: float) -> tuple[list[int], list[int]]:
@@ -59,7 +68,9 @@ class CachedDataset(Dataset):
 
     Each item is ``{field: tensor}`` for the image fields (FLUX.1: ``image_latents`` [C, h, w])
     and the text fields (FLUX.1: ``text_embeddings`` [L, D], ``pooled_prompt_embeds`` [D]) plus
-    ``key`` (the item key) and ``caption``.
+    ``key`` (the item key) and ``caption``.  An edit pair (FLUX.1 Kontext) also has
+    ``control_latents_0``, ``control_latents_1``, ... [C, hc_k, wc_k]: its control images' latents
+    in reference order, each at the size preprocess resized that control image to.
 
     Args:
         cache: The cache directory or an open :class:`CacheStore`.
@@ -85,6 +96,19 @@ class CachedDataset(Dataset):
         return [tuple(item["bucket"]) for item in self.items]
 
     @property
+    def batch_groups(self) -> list[Hashable]:
+        """Each item's batch group for :class:`BucketBatchSampler`: items of one group stack into
+        a batch.  The bucket (width, height) for plain items (the same as :attr:`buckets`);
+        ``(bucket, ((wc_0, hc_0), (wc_1, hc_1), ...))`` for edit pairs, so that a batch never
+        mixes the number or the sizes of control images."""
+        groups: list[Hashable] = []
+        for item in self.items:
+            bucket = tuple(item["bucket"])
+            controls = item.get("controls")
+            groups.append((bucket, tuple(tuple(c["size"]) for c in controls)) if controls else bucket)
+        return groups
+
+    @property
     def sequence_fields(self) -> list[str]:
         """Fields whose first dimension varies per item (padded by :class:`CacheCollator`)."""
         return [name for name, seq in {**self.image_fields, **self.text_fields}.items() if seq]
@@ -93,6 +117,8 @@ class CachedDataset(Dataset):
         item = self.items[index]
         tensors = self.store.read(item["image"], self.image_fields)
         tensors.update(self.store.read(item["text"], self.text_fields))
+        for index, control in enumerate(item.get("controls", ())):
+            tensors[control_key(index)] = self.store.read(control["key"], [CONTROL_FIELD])[CONTROL_FIELD]
         return {**tensors, "key": item["key"], "caption": item["caption"]}
 
     def text_entry(self, key: str) -> dict[str, torch.Tensor]:

@@ -258,7 +258,7 @@ class Trainer:
             "\n".join(i["key"] for i in self.dataset.items).encode()
         ).hexdigest()
         self.sampler = BucketBatchSampler(
-            self.dataset.buckets,
+            self.dataset.batch_groups,
             r.train.batch_size,
             seed=r.train.seed,
             num_replicas=acc.num_processes,
