@@ -347,7 +347,7 @@ def _write_bad_files(root: Path) -> dict[str, str]:
     }
 
 
-def test_bad_files_are_reported_and_the_rest_is_cached(tmp_path, tiny_flux, dataset) -> None:
+def test_bad_files_are_reported_and_the_rest_is_cached(tmp_path, tiny_flux, dataset, monkeypatch) -> None:
     expected = _write_bad_files(dataset)
     # Unusual but valid images are converted, not rejected.
     Image.new("CMYK", (64, 64), (0, 255, 255, 0)).save(dataset / "cmyk.jpg")
@@ -373,10 +373,13 @@ def test_bad_files_are_reported_and_the_rest_is_cached(tmp_path, tiny_flux, data
     assert items["nocaption.png"]["caption"] == ""
     assert {"cmyk.jpg", "palette.png", "transparent.png", "sixteen.png"} <= set(items)
 
-    # Failures are remembered: the re-run neither reloads a model nor loses the report.
-    again = _run(recipe)
-    assert again.images_encoded == 0
-    assert {Path(p.path).name for p in again.problems} == {Path(p["path"]).name for p in problems}
+    # Failures are remembered: re-runs (not just the next one) neither re-try the images that
+    # failed to decode nor lose the report.
+    counter = _CountingEncoder(monkeypatch)
+    for _ in range(2):
+        again = _run(recipe)
+        assert again.images_encoded == counter.loads == 0
+        assert {Path(p.path).name for p in again.problems} == {Path(p["path"]).name for p in problems}
 
 
 def test_trigger_word_and_default_caption(tmp_path, tiny_flux, dataset) -> None:
