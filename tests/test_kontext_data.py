@@ -389,12 +389,6 @@ def test_control_latents_equal_flux_kontext_pipeline_preprocessing(
         }
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="FluxKontextEncoder.control_size floors the reference's sides to multiples of 8 before "
-    "taking its aspect ratio; FluxKontextPipeline's image_processor.get_default_height_width floors "
-    "them to multiples of 16 (vae_scale_factor * 2), so e.g. 100x72 gets 1184x880 instead of 1248x832",
-)
 def test_control_size_of_sides_that_are_not_multiples_of_16_follows_the_pipeline(tiny_kontext) -> None:
     from diffusers import FluxKontextPipeline
     from diffusers.pipelines.flux.pipeline_flux_kontext import PREFERRED_KONTEXT_RESOLUTIONS

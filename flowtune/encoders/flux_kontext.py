@@ -16,9 +16,6 @@ from flowtune.encoders.flux import FluxEncoder
 if TYPE_CHECKING:
     from PIL import Image
 
-# FLUX.1's VAE downsamples by 8; the pipeline rounds a reference's size to multiples of it before
-# taking its aspect ratio.
-_VAE_SCALE_FACTOR = 8
 
 
 class FluxKontextEncoder(FluxEncoder):
@@ -29,11 +26,13 @@ class FluxKontextEncoder(FluxEncoder):
         the preferred Kontext resolution nearest in aspect ratio, sides floored to multiples of 16."""
         from diffusers.pipelines.flux.pipeline_flux_kontext import PREFERRED_KONTEXT_RESOLUTIONS
 
-        width -= width % _VAE_SCALE_FACTOR
-        height -= height % _VAE_SCALE_FACTOR
+        # The pipeline's image processor works in multiples of the VAE factor x the 2x2 packing
+        # (16 for FLUX.1): it floors the sides to those before taking the aspect ratio.
+        g = self.spec.spatial_granularity
+        width -= width % g
+        height -= height % g
         aspect = width / height
         _, w, h = min((abs(aspect - pw / ph), pw, ph) for pw, ph in PREFERRED_KONTEXT_RESOLUTIONS)
-        g = self.spec.spatial_granularity
         return w // g * g, h // g * g
 
     def prepare_control(self, image: Image.Image, size: tuple[int, int]) -> Image.Image:

@@ -154,9 +154,10 @@ class Validator:
         if n == 0:
             return None
         mine = list(range(acc.process_index, n, acc.num_processes))
-        by_bucket: dict[tuple[int, int], list[int]] = {}
+        groups = self.heldout.batch_groups  # items that stack into one batch (bucket, control sizes)
+        by_bucket: dict[Any, list[int]] = {}
         for i in mine:
-            by_bucket.setdefault(tuple(self.heldout.items[i]["bucket"]), []).append(i)
+            by_bucket.setdefault(groups[i], []).append(i)
         batch_size = self.recipe.train.batch_size
         total = torch.zeros((), device=device, dtype=torch.float64)
         count = torch.zeros((), device=device, dtype=torch.float64)
