@@ -12,7 +12,7 @@ DEMO_DIR := .flowtune-demo
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: demo test lint format docs clean
+.PHONY: demo demo-kontext test lint format docs clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -34,6 +34,17 @@ demo: $(STAMP)
 	@echo "  run $(DEMO_DIR)/run (recipe.yaml, metrics.jsonl, checkpoints/, final/pytorch_lora_weights.safetensors,"
 	@echo "  samples/step-*/ validation images), samples $(DEMO_DIR)/samples (grid.png, samples.jsonl)"
 
+# The same chain for image editing: FLUX.1 Kontext on generated edit pairs (shape -> recoloured).
+demo-kontext: $(STAMP)
+	$(BIN)/python -m flowtune make-tiny flux-kontext $(DEMO_DIR)-kontext/tiny-kontext --overwrite
+	$(BIN)/python -m flowtune make-dataset $(DEMO_DIR)-kontext/edits --edit-pairs --count 8 --overwrite
+	$(BIN)/python -m flowtune preprocess recipes/tiny-kontext-demo.yaml
+	$(BIN)/python -m flowtune train recipes/tiny-kontext-demo.yaml
+	rm -rf $(DEMO_DIR)-kontext/samples
+	$(BIN)/python -m flowtune sample --ckpt $(DEMO_DIR)-kontext/run --out $(DEMO_DIR)-kontext/samples \
+		--image $(DEMO_DIR)-kontext/edits/control/0001.png --prompt "make it blue" --prompt "make it red"
+	@echo "kontext demo outputs: run $(DEMO_DIR)-kontext/run, edits $(DEMO_DIR)-kontext/samples"
+
 test: $(STAMP)
 	$(BIN)/pytest -q
 
@@ -49,4 +60,4 @@ docs: $(STAMP)
 	$(BIN)/python scripts/gen_recipe_docs.py
 
 clean:
-	rm -rf $(DEMO_DIR) .pytest_cache .ruff_cache
+	rm -rf $(DEMO_DIR) $(DEMO_DIR)-kontext .pytest_cache .ruff_cache

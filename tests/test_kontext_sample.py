@@ -87,3 +87,20 @@ def test_the_command_line_takes_image(kontext, tmp_path) -> None:
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "out" / "000000.png").is_file()
     assert_user_error(flowtune("sample", "--model", model, "-p", "make it blue"), "give --image")
+
+
+def test_make_dataset_writes_edit_pairs(tmp_path) -> None:
+    result = flowtune(
+        "make-dataset", str(tmp_path / "edits"), "--edit-pairs", "--count", "2", "--control-size", "48x64"
+    )
+    assert result.returncode == 0, result.stderr
+    assert sorted(p.name for p in (tmp_path / "edits" / "images").iterdir()) == [
+        "0000.png",
+        "0000.txt",
+        "0001.png",
+        "0001.txt",
+    ]
+    assert Image.open(tmp_path / "edits" / "control" / "0000.png").size == (48, 64)
+    assert_user_error(
+        flowtune("make-dataset", str(tmp_path / "x"), "--control-size", "48x64"), "--edit-pairs"
+    )
