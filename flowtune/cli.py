@@ -182,6 +182,14 @@ def sample(
             show_default="the recipe's validation.images",
         ),
     ] = None,
+    control_resize: Annotated[
+        str | None,
+        typer.Option(
+            help="With --image: kontext (the pipeline resizes the reference to its preferred "
+            "resolution) or match_target (resized to the output size), as the LoRA was trained.",
+            show_default="the recipe's data.control_resize, else kontext",
+        ),
+    ] = None,
     seed: Annotated[
         int | None,
         typer.Option(
@@ -229,6 +237,10 @@ def sample(
         source_from_checkpoint(ckpt, base_model=model) if ckpt is not None else source_from_model(model, lora)
     )
     prompts = read_prompts(prompt or [], prompts_file)
+    if control_resize is not None:
+        if control_resize not in ("kontext", "match_target"):
+            raise FlowtuneError(f"--control-resize {control_resize!r}: choose kontext or match_target")
+        source.control_resize = control_resize
     images: list[str | Path] = list(image or [])
     if not prompts and prompt is None and prompts_file is None:
         prompts = source.prompts  # a checkpoint's validation prompts (with their images)

@@ -87,6 +87,32 @@ def test_the_command_line_takes_image(kontext, tmp_path) -> None:
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "out" / "000000.png").is_file()
     assert_user_error(flowtune("sample", "--model", model, "-p", "make it blue"), "give --image")
+    # a LoRA-less run with --control-resize match_target equals the library call with that mode
+    result = flowtune(
+        "sample", "--model", model, "--image", str(kontext / "source.png"), "-p", "make it blue",
+        "--steps", "1", "--height", "32", "--width", "48", "--control-resize", "match_target",
+        "--out", str(tmp_path / "matched"),
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    expected = _diffusers(
+        kontext / "tiny-kontext", kontext / "source.png", prompt="make it blue", height=32, width=48,
+        max_area=32 * 48, num_inference_steps=1, guidance_scale=3.5, seed=42, auto_resize=False,
+    )  # fmt: skip
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "matched" / "000000.png")), expected)
+    assert_user_error(
+        flowtune(
+            "sample",
+            "--model",
+            model,
+            "--image",
+            str(kontext / "source.png"),
+            "-p",
+            "x",
+            "--control-resize",
+            "crop",
+        ),
+        "--control-resize 'crop'",
+    )
 
 
 def test_make_dataset_writes_edit_pairs(tmp_path) -> None:
