@@ -17,7 +17,6 @@ if TYPE_CHECKING:
     from PIL import Image
 
 
-
 class FluxKontextEncoder(FluxEncoder):
     """FLUX.1 Kontext [dev] encoder: :class:`FluxEncoder` plus reference-image preparation."""
 
