@@ -22,20 +22,7 @@ from flowtune.data.sources import (
     list_records,
 )
 from flowtune.errors import FlowtuneError
-
-
-def save_image(
-    path: Path, size: tuple[int, int] = (32, 24), colour: tuple[int, int, int] = (200, 30, 30)
-) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.new("RGB", size, colour).save(path)
-    return path
-
-
-def write(path: Path, data: str | bytes) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(data.encode() if isinstance(data, str) else data)
-    return path
+from tests.helpers import save_image, write
 
 
 def by_path(listing: SourceListing) -> dict[str, Record]:

@@ -20,7 +20,7 @@ from flowtune.families import get_family
 from flowtune.interop import export
 from flowtune.interop.lora import read_lora, write_lora
 from flowtune.train.model import LORA_WEIGHTS_NAME
-from tests.helpers import assert_user_error, flowtune
+from tests.helpers import assert_user_error, flowtune, tiny_flux_inputs
 
 # ---------------------------------------------------------------------------------------------
 # 1. Round trip through diffusers' converter, in FLUX.1 [dev] shapes.
@@ -375,17 +375,7 @@ def test_merged_transformer_equals_the_base_with_the_lora_loaded(trained, tmp_pa
     assert merged.dtype == torch.float32
 
     pipe = FluxPipeline.from_pretrained(trained.parent / "tiny-flux", torch_dtype=torch.float32)
-    generator = torch.Generator().manual_seed(0)
-    inputs = {
-        "hidden_states": torch.randn(1, 16, 64, generator=generator),
-        "encoder_hidden_states": torch.randn(1, 16, 32, generator=generator),
-        "pooled_projections": torch.randn(1, 32, generator=generator),
-        "timestep": torch.tensor([0.5]),
-        "img_ids": torch.zeros(16, 3),
-        "txt_ids": torch.zeros(16, 3),
-        "guidance": torch.tensor([3.5]),
-        "return_dict": False,
-    }
+    inputs = tiny_flux_inputs()
     with torch.no_grad():
         base = pipe.transformer(**inputs)[0]
         pipe.load_lora_weights(trained / "final", adapter_name="trained")

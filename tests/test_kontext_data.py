@@ -27,21 +27,7 @@ from flowtune.errors import FlowtuneError
 from flowtune.families import get_family
 from flowtune.recipe import load_recipe
 from flowtune.tiny import make_tiny
-
-
-def save_image(
-    path: Path, size: tuple[int, int] = (32, 24), colour: tuple[int, int, int] = (200, 30, 30)
-) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.new("RGB", size, colour).save(path)
-    return path
-
-
-def write(path: Path, data: str | bytes) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(data.encode() if isinstance(data, str) else data)
-    return path
-
+from tests.helpers import save_image, write
 
 # ---------------------------------------------------------------------------------- folder source
 
@@ -347,7 +333,6 @@ def _pipeline_control_latents(pipe, image: Image.Image, auto_resize: bool, size=
 def test_control_latents_equal_flux_kontext_pipeline_preprocessing(
     tmp_path, tiny_kontext, pairs, mode
 ) -> None:
-    from diffusers import FluxKontextPipeline
 
     # The same control image in two pairs is one control entry.
     (pairs / "control" / "0002.png").write_bytes((pairs / "control" / "0000.png").read_bytes())
@@ -357,14 +342,7 @@ def test_control_latents_equal_flux_kontext_pipeline_preprocessing(
     assert report.items == len(PAIRS) and report.errors == []
     assert (report.controls_encoded, report.controls_reused) == (len(PAIRS) - 1, 0)
     data = CachedDataset(recipe.data.cache_dir)
-    pipe = FluxKontextPipeline.from_pretrained(
-        tiny_kontext,
-        transformer=None,
-        text_encoder=None,
-        text_encoder_2=None,
-        tokenizer=None,
-        tokenizer_2=None,
-    )
+    pipe = _vae_pipeline(tiny_kontext)
     for index, item in enumerate(data.items):
         (control,) = item["controls"]
         with Image.open(control["source"]) as image:
@@ -390,19 +368,11 @@ def test_control_latents_equal_flux_kontext_pipeline_preprocessing(
 
 
 def test_control_size_of_sides_that_are_not_multiples_of_16_follows_the_pipeline(tiny_kontext) -> None:
-    from diffusers import FluxKontextPipeline
     from diffusers.pipelines.flux.pipeline_flux_kontext import PREFERRED_KONTEXT_RESOLUTIONS
 
     spec = get_family("flux-kontext")
     encoder = create_encoder(spec, tiny_kontext, EncoderSettings("float32", 16, "mode"))
-    pipe = FluxKontextPipeline.from_pretrained(
-        tiny_kontext,
-        transformer=None,
-        text_encoder=None,
-        text_encoder_2=None,
-        tokenizer=None,
-        tokenizer_2=None,
-    )
+    pipe = _vae_pipeline(tiny_kontext)
     for width, height in [(100, 72), (1000, 750), (640, 480), (1920, 1080)]:
         h, w = pipe.image_processor.get_default_height_width(Image.new("RGB", (width, height)))
         _, pw, ph = min((abs(w / h - a / b), a, b) for a, b in PREFERRED_KONTEXT_RESOLUTIONS)
@@ -558,3 +528,13 @@ def test_plain_families_cache_no_controls(tmp_path, tiny_kontext) -> None:
     data = CachedDataset(recipe.data.cache_dir)
     assert data.batch_groups == data.buckets
     assert not [k for k in data[0] if k.startswith("control")]
+
+
+def _vae_pipeline(model: Path):
+    """The tiny FluxKontextPipeline with only its VAE and image processor (no transformer or text
+    encoders): what its reference-image preprocessing needs."""
+    from diffusers import FluxKontextPipeline
+
+    return FluxKontextPipeline.from_pretrained(
+        model, transformer=None, text_encoder=None, text_encoder_2=None, tokenizer=None, tokenizer_2=None
+    )

@@ -10,17 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 from PIL import Image
-from rich.console import Console
 
-from flowtune.data.cache import preprocess
-from flowtune.data.loader import CachedDataset
 from flowtune.data.synthetic import make_edit_pairs_dataset
-from flowtune.recipe import load_recipe
-from flowtune.train.metrics import read_metrics
-from flowtune.train.trainer import Trainer
-from tests.helpers import wide_tiny_model
-
-SEQUENCE_LENGTH = 32
+from tests.helpers import LEARNING_SEQUENCE_LENGTH, train_learning_run, wide_tiny_model
 
 
 @pytest.mark.slow
@@ -29,24 +21,9 @@ def test_kontext_lora_training_makes_each_edit_land_on_its_own_target(tmp_path: 
 
     model = wide_tiny_model("flux-kontext", tmp_path)
     make_edit_pairs_dataset(tmp_path / "edits", 4, seed=5)
-    (tmp_path / "recipe.yaml").write_text(
-        f"model: {{family: flux-kontext, pretrained: '{model}', dtype: float32}}\n"
-        "lora: {rank: 16, alpha: 16}\n"
-        f"data: {{source: '{tmp_path / 'edits'}', cache_dir: '{tmp_path / 'cache'}', resolution: 64,"
-        f" max_sequence_length: {SEQUENCE_LENGTH}, control_resize: match_target}}\n"
-        "flow: {cfg_dropout_prob: 0.0, timestep_sampling: uniform, flow_shift: 1.0}\n"
-        f"train: {{output_dir: '{tmp_path / 'run'}', max_steps: 1000, batch_size: 4, seed: 0,"
-        " mixed_precision: 'no', checkpoint_every: 1000, log_every: 100}\n"
-        "optimizer: {lr: 1.0e-2, weight_decay: 0.0}\n"
-        "lr_scheduler: {name: constant}\n"
+    result, data = train_learning_run(
+        tmp_path, model, "flux-kontext", tmp_path / "edits", data_extra=", control_resize: match_target"
     )
-    recipe = load_recipe(tmp_path / "recipe.yaml")
-    preprocess(recipe, console=Console(quiet=True))
-    result = Trainer(recipe, console=Console(quiet=True)).run()
-    losses = [r["loss"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl")]
-    assert losses[-1] < 0.85 * losses[0]
-
-    data = CachedDataset(tmp_path / "cache")
     stems = [Path(data.items[i]["source"]).stem for i in range(len(data))]
     targets = torch.stack([data[i]["image_latents"] for i in range(len(data))]).flatten(1)
     instructions = [data[i]["caption"] for i in range(len(data))]
@@ -65,7 +42,7 @@ def test_kontext_lora_training_makes_each_edit_land_on_its_own_target(tmp_path: 
             width=64,
             max_area=64 * 64,
             num_inference_steps=20,
-            max_sequence_length=SEQUENCE_LENGTH,
+            max_sequence_length=LEARNING_SEQUENCE_LENGTH,
             generator=torch.Generator().manual_seed(0),  # the same starting noise for every pair
             output_type="latent",
         ).images

@@ -23,6 +23,7 @@ from flowtune.train.metrics import read_metrics
 from flowtune.train.model import LORA_WEIGHTS_NAME
 from flowtune.train.signals import TrainingInterrupted
 from flowtune.train.trainer import NonFiniteLossError, Trainer
+from tests.helpers import tiny_flux_inputs
 
 # Losses of the first 4 steps of the default test recipe (seed 0), recorded when the trainer was
 # written.  A change here means training itself changed: the sample order, the per-sample noise
@@ -210,17 +211,7 @@ def test_the_lora_loads_in_diffusers_and_gives_the_trained_model_s_outputs(env, 
         adapter = json.loads(metadata["lora_adapter_metadata"])
         assert adapter["transformer.r"] == 4 and adapter["transformer.lora_alpha"] == 4
 
-        generator = torch.Generator().manual_seed(0)
-        inputs = {
-            "hidden_states": torch.randn(1, 16, 64, generator=generator),
-            "encoder_hidden_states": torch.randn(1, 16, 32, generator=generator),
-            "pooled_projections": torch.randn(1, 32, generator=generator),
-            "timestep": torch.tensor([0.5]),
-            "img_ids": torch.zeros(16, 3),
-            "txt_ids": torch.zeros(16, 3),
-            "guidance": torch.tensor([3.5]),
-            "return_dict": False,
-        }
+        inputs = tiny_flux_inputs()
         with torch.no_grad():
             ours = trained(**inputs)[0]
             theirs = pipe.transformer(**inputs)[0]

@@ -20,6 +20,7 @@ from flowtune.train.model import (
     save_lora,
 )
 from flowtune.train.noise import sample_generators
+from tests.helpers import tiny_flux_inputs
 
 FLUX = get_family("flux")
 
@@ -66,22 +67,6 @@ def test_target_patterns_and_unknown_targets() -> None:
         expand_target_modules(model, ["attn.to_qq"])
 
 
-def _inputs(seed: int = 0) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.zeros(16, 3)
-    ids[:, 1] = torch.arange(16) // 4
-    ids[:, 2] = torch.arange(16) % 4
-    return {
-        "hidden_states": torch.randn(1, 16, 64, generator=g),
-        "encoder_hidden_states": torch.randn(1, 8, 32, generator=g),
-        "pooled_projections": torch.randn(1, 32, generator=g),
-        "timestep": torch.tensor([0.5]),
-        "guidance": torch.tensor([3.5]),
-        "img_ids": ids,
-        "txt_ids": torch.zeros(8, 3),
-    }
-
-
 def test_saved_lora_loads_in_flux_pipeline_with_identical_outputs(tiny_flux: Path, tmp_path: Path) -> None:
     from diffusers import FluxPipeline
 
@@ -93,7 +78,7 @@ def test_saved_lora_loads_in_flux_pipeline_with_identical_outputs(tiny_flux: Pat
                 param.copy_(torch.randn_like(param) * 0.1)
     transformer.eval()
     with torch.no_grad():
-        trained = transformer(**_inputs()).sample
+        trained = transformer(**tiny_flux_inputs(text_tokens=8))[0]
     path = save_lora(transformer, FLUX, tmp_path / "lora")
     assert path == tmp_path / "lora" / LORA_WEIGHTS_NAME
     with safe_open(path, framework="pt") as handle:
@@ -103,10 +88,10 @@ def test_saved_lora_loads_in_flux_pipeline_with_identical_outputs(tiny_flux: Pat
 
     pipe = FluxPipeline.from_pretrained(tiny_flux)
     with torch.no_grad():
-        base = pipe.transformer(**_inputs()).sample
+        base = pipe.transformer(**tiny_flux_inputs(text_tokens=8))[0]
     pipe.load_lora_weights(tmp_path / "lora")
     with torch.no_grad():
-        loaded = pipe.transformer(**_inputs()).sample
+        loaded = pipe.transformer(**tiny_flux_inputs(text_tokens=8))[0]
     assert not torch.allclose(base, trained)
     torch.testing.assert_close(loaded, trained, rtol=1e-5, atol=1e-6)
 
