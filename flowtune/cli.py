@@ -185,9 +185,9 @@ def sample(
     control_resize: Annotated[
         str | None,
         typer.Option(
-            help="With --image: kontext (the pipeline resizes the reference to its preferred "
-            "resolution) or match_target (resized to the output size), as the LoRA was trained.",
-            show_default="the recipe's data.control_resize, else kontext",
+            help="With --image: pipeline (the family's pipeline resizes the reference its own way) "
+            "or match_target (resized to the output size), as the LoRA was trained.",
+            show_default="the recipe's data.control_resize, else pipeline",
         ),
     ] = None,
     seed: Annotated[
@@ -238,8 +238,8 @@ def sample(
     )
     prompts = read_prompts(prompt or [], prompts_file)
     if control_resize is not None:
-        if control_resize not in ("kontext", "match_target"):
-            raise FlowtuneError(f"--control-resize {control_resize!r}: choose kontext or match_target")
+        if control_resize not in ("pipeline", "match_target", "kontext"):
+            raise FlowtuneError(f"--control-resize {control_resize!r}: choose pipeline or match_target")
         source.control_resize = control_resize
     images: list[str | Path] = list(image or [])
     if not prompts and prompt is None and prompts_file is None:

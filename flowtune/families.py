@@ -35,9 +35,12 @@ class FamilySpec:
             :class:`flowtune.interop.naming.OriginalNaming`: how its diffusers LoRA modules are
             named (and fused) in the original checkpoint layout that kohya sd-scripts and ComfyUI
             use (``flowtune export --format kohya|comfyui``).  None: the family has no such export.
-        reference_images: The family conditions on reference (control) images besides the
-            caption (image editing: FLUX.1 Kontext): datasets are edit pairs, preprocess caches
-            the references' latents, and sampling takes ``--image``.
+        reference_images: The family can condition on reference (control) images besides the
+            caption (image editing: FLUX.1 Kontext, FLUX.2): datasets can be edit pairs,
+            preprocess then caches the references' latents, and sampling takes ``--image``.
+        references_optional: The family also generates from the caption alone (FLUX.2), so
+            plain image datasets and sampling without ``--image`` work too; otherwise (FLUX.1
+            Kontext) every example and every sample needs its reference.
     """
 
     name: str
@@ -51,6 +54,14 @@ class FamilySpec:
     encoder: str
     lora_original_names: str | None = None
     reference_images: bool = False
+    references_optional: bool = False
+
+    def uses_edit_pairs(self, edit_pairs: bool | None) -> bool:
+        """Whether a recipe trains on edit pairs, given its ``data.edit_pairs`` (None = the
+        family's default: edit pairs when it cannot do without references)."""
+        if edit_pairs is None:
+            return self.reference_images and not self.references_optional
+        return edit_pairs
 
     def load_tiny_builder(self) -> Callable[..., Any]:
         """Import and return the tiny-pipeline builder function."""
@@ -94,6 +105,27 @@ _FLUX1_LORA_TARGETS = (
 )
 
 
+# FLUX.2's transformer: the double-stream blocks' attention projections and feed-forward layers,
+# and the single-stream blocks' fused qkv + MLP input projection and their output projection (a
+# bare "attn.to_out" would also hit the double-stream blocks' to_out ModuleList).
+_FLUX2_LORA_TARGETS = (
+    "attn.to_q",
+    "attn.to_k",
+    "attn.to_v",
+    "attn.to_out.0",
+    "attn.add_q_proj",
+    "attn.add_k_proj",
+    "attn.add_v_proj",
+    "attn.to_add_out",
+    "ff.linear_in",
+    "ff.linear_out",
+    "ff_context.linear_in",
+    "ff_context.linear_out",
+    "attn.to_qkv_mlp_proj",
+    "single_transformer_blocks.*.attn.to_out",
+)
+
+
 FAMILIES: dict[str, FamilySpec] = {
     "flux": FamilySpec(
         name="flux",
@@ -119,6 +151,20 @@ FAMILIES: dict[str, FamilySpec] = {
         encoder="flowtune.encoders.flux_kontext:FluxKontextEncoder",
         lora_original_names="flowtune.interop.flux:FLUX1_NAMING",
         reference_images=True,
+    ),
+    "flux2": FamilySpec(
+        name="flux2",
+        description="FLUX.2 [dev]: Mistral3 text encoder, 32-channel VAE with BN-normalized 2x2-patchified latents, "
+        "4D RoPE ids; text-to-image and editing with reference images",
+        adapter="flux2",
+        pipeline_class="Flux2Pipeline",
+        transformer_class="Flux2Transformer2DModel",
+        lora_target_modules=_FLUX2_LORA_TARGETS,
+        spatial_granularity=16,
+        tiny_builder="flowtune.tiny:build_tiny_flux2",
+        encoder="flowtune.encoders.flux2:Flux2Encoder",
+        reference_images=True,
+        references_optional=True,
     ),
 }
 

@@ -31,6 +31,7 @@ import torch
 
 from flowtune import __version__
 from flowtune.errors import FlowtuneError
+from flowtune.encoders.base import load_pipeline
 from flowtune.families import FamilySpec
 
 if TYPE_CHECKING:
@@ -127,7 +128,8 @@ def pair_references(
     """Which reference image goes with which prompt: one image for every prompt, or one per prompt.
 
     Returns:
-        Per prompt, its reference files; None for families without reference images.
+        Per prompt, its reference files; None for families without reference images, and for
+        text-to-image prompts (no images) of families whose references are optional.
 
     Raises:
         FlowtuneError: images for a family that takes none, none for one that needs them, a
@@ -138,6 +140,8 @@ def pair_references(
             raise FlowtuneError(f"{spec.name} models take no reference image; leave out --image")
         return None
     if not images:
+        if spec.references_optional:
+            return None
         raise FlowtuneError(f"{spec.name} models edit a reference image: give --image FILE")
     for image in images:
         if not Path(image).is_file():
@@ -400,40 +404,6 @@ def check_lora(
     return []
 
 
-def load_pipeline(
-    spec: FamilySpec,
-    model_dir: Path,
-    *,
-    dtype: torch.dtype,
-    device: torch.device | str,
-    variant: str | None = None,
-    transformer: torch.nn.Module | None = None,
-    without: Iterable[str] = (),
-) -> Any:
-    """The family's diffusers pipeline from ``model_dir`` on ``device``.
-
-    Args:
-        transformer: Use this transformer instead of loading ``model_dir/transformer`` (a full
-            fine-tune, or the model being trained).
-        without: Components not to load (``text_encoder``, ...: validation uses cached prompt
-            embeddings instead).
-    """
-    import diffusers
-
-    from flowtune.quiet import quiet_libraries
-
-    quiet_libraries()
-    pipeline_class = getattr(diffusers, spec.pipeline_class)
-    kwargs: dict[str, Any] = {"dtype": dtype, **dict.fromkeys(without)}
-    if transformer is not None:
-        kwargs["transformer"] = transformer
-    if variant is not None:
-        kwargs["variant"] = variant
-    pipe = pipeline_class.from_pretrained(model_dir, **kwargs)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe.to(device)
-
-
 def add_lora(pipe: Any, lora_file: Path, scale: float = 1.0) -> None:
     """Load a LoRA file into the pipeline (``load_lora_weights``) at the given strength."""
     lora_file = Path(lora_file)
@@ -479,7 +449,7 @@ class SampleSource:
     defaults: dict[str, Any] = field(default_factory=dict)
     prompts: list[str] = field(default_factory=list)
     images: list[str] = field(default_factory=list)
-    control_resize: str = "kontext"
+    control_resize: str = "pipeline"
 
 
 def source_from_checkpoint(ckpt: Path, base_model: str | None = None) -> SampleSource:

@@ -24,8 +24,22 @@ from flowtune.errors import FlowtuneError
 from flowtune.families import get_family
 
 if TYPE_CHECKING:
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
-    from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
+    from diffusers import (
+        AutoencoderKL,
+        AutoencoderKLFlux2,
+        FlowMatchEulerDiscreteScheduler,
+        Flux2Transformer2DModel,
+        FluxTransformer2DModel,
+    )
+    from tokenizers import Tokenizer
+    from transformers import (
+        CLIPTextModel,
+        CLIPTokenizer,
+        Mistral3ForConditionalGeneration,
+        PreTrainedTokenizerFast,
+        T5EncoderModel,
+        T5TokenizerFast,
+    )
 
 # Sizes of the tiny FLUX.1 components.  Everything else (latent channels, 2x2 packing, VAE
 # downsampling by 8, RoPE over three axes, guidance embedding) is FLUX.1 [dev]'s own geometry.
@@ -49,7 +63,7 @@ CLIP_EOS = "<|endoftext|>"
 # T5 sentencepiece-style pieces: "\u2581" marks the start of a word.  Whole common words score
 # higher than spelling a word out character by character, as in a trained Unigram model.
 _WORD_START = "\u2581"
-_T5_WORDS = (
+_WORDS = (
     "a an the of and in on with at to for from by is are this that it its "
     "photo picture painting drawing image portrait style art render "
     "red green blue yellow black white orange purple pink brown gray grey "
@@ -57,8 +71,8 @@ _T5_WORDS = (
     "sky sun moon sea water mountain city street forest field light dark big small tiny "
     "beautiful detailed high quality"
 ).split()
-_T5_SUFFIXES = ("s", "es", "ed", "ing", "er", "ly")
-_T5_CHARS = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.,;:!?'\"()[]-_/&+*%$#@=<>~"
+_SUFFIXES = ("s", "es", "ed", "ing", "er", "ly")
+_CHARS = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.,;:!?'\"()[]-_/&+*%$#@=<>~"
 
 
 def _component_seed(seed: int, component: str) -> int:
@@ -101,17 +115,21 @@ def _clip_text_encoder(tokenizer: CLIPTokenizer) -> CLIPTextModel:
     return CLIPTextModel(config).eval()
 
 
-def _t5_tokenizer() -> T5TokenizerFast:
-    """A T5 Unigram tokenizer over a small fixed vocabulary (ids 0/1/2 = pad/eos/unk, as in T5)."""
-    from tokenizers import Tokenizer, decoders, pre_tokenizers, processors
+def _unigram_tokenizer(words: list[str]) -> Tokenizer:
+    """A Unigram tokenizer backend over ``words`` (whole pieces) with a character fallback.
+
+    Sentencepiece-style: "\u2581" marks the start of a word; whole known words score higher than
+    spelling a word out character by character, as in a trained model, so any text tokenizes and
+    different texts give different tokens.  Ids 0/1/2 are pad/eos/unk, as in T5.
+    """
+    from tokenizers import Tokenizer, decoders, pre_tokenizers
     from tokenizers.models import Unigram
-    from transformers import T5TokenizerFast
 
     pieces: list[tuple[str, float]] = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), (_WORD_START, -4.0)]
-    pieces += [(_WORD_START + word, -3.0) for word in _T5_WORDS]
-    pieces += [(suffix, -3.5) for suffix in _T5_SUFFIXES]
-    pieces += [(_WORD_START + char, -5.0) for char in _T5_CHARS]
-    pieces += [(char, -6.0) for char in _T5_CHARS]
+    pieces += [(_WORD_START + word, -3.0) for word in dict.fromkeys(words)]
+    pieces += [(suffix, -3.5) for suffix in _SUFFIXES]
+    pieces += [(_WORD_START + char, -5.0) for char in _CHARS]
+    pieces += [(char, -6.0) for char in _CHARS]
 
     backend = Tokenizer(Unigram(pieces, unk_id=2, byte_fallback=False))
     # The same pre-tokenizer and decoder as transformers' T5 tokenizer, so the tokenizer behaves
@@ -123,6 +141,15 @@ def _t5_tokenizer() -> T5TokenizerFast:
         ]
     )
     backend.decoder = decoders.Metaspace(replacement=_WORD_START, prepend_scheme="always", split=True)
+    return backend
+
+
+def _t5_tokenizer() -> T5TokenizerFast:
+    """A T5 Unigram tokenizer over a small fixed vocabulary (ids 0/1/2 = pad/eos/unk, as in T5)."""
+    from tokenizers import processors
+    from transformers import T5TokenizerFast
+
+    backend = _unigram_tokenizer(list(_WORDS))
     backend.post_processor = processors.TemplateProcessing(
         single=["$A", "</s>"], pair=["$A", "</s>", "$B", "</s>"], special_tokens=[("</s>", 1)]
     )
@@ -255,6 +282,214 @@ def build_tiny_flux_kontext(out_dir: Path, seed: int = 0) -> None:
     """Write a tiny random FLUX.1 Kontext [dev]-shaped pipeline (``FluxKontextPipeline``): the
     components of :func:`build_tiny_flux`, which Kontext shares with FLUX.1."""
     build_tiny_flux(out_dir, seed, pipeline_class="FluxKontextPipeline")
+
+
+# -- FLUX.2 ----------------------------------------------------------------------------------------
+
+# Sizes of the tiny FLUX.2 components.  FLUX.2 [dev]'s geometry is kept: a 32-channel VAE that
+# downsamples by 8 with a batch norm over its 2x2-patchified latents (128 channels), 4-axis RoPE,
+# guidance embedding, and a Mistral3 text encoder whose hidden states 10, 20 and 30 (what
+# Flux2Pipeline stacks) are concatenated into the transformer's text input.
+MISTRAL_HIDDEN = 16
+MISTRAL_LAYERS = 30  # Flux2Pipeline reads hidden states (10, 20, 30)
+FLUX2_LATENT_CHANNELS = 32  # x 2 x 2 patch = 128 transformer input channels
+MISTRAL_SPECIAL_TOKENS = (
+    "<unk>",
+    "<s>",
+    "</s>",
+    "[INST]",
+    "[/INST]",
+    "[SYSTEM_PROMPT]",
+    "[/SYSTEM_PROMPT]",
+    "[IMG]",
+    "[IMG_BREAK]",
+    "[IMG_END]",
+    "<pad>",
+)
+# Mistral's conversation format: the system message in [SYSTEM_PROMPT]...[/SYSTEM_PROMPT], user
+# turns in [INST]...[/INST], assistant turns closed by </s>; message contents are lists of text
+# (and image) parts, as Flux2Pipeline's format_input builds them.
+MISTRAL_CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{%- for message in messages %}"
+    "{%- set text = namespace(value='') %}"
+    "{%- if message['content'] is string %}{%- set text.value = message['content'] %}"
+    "{%- else %}{%- for part in message['content'] %}"
+    "{%- if part['type'] == 'text' %}{%- set text.value = text.value + part['text'] %}"
+    "{%- else %}{%- set text.value = text.value + '[IMG]' %}{%- endif %}"
+    "{%- endfor %}{%- endif %}"
+    "{%- if message['role'] == 'system' %}[SYSTEM_PROMPT]{{ text.value }}[/SYSTEM_PROMPT]"
+    "{%- elif message['role'] == 'user' %}[INST]{{ text.value }}[/INST]"
+    "{%- else %}{{ text.value }}{{ eos_token }}{%- endif %}"
+    "{%- endfor %}"
+)
+# Words of edit instructions, besides the caption words of _WORDS.
+_EDIT_WORDS = "make turn change into remove add replace color colour shape star ring cross large".split()
+
+
+def _mistral_tokenizer() -> PreTrainedTokenizerFast:
+    """A Mistral-style tokenizer with a chat template, over a small fixed vocabulary.
+
+    Its vocabulary holds the caption words and the words of Flux2Pipeline's system message, so
+    that the system message costs about one token per word and short ``max_sequence_length``
+    settings still leave room for the caption.
+    """
+    import re
+
+    from diffusers.pipelines.flux2.system_messages import SYSTEM_MESSAGE
+    from transformers import PreTrainedTokenizerFast
+
+    system_words = re.findall(r"[A-Za-z]+", SYSTEM_MESSAGE)
+    backend = _unigram_tokenizer([*_WORDS, *_EDIT_WORDS, *system_words])
+    unk, bos, eos, *control, pad = MISTRAL_SPECIAL_TOKENS
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        unk_token=unk,
+        bos_token=bos,
+        eos_token=eos,
+        pad_token=pad,
+        extra_special_tokens=control,
+        chat_template=MISTRAL_CHAT_TEMPLATE,
+        model_max_length=T5_MAX_LENGTH,
+    )
+
+
+def _mistral3_text_encoder(tokenizer: PreTrainedTokenizerFast) -> Mistral3ForConditionalGeneration:
+    """A Mistral3 (Mistral Small 3.x) vision-language model: 30 text layers of width 16 and a
+    1-layer Pixtral vision tower, special-token ids matching ``tokenizer``."""
+    from transformers import Mistral3Config, Mistral3ForConditionalGeneration, MistralConfig, PixtralVisionConfig
+
+    text = MistralConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=MISTRAL_HIDDEN,
+        intermediate_size=2 * MISTRAL_HIDDEN,
+        num_hidden_layers=MISTRAL_LAYERS,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=MISTRAL_HIDDEN // 2,
+        max_position_embeddings=2048,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    vision = PixtralVisionConfig(
+        hidden_size=MISTRAL_HIDDEN,
+        intermediate_size=2 * MISTRAL_HIDDEN,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        head_dim=MISTRAL_HIDDEN // 2,
+        patch_size=16,
+        image_size=64,
+    )
+    config = Mistral3Config(
+        vision_config=vision,
+        text_config=text,
+        image_token_index=tokenizer.convert_tokens_to_ids("[IMG]"),
+    )
+    return Mistral3ForConditionalGeneration(config).eval()
+
+
+def _flux2_vae() -> AutoencoderKLFlux2:
+    """FLUX.2's VAE layout (4 levels: downsampling by 8, 32 latent channels, batch norm over the
+    2x2-patchified latents) at 8 channels wide; the batch norm's running statistics are those of
+    its own latents of synthetic shape images (:func:`_calibrate_flux2_batch_norm`)."""
+    from diffusers import AutoencoderKLFlux2
+
+    vae = AutoencoderKLFlux2(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(8, 8, 8, 8),
+        layers_per_block=1,
+        norm_num_groups=4,
+        latent_channels=FLUX2_LATENT_CHANNELS,
+        sample_size=64,
+    ).eval()
+    _calibrate_flux2_batch_norm(vae)
+    return vae
+
+
+@torch.no_grad()
+def _calibrate_flux2_batch_norm(vae: AutoencoderKLFlux2, count: int = 16, size: int = 64) -> None:
+    """Set ``vae.bn``'s running mean and variance to the per-channel statistics of the VAE's
+    patchified latents (``latent_dist.mode()``) of ``count`` synthetic shape images.
+
+    FLUX.2's real statistics are what make *its* latents zero-mean and unit-variance; a random
+    VAE's latents have other statistics, so they are measured the same way, and normalized tiny
+    latents have unit variance like real ones (with the initial 0/1 the images would be several
+    times smaller than the noise, and training would hardly see them).
+    """
+    import numpy as np
+    from diffusers import Flux2Pipeline
+
+    from flowtune.data.synthetic import draw_shape, sample_specs
+
+    images = [np.asarray(draw_shape(spec, size, size), dtype=np.float32) for spec in sample_specs(count, seed=0)]
+    pixels = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2) / 127.5 - 1.0
+    latents = Flux2Pipeline._patchify_latents(vae.encode(pixels).latent_dist.mode())
+    vae.bn.running_mean.copy_(latents.mean(dim=(0, 2, 3)))
+    vae.bn.running_var.copy_(latents.var(dim=(0, 2, 3)))
+
+
+def tiny_flux2_transformer(guidance_embeds: bool = True, hidden: int = 32) -> Flux2Transformer2DModel:
+    """A FLUX.2 [dev]-shaped transformer: 2 double- and 2 single-stream blocks, hidden size 32
+    unless ``hidden`` (a multiple of 16) says otherwise, two heads of ``hidden / 2``, RoPE over
+    four axes of ``hidden / 8``.
+
+    Takes patchified latents [B, N, 128] and Mistral3 embeddings [B, L, 48] (three hidden states
+    of width 16); random weights from torch's global RNG.  ``guidance_embeds=False`` gives a
+    model without guidance embedding (like FLUX.2 [klein]).
+    """
+    from diffusers import Flux2Transformer2DModel
+
+    return Flux2Transformer2DModel(
+        patch_size=1,
+        in_channels=FLUX2_LATENT_CHANNELS * 4,
+        num_layers=2,
+        num_single_layers=2,
+        attention_head_dim=hidden // 2,
+        num_attention_heads=2,
+        joint_attention_dim=3 * MISTRAL_HIDDEN,
+        axes_dims_rope=(hidden // 8,) * 4,
+        guidance_embeds=guidance_embeds,
+    ).eval()
+
+
+def _flux2_scheduler() -> FlowMatchEulerDiscreteScheduler:
+    """FLUX.2 [dev]'s scheduler config (Flux2Pipeline computes the resolution-dependent shift mu)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    return FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True)
+
+
+def build_tiny_flux2(out_dir: Path, seed: int = 0) -> None:
+    """Write a tiny random FLUX.2 [dev]-shaped pipeline (``Flux2Pipeline``) to ``out_dir``.
+
+    Like :func:`build_tiny_flux`: loads with ``Flux2Pipeline.from_pretrained``, weights depend
+    only on ``seed``, the caller's RNG is untouched.  The tokenizer is saved as a plain tokenizer
+    with its chat template (FLUX.2 [dev] ships a PixtralProcessor, which needs torchvision to
+    load; flowtune loads only its tokenizer either way).
+    """
+    from diffusers import Flux2Pipeline
+
+    tokenizer = _mistral_tokenizer()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(_component_seed(seed, "text_encoder"))
+        text_encoder = _mistral3_text_encoder(tokenizer)
+        torch.manual_seed(_component_seed(seed, "vae"))
+        vae = _flux2_vae()
+        torch.manual_seed(_component_seed(seed, "transformer"))
+        transformer = tiny_flux2_transformer()
+
+    pipe = Flux2Pipeline(
+        scheduler=_flux2_scheduler(),
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        transformer=transformer,
+    )
+    pipe.save_pretrained(out_dir, safe_serialization=True)
 
 
 def make_tiny(family: str, out_dir: str | Path, seed: int = 0, overwrite: bool = False) -> Path:

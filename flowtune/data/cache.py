@@ -108,9 +108,9 @@ def resolutions(recipe: Any) -> list[int]:
 
 def cache_settings(recipe: Any) -> dict[str, Any]:
     """The values of :data:`SETTINGS_KEYS` in ``recipe`` (resolution normalised to a list), and of
-    :data:`REFERENCE_SETTINGS_KEYS` for families with reference images."""
+    :data:`REFERENCE_SETTINGS_KEYS` for edit-pair datasets."""
     keys = SETTINGS_KEYS
-    if get_family(recipe.model.family).reference_images:
+    if get_family(recipe.model.family).uses_edit_pairs(recipe.data.edit_pairs):
         keys += REFERENCE_SETTINGS_KEYS
     settings: dict[str, Any] = {}
     for key in keys:
@@ -159,6 +159,8 @@ class PlannedControl:
     """``(width, height)`` it is resized to and encoded at."""
     key: str
     """The control entry key."""
+    mode: str = "pipeline"
+    """``data.control_resize``: how it is brought to ``size``."""
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -373,7 +375,7 @@ def _plan_control(
     else:
         size = tuple(int(side) for side in encoder.control_size(width, height))
     key = _hash("control", identity["image"], sha, mode, list(size))
-    return PlannedControl(control, sha, (width, height), size, key)
+    return PlannedControl(control, sha, (width, height), size, key, mode)
 
 
 def _truncation_warnings(encoder: FamilyEncoder, items: Sequence[PlannedItem]) -> list[Problem]:
@@ -476,7 +478,8 @@ class _Encoding:
 
     def controls(self, controls: Sequence[PlannedControl], advance: Any) -> dict[str, str]:
         """Encode control entries (one per distinct key), size by size: each control image is
-        resized by ``encoder.prepare_control`` and encoded by ``encoder.encode_images``.
+        brought to its size by ``encoder.prepare_control`` (per its ``data.control_resize``
+        mode) and encoded by ``encoder.encode_images``.
 
         Returns ``{control image sha256: reason}`` for images that failed to decode.
         """
@@ -555,9 +558,9 @@ def _decode_target(item: PlannedItem) -> Any:
     return apply_crop(load_rgb(item.record.read_image_bytes()), item.plan)
 
 
-def _decode_control(control: PlannedControl, prepare: Callable[[Any, tuple[int, int]], Any]) -> Any:
-    """The control image, decoded and resized to its size by the encoder; raises ImageError."""
-    return prepare(load_rgb(control.source.read_image_bytes()), control.size)
+def _decode_control(control: PlannedControl, prepare: Callable[[Any, tuple[int, int], str], Any]) -> Any:
+    """The control image, decoded and brought to its size by the encoder; raises ImageError."""
+    return prepare(load_rgb(control.source.read_image_bytes()), control.size, control.mode)
 
 
 def preprocess(
@@ -593,7 +596,7 @@ def preprocess(
         image_column=data.image_column,
         caption_column=data.caption_column,
         dataset_split=data.dataset_split,
-        references=spec.reference_images,
+        references=spec.uses_edit_pairs(data.edit_pairs),
         control_column=data.control_column,
     )
     model_dir = resolve_pretrained(recipe.model.pretrained, recipe.model.revision, _encoder_components(spec))

@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 from abc import ABC, abstractmethod
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
@@ -125,22 +126,19 @@ class FamilyEncoder(ABC):
             images: Load the VAE (and the image processor).
             texts: Load the text encoders and tokenizers.
         """
-        import diffusers
-
-        from flowtune.quiet import quiet_libraries
-
-        quiet_libraries()
-        skipped: dict[str, None] = {"transformer": None}
+        without = ["transformer"]
         if not images:
-            skipped.update(dict.fromkeys(self.image_components))
+            without += self.image_components
         if not texts:
-            skipped.update(dict.fromkeys(self.text_components))
-        pipeline_class = getattr(diffusers, self.spec.pipeline_class)
-        kwargs: dict[str, Any] = {"dtype": self.dtype, **skipped}
-        if self.settings.variant is not None:
-            kwargs["variant"] = self.settings.variant
-        pipe = pipeline_class.from_pretrained(self.model_dir, **kwargs)
-        self.pipe = pipe.to(self.device)
+            without += self.text_components
+        self.pipe = load_pipeline(
+            self.spec,
+            self.model_dir,
+            dtype=self.dtype,
+            device=self.device,
+            variant=self.settings.variant,
+            without=without,
+        )
 
     def unload(self) -> None:
         """Drop the loaded models (and free accelerator memory)."""
@@ -176,7 +174,7 @@ class FamilyEncoder(ABC):
 
     @classmethod
     def reference_inputs(
-        cls, pipe: Any, images: list[Image.Image], height: int, width: int, control_resize: str = "kontext"
+        cls, pipe: Any, images: list[Image.Image], height: int, width: int, control_resize: str = "pipeline"
     ) -> dict[str, Any]:
         """The family pipeline's ``__call__`` arguments for reference images (families with
         ``FamilySpec.reference_images``; image editing).
@@ -187,11 +185,57 @@ class FamilyEncoder(ABC):
         raise ValueError(f"{cls.__name__} takes no reference images")
 
     @classmethod
+    def pipeline_components(cls, model_dir: Path, without: Iterable[str]) -> dict[str, Any]:
+        """Components to load in place of the pipeline's own loading (``from_pretrained``
+        keyword arguments), for components the family loads its own way; ``without`` are the
+        components not being loaded at all.  Default: none."""
+        return {}
+
+    @classmethod
     @abstractmethod
     def prompt_inputs(cls, text: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The family pipeline's ``__call__`` arguments that stand for a prompt, from the cached text
         fields (``{field: [B, ...]}`` as :meth:`encode_prompts` returns them), so that the pipeline
         samples without its text encoders."""
+
+
+def load_pipeline(
+    spec: FamilySpec,
+    model_dir: Path,
+    *,
+    dtype: torch.dtype,
+    device: torch.device | str,
+    variant: str | None = None,
+    transformer: torch.nn.Module | None = None,
+    without: Iterable[str] = (),
+) -> Any:
+    """The family's diffusers pipeline from ``model_dir`` on ``device``, progress bars off.
+
+    Args:
+        transformer: Use this transformer instead of loading ``model_dir/transformer`` (a full
+            fine-tune, or the model being trained).
+        without: Components not to load (``transformer`` for encoding; ``text_encoder``, ...
+            for validation, which uses cached prompt embeddings instead).
+    """
+    import diffusers
+
+    from flowtune.quiet import quiet_libraries
+
+    quiet_libraries()
+    without = list(without)
+    pipeline_class = getattr(diffusers, spec.pipeline_class)
+    kwargs: dict[str, Any] = {
+        "dtype": dtype,
+        **dict.fromkeys(without),
+        **spec.load_encoder_class().pipeline_components(Path(model_dir), without),
+    }
+    if transformer is not None:
+        kwargs["transformer"] = transformer
+    if variant is not None:
+        kwargs["variant"] = variant
+    pipe = pipeline_class.from_pretrained(model_dir, **kwargs)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device)
 
 
 def create_encoder(

@@ -34,15 +34,16 @@ class FluxKontextEncoder(FluxEncoder):
         _, w, h = min((abs(aspect - pw / ph), pw, ph) for pw, ph in PREFERRED_KONTEXT_RESOLUTIONS)
         return w // g * g, h // g * g
 
-    def prepare_control(self, image: Image.Image, size: tuple[int, int]) -> Image.Image:
+    def prepare_control(self, image: Image.Image, size: tuple[int, int], mode: str) -> Image.Image:
         """``image`` resized to ``size`` = (width, height) with the pipeline's image processor, as
-        FluxKontextPipeline resizes its reference (needs :meth:`load` with ``images=True``)."""
+        FluxKontextPipeline resizes its reference (needs :meth:`load` with ``images=True``); both
+        ``data.control_resize`` modes (``mode``) resize, only to different sizes."""
         width, height = size
         return self.pipe.image_processor.resize(image, height, width)
 
     @classmethod
     def reference_inputs(
-        cls, pipe: Any, images: list[Image.Image], height: int, width: int, control_resize: str = "kontext"
+        cls, pipe: Any, images: list[Image.Image], height: int, width: int, control_resize: str = "pipeline"
     ) -> dict[str, Any]:
         """FluxKontextPipeline's arguments (besides the prompt, size and sampler settings) for
         the reference image, resized as training resized it.
@@ -52,8 +53,8 @@ class FluxKontextEncoder(FluxEncoder):
             images: The reference image (one).
             height, width: The size generated; passed as ``max_area`` too, without which the
                 pipeline rescales the output to about 1024 x 1024.
-            control_resize: ``data.control_resize``: ``kontext`` lets the pipeline resize the
-                reference to its preferred resolution; ``match_target`` resizes it to
+            control_resize: ``data.control_resize``: ``pipeline`` (or its former name
+                ``kontext``) lets the pipeline resize the reference to its preferred resolution; ``match_target`` resizes it to
                 (width, height) with the pipeline's image processor and keeps that size.
 
         Raises:
@@ -64,4 +65,4 @@ class FluxKontextEncoder(FluxEncoder):
         image = images[0]
         if control_resize == "match_target":
             image = pipe.image_processor.resize(image, height, width)
-        return {"image": image, "max_area": height * width, "_auto_resize": control_resize == "kontext"}
+        return {"image": image, "max_area": height * width, "_auto_resize": control_resize != "match_target"}

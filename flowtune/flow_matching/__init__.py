@@ -5,6 +5,7 @@ The public API follows the reference flow-matching pipeline (see docs/flow_match
 
 from flowtune.flow_matching.adapters import (
     FlowMatchingContext,
+    Flux2Adapter,
     FluxAdapter,
     FluxKontextAdapter,
     ModelAdapter,
@@ -25,6 +26,7 @@ __all__ = [
     "TIMESTEP_SAMPLING_METHODS",
     "FlowMatchingContext",
     "FlowMatchingPipeline",
+    "Flux2Adapter",
     "FluxAdapter",
     "FluxKontextAdapter",
     "LinearInterpolationSchedule",

@@ -604,14 +604,20 @@ class FlowMatchingPipeline:
 
 def _adapter_registry() -> dict[str, type[ModelAdapter]]:
     from flowtune.flow_matching.adapters.flux import FluxAdapter
+    from flowtune.flow_matching.adapters.flux2 import Flux2Adapter
     from flowtune.flow_matching.adapters.flux_kontext import FluxKontextAdapter
     from flowtune.flow_matching.adapters.simple import SimpleAdapter
 
-    return {"flux": FluxAdapter, "flux_kontext": FluxKontextAdapter, "simple": SimpleAdapter}
+    return {
+        "flux": FluxAdapter,
+        "flux_kontext": FluxKontextAdapter,
+        "flux2": Flux2Adapter,
+        "simple": SimpleAdapter,
+    }
 
 
 def create_adapter(adapter_type: str, **kwargs: Any) -> ModelAdapter:
-    """Create a model adapter by name ("flux", "flux_kontext", "simple").
+    """Create a model adapter by name ("flux", "flux_kontext", "flux2", "simple").
 
     Raises:
         ValueError: unknown name (the message lists the available ones) or bad keyword arguments.

@@ -428,15 +428,23 @@ def _check_semantics(cfg: Any) -> None:
         if value <= 0 or value % step:
             fail(key, value, f"must be a positive multiple of {step} for model family {family.name!r}")
 
+    edit_pairs = cfg.data.edit_pairs
+    if edit_pairs and not family.reference_images:
+        fail("data.edit_pairs", edit_pairs, f"model family {family.name!r} takes no reference images")
+    if edit_pairs is False and not family.references_optional and family.reference_images:
+        fail("data.edit_pairs", edit_pairs, f"model family {family.name!r} always edits a reference image")
+
     images, prompts = list(cfg.validation.images), list(cfg.validation.prompts)
     if images and not family.reference_images:
         fail("validation.images", images, f"model family {family.name!r} takes no reference images; use []")
-    if family.reference_images and prompts and len(images) not in (1, len(prompts)):
+    required = family.reference_images and not family.references_optional
+    if prompts and (images or required) and len(images) not in (1, len(prompts)):
+        who = f"model family {family.name!r} edits" if required else "validation prompts edit"
         fail(
             "validation.images",
             images,
-            f"model family {family.name!r} edits a reference image per prompt: give one image per "
-            f"validation prompt ({len(prompts)}), or one for all",
+            f"{who} a reference image per prompt: give one image per validation prompt "
+            f"({len(prompts)}), or one for all",
         )
     _check_adapter_arguments(family.adapter, OmegaConf.to_container(cfg.model.adapter))
 

@@ -137,19 +137,26 @@ class Data:
     dataset_split: str = "train"
     """Split to read from a Hugging Face dataset name or a saved `DatasetDict`."""
 
-    control_column: str = "control"
-    """For families that edit reference images (`flux-kontext`): the `.jsonl` key holding the
-    control (reference) image path, or a list of paths for several references, relative to the
-    manifest like the image. Folder sources use `images/` (targets with `.txt` instructions) and
-    `control/`, `control_1/`, ... (same-stem references) instead; see docs/data.md."""
+    edit_pairs: bool | None = None
+    """Train on edit pairs: each example is a target image, its instruction and one or more
+    control (reference) images that the model conditions on (see docs/data.md for the layout).
+    null = the family's default: true for `flux-kontext`, which always edits; false for `flux2`,
+    which trains on plain captioned images unless this is true; `flux` takes no references."""
 
-    control_resize: Literal["kontext", "match_target"] = "kontext"
-    """For families that edit reference images (`flux-kontext`): the size at which each control
-    image is encoded. `kontext` = as FluxKontextPipeline resizes its input image: the preferred
-    Kontext resolution (about 1024x1024) nearest to the control image's aspect ratio, sides
-    multiples of 16. `match_target` = resized (with the same image processor, without cropping)
-    to the target's bucket size, as sampling then resizes the input image to the output size;
-    cheaper at low training resolutions."""
+    control_column: str = "control"
+    """For edit pairs (`data.edit_pairs`): the `.jsonl` key holding the control (reference) image
+    path, or a list of paths for several references, relative to the manifest like the image.
+    Folder sources use `images/` (targets with `.txt` instructions) and `control/`, `control_1/`,
+    ... (same-stem references) instead; see docs/data.md."""
+
+    control_resize: Literal["pipeline", "match_target", "kontext"] = "pipeline"
+    """For edit pairs: the size at which each control image is encoded. `pipeline` = as the
+    family's diffusers pipeline resizes its input image: FluxKontextPipeline to the preferred
+    Kontext resolution (about 1024x1024) nearest to the control's aspect ratio; Flux2Pipeline
+    scales it down to at most 1024x1024 pixels of area and crops its sides to multiples of 16.
+    `match_target` = resized (with the pipeline's image processor, without cropping) to the
+    target's bucket size, as sampling then resizes the input image to the output size; cheaper
+    at low training resolutions. `kontext` is the former name of `pipeline`."""
 
     trigger_word: str | None = None
     """Word prepended to every caption as `"<trigger_word>, <caption>"`, e.g. a rare token that
@@ -380,9 +387,10 @@ class Validation:
     text encoders are not loaded during training. [] = no validation images."""
 
     images: list[str] = field(default_factory=list)
-    """Image-editing families (`flux-kontext`): the reference image each prompt edits, one file
+    """Image editing (`flux-kontext`, `flux2`): the reference image each prompt edits, one file
     per prompt in the same order (or one file for all prompts). Sampled with the VAE that
-    validation loads anyway. [] for families without reference images."""
+    validation loads anyway. [] = text-to-image prompts (required for `flux-kontext`, which
+    always edits; `flux` takes no references)."""
 
     every: int = 250
     """Validate (sample the prompts and compute `val_loss`) every this many steps and after the

@@ -10,6 +10,33 @@ import torch.nn as nn
 from flowtune.flow_matching.adapters.base import FlowMatchingContext, ModelAdapter, unwrap_model
 
 
+def model_guidance(
+    model: nn.Module, guidance: torch.Tensor, use_guidance_embeds: bool
+) -> torch.Tensor | None:
+    """The ``guidance`` argument of a FLUX (.1 or .2) transformer call.
+
+    Args:
+        model: The transformer (possibly wrapped); its ``config.guidance_embeds`` says whether it
+            is guidance-distilled.
+        guidance: [B] the guidance values.
+        use_guidance_embeds: The adapter's setting.
+
+    Returns:
+        ``guidance`` for models with guidance embeddings, None for models without them.
+
+    Raises:
+        ValueError: the model has guidance embeddings and ``use_guidance_embeds`` is false: such a
+            model cannot run without guidance.
+    """
+    has_guidance = bool(getattr(unwrap_model(model).config, "guidance_embeds", False))
+    if has_guidance and not use_guidance_embeds:
+        raise ValueError(
+            "this FLUX transformer has guidance embeddings (a guidance-distilled model such as "
+            "FLUX.1-dev or FLUX.2-dev) and cannot run without guidance; set use_guidance_embeds=True"
+        )
+    return guidance if has_guidance else None
+
+
 class FluxAdapter(ModelAdapter):
     """Model adapter for FLUX.1 ([dev], [schnell] and fine-tunes) in diffusers' layout.
 
@@ -121,14 +148,8 @@ class FluxAdapter(ModelAdapter):
         inputs = dict(inputs)
         h, w = inputs.pop("latent_size")
         target_tokens = inputs.pop("target_tokens", None)
-        guidance = inputs.pop("guidance")
-        has_guidance = bool(getattr(unwrap_model(model).config, "guidance_embeds", False))
-        if has_guidance and not self.use_guidance_embeds:
-            raise ValueError(
-                "this FLUX transformer has guidance embeddings (a guidance-distilled model such as "
-                "FLUX.1-dev) and cannot run without guidance; set use_guidance_embeds=True"
-            )
-        pred = model(**inputs, guidance=guidance if has_guidance else None, return_dict=False)
+        guidance = model_guidance(model, inputs.pop("guidance"), self.use_guidance_embeds)
+        pred = model(**inputs, guidance=guidance, return_dict=False)
         pred = self.post_process_prediction(pred)
         if target_tokens is not None:
             pred = pred[:, :target_tokens]
