@@ -30,8 +30,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from flowtune import __version__
-from flowtune.errors import FlowtuneError
 from flowtune.encoders.base import load_pipeline
+from flowtune.errors import FlowtuneError
 from flowtune.families import FamilySpec
 
 if TYPE_CHECKING:

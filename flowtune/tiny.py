@@ -357,7 +357,12 @@ def _mistral_tokenizer() -> PreTrainedTokenizerFast:
 def _mistral3_text_encoder(tokenizer: PreTrainedTokenizerFast) -> Mistral3ForConditionalGeneration:
     """A Mistral3 (Mistral Small 3.x) vision-language model: 30 text layers of width 16 and a
     1-layer Pixtral vision tower, special-token ids matching ``tokenizer``."""
-    from transformers import Mistral3Config, Mistral3ForConditionalGeneration, MistralConfig, PixtralVisionConfig
+    from transformers import (
+        Mistral3Config,
+        Mistral3ForConditionalGeneration,
+        MistralConfig,
+        PixtralVisionConfig,
+    )
 
     text = MistralConfig(
         vocab_size=len(tokenizer),
@@ -425,7 +430,9 @@ def _calibrate_flux2_batch_norm(vae: AutoencoderKLFlux2, count: int = 16, size: 
 
     from flowtune.data.synthetic import draw_shape, sample_specs
 
-    images = [np.asarray(draw_shape(spec, size, size), dtype=np.float32) for spec in sample_specs(count, seed=0)]
+    images = [
+        np.asarray(draw_shape(spec, size, size), dtype=np.float32) for spec in sample_specs(count, seed=0)
+    ]
     pixels = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2) / 127.5 - 1.0
     latents = Flux2Pipeline._patchify_latents(vae.encode(pixels).latent_dist.mode())
     vae.bn.running_mean.copy_(latents.mean(dim=(0, 2, 3)))

@@ -108,7 +108,9 @@ class Flux2Encoder(FamilyEncoder):
 
         tokenizer = load_tokenizer(self.model_dir / "tokenizer")
         ids = tokenizer.apply_chat_template(
-            format_input(prompts=prompts, system_message=SYSTEM_MESSAGE), add_generation_prompt=False, tokenize=True
+            format_input(prompts=prompts, system_message=SYSTEM_MESSAGE),
+            add_generation_prompt=False,
+            tokenize=True,
         )
         ids = ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids
         return [len(row) for row in ids]
@@ -162,5 +164,7 @@ def bn_statistics(vae: Any, like: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
     """The VAE batch norm's running mean and sqrt(running_var + eps), [1, 128, 1, 1] each, on the
     device and in the dtype of ``like``."""
     mean = vae.bn.running_mean.view(1, -1, 1, 1).to(like.device, like.dtype)
-    std = torch.sqrt(vae.bn.running_var.view(1, -1, 1, 1) + vae.config.batch_norm_eps).to(like.device, like.dtype)
+    std = torch.sqrt(vae.bn.running_var.view(1, -1, 1, 1) + vae.config.batch_norm_eps).to(
+        like.device, like.dtype
+    )
     return mean, std

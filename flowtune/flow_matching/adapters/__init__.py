@@ -6,4 +6,11 @@ from flowtune.flow_matching.adapters.flux2 import Flux2Adapter
 from flowtune.flow_matching.adapters.flux_kontext import FluxKontextAdapter
 from flowtune.flow_matching.adapters.simple import SimpleAdapter
 
-__all__ = ["FlowMatchingContext", "Flux2Adapter", "FluxAdapter", "FluxKontextAdapter", "ModelAdapter", "SimpleAdapter"]
+__all__ = [
+    "FlowMatchingContext",
+    "Flux2Adapter",
+    "FluxAdapter",
+    "FluxKontextAdapter",
+    "ModelAdapter",
+    "SimpleAdapter",
+]
