@@ -398,7 +398,7 @@ def test_create_adapter_and_pipeline():
     pipe = create_pipeline("flux", {"guidance_scale": 2.0}, flow_shift=1.5, timestep_sampling="mode")
     assert pipe.flow_shift == 1.5 and pipe.model_adapter.guidance_scale == 2.0
     assert isinstance(create_adapter("flux_kontext"), FluxKontextAdapter)
-    with pytest.raises(ValueError, match="available: flux, flux_kontext, simple"):
+    with pytest.raises(ValueError, match="available: flux, flux_kontext, flux2, simple"):
         create_adapter("sd15")
     with pytest.raises(ValueError, match="bad arguments"):
         create_adapter("flux", guidance=3.0)
