@@ -3,8 +3,6 @@ builds at the same step, text-to-image and with one or two reference images."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
