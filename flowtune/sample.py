@@ -58,6 +58,9 @@ class SampleSettings:
         height, width: Image size in pixels, multiples of the family's granularity.
         num_images: Images per prompt.
         lora_scale: Strength of the LoRA (1 = as trained).
+        max_sequence_length: Text tokens per prompt; None = the pipeline's default (512).  From
+            a checkpoint, its recipe's ``data.max_sequence_length``: the text length the LoRA
+            was trained with.
     """
 
     seed: int = 42
@@ -67,6 +70,7 @@ class SampleSettings:
     width: int = 1024
     num_images: int = 1
     lora_scale: float = 1.0
+    max_sequence_length: int | None = None
 
     def check(self, spec: FamilySpec) -> None:
         """Raise a :class:`FlowtuneError` for settings the pipeline cannot use."""
@@ -175,8 +179,12 @@ def load_references(files: Sequence[str]) -> list[Image.Image]:
 def generate(pipe: Any, job: SampleJob, settings: SampleSettings) -> Image.Image:
     """Run the diffusers pipeline for one job; returns the PIL image."""
     generator = torch.Generator(device="cpu").manual_seed(job.seed)
+    if settings.max_sequence_length is not None:
+        inputs = {"max_sequence_length": settings.max_sequence_length, **job.inputs}
+    else:
+        inputs = job.inputs
     result = pipe(
-        **job.inputs,
+        **inputs,
         height=settings.height,
         width=settings.width,
         num_inference_steps=settings.steps,
@@ -483,6 +491,7 @@ def source_from_checkpoint(ckpt: Path, base_model: str | None = None) -> SampleS
             "guidance": v.guidance,
             "height": v.height,
             "width": v.width,
+            "max_sequence_length": recipe.data.max_sequence_length,
         },
         prompts=list(v.prompts),
         images=list(v.images),
