@@ -186,9 +186,9 @@ class FamilyEncoder(ABC):
 
     @classmethod
     def pipeline_components(cls, model_dir: Path, without: Iterable[str]) -> dict[str, Any]:
-        """Components to load in place of the pipeline's own loading (``from_pretrained``
-        keyword arguments), for components the family loads its own way; ``without`` are the
-        components not being loaded at all.  Default: none."""
+        """Components to load in place of the pipeline's own loading, for components the family
+        loads its own way (set on the pipeline after ``from_pretrained``, which skips them);
+        ``without`` are the components not being loaded at all.  Default: none."""
         return {}
 
     @classmethod
@@ -224,16 +224,16 @@ def load_pipeline(
     quiet_libraries()
     without = list(without)
     pipeline_class = getattr(diffusers, spec.pipeline_class)
-    kwargs: dict[str, Any] = {
-        "dtype": dtype,
-        **dict.fromkeys(without),
-        **spec.load_encoder_class().pipeline_components(Path(model_dir), without),
-    }
+    components = spec.load_encoder_class().pipeline_components(Path(model_dir), without)
+    # The family's own components are set after loading: diffusers refuses a component of another
+    # class than model_index.json names (FLUX.2 [dev]'s tokenizer is a PixtralProcessor).
+    kwargs: dict[str, Any] = {"dtype": dtype, **dict.fromkeys([*without, *components])}
     if transformer is not None:
         kwargs["transformer"] = transformer
     if variant is not None:
         kwargs["variant"] = variant
     pipe = pipeline_class.from_pretrained(model_dir, **kwargs)
+    pipe.register_modules(**components)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
 
