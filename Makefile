@@ -12,7 +12,7 @@ DEMO_DIR := .flowtune-demo
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: demo demo-kontext test lint format docs clean
+.PHONY: demo demo-kontext demo-flux2 test lint format docs clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -45,6 +45,17 @@ demo-kontext: $(STAMP)
 		--image $(DEMO_DIR)-kontext/edits/control/0001.png --prompt "make it blue" --prompt "make it red"
 	@echo "kontext demo outputs: run $(DEMO_DIR)-kontext/run, edits $(DEMO_DIR)-kontext/samples"
 
+# The same chain on FLUX.2 (Mistral3 text embeddings, patchified latents, Flux2Pipeline sampling).
+demo-flux2: $(STAMP)
+	$(BIN)/python -m flowtune make-tiny flux2 $(DEMO_DIR)-flux2/tiny-flux2 --overwrite
+	$(BIN)/python -m flowtune make-dataset $(DEMO_DIR)-flux2/dataset --count 16 --overwrite
+	$(BIN)/python -m flowtune preprocess recipes/tiny-flux2-demo.yaml
+	$(BIN)/python -m flowtune train recipes/tiny-flux2-demo.yaml
+	rm -rf $(DEMO_DIR)-flux2/samples
+	$(BIN)/python -m flowtune sample --ckpt $(DEMO_DIR)-flux2/run --out $(DEMO_DIR)-flux2/samples \
+		--prompt "a red circle on a white background" --prompt "a blue square on a white background"
+	@echo "flux2 demo outputs: run $(DEMO_DIR)-flux2/run, samples $(DEMO_DIR)-flux2/samples"
+
 test: $(STAMP)
 	$(BIN)/pytest -q
 
@@ -60,4 +71,4 @@ docs: $(STAMP)
 	$(BIN)/python scripts/gen_recipe_docs.py
 
 clean:
-	rm -rf $(DEMO_DIR) $(DEMO_DIR)-kontext .pytest_cache .ruff_cache
+	rm -rf $(DEMO_DIR) $(DEMO_DIR)-kontext $(DEMO_DIR)-flux2 .pytest_cache .ruff_cache
