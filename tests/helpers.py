@@ -37,19 +37,22 @@ def assert_user_error(result: subprocess.CompletedProcess, *fragments: str) -> N
 
 
 def wide_tiny_model(family: str, root: Path) -> Path:
-    """The tiny pipeline of ``family`` (flux, flux-kontext) with a transformer of hidden size 64.
+    """The tiny pipeline of ``family`` with a transformer as wide as a latent token: hidden size 64
+    for FLUX.1 and Kontext (tokens of 16 x 2 x 2 features), 128 for FLUX.2 (32 x 2 x 2).
 
     A FLUX transformer's prediction is ``proj_out`` of its hidden state, so with hidden 32 it spans
-    only half of the 64 dimensions of a packed latent token and can never fit the velocity; real
-    FLUX.1 (hidden 3072) has no such limit.  Width 64 is the smallest that has none either.
+    only part of a token's dimensions and can never fit the velocity; real models (hidden 3072 and
+    6144) have no such limit.  The token width is the smallest that has none either.
     """
     import torch
 
-    from flowtune.tiny import make_tiny, tiny_flux_transformer
+    from flowtune.tiny import make_tiny, tiny_flux2_transformer, tiny_flux_transformer
 
     model = make_tiny(family, root / f"tiny-{family}")
     torch.manual_seed(0)
-    transformer = tiny_flux_transformer(hidden=64)
+    transformer = (
+        tiny_flux2_transformer(hidden=128) if family == "flux2" else tiny_flux_transformer(hidden=64)
+    )
     shutil.rmtree(model / "transformer")
     transformer.save_pretrained(model / "transformer")
     return model
@@ -95,9 +98,19 @@ def tiny_flux_inputs(seed: int = 0, text_tokens: int = 16) -> dict:
     }
 
 
-def train_learning_run(root: Path, model: Path, family: str, data: Path, data_extra: str = "") -> tuple:
+def train_learning_run(
+    root: Path,
+    model: Path,
+    family: str,
+    data: Path,
+    data_extra: str = "",
+    sequence_length: int = LEARNING_SEQUENCE_LENGTH,
+    lr: float = 1e-2,
+    lora_extra: str = "",
+) -> tuple:
     """The learning tests' run: LoRA rank 16 on the data at 64 px, always conditioned, uniform
-    noise levels, 1000 steps of batch 4 at lr 1e-2.  Checks the loss fell by 15% or more.
+    noise levels, 1000 steps of batch 4 at ``lr``, ``sequence_length`` text tokens.  Checks the
+    loss fell by 15% or more.
 
     Returns:
         The :class:`TrainResult` and the run's :class:`CachedDataset`.
@@ -112,14 +125,14 @@ def train_learning_run(root: Path, model: Path, family: str, data: Path, data_ex
 
     (root / "recipe.yaml").write_text(
         f"model: {{family: {family}, pretrained: '{model}', dtype: float32}}\n"
-        "lora: {rank: 16, alpha: 16}\n"
+        f"lora: {{rank: 16, alpha: 16{lora_extra}}}\n"
         f"data: {{source: '{data}', cache_dir: '{root / 'cache'}', resolution: 64,"
-        f" max_sequence_length: {LEARNING_SEQUENCE_LENGTH}{data_extra}}}\n"
+        f" max_sequence_length: {sequence_length}{data_extra}}}\n"
         # Always conditioned (no caption dropout), noise levels uniform over [0, 1].
         "flow: {cfg_dropout_prob: 0.0, timestep_sampling: uniform, flow_shift: 1.0}\n"
         f"train: {{output_dir: '{root / 'run'}', max_steps: 1000, batch_size: 4, seed: 0,"
         " mixed_precision: 'no', checkpoint_every: 1000, log_every: 100}\n"
-        "optimizer: {lr: 1.0e-2, weight_decay: 0.0}\n"
+        f"optimizer: {{lr: {lr}, weight_decay: 0.0}}\n"
         "lr_scheduler: {name: constant}\n"
     )
     recipe = load_recipe(root / "recipe.yaml")

@@ -1,0 +1,64 @@
+"""Does FLUX.2 LoRA training learn?  Four image/caption pairs, trained with `Trainer` through the
+FLUX.2 adapter; then each caption, sampled through diffusers' Flux2Pipeline with the saved LoRA,
+must land nearest its own image (compared in the cached, patchified and normalized latent space,
+which is the space Flux2Pipeline denoises in)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from flowtune.data.synthetic import make_shapes_dataset
+from tests.helpers import train_learning_run, wide_tiny_model
+
+TEXT_TOKENS = 48  # the tiny Mistral's system message takes ~30 tokens before the caption
+# FLUX.2's blocks share their modulation (shift, scale, gate), computed once from the timestep and
+# guidance.  In a random model the gates are near zero, which mutes every attention and
+# feed-forward branch, so LoRAs on those alone hardly move the output; a trained FLUX.2 has open
+# gates.  The test also adapts the modulation layers so the tiny model can open them.
+MODULATION_TOO = (
+    ", target_modules: [attn.to_q, attn.to_k, attn.to_v, attn.to_out.0, attn.add_q_proj, attn.add_k_proj,"
+    " attn.add_v_proj, attn.to_add_out, ff.linear_in, ff.linear_out, ff_context.linear_in,"
+    " ff_context.linear_out, attn.to_qkv_mlp_proj, 'single_transformer_blocks.*.attn.to_out',"
+    " double_stream_modulation_img.linear, double_stream_modulation_txt.linear,"
+    " single_stream_modulation.linear]"
+)
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(
+    strict=True,
+    reason="open (issue 7): on the tiny random FLUX.2 the loss falls only ~15% in 1000 steps "
+    "(2.83 -> 2.41) and samples do not yet depend on the caption; remove this mark once it passes",
+)
+def test_flux2_lora_training_makes_each_caption_sample_its_own_image(tmp_path: Path) -> None:
+    from diffusers import Flux2Pipeline
+
+    model = wide_tiny_model("flux2", tmp_path)
+    make_shapes_dataset(tmp_path / "data", 4, seed=5)
+    result, data = train_learning_run(
+        tmp_path, model, "flux2", tmp_path / "data", sequence_length=TEXT_TOKENS, lora_extra=MODULATION_TOO
+    )
+    targets = torch.stack([data[i]["image_latents"] for i in range(len(data))]).flatten(1)
+    captions = [data[i]["caption"] for i in range(len(data))]
+    assert len(set(captions)) == 4
+
+    pipe = Flux2Pipeline.from_pretrained(model, dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.load_lora_weights(result.final_dir)
+    nearest = []
+    for caption in captions:
+        tokens = pipe(
+            prompt=caption,
+            height=64,
+            width=64,
+            num_inference_steps=20,
+            max_sequence_length=TEXT_TOKENS,
+            generator=torch.Generator().manual_seed(0),  # the same starting noise for every caption
+            output_type="latent",
+        ).images  # [1, 16, 128]: the packed 4 x 4 grid of patchified, normalized latents
+        sample = tokens.permute(0, 2, 1).reshape(1, 128, 4, 4).flatten(1)
+        nearest.append(int(((sample - targets) ** 2).mean(dim=1).argmin()))
+    assert nearest == [0, 1, 2, 3], f"captions {captions} sampled nearest to images {nearest}"
