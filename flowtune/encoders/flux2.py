@@ -107,13 +107,13 @@ class Flux2Encoder(FamilyEncoder):
         from diffusers.pipelines.flux2.system_messages import SYSTEM_MESSAGE
 
         tokenizer = load_tokenizer(self.model_dir / "tokenizer")
-        ids = tokenizer.apply_chat_template(
+        encoded = tokenizer.apply_chat_template(
             format_input(prompts=prompts, system_message=SYSTEM_MESSAGE),
             add_generation_prompt=False,
             tokenize=True,
+            return_dict=True,
         )
-        ids = ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids
-        return [len(row) for row in ids]
+        return [len(row) for row in encoded["input_ids"]]
 
     # -- reference images ---------------------------------------------------------------------
 
