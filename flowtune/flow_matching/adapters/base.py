@@ -7,6 +7,7 @@ and how its output maps back to the latent space the loss is computed in.
 
 from __future__ import annotations
 
+import re
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any
@@ -103,6 +104,16 @@ class ModelAdapter(ABC):
             return condition
         keep = (~mask).to(device=condition.device, dtype=condition.dtype)
         return condition * keep.view(-1, *([1] * (condition.ndim - 1)))
+
+
+_CONTROL_KEY = re.compile(r"^control_latents_(\d+)$")
+
+
+def control_keys(batch: dict[str, Any]) -> list[str]:
+    """The batch's reference-latent keys (``control_latents_0``, ``control_latents_1``, ...), in
+    reference order ([] for batches without references)."""
+    numbered = [(int(m.group(1)), key) for key in batch if (m := _CONTROL_KEY.match(key))]
+    return [key for _, key in sorted(numbered)]
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:

@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 import torch
 import torch.nn as nn
 
-from flowtune.flow_matching.adapters.base import FlowMatchingContext, ModelAdapter
+from flowtune.flow_matching.adapters.base import FlowMatchingContext, ModelAdapter, control_keys
 from flowtune.flow_matching.adapters.flux import model_guidance
-
-_CONTROL_KEY = re.compile(r"^control_latents_(\d+)$")
 
 REFERENCE_TIME_STEP = 10
 """Reference image k gets the time coordinate ``10 + 10 k`` (Flux2Pipeline's ``_prepare_image_ids``);
@@ -98,11 +95,11 @@ class Flux2Adapter(ModelAdapter):
         self, batch: dict[str, Any], device: torch.device, dtype: torch.dtype
     ) -> tuple[torch.Tensor, torch.Tensor] | None:
         """The references' tokens [B, N_ref, C] and ids [B, N_ref, 4], or None without references."""
-        keys = sorted((int(m.group(1)), k) for k in batch if (m := _CONTROL_KEY.match(k)))
+        keys = control_keys(batch)
         if not keys:
             return None
         tokens, ids = [], []
-        for position, (_, key) in enumerate(keys):
+        for position, key in enumerate(keys):
             latents = batch[key].to(device, dtype=dtype)
             b, _, h, w = latents.shape
             ref_ids = self._prepare_latent_ids(h, w, b, device).clone()

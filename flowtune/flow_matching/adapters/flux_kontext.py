@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 import torch
 
-from flowtune.flow_matching.adapters.base import FlowMatchingContext
+from flowtune.flow_matching.adapters.base import FlowMatchingContext, control_keys
 from flowtune.flow_matching.adapters.flux import FluxAdapter
-
-_CONTROL_KEY = re.compile(r"^control_latents_(\d+)$")
 
 
 class FluxKontextAdapter(FluxAdapter):
@@ -42,7 +39,7 @@ class FluxKontextAdapter(FluxAdapter):
         Returns:
             tokens [B, N_ref, 4C] and ids [N_ref, 3] (rows (1, row + row offset, col + col offset)).
         """
-        keys = sorted((int(m.group(1)), k) for k in batch if (m := _CONTROL_KEY.match(k)))
+        keys = control_keys(batch)
         if not keys:
             raise KeyError(
                 "FLUX.1 Kontext batches need the reference latents control_latents_0 [B, C, h, w]; "
@@ -50,7 +47,7 @@ class FluxKontextAdapter(FluxAdapter):
             )
         tokens, ids = [], []
         mosaic_h = mosaic_w = 0  # extent of the references placed so far, in latent pixels
-        for _, key in keys:
+        for key in keys:
             latents = batch[key].to(device, dtype=dtype)
             b, _, h, w = latents.shape
             h_off = w_off = 0
