@@ -34,6 +34,15 @@ err = Console(stderr=True, soft_wrap=True)
 RecipeArg = Annotated[
     str, typer.Argument(help="A recipe YAML file, or the name of a bundled recipe (see `flowtune recipes`).")
 ]
+NumProcessesOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--num-processes",
+        help="Run on N processes of this machine (one per GPU) through Accelerate's launcher; "
+        "the same as `accelerate launch --multi_gpu --num_processes N -m flowtune ...`.",
+        show_default="1 (or as launched)",
+    ),
+]
 OverridesArg = Annotated[
     list[str] | None,
     typer.Argument(
@@ -98,52 +107,77 @@ def make_tiny_command(
     err.print(f"[green]✓[/green] tiny {family} pipeline written to {path}")
 
 
+def _relaunched(command: str, recipe: str, overrides: list[str] | None, num_processes: int | None) -> None:
+    """With ``--num-processes N``: run the same command on N processes and exit with its status."""
+    if num_processes is None:
+        return
+    from flowtune.distributed import relaunch
+    from flowtune.recipe import load_recipe, resolve_recipe_path
+
+    load_recipe(resolve_recipe_path(recipe), overrides or [])  # a bad recipe fails once, here
+    raise typer.Exit(relaunch(command, [recipe, *(overrides or [])], num_processes))
+
+
 @app.command()
-def preprocess(recipe: RecipeArg, overrides: OverridesArg = None) -> None:
+def preprocess(
+    recipe: RecipeArg, overrides: OverridesArg = None, num_processes: NumProcessesOpt = None
+) -> None:
     """Encode the recipe's dataset (VAE latents, text embeddings) into data.cache_dir.
 
     Incremental: only images and captions that changed since the last run are encoded, and an
     interrupted run continues where it stopped.  Exit status 1 if nothing could be cached.
+    Launched on several processes, each encodes its share into its own shards.
     """
     from flowtune.data.cache import preprocess as run_preprocess
+    from flowtune.distributed import is_main_process
     from flowtune.recipe import load_recipe, resolve_recipe_path
 
+    _relaunched("preprocess", recipe, overrides, num_processes)
     quiet_libraries()
     resolved = load_recipe(resolve_recipe_path(recipe), overrides or [])
     try:
         report = run_preprocess(resolved, console=out)
     except KeyboardInterrupt:
-        err.print(
-            "interrupted: everything encoded so far is saved in "
-            f"{resolved.data.cache_dir}; run the same command again to continue"
-        )
+        if is_main_process():
+            err.print(
+                "interrupted: everything encoded so far is saved in "
+                f"{resolved.data.cache_dir}; run the same command again to continue"
+            )
         raise typer.Exit(130) from None
     if report.items == 0:
-        err.print("[red]error:[/red] nothing could be cached: every item had a problem (see above)")
+        if is_main_process():
+            err.print("[red]error:[/red] nothing could be cached: every item had a problem (see above)")
         raise typer.Exit(1)
-    err.print(f"[green]✓[/green] {report.items} items cached in {report.cache_dir}")
+    if is_main_process():
+        err.print(f"[green]✓[/green] {report.items} items cached in {report.cache_dir}")
 
 
 @app.command()
-def train(recipe: RecipeArg, overrides: OverridesArg = None) -> None:
+def train(recipe: RecipeArg, overrides: OverridesArg = None, num_processes: NumProcessesOpt = None) -> None:
     """Train a LoRA (or the full transformer) on the recipe's preprocessed cache.
 
     Writes checkpoints, metrics.jsonl and the final weights to train.output_dir.  Ctrl-C or
     SIGTERM finishes the current step, saves a checkpoint and exits (130 / 143); continue with
-    train.resume=latest.  Exit status 1 if the loss diverges.
+    train.resume=latest.  Exit status 1 if the loss diverges.  On several processes (--num-processes,
+    accelerate launch or torchrun) the global batch is train.batch_size x processes x
+    train.gradient_accumulation; see docs/distributed.md.
     """
+    from flowtune.distributed import is_main_process
     from flowtune.recipe import load_recipe, resolve_recipe_path
     from flowtune.train.signals import TrainingInterrupted
     from flowtune.train.trainer import Trainer
 
+    _relaunched("train", recipe, overrides, num_processes)
     quiet_libraries()
     resolved = load_recipe(resolve_recipe_path(recipe), overrides or [])
     try:
         result = Trainer(resolved, console=out).run()
     except TrainingInterrupted as stop:
-        err.print(f"[yellow]{escape(str(stop))}[/yellow]", highlight=False)
+        if is_main_process():
+            err.print(f"[yellow]{escape(str(stop))}[/yellow]", highlight=False)
         raise typer.Exit(stop.exit_code) from None
-    err.print(f"[green]✓[/green] trained to step {result.step}; weights in {result.final_dir}")
+    if is_main_process():
+        err.print(f"[green]✓[/green] trained to step {result.step}; weights in {result.final_dir}")
 
 
 @app.command()
@@ -402,15 +436,23 @@ def main() -> None:
     Typer's standalone mode already reports usage errors (unknown command or option) in one
     message with exit status 2; flowtune's own user errors are handled here the same way.
     """
+    from flowtune.distributed import rank_tag
+
     quiet_libraries()
     try:
         app()
     except FlowtuneError as exc:
-        err.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False)
+        err.print(f"[red]error{rank_tag()}:[/red] {escape(str(exc))}", highlight=False)
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
-        err.print("interrupted")
+        err.print(f"interrupted{rank_tag()}")
         sys.exit(130)
+    except Exception as exc:
+        if rank_tag():  # a bug, not a user error: the traceback, but say which process it was
+            err.print(
+                f"[red]error{rank_tag()}:[/red] {type(exc).__name__}: {escape(str(exc))}", highlight=False
+            )
+        raise
 
 
 if __name__ == "__main__":

@@ -31,6 +31,7 @@ cache made for another model or other settings.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
@@ -62,6 +63,7 @@ from flowtune.data.images import ImageError, load_rgb, probe_image
 from flowtune.data.loader import CONTROL_FIELD
 from flowtune.data.sources import ControlImage, Record, apply_caption_options, list_records
 from flowtune.data.store import ERRORS_NAME, CacheStore
+from flowtune.distributed import Processes
 from flowtune.encoders import EncoderSettings, FamilyEncoder, create_encoder
 from flowtune.errors import FlowtuneError
 from flowtune.families import FamilySpec, get_family
@@ -589,6 +591,9 @@ def preprocess(
     """
     console = console or Console()
     start = time.perf_counter()
+    group = Processes()
+    if not group.is_main:
+        console = Console(quiet=True)
     spec = get_family(recipe.model.family)
     data = recipe.data
     listing = list_records(
@@ -599,11 +604,22 @@ def preprocess(
         references=spec.uses_edit_pairs(data.edit_pairs),
         control_column=data.control_column,
     )
-    model_dir = resolve_pretrained(recipe.model.pretrained, recipe.model.revision, _encoder_components(spec))
-    encoder = create_encoder(spec, model_dir, _encoder_settings(recipe), device)
+    if group.is_main:  # a download happens once, the other processes then find the files
+        model_dir = resolve_pretrained(
+            recipe.model.pretrained, recipe.model.revision, _encoder_components(spec)
+        )
+    group.wait()
+    if not group.is_main:
+        model_dir = resolve_pretrained(
+            recipe.model.pretrained, recipe.model.revision, _encoder_components(spec)
+        )
+    encoder = create_encoder(spec, model_dir, _encoder_settings(recipe), device or group.device)
     identity = encoder.identity()
     store = CacheStore.open(data.cache_dir, create=True)
-    with store.locked():
+    store.writes_manifest = group.is_main
+    # The main process holds the lock for the whole group (a second preprocess is refused).
+    with store.locked() if group.is_main else contextlib.nullcontext():
+        group.wait()  # every process opened the cache before any writes a shard
         items, problems, file_memo, known_failures = _plan(
             recipe, spec, listing.records, identity, store, encoder
         )
@@ -629,21 +645,25 @@ def preprocess(
         missing_controls = [c for key, c in unique_controls.items() if not store.has(key)]
 
         failures = dict(store.manifest.get("failures", {}))
+        encoded: dict[str, str] = {}
         if missing_texts or missing_images or missing_controls:
-            failures.update(
-                _encode(
-                    encoder,
-                    store,
-                    missing_texts,
-                    missing_images,
-                    missing_controls,
-                    console,
-                    batch_size=int(data.encode_batch_size),
-                    workers=min(8, os.cpu_count() or 1),
-                    shard_bytes=shard_bytes,
-                    flush_seconds=flush_seconds,
-                )
+            # Each process encodes every count-th input into shards of its own.
+            encoded = _encode(
+                encoder,
+                store,
+                group.share(missing_texts),
+                group.share(missing_images),
+                group.share(missing_controls),
+                console,
+                batch_size=int(data.encode_batch_size),
+                workers=min(8, os.cpu_count() or 1),
+                shard_bytes=shard_bytes,
+                flush_seconds=flush_seconds,
             )
+        for part in group.gather(encoded):
+            failures.update(part)
+        if group.is_main:  # add the other processes' shards; then it writes the manifest alone
+            store.recover_shards()
         # Images that failed to decode now (the ones known to fail were left out by _plan).
         failed_shas = {sha for item in items for sha in item.shas if sha in failures}
         failed_paths: dict[tuple[str, str], None] = {}
@@ -675,9 +695,12 @@ def preprocess(
                 "failures": {sha: failures[sha] for sha in sorted(failed_shas | set(known_failures))},
             }
         )
-        pruned = store.prune(live)
-        store.write_manifest(complete=True)
-        store.write_errors(p.to_json() for p in problems)
+        pruned = 0
+        if group.is_main:
+            pruned = store.prune(live)
+            store.write_manifest(complete=True)
+            store.write_errors(p.to_json() for p in problems)
+        group.wait()
 
     report = PreprocessReport(
         cache_dir=Path(data.cache_dir),

@@ -100,6 +100,9 @@ class CacheStore:
         self._pending_bytes = 0
         self._last_flush = time.monotonic()
         self._readers: dict[str, Any] = {}
+        # False on the helper processes of a sharded preprocess: they write shards only, and the
+        # main process adds them to the manifest (recover_shards) once all are done.
+        self.writes_manifest = True
 
     def __getstate__(self) -> dict[str, Any]:
         """Pickle without open shard handles (data-loader workers reopen them lazily)."""
@@ -140,10 +143,10 @@ class CacheStore:
         entries = {key: EntryRef(**ref) for key, ref in manifest.pop("entries", {}).items()}
         store = cls(root, manifest, entries)
         if create:
-            store._recover_shards()
+            store.recover_shards()
         return store
 
-    def _recover_shards(self) -> None:
+    def recover_shards(self) -> None:
         """Add entries of shards missing from the manifest; drop entries whose shard is gone."""
         shard_dir = self.root / SHARDS_DIR
         if not shard_dir.is_dir():
@@ -208,7 +211,8 @@ class CacheStore:
         return time.monotonic() - self._last_flush
 
     def flush(self) -> None:
-        """Write the queued entries as one shard, then the manifest (marked incomplete)."""
+        """Write the queued entries as one shard, then the manifest (marked incomplete) unless
+        :attr:`writes_manifest` is off."""
         if not self._pending:
             return
         shard = f"{SHARDS_DIR}/{uuid.uuid4().hex[:16]}.safetensors"
@@ -221,7 +225,8 @@ class CacheStore:
         self._pending.clear()
         self._pending_bytes = 0
         self._last_flush = time.monotonic()
-        self.write_manifest(complete=False)
+        if self.writes_manifest:
+            self.write_manifest(complete=False)
 
     def read(self, key: str, fields: Iterable[str]) -> dict[str, torch.Tensor]:
         """The tensors of one stored entry: ``{field: tensor}`` (CPU, as stored)."""

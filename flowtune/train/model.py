@@ -128,12 +128,29 @@ META_STEP = "flowtune.step"
 META_VERSION = "flowtune.version"
 
 
+def lora_state_dict(transformer: nn.Module) -> dict[str, torch.Tensor]:
+    """The LoRA weights of ``transformer`` (peft names, e.g. ``transformer_blocks.0.attn.to_q.
+    lora_A.weight``: A is [rank, in_features], B is [out_features, rank]) as full tensors.
+
+    Under FSDP2 the parameters are DTensor shards; they are gathered here, which is a collective:
+    every process must call it.
+    """
+    from peft.utils import get_peft_model_state_dict
+    from torch.distributed.tensor import DTensor
+
+    from flowtune.flow_matching.adapters.base import unwrap_model
+
+    state = get_peft_model_state_dict(unwrap_model(transformer))
+    return {k: v.full_tensor() if isinstance(v, DTensor) else v for k, v in state.items()}
+
+
 def save_lora(
     transformer: nn.Module,
     spec: FamilySpec,
     out_dir: Path,
     dtype: torch.dtype | None = None,
     metadata: dict[str, str] | None = None,
+    state: dict[str, torch.Tensor] | None = None,
 ) -> Path:
     """Write the LoRA of ``transformer`` as ``out_dir/pytorch_lora_weights.safetensors``.
 
@@ -145,16 +162,18 @@ def save_lora(
     Args:
         dtype: Cast the weights to this dtype when saving (None = as trained, float32).
         metadata: Extra string metadata entries.
+        state: The weights, already gathered by :func:`lora_state_dict` (under FSDP every process
+            gathers, one writes); None = taken from ``transformer``.
     """
     import diffusers
     from diffusers.loaders.lora_base import LORA_ADAPTER_METADATA_KEY
-    from peft.utils import get_peft_model_state_dict
     from safetensors.torch import save_file
 
     from flowtune.flow_matching.adapters.base import unwrap_model
 
     model = unwrap_model(transformer)
-    state = get_peft_model_state_dict(model)
+    if state is None:
+        state = lora_state_dict(model)
     if dtype is not None:
         state = {k: v.to(dtype) for k, v in state.items()}
     config = {
@@ -226,13 +245,31 @@ def load_lora(transformer: nn.Module, directory: Path) -> None:
         )
 
 
-def save_full(transformer: nn.Module, out_dir: Path) -> Path:
+def save_full(transformer: nn.Module, out_dir: Path, state: dict[str, torch.Tensor] | None = None) -> Path:
     """Write the whole transformer (full fine-tuning) as ``out_dir/transformer`` in diffusers
-    format, loadable by the family's transformer class ``from_pretrained``."""
+    format, loadable by the family's transformer class ``from_pretrained``.
+
+    Args:
+        state: The full state dict already gathered from FSDP shards (Accelerate's
+            ``get_state_dict``); written with the config in the same sharded safetensors layout
+            as ``save_pretrained``.  None = ``save_pretrained`` of the model itself.
+    """
+    from huggingface_hub import save_torch_state_dict
+
     from flowtune.flow_matching.adapters.base import unwrap_model
 
     target = Path(out_dir) / "transformer"
-    unwrap_model(transformer).save_pretrained(target, safe_serialization=True)
+    model = unwrap_model(transformer)
+    if state is None:
+        model.save_pretrained(target, safe_serialization=True)
+    else:
+        model.save_config(target)
+        save_torch_state_dict(
+            {k: v.contiguous() for k, v in state.items()},
+            target,
+            filename_pattern="diffusion_pytorch_model{suffix}.safetensors",
+            max_shard_size="10GB",
+        )
     return target
 
 

@@ -45,6 +45,7 @@ from flowtune import __version__
 from flowtune.console import format_bytes, format_duration, key_value_table
 from flowtune.data.cache import check_cache
 from flowtune.data.loader import BucketBatchSampler, CacheCollator, CachedDataset, split_validation
+from flowtune.distributed import has_accelerator
 from flowtune.errors import FlowtuneError
 from flowtune.families import get_family
 from flowtune.flow_matching import create_pipeline
@@ -62,6 +63,7 @@ from flowtune.train.model import (
     load_full,
     load_lora,
     load_transformer,
+    lora_state_dict,
     make_fully_trainable,
     save_full,
     save_lora,
@@ -184,7 +186,9 @@ class Trainer:
             )
 
         self._setup_data()
-        self._setup_model()
+        if resume is not None:
+            self._check_resume_compatible(resume, resume.state())
+        self._setup_model(resume)
         self.flow = create_pipeline(
             self.family.adapter,
             OmegaConf.to_container(r.model.adapter),
@@ -204,11 +208,12 @@ class Trainer:
         r = self.recipe
         trackers = list(r.logging.trackers)
         self._check_trackers(trackers)
+        fsdp_plugin = self._fsdp_plugin()
         try:
             accelerator = Accelerator(
                 # Without an accelerator, say so: Accelerate then sets up multi-process CPU runs
                 # (gloo) under `accelerate launch` / torchrun instead of N independent processes.
-                cpu=not _has_accelerator(),
+                cpu=not has_accelerator(),
                 mixed_precision=r.train.mixed_precision,
                 log_with=trackers or None,
                 project_config=ProjectConfiguration(
@@ -217,6 +222,7 @@ class Trainer:
                 # The schedule steps once per optimizer step, whatever the number of processes,
                 # so a run's learning-rate curve does not depend on the world size.
                 step_scheduler_with_optimizer=False,
+                fsdp_plugin=fsdp_plugin,
             )
         except (ValueError, RuntimeError) as exc:
             raise FlowtuneError(
@@ -228,7 +234,41 @@ class Trainer:
         # Accelerate's state keeps only what it alone knows: optimizer, schedule, RNG, scaler.
         accelerator.register_save_state_pre_hook(lambda models, weights, out: weights.clear())
         accelerator.register_load_state_pre_hook(lambda models, directory: models.clear())
+        self.sharded = accelerator.is_fsdp2
+        if fsdp_plugin is not None and not self.sharded and accelerator.num_processes > 1:
+            self._warnings.append(
+                "train.distributed=fsdp: Accelerate shards only across GPUs; these CPU processes run DDP"
+            )
         return accelerator
+
+    def _fsdp_plugin(self) -> Any:
+        """Accelerate's FSDP2 plugin for ``train.distributed=fsdp`` (None for ``ddp``).
+
+        Each transformer block (the model's ``_no_split_modules``) is one FSDP unit, its weights
+        resharded after the forward pass; the frozen base and the trainable LoRA (or full) weights
+        are both sharded, and only the trainable ones are in the optimizer.
+
+        Raises:
+            FlowtuneError: ``ddp`` in the recipe but the launcher's Accelerate config turns FSDP on
+                (the recipe decides; the two must agree).
+        """
+        from accelerate import FullyShardedDataParallelPlugin
+
+        if self.recipe.train.distributed != "fsdp":
+            if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
+                raise FlowtuneError(
+                    "the accelerate launch configuration enables FSDP but the recipe has "
+                    "train.distributed=ddp; set train.distributed=fsdp, or launch without FSDP in the "
+                    "accelerate config"
+                )
+            return None
+        return FullyShardedDataParallelPlugin(
+            fsdp_version=2,
+            auto_wrap_policy="transformer_based_wrap",  # the model's _no_split_modules
+            reshard_after_forward=True,
+            state_dict_type="SHARDED_STATE_DICT",  # Accelerate's resumable state, one shard per rank
+            cpu_ram_efficient_loading=False,
+        )
 
     @staticmethod
     def _check_trackers(trackers: list[str]) -> None:
@@ -267,7 +307,10 @@ class Trainer:
         self.collate = CacheCollator(self.dataset.sequence_fields)
         self.samples_per_step = r.train.batch_size * acc.num_processes * r.train.gradient_accumulation
 
-    def _setup_model(self) -> None:
+    def _setup_model(self, resume: ckpt.Checkpoint | None) -> None:
+        """Load the transformer, add the LoRA (or make it trainable), restore a checkpoint's
+        weights (before any DDP/FSDP wrapping, so both load the same full tensors), then let
+        Accelerate wrap model, optimizer and schedule."""
         from accelerate.utils import set_seed
 
         r = self.recipe
@@ -289,6 +332,8 @@ class Trainer:
             )
         else:
             params = make_fully_trainable(transformer)
+        if resume is not None:
+            (load_lora if r.train.mode == "lora" else load_full)(transformer, resume.path)
         if r.train.gradient_checkpointing:
             transformer.enable_gradient_checkpointing()
         self.trainable_parameters = sum(p.numel() for p in params)
@@ -298,7 +343,8 @@ class Trainer:
         self.model, self.optimizer, self.scheduler = self.accelerator.prepare(
             transformer, optimizer, scheduler
         )
-        self.params = params
+        # FSDP2 replaces the parameters by sharded ones (and points the optimizer at them).
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
 
     def _setup_outputs(self, resume: ckpt.Checkpoint | None) -> None:
         r = self.recipe
@@ -328,13 +374,11 @@ class Trainer:
     # ------------------------------------------------------------------ resume
 
     def _resume(self, checkpoint: ckpt.Checkpoint) -> None:
+        """Restore Accelerate's state (optimizer, schedule, RNG) and the run's position; the
+        weights were loaded by :meth:`_setup_model`.  The checkpoint may come from another number
+        of processes: the position counts global batches."""
         state = checkpoint.state()
-        self._check_resume_compatible(checkpoint, state)
         self.accelerator.load_state(str(checkpoint.path))
-        if self.recipe.train.mode == "lora":
-            load_lora(self.model, checkpoint.path)
-        else:
-            load_full(self.model, checkpoint.path)
         self.step = int(state["step"])
         self.batches_consumed = int(state["batches_consumed"])
         self._elapsed_before = float(state.get("elapsed_seconds", 0.0))
@@ -632,12 +676,22 @@ class Trainer:
             "flowtune_version": __version__,
         }
 
-    def _save_weights(self, directory: Path) -> None:
+    def _gather_weights(self) -> dict[str, torch.Tensor] | None:
+        """The trained weights as full tensors when FSDP shards them (a collective: every process
+        calls it; the main process writes them), else None (the files are written from the model)."""
+        if not self.sharded:
+            return None
+        if self.recipe.train.mode == "lora":
+            return lora_state_dict(self.model)
+        return self.accelerator.get_state_dict(self.model)
+
+    def _save_weights(self, directory: Path, state: dict[str, torch.Tensor] | None) -> None:
         if self.recipe.train.mode == "lora":
             save_lora(
                 self.model,
                 self.family,
                 directory,
+                state=state,
                 metadata={
                     META_BASE_MODEL: self.recipe.model.pretrained,
                     META_STEP: str(self.step),
@@ -645,7 +699,7 @@ class Trainer:
                 },
             )
         else:
-            save_full(self.model, directory)
+            save_full(self.model, directory, state=state)
 
     def save(self) -> Path:
         """Write the checkpoint of the current step (atomically) and apply ``train.keep_last``.
@@ -661,9 +715,10 @@ class Trainer:
             partial.mkdir(parents=True)
         acc.wait_for_everyone()
         acc.save_state(str(partial))
+        weights = self._gather_weights()
         acc.wait_for_everyone()
         if self.is_main:
-            self._save_weights(partial)
+            self._save_weights(partial, weights)
             (partial / ckpt.RECIPE_FILE).write_text(recipe_to_yaml(self.recipe))
             ckpt.write_state(partial, self._trainer_state())
             ckpt.publish(partial, target)
@@ -787,17 +842,6 @@ class Trainer:
             return self.train()
         finally:
             self.cleanup()
-
-
-def _has_accelerator() -> bool:
-    """Whether torch sees a CUDA, XPU or MPS device."""
-    xpu = getattr(torch, "xpu", None)
-    mps = getattr(torch.backends, "mps", None)
-    return (
-        torch.cuda.is_available()
-        or bool(xpu is not None and xpu.is_available())
-        or bool(mps is not None and mps.is_available())
-    )
 
 
 def _link_or_copy(source: Path, target: Path) -> None:

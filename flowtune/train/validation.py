@@ -153,7 +153,10 @@ class Validator:
         n = len(self.heldout)
         if n == 0:
             return None
-        mine = list(range(acc.process_index, n, acc.num_processes))
+        # Under FSDP every forward pass is a collective, so every process evaluates every item
+        # (the same calls everywhere, the same mean); otherwise each takes its share.
+        split = acc.num_processes > 1 and not acc.is_fsdp2
+        mine = list(range(acc.process_index, n, acc.num_processes)) if split else list(range(n))
         groups = self.heldout.batch_groups  # items that stack into one batch (bucket, control sizes)
         by_bucket: dict[Any, list[int]] = {}
         for i in mine:
@@ -180,7 +183,7 @@ class Validator:
                         losses = flow.evaluate(model, batch, sigmas, noise, device=device, dtype=self.dtype)
                     total += losses.double().sum()
                     count += len(chunk)
-        if acc.num_processes > 1:
+        if split:
             total = acc.reduce(total, "sum")
             count = acc.reduce(count, "sum")
         return float(total / count)
@@ -204,17 +207,17 @@ class Validator:
             )
         return self._pipe
 
-    def images(self, model: nn.Module, step: int, device: torch.device) -> list[Any]:
-        """Sample the validation prompts (main process) into ``OUTPUT/samples/step-NNNNNN/``;
-        returns the PIL images."""
+    def images(self, model: nn.Module, step: int, device: torch.device, write: bool = True) -> list[Any]:
+        """Sample the validation prompts into ``OUTPUT/samples/step-NNNNNN/`` (``write=False``: only
+        take part in the sampling, as FSDP needs every process to); returns the PIL images."""
         if not self.prompts:
             return []
         pipe = self._pipeline(model, device)
         out_dir = self.output_dir / SAMPLES_DIR / checkpoint_name(step)
-        shutil.rmtree(out_dir, ignore_errors=True)  # the same step sampled again (a resumed run)
-        writer = SampleWriter(
-            out_dir, {"family": self.spec.name, "model": self.recipe.model.pretrained, "step": step}
-        )
+        if write:
+            shutil.rmtree(out_dir, ignore_errors=True)  # the same step sampled again (a resumed run)
+        info = {"family": self.spec.name, "model": self.recipe.model.pretrained, "step": step}
+        writer = SampleWriter(out_dir, info) if write else None
         images = []
         for i, (prompt, inputs) in enumerate(zip(self.prompts, self._prompt_inputs, strict=True)):
             inputs = {k: v.to(device) for k, v in inputs.items()}
@@ -233,9 +236,11 @@ class Validator:
             job = SampleJob(prompt, self.settings.seed, inputs, refs)
             with self.accelerator.autocast():
                 image = generate(pipe, job, self.settings)
-            writer.add(image, job, self.settings)
+            if writer is not None:
+                writer.add(image, job, self.settings)
             images.append(image)
-        writer.write_grid()
+        if writer is not None:
+            writer.write_grid()
         return images
 
     def log_images(self, images: list[Any], step: int) -> None:
@@ -268,9 +273,9 @@ class Validator:
             val_loss = self.loss(flow, unwrap_model(model), device)
             if val_loss is not None:
                 result["val_loss"] = val_loss
-            if acc.is_main_process:
+            if acc.is_main_process or acc.is_fsdp2:  # sharded: every process runs the sampler
                 try:
-                    images = self.images(model, step, device)
+                    images = self.images(model, step, device, write=acc.is_main_process)
                 except torch.OutOfMemoryError:
                     # A long run is not lost to a validation image: skip it, free what it took.
                     images = []
@@ -280,6 +285,8 @@ class Validator:
                         f"validation images of step {step} skipped: out of memory on {device} "
                         "(lower validation.height/width, or train.gradient_checkpointing frees memory)"
                     )
+                if not acc.is_main_process:
+                    images = []
                 self.log_images(images, step)
                 if images:
                     result["samples"] = str(self.output_dir / SAMPLES_DIR / checkpoint_name(step))
