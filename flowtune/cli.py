@@ -436,11 +436,14 @@ def main() -> None:
     Typer's standalone mode already reports usage errors (unknown command or option) in one
     message with exit status 2; flowtune's own user errors are handled here the same way.
     """
-    from flowtune.distributed import rank_tag
+    from flowtune.distributed import rank_tag, shutdown
 
     quiet_libraries()
     try:
-        app()
+        try:
+            app()
+        finally:
+            shutdown()
     except FlowtuneError as exc:
         err.print(f"[red]error{rank_tag()}:[/red] {escape(str(exc))}", highlight=False)
         sys.exit(exc.exit_code)

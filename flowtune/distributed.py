@@ -51,7 +51,8 @@ def _free_port() -> int:
 
 def launch_command(command: str, args: list[str], num_processes: int) -> list[str]:
     """The ``accelerate launch`` command line that runs ``flowtune COMMAND ARGS`` on
-    ``num_processes`` processes of this machine (one per GPU; gloo processes on a CPU-only host).
+    ``num_processes`` processes of this machine (one per GPU; gloo processes on a CPU-only host),
+    run through :func:`accelerate_launch`.
 
     Raises:
         FlowtuneError: ``num_processes`` < 1, or more processes than this machine has GPUs.
@@ -69,7 +70,7 @@ def launch_command(command: str, args: list[str], num_processes: int) -> list[st
     return [
         sys.executable,
         "-m",
-        "accelerate.commands.launch",
+        "flowtune.distributed",  # accelerate launch, reporting failed processes without a traceback
         # --multi_gpu is accelerate's torchrun launcher; without GPUs it starts gloo CPU processes.
         *(["--multi_gpu"] if num_processes > 1 else []),
         "--num_processes",
@@ -160,3 +161,38 @@ class Processes:
         from accelerate.utils import gather_object
 
         return list(gather_object([value]))
+
+
+def shutdown() -> None:
+    """Leave the process group, if this process joined one.  Called once as a command ends: a
+    gloo or NCCL group still alive at interpreter exit can abort the process ("terminate called
+    without an active exception") after all its work was done."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def accelerate_launch(argv: list[str]) -> int:
+    """``accelerate launch ARGV`` (Accelerate's own parser and launcher); returns the exit status.
+
+    When processes fail, each has already printed its message tagged with its rank; the launcher's
+    own traceback would only bury them, so its summary (which rank exited with which status) is
+    printed instead.
+    """
+    from accelerate.commands.launch import launch_command, launch_command_parser
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+
+    args = launch_command_parser().parse_args(argv)
+    try:
+        launch_command(args)
+    except ChildFailedError as exc:
+        print(exc.format_msg(), file=sys.stderr)
+        return 1
+    except subprocess.CalledProcessError as exc:  # one process (accelerate's simple launcher)
+        return int(exc.returncode) or 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(accelerate_launch(sys.argv[1:]))

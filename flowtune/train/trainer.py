@@ -400,6 +400,13 @@ class Trainer:
                     f"and the recipe has {json.dumps(now)}; restore it, or start a new run in another "
                     "train.output_dir"
                 )
+        if bool(state.get("sharded", False)) != self.sharded:
+            saved, now = ("FSDP", "DDP") if state.get("sharded") else ("DDP", "FSDP")
+            raise FlowtuneError(
+                f"cannot resume from {checkpoint.path}: its optimizer state was saved by a {saved} run and this "
+                f"run uses {now} (train.distributed and the kind of device must match the checkpoint's; "
+                "the number of processes may change)"
+            )
         old_flat, new_flat = _flatten(old), _flatten(new)
         changed = [
             f"{key}: {json.dumps(old_flat.get(key))} -> {json.dumps(value)}"
@@ -491,6 +498,8 @@ class Trainer:
             total += loss.detach().float()
         max_norm = r.train.max_grad_norm if r.train.max_grad_norm > 0 else math.inf
         grad_norm = acc.clip_grad_norm_(self.params, max_norm)
+        if hasattr(grad_norm, "full_tensor"):  # FSDP2: the norm of sharded gradients is a DTensor
+            grad_norm = grad_norm.full_tensor()
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -665,6 +674,7 @@ class Trainer:
             "samples_per_step": self.samples_per_step,
             "batch_size": r.train.batch_size,
             "num_processes": self.accelerator.num_processes,
+            "sharded": self.sharded,
             "gradient_accumulation": r.train.gradient_accumulation,
             "seed": r.train.seed,
             "mode": r.train.mode,

@@ -1,0 +1,218 @@
+"""Multi-process training and preprocessing on CPU gloo processes, launched as users launch them
+(``flowtune ... --num-processes N`` through Accelerate's launcher, and ``torchrun``).
+
+The promise under test: with the same global batch, any number of processes trains the same run:
+the same loss at every step and the same final LoRA (fp32 on the CPU, within 1e-5), with DDP and
+with FSDP2, and a checkpoint resumes on another number of processes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from rich.console import Console
+from safetensors.torch import load_file
+
+from flowtune.data.cache import preprocess
+from flowtune.data.store import CacheStore
+from flowtune.data.synthetic import make_shapes_dataset
+from flowtune.distributed import launch_command
+from flowtune.recipe import load_recipe
+from flowtune.tiny import make_tiny
+from flowtune.train.metrics import read_metrics
+from flowtune.train.model import LORA_WEIGHTS_NAME
+from flowtune.train.trainer import Trainer
+from tests.helpers import REPO, assert_user_error, flowtune
+
+pytestmark = pytest.mark.slow
+
+STEPS = 6  # 3 epochs of 2 global batches of 4: buckets and epochs change inside the run
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny FLUX.1, 8 shapes in two buckets, their cache, a recipe (global batch 4, fp32) and
+    the reference run: one process, batch 4, in ``env/one``."""
+    root = tmp_path_factory.mktemp("distributed")
+    model = make_tiny("flux", root / "tiny-flux")
+    make_shapes_dataset(root / "dataset", 8, seed=1, sizes=[(64, 64), (96, 64)])
+    (root / "recipe.yaml").write_text(
+        f"model: {{family: flux, pretrained: '{model}', dtype: float32}}\n"
+        "lora: {rank: 4, alpha: 4}\n"
+        f"data: {{source: '{root / 'dataset'}', cache_dir: '{root / 'cache'}', resolution: 64,"
+        " max_sequence_length: 16}\n"
+        f"train: {{max_steps: {STEPS}, batch_size: 4, seed: 0, mixed_precision: 'no', checkpoint_every: 3,"
+        " log_every: 1, keep_last: null}\n"
+        "optimizer: {lr: 1.0e-3}\n"
+        "lr_scheduler: {name: constant_with_warmup, warmup_steps: 2}\n"  # independent of max_steps
+    )
+    recipe = load_recipe(root / "recipe.yaml", [f"train.output_dir={root / 'one'}"])
+    preprocess(recipe, console=Console(quiet=True))
+    Trainer(recipe, console=Console(quiet=True)).run()
+    return root
+
+
+def _losses(run: Path) -> list[tuple[int, float]]:
+    return [(r["step"], r["loss"]) for r in read_metrics(run / "metrics.jsonl") if "loss" in r]
+
+
+def _assert_same_run(run: Path, reference: Path) -> None:
+    """Same loss at every step and the same final LoRA as ``reference`` (within 1e-5)."""
+    got, want = _losses(run), _losses(reference)
+    assert [s for s, _ in got] == [s for s, _ in want] == list(range(1, STEPS + 1))
+    assert [v for _, v in got] == pytest.approx([v for _, v in want], rel=1e-5, abs=1e-5)
+    a = load_file(run / "final" / LORA_WEIGHTS_NAME)
+    b = load_file(reference / "final" / LORA_WEIGHTS_NAME)
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-5, msg=key)
+    assert not torch.equal(a[next(k for k in a if "lora_B" in k)], torch.zeros(1))  # it trained
+
+
+def _torchrun(n: int, *args: str) -> subprocess.CompletedProcess:
+    """``torchrun --nproc_per_node N ARGS`` offline; returns the completed process."""
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "COLUMNS": "200",
+        "PYTHONPATH": str(REPO),
+        "OMP_NUM_THREADS": "1",
+    }
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(n)]
+    return subprocess.run([*command, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+
+
+def test_two_and_four_processes_train_the_same_run_as_one(env: Path) -> None:
+    recipe = str(env / "recipe.yaml")
+    two = flowtune(
+        "train", recipe, f"train.output_dir={env / 'two'}", "train.batch_size=2", "--num-processes", "2"
+    )
+    assert two.returncode == 0, two.stderr
+    _assert_same_run(env / "two", env / "one")
+    # Only the main process prints: one banner, one summary, one result line.
+    assert two.stdout.count("flowtune train") == 1 and two.stdout.count("training done") == 1
+    assert two.stdout.count("4 samples per step = 2 x 2 processes x 1 accumulation") == 1
+    assert two.stderr.count("✓ trained to step 6") == 1
+
+    four = _torchrun(
+        4, "-m", "flowtune", "train", recipe, f"train.output_dir={env / 'four'}", "train.batch_size=1"
+    )
+    assert four.returncode == 0, four.stderr[-3000:]
+    _assert_same_run(env / "four", env / "one")
+
+
+def test_a_checkpoint_resumes_on_another_number_of_processes(env: Path) -> None:
+    recipe = str(env / "recipe.yaml")
+    out = env / "resumed"
+    first = flowtune(
+        "train",
+        recipe,
+        f"train.output_dir={out}",
+        "train.batch_size=2",
+        "train.max_steps=3",
+        "--num-processes",
+        "2",
+    )
+    assert first.returncode == 0, first.stderr
+    assert json.loads((out / "final" / "trainer_state.json").read_text())["num_processes"] == 2
+    # Continue on one process with the same global batch (4 = 4 x 1 instead of 2 x 2).
+    console = Console(record=True, width=200)
+    recipe_now = load_recipe(env / "recipe.yaml", [f"train.output_dir={out}", "train.resume=latest"])
+    Trainer(recipe_now, console=console).run()
+    assert "resuming from" in console.export_text() and "global batch changed" not in console.export_text()
+    _assert_same_run(out, env / "one")
+
+
+def test_fsdp2_shards_trains_the_same_run_saves_full_loras_and_resumes(env: Path) -> None:
+    recipe = str(env / "recipe.yaml")
+    out = env / "fsdp"
+    entry = str(REPO / "tests" / "fsdp_on_cpu.py")
+    args = ["train", recipe, f"train.output_dir={out}", "train.batch_size=2", "train.distributed=fsdp"]
+    first = _torchrun(2, entry, *args, "train.max_steps=3")
+    assert first.returncode == 0, first.stderr[-3000:]
+    checkpoint = out / "checkpoints" / "step-000003"
+    # Accelerate's sharded optimizer and model state, next to the full LoRA file the main
+    # process wrote (the same tensors as an unsharded run's step 3 would hold).
+    assert (checkpoint / "optimizer_0").is_dir() and (checkpoint / "pytorch_model_fsdp_0").is_dir()
+    assert json.loads((checkpoint / "trainer_state.json").read_text())["sharded"] is True
+    lora = load_file(checkpoint / LORA_WEIGHTS_NAME)
+    reference = load_file(env / "one" / "checkpoints" / "step-000003" / LORA_WEIGHTS_NAME)
+    assert lora.keys() == reference.keys()
+    for key in lora:
+        torch.testing.assert_close(lora[key], reference[key], rtol=0, atol=1e-5, msg=key)
+
+    second = _torchrun(2, entry, *args, "train.resume=latest")
+    assert second.returncode == 0, second.stderr[-3000:]
+    _assert_same_run(out, env / "one")
+
+    # A sharded checkpoint's optimizer state cannot be read by a DDP run: refused, not guessed.
+    ddp = flowtune("train", recipe, f"train.output_dir={out}", f"train.resume={checkpoint}")
+    assert_user_error(ddp, "saved by a FSDP run", "train.distributed")
+
+
+def test_preprocess_shares_its_work_across_processes(env: Path, tmp_path: Path) -> None:
+    recipe = str(env / "recipe.yaml")
+    cache = tmp_path / "cache"
+    result = flowtune("preprocess", recipe, f"data.cache_dir={cache}", "--num-processes", "2")
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.count("✓ 8 items cached") == 1
+    sharded, single = CacheStore.open(cache), CacheStore.open(env / "cache")
+    assert len({ref.shard for ref in sharded.entries.values()}) == 2  # one shard per process
+    assert sharded.manifest["complete"] and sharded.manifest["items"] == single.manifest["items"]
+    assert sharded.entries.keys() == single.entries.keys()
+    for key, ref in single.entries.items():
+        fields = sharded.manifest["fields"]["image" if ref.kind == "image" else "text"]
+        mine, theirs = sharded.read(key, fields), single.read(key, fields)
+        for name in fields:
+            assert torch.equal(mine[name], theirs[name]), (key, name)
+
+    again = flowtune("preprocess", recipe, f"data.cache_dir={cache}", "--num-processes", "2")
+    assert again.returncode == 0, again.stderr
+    assert "0 images, 0 captions" in again.stdout  # idempotent: nothing encoded twice
+    assert CacheStore.open(cache).entries == sharded.entries
+
+
+def test_a_failure_on_each_process_names_its_rank(env: Path, tmp_path: Path) -> None:
+    result = flowtune(
+        "train", str(env / "recipe.yaml"), f"data.cache_dir={tmp_path / 'none'}", "--num-processes", "2"
+    )
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    # Both processes hit the error; the launcher stops the other one when the first exits, so one
+    # or both report it, each naming its rank, and the launcher's summary names the exit statuses.
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error")]
+    assert errors and all(re.match(r"error \(rank [01] of 2\): no preprocessed cache at", e) for e in errors)
+    assert "exitcode  : 2" in result.stderr
+
+
+def test_launch_command_is_accelerate_launch_of_the_same_flowtune_command() -> None:
+    command = launch_command("train", ["recipe.yaml", "train.max_steps=5"], 2)
+    assert command[:3] == [sys.executable, "-m", "flowtune.distributed"]  # accelerate launch
+    assert command[command.index("--num_processes") + 1] == "2" and "--multi_gpu" in command
+    assert command[-5:] == ["-m", "flowtune", "train", "recipe.yaml", "train.max_steps=5"]
+
+
+def test_num_processes_errors_are_one_line_messages(env: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    assert_user_error(flowtune("train", str(env / "recipe.yaml"), "--num-processes", "0"), "--num-processes")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    inside = flowtune("train", str(env / "recipe.yaml"), "--num-processes", "2")
+    assert inside.returncode == 2 and "leave it out" in inside.stderr and "(rank 1 of 2)" in inside.stderr
+
+
+def test_ddp_recipe_under_an_fsdp_launch_config_is_refused(
+    env: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from flowtune.errors import FlowtuneError
+
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    trainer = Trainer(load_recipe(env / "recipe.yaml", [f"train.output_dir={env / 'never'}"]))
+    with pytest.raises(FlowtuneError, match="enables FSDP but the recipe has train.distributed=ddp"):
+        trainer._fsdp_plugin()
