@@ -292,6 +292,13 @@ def build_tiny_flux_kontext(out_dir: Path, seed: int = 0) -> None:
 # Flux2Pipeline stacks) are concatenated into the transformer's text input.
 MISTRAL_HIDDEN = 16
 MISTRAL_LAYERS = 30  # Flux2Pipeline reads hidden states (10, 20, 30)
+# Weight std of the tiny Mistral.  transformers' default 0.02 suits Mistral Small's width (5120); at
+# width 16 its layers hardly mix tokens, so each hidden state is close to its own token's
+# embedding: the tokens after the caption differ between captions by only ~9% (at 0.5: ~45%), only
+# the ~6 caption words of the 48-token window carry the caption, and a LoRA on the tiny FLUX.2
+# learns to ignore the text (tests/test_flux2_learning.py).  Trained LMs carry the context in every
+# later token; 0.5 makes the random one do so too.
+MISTRAL_INIT_STD = 0.5
 FLUX2_LATENT_CHANNELS = 32  # x 2 x 2 patch = 128 transformer input channels
 MISTRAL_SPECIAL_TOKENS = (
     "<unk>",
@@ -373,6 +380,7 @@ def _mistral3_text_encoder(tokenizer: PreTrainedTokenizerFast) -> Mistral3ForCon
         num_key_value_heads=1,
         head_dim=MISTRAL_HIDDEN // 2,
         max_position_embeddings=2048,
+        initializer_range=MISTRAL_INIT_STD,
         pad_token_id=tokenizer.pad_token_id,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,

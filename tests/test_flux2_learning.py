@@ -27,12 +27,14 @@ MODULATION_TOO = (
 )
 
 
+# FLUX.2 has no pooled text embedding: the caption reaches the image only through attention to the
+# text tokens, ~31 of which are the system message and chat markup, the same for every caption.
+# With transformers' default init the tiny Mistral hardly mixes tokens, only the ~6 caption words
+# differed between captions, and the LoRA learned to ignore the text (samples equal to 4 decimals
+# for all captions); the tiny Mistral is therefore initialized wider (flowtune.tiny.MISTRAL_INIT_STD).
+
+
 @pytest.mark.slow
-@pytest.mark.xfail(
-    strict=True,
-    reason="open (issue 7): on the tiny random FLUX.2 the loss falls only ~15% in 1000 steps "
-    "(2.83 -> 2.41) and samples do not yet depend on the caption; remove this mark once it passes",
-)
 def test_flux2_lora_training_makes_each_caption_sample_its_own_image(tmp_path: Path) -> None:
     from diffusers import Flux2Pipeline
 
