@@ -15,8 +15,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 from rich.console import Console
 from safetensors.torch import load_file
 
@@ -52,6 +54,8 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Path:
         " log_every: 1, keep_last: null}\n"
         "optimizer: {lr: 1.0e-3}\n"
         "lr_scheduler: {name: constant_with_warmup, warmup_steps: 2}\n"  # independent of max_steps
+        # One validation image after the last step (under FSDP every process takes part in it).
+        "validation: {prompts: ['a red circle'], every: 0, steps: 2, height: 64, width: 64}\n"
     )
     recipe = load_recipe(root / "recipe.yaml", [f"train.output_dir={root / 'one'}"])
     preprocess(recipe, console=Console(quiet=True))
@@ -151,6 +155,10 @@ def test_fsdp2_shards_trains_the_same_run_saves_full_loras_and_resumes(env: Path
     second = _torchrun(2, entry, *args, "train.resume=latest")
     assert second.returncode == 0, second.stderr[-3000:]
     _assert_same_run(out, env / "one")
+    # The validation image, sampled by both processes of the sharded model, written once.
+    image = out / "samples" / "step-000006" / "000000.png"
+    reference = np.asarray(Image.open(env / "one" / "samples" / "step-000006" / image.name), dtype=np.int16)
+    assert np.abs(np.asarray(Image.open(image), dtype=np.int16) - reference).max() <= 1
 
     # A sharded checkpoint's optimizer state cannot be read by a DDP run: refused, not guessed.
     ddp = flowtune("train", recipe, f"train.output_dir={out}", f"train.resume={checkpoint}")
