@@ -224,3 +224,10 @@ def test_ddp_recipe_under_an_fsdp_launch_config_is_refused(
     trainer = Trainer(load_recipe(env / "recipe.yaml", [f"train.output_dir={env / 'never'}"]))
     with pytest.raises(FlowtuneError, match="enables FSDP but the recipe has train.distributed=ddp"):
         trainer._fsdp_plugin()
+
+
+def test_the_slurm_script_parses_and_launches_flowtune_train_with_torchrun() -> None:
+    script = REPO / "scripts" / "slurm-train.sbatch"
+    assert subprocess.run(["bash", "-n", str(script)], capture_output=True).returncode == 0
+    text = script.read_text()
+    assert "torchrun" in text and "-m flowtune train" in text and "--rdzv_backend c10d" in text

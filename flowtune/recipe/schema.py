@@ -337,9 +337,12 @@ class Train:
     earlier results."""
 
     distributed: Literal["ddp", "fsdp"] = "ddp"
-    """Multi-GPU strategy when launched on several processes: `ddp` replicates the model on every
-    GPU; `fsdp` shards weights, gradients and optimizer state (for full fine-tuning of large
-    models). Ignored on one device."""
+    """Multi-GPU strategy when launched on several processes (docs/distributed.md): `ddp`
+    replicates the model on every GPU (the choice for LoRA when the model fits one GPU); `fsdp`
+    shards the frozen base, the trainable weights, gradients and optimizer state per transformer
+    block with Accelerate's FSDP2 (full fine-tuning, or a model too large for one GPU; its
+    checkpoints also hold the sharded model). A checkpoint resumes only under the same strategy.
+    Ignored on one process; on CPU processes Accelerate runs `ddp`."""
 
 
 @dataclass
