@@ -11,9 +11,11 @@ process group exists, which is what the CLI needs to print only once and to tag 
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
+import threading
 from collections.abc import Sequence
 from typing import Any, TypeVar
 
@@ -103,7 +105,22 @@ def relaunch(command: str, args: list[str], num_processes: int) -> int:
             "--num-processes inside a process that accelerate launch / torchrun started: leave it out "
             "(the launcher already set the number of processes)"
         )
-    return subprocess.run(launch_command(command, args, num_processes), check=False).returncode
+    process = subprocess.Popen(launch_command(command, args, num_processes))
+    # A scheduler's SIGTERM to this process goes on to the launcher, which passes it to every
+    # process (they checkpoint and exit).  Ctrl-C reaches them from the terminal by itself.
+    forward = threading.current_thread() is threading.main_thread()
+    previous = (
+        signal.signal(signal.SIGTERM, lambda *_: process.send_signal(signal.SIGTERM)) if forward else None
+    )
+    try:
+        while True:
+            try:
+                return process.wait()
+            except KeyboardInterrupt:
+                continue  # wait for them to save their checkpoint
+    finally:
+        if forward:
+            signal.signal(signal.SIGTERM, previous)
 
 
 def has_accelerator() -> bool:
@@ -181,6 +198,7 @@ def accelerate_launch(argv: list[str]) -> int:
     printed instead.
     """
     from accelerate.commands.launch import launch_command, launch_command_parser
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
     args = launch_command_parser().parse_args(argv)
@@ -191,6 +209,8 @@ def accelerate_launch(argv: list[str]) -> int:
         return 1
     except subprocess.CalledProcessError as exc:  # one process (accelerate's simple launcher)
         return int(exc.returncode) or 1
+    except SignalException as exc:  # SIGINT/SIGTERM: passed to the processes, which saved and exited
+        return 128 + int(exc.sigval)
     return 0
 
 

@@ -11,8 +11,10 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -100,6 +102,10 @@ def test_two_and_four_processes_train_the_same_run_as_one(env: Path) -> None:
     )
     assert two.returncode == 0, two.stderr
     _assert_same_run(env / "two", env / "one")
+    # DDP's optimizer holds exactly the LoRA weights (A and B of every adapted layer).
+    optimizer = torch.load(env / "two" / "checkpoints" / "step-000006" / "optimizer.bin")
+    lora = load_file(env / "two" / "final" / LORA_WEIGHTS_NAME)
+    assert sum(len(group["params"]) for group in optimizer["param_groups"]) == len(lora)
     # Only the main process prints: one banner, one summary, one result line.
     assert two.stdout.count("flowtune train") == 1 and two.stdout.count("training done") == 1
     assert two.stdout.count("4 samples per step = 2 x 2 processes x 1 accumulation") == 1
@@ -146,6 +152,12 @@ def test_fsdp2_shards_trains_the_same_run_saves_full_loras_and_resumes(env: Path
     # process wrote (the same tensors as an unsharded run's step 3 would hold).
     assert (checkpoint / "optimizer_0").is_dir() and (checkpoint / "pytorch_model_fsdp_0").is_dir()
     assert json.loads((checkpoint / "trainer_state.json").read_text())["sharded"] is True
+    # The sharded optimizer state holds the LoRA weights' moments and nothing of the frozen base.
+    from torch.distributed.checkpoint import FileSystemReader
+
+    keys = FileSystemReader(str(checkpoint / "optimizer_0")).read_metadata().state_dict_metadata
+    moments = [k for k in keys if k.endswith((".exp_avg", ".exp_avg_sq"))]
+    assert moments and all(".lora_A." in k or ".lora_B." in k for k in moments)
     lora = load_file(checkpoint / LORA_WEIGHTS_NAME)
     reference = load_file(env / "one" / "checkpoints" / "step-000003" / LORA_WEIGHTS_NAME)
     assert lora.keys() == reference.keys()
@@ -231,3 +243,36 @@ def test_the_slurm_script_parses_and_launches_flowtune_train_with_torchrun() -> 
     assert subprocess.run(["bash", "-n", str(script)], capture_output=True).returncode == 0
     text = script.read_text()
     assert "torchrun" in text and "-m flowtune train" in text and "--rdzv_backend c10d" in text
+
+
+def test_sigterm_to_a_num_processes_run_checkpoints_every_process_and_exits_143(env: Path) -> None:
+    out = env / "stopped"
+    environ = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    args = [
+        f"train.output_dir={out}",
+        "train.batch_size=2",
+        "train.max_steps=1000000",
+        "train.checkpoint_every=1000000",
+    ]
+    process = subprocess.Popen(
+        [sys.executable, "-m", "flowtune", "train", str(env / "recipe.yaml"), *args, "--num-processes", "2"],
+        cwd=REPO,
+        env=environ,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while not (out / "metrics.jsonl").is_file() or (out / "metrics.jsonl").stat().st_size == 0:
+            assert process.poll() is None and time.monotonic() < deadline, "the run did not start"
+            time.sleep(0.5)
+        process.send_signal(signal.SIGTERM)  # as a scheduler does: to the command the user ran
+        _, stderr = process.communicate(timeout=120)
+    finally:
+        process.kill()
+    assert process.returncode == 143, stderr[-2000:]
+    (checkpoint,) = (out / "checkpoints").iterdir()
+    assert f"checkpoint saved to {checkpoint}" in stderr
+    assert json.loads((checkpoint / "trainer_state.json").read_text())["num_processes"] == 2
+    assert {"random_states_0.pkl", "random_states_1.pkl"} <= {p.name for p in checkpoint.iterdir()}

@@ -179,7 +179,7 @@ def test_trackers_receive_val_loss_and_the_images_under_bf16_autocast(env, tmp_p
 
 
 def test_validation_images_out_of_memory_are_skipped_with_a_warning(env, tmp_path, monkeypatch) -> None:
-    def out_of_memory(self, model, step, device):
+    def out_of_memory(self, model, step, device, write=True):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
 
     monkeypatch.setattr(Validator, "images", out_of_memory)
