@@ -276,3 +276,31 @@ def test_sigterm_to_a_num_processes_run_checkpoints_every_process_and_exits_143(
     assert f"checkpoint saved to {checkpoint}" in stderr
     assert json.loads((checkpoint / "trainer_state.json").read_text())["num_processes"] == 2
     assert {"random_states_0.pkl", "random_states_1.pkl"} <= {p.name for p in checkpoint.iterdir()}
+
+
+def test_fsdp2_with_a_bf16_base_and_bf16_autocast_follows_the_single_process_run(
+    env: Path, tmp_path: Path
+) -> None:
+    # The real-GPU configuration: frozen base in bfloat16, LoRA in float32 in the same FSDP units,
+    # Accelerate's bf16 mixed-precision policy.  Equal up to bf16 rounding.
+    bf16 = ["model.dtype=bfloat16", "train.mixed_precision=bf16", f"data.cache_dir={tmp_path / 'cache'}"]
+    recipe = load_recipe(
+        env / "recipe.yaml", [*bf16, f"train.output_dir={tmp_path / 'one'}", "validation.prompts=[]"]
+    )
+    preprocess(recipe, console=Console(quiet=True))
+    Trainer(recipe, console=Console(quiet=True)).run()
+    args = [
+        "train",
+        str(env / "recipe.yaml"),
+        *bf16,
+        f"train.output_dir={tmp_path / 'fsdp'}",
+        "validation.prompts=[]",
+    ]
+    result = _torchrun(
+        2, str(REPO / "tests" / "fsdp_on_cpu.py"), *args, "train.batch_size=2", "train.distributed=fsdp"
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    got, want = _losses(tmp_path / "fsdp"), _losses(tmp_path / "one")
+    assert [v for _, v in got] == pytest.approx([v for _, v in want], rel=1e-3)
+    lora = load_file(tmp_path / "fsdp" / "final" / LORA_WEIGHTS_NAME)
+    assert all(t.dtype == torch.float32 for t in lora.values())  # trained and saved in float32
