@@ -10,13 +10,14 @@ process group exists, which is what the CLI needs to print only once and to tag 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
 import subprocess
 import sys
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any, TypeVar
 
 from flowtune.errors import FlowtuneError
@@ -165,6 +166,15 @@ class Processes:
     def share(self, work: Sequence[T]) -> list[T]:
         """This process's part of ``work``: every ``count``-th element from ``index`` on."""
         return list(work[self.index :: self.count])
+
+    @contextlib.contextmanager
+    def main_first(self) -> Iterator[None]:
+        """Run the block on the main process first, then on the others (e.g. a download)."""
+        if self._state is None:
+            yield
+        else:
+            with self._state.main_process_first():
+                yield
 
     def wait(self) -> None:
         """Barrier: return once every process got here."""

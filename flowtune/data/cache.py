@@ -604,12 +604,7 @@ def preprocess(
         references=spec.uses_edit_pairs(data.edit_pairs),
         control_column=data.control_column,
     )
-    if group.is_main:  # a download happens once, the other processes then find the files
-        model_dir = resolve_pretrained(
-            recipe.model.pretrained, recipe.model.revision, _encoder_components(spec)
-        )
-    group.wait()
-    if not group.is_main:
+    with group.main_first():  # a download happens once; the other processes then find the files
         model_dir = resolve_pretrained(
             recipe.model.pretrained, recipe.model.revision, _encoder_components(spec)
         )
