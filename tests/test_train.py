@@ -155,6 +155,31 @@ def test_resuming_from_an_older_checkpoint_rewrites_the_later_steps(env, tmp_pat
     assert [c.step for c in list_checkpoints(out)] == [2, 4, 6]
 
 
+def test_a_resumed_run_follows_the_recipe_s_new_max_steps_and_lr(env, tmp_path) -> None:
+    # Extending a run: the schedule is rebuilt for the new max_steps and continues at the restored
+    # step (not at the old schedule's last value: 0 at the end of a 3-step cosine).
+    cosine = ("lr_scheduler.name=cosine", "lr_scheduler.warmup_steps=1")
+    _train(env, tmp_path / "long", *cosine, "train.max_steps=6")
+    _train(env, tmp_path / "short", *cosine, "train.max_steps=3")
+    assert _losses(tmp_path / "short")[-1][3] > 0
+    _train(env, tmp_path / "short", *cosine, "train.max_steps=6", "train.resume=latest")
+    lrs = {step: lr for step, _, _, lr in _losses(tmp_path / "short")}
+    want = {step: lr for step, _, _, lr in _losses(tmp_path / "long")}
+    assert [lrs[s] for s in (4, 5, 6)] == pytest.approx([want[s] for s in (4, 5, 6)], rel=1e-12)
+    # A new peak learning rate applies from the resumed step on (the warning says it changed).
+    _train(
+        env,
+        tmp_path / "long",
+        *cosine,
+        "train.max_steps=6",
+        "optimizer.lr=2e-3",
+        f"train.resume={tmp_path / 'long' / 'checkpoints' / 'step-000004'}",
+    )
+    assert [lr for step, _, _, lr in _losses(tmp_path / "long") if step > 4] == pytest.approx(
+        [2 * want[5], 2 * want[6]], rel=1e-12
+    )
+
+
 def test_checkpoints_hold_the_lora_recipe_and_training_state(env, tmp_path) -> None:
     out = tmp_path / "run"
     _train(env, out, "train.max_steps=5", "train.keep_last=2")

@@ -63,3 +63,28 @@ def build_scheduler(
         num_warmup_steps=int(cfg.warmup_steps),
         num_training_steps=int(max_steps),
     )
+
+
+def realign_schedule(scheduler: Any, lr: float) -> None:
+    """After a resume, make the restored schedule follow the recipe: peak ``lr`` and the schedule
+    shape built for this run's ``train.max_steps``, at the restored step.
+
+    A checkpoint's schedule state holds the learning rates of the run that wrote it; if the
+    recipe's ``optimizer.lr`` or ``train.max_steps`` changed since (both allowed on resume), the
+    next step would otherwise still use the old values (e.g. 0, the end of a shorter cosine).  With
+    nothing changed this computes exactly the restored values.
+
+    Args:
+        scheduler: The LambdaLR of :func:`build_scheduler` (or Accelerate's wrapper of it), with
+            its state loaded.
+        lr: ``optimizer.lr`` of the recipe.
+    """
+    inner = getattr(scheduler, "scheduler", scheduler)
+    if not isinstance(inner, torch.optim.lr_scheduler.LambdaLR):
+        return
+    inner.base_lrs = [float(lr)] * len(inner.base_lrs)
+    values = [base * fn(inner.last_epoch) for base, fn in zip(inner.base_lrs, inner.lr_lambdas, strict=True)]
+    for group, value in zip(inner.optimizer.param_groups, values, strict=True):
+        group["lr"] = value
+        group["initial_lr"] = float(lr)
+    inner._last_lr = values  # what get_last_lr() reports (torch keeps no public setter)

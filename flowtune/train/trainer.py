@@ -69,7 +69,7 @@ from flowtune.train.model import (
     save_lora,
 )
 from flowtune.train.noise import sample_generators
-from flowtune.train.optim import build_optimizer, build_scheduler
+from flowtune.train.optim import build_optimizer, build_scheduler, realign_schedule
 from flowtune.train.signals import StopRequest, TrainingInterrupted
 from flowtune.train.validation import SAMPLES_DIR, Validator
 
@@ -379,6 +379,7 @@ class Trainer:
         of processes: the position counts global batches."""
         state = checkpoint.state()
         self.accelerator.load_state(str(checkpoint.path))
+        realign_schedule(self.scheduler, self.recipe.optimizer.lr)
         self.step = int(state["step"])
         self.batches_consumed = int(state["batches_consumed"])
         self._elapsed_before = float(state.get("elapsed_seconds", 0.0))
