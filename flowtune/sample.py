@@ -127,9 +127,20 @@ def plan_jobs(
 
 
 def pair_references(
-    spec: FamilySpec, prompts: Sequence[str], images: Sequence[str | Path]
+    spec: FamilySpec,
+    prompts: Sequence[str],
+    images: Sequence[str | Path],
+    size: tuple[int, int] | None = None,
+    control_resize: str = "pipeline",
 ) -> list[tuple[str, ...]] | None:
     """Which reference image goes with which prompt: one image for every prompt, or one per prompt.
+
+    Args:
+        size: (width, height) of the images to sample: with ``control_resize`` ``match_target``
+            the references are handed to the pipeline at that size, otherwise at their own, and
+            each is checked against the family's pipeline (:meth:`FamilyEncoder.reference_problem`)
+            before any model is loaded.  None = not checked.
+        control_resize: ``data.control_resize`` of the LoRA.
 
     Returns:
         Per prompt, its reference files; None for families without reference images, and for
@@ -137,7 +148,8 @@ def pair_references(
 
     Raises:
         FlowtuneError: images for a family that takes none, none for one that needs them, a
-            count that is neither 1 nor the number of prompts, or a missing file.
+            count that is neither 1 nor the number of prompts, a missing or unreadable file, or
+            one the family's pipeline would refuse.
     """
     if not spec.reference_images:
         if images:
@@ -150,6 +162,8 @@ def pair_references(
     for image in images:
         if not Path(image).is_file():
             raise FlowtuneError(f"no image file at {image}")
+        if size is not None:
+            _check_reference(spec, image, size, control_resize)
     if len(images) == 1:
         return [(str(images[0]),)] * len(prompts)
     if len(images) != len(prompts):
@@ -157,6 +171,23 @@ def pair_references(
             f"{len(images)} images for {len(prompts)} prompts: give one --image for all prompts, or one per prompt"
         )
     return [(str(image),) for image in images]
+
+
+def _check_reference(spec: FamilySpec, image: str | Path, size: tuple[int, int], control_resize: str) -> None:
+    """Raise a :class:`FlowtuneError` naming ``image`` if the family's pipeline would refuse it."""
+    from flowtune.data.images import ImageError, probe_image
+
+    if control_resize == "match_target":
+        width, height = size
+    else:
+        try:
+            info = probe_image(Path(image).read_bytes())
+            width, height = info.width, info.height
+        except (OSError, ImageError) as exc:
+            raise FlowtuneError(f"cannot read the image {image}: {exc}") from None
+    problem = spec.load_encoder_class().reference_problem(width, height)
+    if problem is not None:
+        raise FlowtuneError(f"the reference image {image} ({width}x{height}) cannot be used: {problem}")
 
 
 def load_references(files: Sequence[str]) -> list[Image.Image]:
@@ -562,7 +593,9 @@ def sample(
     if not prompts:
         raise FlowtuneError("no prompts: give --prompt TEXT (repeatable) or --prompts-file FILE")
     settings.check(spec)
-    references = pair_references(spec, prompts, images)
+    references = pair_references(
+        spec, prompts, images, (settings.width, settings.height), source.control_resize
+    )
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     name = dtype or source.dtype or ("bfloat16" if device.startswith("cuda") else "float32")
     torch_dtype = getattr(torch, name)

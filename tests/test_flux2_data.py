@@ -317,3 +317,43 @@ def test_edit_pairs_setting_must_fit_the_family(tmp_path, tiny_flux2) -> None:
         assert (
             _recipe(tmp_path / family, tiny_flux2, source, no_prompts, family=family).data.edit_pairs is None
         )
+
+
+def test_controls_flux2_pipeline_would_refuse_as_references_are_warned_about(tmp_path, tiny_flux2) -> None:
+    # 48 x 48 is under Flux2Pipeline's 64 px minimum, 600 x 64 over its 8:1 aspect ratio; 80 x 64 is fine.
+    make_edit_pairs_dataset(
+        tmp_path / "data", 3, seed=2, sizes=[(64, 64)], control_sizes=[(48, 48), (600, 64), (80, 64)]
+    )
+    recipe = _recipe(tmp_path, tiny_flux2, tmp_path / "data", "data.edit_pairs=true")
+    report = _run(recipe)
+    assert report.items == 3  # they train
+    warned = {Path(p.path).name: p.reason for p in report.problems if "as a reference" in p.reason}
+    assert sorted(warned) == ["0000.png", "0001.png"]
+    assert "at least 64px" in warned["0000.png"] and "(48x48)" in warned["0000.png"]
+    assert "Aspect ratio too extreme" in warned["0001.png"]
+    # Resized to the 64 x 64 target (match_target), the same controls are taken as they are.
+    again = _run(
+        _recipe(
+            tmp_path / "mt",
+            tiny_flux2,
+            tmp_path / "data",
+            "data.edit_pairs=true",
+            "data.control_resize=match_target",
+        )
+    )
+    assert not [p for p in again.problems if "as a reference" in p.reason]
+
+
+def test_a_reference_flux2_pipeline_would_refuse_is_a_one_line_error_before_loading(
+    tmp_path, tiny_flux2
+) -> None:
+    small = save_image(tmp_path / "small.png", (32, 32))
+    result = flowtune("sample", "--model", str(tiny_flux2), "-p", "x", "--image", str(small), "--steps", "1")
+    assert_user_error(result, f"the reference image {small} (32x32) cannot be used", "at least 64px")
+    # Handed over at the output size (match_target), the same file is fine.
+    from flowtune.sample import pair_references
+
+    flux2 = get_family("flux2")
+    assert pair_references(flux2, ["x"], [small], (64, 64), "match_target") == [(str(small),)]
+    with pytest.raises(FlowtuneError, match="cannot be used"):
+        pair_references(flux2, ["x"], [small], (64, 64), "pipeline")

@@ -400,6 +400,24 @@ def _truncation_warnings(encoder: FamilyEncoder, items: Sequence[PlannedItem]) -
     ]
 
 
+def _reference_warnings(encoder: FamilyEncoder, items: Sequence[PlannedItem]) -> list[Problem]:
+    """A warning per control image that trains but that the family's pipeline would refuse as a
+    reference at sampling time (:meth:`FamilyEncoder.reference_problem`; e.g. FLUX.2's 64 px
+    minimum), at the size it is handed there: its own, or the target's with ``match_target``."""
+    found: dict[tuple[str, str], None] = {}
+    for item in items:
+        for control in item.controls:
+            width, height = control.size if control.mode == "match_target" else control.original_size
+            problem = encoder.reference_problem(width, height)
+            if problem is not None:
+                reason = (
+                    f"{problem}: it trains, but the family's pipeline cannot take it as a reference "
+                    f"when sampling ({width}x{height})"
+                )
+                found.setdefault((item.record.path, _control_problem(control.source, reason)))
+    return [Problem(path, reason, "warning") for path, reason in found]
+
+
 def _batched(seq: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
     for start in range(0, len(seq), size):
         yield seq[start : start + size]
@@ -620,6 +638,7 @@ def preprocess(
         )
         problems = [Problem(p.path, p.reason) for p in listing.problems] + problems
         problems += _truncation_warnings(encoder, items)
+        problems += _reference_warnings(encoder, items)
         prompts = list(dict.fromkeys(["", *recipe.validation.prompts]))
         prompt_keys = {prompt: _hash("text", identity["text"], prompt) for prompt in prompts}
 

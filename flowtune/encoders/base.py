@@ -185,6 +185,12 @@ class FamilyEncoder(ABC):
         raise ValueError(f"{cls.__name__} takes no reference images")
 
     @classmethod
+    def reference_problem(cls, width: int, height: int) -> str | None:
+        """Why the family's pipeline would refuse a reference image of ``width`` x ``height``
+        pixels (the size it is handed), or None.  Default: any size is taken."""
+        return None
+
+    @classmethod
     def pipeline_components(cls, model_dir: Path, without: Iterable[str]) -> dict[str, Any]:
         """Components to load in place of the pipeline's own loading, for components the family
         loads its own way (set on the pipeline after ``from_pretrained``, which skips them);

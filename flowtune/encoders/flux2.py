@@ -141,6 +141,19 @@ class Flux2Encoder(FamilyEncoder):
         return processor._resize_and_crop(image, *size)
 
     @classmethod
+    def reference_problem(cls, width: int, height: int) -> str | None:
+        """Flux2Pipeline's own check of its input images (at least 64 px a side, an aspect ratio
+        of at most 8:1), run on a blank 1-bit image of that size."""
+        from diffusers.pipelines.flux2.image_processor import Flux2ImageProcessor
+        from PIL import Image as PILImage
+
+        try:
+            Flux2ImageProcessor.check_image_input(PILImage.new("1", (width, height)))
+        except ValueError as exc:
+            return f"Flux2Pipeline refuses it ({exc})"
+        return None
+
+    @classmethod
     def reference_inputs(
         cls, pipe: Any, images: list[Image.Image], height: int, width: int, control_resize: str = "pipeline"
     ) -> dict[str, Any]:

@@ -118,7 +118,13 @@ class Validator:
             self.encoder_class.prompt_inputs(self.heldout.prompt_embeddings(p)) for p in self.prompts
         ]
         # Image-editing families: each prompt's reference image (checked now, read when sampling).
-        self.references = pair_references(spec, self.prompts, list(v.images)) if self.prompts else None
+        self.references = (
+            pair_references(
+                spec, self.prompts, list(v.images), (v.width, v.height), recipe.data.control_resize
+            )
+            if self.prompts
+            else None
+        )
         self._pipe: Any = None
 
     @property
