@@ -6,7 +6,9 @@ import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 # T5 tokens per caption in the learning tests (train_learning_run and their sampling).
@@ -141,3 +143,19 @@ def train_learning_run(
     losses = [r["loss"] for r in read_metrics(root / "run" / "metrics.jsonl") if "loss" in r]
     assert losses[-1] < 0.85 * losses[0]
     return result, CachedDataset(root / "cache")
+
+
+def nearest_targets(
+    pipeline_class: type, model: Path, lora_dir: Path, targets: Any, sample: Callable
+) -> list[int]:
+    """The learning tests' check: load ``pipeline_class`` from ``model`` with the trained LoRA,
+    draw one sample per target with ``sample(pipe, i)`` (a flat [1, D] latent, from the same
+    starting noise for every i) and return, per sample, the index of the nearest of ``targets``
+    ([N, D], mean squared distance).  A LoRA that learned the data gives ``[0, 1, ..., N-1]``.
+    """
+    import torch
+
+    pipe = pipeline_class.from_pretrained(model, dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.load_lora_weights(lora_dir)
+    return [int(((sample(pipe, i) - targets) ** 2).mean(dim=1).argmin()) for i in range(len(targets))]

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from flowtune.data.synthetic import make_shapes_dataset
-from tests.helpers import train_learning_run, wide_tiny_model
+from tests.helpers import nearest_targets, train_learning_run, wide_tiny_model
 
 TEXT_TOKENS = 48  # the tiny Mistral's system message takes ~30 tokens before the caption
 # FLUX.2's blocks share their modulation (shift, scale, gate), computed once from the timestep and
@@ -47,13 +47,9 @@ def test_flux2_lora_training_makes_each_caption_sample_its_own_image(tmp_path: P
     captions = [data[i]["caption"] for i in range(len(data))]
     assert len(set(captions)) == 4
 
-    pipe = Flux2Pipeline.from_pretrained(model, dtype=torch.float32)
-    pipe.set_progress_bar_config(disable=True)
-    pipe.load_lora_weights(result.final_dir)
-    nearest = []
-    for caption in captions:
+    def sample(pipe: Flux2Pipeline, i: int) -> torch.Tensor:
         tokens = pipe(
-            prompt=caption,
+            prompt=captions[i],
             height=64,
             width=64,
             num_inference_steps=20,
@@ -61,6 +57,7 @@ def test_flux2_lora_training_makes_each_caption_sample_its_own_image(tmp_path: P
             generator=torch.Generator().manual_seed(0),  # the same starting noise for every caption
             output_type="latent",
         ).images  # [1, 16, 128]: the packed 4 x 4 grid of patchified, normalized latents
-        sample = tokens.permute(0, 2, 1).reshape(1, 128, 4, 4).flatten(1)
-        nearest.append(int(((sample - targets) ** 2).mean(dim=1).argmin()))
+        return tokens.permute(0, 2, 1).reshape(1, 128, 4, 4).flatten(1)
+
+    nearest = nearest_targets(Flux2Pipeline, model, result.final_dir, targets, sample)
     assert nearest == [0, 1, 2, 3], f"captions {captions} sampled nearest to images {nearest}"

@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from flowtune.data.synthetic import make_edit_pairs_dataset
-from tests.helpers import LEARNING_SEQUENCE_LENGTH, train_learning_run, wide_tiny_model
+from tests.helpers import LEARNING_SEQUENCE_LENGTH, nearest_targets, train_learning_run, wide_tiny_model
 
 
 @pytest.mark.slow
@@ -28,14 +28,10 @@ def test_kontext_lora_training_makes_each_edit_land_on_its_own_target(tmp_path: 
     targets = torch.stack([data[i]["image_latents"] for i in range(len(data))]).flatten(1)
     instructions = [data[i]["caption"] for i in range(len(data))]
 
-    pipe = FluxKontextPipeline.from_pretrained(model, dtype=torch.float32)
-    pipe.set_progress_bar_config(disable=True)
-    pipe.load_lora_weights(result.final_dir)
-    nearest = []
-    for stem, instruction in zip(stems, instructions, strict=True):
-        source = Image.open(tmp_path / "edits" / "control" / f"{stem}.png").convert("RGB")
+    def sample(pipe: FluxKontextPipeline, i: int) -> torch.Tensor:
+        source = Image.open(tmp_path / "edits" / "control" / f"{stems[i]}.png").convert("RGB")
         packed = pipe(
-            prompt=instruction,
+            prompt=instructions[i],
             image=pipe.image_processor.resize(source, 64, 64),  # as data.control_resize: match_target
             _auto_resize=False,
             height=64,
@@ -46,6 +42,7 @@ def test_kontext_lora_training_makes_each_edit_land_on_its_own_target(tmp_path: 
             generator=torch.Generator().manual_seed(0),  # the same starting noise for every pair
             output_type="latent",
         ).images
-        sample = FluxKontextPipeline._unpack_latents(packed, 64, 64, pipe.vae_scale_factor).flatten(1)
-        nearest.append(int(((sample - targets) ** 2).mean(dim=1).argmin()))
+        return FluxKontextPipeline._unpack_latents(packed, 64, 64, pipe.vae_scale_factor).flatten(1)
+
+    nearest = nearest_targets(FluxKontextPipeline, model, result.final_dir, targets, sample)
     assert nearest == [0, 1, 2, 3], f"edits {instructions} sampled nearest to targets {nearest}"

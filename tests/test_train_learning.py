@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from flowtune.data.synthetic import make_shapes_dataset
-from tests.helpers import LEARNING_SEQUENCE_LENGTH, train_learning_run, wide_tiny_model
+from tests.helpers import LEARNING_SEQUENCE_LENGTH, nearest_targets, train_learning_run, wide_tiny_model
 
 
 @pytest.mark.slow
@@ -24,13 +24,9 @@ def test_lora_training_makes_each_caption_sample_its_own_image(tmp_path: Path, d
     captions = [data[i]["caption"] for i in range(len(data))]
     assert len(set(captions)) == 4
 
-    pipe = FluxPipeline.from_pretrained(model, dtype=torch.float32)
-    pipe.set_progress_bar_config(disable=True)
-    pipe.load_lora_weights(result.final_dir)
-    nearest = []
-    for caption in captions:
+    def sample(pipe: FluxPipeline, i: int) -> torch.Tensor:
         packed = pipe(
-            caption,
+            captions[i],
             height=64,
             width=64,
             num_inference_steps=20,
@@ -38,6 +34,7 @@ def test_lora_training_makes_each_caption_sample_its_own_image(tmp_path: Path, d
             generator=torch.Generator().manual_seed(0),  # the same starting noise for every caption
             output_type="latent",
         ).images
-        sample = FluxPipeline._unpack_latents(packed, 64, 64, pipe.vae_scale_factor).flatten(1)
-        nearest.append(int(((sample - targets) ** 2).mean(dim=1).argmin()))
+        return FluxPipeline._unpack_latents(packed, 64, 64, pipe.vae_scale_factor).flatten(1)
+
+    nearest = nearest_targets(FluxPipeline, model, result.final_dir, targets, sample)
     assert nearest == [0, 1, 2, 3], f"captions {captions} sampled nearest to images {nearest}"
