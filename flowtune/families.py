@@ -163,6 +163,7 @@ FAMILIES: dict[str, FamilySpec] = {
         spatial_granularity=16,
         tiny_builder="flowtune.tiny:build_tiny_flux2",
         encoder="flowtune.encoders.flux2:Flux2Encoder",
+        lora_original_names="flowtune.interop.flux2:FLUX2_NAMING",
         reference_images=True,
         references_optional=True,
     ),

@@ -5,6 +5,7 @@
   ``kohya`` / ``comfyui`` layouts (fused modules, ``alpha`` tensors), family-independent.
 - :mod:`flowtune.interop.naming`: how a family describes its original module names.
 - :mod:`flowtune.interop.flux`: FLUX.1's diffusers -> BFL names (``FamilySpec.lora_original_names``).
+- :mod:`flowtune.interop.flux2`: FLUX.2's diffusers -> BFL names.
 
 Nothing here imports torch or diffusers at import time; the functions do.
 """

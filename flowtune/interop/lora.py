@@ -8,7 +8,9 @@ as an ``alpha`` tensor per module (delta W = alpha / rank * up @ down):
 - ``kohya``: ``lora_unet_<original name, dots as underscores>.lora_down.weight`` [R, in],
   ``.lora_up.weight`` [out, R], ``.alpha`` (float32 scalar), plus kohya sd-scripts' ``ss_*``
   metadata.  The layout kohya sd-scripts writes.
-- ``comfyui``: the same tensors keyed ``diffusion_model.<original name>.lora_down.weight`` etc.
+- ``comfyui``: the same tensors keyed ``diffusion_model.<original name>.lora_down.weight`` etc.;
+  for a family whose naming sets ``comfyui_peft_names`` (FLUX.2), ``.lora_A.weight`` /
+  ``.lora_B.weight`` instead and no ``alpha`` (the scale folded into ``lora_B``).
 
 Modules that diffusers splits and the original fuses (FLUX.1's ``qkv`` and ``linear1``) become one
 exact LoRA: ``lora_down`` stacks the parts' A matrices along the rank ([sum of ranks, in]) and
@@ -172,8 +174,9 @@ def read_lora(path: Path, prefix: str = "transformer") -> LoraWeights:
     )
 
 
-def _fuse(slot: OriginalSlot, present: dict[str, LoraModule]) -> OriginalModule:
-    """The original-layout LoRA of ``slot`` from the LoRAs of its trained parts (see module doc)."""
+def _fuse(slot: OriginalSlot, present: dict[str, LoraModule], fold_scale: bool = False) -> OriginalModule:
+    """The original-layout LoRA of ``slot`` from the LoRAs of its trained parts (see module doc);
+    ``fold_scale`` (or the slot's own) writes the scale into ``up`` and gives alpha = rank."""
     modules = list(present.values())
     in_features = {int(m.down.shape[1]) for m in modules}
     if len(in_features) != 1:
@@ -205,13 +208,15 @@ def _fuse(slot: OriginalSlot, present: dict[str, LoraModule]) -> OriginalModule:
     if slot.swap_halves:
         first, second = up.chunk(2, dim=0)
         up = torch.cat([second, first], dim=0)
-    if slot.fold_scale and scale != 1.0:
+    if (slot.fold_scale or fold_scale) and scale != 1.0:
         up, scale = up * scale, 1.0
     return OriginalModule(name=slot.name, down=down, up=up, alpha=scale * down.shape[0], parts=slot.parts)
 
 
-def to_original(lora: LoraWeights, naming: OriginalNaming) -> list[OriginalModule]:
-    """The LoRA in the original layout, one entry per original module, in the file's order.
+def to_original(lora: LoraWeights, naming: OriginalNaming, fold_scales: bool = False) -> list[OriginalModule]:
+    """The LoRA in the original layout, one entry per original module, in the file's order;
+    ``fold_scales`` writes every module's scale into its ``up`` (alpha = rank, for a file
+    without ``alpha`` tensors).
 
     Raises:
         FlowtuneError: a module with no original counterpart (e.g. a custom ``lora.target_modules``
@@ -233,18 +238,25 @@ def to_original(lora: LoraWeights, naming: OriginalNaming) -> list[OriginalModul
             f"LoRA module {unmapped[0]!r}{more} has no counterpart in the {naming.description} layout "
             "that kohya/ComfyUI files use; export with --format diffusers (ComfyUI and diffusers load it)"
         )
-    return [_fuse(slots[name], members[name]) for name in slots]
+    return [_fuse(slots[name], members[name], fold_scales) for name in slots]
 
 
 def original_state_dict(
-    modules: list[OriginalModule], fmt: str, dtype: torch.dtype
+    modules: list[OriginalModule], fmt: str, dtype: torch.dtype, peft_names: bool = False
 ) -> dict[str, torch.Tensor]:
     """The tensors of a ``kohya`` or ``comfyui`` file: ``lora_down``/``lora_up`` in ``dtype``,
-    ``alpha`` as a float32 scalar."""
+    ``alpha`` as a float32 scalar; with ``peft_names``, ``lora_A``/``lora_B`` and no ``alpha``
+    (the modules' scales must already be folded: alpha = rank)."""
     key_prefix, flatten = _ORIGINAL_KEY_STYLE[fmt]
     state: dict[str, torch.Tensor] = {}
     for module in modules:
         base = key_prefix + (module.name.replace(".", "_") if flatten else module.name)
+        if peft_names:
+            if module.alpha != module.down.shape[0]:
+                raise ValueError(f"{module.name}: a file without alpha needs the scale folded into lora_B")
+            state[f"{base}.lora_A.weight"] = module.down.to(dtype).contiguous()
+            state[f"{base}.lora_B.weight"] = module.up.to(dtype).contiguous()
+            continue
         state[f"{base}.lora_down.weight"] = module.down.to(dtype).contiguous()
         state[f"{base}.lora_up.weight"] = module.up.to(dtype).contiguous()
         state[f"{base}.alpha"] = torch.tensor(module.alpha, dtype=torch.float32)
@@ -255,7 +267,8 @@ def original_metadata(lora: LoraWeights, naming: OriginalNaming) -> dict[str, st
     """Metadata of a ``kohya``/``comfyui`` file: flowtune's ``flowtune.*`` keys and kohya's ``ss_*``.
 
     diffusers' ``lora_adapter_metadata`` is left out on purpose: the scale now lives in the
-    ``alpha`` tensors, and diffusers would apply the peft config's alpha a second time.
+    ``alpha`` tensors (or in ``lora_B``), and diffusers would apply the peft config's alpha a
+    second time.
     """
     metadata = {k: v for k, v in lora.metadata.items() if k.startswith("flowtune.")}
     metadata.update(
@@ -313,7 +326,8 @@ def write_lora(
             "use --format diffusers"
         )
     lora = read_lora(lora_file, prefix)
-    modules = to_original(lora, naming)
-    state = original_state_dict(modules, fmt, dtype or stored_dtype(lora))
+    peft_names = fmt == "comfyui" and naming.comfyui_peft_names
+    modules = to_original(lora, naming, fold_scales=peft_names)
+    state = original_state_dict(modules, fmt, dtype or stored_dtype(lora), peft_names)
     save_file(state, str(out), metadata=original_metadata(lora, naming))
     return len(lora.modules), len(modules)

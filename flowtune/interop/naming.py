@@ -58,9 +58,15 @@ class OriginalNaming:
             e.g. ``"transformer_blocks.0.attn.to_q"``.
         kohya_network_module: kohya sd-scripts' ``ss_network_module`` for this family's LoRAs.
         kohya_base_model_version: kohya sd-scripts' ``ss_base_model_version``.
+        comfyui_peft_names: ``comfyui`` files name the matrices as peft does (``lora_A.weight``
+            [R, in], ``lora_B.weight`` [out, R]) and carry no ``alpha`` tensors: each module's
+            scale is folded into ``lora_B``.  ComfyUI reads both namings; set this where the
+            family's other loaders read only this one under ``diffusion_model.`` names (FLUX.2:
+            ai-toolkit's layout, the only one diffusers' FLUX.2 loader converts with those names).
     """
 
     description: str
     slot: Callable[[str], OriginalSlot | None]
     kohya_network_module: str
     kohya_base_model_version: str
+    comfyui_peft_names: bool = False
