@@ -34,9 +34,7 @@ final layer's ``adaLN_modulation`` differs: BFL ``[shift; scale]``, diffusers ``
 
 from __future__ import annotations
 
-import re
-
-from flowtune.interop.naming import OriginalNaming, OriginalSlot
+from flowtune.interop.naming import BlockTable, OriginalNaming, OriginalSlot, block_slot
 
 _QKV = ("attn.to_q", "attn.to_k", "attn.to_v")
 _ADDED_QKV = ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj")
@@ -45,7 +43,7 @@ _LINEAR1 = ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp")
 _LINEAR1_SIZES = (1, 1, 1, 4)
 
 # Per block: diffusers suffix -> (BFL suffix, the fused parts in row order, their relative sizes).
-_DOUBLE: dict[str, tuple[str, tuple[str, ...], tuple[int, ...]]] = {
+_DOUBLE: BlockTable = {
     **{part: ("img_attn.qkv", _QKV, (1, 1, 1)) for part in _QKV},
     **{part: ("txt_attn.qkv", _ADDED_QKV, (1, 1, 1)) for part in _ADDED_QKV},
     "attn.to_out.0": ("img_attn.proj", ("attn.to_out.0",), (1,)),
@@ -57,7 +55,7 @@ _DOUBLE: dict[str, tuple[str, tuple[str, ...], tuple[int, ...]]] = {
     "norm1.linear": ("img_mod.lin", ("norm1.linear",), (1,)),
     "norm1_context.linear": ("txt_mod.lin", ("norm1_context.linear",), (1,)),
 }
-_SINGLE: dict[str, tuple[str, tuple[str, ...], tuple[int, ...]]] = {
+_SINGLE: BlockTable = {
     **{part: ("linear1", _LINEAR1, _LINEAR1_SIZES) for part in _LINEAR1},
     "proj_out": ("linear2", ("proj_out",), (1,)),
     "norm.linear": ("modulation.lin", ("norm.linear",), (1,)),
@@ -72,7 +70,6 @@ _TOP_LEVEL: dict[str, str] = {
     "time_text_embed.text_embedder.linear_1": "vector_in.in_layer",
     "time_text_embed.text_embedder.linear_2": "vector_in.out_layer",
 }
-_BLOCK = re.compile(r"^(transformer_blocks|single_transformer_blocks)\.(\d+)\.(.+)$")
 
 
 def flux1_slot(module: str) -> OriginalSlot | None:
@@ -84,21 +81,9 @@ def flux1_slot(module: str) -> OriginalSlot | None:
     Returns:
         Its :class:`OriginalSlot`, or None when FLUX.1's original layout has no such module.
     """
-    match = _BLOCK.match(module)
-    if match:
-        kind, index, suffix = match.groups()
-        table, original = (
-            (_DOUBLE, "double_blocks") if kind == "transformer_blocks" else (_SINGLE, "single_blocks")
-        )
-        if suffix not in table:
-            return None
-        name, parts, sizes = table[suffix]
-        prefix = f"{kind}.{index}."
-        return OriginalSlot(
-            name=f"{original}.{index}.{name}", parts=tuple(prefix + p for p in parts), part_sizes=sizes
-        )
-    if module in _TOP_LEVEL:
-        return OriginalSlot(name=_TOP_LEVEL[module], parts=(module,))
+    slot = block_slot(module, _DOUBLE, _SINGLE, _TOP_LEVEL)
+    if slot is not None:
+        return slot
     # diffusers' converter reads no alpha for the final layer: the scale goes into lora_up.
     if module == "proj_out":
         return OriginalSlot(name="final_layer.linear", parts=(module,), fold_scale=True)

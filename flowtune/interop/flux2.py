@@ -43,15 +43,13 @@ converter, which knows only ``lora_unet_`` names).
 
 from __future__ import annotations
 
-import re
-
-from flowtune.interop.naming import OriginalNaming, OriginalSlot
+from flowtune.interop.naming import BlockTable, OriginalNaming, OriginalSlot, block_slot
 
 _QKV = ("attn.to_q", "attn.to_k", "attn.to_v")
 _ADDED_QKV = ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj")
 
 # Per block: diffusers suffix -> (BFL suffix, the fused parts in row order, their relative sizes).
-_DOUBLE: dict[str, tuple[str, tuple[str, ...], tuple[int, ...]]] = {
+_DOUBLE: BlockTable = {
     **{part: ("img_attn.qkv", _QKV, (1, 1, 1)) for part in _QKV},
     **{part: ("txt_attn.qkv", _ADDED_QKV, (1, 1, 1)) for part in _ADDED_QKV},
     "attn.to_out.0": ("img_attn.proj", ("attn.to_out.0",), (1,)),
@@ -61,7 +59,7 @@ _DOUBLE: dict[str, tuple[str, tuple[str, ...], tuple[int, ...]]] = {
     "ff_context.linear_in": ("txt_mlp.0", ("ff_context.linear_in",), (1,)),
     "ff_context.linear_out": ("txt_mlp.2", ("ff_context.linear_out",), (1,)),
 }
-_SINGLE: dict[str, tuple[str, tuple[str, ...], tuple[int, ...]]] = {
+_SINGLE: BlockTable = {
     "attn.to_qkv_mlp_proj": ("linear1", ("attn.to_qkv_mlp_proj",), (1,)),
     "attn.to_out": ("linear2", ("attn.to_out",), (1,)),
 }
@@ -77,7 +75,6 @@ _TOP_LEVEL: dict[str, str] = {
     "single_stream_modulation.linear": "single_stream_modulation.lin",
     "proj_out": "final_layer.linear",
 }
-_BLOCK = re.compile(r"^(transformer_blocks|single_transformer_blocks)\.(\d+)\.(.+)$")
 
 
 def flux2_slot(module: str) -> OriginalSlot | None:
@@ -89,21 +86,9 @@ def flux2_slot(module: str) -> OriginalSlot | None:
     Returns:
         Its :class:`OriginalSlot`, or None when FLUX.2's original layout has no such module.
     """
-    match = _BLOCK.match(module)
-    if match:
-        kind, index, suffix = match.groups()
-        table, original = (
-            (_DOUBLE, "double_blocks") if kind == "transformer_blocks" else (_SINGLE, "single_blocks")
-        )
-        if suffix not in table:
-            return None
-        name, parts, sizes = table[suffix]
-        prefix = f"{kind}.{index}."
-        return OriginalSlot(
-            name=f"{original}.{index}.{name}", parts=tuple(prefix + p for p in parts), part_sizes=sizes
-        )
-    if module in _TOP_LEVEL:
-        return OriginalSlot(name=_TOP_LEVEL[module], parts=(module,))
+    slot = block_slot(module, _DOUBLE, _SINGLE, _TOP_LEVEL)
+    if slot is not None:
+        return slot
     if module == "norm_out.linear":
         return OriginalSlot(name="final_layer.adaLN_modulation.1", parts=(module,), swap_halves=True)
     return None

@@ -11,7 +11,8 @@ for every family.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import re
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 
@@ -70,3 +71,34 @@ class OriginalNaming:
     kohya_network_module: str
     kohya_base_model_version: str
     comfyui_peft_names: bool = False
+
+
+# Per block: diffusers suffix -> (original suffix, the fused parts in row order, their relative sizes).
+BlockTable = Mapping[str, tuple[str, tuple[str, ...], tuple[int, ...]]]
+_BLOCK = re.compile(r"^(transformer_blocks|single_transformer_blocks)\.(\d+)\.(.+)$")
+
+
+def block_slot(
+    module: str, double: BlockTable, single: BlockTable, top_level: Mapping[str, str]
+) -> OriginalSlot | None:
+    """The slot of ``module`` in a FLUX-style layout: diffusers' ``transformer_blocks.{i}`` /
+    ``single_transformer_blocks.{i}`` are the original ``double_blocks.{i}`` / ``single_blocks.{i}``,
+    with the modules inside a block named by ``double`` / ``single``; ``top_level`` renames
+    unfused modules outside the blocks.  None when no table names it (the family may still map it
+    itself, e.g. a final layer with swapped halves)."""
+    match = _BLOCK.match(module)
+    if match:
+        kind, index, suffix = match.groups()
+        table, original = (
+            (double, "double_blocks") if kind == "transformer_blocks" else (single, "single_blocks")
+        )
+        if suffix not in table:
+            return None
+        name, parts, sizes = table[suffix]
+        prefix = f"{kind}.{index}."
+        return OriginalSlot(
+            name=f"{original}.{index}.{name}", parts=tuple(prefix + p for p in parts), part_sizes=sizes
+        )
+    if module in top_level:
+        return OriginalSlot(name=top_level[module], parts=(module,))
+    return None
