@@ -304,3 +304,23 @@ def test_fsdp2_with_a_bf16_base_and_bf16_autocast_follows_the_single_process_run
     assert [v for _, v in got] == pytest.approx([v for _, v in want], rel=1e-3)
     lora = load_file(tmp_path / "fsdp" / "final" / LORA_WEIGHTS_NAME)
     assert all(t.dtype == torch.float32 for t in lora.values())  # trained and saved in float32
+
+
+def test_fsdp2_full_fine_tuning_saves_the_gathered_transformer_in_diffusers_format(
+    env: Path, tmp_path: Path
+) -> None:
+    from diffusers import FluxTransformer2DModel
+
+    full = ["train.mode=full", "train.max_steps=2", "validation.prompts=[]"]
+    recipe = load_recipe(env / "recipe.yaml", [*full, f"train.output_dir={tmp_path / 'one'}"])
+    Trainer(recipe, console=Console(quiet=True)).run()
+    args = ["train", str(env / "recipe.yaml"), *full, f"train.output_dir={tmp_path / 'fsdp'}"]
+    result = _torchrun(
+        2, str(REPO / "tests" / "fsdp_on_cpu.py"), *args, "train.batch_size=2", "train.distributed=fsdp"
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    sharded = FluxTransformer2DModel.from_pretrained(tmp_path / "fsdp" / "final" / "transformer").state_dict()
+    single = FluxTransformer2DModel.from_pretrained(tmp_path / "one" / "final" / "transformer").state_dict()
+    assert sharded.keys() == single.keys()
+    for key in single:
+        torch.testing.assert_close(sharded[key], single[key], rtol=0, atol=1e-5, msg=key)
