@@ -291,18 +291,19 @@ def test_a_non_finite_loss_stops_the_run_naming_the_step(env, tmp_path) -> None:
 
     def step(*args, **kwargs):
         weighted, loss, mask, metrics = original(*args, **kwargs)
-        if trainer.step == 2:  # the third step
+        if trainer.step == 3:  # the fourth step
             loss = loss * float("nan")
         return weighted, loss, mask, metrics
 
     trainer.flow.step = step
     try:
-        with pytest.raises(NonFiniteLossError, match="at step 3") as info:
+        with pytest.raises(NonFiniteLossError, match="at step 4") as info:
             trainer.train()
     finally:
         trainer.cleanup()
     assert info.value.exit_code == 1
-    assert "step-000002" in str(info.value)
+    # Step 3's loss, run with the step-2 weights, was normal: step-000002 is good.
+    assert "the last good checkpoint is" in str(info.value) and "step-000002" in str(info.value)
     # Detected at the step-4 checkpoint, which was therefore not written.
     assert [c.step for c in list_checkpoints(out)] == [2]
 

@@ -15,14 +15,19 @@ Every file is written to a temporary name and renamed into place (atomic on POSI
 the manifest that names them.  A shard also lists its entries in its safetensors metadata, so a
 shard written just before a kill is recovered on the next open even though the manifest never
 named it.  A killed run therefore loses at most the entries that were not yet in a shard.
+
+A shard damaged afterwards (truncated, its header overwritten, deleted) is found by
+:meth:`CacheStore.unreadable_shards`: safetensors' own header check (length, JSON, every tensor's
+byte range, the data region exactly the rest of the file) without reading tensor data, or with
+``full=True`` a read of every tensor.  Preprocess drops such shards and re-encodes what they held
+(:meth:`CacheStore.drop_unreadable`); training refuses them, and a read that fails later raises
+:class:`CacheReadError`, one line naming the shard.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
-import os
-import tempfile
 import time
 import uuid
 from collections.abc import Iterable, Iterator
@@ -31,10 +36,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load, save_file
 
 from flowtune.errors import FlowtuneError
+from flowtune.fileio import atomic_path, atomic_write_bytes, atomic_write_json
 
 FORMAT = "flowtune-cache"
 VERSION = 1
@@ -45,34 +51,72 @@ LOCK_NAME = ".lock"
 _ENTRIES_METADATA = "flowtune.entries"
 
 
-@contextlib.contextmanager
-def atomic_path(path: Path) -> Iterator[str]:
-    """Yield a temporary file name next to ``path``; on success it is synced and renamed to
-    ``path``, on any exception (or kill) ``path`` is untouched.  Temporary names look like
-    ``.<name>.<random>.tmp``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
+_REPAIR = "run `flowtune preprocess` with this recipe to re-encode what it held"
+
+
+class CacheReadError(FlowtuneError):
+    """A cache shard could not be read (while training): one line naming the shard and the fix.
+
+    Raised in a data-loader worker process, it reaches the main process rebuilt by torch from a
+    message that holds the worker's whole traceback; the constructor keeps only this error's own
+    message (the traceback's last line), so the user still sees one line.
+    """
+
+    def __init__(self, message: str) -> None:
+        marker = f"{type(self).__module__}.{type(self).__qualname__}: "
+        if "\n" in message and marker in message:
+            message = message.rsplit(marker, 1)[1].strip().splitlines()[0]
+        super().__init__(message)
+
+
+def _read_problem(err: OSError | SafetensorError) -> str:
+    """What a failed read of a shard says about it, in a few words."""
+    if isinstance(err, FileNotFoundError):
+        return "missing"
+    if isinstance(err, SafetensorError):
+        return f"truncated or corrupt ({err})"
+    return f"unreadable ({err.strerror or err})"
+
+
+def load_shard(path: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of the shard at ``path``, read with ordinary reads (an I/O error is an
+    :class:`OSError`, where a memory map would crash on it) and deserialized by safetensors."""
+    return load(path.read_bytes())
+
+
+def shard_problem(path: Path, keys: Iterable[str] = (), *, full: bool = False) -> str | None:
+    """Why the shard at ``path`` would not read back, or None when it would.
+
+    The default check is cheap: safetensors opens the file and validates its header (the 8-byte
+    length, the JSON, every tensor's byte range, and that the data region is exactly the rest of
+    the file) without reading any tensor data; the tensor names are then checked to include
+    every entry of ``keys``.  ``full`` instead reads and deserializes every tensor.
+
+    Returns:
+        ``"missing"``, ``"truncated or corrupt (<safetensors' reason>)"``,
+        ``"unreadable (<OS error>)"`` or ``"without entry <key> that the manifest lists in it"``.
+    """
     try:
-        yield tmp
-        with open(tmp, "rb") as handle:
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+        if full:
+            names = set(load_shard(path))
+        else:
+            with safe_open(path, framework="pt") as handle:
+                names = set(handle.keys())
+    except (OSError, SafetensorError) as err:
+        return _read_problem(err)
+    held = {name.rsplit("/", 1)[0] for name in names}
+    absent = next((key for key in keys if key not in held), None)
+    return None if absent is None else f"without entry {absent} that the manifest lists in it"
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically (see :func:`atomic_path`)."""
-    with atomic_path(path) as tmp:
-        Path(tmp).write_bytes(data)
+@dataclass(frozen=True)
+class DroppedShard:
+    """A shard whose entries the store forgot because it would not read back."""
 
-
-def atomic_write_json(path: Path, obj: Any) -> None:
-    """Write ``obj`` as JSON to ``path`` atomically."""
-    atomic_write_bytes(path, json.dumps(obj, indent=1, ensure_ascii=False).encode())
+    reason: str
+    """:func:`shard_problem`'s reason."""
+    keys: tuple[str, ...]
+    """The entries the manifest listed in it."""
 
 
 @dataclass(frozen=True)
@@ -100,6 +144,8 @@ class CacheStore:
         self._pending_bytes = 0
         self._last_flush = time.monotonic()
         self._readers: dict[str, Any] = {}
+        self.dropped: dict[str, DroppedShard] = {}
+        """Shards (relative paths) found missing or damaged, whose entries were forgotten."""
         # False on the helper processes of a sharded preprocess: they write shards only, and the
         # main process adds them to the manifest (recover_shards) once all are done.
         self.writes_manifest = True
@@ -149,14 +195,10 @@ class CacheStore:
     def recover_shards(self) -> None:
         """Add entries of shards missing from the manifest; drop entries whose shard is gone."""
         shard_dir = self.root / SHARDS_DIR
-        if not shard_dir.is_dir():
-            self.entries = {}
-            return
         for tmp in shard_dir.glob(".*.tmp"):
             with contextlib.suppress(OSError):
                 tmp.unlink()
-        on_disk = {f"{SHARDS_DIR}/{p.name}" for p in shard_dir.glob("*.safetensors")}
-        self.entries = {k: ref for k, ref in self.entries.items() if ref.shard in on_disk}
+        on_disk = self.forget_missing()
         listed = {ref.shard for ref in self.entries.values()}
         for shard in sorted(on_disk - listed):
             try:
@@ -167,27 +209,87 @@ class CacheStore:
             for key, kind in kinds.items():
                 self.entries.setdefault(key, EntryRef(shard, kind))
 
+    def forget_missing(self) -> set[str]:
+        """Drop the entries whose shard file is gone (noted in :attr:`dropped` as ``"missing"``);
+        return the shards on disk."""
+        shard_dir = self.root / SHARDS_DIR
+        on_disk = {f"{SHARDS_DIR}/{p.name}" for p in shard_dir.glob("*.safetensors")}
+        for shard, keys in self._keys_by_shard().items():
+            if shard not in on_disk:
+                self._forget(shard, "missing", keys)
+        return on_disk
+
+    def _keys_by_shard(self) -> dict[str, list[str]]:
+        """``{shard: [entry key, ...]}`` of the stored entries."""
+        by_shard: dict[str, list[str]] = {}
+        for key, ref in self.entries.items():
+            by_shard.setdefault(ref.shard, []).append(key)
+        return by_shard
+
+    def _forget(self, shard: str, reason: str, keys: Iterable[str]) -> None:
+        """Drop the entries of ``shard`` and remember why (:attr:`dropped`)."""
+        keys = tuple(keys)
+        for key in keys:
+            self.entries.pop(key, None)
+        self._readers.pop(shard, None)
+        self.dropped.setdefault(shard, DroppedShard(reason, keys))
+
+    def unreadable_shards(self, *, full: bool = False, strays: bool = False) -> dict[str, str]:
+        """``{shard: reason}`` (:func:`shard_problem`) of the shards the entries name that would
+        not read back, in name order.
+
+        Args:
+            full: Read every tensor instead of checking the headers only.
+            strays: Also check the ``shards/*.safetensors`` files that no entry names.
+        """
+        by_shard = self._keys_by_shard()
+        shards = set(by_shard)
+        if strays and (self.root / SHARDS_DIR).is_dir():
+            shards |= {f"{SHARDS_DIR}/{p.name}" for p in (self.root / SHARDS_DIR).glob("*.safetensors")}
+        problems = {}
+        for shard in sorted(shards):
+            reason = shard_problem(self.root / shard, by_shard.get(shard, ()), full=full)
+            if reason is not None:
+                problems[shard] = reason
+        return problems
+
+    def drop_unreadable(self, *, full: bool = False) -> dict[str, str]:
+        """Forget the entries of every shard that would not read back and delete its file, so that
+        preprocess encodes them again (:meth:`unreadable_shards` with ``strays``).  Only the
+        process that holds :meth:`locked` may call it.
+
+        Returns:
+            ``{shard: reason}`` of the shards dropped (also in :attr:`dropped`).
+        """
+        problems = self.unreadable_shards(full=full, strays=True)
+        by_shard = self._keys_by_shard()
+        for shard, reason in problems.items():
+            self._forget(shard, reason, by_shard.get(shard, ()))
+            with contextlib.suppress(FileNotFoundError):
+                (self.root / shard).unlink()
+        return problems
+
     @contextlib.contextmanager
-    def locked(self) -> Iterator[None]:
-        """Hold an exclusive lock on the cache (one writer at a time); released on exit or death."""
-        self.root.mkdir(parents=True, exist_ok=True)
-        try:
-            import fcntl
-        except ImportError:  # pragma: no cover - not POSIX: no locking
-            yield
-            return
-        with open(self.root / LOCK_NAME, "w") as handle:
-            try:
-                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError:
-                raise FlowtuneError(
-                    f"the cache at {self.root} is in use by another flowtune preprocess; wait for it "
-                    "to finish or use another data.cache_dir"
-                ) from None
-            try:
-                yield
-            finally:
-                fcntl.flock(handle, fcntl.LOCK_UN)
+    def locked(self) -> Iterator[str | None]:
+        """Hold an exclusive lock on the cache (one writer at a time); released on exit or death
+        (:mod:`flowtune.runlock`).
+
+        Yields:
+            A warning when the lock was taken over from a run that ended without releasing it
+            (killed or crashed), else None.
+
+        Raises:
+            FlowtuneError: another process holds it (the message names its pid and host).
+        """
+        from flowtune import runlock
+
+        with runlock.held(
+            self.root / LOCK_NAME,
+            what=f"the cache at {self.root}",
+            command="flowtune preprocess",
+            hint="wait for it to finish or use another data.cache_dir",
+        ) as lock:
+            yield lock.takeover_warning(f"the cache at {self.root}")
 
     # -- entries ------------------------------------------------------------------------------
 
@@ -231,19 +333,21 @@ class CacheStore:
     def read(self, key: str, fields: Iterable[str]) -> dict[str, torch.Tensor]:
         """The tensors of one stored entry: ``{field: tensor}`` (CPU, as stored)."""
         ref = self.entries[key]
-        handle = self._readers.get(ref.shard)
-        if handle is None:
-            handle = safe_open(self.root / ref.shard, framework="pt", device="cpu")
-            self._readers[ref.shard] = handle
-        return {name: handle.get_tensor(f"{key}/{name}") for name in fields}
+        try:
+            handle = self._readers.get(ref.shard)
+            if handle is None:
+                handle = safe_open(self.root / ref.shard, framework="pt", device="cpu")
+                self._readers[ref.shard] = handle
+            return {name: handle.get_tensor(f"{key}/{name}") for name in fields}
+        except (OSError, SafetensorError) as err:
+            raise CacheReadError(
+                f"cache shard {self.root / ref.shard} is {_read_problem(err)}; {_REPAIR}"
+            ) from None
 
     def prune(self, live: set[str]) -> int:
         """Delete shards holding no live entry; return how many were deleted."""
-        by_shard: dict[str, list[str]] = {}
-        for key, ref in self.entries.items():
-            by_shard.setdefault(ref.shard, []).append(key)
         removed = 0
-        for shard, keys in by_shard.items():
+        for shard, keys in self._keys_by_shard().items():
             if not live.intersection(keys):
                 for key in keys:
                     del self.entries[key]

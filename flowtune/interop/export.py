@@ -47,13 +47,25 @@ def _check_choice(value: str | None, option: str, allowed: tuple[str, ...] | lis
 
 
 def _lora_checkpoint(trained: TrainedWeights, spec_transformer_class: str) -> Path:
-    """The LoRA file of ``trained``; a clear refusal for a full fine-tuning checkpoint."""
+    """The LoRA file of ``trained``; a clear refusal for a full fine-tuning checkpoint, and for a
+    LoRA file that cannot be read (truncated or damaged: named, with another checkpoint of the run
+    suggested)."""
+    from flowtune.train.checkpoint import readable_sibling, weights_problem
+
     if trained.lora_file is None:
         raise FlowtuneError(
             f"{trained.path} holds a fully fine-tuned transformer, not a LoRA: there is nothing to "
             f"convert or merge; {trained.transformer_dir} already is a diffusers model "
             f"({spec_transformer_class}.from_pretrained loads it)"
         )
+    if problem := weights_problem(trained.lora_file):
+        other = readable_sibling(trained.path, trained.lora_file.name)
+        instead = (
+            f"export another checkpoint of the run with --ckpt {other}"
+            if other is not None
+            else "no other checkpoint of the run has a readable LoRA"
+        )
+        raise FlowtuneError(f"cannot export {trained.path}: {problem}; {instead}")
     return trained.lora_file
 
 

@@ -19,6 +19,12 @@ process killed mid-save leaves no directory that looks like a checkpoint.
 ``trainer_state.json`` is the last file written before the rename; a directory without it is
 never taken for a checkpoint.
 
+``trainer_state.json`` also says whether the checkpoint is *good* to go back to (``health``, see
+:mod:`flowtune.train.health` for the rule): the trainer marks a checkpoint bad when a later loss
+shows its weights diverged, and ``train.resume=latest`` then skips it.  Before a resume, every
+file the resume reads is checked (:func:`find_resume`): a missing or damaged file is refused in one
+line that names it and the next older checkpoint to resume from instead.
+
 This module is file-system logic only; what goes into a checkpoint is decided by the trainer.
 """
 
@@ -28,11 +34,13 @@ import json
 import os
 import re
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from flowtune.errors import FlowtuneError
+from flowtune.fileio import settle_tree
 
 CHECKPOINTS = "checkpoints"
 FINAL = "final"
@@ -40,6 +48,20 @@ STATE_FILE = "trainer_state.json"
 RECIPE_FILE = "recipe.yaml"
 METRICS_FILE = "metrics.jsonl"
 PARTIAL_PREFIX = ".partial-"
+LOCK_FILE = ".flowtune.lock"  # held by the run that writes the directory (flowtune.runlock)
+HEALTH = "health"  # trainer_state.json: {"good": bool, "reason": str | None, "judged_by_step": int | None}
+# Accelerate's save_state files (accelerate.utils.constants): optimizer, schedule, RNG per rank.
+OPTIMIZER_FILE = "optimizer.bin"
+SCHEDULER_FILE = "scheduler.bin"
+SCALER_FILE = "scaler.pt"
+SHARDED_OPTIMIZER_DIR = "optimizer_0"
+
+
+def rng_file(rank: int) -> str:
+    """``random_states_<rank>.pkl``: the RNG states of one process (Accelerate's ``save_state``)."""
+    return f"random_states_{rank}.pkl"
+
+
 _NAME = re.compile(r"^step-(\d{6,})$")
 
 # What a new run with train.overwrite=true removes from its output directory: only what a run
@@ -95,30 +117,204 @@ def read_state(path: Path) -> dict[str, Any]:
         raise FlowtuneError(f"cannot read {state_file}: {exc}") from None
 
 
-def find_resume(output_dir: Path, resume: str | None) -> Checkpoint | None:
-    """The checkpoint ``train.resume`` names: ``None`` (new run), ``latest`` or a directory.
+def is_good(state: dict[str, Any]) -> bool:
+    """Whether a checkpoint's ``trainer_state.json`` leaves it good to resume from (not marked bad;
+    a checkpoint without a judgement counts as good)."""
+    return bool(state.get(HEALTH, {}).get("good", True))
 
-    ``latest`` with no checkpoint yet returns ``None``: the run starts at step 0 (the trainer says
-    so), which lets one command both start and continue a pre-emptible job.
+
+def bad_reason(state: dict[str, Any]) -> str:
+    """Why a checkpoint was marked bad (from its ``trainer_state.json``)."""
+    return str(state.get(HEALTH, {}).get("reason") or "marked bad")
+
+
+def mark_bad(path: Path, reason: str, judged_by_step: int | None) -> None:
+    """Record in a checkpoint's ``trainer_state.json`` (rewritten atomically) that it is not good
+    to go back to, and why; ``train.resume=latest`` then skips it.  A checkpoint deleted in the
+    meantime (``train.keep_last``) is left alone."""
+    from flowtune.data.store import atomic_write_json
+
+    try:
+        state = read_state(path)
+    except FlowtuneError:
+        return
+    state[HEALTH] = {"good": False, "reason": reason, "judged_by_step": judged_by_step}
+    atomic_write_json(Path(path) / STATE_FILE, state)
+
+
+def find_resume(
+    output_dir: Path, resume: str | None, weights: str, warnings: list[str] | None = None
+) -> Checkpoint | None:
+    """The checkpoint ``train.resume`` names: ``None`` (new run), ``latest`` or a directory,
+    checked to hold every file a resume reads (:func:`resume_problem`).
+
+    ``latest`` is the newest checkpoint not marked bad (the ones skipped are listed in
+    ``warnings``); with no checkpoint yet it returns ``None``: the run starts at step 0 (the
+    trainer says so), which lets one command both start and continue a pre-emptible job.  A
+    directory marked bad is resumed when named explicitly, with a warning.
+
+    Args:
+        weights: The trained weights' name in a checkpoint: the LoRA file, or ``transformer``.
+        warnings: Where to add the warnings for the run's banner.
 
     Raises:
-        FlowtuneError: a path that does not exist or is not a complete checkpoint.
+        FlowtuneError: a path that does not exist or is not a complete checkpoint; a checkpoint
+            with a missing or unreadable file (named, with the next older checkpoint suggested);
+            ``latest`` when every checkpoint is marked bad.
     """
+    notes = warnings if warnings is not None else []
     if resume is None:
         return None
     if resume == "latest":
         checkpoints = list_checkpoints(output_dir)
-        return checkpoints[-1] if checkpoints else None
+        if not checkpoints:
+            return None
+        skipped = []
+        for checkpoint in reversed(checkpoints):
+            state = checkpoint.state()
+            if is_good(state):
+                break
+            skipped.append(f"{checkpoint.path.name} ({bad_reason(state)})")
+        else:
+            raise FlowtuneError(
+                f"train.resume=latest: no checkpoint in {Path(output_dir) / CHECKPOINTS} is good to resume "
+                f"from, every one was marked bad ({'; '.join(skipped)}); start over with "
+                "train.overwrite=true, or resume one anyway with train.resume=PATH"
+            )
+        if skipped:
+            notes.append(
+                f"train.resume=latest: skipped the checkpoints marked bad: {'; '.join(skipped)}; "
+                f"resuming from {checkpoint.path.name}"
+            )
+        _check_resumable(checkpoint, weights)
+        return checkpoint
     path = Path(resume)
     if not path.is_dir():
         raise FlowtuneError(f"train.resume: no checkpoint directory at {path}")
     state = read_state(path)
-    if not any(path.glob("random_states_*.pkl")):
-        raise FlowtuneError(
-            f"train.resume: {path} holds trained weights but no training state (optimizer, RNG); "
-            f"resume from a directory under {CHECKPOINTS}/, or train.resume=latest"
-        )
-    return Checkpoint(int(state["step"]), path)
+    checkpoint = Checkpoint(int(state["step"]), path)
+    _check_resumable(checkpoint, weights)
+    if not is_good(state):
+        notes.append(f"resuming from {path}, which was marked bad: {bad_reason(state)}")
+    return checkpoint
+
+
+def _check_resumable(checkpoint: Checkpoint, weights: str) -> None:
+    """Raise the one-line refusal for a checkpoint that :func:`resume_problem` finds fault with."""
+    path = checkpoint.path
+    if not any(path.glob("random_states_*.pkl")) and not (path / OPTIMIZER_FILE).exists():
+        if not (path / SHARDED_OPTIMIZER_DIR).exists():
+            raise FlowtuneError(
+                f"train.resume: {path} holds trained weights but no training state (optimizer, RNG); "
+                f"resume from a directory under {CHECKPOINTS}/, or train.resume=latest"
+            )
+    problem = resume_problem(path, weights)
+    if problem is not None:
+        raise refuse_resume(checkpoint, problem, weights)
+
+
+def refuse_resume(checkpoint: Checkpoint, problem: str, weights: str) -> FlowtuneError:
+    """The one-line refusal of a checkpoint that cannot be resumed: ``cannot resume from PATH:
+    PROBLEM; resume from the next older checkpoint with train.resume=OLDER`` (the newest older
+    checkpoint of the run that is complete and not marked bad), or how to start over."""
+    path = checkpoint.path
+    older = [c for c in list_checkpoints(path.parent.parent) if c.step < checkpoint.step]
+    if path.parent.name != CHECKPOINTS:
+        older = []
+    instead = next(
+        (c for c in reversed(older) if is_good(c.state()) and resume_problem(c.path, weights) is None), None
+    )
+    what = (
+        f"resume from the next older checkpoint with train.resume={instead.path}"
+        if instead is not None
+        else "no older checkpoint of this run is complete and good: start over with train.overwrite=true"
+    )
+    return FlowtuneError(f"cannot resume from {path}: {problem}; {what}")
+
+
+def resume_problem(path: Path, weights: str) -> str | None:
+    """What keeps a checkpoint from being resumed exactly, or None when every file it needs is
+    there and readable: the trained weights (``weights``: every safetensors file's header and
+    size), Accelerate's ``optimizer.bin`` (or FSDP's ``optimizer_0/``), ``scheduler.bin``, the
+    gradient scaler when there is one, and ``random_states_<r>.pkl`` of every process ``r`` of
+    the run that wrote it (``num_processes`` in ``trainer_state.json``): without them the resumed
+    run would not repeat the uninterrupted one.  Tensor files are read memory-mapped, so the check
+    stays cheap for a large optimizer state.
+    """
+    path = Path(path)
+    try:
+        state = read_state(path)
+    except FlowtuneError as exc:
+        return str(exc)
+    target = path / weights
+    tensor_files = sorted(target.glob("*.safetensors")) if target.is_dir() else [target]
+    if not target.exists() or not tensor_files:
+        return f"{target} is missing (the trained weights)"
+    for file in tensor_files:
+        if problem := _unreadable(file, _read_safetensors):
+            return problem
+    if state.get("sharded"):
+        if not (path / SHARDED_OPTIMIZER_DIR).is_dir():
+            return f"{path / SHARDED_OPTIMIZER_DIR} is missing (the sharded optimizer state)"
+    elif problem := _unreadable(path / OPTIMIZER_FILE, _read_torch, "the optimizer state"):
+        return problem
+    if problem := _unreadable(path / SCHEDULER_FILE, _read_torch, "the learning-rate schedule"):
+        return problem
+    if (path / SCALER_FILE).exists() and (problem := _unreadable(path / SCALER_FILE, _read_torch)):
+        return problem
+    for rank in range(int(state.get("num_processes", 1))):
+        rng = path / rng_file(rank)
+        what = f"the RNG state of process {rank}; without it the run would not repeat the uninterrupted one"
+        if problem := _unreadable(rng, _read_torch, what):
+            return problem
+    return None
+
+
+def weights_problem(file: Path) -> str | None:
+    """``FILE is missing`` / ``FILE is unreadable, truncated or damaged (...)`` for a safetensors
+    weights file (its header is checked against its size), or None when it reads."""
+    return _unreadable(Path(file), _read_safetensors)
+
+
+def readable_sibling(path: Path, lora_name: str) -> Path | None:
+    """The newest other checkpoint of the run that ``path`` (a checkpoint or ``final/``) belongs to
+    whose LoRA file reads, to suggest instead of a damaged one; None when there is none."""
+    path = Path(path)
+    run = path.parent.parent if path.parent.name == CHECKPOINTS else path.parent
+    for checkpoint in reversed(list_checkpoints(run)):
+        if (
+            checkpoint.path.resolve() != path.resolve()
+            and weights_problem(checkpoint.path / lora_name) is None
+        ):
+            return checkpoint.path
+    return None
+
+
+def _unreadable(file: Path, read: Callable[[Path], object], what: str = "") -> str | None:
+    """``FILE is missing (WHAT)`` / ``FILE is unreadable (REASON)``, or None when ``read`` reads it."""
+    about = f" ({what})" if what else ""
+    if not file.is_file():
+        return f"{file} is missing{about}"
+    try:
+        read(file)
+    except Exception as exc:  # noqa: BLE001 - any failure to read is the same message
+        lines = str(exc).strip().splitlines()
+        reason = lines[0].split(". ")[0] if lines else type(exc).__name__
+        return f"{file} is unreadable, truncated or damaged ({reason})"
+    return None
+
+
+def _read_safetensors(file: Path) -> None:
+    from safetensors import safe_open
+
+    with safe_open(str(file), framework="pt") as handle:  # checks the header against the file size
+        handle.keys()
+
+
+def _read_torch(file: Path) -> None:
+    from accelerate.utils import load  # what Accelerate's load_state reads these files with
+
+    load(str(file), map_location="cpu", mmap=True)
 
 
 def check_output_dir(output_dir: Path, resume: str | None, overwrite: bool) -> None:
@@ -190,7 +386,7 @@ def publish(partial: Path, final: Path) -> Path:
     previous ``final/``) is first moved aside, so at every moment one complete version exists.
     """
     final = Path(final)
-    _fsync_tree(partial)
+    settle_tree(partial)  # the umask's permissions (safetensors writes 0600 files), fsynced
     if final.exists():
         old = final.with_name(f"{PARTIAL_PREFIX}old-{final.name}")
         shutil.rmtree(old, ignore_errors=True)
@@ -225,17 +421,6 @@ def prune(output_dir: Path, keep_last: int | None, keep: Path | None = None) -> 
         os.replace(path, trash)
         shutil.rmtree(trash, ignore_errors=True)
     return doomed
-
-
-def _fsync_tree(root: Path) -> None:
-    for dirpath, _, filenames in os.walk(root):
-        for name in filenames:
-            fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        _fsync_dir(Path(dirpath))
 
 
 def _fsync_dir(path: Path) -> None:

@@ -215,8 +215,8 @@ def load_lora(transformer: nn.Module, directory: Path) -> None:
     LoRA layers already added to ``transformer`` by :func:`add_lora`, bit for bit.
 
     Raises:
-        FlowtuneError: the file is missing, or its layers do not match the transformer's (another
-            rank or other target modules).
+        FlowtuneError: the file is missing, unreadable (truncated), or its layers do not match the
+            transformer's (another rank or other target modules).
     """
     from peft.utils import set_peft_model_state_dict
     from safetensors.torch import load_file
@@ -227,7 +227,7 @@ def load_lora(transformer: nn.Module, directory: Path) -> None:
     if not path.is_file():
         raise FlowtuneError(f"no LoRA weights at {path}")
     prefix = "transformer."
-    state = {k[len(prefix) :]: v for k, v in load_file(path).items() if k.startswith(prefix)}
+    state = {k[len(prefix) :]: v for k, v in _read_tensors(path, load_file).items() if k.startswith(prefix)}
     model = unwrap_model(transformer)
     try:
         result = set_peft_model_state_dict(model, state, adapter_name="default")
@@ -274,7 +274,11 @@ def save_full(transformer: nn.Module, out_dir: Path, state: dict[str, torch.Tens
 
 
 def load_full(transformer: nn.Module, directory: Path) -> None:
-    """Load the weights written by :func:`save_full` into ``transformer`` in place, bit for bit."""
+    """Load the weights written by :func:`save_full` into ``transformer`` in place, bit for bit.
+
+    Raises:
+        FlowtuneError: no weights, an unreadable (truncated) file, or weights of another model.
+    """
     from safetensors.torch import load_file
 
     from flowtune.flow_matching.adapters.base import unwrap_model
@@ -284,7 +288,7 @@ def load_full(transformer: nn.Module, directory: Path) -> None:
         raise FlowtuneError(f"no transformer weights in {Path(directory) / 'transformer'}")
     state: dict[str, torch.Tensor] = {}
     for file in files:
-        state.update(load_file(file))
+        state.update(_read_tensors(file, load_file))
     model = unwrap_model(transformer)
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
@@ -292,3 +296,14 @@ def load_full(transformer: nn.Module, directory: Path) -> None:
             f"the transformer in {directory} does not match this model "
             f"({len(missing)} missing, {len(unexpected)} unexpected weights)"
         )
+
+
+def _read_tensors(path: Path, load_file: Any) -> dict[str, torch.Tensor]:
+    """``load_file(path)`` (safetensors); a truncated or damaged file is a one-line error naming it."""
+    try:
+        return load_file(path)
+    except Exception as exc:  # noqa: BLE001 - safetensors raises its own error kinds
+        lines = str(exc).strip().splitlines()
+        raise FlowtuneError(
+            f"{path} is unreadable, truncated or damaged ({lines[0] if lines else type(exc).__name__})"
+        ) from None

@@ -32,27 +32,35 @@ import math
 import os
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from omegaconf import OmegaConf
 from rich.console import Console
 
-from flowtune import __version__
-from flowtune.console import format_bytes, format_duration, key_value_table
+from flowtune import __version__, runlock
+from flowtune.console import format_bytes, format_duration, key_value_table, make_console, warning_text
 from flowtune.data.cache import check_cache
-from flowtune.data.loader import BucketBatchSampler, CacheCollator, CachedDataset, split_validation
+from flowtune.data.loader import (
+    BucketBatchSampler,
+    CacheCollator,
+    CachedDataset,
+    repeated_items_warning,
+    split_validation,
+)
 from flowtune.distributed import has_accelerator
 from flowtune.errors import FlowtuneError
 from flowtune.families import get_family
+from flowtune.fileio import tree_bytes, write_errors
 from flowtune.flow_matching import create_pipeline
 from flowtune.model_files import resolve_pretrained
 from flowtune.recipe import recipe_to_yaml
 from flowtune.train import checkpoint as ckpt
 from flowtune.train.display import TrainDisplay
+from flowtune.train.health import LossJudge
 from flowtune.train.metrics import MetricsLog, peak_memory_bytes, read_metrics, tracker_config
 from flowtune.train.model import (
     LORA_WEIGHTS_NAME,
@@ -72,6 +80,8 @@ from flowtune.train.noise import sample_generators
 from flowtune.train.optim import build_optimizer, build_scheduler, realign_schedule
 from flowtune.train.signals import StopRequest, TrainingInterrupted
 from flowtune.train.validation import SAMPLES_DIR, Validator
+
+T = TypeVar("T")
 
 # Recipe keys whose change makes a checkpoint unusable (the trained tensors would not fit).
 _INCOMPATIBLE_ON_RESUME = ("model.family", "train.mode", "lora.rank", "lora.target_modules")
@@ -152,7 +162,7 @@ class Trainer:
         self.recipe = recipe
         self.family = get_family(recipe.model.family)
         self.output_dir = Path(recipe.train.output_dir)
-        self.console = console if console is not None else Console()
+        self.console = console if console is not None else make_console()
         self.step = 0
         self.batches_consumed = 0
         self.stop = StopRequest()
@@ -166,6 +176,15 @@ class Trainer:
         self._trackers = False
         self._elapsed_before = 0.0
         self._started_at = time.time()
+        self._lock: runlock.RunLock | None = None
+        # Checkpoint health (flowtune.train.health): the loss judge, the verdict on the last step
+        # read back (None = normal), the checkpoint still waiting for its step s+1 verdict, the
+        # checkpoints this run saved and those it found bad.
+        self._judge = LossJudge()
+        self._last_verdict: tuple[int, str | None] = (0, None)
+        self._awaiting: ckpt.Checkpoint | None = None
+        self._saved: list[ckpt.Checkpoint] = []
+        self._judged_bad: dict[int, str] = {}  # step -> why, for this run's checkpoints
 
     # ------------------------------------------------------------------ setup
 
@@ -178,8 +197,7 @@ class Trainer:
         self.device = acc.device
         self.display_console = self.console if self.is_main else None
 
-        ckpt.check_output_dir(self.output_dir, r.train.resume, r.train.overwrite)
-        resume = ckpt.find_resume(self.output_dir, r.train.resume)
+        resume = self._main_decides(self._claim_output_dir)
         if r.train.resume == "latest" and resume is None:
             self._warnings.append(
                 f"train.resume=latest: no checkpoint in {self.output_dir / ckpt.CHECKPOINTS}, starting at step 0"
@@ -200,6 +218,53 @@ class Trainer:
         if resume is not None:
             self._resume(resume)
         self._setup_outputs(resume)
+
+    def _claim_output_dir(self) -> ckpt.Checkpoint | None:
+        """On the main process: lock ``train.output_dir`` for the run (:mod:`flowtune.runlock`;
+        released by :meth:`cleanup`), check it, and find the checkpoint to resume from."""
+        r = self.recipe
+        self._lock = runlock.acquire(
+            self.output_dir / ckpt.LOCK_FILE,
+            what=f"the output directory {self.output_dir}",
+            command="flowtune train",
+            hint="wait for that run to end, or set train.output_dir to another directory",
+        )
+        if warning := self._lock.takeover_warning(f"the output directory {self.output_dir}"):
+            self._warnings.append(warning)
+        ckpt.check_output_dir(self.output_dir, r.train.resume, r.train.overwrite)
+        return ckpt.find_resume(self.output_dir, r.train.resume, self._weights_name, self._warnings)
+
+    @property
+    def _weights_name(self) -> str:
+        """The trained weights' name in a checkpoint: the LoRA file, or ``transformer``."""
+        return LORA_WEIGHTS_NAME if self.recipe.train.mode == "lora" else "transformer"
+
+    def _main_decides(self, decide: Callable[[], T]) -> T:
+        """Run ``decide`` on the main process only and give its result to every process; a
+        :class:`FlowtuneError` it raises is raised on every process (none is left waiting at a
+        later collective)."""
+        from accelerate.utils import broadcast_object_list
+
+        acc = self.accelerator
+        outcome: list[Any] = [None]
+        try:
+            if acc.is_main_process:
+                try:
+                    outcome = [("result", decide())]
+                except FlowtuneError as exc:
+                    outcome = [("error", str(exc))]
+                except BaseException as exc:
+                    outcome = [("failed", f"{type(exc).__name__}: {exc}")]
+                    raise
+        finally:
+            if acc.num_processes > 1:
+                broadcast_object_list(outcome, from_process=0)
+        kind, value = outcome[0]
+        if kind == "error":
+            raise FlowtuneError(value)
+        if kind == "failed":
+            raise RuntimeError(f"the main process failed: {value}")
+        return value
 
     def _make_accelerator(self) -> Any:
         from accelerate import Accelerator
@@ -304,6 +369,9 @@ class Trainer:
             num_replicas=acc.num_processes,
             rank=acc.process_index,
         )
+        repeats = repeated_items_warning(self.dataset.batch_groups, r.train.batch_size, acc.num_processes)
+        if repeats is not None:
+            self._warnings.append(repeats)
         self.collate = CacheCollator(self.dataset.sequence_fields)
         self.samples_per_step = r.train.batch_size * acc.num_processes * r.train.gradient_accumulation
 
@@ -315,7 +383,9 @@ class Trainer:
 
         r = self.recipe
         self.dtype = getattr(torch, r.model.dtype)
-        model_dir = resolve_pretrained(r.model.pretrained, r.model.revision, ["transformer"])
+        model_dir = resolve_pretrained(
+            r.model.pretrained, r.model.revision, ["transformer"], family=self.family
+        )
         # Seeds Python, numpy and torch (LoRA initialisation, LoRA dropout) identically on every
         # process; the flow-matching draws use their own per-sample generators.
         set_seed(r.train.seed)
@@ -333,7 +403,10 @@ class Trainer:
         else:
             params = make_fully_trainable(transformer)
         if resume is not None:
-            (load_lora if r.train.mode == "lora" else load_full)(transformer, resume.path)
+            try:
+                (load_lora if r.train.mode == "lora" else load_full)(transformer, resume.path)
+            except FlowtuneError as exc:
+                raise ckpt.refuse_resume(resume, str(exc), self._weights_name) from None
         if r.train.gradient_checkpointing:
             transformer.enable_gradient_checkpointing()
         self.trainable_parameters = sum(p.numel() for p in params)
@@ -378,13 +451,20 @@ class Trainer:
         weights were loaded by :meth:`_setup_model`.  The checkpoint may come from another number
         of processes: the position counts global batches."""
         state = checkpoint.state()
-        self.accelerator.load_state(str(checkpoint.path))
+        try:
+            self.accelerator.load_state(str(checkpoint.path))
+        except Exception as exc:  # noqa: BLE001 - a file find_resume could not fault (a damaged middle)
+            raise ckpt.refuse_resume(
+                checkpoint, _reading_failed(checkpoint.path, exc), self._weights_name
+            ) from None
         realign_schedule(self.scheduler, self.recipe.optimizer.lr)
         self.step = int(state["step"])
         self.batches_consumed = int(state["batches_consumed"])
         self._elapsed_before = float(state.get("elapsed_seconds", 0.0))
         self.resumed_from = checkpoint
         self.last_checkpoint = checkpoint.path
+        self._judge = LossJudge(state.get("loss_reference", ()))
+        self._awaiting = checkpoint  # the first step judges the weights it resumed
 
     def _check_resume_compatible(self, checkpoint: ckpt.Checkpoint, state: dict[str, Any]) -> None:
         """Refuse a checkpoint whose tensors cannot fit; warn about every other changed setting."""
@@ -571,7 +651,7 @@ class Trainer:
             if parts:
                 self._display.print(f"step {self.step:>6}  validation: {'  '.join(parts)}", highlight=False)
             if "warning" in result:
-                self._display.print(f"[yellow]warning:[/] {result['warning']}", highlight=False)
+                self._display.print(warning_text(result["warning"]))
         spent = time.perf_counter() - started
         self._interval_start = (self._interval_start[0] + spent, self._interval_start[1])
         return result
@@ -604,6 +684,9 @@ class Trainer:
     def _check_pending(self) -> None:
         """Read back the per-step losses and gradient norms not synced yet, and check them.
 
+        Each loss is judged (:class:`LossJudge`); the loss of step ``s + 1`` judges the checkpoint
+        of step ``s``, which is marked bad when it is not normal (:mod:`flowtune.train.health`).
+
         Raises:
             NonFiniteLossError: one of them is NaN or infinite.
         """
@@ -618,19 +701,92 @@ class Trainer:
             step, _, _, lr = self._pending[i]
             self._pending[i] = (step, value, norm, lr)
         check_norms = self.recipe.train.mixed_precision != "fp16"  # fp16 skips inf steps by design
-        for step, value, norm, _ in self._pending:
-            if math.isfinite(value) and (math.isfinite(norm) or not check_norms):
+        for i in fresh:
+            step, value, norm, _ = self._pending[i]
+            verdict = self._judge.judge(value)
+            if verdict is None and check_norms and not math.isfinite(norm):
+                verdict = f"gradient norm {norm}"
+            self._last_verdict = (step, verdict)
+            finite = math.isfinite(value) and (math.isfinite(norm) or not check_norms)
+            awaiting = self._awaiting
+            if awaiting is not None and step == awaiting.step + 1:
+                self._awaiting = None
+                if verdict is not None:
+                    reason = f"step {step}, run with its weights: {verdict}"
+                    self._mark_bad(awaiting, reason, step, announce=finite)
+            if finite:
                 continue
             what = f"loss {value}" if not math.isfinite(value) else f"gradient norm {norm}"
-            where = (
-                f"the last good checkpoint is {self.last_checkpoint}"
-                if self.last_checkpoint
-                else "no checkpoint was saved yet"
+            self._diverged(f"{what} at step {step}", step)
+
+    def _mark_bad(
+        self, checkpoint: ckpt.Checkpoint, reason: str, judged_by_step: int, announce: bool = True
+    ) -> None:
+        """Mark a checkpoint of this run bad in its ``trainer_state.json`` (main process) and,
+        when the run goes on (``announce``), say so."""
+        self._judged_bad[checkpoint.step] = reason
+        if not self.is_main:
+            return
+        ckpt.mark_bad(checkpoint.path, reason, judged_by_step)
+        display = getattr(self, "_display", None)
+        if announce and display is not None:
+            display.print(
+                warning_text(
+                    f"checkpoint {checkpoint.path.name} marked bad, train.resume=latest will skip it: {reason}"
+                )
             )
-            raise NonFiniteLossError(
-                f"training diverged: {what} at step {step}; stopped at step {self.step} without saving "
-                f"({where}). Lower optimizer.lr, raise lr_scheduler.warmup_steps or use "
-                "train.max_grad_norm, then resume from a good checkpoint with train.resume=PATH"
+
+    def _diverged(self, what: str, step: int) -> None:
+        """Stop the run: raise the divergence message naming the last good checkpoint (or saying
+        plainly that none qualifies).
+
+        Raises:
+            NonFiniteLossError: always.
+        """
+        resumed = self.resumed_from.step if self.resumed_from is not None else -1
+        trajectory = {c.path for c in self._saved}
+        earlier = [
+            c
+            for c in ckpt.list_checkpoints(self.output_dir)
+            if c.step < step and (c.step <= resumed or c.path in trajectory)
+        ]
+        good = next(
+            (c for c in reversed(earlier) if c.step not in self._judged_bad and ckpt.is_good(c.state())),
+            None,
+        )
+        fix = "Lower optimizer.lr, raise lr_scheduler.warmup_steps or use train.max_grad_norm"
+        if good is not None:
+            where = f"the last good checkpoint is {good.path}"
+            then = f"then resume from it with train.resume=latest (it skips checkpoints marked bad) or train.resume={good.path}"
+        else:
+            bad = [c for c in earlier if c.step in self._judged_bad or not ckpt.is_good(c.state())]
+            judged = "; ".join(
+                f"{c.path.name}: {self._judged_bad.get(c.step) or ckpt.bad_reason(c.state())}"
+                for c in bad[-2:]
+            )
+            where = "no checkpoint qualifies as good" + (
+                f" ({judged})" if judged else " (none was saved yet)"
+            )
+            then = "then start over with train.overwrite=true"
+        raise NonFiniteLossError(
+            f"training diverged: {what}; stopped at step {self.step} without saving ({where}). {fix}, {then}"
+        )
+
+    def _check_weights_finite(self) -> None:
+        """Refuse to save trainable weights holding a NaN or infinity (every process checks its
+        own weights or shards; the count is summed across processes).
+
+        Raises:
+            NonFiniteLossError: some weight is not finite.
+        """
+        local = [p.detach().to_local() if hasattr(p, "to_local") else p.detach() for p in self.params]
+        bad = torch.stack([(~torch.isfinite(t)).sum() for t in local]).sum().float()
+        if self.accelerator.num_processes > 1:
+            bad = self.accelerator.reduce(bad, "sum")
+        if bad.item():
+            self._diverged(
+                f"{int(bad.item())} trainable weights became NaN or infinite at step {self.step}",
+                self.step + 1,
             )
 
     def _flush_metrics(self) -> None:
@@ -668,6 +824,8 @@ class Trainer:
 
     def _trainer_state(self) -> dict[str, Any]:
         r = self.recipe
+        step, own = self._last_verdict
+        verdict = f"step {step}, its own loss: {own}" if step == self.step and own is not None else None
         return {
             "step": self.step,
             "batches_consumed": self.batches_consumed,
@@ -683,6 +841,10 @@ class Trainer:
             "data_items": len(self.dataset),
             "data_fingerprint": self.data_fingerprint,
             "elapsed_seconds": self._elapsed_before + (time.time() - self._started_at),
+            # flowtune.train.health: the losses later steps are judged against, and this
+            # checkpoint's verdict so far (its weights are finite; step s's own loss).
+            "loss_reference": self._judge.reference,
+            ckpt.HEALTH: {"good": verdict is None, "reason": verdict, "judged_by_step": self.step},
             "time": time.time(),
             "flowtune_version": __version__,
         }
@@ -715,10 +877,25 @@ class Trainer:
     def save(self) -> Path:
         """Write the checkpoint of the current step (atomically) and apply ``train.keep_last``.
 
-        All processes must call it (Accelerate saves each process's RNG state).
+        All processes must call it (Accelerate saves each process's RNG state).  A write the file
+        system refuses (full disk, read-only, quota) removes the half-written checkpoint, leaves
+        the earlier ones and ``final/`` as they were and raises a one-line :class:`~flowtune.fileio.WriteError`.
         """
+        previous = self.last_checkpoint
+        with write_errors(
+            self.output_dir / ckpt.CHECKPOINTS,
+            what="checkpoint",
+            needed=(lambda: tree_bytes(previous)) if previous is not None else None,
+            needed_as="the last checkpoint took {}",
+            then="resume with train.resume=latest",
+            remove=ckpt.partial_dir(self.output_dir, self.step),
+        ):
+            return self._write_checkpoint()
+
+    def _write_checkpoint(self) -> Path:
         acc = self.accelerator
         self._check_pending()  # never save weights that a non-finite step produced
+        self._check_weights_finite()  # nor non-finite weights
         target = self.output_dir / ckpt.CHECKPOINTS / ckpt.checkpoint_name(self.step)
         partial = ckpt.partial_dir(self.output_dir, self.step)
         if self.is_main:
@@ -741,6 +918,11 @@ class Trainer:
             ckpt.prune(self.output_dir, self.recipe.train.keep_last, keep=keep)
         acc.wait_for_everyone()
         self.last_checkpoint = target
+        checkpoint = ckpt.Checkpoint(self.step, target)
+        self._saved.append(checkpoint)
+        self._awaiting = checkpoint  # judged by the loss of the next step
+        if self._last_verdict[0] == self.step and self._last_verdict[1] is not None:
+            self._judged_bad[self.step] = f"step {self.step}, its own loss: {self._last_verdict[1]}"
         return target
 
     def _publish_final(self) -> Path:
@@ -788,13 +970,19 @@ class Trainer:
             ),
             (
                 "batch",
-                f"{self.samples_per_step} samples per step = {r.train.batch_size} x {acc.num_processes} "
+                f"{self.samples_per_step} sample{'s' if self.samples_per_step != 1 else ''} per step = "
+                f"{r.train.batch_size} x {acc.num_processes} "
                 f"process{'es' if acc.num_processes != 1 else ''} x {r.train.gradient_accumulation} accumulation",
             ),
             ("steps", f"{r.train.max_steps} ({self.sampler.batches_per_epoch} batches per epoch); {start}"),
             (
                 "precision",
-                f"{r.train.mixed_precision} on {self.device}"
+                (
+                    f"{r.model.dtype} (no mixed precision)"
+                    if r.train.mixed_precision == "no"
+                    else f"{r.train.mixed_precision} mixed precision"
+                )
+                + f" on {self.device}"
                 + (", gradient checkpointing" if r.train.gradient_checkpointing else ""),
             ),
             ("optimizer", f"{r.optimizer.name}, lr {r.optimizer.lr:g}, {r.lr_scheduler.name}"),
@@ -804,7 +992,7 @@ class Trainer:
             rows.append(("validation", self.validator.describe()))
         self.console.print(key_value_table("flowtune train", rows))
         for warning in self._warnings:
-            self.console.print(f"[yellow]warning:[/] {warning}", highlight=False)
+            self.console.print(warning_text(warning))
 
     def _print_summary(self, start_step: int, seconds: float, final: Path) -> None:
         if not self.is_main:
@@ -814,9 +1002,15 @@ class Trainer:
         last_loss = f"{losses[-1]:.4f}" if losses else "-"
         val_losses = [r["val_loss"] for r in records if "val_loss" in r]
         trained = self.step - start_step
+        steps = f"{trained} this run ({start_step} -> {self.step}) in {format_duration(seconds)}"
+        if trained == 0:  # resumed a run that had already reached train.max_steps
+            steps += (
+                f"; the run was already complete at train.max_steps={self.step}: to train on, resume "
+                f"with a higher limit, e.g. train.max_steps={2 * self.step} train.resume=latest"
+            )
         weights = final / (LORA_WEIGHTS_NAME if self.recipe.train.mode == "lora" else "transformer")
         rows = [
-            ("steps", f"{trained} this run ({start_step} -> {self.step}) in {format_duration(seconds)}"),
+            ("steps", steps),
             ("last loss", last_loss),
             *([("val_loss", f"{val_losses[-1]:.4f}")] if val_losses else []),
             ("peak memory", format_bytes(peak_memory_bytes(self.device))),
@@ -834,7 +1028,8 @@ class Trainer:
 
     def cleanup(self) -> None:
         """Close the metrics file and the trackers; release Accelerate's per-run state (the
-        process group stays), so that another run can start in the same process."""
+        process group stays), so that another run can start in the same process; release the
+        output directory's lock."""
         from accelerate.state import AcceleratorState, GradientState
 
         if self._metrics is not None:
@@ -845,6 +1040,9 @@ class Trainer:
             self._trackers = False
         AcceleratorState._reset_state()
         GradientState._reset_state()
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
 
     def run(self) -> TrainResult:
         """:meth:`setup`, :meth:`train`, :meth:`cleanup`."""
@@ -853,6 +1051,12 @@ class Trainer:
             return self.train()
         finally:
             self.cleanup()
+
+
+def _reading_failed(directory: Path, exc: Exception) -> str:
+    """``reading DIR failed (first line of the error)``: for a resume that failed while loading."""
+    lines = str(exc).strip().splitlines()
+    return f"reading {directory} failed ({lines[0] if lines else type(exc).__name__})"
 
 
 def _link_or_copy(source: Path, target: Path) -> None:
