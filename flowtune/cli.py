@@ -107,36 +107,54 @@ def make_tiny_command(
     err.print(f"[green]✓[/green] tiny {family} pipeline written to {path}")
 
 
-def _relaunched(command: str, recipe: str, overrides: list[str] | None, num_processes: int | None) -> None:
-    """With ``--num-processes N``: run the same command on N processes and exit with its status."""
+def _relaunched(
+    command: str,
+    recipe: str,
+    overrides: list[str] | None,
+    num_processes: int | None,
+    options: tuple[str, ...] = (),
+) -> None:
+    """With ``--num-processes N``: run the same command (with ``options``, e.g. ``--verify``) on N
+    processes and exit with its status."""
     if num_processes is None:
         return
     from flowtune.distributed import relaunch
     from flowtune.recipe import load_recipe, resolve_recipe_path
 
     load_recipe(resolve_recipe_path(recipe), overrides or [])  # a bad recipe fails once, here
-    raise typer.Exit(relaunch(command, [recipe, *(overrides or [])], num_processes))
+    raise typer.Exit(relaunch(command, [recipe, *(overrides or []), *options], num_processes))
 
 
 @app.command()
 def preprocess(
-    recipe: RecipeArg, overrides: OverridesArg = None, num_processes: NumProcessesOpt = None
+    recipe: RecipeArg,
+    overrides: OverridesArg = None,
+    num_processes: NumProcessesOpt = None,
+    verify: Annotated[
+        bool,
+        typer.Option(
+            "--verify",
+            help="Read every tensor of every cache shard (not only their headers) and hash every "
+            "image file again (not trusting its size and mtime); re-encode whatever fails or changed.",
+        ),
+    ] = False,
 ) -> None:
     """Encode the recipe's dataset (VAE latents, text embeddings) into data.cache_dir.
 
     Incremental: only images and captions that changed since the last run are encoded, and an
-    interrupted run continues where it stopped.  Exit status 1 if nothing could be cached.
-    Launched on several processes, each encodes its share into its own shards.
+    interrupted run continues where it stopped; cache shards that no longer read back are
+    re-encoded.  Exit status 1 if nothing could be cached.  Launched on several processes, each
+    encodes its share into its own shards.
     """
     from flowtune.data.cache import preprocess as run_preprocess
     from flowtune.distributed import is_main_process
     from flowtune.recipe import load_recipe, resolve_recipe_path
 
-    _relaunched("preprocess", recipe, overrides, num_processes)
+    _relaunched("preprocess", recipe, overrides, num_processes, ("--verify",) if verify else ())
     quiet_libraries()
     resolved = load_recipe(resolve_recipe_path(recipe), overrides or [])
     try:
-        report = run_preprocess(resolved, console=out)
+        report = run_preprocess(resolved, console=out, verify=verify)
     except KeyboardInterrupt:
         if is_main_process():
             err.print(

@@ -277,14 +277,19 @@ def _plan(
     identity: dict[str, str],
     store: CacheStore,
     encoder: FamilyEncoder,
+    *,
+    rehash: bool = False,
 ) -> tuple[list[PlannedItem], list[Problem], dict[str, list[Any]], dict[str, str]]:
     """Plan the items of every record at every resolution (no model is loaded).
+
+    ``rehash`` hashes every image file again instead of trusting the hashes remembered by size
+    and mtime (``flowtune preprocess --verify``).
 
     Returns the items, the problems, the file memo to save, and ``{sha256: reason}`` of the
     images left out because an earlier run failed to decode them (remembered again).
     """
     data = recipe.data
-    probe = _ImageProbe(store.manifest.get("files", {}))
+    probe = _ImageProbe({} if rehash else store.manifest.get("files", {}))
     failures: dict[str, str] = store.manifest.get("failures", {})
     known_failures: dict[str, str] = {}
     items: list[PlannedItem] = []
@@ -590,8 +595,12 @@ def preprocess(
     device: str | torch.device | None = None,
     shard_bytes: int = SHARD_BYTES,
     flush_seconds: float = FLUSH_SECONDS,
+    verify: bool = False,
 ) -> PreprocessReport:
     """Bring ``data.cache_dir`` up to date with the recipe's dataset and settings.
+
+    Shards that no longer read back (missing, truncated, a damaged header: safetensors' header
+    check, no tensor data read) are dropped and the entries they held encoded again.
 
     Args:
         recipe: A validated recipe (:func:`flowtune.recipe.load_recipe`).
@@ -599,6 +608,9 @@ def preprocess(
         device: Where the encoders run (default: CUDA if available, else CPU).
         shard_bytes: Flush a shard once this many bytes of tensors are queued.
         flush_seconds: ... or once this many seconds passed since the last shard.
+        verify: Read every tensor of every shard instead of checking the headers only, and hash
+            every image file again instead of trusting the hashes remembered by size and mtime
+            (``flowtune preprocess --verify``).
 
     Returns:
         A :class:`PreprocessReport`. ``report.items == 0`` means nothing could be cached.
@@ -632,9 +644,12 @@ def preprocess(
     store.writes_manifest = group.is_main
     # The main process holds the lock for the whole group (a second preprocess is refused).
     with store.locked() if group.is_main else contextlib.nullcontext():
+        if group.is_main:  # the other processes then forget what it dropped, before planning
+            store.drop_unreadable(full=verify)
         group.wait()  # every process opened the cache before any writes a shard
+        store.forget_missing()
         items, problems, file_memo, known_failures = _plan(
-            recipe, spec, listing.records, identity, store, encoder
+            recipe, spec, listing.records, identity, store, encoder, rehash=verify
         )
         problems = [Problem(p.path, p.reason) for p in listing.problems] + problems
         problems += _truncation_warnings(encoder, items)
@@ -686,6 +701,12 @@ def preprocess(
             if reason is not None:
                 failed_paths.setdefault((item.record.path, reason))
         problems.extend(Problem(path, reason) for path, reason in failed_paths)
+        problems += _dropped_shard_warnings(
+            store,
+            {k for k, _ in missing_texts}
+            | {item.image_key for item in missing_images}
+            | {control.key for control in missing_controls},
+        )
         images_failed = sum(1 for item in missing_images if item.image_sha in failed_shas)
         controls_failed = sum(1 for control in missing_controls if control.sha in failed_shas)
         items = [item for item in items if not failed_shas.intersection(item.shas)]
@@ -735,6 +756,20 @@ def preprocess(
     )
     print_summary(report, console)
     return report
+
+
+def _dropped_shard_warnings(store: CacheStore, encoded: set[str]) -> list[Problem]:
+    """A warning per shard dropped because it did not read back (:attr:`CacheStore.dropped`),
+    saying how many of its entries were ``encoded`` again."""
+    return [
+        Problem(
+            str(store.root / shard),
+            f"cache shard {dropped.reason}: removed, and the {len(encoded.intersection(dropped.keys))} "
+            "entries of it still in use were encoded again",
+            "warning",
+        )
+        for shard, dropped in sorted(store.dropped.items())
+    ]
 
 
 def _encode(
@@ -819,10 +854,13 @@ def print_summary(report: PreprocessReport, console: Console, max_listed: int = 
 def check_cache(recipe: Any) -> CacheStore:
     """Open the recipe's cache for training, refusing one made for another model or settings.
 
+    Every shard is checked to read back, from its header only (:meth:`CacheStore.unreadable_shards`:
+    no tensor data is read, so a large cache is checked in moments).
+
     Raises:
         FlowtuneError: one line saying what differs and how to fix it: no cache, an interrupted
-            preprocess, a setting that differs (named with both values), changed model files or a
-            validation prompt that was not encoded.
+            preprocess, a setting that differs (named with both values), changed model files, a
+            validation prompt that was not encoded, or a shard that is missing or damaged (named).
     """
     root = Path(recipe.data.cache_dir)
     fix = "run `flowtune preprocess` with this recipe (it re-encodes only what changed)"
@@ -855,4 +893,9 @@ def check_cache(recipe: Any) -> CacheStore:
     missing = [p for p in recipe.validation.prompts if p not in known]
     if missing:
         raise FlowtuneError(f"validation prompt {missing[0]!r} is not in the cache at {root}; {fix}")
+    unreadable = store.unreadable_shards()
+    if unreadable:
+        shard, reason = next(iter(unreadable.items()))
+        others = f" (and {len(unreadable) - 1} more shards)" if len(unreadable) > 1 else ""
+        raise FlowtuneError(f"cache shard {root / shard} is {reason}{others}; {fix}")
     return store

@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import hashlib
+from collections import Counter
 from collections.abc import Hashable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -61,6 +62,53 @@ def split_validation(item_keys: Sequence[str], fraction: float) -> tuple[list[in
     held_out = set(by_hash[:count])
     train = [i for i in range(len(item_keys)) if i not in held_out]
     return train, sorted(held_out)
+
+
+def _group_name(group: Hashable) -> str:
+    """A batch group as the user knows it: ``64x64``, or ``64x64 + 32x32`` with control sizes."""
+    if isinstance(group, tuple) and len(group) == 2 and all(isinstance(side, int) for side in group):
+        return f"{group[0]}x{group[1]}"
+    if isinstance(group, tuple) and len(group) == 2 and isinstance(group[1], tuple):
+        return " + ".join(_group_name(part) for part in (group[0], *group[1]))
+    return str(group)
+
+
+def repeated_items_warning(
+    groups: Sequence[Hashable], batch_size: int, num_replicas: int = 1, listed: int = 6
+) -> str | None:
+    """The warning for a global batch larger than every batch group (bucket): each global batch
+    holds the items of one bucket (:class:`BucketBatchSampler`), so every batch would then repeat
+    items; None when the largest bucket fills a global batch.
+
+    Args:
+        groups: Each item's batch group (:attr:`CachedDataset.batch_groups`).
+        batch_size: ``train.batch_size`` (per process).
+        num_replicas: Processes sharing each global batch.
+        listed: How many of the largest buckets the message names.
+    """
+    counts = Counter(groups)
+    largest = max(counts.values(), default=0)
+    global_batch = batch_size * num_replicas
+    if not counts or global_batch <= largest:
+        return None
+    by_size = sorted(counts.items(), key=lambda kv: (-kv[1], repr(kv[0])))
+    names = ", ".join(f"{_group_name(group)}: {count}" for group, count in by_size[:listed])
+    more = f", ... ({len(by_size) - listed} more)" if len(by_size) > listed else ""
+    if num_replicas == 1:
+        batch = f"train.batch_size={batch_size}"
+    else:
+        batch = f"train.batch_size={batch_size} x {num_replicas} processes = a global batch of {global_batch}"
+    if largest >= num_replicas:
+        fix = (
+            f"lower train.batch_size to {largest // num_replicas} or less (raise "
+            "train.gradient_accumulation to keep the samples per step)"
+        )
+    else:
+        fix = f"use {largest} processes or fewer, or add images of that shape"
+    return (
+        f"{batch} but the largest bucket has {largest} items (buckets: {names}{more}); every batch "
+        f"repeats items, since a batch never mixes buckets: {fix}"
+    )
 
 
 class CachedDataset(Dataset):
