@@ -2,7 +2,13 @@
 
 Commands print one-line messages for user mistakes (exit 2) and never a traceback; see
 :class:`flowtune.errors.FlowtuneError`.  Heavy libraries (torch, diffusers) are imported inside
-the commands that need them so that ``flowtune --help`` and ``flowtune validate`` stay fast.
+the commands that need them so that ``flowtune --help``, ``flowtune recipes`` and ``flowtune
+validate`` stay fast (a test checks that they do not import torch).  Output goes through
+:func:`flowtune.console.make_console` consoles, which never read user text as rich markup.
+
+Exit status (the table in the README): 0 done; 1 the loss diverged, or preprocess could cache
+nothing; 2 a user, input or environment error (one line, no traceback); 130 / 143 stopped by
+SIGINT / SIGTERM.
 """
 
 from __future__ import annotations
@@ -12,11 +18,10 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
-from rich.markup import escape
-from rich.table import Table
+from rich.text import Text
 
 from flowtune import __version__
+from flowtune.console import PlainTable, error_text, make_console, ok_text, warning_text
 from flowtune.errors import FlowtuneError
 from flowtune.quiet import quiet_libraries
 
@@ -28,8 +33,8 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     rich_markup_mode=None,
 )
-out = Console(soft_wrap=True)
-err = Console(stderr=True, soft_wrap=True)
+out = make_console()
+err = make_console(stderr=True)
 
 RecipeArg = Annotated[
     str, typer.Argument(help="A recipe YAML file, or the name of a bundled recipe (see `flowtune recipes`).")
@@ -75,7 +80,7 @@ def validate(recipe: RecipeArg, overrides: OverridesArg = None) -> None:
     path = resolve_recipe_path(recipe)
     resolved = load_recipe(path, overrides or [])
     sys.stdout.write(recipe_to_yaml(resolved))
-    err.print(f"[green]✓[/green] {path} is a valid recipe")
+    err.print(ok_text(f"{path} is a valid recipe"))
 
 
 @app.command("recipes")
@@ -83,7 +88,7 @@ def list_recipes() -> None:
     """List the bundled recipes with a one-line description each."""
     from flowtune.recipe import bundled_recipes
 
-    table = Table(box=None, show_header=True, header_style="bold")
+    table = PlainTable(box=None, show_header=True, header_style="bold")
     table.add_column("recipe")
     table.add_column("description")
     for entry in bundled_recipes():
@@ -104,7 +109,7 @@ def make_tiny_command(
 
     quiet_libraries()
     path = make_tiny(family, out_dir, seed=seed, overwrite=overwrite)
-    err.print(f"[green]✓[/green] tiny {family} pipeline written to {path}")
+    err.print(ok_text(f"tiny {family} pipeline written to {path}"))
 
 
 def _relaunched(
@@ -164,10 +169,12 @@ def preprocess(
         raise typer.Exit(130) from None
     if report.items == 0:
         if is_main_process():
-            err.print("[red]error:[/red] nothing could be cached: every item had a problem (see above)")
+            err.print(error_text("nothing could be cached: every item had a problem (see above)"))
         raise typer.Exit(1)
     if is_main_process():
-        err.print(f"[green]✓[/green] {report.items} items cached in {report.cache_dir}")
+        err.print(
+            ok_text(f"{report.items} item{'s' if report.items != 1 else ''} cached in {report.cache_dir}")
+        )
 
 
 @app.command()
@@ -192,10 +199,10 @@ def train(recipe: RecipeArg, overrides: OverridesArg = None, num_processes: NumP
         result = Trainer(resolved, console=out).run()
     except TrainingInterrupted as stop:
         if is_main_process():
-            err.print(f"[yellow]{escape(str(stop))}[/yellow]", highlight=False)
+            err.print(Text(str(stop), style="yellow"))
         raise typer.Exit(stop.exit_code) from None
     if is_main_process():
-        err.print(f"[green]✓[/green] trained to step {result.step}; weights in {result.final_dir}")
+        err.print(ok_text(f"trained to step {result.step}; weights in {result.final_dir}"))
 
 
 @app.command()
@@ -308,12 +315,11 @@ def sample(
     step = f" (step {source.step})" if source.step is not None else ""
     out.print(
         f"sampling {total} image{'s' if total != 1 else ''} with {source.spec.name} {source.pretrained}"
-        + (f" + {weights}{step}" if weights else ""),
-        highlight=False,
+        + (f" + {weights}{step}" if weights else "")
     )
 
     def progress(done: int, _: int, path: Path) -> None:
-        out.print(f"  {done}/{total} {path}", highlight=False)
+        out.print(f"  {done}/{total} {path}")
 
     result = run_sample(
         source,
@@ -327,11 +333,11 @@ def sample(
         images=images,
     )
     for warning in result.warnings:
-        err.print(f"[yellow]warning:[/] {escape(warning)}", highlight=False)
+        err.print(warning_text(warning))
     err.print(
-        f"[green]✓[/green] {len(result.images)} image{'s' if len(result.images) != 1 else ''} in {out_dir} "
-        f"(grid: {result.grid})",
-        highlight=False,
+        ok_text(
+            f"{len(result.images)} image{'s' if len(result.images) != 1 else ''} in {out_dir} (grid: {result.grid})"
+        )
     )
 
 
@@ -371,12 +377,12 @@ def make_dataset_command(
         paths = make_edit_pairs_dataset(
             out_dir, count, seed=seed, sizes=sizes, control_sizes=control_sizes, overwrite=overwrite
         )
-        err.print(f"[green]✓[/green] {len(paths)} edit pairs written to {out_dir} (images/, control/)")
+        err.print(ok_text(f"{len(paths)} edit pairs written to {out_dir} (images/, control/)"))
         return
     if control_size:
         raise FlowtuneError("--control-size goes with --edit-pairs")
     paths = make_shapes_dataset(out_dir, count, seed=seed, sizes=sizes, overwrite=overwrite)
-    err.print(f"[green]✓[/green] {len(paths)} images with captions written to {out_dir}")
+    err.print(ok_text(f"{len(paths)} images with captions written to {out_dir}"))
 
 
 @app.command()
@@ -445,7 +451,7 @@ def export(
         what = f"{result.modules} LoRA modules ({result.format})"
     else:
         what = f"{result.modules} LoRA modules as {result.original_modules} {result.format} modules"
-    err.print(f"[green]✓[/green] {what} written to {escape(str(result.path))}", highlight=False)
+    err.print(ok_text(f"{what} written to {result.path}"))
 
 
 def main() -> None:
@@ -463,16 +469,14 @@ def main() -> None:
         finally:
             shutdown()
     except FlowtuneError as exc:
-        err.print(f"[red]error{rank_tag()}:[/red] {escape(str(exc))}", highlight=False)
+        err.print(error_text(str(exc), rank_tag()))
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
         err.print(f"interrupted{rank_tag()}")
         sys.exit(130)
     except Exception as exc:
         if rank_tag():  # a bug, not a user error: the traceback, but say which process it was
-            err.print(
-                f"[red]error{rank_tag()}:[/red] {type(exc).__name__}: {escape(str(exc))}", highlight=False
-            )
+            err.print(error_text(f"{type(exc).__name__}: {exc}", rank_tag()))
         raise
 
 

@@ -193,11 +193,22 @@ class Processes:
 def shutdown() -> None:
     """Leave the process group, if this process joined one.  Called once as a command ends: a
     gloo or NCCL group still alive at interpreter exit can abort the process ("terminate called
-    without an active exception") after all its work was done."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
+    without an active exception") after all its work was done.  Imports nothing: a command that
+    never imported torch.distributed has no group to leave (and ``--help`` stays fast)."""
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None and dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def _failure_status(failures: Any) -> int:
+    """The exit status of a multi-process run that failed: that of the first process that exited
+    with a status (2 for a user error, 1 for a diverged loss, as on one process), else 128 + the
+    signal that ended the first one; 1 if none says."""
+    ordered = sorted(failures, key=lambda failure: failure.timestamp)
+    for failure in ordered:
+        if failure.exitcode > 0:
+            return int(failure.exitcode)
+    return 128 - int(ordered[0].exitcode) if ordered and ordered[0].exitcode < 0 else 1
 
 
 def accelerate_launch(argv: list[str]) -> int:
@@ -205,7 +216,7 @@ def accelerate_launch(argv: list[str]) -> int:
 
     When processes fail, each has already printed its message tagged with its rank; the launcher's
     own traceback would only bury them, so its summary (which rank exited with which status) is
-    printed instead.
+    printed instead, and the run exits with the first failed process's status.
     """
     from accelerate.commands.launch import launch_command, launch_command_parser
     from torch.distributed.elastic.multiprocessing.api import SignalException
@@ -216,7 +227,7 @@ def accelerate_launch(argv: list[str]) -> int:
         launch_command(args)
     except ChildFailedError as exc:
         print(exc.format_msg(), file=sys.stderr)
-        return 1
+        return _failure_status(exc.failures.values())
     except subprocess.CalledProcessError as exc:  # one process (accelerate's simple launcher)
         return int(exc.returncode) or 1
     except SignalException as exc:  # SIGINT/SIGTERM: passed to the processes, which saved and exited

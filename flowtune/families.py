@@ -22,7 +22,8 @@ class FamilySpec:
         name: The recipe's ``model.family`` value, e.g. ``"flux"``.
         description: One line for ``flowtune`` listings.
         adapter: The :func:`flowtune.flow_matching.create_adapter` name of its adapter.
-        pipeline_class: The diffusers inference pipeline class (``diffusers.<name>``).
+        pipeline_class: The diffusers inference pipeline class (``diffusers.<name>``); a model
+            folder of this family names it as ``_class_name`` in its ``model_index.json``.
         transformer_class: The diffusers denoiser class, loaded from subfolder ``transformer``.
         lora_target_modules: Default LoRA targets when ``lora.target_modules`` is not set in the
             recipe: peft suffix names, or ``*`` patterns over full module names.
@@ -41,6 +42,9 @@ class FamilySpec:
         references_optional: The family also generates from the caption alone (FLUX.2), so
             plain image datasets and sampling without ``--image`` work too; otherwise (FLUX.1
             Kontext) every example and every sample needs its reference.
+        other_pipeline_classes: Further ``model_index.json`` ``_class_name`` values of model
+            folders that hold this family's model (checkpoints saved by another pipeline class
+            with the same components).
     """
 
     name: str
@@ -55,6 +59,12 @@ class FamilySpec:
     lora_original_names: str | None = None
     reference_images: bool = False
     references_optional: bool = False
+    other_pipeline_classes: tuple[str, ...] = ()
+
+    @property
+    def pipeline_classes(self) -> tuple[str, ...]:
+        """Every ``model_index.json`` ``_class_name`` of a model folder of this family."""
+        return (self.pipeline_class, *self.other_pipeline_classes)
 
     def uses_edit_pairs(self, edit_pairs: bool | None) -> bool:
         """Whether a recipe trains on edit pairs, given its ``data.edit_pairs`` (None = the
@@ -184,10 +194,47 @@ def get_family(name: str) -> FamilySpec:
         raise FlowtuneError(f"unknown model family {name!r}; known families: {known}") from None
 
 
+def find_family_for_pipeline(pipeline_class: str) -> FamilySpec | None:
+    """The family whose model folders name ``pipeline_class`` in their model_index.json, or None."""
+    for spec in FAMILIES.values():
+        if pipeline_class in spec.pipeline_classes:
+            return spec
+    return None
+
+
 def family_for_pipeline(pipeline_class: str) -> FamilySpec:
     """The family whose diffusers pipeline class is ``pipeline_class`` (from a model_index.json)."""
-    for spec in FAMILIES.values():
-        if spec.pipeline_class == pipeline_class:
-            return spec
-    known = ", ".join(f"{s.pipeline_class} ({s.name})" for s in FAMILIES.values())
-    raise FlowtuneError(f"flowtune does not support {pipeline_class} models; it supports {known}")
+    spec = find_family_for_pipeline(pipeline_class)
+    if spec is None:
+        raise FlowtuneError(f"flowtune does not support {pipeline_class} models; it supports {_supported()}")
+    return spec
+
+
+def check_pipeline_family(spec: FamilySpec, pipeline_class: str, where: str) -> None:
+    """Refuse a model folder whose pipeline class (its model_index.json ``_class_name``) is not
+    one of ``spec``'s, before any of its components is loaded.
+
+    Args:
+        spec: The family the recipe names (``model.family``).
+        pipeline_class: The folder's ``_class_name``.
+        where: How the message names the folder, e.g. ``"model.pretrained '/models/flux'"``.
+
+    Raises:
+        FlowtuneError: one line naming the folder's pipeline class and family, and the recipe's.
+    """
+    if pipeline_class in spec.pipeline_classes:
+        return
+    found = find_family_for_pipeline(pipeline_class)
+    if found is not None:
+        raise FlowtuneError(
+            f"{where} holds a {pipeline_class} (family {found.name}), but the recipe says model.family: "
+            f"{spec.name}; set model.family: {found.name}, or give a {spec.pipeline_class} model"
+        )
+    raise FlowtuneError(
+        f"{where} holds a {pipeline_class}, which flowtune does not support; model.family {spec.name} "
+        f"needs a {spec.pipeline_class} model (flowtune supports {_supported()})"
+    )
+
+
+def _supported() -> str:
+    return ", ".join(f"{s.pipeline_class} ({s.name})" for s in FAMILIES.values())

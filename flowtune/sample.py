@@ -474,6 +474,8 @@ class SampleSource:
         prompts: Default prompts (the recipe's ``validation.prompts``).
         images: Default reference images (the recipe's ``validation.images``).
         control_resize: How references are resized (the recipe's ``data.control_resize``).
+        model_name: How errors about the base model name it: ``--model`` or ``model.pretrained``.
+        model_hint: Where errors about the base model send the user (a checkpoint's recipe), or None.
     """
 
     spec: FamilySpec
@@ -489,6 +491,27 @@ class SampleSource:
     prompts: list[str] = field(default_factory=list)
     images: list[str] = field(default_factory=list)
     control_resize: str = "pipeline"
+    model_name: str = "--model"
+    model_hint: str | None = None
+
+    def model_dir(self, components: Sequence[str]) -> Path:
+        """The base model's local directory with ``components`` (downloaded if needed), checked to
+        hold this family's pipeline.
+
+        Raises:
+            FlowtuneError: it cannot be found or fetched, or holds another family's model
+                (prefixed with :attr:`model_hint`).
+        """
+        from flowtune.model_files import resolve_pretrained
+
+        try:
+            return resolve_pretrained(
+                self.pretrained, self.revision, components, family=self.spec, name=self.model_name
+            )
+        except FlowtuneError as exc:
+            if self.model_hint is None:
+                raise
+            raise FlowtuneError(f"{self.model_hint}: {exc}") from None
 
 
 def source_from_checkpoint(ckpt: Path, base_model: str | None = None) -> SampleSource:
@@ -527,6 +550,10 @@ def source_from_checkpoint(ckpt: Path, base_model: str | None = None) -> SampleS
         prompts=list(v.prompts),
         images=list(v.images),
         control_resize=recipe.data.control_resize,
+        model_name="--model" if base_model else "model.pretrained",
+        model_hint=None
+        if base_model
+        else f"the base model of {trained.recipe_file} (give another with --model)",
     )
 
 
@@ -534,15 +561,12 @@ def source_from_model(model: str, lora: Path | None, revision: str | None = None
     """A base model (Hub id or diffusers directory) and an optional LoRA file; the family comes
     from the pipeline class in its ``model_index.json``."""
     from flowtune.families import family_for_pipeline
-    from flowtune.model_files import resolve_pretrained
+    from flowtune.model_files import read_pipeline_class, resolve_pretrained
 
-    index_file = resolve_pretrained(model, revision, []) / "model_index.json"
-    try:
-        class_name = json.loads(index_file.read_text())["_class_name"]
-    except (OSError, ValueError, KeyError):
-        raise FlowtuneError(
-            f"{model} has no readable model_index.json; is it a diffusers pipeline?"
-        ) from None
+    where = f"--model {model!r}"
+    class_name = read_pipeline_class(resolve_pretrained(model, revision, [], name="--model"), where)
+    if class_name is None:
+        raise FlowtuneError(f"{where} has no model_index.json; give a diffusers-format pipeline directory")
     return SampleSource(
         spec=family_for_pipeline(class_name), pretrained=model, revision=revision, lora_file=lora
     )
@@ -587,8 +611,6 @@ def sample(
     """
     import diffusers
 
-    from flowtune.model_files import resolve_pretrained
-
     spec = source.spec
     if not prompts:
         raise FlowtuneError("no prompts: give --prompt TEXT (repeatable) or --prompts-file FILE")
@@ -599,9 +621,9 @@ def sample(
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     name = dtype or source.dtype or ("bfloat16" if device.startswith("cuda") else "float32")
     torch_dtype = getattr(torch, name)
-    index = resolve_pretrained(source.pretrained, source.revision, []) / "model_index.json"
+    index = source.model_dir([]) / "model_index.json"
     components = [k for k, v in json.loads(index.read_text()).items() if not k.startswith("_") and v and v[0]]
-    model_dir = resolve_pretrained(source.pretrained, source.revision, components)
+    model_dir = source.model_dir(components)
 
     transformer = None
     if source.transformer_dir is not None:

@@ -51,13 +51,12 @@ from rich.progress import (
     MofNCompleteColumn,
     Progress,
     TaskProgressColumn,
-    TextColumn,
     TimeElapsedColumn,
     TimeRemainingColumn,
 )
-from rich.table import Table
+from rich.text import Text
 
-from flowtune.console import format_bytes
+from flowtune.console import PlainTable, format_bytes, make_console, styled, text_column
 from flowtune.data.buckets import CropPlan, apply_crop, bucket_for
 from flowtune.data.images import ImageError, load_rgb, probe_image
 from flowtune.data.loader import CONTROL_FIELD
@@ -430,13 +429,13 @@ def _batched(seq: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
 
 def _progress(console: Console) -> Progress:
     return Progress(
-        TextColumn("[bold]{task.description}"),
+        text_column("{task.description}", style="bold"),
         BarColumn(),
         MofNCompleteColumn(),
         TaskProgressColumn(),
-        TextColumn("{task.fields[rate]}"),
+        text_column("{task.fields[rate]}"),
         TimeElapsedColumn(),
-        TextColumn("ETA"),
+        text_column("ETA"),
         TimeRemainingColumn(),
         console=console,
         transient=False,
@@ -619,7 +618,7 @@ def preprocess(
         FlowtuneError: missing source or model, empty dataset, a locked cache, out of memory.
         KeyboardInterrupt: after saving every entry encoded so far (re-running continues).
     """
-    console = console or Console()
+    console = console or make_console()
     start = time.perf_counter()
     group = Processes()
     if not group.is_main:
@@ -636,7 +635,7 @@ def preprocess(
     )
     with group.main_first():  # a download happens once; the other processes then find the files
         model_dir = resolve_pretrained(
-            recipe.model.pretrained, recipe.model.revision, _encoder_components(spec)
+            recipe.model.pretrained, recipe.model.revision, _encoder_components(spec), family=spec
         )
     encoder = create_encoder(spec, model_dir, _encoder_settings(recipe), device or group.device)
     identity = encoder.identity()
@@ -819,7 +818,7 @@ def _local_fingerprint(recipe: Any, spec: FamilySpec) -> str | None:
 
 def print_summary(report: PreprocessReport, console: Console, max_listed: int = 10) -> None:
     """The end-of-run table, then the problems (first ``max_listed``) and where the rest are."""
-    table = Table(title="preprocess summary", show_header=False, title_justify="left")
+    table = PlainTable(title="preprocess summary", show_header=False, title_justify="left")
     table.add_column(style="bold")
     table.add_column()
     table.add_row("source", f"{report.source_kind}: {report.records} records")
@@ -844,11 +843,13 @@ def print_summary(report: PreprocessReport, console: Console, max_listed: int = 
     console.print(table)
     for problem in report.problems[:max_listed]:
         style = "yellow" if problem.kind == "warning" else "red"
-        console.print(f"[{style}]{problem.kind}[/]: {problem.path}: {problem.reason}", highlight=False)
+        console.print(styled((problem.kind, style), f": {problem.path}: {problem.reason}"), highlight=False)
     if report.problems:
         more = len(report.problems) - max_listed
         prefix = f"... and {more} more; " if more > 0 else ""
-        console.print(f"{prefix}all problems are listed in {report.cache_dir / ERRORS_NAME}", highlight=False)
+        console.print(
+            Text(f"{prefix}all problems are listed in {report.cache_dir / ERRORS_NAME}"), highlight=False
+        )
 
 
 def check_cache(recipe: Any) -> CacheStore:

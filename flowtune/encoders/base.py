@@ -222,11 +222,16 @@ def load_pipeline(
             fine-tune, or the model being trained).
         without: Components not to load (``transformer`` for encoding; ``text_encoder``, ...
             for validation, which uses cached prompt embeddings instead).
+
+    Raises:
+        FlowtuneError: ``model_dir`` holds another family's pipeline (its model_index.json).
     """
     import diffusers
 
+    from flowtune.model_files import check_model_family
     from flowtune.quiet import quiet_libraries
 
+    check_model_family(Path(model_dir), spec)  # another family's folder: one line, before loading
     quiet_libraries()
     without = list(without)
     pipeline_class = getattr(diffusers, spec.pipeline_class)

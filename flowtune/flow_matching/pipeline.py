@@ -35,14 +35,9 @@ import torch.nn as nn
 
 from flowtune.flow_matching import rng
 from flowtune.flow_matching.adapters.base import FlowMatchingContext, ModelAdapter
+from flowtune.flow_matching.choices import LOSS_WEIGHTING_SCHEMES, TIMESTEP_SAMPLING_METHODS
 
 logger = logging.getLogger(__name__)
-
-TIMESTEP_SAMPLING_METHODS: tuple[str, ...] = ("uniform", "logit_normal", "mode", "lognorm", "mix")
-"""Values of ``timestep_sampling``: the distribution of u before the flow shift."""
-
-LOSS_WEIGHTING_SCHEMES: tuple[str, ...] = ("linear", "bsmntw")
-"""Values of ``loss_weighting_scheme``."""
 
 MODE_SCALE = 1.29
 """Scale of the "mode" density (SD3's default), u -> 1 - u - s * (cos(pi u / 2)^2 - 1 + u)."""

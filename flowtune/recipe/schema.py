@@ -24,7 +24,7 @@ from typing import Any, Literal
 from omegaconf import MISSING
 
 from flowtune.families import FAMILIES
-from flowtune.flow_matching.pipeline import LOSS_WEIGHTING_SCHEMES, TIMESTEP_SAMPLING_METHODS
+from flowtune.flow_matching.choices import LOSS_WEIGHTING_SCHEMES, TIMESTEP_SAMPLING_METHODS
 
 __all__ = [
     "Data",

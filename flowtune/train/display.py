@@ -12,9 +12,10 @@ from collections.abc import Sequence
 from typing import Any
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
+from rich.text import Text
 
-from flowtune.console import format_bytes
+from flowtune.console import format_bytes, text_column
 
 
 class TrainDisplay:
@@ -35,14 +36,14 @@ class TrainDisplay:
         self._progress: Progress | None = None
         if console is not None and console.is_terminal:
             self._progress = Progress(
-                TextColumn("[bold]train"),
+                text_column("train", style="bold"),
                 BarColumn(),
                 MofNCompleteColumn(),
-                TextColumn("loss {task.fields[loss]}"),
-                TextColumn("lr {task.fields[lr]}"),
-                TextColumn("{task.fields[speed]}"),
-                TextColumn("mem {task.fields[mem]}"),
-                TextColumn("ETA"),
+                text_column("loss {task.fields[loss]}"),
+                text_column("lr {task.fields[lr]}"),
+                text_column("{task.fields[speed]}"),
+                text_column("mem {task.fields[mem]}"),
+                text_column("ETA"),
                 TimeRemainingColumn(),
                 console=console,
                 transient=False,
@@ -87,13 +88,16 @@ class TrainDisplay:
             return
         grad = record.get("grad_norm")
         self.console.print(
-            f"step {record['step']:>6}  loss {record['loss']:.4f}  lr {record['lr']:.2e}  "
-            f"grad {grad if grad is None else f'{grad:.3f}'}  {record['samples_per_s']:.1f} samples/s  "
-            f"mem {format_bytes(record['peak_mem_bytes'])}",
+            Text(
+                f"step {record['step']:>6}  loss {record['loss']:.4f}  lr {record['lr']:.2e}  "
+                f"grad {grad if grad is None else f'{grad:.3f}'}  {record['samples_per_s']:.1f} samples/s  "
+                f"mem {format_bytes(record['peak_mem_bytes'])}"
+            ),
             highlight=False,
         )
 
-    def print(self, *args: Any, **kwargs: Any) -> None:
-        """Print a message above the bar."""
+    def print(self, message: str | Text, **kwargs: Any) -> None:
+        """Print a message above the bar: a string as it is (never read as markup), or a styled
+        :class:`rich.text.Text`."""
         if self.console is not None:
-            self.console.print(*args, **kwargs)
+            self.console.print(Text(message) if isinstance(message, str) else message, **kwargs)

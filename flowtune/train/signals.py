@@ -3,9 +3,10 @@
 The first SIGINT (Ctrl-C) or SIGTERM (a scheduler's pre-emption notice, ``kill``) only records the
 request; the trainer checks it between optimizer steps, saves a checkpoint and raises
 :class:`TrainingInterrupted`, which the CLI turns into exit status 130 (SIGINT) or 143 (SIGTERM).
-A second SIGINT while the step or the save is still running interrupts at once (KeyboardInterrupt),
-for a user who really wants out; checkpoints are written atomically, so that never leaves a broken
-one behind.
+A SIGINT after the first signal, while the step or the save is still running, interrupts at once
+(KeyboardInterrupt), for a user who really wants out; checkpoints are written atomically, so that
+never leaves a broken one behind.  A repeated SIGTERM is ignored: a scheduler and a launcher may
+both deliver one, and a pre-emption notice must still end with a checkpoint.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ import threading
 from pathlib import Path
 from types import FrameType
 from typing import Any
+
+from rich.text import Text
 
 from flowtune.errors import FlowtuneError
 
@@ -36,6 +39,14 @@ class TrainingInterrupted(FlowtuneError):
         self.step = step
         self.checkpoint = checkpoint
         self.exit_code = 128 + int(signum)
+
+
+def received_message(signum: int) -> str:
+    """What the trainer prints on the first SIGINT or SIGTERM: what happens now, and how to stop
+    at once.  A repeated SIGTERM is ignored (a scheduler or launcher may deliver it twice, and the
+    checkpoint must still be written); a SIGINT after either stops at once."""
+    at_once = "Ctrl-C again to stop at once" if signum == signal.SIGINT else "send SIGINT to stop at once"
+    return f"{_NAMES.get(signum, signum)} received: finishing this step, then saving a checkpoint ({at_once})"
 
 
 class StopRequest:
@@ -69,10 +80,7 @@ class StopRequest:
         first = self.signum is None
         self.request(signum)
         if first and self.console is not None:
-            self.console.print(
-                f"[yellow]{_NAMES.get(signum, signum)} received: finishing this step, then saving a "
-                "checkpoint (Ctrl-C again to stop at once)[/]"
-            )
+            self.console.print(Text(received_message(signum), style="yellow"))
 
     def __enter__(self) -> StopRequest:
         if threading.current_thread() is threading.main_thread():
