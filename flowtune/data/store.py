@@ -49,8 +49,6 @@ ERRORS_NAME = "errors.jsonl"
 SHARDS_DIR = "shards"
 LOCK_NAME = ".lock"
 _ENTRIES_METADATA = "flowtune.entries"
-
-
 _REPAIR = "run `flowtune preprocess` with this recipe to re-encode what it held"
 
 
@@ -94,7 +92,7 @@ def shard_problem(path: Path, keys: Iterable[str] = (), *, full: bool = False) -
 
     Returns:
         ``"missing"``, ``"truncated or corrupt (<safetensors' reason>)"``,
-        ``"unreadable (<OS error>)"`` or ``"without entry <key> that the manifest lists in it"``.
+        ``"unreadable (<OS error>)"`` or ``"missing entry <key> that the manifest lists in it"``.
     """
     try:
         if full:
@@ -106,7 +104,7 @@ def shard_problem(path: Path, keys: Iterable[str] = (), *, full: bool = False) -
         return _read_problem(err)
     held = {name.rsplit("/", 1)[0] for name in names}
     absent = next((key for key in keys if key not in held), None)
-    return None if absent is None else f"without entry {absent} that the manifest lists in it"
+    return None if absent is None else f"missing entry {absent} that the manifest lists in it"
 
 
 @dataclass(frozen=True)
@@ -265,7 +263,7 @@ class CacheStore:
         by_shard = self._keys_by_shard()
         for shard, reason in problems.items():
             self._forget(shard, reason, by_shard.get(shard, ()))
-            with contextlib.suppress(FileNotFoundError):
+            with contextlib.suppress(OSError):  # one left behind is never read (no entry names it)
                 (self.root / shard).unlink()
         return problems
 
