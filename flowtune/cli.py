@@ -458,9 +458,12 @@ def main() -> None:
     """Console-script entry point: run the app, turning user errors into one-line messages.
 
     Typer's standalone mode already reports usage errors (unknown command or option) in one
-    message with exit status 2; flowtune's own user errors are handled here the same way.
+    message with exit status 2; flowtune's own user errors are handled here the same way, and so
+    is any write the file system refuses (:data:`flowtune.fileio.WRITE_ERRNOS`, torch.save's
+    stream errors) that a command did not already turn into a message.
     """
     from flowtune.distributed import rank_tag, shutdown
+    from flowtune.fileio import write_failure_message
 
     quiet_libraries()
     try:
@@ -475,6 +478,12 @@ def main() -> None:
         err.print(f"interrupted{rank_tag()}")
         sys.exit(130)
     except Exception as exc:
+        # A write the file system refused (read-only, full disk, no permission, quota) wherever
+        # no command translated it: one line naming the path, never a traceback.
+        message = write_failure_message(exc)
+        if message is not None:
+            err.print(error_text(message, rank_tag()))
+            sys.exit(2)
         if rank_tag():  # a bug, not a user error: the traceback, but say which process it was
             err.print(error_text(f"{type(exc).__name__}: {exc}", rank_tag()))
         raise

@@ -33,6 +33,7 @@ from flowtune import __version__
 from flowtune.encoders.base import load_pipeline
 from flowtune.errors import FlowtuneError
 from flowtune.families import FamilySpec
+from flowtune.fileio import atomic_path, write_errors
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -261,7 +262,8 @@ class SampleWriter:
 
     def __init__(self, out_dir: Path, info: dict[str, Any] | None = None):
         self.out_dir = Path(out_dir)
-        self.out_dir.mkdir(parents=True, exist_ok=True)
+        with write_errors(self.out_dir):
+            self.out_dir.mkdir(parents=True, exist_ok=True)
         self.info = {
             k: str(v) if isinstance(v, Path) else v for k, v in (info or {}).items() if v is not None
         }
@@ -296,8 +298,10 @@ class SampleWriter:
         chunks.add_text("software", f"flowtune {__version__}")
         chunks.add_text("flowtune", json.dumps(record, sort_keys=True))
         path = self.out_dir / name
-        image.save(path, pnginfo=chunks)
-        with open(self.out_dir / SAMPLES_FILE, "a", encoding="utf-8") as handle:
+        with atomic_path(path) as tmp:
+            image.save(tmp, format="PNG", pnginfo=chunks)
+        records = self.out_dir / SAMPLES_FILE
+        with write_errors(records), open(records, "a", encoding="utf-8") as handle:
             handle.write(json.dumps(record) + "\n")
         self.images.append((image, f"{job.prompt} (seed {job.seed})"))
         self.records.append(record)
@@ -309,7 +313,8 @@ class SampleWriter:
             return None
         sheet = contact_sheet([i for i, _ in self.images], [c for _, c in self.images], columns)
         path = self.out_dir / GRID_FILE
-        sheet.save(path)
+        with atomic_path(path) as tmp:
+            sheet.save(tmp, format="PNG")
         return path
 
 
@@ -618,6 +623,17 @@ def sample(
     references = pair_references(
         spec, prompts, images, (settings.width, settings.height), source.control_resize
     )
+    # Before any model is downloaded or loaded, so that an unwritable --out is reported at once.
+    writer = SampleWriter(
+        out_dir,
+        {
+            "family": spec.name,
+            "model": source.pretrained,
+            "lora": source.lora_file,
+            "checkpoint": source.checkpoint,
+            "step": source.step,
+        },
+    )
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     name = dtype or source.dtype or ("bfloat16" if device.startswith("cuda") else "float32")
     torch_dtype = getattr(torch, name)
@@ -639,16 +655,6 @@ def sample(
         warnings = check_lora(spec, pipe.transformer, source.lora_file, base_model=source.pretrained)
         add_lora(pipe, source.lora_file, settings.lora_scale)
 
-    writer = SampleWriter(
-        out_dir,
-        {
-            "family": spec.name,
-            "model": source.pretrained,
-            "lora": source.lora_file,
-            "checkpoint": source.checkpoint,
-            "step": source.step,
-        },
-    )
     inputs = None
     if references is not None:
         encoder_class = spec.load_encoder_class()

@@ -12,8 +12,6 @@ even the tokenizers are constructed here from small fixed vocabularies.
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 import zlib
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -22,6 +20,7 @@ import torch
 
 from flowtune.errors import FlowtuneError
 from flowtune.families import get_family
+from flowtune.fileio import atomic_dir, write_errors
 
 if TYPE_CHECKING:
     from diffusers import (
@@ -535,26 +534,14 @@ def make_tiny(family: str, out_dir: str | Path, seed: int = 0, overwrite: bool =
                 "or choose another directory"
             )
 
+    hint = "choose another directory"
     try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    except OSError as err:
-        raise FlowtuneError(
-            f"cannot create {target}: {err.strerror or err}; choose a writable location"
-        ) from None
-
-    try:
+        with write_errors(target, hint=hint):
+            target.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:  # not a file-system refusal: e.g. a file where a folder should be
+        raise FlowtuneError(f"cannot create {target}: {err.strerror or err}; {hint}") from None
+    # Written to a temporary folder and renamed into place (an existing one is moved aside first),
+    # so that at every moment either the old or the new complete directory exists.
+    with atomic_dir(target, hint=hint) as staging:
         spec.load_tiny_builder()(staging, seed)
-        if target.exists():
-            # Directories cannot be swapped atomically: move the old one aside first, so that at
-            # every moment either the old or the new complete directory exists.
-            retired = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
-            target.replace(retired / target.name)
-            staging.replace(target)
-            shutil.rmtree(retired, ignore_errors=True)
-        else:
-            staging.replace(target)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return target

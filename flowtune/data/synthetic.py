@@ -28,6 +28,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from flowtune.errors import FlowtuneError
+from flowtune.fileio import write_errors
 
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "star", "ring", "cross")
 """Shape names, as they appear in captions."""
@@ -196,7 +197,8 @@ def _prepare_directory(out_dir: Path, overwrite: bool) -> None:
     """
     if out_dir.exists() and not out_dir.is_dir():
         raise _DatasetError(f"output path {out_dir} exists and is not a directory; choose a directory")
-    out_dir.mkdir(parents=True, exist_ok=True)
+    with write_errors(out_dir):
+        out_dir.mkdir(parents=True, exist_ok=True)
     entries = sorted(out_dir.iterdir())
     if not entries:
         return
@@ -246,9 +248,7 @@ def make_shapes_dataset(
         stem = f"{index:0{digits}d}"
         image_path = out_dir / f"{stem}.{suffix}"
         _save(draw_shape(spec, width, height), image_path, pil_format)
-        (out_dir / f"{stem}{_CAPTION_SUFFIX}").write_text(
-            spec.caption() + "\n", encoding="utf-8", newline="\n"
-        )
+        _write_caption(out_dir / f"{stem}{_CAPTION_SUFFIX}", spec.caption())
         paths.append(image_path)
     return paths
 
@@ -340,9 +340,7 @@ def make_edit_pairs_dataset(
         _save(draw_shape(edit.target, *target_sizes[index % len(target_sizes)]), target_path, pil_format)
         control = draw_shape(edit.source, *source_sizes[index % len(source_sizes)])
         _save(control, control_dir / f"{stem}.{suffix}", pil_format)
-        (images_dir / f"{stem}{_CAPTION_SUFFIX}").write_text(
-            edit.instruction() + "\n", encoding="utf-8", newline="\n"
-        )
+        _write_caption(images_dir / f"{stem}{_CAPTION_SUFFIX}", edit.instruction())
         paths.append(target_path)
     return paths
 
@@ -375,7 +373,14 @@ def _check_format(image_format: str) -> tuple[str, str]:
 def _save(image: Image.Image, path: Path, pil_format: str) -> None:
     """Save losslessly where the format allows (WebP), byte-identically for the same image."""
     save_options = {"lossless": True} if pil_format == "WEBP" else {}
-    image.save(path, format=pil_format, **save_options)
+    with write_errors(path, remove=path):  # a refused write leaves no truncated image behind
+        image.save(path, format=pil_format, **save_options)
+
+
+def _write_caption(path: Path, caption: str) -> None:
+    """Write one caption line (UTF-8, ``\\n``); a refused write is a one-line error."""
+    with write_errors(path, remove=path):
+        path.write_text(caption + "\n", encoding="utf-8", newline="\n")
 
 
 def parse_size(text: str) -> tuple[int, int]:

@@ -8,16 +8,15 @@ them, so that pruning old checkpoints (``train.keep_last``) or a continued run r
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-from flowtune.data.store import atomic_path
 from flowtune.errors import FlowtuneError
-from flowtune.train.checkpoint import CHECKPOINTS, FINAL, publish
+from flowtune.fileio import atomic_dir, atomic_path, write_errors
+from flowtune.train.checkpoint import CHECKPOINTS, FINAL
 
 EXPORT_DIR = "export"
+_HINT = "choose another --out"
 
 
 def default_stem(checkpoint: Path) -> tuple[Path, str]:
@@ -59,36 +58,33 @@ def check_free_dir(path: Path, overwrite: bool) -> None:
 
 def write_file_atomically(path: Path, write: Callable[[Path], None]) -> Path:
     """Call ``write(tmp)`` on a temporary file next to ``path``, then rename it to ``path``
-    (:func:`flowtune.data.store.atomic_path`): a process killed mid-write leaves at most a hidden
-    temporary file, never a truncated ``path``; an existing ``path`` is replaced in one step."""
+    (:func:`flowtune.fileio.atomic_path`): a process killed mid-write leaves at most a hidden
+    temporary file, never a truncated ``path``; an existing ``path`` is replaced in one step.  The
+    file gets the umask's permissions; a write the file system refuses is a one-line
+    :class:`~flowtune.fileio.WriteError`."""
     path = Path(path)
     _make_parent(path)
-    with atomic_path(path) as tmp:
+    with atomic_path(path, hint=_HINT) as tmp:
         write(Path(tmp))
     return path
 
 
 def write_dir_atomically(path: Path, write: Callable[[Path], None]) -> Path:
     """Call ``write(tmp_dir)`` on a temporary directory next to ``path``, then move it into place
-    with :func:`flowtune.train.checkpoint.publish`: an existing ``path`` is moved aside first and
-    deleted after the rename, so at every moment either the old or the new complete directory
-    exists."""
+    (:func:`flowtune.fileio.atomic_dir`): an existing ``path`` is moved aside first and deleted
+    after the rename, so at every moment either the old or the new complete directory exists.  The
+    directory and its files get the umask's permissions; a write the file system refuses is a
+    one-line :class:`~flowtune.fileio.WriteError`."""
     path = Path(path)
     _make_parent(path)
-    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-    try:
+    with atomic_dir(path, hint=_HINT) as staging:
         write(staging)
-        publish(staging, path)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return path
 
 
 def _make_parent(path: Path) -> None:
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise FlowtuneError(
-            f"cannot create {path.parent}: {exc.strerror or exc}; choose another --out"
-        ) from None
+        with write_errors(path.parent, hint=_HINT):
+            path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:  # not a file-system refusal: e.g. a file where a folder should be
+        raise FlowtuneError(f"cannot create {path.parent}: {exc.strerror or exc}; {_HINT}") from None
