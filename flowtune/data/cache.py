@@ -763,8 +763,8 @@ def _dropped_shard_warnings(store: CacheStore, encoded: set[str]) -> list[Proble
     return [
         Problem(
             str(store.root / shard),
-            f"cache shard {dropped.reason}: removed, and the {len(encoded.intersection(dropped.keys))} "
-            "entries of it still in use were encoded again",
+            f"cache shard {dropped.reason}: {'' if dropped.reason == 'missing' else 'removed; '}"
+            f"{len(encoded.intersection(dropped.keys))} of its entries still in use were encoded again",
             "warning",
         )
         for shard, dropped in sorted(store.dropped.items())
