@@ -132,7 +132,7 @@ def mark_bad(path: Path, reason: str, judged_by_step: int | None) -> None:
     """Record in a checkpoint's ``trainer_state.json`` (rewritten atomically) that it is not good
     to go back to, and why; ``train.resume=latest`` then skips it.  A checkpoint deleted in the
     meantime (``train.keep_last``) is left alone."""
-    from flowtune.data.store import atomic_write_json
+    from flowtune.fileio import atomic_write_json
 
     try:
         state = read_state(path)
