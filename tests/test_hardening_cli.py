@@ -33,8 +33,8 @@ from flowtune.errors import FlowtuneError
 from flowtune.families import get_family
 from tests.helpers import REPO
 
-# A directory name holding both a tag rich would swallow and a closing tag that crashes it.
-WEIRD = ("runs[x]", "a[", "]b")
+# A path holding a closing tag that crashed rich (nothing to close), then a tag it swallowed.
+WEIRD = ("a[", "]b", "runs[x]")
 PROMPT = "a [dev] circle [/] in red"
 
 
