@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from flowtune.errors import FlowtuneError
+from flowtune.fileio import write_errors
 
 
 @dataclass(frozen=True)
@@ -73,11 +74,18 @@ class RunLock:
             releasing the lock (killed or crashed); None after a clean release.
     """
 
-    def __init__(self, path: Path, handle: IO[str] | None, taken_over: Holder | None):
+    def __init__(
+        self,
+        path: Path,
+        handle: IO[str] | None,
+        taken_over: Holder | None,
+        created: tuple[Path, ...] = (),
+    ):
         self.path = path
         self.taken_over = taken_over
         self._handle = handle
         self._pid = os.getpid()
+        self._created = created  # folders acquire() made for the lock, deepest first
 
     def takeover_warning(self, what: str) -> str | None:
         """A warning line when the lock was taken over from a run that did not release it."""
@@ -99,12 +107,27 @@ class RunLock:
         with contextlib.suppress(OSError):
             handle.truncate(0)
             handle.flush()
+        self._remove_if_unused()
         with contextlib.suppress(OSError):
             fcntl.flock(handle, fcntl.LOCK_UN)
         handle.close()
 
+    def _remove_if_unused(self) -> None:
+        """A run that failed before writing anything (a bad recipe, a missing cache) leaves no
+        trace: when acquire() made the lock's folder and it still holds only the lock file, both
+        go (still under the lock; a process that opened the file meanwhile notices, see
+        :func:`acquire`)."""
+        if not self._created:
+            return
+        with contextlib.suppress(OSError):
+            if [p.name for p in self.path.parent.iterdir()] != [self.path.name]:
+                return
+            self.path.unlink()
+            for folder in self._created:
+                folder.rmdir()
 
-def acquire(path: Path, *, what: str, command: str, hint: str) -> RunLock:
+
+def acquire(path: Path, *, what: str, command: str, hint: str, elsewhere: str | None = None) -> RunLock:
     """Take the exclusive lock ``path`` (created with its folder if needed), without waiting.
 
     Args:
@@ -112,6 +135,8 @@ def acquire(path: Path, *, what: str, command: str, hint: str) -> RunLock:
         what: The directory in words, for messages: ``the output directory /runs/a``.
         command: What holds it, recorded for others' messages: ``flowtune train``.
         hint: What the user can do when it is held: ``wait for it to end, or ...``.
+        elsewhere: Where else to work when the folder cannot be written (read-only, full):
+            ``set train.output_dir to another directory``.
 
     Raises:
         FlowtuneError: another process holds it: ``WHAT is in use by pid N on host H (...); HINT``.
@@ -121,34 +146,51 @@ def acquire(path: Path, *, what: str, command: str, hint: str) -> RunLock:
         import fcntl
     except ImportError:  # pragma: no cover - not POSIX: no locking
         return RunLock(path, None, None)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        handle = open(path, "a+")  # noqa: SIM115 - held open for the lifetime of the run
-    except OSError as exc:
-        raise FlowtuneError(f"cannot create the lock file {path}: {exc.strerror}") from None
-    try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        holder = Holder.parse(_read(handle))
-        handle.close()
-        who = holder.describe() if holder is not None else "another flowtune process"
-        raise FlowtuneError(f"{what} is in use by {who}; {hint}") from None
-    previous = Holder.parse(_read(handle))
-    handle.seek(0)
-    handle.truncate(0)
-    handle.write(json.dumps(Holder.current(command).__dict__))
-    handle.flush()
-    return RunLock(path, handle, previous)
+    created = tuple(p for p in path.parents if not p.exists())  # deepest first
+    with write_errors(path, what="the lock file", hint=elsewhere):
+        for _ in range(10):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            handle = open(path, "a+")  # noqa: SIM115 - held open for the lifetime of the run
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                holder = Holder.parse(_read(handle))
+                handle.close()
+                who = holder.describe() if holder is not None else "another flowtune process"
+                raise FlowtuneError(f"{what} is in use by {who}; {hint}") from None
+            if _same_file(handle, path):
+                break
+            # The file was removed by a run that released it between our open and our lock
+            # (RunLock._remove_if_unused): lock the one now at `path` instead.
+            handle.close()
+        else:  # pragma: no cover - ten removals in a row
+            raise FlowtuneError(f"{what}: its lock file {path} keeps disappearing; {hint}")
+        previous = Holder.parse(_read(handle))
+        handle.seek(0)
+        handle.truncate(0)
+        handle.write(json.dumps(Holder.current(command).__dict__))
+        handle.flush()
+    return RunLock(path, handle, previous, created)
 
 
 @contextlib.contextmanager
-def held(path: Path, *, what: str, command: str, hint: str) -> Iterator[RunLock]:
+def held(
+    path: Path, *, what: str, command: str, hint: str, elsewhere: str | None = None
+) -> Iterator[RunLock]:
     """:func:`acquire` for the duration of a ``with`` block."""
-    lock = acquire(path, what=what, command=command, hint=hint)
+    lock = acquire(path, what=what, command=command, hint=hint, elsewhere=elsewhere)
     try:
         yield lock
     finally:
         lock.release()
+
+
+def _same_file(handle: IO[str], path: Path) -> bool:
+    """Whether the open ``handle`` is still the file at ``path``."""
+    try:
+        return os.path.samestat(os.fstat(handle.fileno()), os.stat(path))
+    except OSError:
+        return False
 
 
 def _read(handle: IO[str]) -> str:

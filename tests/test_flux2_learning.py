@@ -54,6 +54,9 @@ def test_flux2_lora_training_makes_each_caption_sample_its_own_image(tmp_path: P
             width=64,
             num_inference_steps=20,
             max_sequence_length=TEXT_TOKENS,
+            # The guidance the LoRA was trained with (the adapter's guidance_scale default, 3.5),
+            # not Flux2Pipeline's 4.0: the tiny model only knows the guidance embedding of 3.5.
+            guidance_scale=3.5,
             generator=torch.Generator().manual_seed(0),  # the same starting noise for every caption
             output_type="latent",
         ).images  # [1, 16, 128]: the packed 4 x 4 grid of patchified, normalized latents

@@ -88,6 +88,13 @@ def test_a_second_run_on_a_used_output_dir_is_refused_naming_pid_and_host(env: P
         held.release()
 
 
+def test_a_run_refused_before_writing_anything_leaves_no_output_dir(env: Path, tmp_path: Path) -> None:
+    out = tmp_path / "runs" / "a"
+    with pytest.raises(FlowtuneError, match="no preprocessed cache at"):
+        _train(env, out, f"data.cache_dir={tmp_path / 'nowhere'}")
+    assert not (tmp_path / "runs").exists()  # neither the lock file nor the folders made for it
+
+
 def test_a_lock_left_by_a_killed_run_is_taken_over_with_a_warning(env: Path, tmp_path: Path) -> None:
     out = tmp_path / "run"
     out.mkdir()
@@ -145,6 +152,18 @@ def test_preprocess_s_cache_lock_names_pid_and_host(env: Path) -> None:
                 pass
 
 
+def test_preprocess_takes_over_a_lock_left_by_a_killed_preprocess_with_a_warning(env: Path) -> None:
+    from flowtune.data.store import LOCK_NAME
+
+    (env / "cache" / LOCK_NAME).write_text(
+        json.dumps({"pid": 999999, "host": "gpu-7", "command": "flowtune preprocess", "started": 0.0})
+    )
+    console = Console(record=True, width=400)
+    preprocess(load_recipe(env / "recipe.yaml"), console=console)
+    assert "last used by pid 999999 on host gpu-7 (flowtune preprocess" in console.export_text()
+    assert (env / "cache" / LOCK_NAME).read_text() == ""  # released
+
+
 # ------------------------------------------------------------------ 2. good checkpoints
 
 
@@ -185,6 +204,27 @@ def test_a_diverged_run_names_only_a_good_checkpoint_and_resume_latest_skips_bad
     result = _train(env, out, "train.max_steps=3", "train.resume=latest", console=console)
     assert result.start_step == 2
     assert "skipped the checkpoints marked bad: step-000003" in console.export_text()
+
+
+def test_keep_last_never_prunes_the_newest_checkpoint_confirmed_good(env: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    trainer = _trainer(env, out, "train.max_steps=6", "train.checkpoint_every=1", "train.keep_last=1")
+    trainer.setup()
+    original = trainer.flow.step
+
+    def step(*args, **kwargs):
+        weighted, loss, mask, metrics = original(*args, **kwargs)
+        return weighted, loss * float("nan") if trainer.step == 3 else loss, mask, metrics
+
+    trainer.flow.step = step
+    try:
+        # keep_last=1 alone would have pruned step 2 when step 3 was saved; step 4's NaN then
+        # condemns step 3, and step 2 (confirmed good by step 3's loss) is what is left.
+        with pytest.raises(NonFiniteLossError, match="the last good checkpoint is .*step-000002"):
+            trainer.train()
+    finally:
+        trainer.cleanup()
+    assert [c.step for c in ckpt.list_checkpoints(out)] == [2, 3]
 
 
 def test_when_no_checkpoint_qualifies_the_run_says_so_and_resume_latest_refuses(

@@ -515,10 +515,13 @@ def test_batches_never_mix_control_sizes_or_counts(tmp_path, tiny_kontext) -> No
     assert seen == {i["key"] for i in data.items}
 
 
-def test_plain_families_cache_no_controls(tmp_path, tiny_kontext) -> None:
+def test_plain_families_cache_no_controls(tmp_path) -> None:
     source = tmp_path / "flat"
     make_edit_pairs_dataset(source, 2)
-    recipe = _recipe(tmp_path, tiny_kontext, source, family="flux")
+    # A FLUX.1 model: a Kontext folder is refused for family flux (its model_index.json names
+    # FluxKontextPipeline).
+    model = make_tiny("flux", tmp_path / "tiny-flux")
+    recipe = _recipe(tmp_path, model, source, family="flux")
     report = _run(recipe)
     assert report.items == 4  # images/ and control/ are just folders of images for FLUX.1
     assert report.controls_encoded == report.controls_reused == 0

@@ -56,7 +56,7 @@ from rich.progress import (
 )
 from rich.text import Text
 
-from flowtune.console import PlainTable, format_bytes, make_console, styled, text_column
+from flowtune.console import PlainTable, format_bytes, make_console, styled, text_column, warning_text
 from flowtune.data.buckets import CropPlan, apply_crop, bucket_for
 from flowtune.data.images import ImageError, load_rgb, probe_image
 from flowtune.data.loader import CONTROL_FIELD
@@ -642,7 +642,9 @@ def preprocess(
     store = CacheStore.open(data.cache_dir, create=True)
     store.writes_manifest = group.is_main
     # The main process holds the lock for the whole group (a second preprocess is refused).
-    with store.locked() if group.is_main else contextlib.nullcontext():
+    with store.locked() if group.is_main else contextlib.nullcontext() as takeover:
+        if takeover:  # a lock left by a killed preprocess
+            console.print(warning_text(takeover))
         if group.is_main:  # the other processes then forget what it dropped, before planning
             store.drop_unreadable(full=verify)
         group.wait()  # every process opened the cache before any writes a shard

@@ -286,6 +286,7 @@ class CacheStore:
             what=f"the cache at {self.root}",
             command="flowtune preprocess",
             hint="wait for it to finish or use another data.cache_dir",
+            elsewhere="set data.cache_dir to another directory",
         ) as lock:
             yield lock.takeover_warning(f"the cache at {self.root}")
 

@@ -34,7 +34,7 @@ import json
 import os
 import re
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -399,12 +399,13 @@ def publish(partial: Path, final: Path) -> Path:
     return final
 
 
-def prune(output_dir: Path, keep_last: int | None, keep: Path | None = None) -> list[Path]:
+def prune(output_dir: Path, keep_last: int | None, keep: Iterable[Path] = ()) -> list[Path]:
     """Delete all but the newest ``keep_last`` checkpoints (``None`` keeps all).
 
     Args:
-        keep: A checkpoint never deleted (the one the run resumed from, while the run has not yet
-            saved a newer one).
+        keep: Checkpoints never deleted: the one the run resumed from, while the run has not yet
+            saved a newer one, and the newest one confirmed good (so that a run whose newer
+            checkpoints turn out bad still has one to go back to).
 
     Returns:
         The deleted checkpoint directories.
@@ -413,7 +414,8 @@ def prune(output_dir: Path, keep_last: int | None, keep: Path | None = None) -> 
         return []
     checkpoints = list_checkpoints(output_dir)
     doomed = [c.path for c in checkpoints[: max(0, len(checkpoints) - keep_last)]]
-    doomed = [p for p in doomed if keep is None or p.resolve() != Path(keep).resolve()]
+    kept = {Path(p).resolve() for p in keep}
+    doomed = [p for p in doomed if p.resolve() not in kept]
     for path in doomed:
         # Rename first so that a kill mid-delete leaves a partial (ignored) name, not a
         # checkpoint with missing files.

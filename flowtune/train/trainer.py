@@ -228,6 +228,7 @@ class Trainer:
             what=f"the output directory {self.output_dir}",
             command="flowtune train",
             hint="wait for that run to end, or set train.output_dir to another directory",
+            elsewhere="set train.output_dir to another directory",
         )
         if warning := self._lock.takeover_warning(f"the output directory {self.output_dir}"):
             self._warnings.append(warning)
@@ -910,11 +911,7 @@ class Trainer:
             (partial / ckpt.RECIPE_FILE).write_text(recipe_to_yaml(self.recipe))
             ckpt.write_state(partial, self._trainer_state())
             ckpt.publish(partial, target)
-            keep = (
-                self.resumed_from.path
-                if self.resumed_from and self.last_checkpoint == self.resumed_from.path
-                else None
-            )
+            keep = [c.path for c in (self._resumed_still_newest(), self._newest_confirmed_good()) if c]
             ckpt.prune(self.output_dir, self.recipe.train.keep_last, keep=keep)
         acc.wait_for_everyone()
         self.last_checkpoint = target
@@ -924,6 +921,26 @@ class Trainer:
         if self._last_verdict[0] == self.step and self._last_verdict[1] is not None:
             self._judged_bad[self.step] = f"step {self.step}, its own loss: {self._last_verdict[1]}"
         return target
+
+    def _resumed_still_newest(self) -> ckpt.Checkpoint | None:
+        """The checkpoint the run resumed from, while the run has saved none since."""
+        if self.resumed_from is not None and self.last_checkpoint == self.resumed_from.path:
+            return self.resumed_from
+        return None
+
+    def _newest_confirmed_good(self) -> ckpt.Checkpoint | None:
+        """The newest checkpoint of this run's trajectory already judged good by the loss of the
+        step after it (:mod:`flowtune.train.health`); ``train.keep_last`` never prunes it."""
+        candidates = [*([self.resumed_from] if self.resumed_from else []), *self._saved]
+        for checkpoint in sorted(candidates, key=lambda c: c.step, reverse=True):
+            if checkpoint.step >= self.step or checkpoint.step in self._judged_bad:
+                continue
+            try:
+                if ckpt.is_good(checkpoint.state()):
+                    return checkpoint
+            except FlowtuneError:  # pruned already
+                continue
+        return None
 
     def _publish_final(self) -> Path:
         """``output_dir/final``: the last checkpoint's weights (hard links when possible), recipe and
