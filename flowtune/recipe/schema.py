@@ -316,7 +316,9 @@ class Train:
     """Save a resumable checkpoint every this many steps (and always after the last step)."""
 
     keep_last: int | None = 3
-    """Keep only the newest this many checkpoints. null keeps all of them."""
+    """Keep only the newest this many checkpoints, plus the newest one confirmed good when it is
+    older (docs/training.md), so a run whose newest checkpoints turn out bad keeps one to go back to. null
+    keeps all of them."""
 
     log_every: int = 10
     """Write a line to `metrics.jsonl` (and the console and trackers) every this many steps, with
