@@ -142,19 +142,28 @@ def atomic_dir(path: str | Path, *, what: str | None = None, hint: str | None = 
             raise
 
 
-def replace_dir(staging: Path, target: Path) -> Path:
+def replace_dir(staging: Path, target: Path, aside: Path | None = None) -> Path:
     """Rename the complete directory ``staging`` to ``target`` after giving its files the umask's
     permissions and syncing them (:func:`settle_tree`).
 
-    Directories cannot be swapped in one step: an existing ``target`` is first moved aside to a
-    hidden ``.<name>.old-<random>`` directory and deleted after the rename, so that at every moment
-    either the old or the new complete directory exists under ``target``.
+    Directories cannot be swapped in one step: an existing ``target`` is first moved aside and
+    deleted after the rename, so that at every moment either the old or the new complete
+    directory exists under ``target``.
+
+    Args:
+        aside: Where the old ``target`` goes meanwhile (replaced if it exists; name it so that a
+            clean-up after a kill finds it); default: a new hidden ``.<name>.old-<random>/<name>``.
     """
     staging, target = Path(staging), Path(target)
     settle_tree(staging)
     if target.exists():
-        retired = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
-        os.replace(target, retired / target.name)
+        if aside is None:
+            retired = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+            aside = retired / target.name
+        else:
+            retired = aside = Path(aside)
+            shutil.rmtree(aside, ignore_errors=True)
+        os.replace(target, aside)
         os.replace(staging, target)
         shutil.rmtree(retired, ignore_errors=True)
     else:

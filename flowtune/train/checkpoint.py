@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from flowtune.errors import FlowtuneError
-from flowtune.fileio import settle_tree
+from flowtune.fileio import replace_dir
 
 CHECKPOINTS = "checkpoints"
 FINAL = "final"
@@ -386,17 +386,9 @@ def publish(partial: Path, final: Path) -> Path:
     previous ``final/``) is first moved aside, so at every moment one complete version exists.
     """
     final = Path(final)
-    settle_tree(partial)  # the umask's permissions (safetensors writes 0600 files), fsynced
-    if final.exists():
-        old = final.with_name(f"{PARTIAL_PREFIX}old-{final.name}")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(final, old)
-        os.replace(partial, final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(partial, final)
-    _fsync_dir(final.parent)
-    return final
+    # The umask's permissions (safetensors writes 0600 files), fsynced; the old version is moved
+    # to a .partial- name, which remove_partial() deletes should a kill leave it behind.
+    return replace_dir(partial, final, aside=final.with_name(f"{PARTIAL_PREFIX}old-{final.name}"))
 
 
 def prune(output_dir: Path, keep_last: int | None, keep: Iterable[Path] = ()) -> list[Path]:
@@ -423,14 +415,6 @@ def prune(output_dir: Path, keep_last: int | None, keep: Iterable[Path] = ()) ->
         os.replace(path, trash)
         shutil.rmtree(trash, ignore_errors=True)
     return doomed
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 @dataclass(frozen=True)
