@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
+import logging
 import os
 import shutil
+import signal
 import subprocess
 import sys
-from collections.abc import Callable
+import traceback
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 REPO = Path(__file__).resolve().parents[1]
 # T5 tokens per caption in the learning tests (train_learning_run and their sampling).
@@ -28,7 +35,104 @@ def flowtune(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
     )
 
 
-def assert_user_error(result: subprocess.CompletedProcess, *fragments: str) -> None:
+@dataclass
+class Result:
+    """What an in-process :func:`cli` run gave: as the process would have, exit status and text."""
+
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def cli(*args: str | Path, cwd: Path = REPO) -> Result:
+    """Run ``flowtune ARGS`` through :func:`flowtune.cli.main` in this process, as :func:`flowtune`
+    runs it in a subprocess (offline, 200 columns, in ``cwd``) but without starting an interpreter
+    and importing torch again: for tests whose subject is a command's exit status or message, not
+    the process (signals, launches of several processes and import laziness need :func:`flowtune`).
+
+    As Python would: ``sys.exit(N)`` is status N, an exception that escapes ``main`` prints its
+    traceback on stderr with status 1.  The command's consoles are made anew for the run, writing
+    to the captured streams; what a command changes of this process (environment, working
+    directory, umask, SIGINT/SIGTERM handlers, global random states, Hugging Face logging levels
+    and progress bars, Accelerate's state) is put back afterwards.
+    """
+    from flowtune import cli as commands
+    from flowtune.console import make_console
+
+    stdout, stderr = io.StringIO(), io.StringIO()
+    with _process_state_restored(), contextlib.ExitStack() as stack:
+        os.environ.update({"HF_HUB_OFFLINE": "1", "COLUMNS": "200"})
+        os.chdir(cwd)
+        stack.enter_context(mock.patch.object(sys, "argv", ["flowtune", *map(str, args)]))
+        stack.enter_context(contextlib.redirect_stdout(stdout))
+        stack.enter_context(contextlib.redirect_stderr(stderr))
+        # Made as `python -m flowtune` makes them: on the (non-terminal) streams, 200 columns wide.
+        stack.enter_context(mock.patch.object(commands, "out", make_console()))
+        stack.enter_context(mock.patch.object(commands, "err", make_console(stderr=True)))
+        try:
+            commands.main()
+            code = 0
+        except SystemExit as stop:
+            if stop.code is None or isinstance(stop.code, int):
+                code = stop.code or 0
+            else:
+                print(stop.code, file=sys.stderr)
+                code = 1
+        except Exception:
+            traceback.print_exc(file=sys.stderr)
+            code = 1
+    return Result(code, stdout.getvalue(), stderr.getvalue())
+
+
+@contextlib.contextmanager
+def _process_state_restored() -> Iterator[None]:
+    """Put back what an in-process command may change of this process (see :func:`cli`)."""
+    import random
+
+    environ, cwd, argv = dict(os.environ), os.getcwd(), sys.argv
+    mask = os.umask(0o022)
+    os.umask(mask)
+    handlers = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
+    random_state = random.getstate()
+    torch = sys.modules.get("torch")
+    torch_state = torch.get_rng_state() if torch is not None else None
+    numpy = sys.modules.get("numpy")
+    numpy_state = numpy.random.get_state() if numpy is not None else None
+    libraries = [n for n in ("diffusers", "transformers") if f"{n}.utils.logging" in sys.modules]
+    levels = {name: logging.getLogger(name).level for name in libraries}
+    bars = {name: sys.modules[f"{name}.utils.logging"].is_progress_bar_enabled() for name in libraries}
+    accelerate_state = sys.modules.get("accelerate.state")
+    accelerate_ready = accelerate_state is not None and bool(accelerate_state.PartialState._shared_state)
+    try:
+        yield
+    finally:
+        os.chdir(cwd)
+        os.environ.clear()
+        os.environ.update(environ)
+        sys.argv = argv
+        os.umask(mask)
+        for signum, handler in handlers.items():
+            if handler is not None:
+                signal.signal(signum, handler)
+        random.setstate(random_state)
+        if torch_state is not None:
+            torch.set_rng_state(torch_state)
+        if numpy_state is not None:
+            numpy.random.set_state(numpy_state)
+        for name in libraries:
+            logging.getLogger(name).setLevel(levels[name])
+            module = sys.modules[f"{name}.utils.logging"]
+            if bars[name]:
+                module.enable_progress_bar()
+            else:
+                module.disable_progress_bar()
+        accelerate_state = sys.modules.get("accelerate.state")
+        if accelerate_state is not None and not accelerate_ready:
+            accelerate_state.AcceleratorState._reset_state(reset_partial_state=True)
+            accelerate_state.GradientState._reset_state()
+
+
+def assert_user_error(result: subprocess.CompletedProcess | Result, *fragments: str) -> None:
     """A user error: exit status 2, no traceback, one line on stderr holding every fragment."""
     assert result.returncode == 2, result.stderr
     assert "Traceback" not in result.stderr + result.stdout

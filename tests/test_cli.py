@@ -13,29 +13,27 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.helpers import REPO, assert_user_error, flowtune
+from tests.helpers import REPO, assert_user_error, cli, flowtune
 
 
 def test_validate_suggests_the_closest_key():
-    result = flowtune("validate", "recipes/flux1-dev-lora.yaml", "train.max_step=5")
+    result = cli("validate", "recipes/flux1-dev-lora.yaml", "train.max_step=5")
     assert_user_error(result, "unknown key 'train.max_step' — did you mean 'train.max_steps'?")
 
 
 def test_validate_rejects_an_invalid_choice_with_allowed_values():
-    result = flowtune("validate", "recipes/tiny-flux-demo.yaml", "flow.timestep_sampling=banana")
+    result = cli("validate", "recipes/tiny-flux-demo.yaml", "flow.timestep_sampling=banana")
     assert_user_error(
         result, "'banana'", "flow.timestep_sampling", "uniform, logit_normal, mode, lognorm, mix"
     )
 
 
 def test_validate_rejects_a_wrong_type():
-    assert_user_error(
-        flowtune("validate", "tiny-flux-demo", "train.max_steps=abc"), "'abc'", "train.max_steps"
-    )
+    assert_user_error(cli("validate", "tiny-flux-demo", "train.max_steps=abc"), "'abc'", "train.max_steps")
 
 
 def test_validate_prints_the_resolved_recipe_with_overrides():
-    result = flowtune("validate", "tiny-flux-demo", "train.max_steps=7", "optimizer.lr=3e-4")
+    result = cli("validate", "tiny-flux-demo", "train.max_steps=7", "optimizer.lr=3e-4")
     assert result.returncode == 0, result.stderr
     resolved = yaml.safe_load(result.stdout)
     assert resolved["train"]["max_steps"] == 7 and resolved["optimizer"]["lr"] == pytest.approx(3e-4)
@@ -43,49 +41,49 @@ def test_validate_prints_the_resolved_recipe_with_overrides():
 
 
 def test_validate_missing_recipe():
-    assert_user_error(flowtune("validate", "no-such-recipe.yaml"), "no-such-recipe")
+    assert_user_error(cli("validate", "no-such-recipe.yaml"), "no-such-recipe")
 
 
 def test_recipes_lists_bundled_recipes():
-    result = flowtune("recipes")
+    result = cli("recipes")
     assert result.returncode == 0, result.stderr
     assert "flux1-dev-lora" in result.stdout and "tiny-flux-demo" in result.stdout
 
 
 def test_unknown_command_and_help():
-    result = flowtune("bogus")
+    result = cli("bogus")
     assert result.returncode == 2 and "Traceback" not in result.stderr
-    result = flowtune("--help")
+    result = cli("--help")
     assert result.returncode == 0
     for command in ("validate", "recipes", "make-tiny"):
         assert command in result.stdout
-    assert flowtune("--version").stdout.startswith("flowtune ")
+    assert cli("--version").stdout.startswith("flowtune ")
 
 
 def test_make_tiny(tmp_path: Path):
     out = tmp_path / "tiny"
-    result = flowtune("make-tiny", "flux", str(out), "--seed", "3")
+    result = cli("make-tiny", "flux", str(out), "--seed", "3")
     assert result.returncode == 0, result.stderr
     assert (out / "model_index.json").is_file() and (out / "transformer").is_dir()
-    assert_user_error(flowtune("make-tiny", "flux", str(out)), "--overwrite")
-    assert flowtune("make-tiny", "flux", str(out), "--overwrite").returncode == 0
-    assert_user_error(
-        flowtune("make-tiny", "sd15", str(tmp_path / "x")), "unknown model family 'sd15'", "flux"
-    )
+    assert_user_error(cli("make-tiny", "flux", str(out)), "--overwrite")
+    assert cli("make-tiny", "flux", str(out), "--overwrite").returncode == 0
+    assert_user_error(cli("make-tiny", "sd15", str(tmp_path / "x")), "unknown model family 'sd15'", "flux")
 
 
 def test_demo_chain_runs_on_the_tiny_model(tmp_path: Path):
-    """`make demo` in a fresh directory: make-tiny, make-dataset, preprocess (twice), one LoRA step."""
+    """`make demo` in a fresh directory: make-tiny, make-dataset, preprocess (twice), one LoRA step.
+
+    The steps run in this process except the last, a real `python -m flowtune train`."""
     recipe = str(REPO / "recipes" / "tiny-flux-demo.yaml")
-    assert flowtune("make-tiny", "flux", ".flowtune-demo/tiny-flux", cwd=tmp_path).returncode == 0
-    made = flowtune("make-dataset", ".flowtune-demo/dataset", "--count", "6", "--size", "96x64", cwd=tmp_path)
+    assert cli("make-tiny", "flux", ".flowtune-demo/tiny-flux", cwd=tmp_path).returncode == 0
+    made = cli("make-dataset", ".flowtune-demo/dataset", "--count", "6", "--size", "96x64", cwd=tmp_path)
     assert made.returncode == 0, made.stderr
-    first = flowtune("preprocess", recipe, cwd=tmp_path)
+    first = cli("preprocess", recipe, cwd=tmp_path)
     assert first.returncode == 0, first.stderr
     assert "6 images, 8 captions" in first.stdout and "6 items cached" in first.stderr
-    again = flowtune("preprocess", recipe, cwd=tmp_path)
+    again = cli("preprocess", recipe, cwd=tmp_path)
     assert "0 images, 0 captions" in again.stdout and "6 images, 8 captions" in again.stdout
-    trained = flowtune("train", recipe, "train.max_steps=4", cwd=tmp_path)
+    trained = cli("train", recipe, "train.max_steps=4", cwd=tmp_path)
     assert trained.returncode == 0, trained.stderr
     assert "13,568 trainable" in trained.stdout and "training done" in trained.stdout
     assert (tmp_path / ".flowtune-demo" / "run" / "final" / "pytorch_lora_weights.safetensors").is_file()
@@ -147,7 +145,7 @@ def test_train_checkpoints_and_exits_on_a_signal(tmp_path: Path, cached_demo, si
     ).is_file()
     assert steps == list(range(1, steps[-1] + 1))
 
-    resumed = flowtune(
+    resumed = cli(
         "train",
         "tiny-flux-demo",
         *settings,
@@ -161,30 +159,30 @@ def test_train_checkpoints_and_exits_on_a_signal(tmp_path: Path, cached_demo, si
 
 def test_train_user_errors_are_one_line(tmp_path: Path):
     recipe = str(REPO / "recipes" / "tiny-flux-demo.yaml")
-    assert_user_error(flowtune("train", recipe, cwd=tmp_path), "no preprocessed cache", "flowtune preprocess")
-    assert_user_error(flowtune("train", recipe, "train.resume=nowhere", cwd=tmp_path), "train.resume")
+    assert_user_error(cli("train", recipe, cwd=tmp_path), "no preprocessed cache", "flowtune preprocess")
+    assert_user_error(cli("train", recipe, "train.resume=nowhere", cwd=tmp_path), "train.resume")
 
 
 def test_preprocess_user_errors_are_one_line(tmp_path: Path):
     recipe = str(REPO / "recipes" / "tiny-flux-demo.yaml")
-    assert_user_error(flowtune("preprocess", recipe, cwd=tmp_path), "data.source", "does not exist")
-    assert flowtune("make-dataset", "data", "--count", "2", cwd=tmp_path).returncode == 0
+    assert_user_error(cli("preprocess", recipe, cwd=tmp_path), "data.source", "does not exist")
+    assert cli("make-dataset", "data", "--count", "2", cwd=tmp_path).returncode == 0
     assert_user_error(
-        flowtune("preprocess", recipe, "data.source=data", "model.pretrained=nowhere/at-all/x", cwd=tmp_path),
+        cli("preprocess", recipe, "data.source=data", "model.pretrained=nowhere/at-all/x", cwd=tmp_path),
         "model.pretrained",
         "does not exist",
     )
-    assert_user_error(flowtune("make-dataset", "data", cwd=tmp_path), "not empty", "--overwrite")
+    assert_user_error(cli("make-dataset", "data", cwd=tmp_path), "not empty", "--overwrite")
 
 
 def test_preprocess_exits_1_when_nothing_could_be_cached(tmp_path: Path):
     model = tmp_path / "tiny-flux"
-    assert flowtune("make-tiny", "flux", str(model)).returncode == 0
+    assert cli("make-tiny", "flux", str(model)).returncode == 0
     data = tmp_path / "data"
     data.mkdir()
     (data / "broken.png").write_bytes(b"\x89PNG not really")
     (data / "empty.jpg").write_bytes(b"")
-    result = flowtune(
+    result = cli(
         "preprocess", "tiny-flux-demo", f"model.pretrained={model}", f"data.source={data}", cwd=tmp_path
     )
     assert result.returncode == 1, result.stdout + result.stderr

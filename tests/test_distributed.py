@@ -33,7 +33,7 @@ from flowtune.tiny import make_tiny
 from flowtune.train.metrics import read_metrics
 from flowtune.train.model import LORA_WEIGHTS_NAME
 from flowtune.train.trainer import Trainer
-from tests.helpers import REPO, assert_user_error, flowtune
+from tests.helpers import REPO, assert_user_error, cli, flowtune
 
 pytestmark = pytest.mark.slow
 
@@ -173,7 +173,7 @@ def test_fsdp2_shards_trains_the_same_run_saves_full_loras_and_resumes(env: Path
     assert np.abs(np.asarray(Image.open(image), dtype=np.int16) - reference).max() <= 1
 
     # A sharded checkpoint's optimizer state cannot be read by a DDP run: refused, not guessed.
-    ddp = flowtune("train", recipe, f"train.output_dir={out}", f"train.resume={checkpoint}")
+    ddp = cli("train", recipe, f"train.output_dir={out}", f"train.resume={checkpoint}")
     assert_user_error(ddp, "saved by a FSDP run", "train.distributed")
 
 
@@ -220,10 +220,11 @@ def test_launch_command_is_accelerate_launch_of_the_same_flowtune_command() -> N
 
 
 def test_num_processes_errors_are_one_line_messages(env: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    assert_user_error(flowtune("train", str(env / "recipe.yaml"), "--num-processes", "0"), "--num-processes")
+    # Refused before anything is launched, so they run in this process.
+    assert_user_error(cli("train", str(env / "recipe.yaml"), "--num-processes", "0"), "--num-processes")
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "1")
-    inside = flowtune("train", str(env / "recipe.yaml"), "--num-processes", "2")
+    inside = cli("train", str(env / "recipe.yaml"), "--num-processes", "2")
     assert inside.returncode == 2 and "leave it out" in inside.stderr and "(rank 1 of 2)" in inside.stderr
 
 

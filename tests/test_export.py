@@ -20,7 +20,7 @@ from flowtune.families import get_family
 from flowtune.interop import export
 from flowtune.interop.lora import read_lora, write_lora
 from flowtune.train.model import LORA_WEIGHTS_NAME
-from tests.helpers import assert_user_error, flowtune, tiny_flux_inputs
+from tests.helpers import assert_user_error, cli, tiny_flux_inputs
 
 # ---------------------------------------------------------------------------------------------
 # 1. Round trip through diffusers' converter, in FLUX.1 [dev] shapes.
@@ -268,7 +268,7 @@ def test_diffusers_export_gives_the_same_images_as_the_checkpoint(trained, tmp_p
     from diffusers import FluxPipeline
 
     out = tmp_path / "lora.safetensors"
-    result = flowtune("export", "--ckpt", str(trained / "final"), "--format", "diffusers", "--out", str(out))
+    result = cli("export", "--ckpt", str(trained / "final"), "--format", "diffusers", "--out", str(out))
     assert result.returncode == 0, result.stderr
     assert f"34 LoRA modules (diffusers) written to {out}" in result.stderr
 
@@ -389,9 +389,9 @@ def test_merged_transformer_equals_the_base_with_the_lora_loaded(trained, tmp_pa
 
 def test_export_user_errors_are_one_line(trained, tmp_path) -> None:
     final = str(trained / "final")
-    assert_user_error(flowtune("export", "--ckpt", str(tmp_path / "nowhere")), "no checkpoint at")
+    assert_user_error(cli("export", "--ckpt", str(tmp_path / "nowhere")), "no checkpoint at")
     assert_user_error(
-        flowtune("export", "--ckpt", final, "--format", "onnx"),
+        cli("export", "--ckpt", final, "--format", "onnx"),
         "--format 'onnx'",
         "diffusers, comfyui, kohya",
     )
@@ -401,7 +401,7 @@ def test_export_user_errors_are_one_line(trained, tmp_path) -> None:
     shutil.copy(trained / "final" / "recipe.yaml", full / "recipe.yaml")
     shutil.copytree(trained.parent / "tiny-flux" / "transformer", full / "transformer")
     assert_user_error(
-        flowtune("export", "--ckpt", str(full), "--format", "kohya"),
+        cli("export", "--ckpt", str(full), "--format", "kohya"),
         "fully fine-tuned transformer",
         "nothing to convert or merge",
         "FluxTransformer2DModel.from_pretrained",
@@ -409,18 +409,16 @@ def test_export_user_errors_are_one_line(trained, tmp_path) -> None:
 
     existing = tmp_path / "lora.safetensors"
     existing.write_bytes(b"keep me")
-    assert_user_error(
-        flowtune("export", "--ckpt", final, "--out", str(existing)), "already exists", "--overwrite"
-    )
+    assert_user_error(cli("export", "--ckpt", final, "--out", str(existing)), "already exists", "--overwrite")
     assert existing.read_bytes() == b"keep me"
     (tmp_path / "merged").mkdir()
     (tmp_path / "merged" / "note.txt").write_text("keep me")
     assert_user_error(
-        flowtune("export", "--ckpt", final, "--merge", "--out", str(tmp_path / "merged")),
+        cli("export", "--ckpt", final, "--merge", "--out", str(tmp_path / "merged")),
         "not empty",
         "--overwrite",
     )
-    assert_user_error(flowtune("export", "--ckpt", final, "--lora-scale", "0.5"), "--merge only")
+    assert_user_error(cli("export", "--ckpt", final, "--lora-scale", "0.5"), "--merge only")
 
 
 def test_options_that_do_not_go_together_are_refused(trained) -> None:

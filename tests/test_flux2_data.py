@@ -22,7 +22,7 @@ from flowtune.families import get_family
 from flowtune.recipe import load_recipe
 from flowtune.recipe.load import RecipeError
 from flowtune.tiny import make_tiny
-from tests.helpers import assert_user_error, flowtune, save_image, write
+from tests.helpers import assert_user_error, cli, save_image, write
 
 # 64x64 and 80x48 are buckets at resolution 64 (no resampling); 96x64 and 64x112 are cropped.
 SIZES = [(64, 64), (80, 48), (96, 64), (64, 112)]
@@ -291,7 +291,7 @@ def test_edit_pairs_need_the_edit_pair_layout(tmp_path, tiny_flux2) -> None:
     data = tmp_path / "data"
     make_shapes_dataset(data / "images", 2)  # images/ but no control/
     _recipe(tmp_path, tiny_flux2, data)
-    result = flowtune("preprocess", str(tmp_path / "recipe.yaml"), "data.edit_pairs=true")
+    result = cli("preprocess", str(tmp_path / "recipe.yaml"), "data.edit_pairs=true")
     assert_user_error(result, "not an edit-pair folder", "control/")
 
 
@@ -348,7 +348,7 @@ def test_a_reference_flux2_pipeline_would_refuse_is_a_one_line_error_before_load
     tmp_path, tiny_flux2
 ) -> None:
     small = save_image(tmp_path / "small.png", (32, 32))
-    result = flowtune("sample", "--model", str(tiny_flux2), "-p", "x", "--image", str(small), "--steps", "1")
+    result = cli("sample", "--model", str(tiny_flux2), "-p", "x", "--image", str(small), "--steps", "1")
     assert_user_error(result, f"the reference image {small} (32x32) cannot be used", "at least 64px")
     # Handed over at the output size (match_target), the same file is fine.
     from flowtune.sample import pair_references

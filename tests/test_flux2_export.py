@@ -20,7 +20,7 @@ from flowtune.interop import export
 from flowtune.interop.flux2 import FLUX2_NAMING
 from flowtune.interop.lora import read_lora, to_original, write_lora
 from flowtune.train.model import LORA_WEIGHTS_NAME
-from tests.helpers import assert_user_error, flowtune
+from tests.helpers import assert_user_error, cli
 
 TEXT_TOKENS = 48  # the tiny Mistral's system message takes ~30 tokens before the caption
 HIDDEN = 32  # the tiny transformer (flowtune.tiny.tiny_flux2_transformer)
@@ -280,7 +280,7 @@ def test_a_module_without_a_bfl_name_is_a_one_line_error(trained, tmp_path) -> N
     with safe_open(str(lora_file), "pt") as handle:
         save_file(tensors, str(lora_file), metadata=handle.metadata())
     assert_user_error(
-        flowtune("export", "--ckpt", str(checkpoint), "--format", "comfyui", "--out", str(tmp_path / "x")),
+        cli("export", "--ckpt", str(checkpoint), "--format", "comfyui", "--out", str(tmp_path / "x")),
         "'transformer_blocks.1.attn.to_gate' has no counterpart in the FLUX.2 (BFL) layout",
         "--format diffusers",
     )

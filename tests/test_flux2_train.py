@@ -20,7 +20,7 @@ from flowtune.tiny import make_tiny, tiny_flux_transformer
 from flowtune.train.metrics import read_metrics
 from flowtune.train.model import META_FAMILY, read_lora_metadata
 from flowtune.train.trainer import Trainer
-from tests.helpers import assert_user_error, flowtune
+from tests.helpers import assert_user_error, cli
 
 PROMPT = "a red circle on a white background"
 INSTRUCTION = "make the circle blue"
@@ -113,7 +113,7 @@ def test_validation_images_equal_diffusers_with_the_checkpoint_lora(t2i_run, roo
 
 def test_sample_from_the_checkpoint_equals_diffusers_with_its_lora(t2i_run, root, tmp_path) -> None:
     out = tmp_path / "out"
-    result = flowtune(
+    result = cli(
         "sample", "--ckpt", str(t2i_run), "-p", "a blue square", "--seed", "5", "--steps", "3",
         "--height", "32", "--width", "64", "--guidance", "4", "--out", str(out),
     )  # fmt: skip
@@ -140,7 +140,7 @@ def test_a_flux1_lora_is_refused_for_flux2(root, tmp_path) -> None:
         weight_name="flux1.safetensors",
     )
     lora = tmp_path / "flux1.safetensors"
-    result = flowtune("sample", "--model", str(root / "tiny-flux2"), "--lora", str(lora), "-p", "x")
+    result = cli("sample", "--model", str(root / "tiny-flux2"), "--lora", str(lora), "-p", "x")
     assert_user_error(result, str(lora))
 
 

@@ -26,7 +26,7 @@ from flowtune.errors import FlowtuneError
 from flowtune.recipe import load_recipe
 from flowtune.tiny import make_tiny
 from flowtune.train.trainer import Trainer
-from tests.helpers import assert_user_error, flowtune
+from tests.helpers import assert_user_error, cli
 
 BMP = "0006.bmp"  # an uncompressed image: rewritten pixels keep the file size
 
@@ -227,7 +227,7 @@ def test_train_cli_refuses_a_truncated_shard_in_one_line(env, tmp_path) -> None:
     recipe = _copy(env, tmp_path)
     shard = _shards(recipe, "text")[-1]
     _damage(shard, "truncate")
-    result = flowtune(
+    result = cli(
         "train",
         str(env / "recipe.yaml"),
         f"data.cache_dir={tmp_path / 'cache'}",

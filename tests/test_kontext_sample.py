@@ -14,7 +14,7 @@ from flowtune.errors import FlowtuneError
 from flowtune.families import get_family
 from flowtune.sample import SampleSettings, SampleSource, sample, source_from_model
 from flowtune.tiny import make_tiny
-from tests.helpers import assert_user_error, flowtune
+from tests.helpers import assert_user_error, cli
 
 
 @pytest.fixture(scope="module")
@@ -80,15 +80,15 @@ def test_reference_images_are_required_and_checked(kontext, tmp_path) -> None:
 
 def test_the_command_line_takes_image(kontext, tmp_path) -> None:
     model = str(kontext / "tiny-kontext")
-    result = flowtune(
+    result = cli(
         "sample", "--model", model, "--image", str(kontext / "source.png"), "-p", "make it blue",
         "--steps", "1", "--height", "32", "--width", "32", "--out", str(tmp_path / "out"),
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "out" / "000000.png").is_file()
-    assert_user_error(flowtune("sample", "--model", model, "-p", "make it blue"), "give --image")
+    assert_user_error(cli("sample", "--model", model, "-p", "make it blue"), "give --image")
     # a LoRA-less run with --control-resize match_target equals the library call with that mode
-    result = flowtune(
+    result = cli(
         "sample", "--model", model, "--image", str(kontext / "source.png"), "-p", "make it blue",
         "--steps", "1", "--height", "32", "--width", "48", "--control-resize", "match_target",
         "--out", str(tmp_path / "matched"),
@@ -100,7 +100,7 @@ def test_the_command_line_takes_image(kontext, tmp_path) -> None:
     )  # fmt: skip
     assert np.array_equal(np.asarray(Image.open(tmp_path / "matched" / "000000.png")), expected)
     assert_user_error(
-        flowtune(
+        cli(
             "sample",
             "--model",
             model,
@@ -116,7 +116,7 @@ def test_the_command_line_takes_image(kontext, tmp_path) -> None:
 
 
 def test_make_dataset_writes_edit_pairs(tmp_path) -> None:
-    result = flowtune(
+    result = cli(
         "make-dataset", str(tmp_path / "edits"), "--edit-pairs", "--count", "2", "--control-size", "48x64"
     )
     assert result.returncode == 0, result.stderr
@@ -127,6 +127,4 @@ def test_make_dataset_writes_edit_pairs(tmp_path) -> None:
         "0001.txt",
     ]
     assert Image.open(tmp_path / "edits" / "control" / "0000.png").size == (48, 64)
-    assert_user_error(
-        flowtune("make-dataset", str(tmp_path / "x"), "--control-size", "48x64"), "--edit-pairs"
-    )
+    assert_user_error(cli("make-dataset", str(tmp_path / "x"), "--control-size", "48x64"), "--edit-pairs")

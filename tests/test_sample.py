@@ -31,7 +31,7 @@ from flowtune.sample import (
 from flowtune.tiny import make_tiny
 from flowtune.train.model import LORA_WEIGHTS_NAME, read_lora_metadata
 from flowtune.train.trainer import Trainer
-from tests.helpers import assert_user_error, flowtune
+from tests.helpers import assert_user_error, cli
 
 PROMPT = "a red circle on a white background"
 
@@ -74,7 +74,7 @@ def _diffusers_images(model_dir: Path, lora_dir: Path | None, seeds, scale: floa
 
 def test_sample_from_a_checkpoint_gives_plain_diffusers_pixels_and_records_them(run, tmp_path) -> None:
     out = tmp_path / "out"
-    result = flowtune(
+    result = cli(
         "sample", "--ckpt", str(run), "-p", PROMPT, "-p", "a blue square", "--seed", "7",
         "--num-images", "2", "--steps", "3", "--height", "48", "--width", "64", "--out", str(out),
     )  # fmt: skip
@@ -222,11 +222,11 @@ def test_loras_for_another_family_or_base_model_are_refused(run, tmp_path) -> No
 
 
 def test_user_errors_are_one_line_with_exit_status_2(run, tmp_path) -> None:
-    assert_user_error(flowtune("sample", "--ckpt", str(tmp_path / "missing"), "-p", "x"), "no checkpoint at")
-    assert_user_error(flowtune("sample", "--ckpt", str(run), "-p", "x", "--height", "60"), "height 60", "16")
+    assert_user_error(cli("sample", "--ckpt", str(tmp_path / "missing"), "-p", "x"), "no checkpoint at")
+    assert_user_error(cli("sample", "--ckpt", str(run), "-p", "x", "--height", "60"), "height 60", "16")
     (tmp_path / "prompts.txt").write_text("\n\n")
     assert_user_error(
-        flowtune(
+        cli(
             "sample",
             "--model",
             str(run.parent / "tiny-flux"),
@@ -235,13 +235,13 @@ def test_user_errors_are_one_line_with_exit_status_2(run, tmp_path) -> None:
         ),
         "no prompts",
     )
-    assert_user_error(flowtune("sample", "-p", "x"), "--ckpt", "--model")
+    assert_user_error(cli("sample", "-p", "x"), "--ckpt", "--model")
     other = _rewrite_lora(
         run / "final" / LORA_WEIGHTS_NAME, tmp_path / "other.safetensors",
         edit_metadata=lambda m: {**m, "flowtune.family": "flux2"},
     )  # fmt: skip
     assert_user_error(
-        flowtune("sample", "--model", str(run.parent / "tiny-flux"), "--lora", str(other), "-p", "x"),
+        cli("sample", "--model", str(run.parent / "tiny-flux"), "--lora", str(other), "-p", "x"),
         "flux2 family",
     )
 
