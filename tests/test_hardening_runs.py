@@ -26,7 +26,7 @@ from flowtune.train import checkpoint as ckpt
 from flowtune.train.health import FACTOR, LossJudge
 from flowtune.train.model import LORA_WEIGHTS_NAME
 from flowtune.train.trainer import NonFiniteLossError, Trainer
-from tests.helpers import assert_user_error, flowtune
+from tests.helpers import assert_user_error, cli, flowtune
 
 
 @pytest.fixture(scope="module")
@@ -79,6 +79,7 @@ def test_a_second_run_on_a_used_output_dir_is_refused_naming_pid_and_host(env: P
         out / ckpt.LOCK_FILE, what="the output directory", command="flowtune train", hint="wait"
     )
     try:
+        # Another process: the lock is held by this one.
         result = flowtune("train", str(env / "recipe.yaml"), f"train.output_dir={out}", "train.resume=latest")
         assert_user_error(
             result, f"{out} is in use by pid {os.getpid()} on host {socket.gethostname()}", "train.output_dir"
@@ -304,7 +305,7 @@ def test_a_truncated_lora_is_one_line_for_export_and_resume(env: Path, tmp_path:
     out = _copy_run(env, tmp_path / "run")
     lora = out / "checkpoints" / "step-000004" / LORA_WEIGHTS_NAME
     _truncate(lora)  # final/ holds a hard link to the same file in a real run; a copy here
-    result = flowtune("export", "--ckpt", str(lora.parent), "--format", "kohya")
+    result = cli("export", "--ckpt", str(lora.parent), "--format", "kohya")
     assert_user_error(result, f"{lora} is unreadable", f"--ckpt {out / 'checkpoints' / 'step-000002'}")
     with pytest.raises(FlowtuneError, match="is unreadable"):
         export(lora.parent, fmt="comfyui")
