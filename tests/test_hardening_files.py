@@ -23,7 +23,7 @@ from unittest import mock
 import pytest
 
 from flowtune.fileio import atomic_dir, atomic_write_bytes, tree_bytes
-from tests.helpers import assert_user_error, flowtune
+from tests.helpers import assert_user_error, cli
 
 PROMPT = ["-p", "a red circle on a white background"]
 SAMPLE = ["--steps", "2", "--height", "64", "--width", "64", "--device", "cpu"]
@@ -255,7 +255,7 @@ def test_a_full_disk_keeps_the_earlier_checkpoints_and_says_how_much_space(chain
         first = run / "checkpoints" / "step-000001"
         before = {"first": _digest(first), "final": _digest(run / "final")}
         _fill(disk, leave=tree_bytes(first) // 2)
-        result = flowtune(
+        result = cli(
             "train", str(recipe), f"train.output_dir={run}", "train.resume=latest", "train.max_steps=2"
         )
         assert_user_error(
