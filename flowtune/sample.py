@@ -19,10 +19,11 @@ nothing; ``grid.png`` shows the latest run.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -262,6 +263,7 @@ class SampleWriter:
 
     def __init__(self, out_dir: Path, info: dict[str, Any] | None = None):
         self.out_dir = Path(out_dir)
+        self._made = [p for p in (self.out_dir, *self.out_dir.parents) if not p.exists()]  # deepest first
         with write_errors(self.out_dir):
             self.out_dir.mkdir(parents=True, exist_ok=True)
         self.info = {
@@ -271,6 +273,18 @@ class SampleWriter:
         self.next_index = max(existing, default=-1) + 1
         self.images: list[tuple[Image.Image, str]] = []
         self.records: list[dict[str, Any]] = []
+
+    @contextlib.contextmanager
+    def removed_if_unused(self) -> Iterator[SampleWriter]:
+        """On a failure before any file was written (a model that does not load, a LoRA that
+        does not fit), remove the folders this writer made, so that no empty ``--out`` is left."""
+        try:
+            yield self
+        except BaseException:
+            for folder in self._made:
+                with contextlib.suppress(OSError):
+                    folder.rmdir()  # only when empty
+            raise
 
     def add(self, image: Image.Image, job: SampleJob, settings: SampleSettings) -> Path:
         """Save one image as ``NNNNNN.png`` with its metadata; returns its path."""
@@ -634,55 +648,62 @@ def sample(
             "step": source.step,
         },
     )
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    name = dtype or source.dtype or ("bfloat16" if device.startswith("cuda") else "float32")
-    torch_dtype = getattr(torch, name)
-    index = source.model_dir([]) / "model_index.json"
-    components = [k for k, v in json.loads(index.read_text()).items() if not k.startswith("_") and v and v[0]]
-    model_dir = source.model_dir(components)
+    with writer.removed_if_unused():
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        name = dtype or source.dtype or ("bfloat16" if device.startswith("cuda") else "float32")
+        torch_dtype = getattr(torch, name)
+        index = source.model_dir([]) / "model_index.json"
+        components = [
+            k for k, v in json.loads(index.read_text()).items() if not k.startswith("_") and v and v[0]
+        ]
+        model_dir = source.model_dir(components)
 
-    transformer = None
-    if source.transformer_dir is not None:
-        transformer = getattr(diffusers, spec.transformer_class).from_pretrained(
-            source.transformer_dir, dtype=torch_dtype
+        transformer = None
+        if source.transformer_dir is not None:
+            transformer = getattr(diffusers, spec.transformer_class).from_pretrained(
+                source.transformer_dir, dtype=torch_dtype
+            )
+        # Loaded on the CPU first, so that a LoRA that does not fit is refused before GPU memory is used.
+        pipe = load_pipeline(
+            spec, model_dir, dtype=torch_dtype, device="cpu", variant=source.variant, transformer=transformer
         )
-    # Loaded on the CPU first, so that a LoRA that does not fit is refused before GPU memory is used.
-    pipe = load_pipeline(
-        spec, model_dir, dtype=torch_dtype, device="cpu", variant=source.variant, transformer=transformer
-    )
-    warnings: list[str] = []
-    if source.lora_file is not None:
-        warnings = check_lora(spec, pipe.transformer, source.lora_file, base_model=source.pretrained)
-        add_lora(pipe, source.lora_file, settings.lora_scale)
+        warnings: list[str] = []
+        if source.lora_file is not None:
+            warnings = check_lora(spec, pipe.transformer, source.lora_file, base_model=source.pretrained)
+            add_lora(pipe, source.lora_file, settings.lora_scale)
 
-    inputs = None
-    if references is not None:
-        encoder_class = spec.load_encoder_class()
-        inputs = []
-        for prompt, files in zip(prompts, references, strict=True):
-            try:
-                extra = encoder_class.reference_inputs(
-                    pipe, load_references(files), settings.height, settings.width, source.control_resize
-                )
-            except ValueError as exc:
-                raise FlowtuneError(str(exc)) from None
-            inputs.append({"prompt": prompt, **extra})
-    jobs = plan_jobs(prompts, settings, inputs, references)
-    paths = []
-    try:
-        if cpu_offload:
-            pipe.enable_model_cpu_offload(device=device)
-        else:
-            pipe.to(device)
-        for done, job in enumerate(jobs, start=1):
-            paths.append(writer.add(generate(pipe, job, settings), job, settings))
-            if progress is not None:
-                progress(done, len(jobs), paths[-1])
-    except torch.OutOfMemoryError:
-        hint = "a smaller --height/--width" if cpu_offload else "--cpu-offload, or a smaller --height/--width"
-        raise FlowtuneError(
-            f"out of memory on {device} after {len(paths)} of {len(jobs)} images (those are saved in "
-            f"{writer.out_dir}); try {hint}"
-        ) from None
-    grid = writer.write_grid(columns=settings.num_images if settings.num_images > 1 else None)
-    return SampleResult(paths, writer.out_dir / SAMPLES_FILE, grid, warnings)
+        inputs = None
+        if references is not None:
+            encoder_class = spec.load_encoder_class()
+            inputs = []
+            for prompt, files in zip(prompts, references, strict=True):
+                try:
+                    extra = encoder_class.reference_inputs(
+                        pipe, load_references(files), settings.height, settings.width, source.control_resize
+                    )
+                except ValueError as exc:
+                    raise FlowtuneError(str(exc)) from None
+                inputs.append({"prompt": prompt, **extra})
+        jobs = plan_jobs(prompts, settings, inputs, references)
+        paths = []
+        try:
+            if cpu_offload:
+                pipe.enable_model_cpu_offload(device=device)
+            else:
+                pipe.to(device)
+            for done, job in enumerate(jobs, start=1):
+                paths.append(writer.add(generate(pipe, job, settings), job, settings))
+                if progress is not None:
+                    progress(done, len(jobs), paths[-1])
+        except torch.OutOfMemoryError:
+            hint = (
+                "a smaller --height/--width"
+                if cpu_offload
+                else "--cpu-offload, or a smaller --height/--width"
+            )
+            raise FlowtuneError(
+                f"out of memory on {device} after {len(paths)} of {len(jobs)} images (those are saved in "
+                f"{writer.out_dir}); try {hint}"
+            ) from None
+        grid = writer.write_grid(columns=settings.num_images if settings.num_images > 1 else None)
+        return SampleResult(paths, writer.out_dir / SAMPLES_FILE, grid, warnings)

@@ -167,3 +167,10 @@ def test_each_failure_exits_with_its_documented_status_and_no_traceback(
 
 def test_the_table_documents_every_status_the_commands_use() -> None:
     assert sorted(_documented_statuses()) == [0, 1, 2, 130, 143]
+
+
+def test_a_sample_that_fails_before_writing_an_image_leaves_no_out_dir(env: Path, tmp_path: Path) -> None:
+    out = tmp_path / "samples" / "a"
+    result = cli("sample", "--ckpt", env / "run", "--model", env / "tiny-flux2", "-p", "x", "--out", out)
+    assert result.returncode == 2 and "holds a Flux2Pipeline" in result.stderr, result.stderr
+    assert not (tmp_path / "samples").exists()
