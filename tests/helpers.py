@@ -182,6 +182,36 @@ def write(path: Path, data: str | bytes) -> Path:
     return path
 
 
+def tiny_flux_training_env(
+    root: Path,
+    train: str = "max_steps: 4, seed: 0, mixed_precision: 'no', checkpoint_every: 2, log_every: 1, keep_last: null",
+    rest: str = "optimizer: {lr: 1.0e-3}\nlr_scheduler: {name: constant}\n",
+) -> Path:
+    """The training tests' set-up in ``root``: a tiny FLUX.1 (``tiny-flux/``), 8 shapes in two
+    buckets (``dataset/``, 64x64 and 96x64), ``recipe.yaml`` (LoRA rank 4, float32, 16 text tokens,
+    ``train: {TRAIN}`` and the ``rest`` of the YAML) and its cache (``cache/``).  Returns
+    ``root/recipe.yaml``."""
+    from rich.console import Console
+
+    from flowtune.data.cache import preprocess
+    from flowtune.data.synthetic import make_shapes_dataset
+    from flowtune.recipe import load_recipe
+    from flowtune.tiny import make_tiny
+
+    model = make_tiny("flux", root / "tiny-flux")
+    make_shapes_dataset(root / "dataset", 8, seed=1, sizes=[(64, 64), (96, 64)])
+    recipe = root / "recipe.yaml"
+    recipe.write_text(
+        f"model: {{family: flux, pretrained: '{model}', dtype: float32}}\n"
+        "lora: {rank: 4, alpha: 4}\n"
+        f"data: {{source: '{root / 'dataset'}', cache_dir: '{root / 'cache'}', resolution: 64,"
+        " max_sequence_length: 16}\n"
+        f"train: {{{train}}}\n" + rest
+    )
+    preprocess(load_recipe(recipe), console=Console(quiet=True))
+    return recipe
+
+
 def tiny_flux_inputs(seed: int = 0, text_tokens: int = 16) -> dict:
     """Inputs of the tiny FLUX.1 transformer (``flowtune.tiny``): 16 image tokens of 64 features
     ([1, 16, 64]), ``text_tokens`` T5 tokens of 32, pooled [1, 32], guidance, ``return_dict=False``;

@@ -26,14 +26,12 @@ from safetensors.torch import load_file
 
 from flowtune.data.cache import preprocess
 from flowtune.data.store import CacheStore
-from flowtune.data.synthetic import make_shapes_dataset
 from flowtune.distributed import launch_command
 from flowtune.recipe import load_recipe
-from flowtune.tiny import make_tiny
 from flowtune.train.metrics import read_metrics
 from flowtune.train.model import LORA_WEIGHTS_NAME
 from flowtune.train.trainer import Trainer
-from tests.helpers import REPO, assert_user_error, cli, flowtune
+from tests.helpers import REPO, assert_user_error, cli, flowtune, tiny_flux_training_env
 
 pytestmark = pytest.mark.slow
 
@@ -45,22 +43,16 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny FLUX.1, 8 shapes in two buckets, their cache, a recipe (global batch 4, fp32) and
     the reference run: one process, batch 4, in ``env/one``."""
     root = tmp_path_factory.mktemp("distributed")
-    model = make_tiny("flux", root / "tiny-flux")
-    make_shapes_dataset(root / "dataset", 8, seed=1, sizes=[(64, 64), (96, 64)])
-    (root / "recipe.yaml").write_text(
-        f"model: {{family: flux, pretrained: '{model}', dtype: float32}}\n"
-        "lora: {rank: 4, alpha: 4}\n"
-        f"data: {{source: '{root / 'dataset'}', cache_dir: '{root / 'cache'}', resolution: 64,"
-        " max_sequence_length: 16}\n"
-        f"train: {{max_steps: {STEPS}, batch_size: 4, seed: 0, mixed_precision: 'no', checkpoint_every: 3,"
-        " log_every: 1, keep_last: null}\n"
-        "optimizer: {lr: 1.0e-3}\n"
+    tiny_flux_training_env(
+        root,
+        train=f"max_steps: {STEPS}, batch_size: 4, seed: 0, mixed_precision: 'no', checkpoint_every: 3,"
+        " log_every: 1, keep_last: null",
+        rest="optimizer: {lr: 1.0e-3}\n"
         "lr_scheduler: {name: constant_with_warmup, warmup_steps: 2}\n"  # independent of max_steps
         # One validation image after the last step (under FSDP every process takes part in it).
-        "validation: {prompts: ['a red circle'], every: 0, steps: 2, height: 64, width: 64}\n"
+        "validation: {prompts: ['a red circle'], every: 0, steps: 2, height: 64, width: 64}\n",
     )
     recipe = load_recipe(root / "recipe.yaml", [f"train.output_dir={root / 'one'}"])
-    preprocess(recipe, console=Console(quiet=True))
     Trainer(recipe, console=Console(quiet=True)).run()
     return root
 

@@ -17,16 +17,14 @@ from rich.console import Console
 from flowtune import runlock
 from flowtune.data.cache import preprocess
 from flowtune.data.store import CacheStore
-from flowtune.data.synthetic import make_shapes_dataset
 from flowtune.errors import FlowtuneError
 from flowtune.interop.export import export
 from flowtune.recipe import load_recipe
-from flowtune.tiny import make_tiny
 from flowtune.train import checkpoint as ckpt
 from flowtune.train.health import FACTOR, LossJudge
 from flowtune.train.model import LORA_WEIGHTS_NAME
 from flowtune.train.trainer import NonFiniteLossError, Trainer
-from tests.helpers import assert_user_error, cli, flowtune
+from tests.helpers import assert_user_error, cli, flowtune, tiny_flux_training_env
 
 
 @pytest.fixture(scope="module")
@@ -34,19 +32,7 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny FLUX.1, 8 shapes and their cache, a recipe, and a 4-step run in ``env/run`` with
     checkpoints at steps 2 and 4 (copied by the tests that damage them)."""
     root = tmp_path_factory.mktemp("hardening")
-    model = make_tiny("flux", root / "tiny-flux")
-    make_shapes_dataset(root / "dataset", 8, seed=1, sizes=[(64, 64), (96, 64)])
-    (root / "recipe.yaml").write_text(
-        f"model: {{family: flux, pretrained: '{model}', dtype: float32}}\n"
-        "lora: {rank: 4, alpha: 4}\n"
-        f"data: {{source: '{root / 'dataset'}', cache_dir: '{root / 'cache'}', resolution: 64,"
-        " max_sequence_length: 16}\n"
-        "train: {max_steps: 4, seed: 0, mixed_precision: 'no', checkpoint_every: 2, log_every: 1,"
-        " keep_last: null}\n"
-        "optimizer: {lr: 1.0e-3}\n"
-        "lr_scheduler: {name: constant}\n"
-    )
-    preprocess(load_recipe(root / "recipe.yaml"), console=Console(quiet=True))
+    tiny_flux_training_env(root)
     _train(root, root / "run")
     return root
 

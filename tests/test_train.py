@@ -13,17 +13,14 @@ from rich.console import Console
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from flowtune.data.cache import preprocess
-from flowtune.data.synthetic import make_shapes_dataset
 from flowtune.errors import FlowtuneError
 from flowtune.recipe import load_recipe
-from flowtune.tiny import make_tiny
 from flowtune.train.checkpoint import list_checkpoints
 from flowtune.train.metrics import read_metrics
 from flowtune.train.model import LORA_WEIGHTS_NAME
 from flowtune.train.signals import TrainingInterrupted
 from flowtune.train.trainer import NonFiniteLossError, Trainer
-from tests.helpers import tiny_flux_inputs
+from tests.helpers import tiny_flux_inputs, tiny_flux_training_env
 
 # Losses of the first 4 steps of the default test recipe (seed 0), recorded when the trainer was
 # written.  A change here means training itself changed: the sample order, the per-sample noise
@@ -35,19 +32,7 @@ RECORDED_LOSSES = [7.73197078704834, 5.776519775390625, 8.236469268798828, 4.689
 def env(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny FLUX.1 model, 8 shapes in two buckets, their cache and a base recipe file."""
     root = tmp_path_factory.mktemp("train")
-    model = make_tiny("flux", root / "tiny-flux")
-    make_shapes_dataset(root / "dataset", 8, seed=1, sizes=[(64, 64), (96, 64)])
-    (root / "recipe.yaml").write_text(
-        f"model: {{family: flux, pretrained: '{model}', dtype: float32}}\n"
-        "lora: {rank: 4, alpha: 4}\n"
-        f"data: {{source: '{root / 'dataset'}', cache_dir: '{root / 'cache'}', resolution: 64,"
-        " max_sequence_length: 16}\n"
-        "train: {max_steps: 4, seed: 0, mixed_precision: 'no', checkpoint_every: 2, log_every: 1,"
-        " keep_last: null}\n"
-        "optimizer: {lr: 1.0e-3}\n"
-        "lr_scheduler: {name: constant}\n"
-    )
-    preprocess(load_recipe(root / "recipe.yaml"), console=Console(quiet=True))
+    tiny_flux_training_env(root)
     return root
 
 
