@@ -45,6 +45,10 @@ class FamilySpec:
         other_pipeline_classes: Further ``model_index.json`` ``_class_name`` values of model
             folders that hold this family's model (checkpoints saved by another pipeline class
             with the same components).
+        block_lists: The transformer's block ``ModuleList`` attributes, in forward order, each
+            with the ``config.json`` key of its length, e.g. ``(("transformer_blocks",
+            "num_layers"), ...)``: what ``train.block_offload`` streams, and how many blocks a
+            model has before it is loaded.  Empty: the family has no block offload.
     """
 
     name: str
@@ -60,6 +64,7 @@ class FamilySpec:
     reference_images: bool = False
     references_optional: bool = False
     other_pipeline_classes: tuple[str, ...] = ()
+    block_lists: tuple[tuple[str, str], ...] = ()
 
     @property
     def pipeline_classes(self) -> tuple[str, ...]:
@@ -136,6 +141,13 @@ _FLUX2_LORA_TARGETS = (
 )
 
 
+# FLUX.1 and FLUX.2: the double-stream blocks run first, then the single-stream blocks.
+_DOUBLE_AND_SINGLE_BLOCKS = (
+    ("transformer_blocks", "num_layers"),
+    ("single_transformer_blocks", "num_single_layers"),
+)
+
+
 FAMILIES: dict[str, FamilySpec] = {
     "flux": FamilySpec(
         name="flux",
@@ -148,6 +160,7 @@ FAMILIES: dict[str, FamilySpec] = {
         tiny_builder="flowtune.tiny:build_tiny_flux",
         encoder="flowtune.encoders.flux:FluxEncoder",
         lora_original_names="flowtune.interop.flux:FLUX1_NAMING",
+        block_lists=_DOUBLE_AND_SINGLE_BLOCKS,
     ),
     "flux-kontext": FamilySpec(
         name="flux-kontext",
@@ -160,6 +173,7 @@ FAMILIES: dict[str, FamilySpec] = {
         tiny_builder="flowtune.tiny:build_tiny_flux_kontext",
         encoder="flowtune.encoders.flux_kontext:FluxKontextEncoder",
         lora_original_names="flowtune.interop.flux:FLUX1_NAMING",
+        block_lists=_DOUBLE_AND_SINGLE_BLOCKS,
         reference_images=True,
     ),
     "flux2": FamilySpec(
@@ -174,6 +188,7 @@ FAMILIES: dict[str, FamilySpec] = {
         tiny_builder="flowtune.tiny:build_tiny_flux2",
         encoder="flowtune.encoders.flux2:Flux2Encoder",
         lora_original_names="flowtune.interop.flux2:FLUX2_NAMING",
+        block_lists=_DOUBLE_AND_SINGLE_BLOCKS,
         reference_images=True,
         references_optional=True,
     ),

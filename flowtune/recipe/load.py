@@ -11,7 +11,7 @@ import difflib
 import inspect
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import UnionType
@@ -460,6 +460,44 @@ def _check_semantics(cfg: Any) -> None:
         fail("logging.trackers", trackers, "each tracker may appear once")
     if cfg.flow.device is not None and not cfg.flow.device.strip():
         fail("flow.device", cfg.flow.device, "give a device such as cuda or cpu, or null")
+    _check_block_offload(cfg, family, fail)
+
+
+def _check_block_offload(cfg: Any, family: Any, fail: Callable[[str, Any, str], None]) -> None:
+    """``train.block_offload``: a block count (its upper bound, the model's block count, is
+    checked from the model's config.json when training starts), for LoRA on one GPU or DDP."""
+    resident = cfg.train.block_offload
+    if resident is None:
+        return
+    if resident < 0:
+        fail(
+            "train.block_offload",
+            resident,
+            "must be 0 or a positive number of blocks, or null for no offload",
+        )
+    if not family.block_lists:
+        fail("train.block_offload", resident, f"model family {family.name!r} has no block offload; use null")
+    if cfg.train.mode != "lora":
+        fail(
+            "train.block_offload",
+            resident,
+            "block offload streams frozen weights only, so it needs train.mode=lora (full fine-tuning "
+            "updates every block); set train.block_offload=null",
+        )
+    if cfg.train.distributed == "fsdp":
+        fail(
+            "train.block_offload",
+            resident,
+            "FSDP2 already shards the blocks across GPUs and cannot be combined with block offload; "
+            "set train.distributed=ddp or train.block_offload=null",
+        )
+    if "quantize" in cfg.model and cfg.model.quantize is not None:
+        fail(
+            "train.block_offload",
+            resident,
+            f"block offload cannot move quantized weights yet (model.quantize={cfg.model.quantize}); "
+            "set model.quantize=null or train.block_offload=null",
+        )
 
 
 def _check_adapter_arguments(adapter_name: str, kwargs: Any) -> None:

@@ -312,6 +312,15 @@ class Train:
     """Recompute transformer activations during the backward pass: much less memory, about 30%
     slower."""
 
+    block_offload: int | None = None
+    """Block offload: keep only this many transformer blocks (the last ones) on the GPU; the
+    frozen weights of all the others live in CPU memory and are copied in just before each block
+    runs, forward and backward (the next block is copied while the current one computes). 0 =
+    stream every block; null = off. LoRA weights, their gradients and optimizer state and the
+    layers outside the blocks stay on the GPU. Same losses as without; slower by the copies that
+    computation cannot hide. LoRA only (not `train.mode: full`), not with `train.distributed:
+    fsdp` nor `model.quantize`; at most the model's block count (docs/training.md)."""
+
     checkpoint_every: int = 250
     """Save a resumable checkpoint every this many steps (and always after the last step)."""
 

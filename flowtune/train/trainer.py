@@ -77,6 +77,7 @@ from flowtune.train.model import (
     save_lora,
 )
 from flowtune.train.noise import sample_generators
+from flowtune.train.offload import check_block_offload, offload_blocks
 from flowtune.train.optim import build_optimizer, build_scheduler, realign_schedule
 from flowtune.train.signals import StopRequest, TrainingInterrupted
 from flowtune.train.validation import SAMPLES_DIR, Validator
@@ -390,6 +391,8 @@ class Trainer:
         # Seeds Python, numpy and torch (LoRA initialisation, LoRA dropout) identically on every
         # process; the flow-matching draws use their own per-sample generators.
         set_seed(r.train.seed)
+        if r.train.block_offload is not None:
+            check_block_offload(self.family, model_dir / "transformer", r.train.block_offload)
         transformer = load_transformer(self.family, model_dir, self.dtype, r.model.variant)
         if r.train.mode == "lora":
             params = add_lora(
@@ -414,8 +417,13 @@ class Trainer:
         self.total_parameters = sum(p.numel() for p in transformer.parameters())
         optimizer = build_optimizer(params, r.optimizer)
         scheduler = build_scheduler(optimizer, r.lr_scheduler, r.train.max_steps)
+        # Block offload puts on the device what stays there and registers its hooks before
+        # Accelerate sees the model, which must then not move it all to the device.
+        self.offload = None
+        if r.train.block_offload is not None:
+            self.offload = offload_blocks(transformer, self.family, r.train.block_offload, self.device)
         self.model, self.optimizer, self.scheduler = self.accelerator.prepare(
-            transformer, optimizer, scheduler
+            transformer, optimizer, scheduler, device_placement=[False if self.offload else None, None, None]
         )
         # FSDP2 replaces the parameters by sharded ones (and points the optimizer at them).
         self.params = [p for p in self.model.parameters() if p.requires_grad]
@@ -1000,7 +1008,12 @@ class Trainer:
                     else f"{r.train.mixed_precision} mixed precision"
                 )
                 + f" on {self.device}"
-                + (", gradient checkpointing" if r.train.gradient_checkpointing else ""),
+                + (", gradient checkpointing" if r.train.gradient_checkpointing else "")
+                + (
+                    f", block offload ({len(self.offload.blocks)} blocks streamed from the CPU)"
+                    if self.offload is not None
+                    else ""
+                ),
             ),
             ("optimizer", f"{r.optimizer.name}, lr {r.optimizer.lr:g}, {r.lr_scheduler.name}"),
             ("output", f"{self.output_dir} (checkpoints every {r.train.checkpoint_every} steps)"),

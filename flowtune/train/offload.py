@@ -1,0 +1,249 @@
+"""Block offload for training (``train.block_offload``): most transformer blocks' frozen weights
+live in (pinned) CPU memory and are copied to the GPU just before each block runs, forward and
+backward, then dropped again; the last N blocks, everything outside the blocks (embedders,
+final norm and projection) and every trainable (LoRA) weight stay on the GPU.
+
+Why not diffusers' ``apply_group_offloading`` (diffusers 0.42.1, ``hooks/group_offloading.py``),
+which was read for this: it is built for inference and does not serve training.
+
+- It has no backward hooks: a block's weights are offloaded right after its forward and never
+  brought back for its backward, which needs them (``grad_input = grad_output @ W``); the
+  backward of an offloaded block would read CPU weights.  With gradient checkpointing the
+  recomputation onloads the block but offloads it again at the end of the recomputed forward,
+  before the block's backward runs.
+- With ``use_stream=True`` every parameter of a group, trainable LoRA ones included, is
+  restored on offload from a pinned CPU snapshot taken when the hooks were applied, so each
+  optimizer update of a LoRA weight in an offloaded block would be thrown away.
+- ``block_level`` offloads every block of every ``ModuleList`` and also the model's top-level
+  layers (embedders, final projection: offloaded after the top-level forward, i.e. again before
+  backward); it cannot keep N blocks resident.
+
+So flowtune uses plain torch module hooks: a forward pre-hook onloads a block (and prefetches
+the next one on a side CUDA stream), a forward hook drops it, a full backward pre-hook onloads
+it again for its backward (and prefetches the block before it), and the end of the backward
+pass drops the blocks whose backward is done.  Only frozen parameters move, by replacing their
+``.data`` (the ``nn.Parameter`` objects stay the same), so the optimizer, peft and autograd keep
+the tensors they hold; LoRA weights and their gradients stay on the GPU.  A checkpoint
+recomputation inside the backward pass finds its block already onloaded and leaves it so.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from flowtune.errors import FlowtuneError
+from flowtune.families import FamilySpec
+
+
+def model_block_count(spec: FamilySpec, config: dict[str, Any]) -> int:
+    """The number of transformer blocks of a model of family ``spec`` with transformer config
+    ``config`` (its ``config.json``): the sum of ``spec.block_lists``' config keys."""
+    return sum(int(config.get(key, 0)) for _, key in spec.block_lists)
+
+
+def check_block_offload(spec: FamilySpec, transformer_dir: Path, resident: int) -> None:
+    """Refuse ``train.block_offload: resident`` for the model in ``transformer_dir`` (its
+    ``config.json`` only; no weights are read) when it keeps more blocks than the model has.
+
+    Raises:
+        FlowtuneError: the family declares no block lists, or ``resident`` exceeds the count.
+    """
+    if not spec.block_lists:
+        raise FlowtuneError(
+            f"train.block_offload: model family {spec.name!r} declares no transformer block lists; set "
+            "train.block_offload=null"
+        )
+    config = json.loads((Path(transformer_dir) / "config.json").read_text())
+    count = model_block_count(spec, config)
+    if resident > count:
+        raise FlowtuneError(
+            f"train.block_offload={resident} keeps more blocks on the GPU than the model has ({count}); "
+            f"set it to 0-{count - 1} (the number of blocks kept on the GPU), or null to turn offload off"
+        )
+
+
+def transformer_blocks(model: nn.Module, spec: FamilySpec) -> list[nn.Module]:
+    """The transformer blocks of ``model`` in forward order: the modules of ``spec.block_lists``'
+    ModuleLists, one list after the other."""
+    return [block for name, _ in spec.block_lists for block in getattr(model, name)]
+
+
+class BlockOffload:
+    """Stream the frozen weights of ``blocks`` between CPU and ``device`` around each block's
+    forward and backward (see the module docstring).
+
+    Args:
+        blocks: The blocks to offload, in forward order (a model's others stay put).
+        device: The compute device.  On CUDA the CPU copies are pinned and the next block is
+            prefetched on a side stream while the current one computes; elsewhere copies are
+            synchronous (on a CPU they cost nothing: the weights never leave).
+        strict: An offloaded weight becomes an empty tensor instead of its CPU copy, so any
+            computation that touches a weight while its block is offloaded fails (tests: proves
+            on a CPU that every use of a weight, forward, backward and recomputation, happens
+            while its block is onloaded).
+    """
+
+    def __init__(self, blocks: list[nn.Module], device: torch.device, *, strict: bool = False):
+        self.blocks = blocks
+        self.device = torch.device(device)
+        self.strict = strict
+        self.stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        # Per block: (parameter, its CPU copy); the frozen parameters only.
+        self.weights: list[list[tuple[nn.Parameter, torch.Tensor]]] = []
+        self.onloaded: list[bool] = []
+        self.ready: list[torch.cuda.Event | None] = []
+        self.in_backward: set[int] = set()
+        self.handles: list[Any] = []
+
+    def install(self) -> BlockOffload:
+        """Copy the offloaded weights to CPU memory, drop them from the device and register the
+        hooks.  Call before the optimizer's first step and before Accelerate's ``prepare``
+        (with ``device_placement=False`` for the model: see :func:`offload_blocks`).
+
+        Raises:
+            FlowtuneError: a weight is a tensor subclass (a quantized ``model.quantize`` weight),
+                whose ``.data`` cannot be swapped.
+        """
+        # Blocks take their tensors as keyword arguments, so torch's full backward hooks see no
+        # inputs and warn; the pre-hook used here fires on the outputs' gradients as intended.
+        warnings.filterwarnings("ignore", message="Full backward hook is firing when gradients are computed")
+        for index, block in enumerate(self.blocks):
+            pairs = []
+            for name, param in block.named_parameters():
+                if param.requires_grad:
+                    continue  # trainable (LoRA): stays on the device, in the optimizer
+                if type(param.data) is not torch.Tensor:
+                    raise FlowtuneError(
+                        f"train.block_offload cannot move the quantized weight {name} "
+                        f"({type(param.data).__name__}); set model.quantize=null or train.block_offload=null"
+                    )
+                stored = param.data.to("cpu")
+                if self.device.type == "cuda":
+                    stored = stored.pin_memory()
+                pairs.append((param, stored))
+            self.weights.append(pairs)
+            self.onloaded.append(True)
+            self.ready.append(None)
+            self._offload(index)
+            self.handles += [
+                block.register_forward_pre_hook(lambda m, a, i=index: self._pre_forward(i)),
+                block.register_forward_hook(lambda m, a, o, i=index: self._post_forward(i)),
+                block.register_full_backward_pre_hook(lambda m, g, i=index: self._pre_backward(i)),
+            ]
+        return self
+
+    def remove(self) -> None:
+        """Remove the hooks and put every offloaded weight back on the device."""
+        for handle in self.handles:
+            handle.remove()
+        self.handles.clear()
+        for index in range(len(self.blocks)):
+            self._onload(index, wait=True)
+
+    # ---------------------------------------------------------------- hooks
+
+    def _pre_forward(self, index: int) -> None:
+        self._onload(index, wait=True)
+        if index not in self.in_backward and index + 1 < len(self.blocks):
+            self._onload(index + 1, wait=False)  # prefetch the next block
+
+    def _post_forward(self, index: int) -> None:
+        if index not in self.in_backward:  # not a checkpoint recomputation inside backward
+            self._offload(index)
+
+    def _pre_backward(self, index: int) -> None:
+        if not self.in_backward:
+            torch.autograd.Variable._execution_engine.queue_callback(self._end_backward)
+        # Backward runs the blocks in reverse: those whose backward started earlier are done.
+        for done in sorted(self.in_backward - {index}):
+            self._offload(done)
+        self.in_backward = {index}
+        self._onload(index, wait=True)
+        if index > 0:
+            self._onload(index - 1, wait=False)  # prefetch the block before it
+
+    def _end_backward(self) -> None:
+        for index in sorted(self.in_backward):
+            self._offload(index)
+        self.in_backward = set()
+
+    # ------------------------------------------------------------ transfers
+
+    def _onload(self, index: int, *, wait: bool) -> None:
+        """Copy block ``index``'s weights to the device (on the side stream on CUDA); with
+        ``wait``, make the compute stream wait for the copy before using them."""
+        if not self.onloaded[index]:
+            if self.stream is None:
+                for param, stored in self.weights[index]:
+                    param.data = stored.to(self.device)
+            else:
+                with torch.cuda.stream(self.stream):
+                    for param, stored in self.weights[index]:
+                        param.data = stored.to(self.device, non_blocking=True)
+                    event = torch.cuda.Event()
+                    event.record(self.stream)
+                self.ready[index] = event
+            self.onloaded[index] = True
+        event = self.ready[index]
+        if wait and event is not None:
+            compute = torch.cuda.current_stream(self.device)
+            compute.wait_event(event)
+            # Allocated on the side stream, used on the compute stream: keep the memory until
+            # the compute stream's work queued so far is done.
+            for param, _ in self.weights[index]:
+                param.data.record_stream(compute)
+            self.ready[index] = None
+
+    def _offload(self, index: int) -> None:
+        """Drop block ``index``'s device copies: each weight points at its CPU copy again (or at
+        an empty tensor when ``strict``)."""
+        if not self.onloaded[index]:
+            return
+        for param, stored in self.weights[index]:
+            param.data = stored.new_empty(0) if self.strict else stored
+        self.onloaded[index] = False
+        self.ready[index] = None
+
+
+def offload_blocks(
+    model: nn.Module, spec: FamilySpec, resident: int, device: torch.device, *, strict: bool = False
+) -> BlockOffload:
+    """Keep the last ``resident`` transformer blocks (in forward order) and everything outside
+    the blocks on ``device``; offload the frozen weights of the others (:class:`BlockOffload`).
+    The model comes in on the CPU; afterwards, everything it needs on ``device`` is there, so
+    Accelerate must not move it (``prepare(..., device_placement=[False, ...])``).
+
+    Args:
+        model: The transformer, LoRA added, gradient checkpointing set, not yet prepared.
+        spec: Its family (``spec.block_lists``).
+        resident: ``train.block_offload``: how many blocks stay on the device (0 to the count).
+        device: The compute device.
+        strict: See :class:`BlockOffload`.
+
+    Raises:
+        FlowtuneError: more resident blocks than the model has, or quantized block weights.
+    """
+    blocks = transformer_blocks(model, spec)
+    if not 0 <= resident <= len(blocks):
+        raise FlowtuneError(
+            f"train.block_offload={resident}: the model has {len(blocks)} blocks; set it to 0-{len(blocks)}"
+        )
+    offloaded = blocks[: len(blocks) - resident]
+    moving = {id(p) for block in offloaded for p in block.parameters() if not p.requires_grad}
+    for param in model.parameters():
+        if id(param) not in moving:
+            param.data = param.data.to(device)
+    for buffer in model.buffers():
+        buffer.data = buffer.data.to(device)
+    # DDP would broadcast every parameter from rank 0 at wrapping time; the offloaded ones are
+    # frozen, identical on every rank and on the CPU, so it skips them.
+    model._ddp_params_and_buffers_to_ignore = [  # type: ignore[assignment]
+        name for name, p in model.named_parameters() if id(p) in moving
+    ]
+    return BlockOffload(offloaded, device, strict=strict).install()
