@@ -123,3 +123,19 @@ def test_more_blocks_than_the_model_has_is_refused_before_it_loads(env, tmp_path
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "train.block_offload=5" in lines[0] and "(4)" in lines[0], result.stderr
+
+
+def test_validation_s_pipeline_leaves_the_offloaded_weights_where_they_are(env) -> None:
+    """``load_pipeline`` (validation images) moves the VAE to the device but not the offloaded
+    transformer (``pipe.to`` would put every block's weights on the device)."""
+    from flowtune.encoders.base import load_pipeline
+
+    model = load_transformer(FLUX, env / "tiny-flux", torch.float32)
+    add_lora(model, FLUX, rank=4, alpha=4)
+    offload.offload_blocks(model, FLUX, 1, torch.device("cpu"), strict=True)
+    encoders = FLUX.load_encoder_class().text_components
+    with mock.patch.object(model, "to", side_effect=AssertionError("the transformer was moved")):
+        pipe = load_pipeline(
+            FLUX, env / "tiny-flux", dtype=torch.float32, device="cpu", transformer=model, without=encoders
+        )
+    assert pipe.transformer is model and pipe.vae is not None

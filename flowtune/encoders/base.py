@@ -246,7 +246,14 @@ def load_pipeline(
     pipe = pipeline_class.from_pretrained(model_dir, **kwargs)
     pipe.register_modules(**components)
     pipe.set_progress_bar_config(disable=True)
-    return pipe.to(device)
+    if getattr(transformer, "flowtune_block_offload", None) is None:
+        return pipe.to(device)
+    # The model being trained with train.block_offload: its blocks' weights must stay in CPU
+    # memory (moving them would put the whole model on the device); the rest is already there.
+    for component in pipe.components.values():
+        if isinstance(component, torch.nn.Module) and component is not transformer:
+            component.to(device)
+    return pipe
 
 
 def create_encoder(

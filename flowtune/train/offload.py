@@ -246,4 +246,8 @@ def offload_blocks(
     model._ddp_params_and_buffers_to_ignore = [  # type: ignore[assignment]
         name for name, p in model.named_parameters() if id(p) in moving
     ]
-    return BlockOffload(offloaded, device, strict=strict).install()
+    hooks = BlockOffload(offloaded, device, strict=strict).install()
+    # Marks the model for flowtune.encoders.base.load_pipeline (validation images), which then
+    # leaves it where it is instead of moving every weight to the device.
+    model.flowtune_block_offload = hooks  # type: ignore[assignment]
+    return hooks
