@@ -115,8 +115,8 @@ def test_recipe_refuses_what_block_offload_cannot_do(env, overrides, message) ->
     assert "train.block_offload" in str(info.value) and "\n" not in str(info.value)
 
 
-def test_more_blocks_than_the_model_has_is_refused_before_it_loads(env, tmp_path) -> None:
-    with mock.patch("flowtune.train.trainer.load_transformer", side_effect=AssertionError("loaded")):
+def test_more_blocks_than_the_model_has_is_refused_before_its_weights_are_fetched(env, tmp_path) -> None:
+    with mock.patch("flowtune.train.trainer.resolve_pretrained", side_effect=AssertionError("fetched")):
         result = cli(
             "train", env / "recipe.yaml", f"train.output_dir={tmp_path / 'run'}", "train.block_offload=5"
         )

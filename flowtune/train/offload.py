@@ -47,9 +47,27 @@ def model_block_count(spec: FamilySpec, config: dict[str, Any]) -> int:
     return sum(int(config.get(key, 0)) for _, key in spec.block_lists)
 
 
-def check_block_offload(spec: FamilySpec, transformer_dir: Path, resident: int) -> None:
-    """Refuse ``train.block_offload: resident`` for the model in ``transformer_dir`` (its
-    ``config.json`` only; no weights are read) when it keeps more blocks than the model has.
+def read_transformer_config(pretrained: str, revision: str | None) -> dict[str, Any] | None:
+    """The ``transformer/config.json`` of ``model.pretrained`` (a local folder, or only that file
+    fetched from the Hub: no weights), or None when it cannot be read here (the model's loading
+    then says why)."""
+    local = Path(pretrained).expanduser()
+    try:
+        if local.is_dir():
+            return json.loads((local / "transformer" / "config.json").read_text())
+        from huggingface_hub import hf_hub_download
+
+        return json.loads(
+            Path(hf_hub_download(pretrained, "transformer/config.json", revision=revision)).read_text()
+        )
+    except Exception:  # noqa: BLE001 - missing, offline, gated: resolve_pretrained reports it in one line
+        return None
+
+
+def check_block_offload(spec: FamilySpec, pretrained: str, revision: str | None, resident: int) -> None:
+    """Refuse ``train.block_offload: resident`` for ``model.pretrained`` when it keeps more blocks
+    than the model has, from its transformer's ``config.json`` alone, before any weight is
+    downloaded or loaded.
 
     Raises:
         FlowtuneError: the family declares no block lists, or ``resident`` exceeds the count.
@@ -59,7 +77,9 @@ def check_block_offload(spec: FamilySpec, transformer_dir: Path, resident: int) 
             f"train.block_offload: model family {spec.name!r} declares no transformer block lists; set "
             "train.block_offload=null"
         )
-    config = json.loads((Path(transformer_dir) / "config.json").read_text())
+    config = read_transformer_config(pretrained, revision)
+    if config is None:
+        return
     count = model_block_count(spec, config)
     if resident > count:
         raise FlowtuneError(
@@ -243,8 +263,9 @@ def offload_blocks(
         buffer.data = buffer.data.to(device)
     # DDP would broadcast every parameter from rank 0 at wrapping time; the offloaded ones are
     # frozen, identical on every rank and on the CPU, so it skips them.
-    model._ddp_params_and_buffers_to_ignore = [  # type: ignore[assignment]
-        name for name, p in model.named_parameters() if id(p) in moving
+    ignored = list(getattr(model, "_ddp_params_and_buffers_to_ignore", []))
+    model._ddp_params_and_buffers_to_ignore = ignored + [  # type: ignore[assignment]
+        name for name, p in model.named_parameters() if id(p) in moving and name not in ignored
     ]
     hooks = BlockOffload(offloaded, device, strict=strict).install()
     # Marks the model for flowtune.encoders.base.load_pipeline (validation images), which then

@@ -385,14 +385,14 @@ class Trainer:
 
         r = self.recipe
         self.dtype = getattr(torch, r.model.dtype)
+        if r.train.block_offload is not None:  # from config.json, before the weights download
+            check_block_offload(self.family, r.model.pretrained, r.model.revision, r.train.block_offload)
         model_dir = resolve_pretrained(
             r.model.pretrained, r.model.revision, ["transformer"], family=self.family
         )
         # Seeds Python, numpy and torch (LoRA initialisation, LoRA dropout) identically on every
         # process; the flow-matching draws use their own per-sample generators.
         set_seed(r.train.seed)
-        if r.train.block_offload is not None:
-            check_block_offload(self.family, model_dir / "transformer", r.train.block_offload)
         transformer = load_transformer(self.family, model_dir, self.dtype, r.model.variant)
         if r.train.mode == "lora":
             params = add_lora(
