@@ -49,6 +49,10 @@ class FamilySpec:
             with the ``config.json`` key of its length, e.g. ``(("transformer_blocks",
             "num_layers"), ...)``: what ``train.block_offload`` streams, and how many blocks a
             model has before it is loaded.  Empty: the family has no block offload.
+        quantize_skip: Linear layers of the transformer that ``model.quantize`` keeps in
+            ``model.dtype``: full module names or ``*`` globs over them, a match covering the
+            module's children (:func:`flowtune.memory.quantize.matches_any`).  Typically the
+            embedders and the final norm and projection: small, and sensitive to rounding.
     """
 
     name: str
@@ -65,6 +69,7 @@ class FamilySpec:
     references_optional: bool = False
     other_pipeline_classes: tuple[str, ...] = ()
     block_lists: tuple[tuple[str, str], ...] = ()
+    quantize_skip: tuple[str, ...] = ()
 
     @property
     def pipeline_classes(self) -> tuple[str, ...]:
@@ -120,6 +125,12 @@ _FLUX1_LORA_TARGETS = (
 )
 
 
+# Kept in model.dtype under model.quantize: the timestep/guidance/pooled-text embedders, the image
+# and text input projections, and the output norm and projection (under 1% of FLUX.1's weights).
+# The per-block modulation layers (norm1.linear, ...: 2.1B of 12B weights) are quantized.
+_FLUX1_QUANTIZE_SKIP = ("time_text_embed", "x_embedder", "context_embedder", "norm_out", "proj_out")
+
+
 # FLUX.2's transformer: the double-stream blocks' attention projections and feed-forward layers,
 # and the single-stream blocks' fused qkv + MLP input projection and their output projection (a
 # bare "attn.to_out" would also hit the double-stream blocks' to_out ModuleList).
@@ -138,6 +149,20 @@ _FLUX2_LORA_TARGETS = (
     "ff_context.linear_out",
     "attn.to_qkv_mlp_proj",
     "single_transformer_blocks.*.attn.to_out",
+)
+
+
+# FLUX.2 keeps, besides the embedders and the output layers, its three modulation layers: shared
+# by every block (one error reaches all of them), and under 2% of the weights.
+_FLUX2_QUANTIZE_SKIP = (
+    "time_guidance_embed",
+    "double_stream_modulation_img",
+    "double_stream_modulation_txt",
+    "single_stream_modulation",
+    "x_embedder",
+    "context_embedder",
+    "norm_out",
+    "proj_out",
 )
 
 
@@ -161,6 +186,7 @@ FAMILIES: dict[str, FamilySpec] = {
         encoder="flowtune.encoders.flux:FluxEncoder",
         lora_original_names="flowtune.interop.flux:FLUX1_NAMING",
         block_lists=_DOUBLE_AND_SINGLE_BLOCKS,
+        quantize_skip=_FLUX1_QUANTIZE_SKIP,
     ),
     "flux-kontext": FamilySpec(
         name="flux-kontext",
@@ -175,6 +201,7 @@ FAMILIES: dict[str, FamilySpec] = {
         lora_original_names="flowtune.interop.flux:FLUX1_NAMING",
         block_lists=_DOUBLE_AND_SINGLE_BLOCKS,
         reference_images=True,
+        quantize_skip=_FLUX1_QUANTIZE_SKIP,
     ),
     "flux2": FamilySpec(
         name="flux2",
@@ -191,6 +218,7 @@ FAMILIES: dict[str, FamilySpec] = {
         block_lists=_DOUBLE_AND_SINGLE_BLOCKS,
         reference_images=True,
         references_optional=True,
+        quantize_skip=_FLUX2_QUANTIZE_SKIP,
     ),
 }
 

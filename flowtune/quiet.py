@@ -3,12 +3,21 @@
 transformers and diffusers log import-time notices and show a progress bar for every component
 they load or save; flowtune prints its own progress, so these are turned down.  Explicit user
 settings of the same environment variables win.
+
+torchao (``model.quantize``), which diffusers imports whenever it is installed, logs a warning for
+each of its optional compiled kernels that this torch build cannot load (all of them on a CPU
+build; its weight-only configs do not use them), and its import makes torch's pytree logger warn
+about an Enum registration: both are turned down to errors.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
+
+# Loggers that warn on import about things a flowtune user cannot act on.
+_IMPORT_NOISE_LOGGERS = ("torchao", "torch.utils._pytree")
 
 
 def quiet_libraries() -> None:
@@ -20,6 +29,8 @@ def quiet_libraries() -> None:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    for name in _IMPORT_NOISE_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
     for name in ("diffusers.utils.logging", "transformers.utils.logging"):
         module = sys.modules.get(name)
         if module is not None:

@@ -461,6 +461,7 @@ def _check_semantics(cfg: Any) -> None:
     if cfg.flow.device is not None and not cfg.flow.device.strip():
         fail("flow.device", cfg.flow.device, "give a device such as cuda or cpu, or null")
     _check_block_offload(cfg, family, fail)
+    _check_quantize(cfg, fail)
 
 
 def _check_block_offload(cfg: Any, family: Any, fail: Callable[[str, Any, str], None]) -> None:
@@ -497,6 +498,28 @@ def _check_block_offload(cfg: Any, family: Any, fail: Callable[[str, Any, str], 
             resident,
             f"block offload cannot move quantized weights yet (model.quantize={cfg.model.quantize}); "
             "set model.quantize=null or train.block_offload=null",
+        )
+
+
+def _check_quantize(cfg: Any, fail: Callable[[str, Any, str], None]) -> None:
+    """``model.quantize``: a frozen base for LoRA, on one GPU or DDP (the mode itself is checked
+    by the schema's choices)."""
+    mode = cfg.model.quantize
+    if mode is None:
+        return
+    if cfg.train.mode != "lora":
+        fail(
+            "model.quantize",
+            mode,
+            "a quantized base cannot be trained, so it needs train.mode=lora; set model.quantize=null "
+            "for full fine-tuning",
+        )
+    if cfg.train.distributed == "fsdp":
+        fail(
+            "model.quantize",
+            mode,
+            "FSDP2 cannot shard torchao's quantized weights in flowtune yet; set train.distributed=ddp "
+            "(each GPU holds the quantized model) or model.quantize=null",
         )
 
 

@@ -67,6 +67,15 @@ class Model:
     """Dtype in which the frozen weights (transformer, VAE, text encoders) are loaded. Use
     `float32` on CPU."""
 
+    quantize: Literal["int8", "fp8", "nf4"] | None = None
+    """Store the frozen transformer's linear weights quantized while training a LoRA (QLoRA),
+    with torchao: `int8` (int8 weight-only, half of bf16), `fp8` (float8 e4m3 weight-only, half
+    of bf16; needs no float8 hardware) or `nf4` (4-bit NormalFloat as in QLoRA, about a quarter).
+    The LoRA still trains in float32 and is an ordinary LoRA: it loads on, and merges into, the
+    unquantized base. The family keeps its embedders and output layers unquantized. LoRA only
+    (not `train.mode: full`), not with `train.distributed: fsdp` (docs/training.md). null = the
+    weights stay in `model.dtype`."""
+
     adapter: dict[str, Any] = field(default_factory=dict)
     """Extra keyword arguments of the family's flow-matching adapter. FLUX.1: `guidance_scale`
     (default 3.5; the guidance value fed to guidance-distilled models such as FLUX.1-dev during

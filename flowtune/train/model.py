@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import fnmatch
 import json
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -55,9 +56,22 @@ def expand_target_modules(model: nn.Module, targets: list[str]) -> list[str]:
 
 
 def load_transformer(
-    spec: FamilySpec, model_dir: Path, dtype: torch.dtype, variant: str | None = None
+    spec: FamilySpec,
+    model_dir: Path,
+    dtype: torch.dtype,
+    variant: str | None = None,
+    quantize: str | None = None,
+    device: torch.device | str | None = None,
 ) -> nn.Module:
-    """The family's transformer from ``model_dir/transformer``, in ``dtype``, frozen, in train mode."""
+    """The family's transformer from ``model_dir/transformer``, in ``dtype``, frozen, in train mode.
+
+    Args:
+        quantize: ``model.quantize``: store the linear weights (but the family's
+            ``quantize_skip``) as ``int8``, ``fp8`` or ``nf4`` (:mod:`flowtune.memory.quantize`),
+            before any LoRA is added.  The summary is left on the model as
+            ``flowtune_quantized``.  None = weights stay in ``dtype``.
+        device: Where quantized layers are quantized and kept (None = the CPU it loads on).
+    """
     import diffusers
 
     from flowtune.quiet import quiet_libraries
@@ -69,6 +83,10 @@ def load_transformer(
         kwargs["variant"] = variant
     transformer = cls.from_pretrained(model_dir, **kwargs)
     transformer.requires_grad_(False)
+    if quantize is not None:
+        from flowtune.memory.quantize import quantize_linears
+
+        transformer.flowtune_quantized = quantize_linears(transformer, quantize, spec.quantize_skip, device)
     transformer.train()
     return transformer
 
@@ -95,15 +113,20 @@ def add_lora(
     from peft import LoraConfig
 
     targets = expand_target_modules(transformer, list(target_modules or spec.lora_target_modules))
-    transformer.add_adapter(
-        LoraConfig(
-            r=rank,
-            lora_alpha=alpha,
-            lora_dropout=dropout,
-            target_modules=targets,
-            init_lora_weights=True if init == "default" else init,
+    with warnings.catch_warnings():
+        # On a torchao-quantized base (model.quantize) peft warns that its LoRA layers cannot
+        # merge into the quantized weights; flowtune never merges while training (export
+        # --merge fuses the saved LoRA into the unquantized base).
+        warnings.filterwarnings("ignore", message=".*get_apply_tensor_subclass")
+        transformer.add_adapter(
+            LoraConfig(
+                r=rank,
+                lora_alpha=alpha,
+                lora_dropout=dropout,
+                target_modules=targets,
+                init_lora_weights=True if init == "default" else init,
+            )
         )
-    )
     from diffusers.training_utils import cast_training_params
 
     cast_training_params(transformer, dtype=torch.float32)

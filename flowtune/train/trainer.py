@@ -56,6 +56,7 @@ from flowtune.errors import FlowtuneError
 from flowtune.families import get_family
 from flowtune.fileio import tree_bytes, write_errors
 from flowtune.flow_matching import create_pipeline
+from flowtune.memory.quantize import exclude_quantized_from_ddp
 from flowtune.model_files import resolve_pretrained
 from flowtune.recipe import recipe_to_yaml
 from flowtune.train import checkpoint as ckpt
@@ -393,7 +394,10 @@ class Trainer:
         # Seeds Python, numpy and torch (LoRA initialisation, LoRA dropout) identically on every
         # process; the flow-matching draws use their own per-sample generators.
         set_seed(r.train.seed)
-        transformer = load_transformer(self.family, model_dir, self.dtype, r.model.variant)
+        transformer = load_transformer(
+            self.family, model_dir, self.dtype, r.model.variant, quantize=r.model.quantize, device=self.device
+        )
+        self.quantized = getattr(transformer, "flowtune_quantized", None)
         if r.train.mode == "lora":
             params = add_lora(
                 transformer,
@@ -413,6 +417,8 @@ class Trainer:
                 raise ckpt.refuse_resume(resume, str(exc), self._weights_name) from None
         if r.train.gradient_checkpointing:
             transformer.enable_gradient_checkpointing()
+        if self.quantized is not None:
+            exclude_quantized_from_ddp(transformer)
         self.trainable_parameters = sum(p.numel() for p in params)
         self.total_parameters = sum(p.numel() for p in transformer.parameters())
         optimizer = build_optimizer(params, r.optimizer)
@@ -1018,6 +1024,8 @@ class Trainer:
             ("optimizer", f"{r.optimizer.name}, lr {r.optimizer.lr:g}, {r.lr_scheduler.name}"),
             ("output", f"{self.output_dir} (checkpoints every {r.train.checkpoint_every} steps)"),
         ]
+        if self.quantized is not None:
+            rows.append(("quantized base", self.quantized.describe()))
         if self.validator.enabled:
             rows.append(("validation", self.validator.describe()))
         self.console.print(key_value_table("flowtune train", rows))

@@ -1,0 +1,1 @@
+"""Memory savers: quantization of the frozen base (``model.quantize``)."""

@@ -1,0 +1,189 @@
+"""Quantize the frozen transformer's linear weights (``model.quantize``) with torchao.
+
+LoRA training reads the base weights but never updates them, so they can be stored in fewer bits
+(QLoRA): the LoRA layers that peft adds afterwards train in float32 on top of them.
+
+- ``int8``: torchao ``Int8WeightOnlyConfig``, int8 weights with one scale per output row
+  (half of bf16).
+- ``fp8``: torchao ``Float8WeightOnlyConfig``, float8 e4m3 weights with one scale per output row
+  (half of bf16); stored as float8 on every device, computed after dequantizing to the input's
+  dtype, so it needs no float8 matmul hardware.
+- ``nf4``: torchao's ``NF4Tensor`` (``to_nf4``), as torchtune's QLoRA stores its frozen linear
+  weights: 4-bit NormalFloat in blocks of 64 with double-quantized scales (about a quarter of
+  bf16).  A linear whose weight holds an NF4Tensor computes through torchao's ``linear_nf4``
+  (``F.linear`` is overridden by the tensor), so it stays a plain ``nn.Linear`` that peft wraps.
+
+Order matters: quantize first, then add the LoRA.  peft wraps an int8/fp8 linear (a torchao
+tensor subclass weight) in its ``TorchaoLoraLinear`` and an NF4 one in its plain LoRA ``Linear``;
+both compute ``base(x) + lora_B(lora_A(x)) * scale`` without touching the base weight.
+
+Which layers stay in ``model.dtype`` is each family's choice (``FamilySpec.quantize_skip``):
+typically the embedders, the modulation (norm) layers and the final projection, which are small
+and sensitive.  Layers whose shape the mode cannot store are also kept (NF4 needs a multiple of
+64 weights; real FLUX layers always are), and counted in the summary.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+from torch import nn
+
+from flowtune.errors import FlowtuneError
+
+QuantizeMode = Literal["int8", "fp8", "nf4"]
+QUANTIZE_MODES: tuple[str, ...] = ("int8", "fp8", "nf4")
+
+# torchtune's QLoRA defaults: 64 weights per NF4 block, 256 block scales per scale-of-scales block.
+NF4_BLOCK_SIZE = 64
+NF4_SCALER_BLOCK_SIZE = 256
+
+
+@dataclass
+class QuantizeSummary:
+    """What :func:`quantize_linears` did.
+
+    Attributes:
+        mode: The ``model.quantize`` mode.
+        quantized: Names of the linear layers whose weights were quantized.
+        kept: Linear layers kept in their dtype because the family's ``quantize_skip`` names them.
+        unsupported: Linear layers kept because the mode cannot store their shape.
+    """
+
+    mode: str
+    quantized: list[str] = field(default_factory=list)
+    kept: list[str] = field(default_factory=list)
+    unsupported: list[str] = field(default_factory=list)
+
+    def describe(self) -> str:
+        """One line for the training banner, e.g. ``int8 weights in 120 of 130 linear layers``."""
+        total = len(self.quantized) + len(self.kept) + len(self.unsupported)
+        line = f"{self.mode} weights in {len(self.quantized)} of {total} linear layers"
+        if self.unsupported:
+            line += f" ({len(self.unsupported)} too small for {self.mode}, kept)"
+        return line
+
+
+def matches_any(name: str, patterns: tuple[str, ...] | list[str]) -> bool:
+    """Whether module ``name`` or one of its parents matches a pattern: a full module name
+    (``proj_out`` is the top-level final projection only, not ``single_transformer_blocks.0.
+    proj_out``) or a ``*`` glob over full names (``transformer_blocks.*.norm1.linear``).  A parent
+    match covers its children (``time_text_embed`` keeps ``time_text_embed.timestep_embedder.
+    linear_1``)."""
+    parts = name.split(".")
+    prefixes = [".".join(parts[: i + 1]) for i in range(len(parts))]
+    return any(fnmatch.fnmatchcase(prefix, pattern) for pattern in patterns for prefix in prefixes)
+
+
+def check_quantize_available(mode: str) -> None:
+    """Refuse a mode that is unknown or whose package (torchao) is missing, in one line.
+
+    Raises:
+        FlowtuneError: naming ``model.quantize`` and what to do.
+    """
+    if mode not in QUANTIZE_MODES:
+        raise FlowtuneError(
+            f"model.quantize={mode!r} is not a quantization mode; use one of {', '.join(QUANTIZE_MODES)}, or null"
+        )
+    try:
+        import torchao  # noqa: F401
+    except ImportError:
+        raise FlowtuneError(
+            f"model.quantize={mode} needs torchao; install it with `pip install torchao`, or set model.quantize=null"
+        ) from None
+
+
+def _nf4_scaler_block_size(numel: int) -> int | None:
+    """The scale-of-scales block for a weight of ``numel`` values: torchtune's 256 where the
+    number of 64-weight blocks allows it, else the largest power of two that divides that number
+    (small layers of test models); None when ``numel`` is not a multiple of 64 (not storable)."""
+    if numel % NF4_BLOCK_SIZE:
+        return None
+    blocks = numel // NF4_BLOCK_SIZE
+    size = NF4_SCALER_BLOCK_SIZE
+    while blocks % size:
+        size //= 2
+    return size
+
+
+def quantize_linears(
+    model: nn.Module,
+    mode: str,
+    skip: tuple[str, ...] | list[str] = (),
+    device: torch.device | str | None = None,
+) -> QuantizeSummary:
+    """Quantize, in place, the weights of every ``nn.Linear`` of the frozen ``model`` that ``skip``
+    does not name (see :func:`matches_any`).  Call it before adding the LoRA.
+
+    Weights keep their shapes ([out_features, in_features]) and their logical dtype (the dtype the
+    model was loaded in); they are stored as torchao tensor subclasses, do not require grad, and
+    are dequantized block by block in the forward pass.  Biases are untouched.
+
+    Args:
+        model: The frozen transformer (``requires_grad`` off), in ``model.dtype``.
+        mode: ``int8``, ``fp8`` or ``nf4``.
+        skip: The family's ``quantize_skip`` patterns.
+        device: Move each quantized layer there first (quantizing on the GPU is faster, and the
+            full-precision weights never reach it all at once); None = where the model is.
+
+    Raises:
+        FlowtuneError: an unknown mode, or torchao is not installed.
+    """
+    check_quantize_available(mode)
+    summary = QuantizeSummary(mode=mode)
+    targets: list[tuple[str, nn.Linear]] = []
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.Linear):
+            continue
+        if matches_any(name, skip):
+            summary.kept.append(name)
+        elif mode == "nf4" and _nf4_scaler_block_size(module.weight.numel()) is None:
+            summary.unsupported.append(name)
+        else:
+            targets.append((name, module))
+    summary.quantized = [name for name, _ in targets]
+    if mode == "nf4":
+        from torchao.quantization import to_nf4
+
+        for _, module in targets:
+            if device is not None:
+                module.to(device)
+            weight = module.weight.detach()
+            scaler_block = _nf4_scaler_block_size(weight.numel())
+            module.weight = nn.Parameter(
+                to_nf4(weight.contiguous(), NF4_BLOCK_SIZE, scaler_block), requires_grad=False
+            )
+        return summary
+
+    from torchao.quantization import Float8WeightOnlyConfig, Int8WeightOnlyConfig, quantize_
+
+    config = Int8WeightOnlyConfig() if mode == "int8" else Float8WeightOnlyConfig()
+    chosen = {id(module) for _, module in targets}
+    quantize_(model, config, filter_fn=lambda module, _name: id(module) in chosen, device=device)
+    for _, module in targets:
+        module.weight.requires_grad_(False)
+    return summary
+
+
+def exclude_quantized_from_ddp(model: nn.Module) -> list[str]:
+    """Tell DDP not to broadcast ``model``'s quantized weights when it wraps it; returns their names.
+
+    DDP copies every parameter and buffer of process 0 to the others when it starts, and torchao's
+    tensor subclasses implement none of the ops its broadcast needs.  They need no copy: every
+    process loads the same file and quantizes it the same way, and they are frozen, so DDP's
+    gradient all-reduce never sees them either.  Call it after the LoRA is added (peft renames a
+    wrapped layer's weight to ``...base_layer.weight``).
+    """
+    from torch.nn.parallel import DistributedDataParallel
+
+    names = [
+        name
+        for name, param in model.named_parameters()
+        if not param.requires_grad and type(param) not in (torch.Tensor, nn.Parameter)
+    ]
+    if names:
+        DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, names)
+    return names
