@@ -21,12 +21,12 @@ from rich.console import Console
 from safetensors.torch import load_file
 from torch import nn
 
-from flowtune.families import get_family
+from flowtune.families import family_names, get_family
 from flowtune.memory.quantize import matches_any, quantize_linears
 from flowtune.recipe import RecipeError, load_recipe
-from flowtune.tiny import tiny_flux_transformer
+from flowtune.tiny import make_tiny, tiny_flux_transformer
 from flowtune.train.metrics import read_metrics
-from flowtune.train.model import LORA_WEIGHTS_NAME, add_lora
+from flowtune.train.model import LORA_WEIGHTS_NAME, add_lora, load_transformer
 from flowtune.train.trainer import Trainer
 from tests.helpers import REPO, tiny_flux_inputs, tiny_flux_training_env
 
@@ -219,3 +219,17 @@ def test_ddp_wraps_a_quantized_base_once_its_weights_are_excluded() -> None:
     assert result.returncode == 0, result.stderr[-3000:]
     # 40 quantized block linears; the LoRA targets among them are now peft's base_layer weights.
     assert result.stdout.split("\n")[:2] == ["refused", "wrapped 40"], result.stdout
+
+
+@pytest.mark.parametrize("family", family_names())
+def test_each_family_loads_quantized_keeping_what_its_skip_list_names(family: str, tmp_path: Path) -> None:
+    """Through ``load_transformer``, as training loads it: every ``quantize_skip`` pattern names a
+    layer of the family's transformer (a renamed module would silently get quantized)."""
+    spec = get_family(family)
+    model = make_tiny(family, tmp_path / family)
+    transformer = load_transformer(spec, model, torch.float32, quantize="int8")
+    summary = transformer.flowtune_quantized
+    assert summary.quantized and not summary.unsupported
+    for pattern in spec.quantize_skip:
+        assert any(matches_any(name, (pattern,)) for name in summary.kept), pattern
+    assert not any(p.requires_grad for p in transformer.parameters())
