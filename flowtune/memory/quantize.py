@@ -27,14 +27,12 @@ from __future__ import annotations
 
 import fnmatch
 from dataclasses import dataclass, field
-from typing import Literal
 
 import torch
 from torch import nn
 
 from flowtune.errors import FlowtuneError
 
-QuantizeMode = Literal["int8", "fp8", "nf4"]
 QUANTIZE_MODES: tuple[str, ...] = ("int8", "fp8", "nf4")
 
 # torchtune's QLoRA defaults: 64 weights per NF4 block, 256 block scales per scale-of-scales block.

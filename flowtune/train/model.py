@@ -2,7 +2,8 @@
 
 - :func:`load_transformer` loads only the ``transformer`` subfolder of ``model.pretrained`` in
   ``model.dtype`` (the VAE and text encoders are never loaded for training: their outputs are in
-  the preprocess cache).
+  the preprocess cache); with ``model.quantize`` its linear weights are then quantized
+  (:mod:`flowtune.memory.quantize`), before any LoRA is added.
 - :func:`add_lora` adds peft LoRA layers (``transformer.add_adapter(LoraConfig(...))``) on the
   recipe's or the family's target modules; everything else stays frozen.  Trainable LoRA weights
   are kept in float32 whatever the base dtype, so optimizer updates are not rounded away.
