@@ -279,6 +279,21 @@ def sample(
         bool,
         typer.Option("--cpu-offload", help="Move each model to the GPU only while it runs (less memory)."),
     ] = False,
+    quantize: Annotated[
+        str | None,
+        typer.Option(
+            help="Store the transformer's linear weights as int8, fp8 or nf4 (none: as loaded); a LoRA "
+            "loads on top.",
+            show_default="the recipe's model.quantize, else none",
+        ),
+    ] = None,
+    encoder_quantize: Annotated[
+        str | None,
+        typer.Option(
+            help="Store the text encoders' linear weights as int8, fp8 or nf4 (none: as loaded).",
+            show_default="the recipe's model.encoder_quantize, else none",
+        ),
+    ] = None,
 ) -> None:
     """Generate images with a trained checkpoint (or a base model and a LoRA) through the
     family's diffusers pipeline; writes OUT/NNNNNN.png, OUT/samples.jsonl and OUT/grid.png."""
@@ -292,10 +307,17 @@ def sample(
         raise FlowtuneError("--lora goes with --model; a --ckpt brings its own LoRA")
     if dtype is not None and dtype not in ("bfloat16", "float16", "float32"):
         raise FlowtuneError(f"--dtype {dtype!r}: choose bfloat16, float16 or float32")
+    for option, mode in (("--quantize", quantize), ("--encoder-quantize", encoder_quantize)):
+        if mode is not None and mode != "none":
+            _check_quantize_option(option, mode)
     source = (
         source_from_checkpoint(ckpt, base_model=model) if ckpt is not None else source_from_model(model, lora)
     )
     prompts = read_prompts(prompt or [], prompts_file)
+    if quantize is not None:
+        source.quantize = None if quantize == "none" else quantize
+    if encoder_quantize is not None:
+        source.encoder_quantize = None if encoder_quantize == "none" else encoder_quantize
     if control_resize is not None:
         if control_resize not in ("pipeline", "match_target", "kontext"):
             raise FlowtuneError(f"--control-resize {control_resize!r}: choose pipeline or match_target")
@@ -339,6 +361,15 @@ def sample(
             f"{len(result.images)} image{'s' if len(result.images) != 1 else ''} in {out_dir} (grid: {result.grid})"
         )
     )
+
+
+def _check_quantize_option(option: str, mode: str) -> None:
+    """Refuse a ``flowtune sample`` quantization mode that is unknown or needs a missing package."""
+    from flowtune.memory.quantize import QUANTIZE_MODES, check_quantize_available
+
+    if mode not in QUANTIZE_MODES:
+        raise FlowtuneError(f"{option} {mode!r}: choose {', '.join(QUANTIZE_MODES)} or none")
+    check_quantize_available(mode, option)
 
 
 @app.command("make-dataset")

@@ -53,6 +53,10 @@ class FamilySpec:
             ``model.dtype``: full module names or ``*`` globs over them, a match covering the
             module's children (:func:`flowtune.memory.quantize.matches_any`).  Typically the
             embedders and the final norm and projection: small, and sensitive to rounding.
+        encoder_quantize_skip: The text encoders that ``model.encoder_quantize`` quantizes, as
+            ``(pipeline component, patterns)`` pairs: the component's linear layers but those the
+            patterns name (as in ``quantize_skip``) are quantized.  Components not listed (e.g. a
+            small CLIP) stay in ``model.dtype``.  Empty: the family's encoders are never quantized.
     """
 
     name: str
@@ -70,6 +74,7 @@ class FamilySpec:
     other_pipeline_classes: tuple[str, ...] = ()
     block_lists: tuple[tuple[str, str], ...] = ()
     quantize_skip: tuple[str, ...] = ()
+    encoder_quantize_skip: tuple[tuple[str, tuple[str, ...]], ...] = ()
 
     @property
     def pipeline_classes(self) -> tuple[str, ...]:
@@ -166,6 +171,16 @@ _FLUX2_QUANTIZE_SKIP = (
 )
 
 
+# model.encoder_quantize: FLUX.1 quantizes T5 (text_encoder_2; 4.7B weights, all its linear layers:
+# T5EncoderModel has no output head, and its embedding and norms are not linear layers) and keeps
+# CLIP-L (text_encoder, 0.12B) as loaded.
+_FLUX1_ENCODER_QUANTIZE_SKIP = (("text_encoder_2", ()),)
+
+# FLUX.2 quantizes Mistral3 (text_encoder) but its Pixtral vision tower and projector, which text
+# prompts never run (quantizing them would only slow the load).
+_FLUX2_ENCODER_QUANTIZE_SKIP = (("text_encoder", ("model.vision_tower", "model.multi_modal_projector")),)
+
+
 # FLUX.1 and FLUX.2: the double-stream blocks run first, then the single-stream blocks.
 _DOUBLE_AND_SINGLE_BLOCKS = (
     ("transformer_blocks", "num_layers"),
@@ -187,6 +202,7 @@ FAMILIES: dict[str, FamilySpec] = {
         lora_original_names="flowtune.interop.flux:FLUX1_NAMING",
         block_lists=_DOUBLE_AND_SINGLE_BLOCKS,
         quantize_skip=_FLUX1_QUANTIZE_SKIP,
+        encoder_quantize_skip=_FLUX1_ENCODER_QUANTIZE_SKIP,
     ),
     "flux-kontext": FamilySpec(
         name="flux-kontext",
@@ -202,6 +218,7 @@ FAMILIES: dict[str, FamilySpec] = {
         block_lists=_DOUBLE_AND_SINGLE_BLOCKS,
         reference_images=True,
         quantize_skip=_FLUX1_QUANTIZE_SKIP,
+        encoder_quantize_skip=_FLUX1_ENCODER_QUANTIZE_SKIP,
     ),
     "flux2": FamilySpec(
         name="flux2",
@@ -219,6 +236,7 @@ FAMILIES: dict[str, FamilySpec] = {
         reference_images=True,
         references_optional=True,
         quantize_skip=_FLUX2_QUANTIZE_SKIP,
+        encoder_quantize_skip=_FLUX2_ENCODER_QUANTIZE_SKIP,
     ),
 }
 

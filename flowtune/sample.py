@@ -473,6 +473,20 @@ def add_lora(pipe: Any, lora_file: Path, scale: float = 1.0) -> None:
         pipe.set_adapters([ADAPTER_NAME], adapter_weights=[scale])
 
 
+def _quantize(pipe: Any, source: SampleSource, device: str | None) -> None:
+    """Quantize the loaded pipeline's transformer (``source.quantize``) and text encoders
+    (``source.encoder_quantize``) in place, layer by layer on ``device`` (None: where they are),
+    before any LoRA is loaded: peft then wraps an int8/fp8 layer in its ``TorchaoLoraLinear`` and
+    an nf4 one in its plain LoRA ``Linear``, both adding the LoRA on top of the quantized weight."""
+    from flowtune.memory.quantize import quantize_linears, quantize_text_encoders
+
+    if source.quantize is not None:
+        pipe.transformer.requires_grad_(False)
+        quantize_linears(pipe.transformer, source.quantize, source.spec.quantize_skip, device)
+    if source.encoder_quantize is not None:
+        quantize_text_encoders(pipe, source.encoder_quantize, source.spec.encoder_quantize_skip, device)
+
+
 # ---------------------------------------------------------------------------------------- the command
 
 
@@ -495,6 +509,10 @@ class SampleSource:
         control_resize: How references are resized (the recipe's ``data.control_resize``).
         model_name: How errors about the base model name it: ``--model`` or ``model.pretrained``.
         model_hint: Where errors about the base model send the user (a checkpoint's recipe), or None.
+        quantize: Store the transformer's linear weights as ``int8``, ``fp8`` or ``nf4`` (as
+            ``model.quantize``; the family's ``quantize_skip`` layers stay in ``dtype``), before
+            the LoRA is loaded onto them.  From a checkpoint: its recipe's ``model.quantize``.
+        encoder_quantize: The same for the text encoders (as ``model.encoder_quantize``).
     """
 
     spec: FamilySpec
@@ -512,6 +530,8 @@ class SampleSource:
     control_resize: str = "pipeline"
     model_name: str = "--model"
     model_hint: str | None = None
+    quantize: str | None = None
+    encoder_quantize: str | None = None
 
     def model_dir(self, components: Sequence[str]) -> Path:
         """The base model's local directory with ``components`` (downloaded if needed), checked to
@@ -573,6 +593,8 @@ def source_from_checkpoint(ckpt: Path, base_model: str | None = None) -> SampleS
         model_hint=None
         if base_model
         else f"the base model of {trained.recipe_file} (give another with --model)",
+        quantize=recipe.model.quantize,
+        encoder_quantize=recipe.model.encoder_quantize,
     )
 
 
@@ -622,7 +644,9 @@ def sample(
         dtype: Override of the load dtype (default: the recipe's, else bfloat16 on CUDA and
             float32 on CPU).
         cpu_offload: Keep models on the CPU and move each to the GPU only while it runs
-            (``enable_model_cpu_offload``): far less GPU memory, somewhat slower.
+            (``enable_model_cpu_offload``): far less GPU memory, somewhat slower.  With
+            ``source.quantize`` / ``source.encoder_quantize`` the quantized weights are what
+            moves (see :attr:`SampleSource.quantize`).
         progress: Called as ``progress(done, total, path)`` after each image.
 
     Raises:
@@ -646,6 +670,8 @@ def sample(
             "lora": source.lora_file,
             "checkpoint": source.checkpoint,
             "step": source.step,
+            "quantize": source.quantize,
+            "encoder_quantize": source.encoder_quantize,
         },
     )
     with writer.removed_if_unused():
@@ -670,6 +696,8 @@ def sample(
         warnings: list[str] = []
         if source.lora_file is not None:
             warnings = check_lora(spec, pipe.transformer, source.lora_file, base_model=source.pretrained)
+        _quantize(pipe, source, None if cpu_offload or device == "cpu" else device)
+        if source.lora_file is not None:
             add_lora(pipe, source.lora_file, settings.lora_scale)
 
         inputs = None

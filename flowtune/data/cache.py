@@ -8,13 +8,15 @@ The run, in order:
    bucket and crop at each resolution (:mod:`flowtune.data.buckets`), and derive the keys:
 
    - image entry key = H(image bytes, bucket, crop box, VAE files, dtype, latent_dist)
-   - text entry key  = H(caption, text-encoder files, dtype, max_sequence_length)
+   - text entry key  = H(caption, text-encoder files, dtype, max_sequence_length,
+     model.encoder_quantize when set)
    - control entry key (edit pairs) = H(control image bytes, ``data.control_resize``, the size
      it is encoded at, VAE files, dtype, latent_dist)
    - item key        = H(image entry key, text entry key[, control entry keys])
 
-3. **Encode** only the entries the cache lacks (the family encoder loads just the VAE and/or the
-   text encoders it needs), captions first, then images bucket by bucket; decoding and cropping
+3. **Encode** only the entries the cache lacks, one model at a time: the family encoder loads
+   the text encoders, encodes the captions and frees them, then loads the VAE for the images
+   (bucket by bucket), so the two are never in memory together; decoding and cropping
    run in a thread pool (up to 8 threads) ahead of the encoder.  The control images of edit
    pairs (families with ``FamilySpec.reference_images``) come last, size by size: each is resized
    by the encoder as the family's pipeline resizes its reference image (``kontext``: to
@@ -81,6 +83,7 @@ SETTINGS_KEYS = (
     "model.revision",
     "model.variant",
     "model.dtype",
+    "model.encoder_quantize",
     "data.source",
     "data.image_column",
     "data.caption_column",
@@ -127,6 +130,7 @@ def _encoder_settings(recipe: Any) -> EncoderSettings:
         max_sequence_length=int(recipe.data.max_sequence_length),
         latent_dist=recipe.data.latent_dist,
         variant=recipe.model.variant,
+        quantize=recipe.model.encoder_quantize,
     )
 
 
@@ -782,18 +786,26 @@ def _encode(
     console: Console,
     **options: Any,
 ) -> dict[str, str]:
-    """Load what is needed and encode; on any exit, save what was encoded. Returns failures."""
-    encoder.load(images=bool(missing_images or missing_controls), texts=bool(missing_texts))
+    """Encode what is missing; on any exit, save what was encoded. Returns failures.
+
+    One model at a time is on the device: the text encoders are loaded, encode every caption and
+    are freed before the VAE is loaded for the images and control images, so that preprocess
+    needs the memory of the larger of them, not of both.
+    """
     encoding = _Encoding(encoder, store, **options)
     failed: dict[str, str] = {}
     try:
         with _progress(console) as progress:
             if missing_texts:
                 task = progress.add_task("captions", total=len(missing_texts), rate="")
+                encoder.load(images=False, texts=True)
                 encoding.texts(
                     missing_texts,
                     lambda n: progress.update(task, advance=n, rate=_rate(progress.tasks[task])),
                 )
+                encoder.unload()
+            if missing_images or missing_controls:
+                encoder.load(images=True, texts=False)
             if missing_images:
                 task = progress.add_task("images", total=len(missing_images), rate="")
                 failed = encoding.images(

@@ -11,6 +11,7 @@ loading anything, so preprocess can decide that nothing needs encoding in millis
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import json
 from abc import ABC, abstractmethod
@@ -37,12 +38,15 @@ class EncoderSettings:
         max_sequence_length: ``data.max_sequence_length``: text tokens per caption.
         latent_dist: ``data.latent_dist``: ``"mode"`` or ``"sample"`` of the latent distribution.
         variant: ``model.variant``: the weight-file variant to load (None = default files).
+        quantize: ``model.encoder_quantize``: the text encoders' linear weights quantized
+            (``int8``, ``fp8``, ``nf4``; the family's ``encoder_quantize_skip``), None = as loaded.
     """
 
     dtype: Literal["bfloat16", "float16", "float32"]
     max_sequence_length: int
     latent_dist: Literal["mode", "sample"]
     variant: str | None = None
+    quantize: Literal["int8", "fp8", "nf4"] | None = None
 
 
 def _digest(payload: dict[str, Any]) -> str:
@@ -90,8 +94,10 @@ class FamilyEncoder(ABC):
         """``{"image": hex, "text": hex}``: what the encoded tensors depend on besides the input.
 
         The image identity covers the VAE files, dtype, ``latent_dist`` and encoder version; the
-        text identity covers the text encoder and tokenizer files, dtype and
-        ``max_sequence_length``.  Nothing is loaded.
+        text identity covers the text encoder and tokenizer files, dtype,
+        ``max_sequence_length`` and, when set, the text encoders' quantization (so that changing
+        it re-encodes the captions; an unquantized identity is what it was before the setting
+        existed).  Nothing is loaded.
         """
         common = {"encoder": type(self).__qualname__, "version": self.version, "dtype": self.settings.dtype}
         image = {
@@ -104,6 +110,8 @@ class FamilyEncoder(ABC):
             "files": fingerprint_components(self.model_dir, self.text_components),
             "max_sequence_length": self.settings.max_sequence_length,
         }
+        if self.settings.quantize is not None:
+            text["quantize"] = self.settings.quantize
         return {"image": _digest(image), "text": _digest(text)}
 
     def describe(self) -> dict[str, Any]:
@@ -124,7 +132,7 @@ class FamilyEncoder(ABC):
 
         Args:
             images: Load the VAE (and the image processor).
-            texts: Load the text encoders and tokenizers.
+            texts: Load the text encoders and tokenizers (quantized per ``settings.quantize``).
         """
         without = ["transformer"]
         if not images:
@@ -138,11 +146,13 @@ class FamilyEncoder(ABC):
             device=self.device,
             variant=self.settings.variant,
             without=without,
+            encoder_quantize=self.settings.quantize if texts else None,
         )
 
     def unload(self) -> None:
         """Drop the loaded models (and free accelerator memory)."""
         self.pipe = None
+        gc.collect()  # modules in reference cycles would otherwise hold their memory until later
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 
@@ -214,6 +224,7 @@ def load_pipeline(
     variant: str | None = None,
     transformer: torch.nn.Module | None = None,
     without: Iterable[str] = (),
+    encoder_quantize: str | None = None,
 ) -> Any:
     """The family's diffusers pipeline from ``model_dir`` on ``device``, progress bars off.
 
@@ -222,6 +233,8 @@ def load_pipeline(
             fine-tune, or the model being trained).
         without: Components not to load (``transformer`` for encoding; ``text_encoder``, ...
             for validation, which uses cached prompt embeddings instead).
+        encoder_quantize: ``model.encoder_quantize``: quantize the family's text encoders
+            (``FamilySpec.encoder_quantize_skip``) after loading, layer by layer on ``device``.
 
     Raises:
         FlowtuneError: ``model_dir`` holds another family's pipeline (its model_index.json).
@@ -246,6 +259,10 @@ def load_pipeline(
     pipe = pipeline_class.from_pretrained(model_dir, **kwargs)
     pipe.register_modules(**components)
     pipe.set_progress_bar_config(disable=True)
+    if encoder_quantize is not None:
+        from flowtune.memory.quantize import quantize_text_encoders
+
+        quantize_text_encoders(pipe, encoder_quantize, spec.encoder_quantize_skip, device)
     if getattr(transformer, "flowtune_block_offload", None) is None:
         return pipe.to(device)
     # The model being trained with train.block_offload: its blocks' weights must stay in CPU

@@ -1,4 +1,5 @@
-"""Quantize the frozen transformer's linear weights (``model.quantize``) with torchao.
+"""Quantize the frozen transformer's (``model.quantize``) and text encoders'
+(``model.encoder_quantize``) linear weights with torchao.
 
 LoRA training reads the base weights but never updates them, so they can be stored in fewer bits
 (QLoRA): the LoRA layers that peft adds afterwards train in float32 on top of them.
@@ -21,12 +22,17 @@ Which layers stay in ``model.dtype`` is each family's choice (``FamilySpec.quant
 typically the embedders, the modulation (norm) layers and the final projection, which are small
 and sensitive.  Layers whose shape the mode cannot store are also kept (NF4 needs a multiple of
 64 weights; real FLUX layers always are), and counted in the summary.
+
+The text encoders (:func:`quantize_text_encoders`) are quantized the same way, to save memory
+where preprocess and sampling run them: which encoders, and which of their layers stay in
+``model.dtype``, is the family's ``encoder_quantize_skip``.
 """
 
 from __future__ import annotations
 
 import fnmatch
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
@@ -76,21 +82,24 @@ def matches_any(name: str, patterns: tuple[str, ...] | list[str]) -> bool:
     return any(fnmatch.fnmatchcase(prefix, pattern) for pattern in patterns for prefix in prefixes)
 
 
-def check_quantize_available(mode: str) -> None:
+def check_quantize_available(mode: str, key: str = "model.quantize") -> None:
     """Refuse a mode that is unknown or whose package (torchao) is missing, in one line.
 
+    Args:
+        key: How the message names the setting (``model.encoder_quantize``, ``--quantize``).
+
     Raises:
-        FlowtuneError: naming ``model.quantize`` and what to do.
+        FlowtuneError: naming ``key`` and what to do.
     """
     if mode not in QUANTIZE_MODES:
         raise FlowtuneError(
-            f"model.quantize={mode!r} is not a quantization mode; use one of {', '.join(QUANTIZE_MODES)}, or null"
+            f"{key}={mode!r} is not a quantization mode; use one of {', '.join(QUANTIZE_MODES)}, or null"
         )
     try:
         import torchao  # noqa: F401
     except ImportError:
         raise FlowtuneError(
-            f"model.quantize={mode} needs torchao; install it with `pip install torchao`, or set model.quantize=null"
+            f"{key}={mode} needs torchao; install it with `pip install torchao`, or set {key}=null"
         ) from None
 
 
@@ -164,6 +173,37 @@ def quantize_linears(
     for _, module in targets:
         module.weight.requires_grad_(False)
     return summary
+
+
+def quantize_text_encoders(
+    pipe: Any,
+    mode: str,
+    encoders: tuple[tuple[str, tuple[str, ...]], ...],
+    device: torch.device | str | None = None,
+) -> dict[str, QuantizeSummary]:
+    """Quantize, in place, the frozen text encoders of a loaded pipeline (``model.encoder_quantize``).
+
+    Args:
+        pipe: A diffusers pipeline; components it was loaded without (None) are passed over.
+        mode: ``int8``, ``fp8`` or ``nf4``.
+        encoders: The family's ``encoder_quantize_skip``: ``(component, skip patterns)`` pairs.
+        device: As for :func:`quantize_linears`.
+
+    Returns:
+        ``{component: summary}`` of the components quantized.
+
+    Raises:
+        FlowtuneError: an unknown mode, or torchao is not installed.
+    """
+    check_quantize_available(mode, "model.encoder_quantize")
+    summaries: dict[str, QuantizeSummary] = {}
+    for component, skip in encoders:
+        module = getattr(pipe, component, None)
+        if not isinstance(module, nn.Module):
+            continue
+        module.requires_grad_(False)
+        summaries[component] = quantize_linears(module, mode, skip, device)
+    return summaries
 
 
 def exclude_quantized_from_ddp(model: nn.Module) -> list[str]:

@@ -76,6 +76,15 @@ class Model:
     (not `train.mode: full`), not with `train.distributed: fsdp` (docs/training.md). null = the
     weights stay in `model.dtype`."""
 
+    encoder_quantize: Literal["int8", "fp8", "nf4"] | None = None
+    """Store the text encoders' linear weights quantized (torchao, the same modes as
+    `model.quantize`) while `flowtune preprocess` encodes the captions, and while `flowtune sample`
+    (from a checkpoint of this recipe) encodes its prompts: T5-XXL (9.5 GB in bf16) and Mistral3
+    (48 GB) then need half (int8, fp8) or about a quarter (nf4). The family chooses which encoders
+    and layers: FLUX.1 quantizes T5 and keeps CLIP-L (0.25 GB) as loaded; FLUX.2 quantizes Mistral3
+    but its vision tower, which text prompts never run. The embeddings change slightly, so changing
+    it re-encodes the captions (docs/data.md). null = the text encoders stay in `model.dtype`."""
+
     adapter: dict[str, Any] = field(default_factory=dict)
     """Extra keyword arguments of the family's flow-matching adapter. FLUX.1: `guidance_scale`
     (default 3.5; the guidance value fed to guidance-distilled models such as FLUX.1-dev during
