@@ -23,6 +23,7 @@ import contextlib
 import json
 import math
 import re
+import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -465,7 +466,11 @@ def check_lora(
 def add_lora(pipe: Any, lora_file: Path, scale: float = 1.0) -> None:
     """Load a LoRA file into the pipeline (``load_lora_weights``) at the given strength."""
     lora_file = Path(lora_file)
-    pipe.load_lora_weights(str(lora_file.parent), weight_name=lora_file.name, adapter_name=ADAPTER_NAME)
+    with warnings.catch_warnings():
+        # On a torchao-quantized transformer (--quantize) peft warns that its LoRA layers cannot
+        # merge into the quantized weights; sampling never merges.
+        warnings.filterwarnings("ignore", message=".*get_apply_tensor_subclass")
+        pipe.load_lora_weights(str(lora_file.parent), weight_name=lora_file.name, adapter_name=ADAPTER_NAME)
     # load_lora_weights leaves the new LoRA layers in train mode: a file that records a dropout
     # would otherwise drop parts of the update at random while sampling.
     pipe.transformer.eval()
