@@ -30,11 +30,12 @@ from tests.helpers import assert_user_error, cli
 PROMPTS = ["a red circle on a white background", "a blue star above a green square"]
 
 # Relative error ||quantized - unquantized|| / ||unquantized|| of the text embeddings of PROMPTS,
-# bound per family and mode (measured on these tiny random encoders: FLUX.1's T5 1.0%, 3.8%,
-# 14%; FLUX.2's Mistral3, whose 16-wide layers quantize far worse than real ones, 6.8%, 23%, 74%).
+# bound per family and mode (measured on these tiny random encoders: FLUX.1's T5 1.0%, 3.8%, 14%;
+# FLUX.2's Mistral3 6.8%, 23%, and 74% for nf4, which is left out here: quantizing the 220 linear
+# layers of the tiny Mistral3 to nf4 takes 5 s on a CPU).
 MAX_RELATIVE_ERROR = {
     "flux": {"int8": 0.02, "fp8": 0.06, "nf4": 0.2},
-    "flux2": {"int8": 0.1, "fp8": 0.3, "nf4": 0.9},
+    "flux2": {"int8": 0.1, "fp8": 0.3},
 }
 
 
