@@ -485,6 +485,61 @@ def export(
     err.print(ok_text(f"{what} written to {result.path}"))
 
 
+@app.command()
+def plan(
+    recipe: RecipeArg,
+    overrides: OverridesArg = None,
+    gpu_memory: Annotated[
+        float | None,
+        typer.Option(
+            "--gpu-memory", help="GPU memory in GiB: say whether the step fits.", show_default=False
+        ),
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the plan as JSON (bytes).")] = False,
+) -> None:
+    """Predict the peak GPU memory of one training step of RECIPE without downloading weights.
+
+    Traces the step on fake tensors at the largest resolution bucket and train.batch_size; see
+    docs/training.md "Planning memory" for what it counts and its measured error.
+    """
+    import json
+
+    from flowtune.console import format_bytes, key_value_table
+    from flowtune.families import get_family
+    from flowtune.memory.plan import plan_training_step
+    from flowtune.recipe import load_recipe, resolve_recipe_path
+
+    quiet_libraries()
+    if gpu_memory is not None and not gpu_memory > 0:
+        raise FlowtuneError(
+            f"--gpu-memory {gpu_memory:g}: give the GPU's memory in GiB, e.g. --gpu-memory 24"
+        )
+    resolved = load_recipe(resolve_recipe_path(recipe), overrides or [])
+    step = plan_training_step(resolved, get_family(resolved.model.family))
+    fits = None if gpu_memory is None else step.fits(gpu_memory)
+    if as_json:
+        sys.stdout.write(
+            json.dumps({"train_step": step.to_dict(), "gpu_memory_gib": gpu_memory, "fits": fits}) + "\n"
+        )
+        return
+    rows = [
+        *step.settings,
+        ("frozen weights", format_bytes(step.weights)),
+        ("LoRA weights", format_bytes(step.lora)),
+        ("LoRA gradients", format_bytes(step.gradients)),
+        ("optimizer states", format_bytes(step.optimizer)),
+        ("activations and temporaries", format_bytes(step.activations)),
+    ]
+    if step.offload_saved:
+        rows.append(("saved by block offload", "-" + format_bytes(step.offload_saved)))
+    rows.append(("peak of a training step", format_bytes(step.peak)))
+    out.print(key_value_table("flowtune plan: one training step", rows))
+    if fits is True:
+        err.print(ok_text(f"fits a {gpu_memory:g} GiB GPU (plus its CUDA context, ~0.5 GiB)"))
+    elif fits is False:
+        err.print(warning_text(f"does not fit a {gpu_memory:g} GiB GPU: needs {format_bytes(step.peak)}"))
+
+
 def main() -> None:
     """Console-script entry point: run the app, turning user errors into one-line messages.
 

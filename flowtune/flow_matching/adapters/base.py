@@ -70,6 +70,26 @@ class ModelAdapter(ABC):
     def forward(self, model: nn.Module, inputs: dict[str, Any]) -> torch.Tensor:
         """Call ``model`` with ``inputs``; return the velocity prediction shaped like the latents."""
 
+    def example_batch(
+        self,
+        config: dict[str, Any],
+        batch_size: int,
+        height: int,
+        width: int,
+        text_tokens: int,
+        references: int = 0,
+    ) -> dict[str, torch.Tensor]:
+        """A batch shaped like the preprocess cache's for a model with transformer ``config``
+        (its ``config.json``): images of ``height x width`` pixels, captions of ``text_tokens``
+        tokens, ``references`` reference images of the same size.  Random values, made with
+        torch's factory functions so that it works on fake tensors (``flowtune plan`` traces a
+        training step on it).
+
+        Raises:
+            NotImplementedError: the adapter does not describe its batch (no ``flowtune plan``).
+        """
+        raise NotImplementedError(f"{type(self).__name__} does not describe its batch layout")
+
     def post_process_prediction(self, model_pred: Any) -> torch.Tensor:
         """Take the prediction tensor out of a model's return value (tuple or tensor)."""
         if isinstance(model_pred, tuple | list):

@@ -67,6 +67,30 @@ class FluxAdapter(ModelAdapter):
         self.guidance_scale = guidance_scale
         self.use_guidance_embeds = use_guidance_embeds
 
+    def example_batch(
+        self,
+        config: dict[str, Any],
+        batch_size: int,
+        height: int,
+        width: int,
+        text_tokens: int,
+        references: int = 0,
+    ) -> dict[str, torch.Tensor]:
+        """``image_latents`` [B, in_channels / 4, H / 8, W / 8] (VAE latents, packed 2x2 by the
+        adapter), ``text_embeddings`` [B, L, joint_attention_dim] (T5), ``pooled_prompt_embeds``
+        [B, pooled_projection_dim] (CLIP), ``control_latents_k`` like the image latents."""
+        latent = (batch_size, int(config.get("in_channels", 64)) // 4, height // 8, width // 8)
+        batch = {
+            "image_latents": torch.randn(latent),
+            "text_embeddings": torch.randn(
+                batch_size, text_tokens, int(config.get("joint_attention_dim", 4096))
+            ),
+            "pooled_prompt_embeds": torch.randn(batch_size, int(config.get("pooled_projection_dim", 768))),
+        }
+        for k in range(references):
+            batch[f"control_latents_{k}"] = torch.randn(latent)
+        return batch
+
     def _pack_latents(self, latents: torch.Tensor) -> torch.Tensor:
         """[B, C, H, W] -> [B, (H//2)*(W//2), C*4]: each 2x2 latent patch becomes one token.
 

@@ -54,6 +54,28 @@ class Flux2Adapter(ModelAdapter):
         self.guidance_scale = guidance_scale
         self.use_guidance_embeds = use_guidance_embeds
 
+    def example_batch(
+        self,
+        config: dict[str, Any],
+        batch_size: int,
+        height: int,
+        width: int,
+        text_tokens: int,
+        references: int = 0,
+    ) -> dict[str, torch.Tensor]:
+        """``image_latents`` [B, in_channels, H / 16, W / 16] (patchified latents),
+        ``text_embeddings`` [B, L, joint_attention_dim] (Mistral3), ``control_latents_k`` like
+        the image latents."""
+        latent = (batch_size, int(config.get("in_channels", 128)), height // 16, width // 16)
+        dim = int(config.get("joint_attention_dim", 15360))
+        batch = {
+            "image_latents": torch.randn(latent),
+            "text_embeddings": torch.randn(batch_size, text_tokens, dim),
+        }
+        for k in range(references):
+            batch[f"control_latents_{k}"] = torch.randn(latent)
+        return batch
+
     @staticmethod
     def _pack_latents(latents: torch.Tensor) -> torch.Tensor:
         """Flatten spatial dims: [B, C, H, W] -> [B, H*W, C], row-major over the grid."""

@@ -1,0 +1,181 @@
+"""``flowtune plan``: the fake-tensor trace of a training step against a real CPU step, the
+bundled configs, the command's table, JSON and errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import assert_user_error, cli
+
+# A FLUX.1-shaped transformer big enough that activations, not overheads, dominate the step.
+MID_FLUX = {
+    "_class_name": "FluxTransformer2DModel",
+    "attention_head_dim": 32,
+    "axes_dims_rope": [8, 12, 12],
+    "guidance_embeds": True,
+    "in_channels": 64,
+    "joint_attention_dim": 128,
+    "num_attention_heads": 4,
+    "num_layers": 1,
+    "num_single_layers": 1,
+    "patch_size": 1,
+    "pooled_projection_dim": 64,
+}
+# The plan's peak against the peak of the bytes the CPU allocator really handed out in the same
+# step (torch profiler's memory events): measured -0.1% here (docs/performance.md).
+TOLERANCE = 0.05
+
+
+def _model_folder(root: Path, config: dict) -> Path:
+    (root / "transformer").mkdir()
+    (root / "transformer" / "config.json").write_text(json.dumps(config))
+    return root
+
+
+@pytest.fixture(scope="module")
+def mid_flux(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return _model_folder(tmp_path_factory.mktemp("mid-flux"), MID_FLUX)
+
+
+@pytest.fixture(scope="module")
+def four_blocks(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """2 double-stream + 2 single-stream blocks."""
+    return _model_folder(
+        tmp_path_factory.mktemp("four-blocks"), {**MID_FLUX, "num_layers": 2, "num_single_layers": 2}
+    )
+
+
+def _recipe(model: Path, *overrides: str):
+    from flowtune.recipe import load_recipe, resolve_recipe_path
+
+    return load_recipe(
+        resolve_recipe_path("tiny-flux-demo"),
+        [
+            f"model.pretrained={model}",
+            "model.dtype=bfloat16",
+            "data.resolution=256",
+            "data.max_sequence_length=64",
+            "train.batch_size=2",
+            *overrides,
+        ],
+    )
+
+
+def test_plan_matches_the_memory_a_real_cpu_step_allocates(mid_flux: Path) -> None:
+    """The plan (fake tensors) is within TOLERANCE of the peak of the CPU allocator's live bytes
+    in a real LoRA training step with gradient checkpointing, as torch's profiler records them
+    (independent of the plan's own dispatch-mode counter)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from flowtune.families import get_family
+    from flowtune.memory.plan import load_transformer_config, plan_training_step, trace_training_step
+
+    recipe = _recipe(mid_flux, "train.gradient_checkpointing=true")
+    spec = get_family("flux")
+    planned = plan_training_step(recipe, spec)
+    config, _ = load_transformer_config(str(mid_flux))
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        trace_training_step(recipe, spec, config, fake=False)
+    events = sorted(
+        (e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
+        key=lambda e: e.start_ns(),
+    )
+    live = peak = 0
+    for event in events:
+        live += event.nbytes()
+        peak = max(peak, live)
+    assert abs(planned.peak - peak) / peak < TOLERANCE, (planned.peak, peak)
+    assert planned.weights + planned.lora + planned.gradients + planned.optimizer < planned.peak
+    assert planned.optimizer == 2 * planned.lora == 2 * planned.gradients  # AdamW: two fp32 states
+
+
+def test_savers_lower_the_plan_by_what_they_store(four_blocks: Path) -> None:
+    """int8 about halves the quantized bf16 weights; block offload with 1 resident block of 4
+    takes 3 - 2 = 1 block's frozen weights off (both accounted on the same traced step)."""
+    from flowtune.families import get_family
+    from flowtune.memory.plan import load_transformer_config, plan_from_trace, trace_training_step
+
+    spec = get_family("flux")
+    small = ("data.resolution=128", "data.max_sequence_length=16", "train.gradient_checkpointing=true")
+    config, source = load_transformer_config(str(four_blocks))
+    model, counts = trace_training_step(_recipe(four_blocks, *small), spec, config)
+
+    def plan(*overrides: str):
+        return plan_from_trace(_recipe(four_blocks, *small, *overrides), spec, model, counts, source)
+
+    base, int8, offload = plan(), plan("model.quantize=int8"), plan("train.block_offload=1")
+    assert 0.5 * base.weights < int8.weights < 0.7 * base.weights
+    assert int8.peak - base.peak == int8.weights - base.weights + int8.activations - base.activations
+    assert offload.offload_saved > 0 and offload.peak == base.peak - offload.offload_saved
+
+
+def _stored_bytes(tensor) -> int:
+    """Bytes of a tensor's storage, or of a torchao tensor subclass's inner tensors."""
+    if hasattr(tensor, "__tensor_flatten__"):
+        names, _ = tensor.__tensor_flatten__()
+        return sum(_stored_bytes(getattr(tensor, name)) for name in names)
+    return tensor.untyped_storage().nbytes()
+
+
+@pytest.mark.parametrize("mode", ["int8", "fp8", "nf4"])
+def test_quantized_bytes_are_what_torchao_stores(mode: str) -> None:
+    import torch
+    from torch import nn
+
+    from flowtune.memory.plan import quantized_bytes
+    from flowtune.memory.quantize import quantize_linears
+
+    model = nn.Sequential(nn.Linear(1024, 768, dtype=torch.bfloat16))
+    quantize_linears(model, mode)
+    stored = _stored_bytes(model[0].weight)
+    assert abs(quantized_bytes(torch.Size([768, 1024]), mode) - stored) / stored < 0.01, stored
+
+
+def test_plan_command_prints_a_table_json_and_whether_it_fits(mid_flux: Path) -> None:
+    common = [
+        "tiny-flux-demo",
+        f"model.pretrained={mid_flux}",
+        "data.resolution=256",
+        "data.max_sequence_length=64",
+    ]
+    table = cli("plan", *common, "--gpu-memory", "0.001")
+    assert table.returncode == 0, table.stderr
+    assert "peak of a training step" in table.stdout and " px, 64 text tokens" in table.stdout
+    assert "does not fit a 0.001 GiB GPU" in table.stderr
+    data = json.loads(cli("plan", *common, "--json", "--gpu-memory", "80").stdout)
+    assert data["fits"] is True and data["train_step"]["peak"] > data["train_step"]["weights"] > 0
+
+
+def test_plan_needs_a_config_and_names_what_to_do(tmp_path: Path) -> None:
+    assert_user_error(
+        cli("plan", "tiny-flux-demo", "model.pretrained=someone/unknown-model"), "transformer/config.json"
+    )
+    assert_user_error(
+        cli("plan", "tiny-flux-demo", f"model.pretrained={tmp_path}"), "transformer/config.json"
+    )
+    assert_user_error(cli("plan", "tiny-flux-demo", "--gpu-memory", "0"), "--gpu-memory")
+
+
+@pytest.mark.parametrize(
+    "hub_id",
+    ["black-forest-labs/FLUX.1-dev", "black-forest-labs/FLUX.1-Kontext-dev", "black-forest-labs/FLUX.2-dev"],
+)
+def test_bundled_configs_are_configs_of_the_families_classes(hub_id: str) -> None:
+    """Each bundled config builds its family's diffusers class (on the meta device: no memory)
+    at the published size: FLUX.1 about 11.9B parameters, FLUX.2 about 32B."""
+    import diffusers
+    import torch
+
+    from flowtune.memory.plan import load_transformer_config
+
+    config, source = load_transformer_config(hub_id)
+    assert source == "bundled" and "config only" in config["_flowtune_note"]
+    with torch.device("meta"):
+        model = getattr(diffusers, config["_class_name"]).from_config(
+            {k: v for k, v in config.items() if not k.startswith("_")}
+        )
+    billions = sum(p.numel() for p in model.parameters()) / 1e9
+    assert (11.8 < billions < 12.0) if "FLUX.1" in hub_id else (31 < billions < 33), billions
