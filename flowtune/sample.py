@@ -663,6 +663,11 @@ def sample(
     if not prompts:
         raise FlowtuneError("no prompts: give --prompt TEXT (repeatable) or --prompts-file FILE")
     settings.check(spec)
+    from flowtune.memory.quantize import check_quantize_available
+
+    for key, mode in (("--quantize", source.quantize), ("--encoder-quantize", source.encoder_quantize)):
+        if mode is not None:  # an unknown mode, or torchao missing: one line, before any model loads
+            check_quantize_available(mode, key)
     references = pair_references(
         spec, prompts, images, (settings.width, settings.height), source.control_resize
     )

@@ -5,6 +5,7 @@ quantized text encoders (``model.encoder_quantize``), and ``flowtune sample --qu
 from __future__ import annotations
 
 import json
+import sys
 import weakref
 from pathlib import Path
 
@@ -16,7 +17,7 @@ from rich.console import Console
 
 from flowtune.data.cache import check_cache, preprocess
 from flowtune.data.synthetic import make_shapes_dataset
-from flowtune.encoders import EncoderSettings, create_encoder
+from flowtune.encoders import EncoderSettings, FamilyEncoder, create_encoder
 from flowtune.encoders.flux import FluxEncoder
 from flowtune.errors import FlowtuneError
 from flowtune.families import get_family
@@ -203,3 +204,16 @@ def test_bad_quantization_values_are_one_line_errors_before_loading(models, tmp_
         )
     with pytest.raises(FlowtuneError, match="model.encoder_quantize"):
         _recipe(tmp_path, models["flux"], "model.encoder_quantize=int4")
+
+
+def test_a_missing_torchao_is_one_line_before_any_model_loads(models, tmp_path, monkeypatch) -> None:
+    monkeypatch.setitem(sys.modules, "torchao", None)  # `import torchao` raises ImportError
+    monkeypatch.setattr(FamilyEncoder, "load", lambda *_, **__: pytest.fail("a model was loaded"))
+    recipe = _recipe(tmp_path, models["flux"], "model.encoder_quantize=nf4")
+    with pytest.raises(FlowtuneError, match=r"^model.encoder_quantize=nf4 needs torchao; install it"):
+        preprocess(recipe, console=Console(quiet=True))
+    for option in ("--quantize", "--encoder-quantize"):
+        assert_user_error(
+            cli("sample", "--model", str(models["flux"]), "-p", "x", option, "int8"),
+            f"{option}=int8 needs torchao",
+        )

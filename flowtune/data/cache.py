@@ -628,6 +628,10 @@ def preprocess(
     if not group.is_main:
         console = Console(quiet=True)
     spec = get_family(recipe.model.family)
+    if recipe.model.encoder_quantize is not None:  # torchao missing: one line, before any model loads
+        from flowtune.memory.quantize import check_quantize_available
+
+        check_quantize_available(recipe.model.encoder_quantize, "model.encoder_quantize")
     data = recipe.data
     listing = list_records(
         data.source,
