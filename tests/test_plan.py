@@ -138,12 +138,12 @@ def test_plan_command_prints_a_table_json_and_whether_it_fits(mid_flux: Path) ->
     common = [
         "tiny-flux-demo",
         f"model.pretrained={mid_flux}",
-        "data.resolution=256",
-        "data.max_sequence_length=64",
+        "data.resolution=128",
+        "data.max_sequence_length=16",
     ]
     table = cli("plan", *common, "--gpu-memory", "0.001")
     assert table.returncode == 0, table.stderr
-    assert "peak of a training step" in table.stdout and " px, 64 text tokens" in table.stdout
+    assert "peak of a training step" in table.stdout and " px, 16 text tokens" in table.stdout
     assert "does not fit a 0.001 GiB GPU" in table.stderr
     data = json.loads(cli("plan", *common, "--json", "--gpu-memory", "80").stdout)
     assert data["fits"] is True and data["train_step"]["peak"] > data["train_step"]["weights"] > 0

@@ -407,8 +407,9 @@ def plan_from_trace(
             else f"{recipe.optimizer.name}: planned as AdamW's float32 states (an upper bound)",
         ),
         ("block offload", "off" if resident is None else f"{resident} blocks resident"),
-        ("frozen weights (unquantized)", format_bytes(counts["frozen"])),
     ]
+    if mode is not None:
+        settings.append((f"frozen weights without {mode}", format_bytes(counts["frozen"])))
     return StepPlan(
         weights=weights,
         lora=counts["trainable"],
