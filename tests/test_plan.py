@@ -30,7 +30,7 @@ TOLERANCE = 0.05
 
 
 def _model_folder(root: Path, config: dict) -> Path:
-    (root / "transformer").mkdir()
+    (root / "transformer").mkdir(parents=True)
     (root / "transformer" / "config.json").write_text(json.dumps(config))
     return root
 
@@ -157,6 +157,10 @@ def test_plan_needs_a_config_and_names_what_to_do(tmp_path: Path) -> None:
         cli("plan", "tiny-flux-demo", f"model.pretrained={tmp_path}"), "transformer/config.json"
     )
     assert_user_error(cli("plan", "tiny-flux-demo", "--gpu-memory", "0"), "--gpu-memory")
+    folder = _model_folder(tmp_path / "model", MID_FLUX)
+    assert_user_error(
+        cli("plan", "tiny-flux-demo", f"model.pretrained={folder}", "train.mode=full"), "train.mode"
+    )
 
 
 @pytest.mark.parametrize(

@@ -224,6 +224,8 @@ def trace_training_step(
     from flowtune.train.model import add_lora
     from flowtune.train.optim import build_optimizer
 
+    if recipe.train.mode != "lora":
+        raise FlowtuneError("flowtune plan covers train.mode=lora only for now; set train.mode=lora")
     dtype = getattr(torch, recipe.model.dtype)
     resolutions = (
         list(recipe.data.resolution)
@@ -251,23 +253,18 @@ def trace_training_step(
         with tracker:
             model = _build_fake_model(spec, config, dtype)
             frozen = tracker.current
-            if recipe.train.mode == "lora":
-                # peft moves each new LoRA layer to its base layer's device and dtype with
-                # Module.to(), which fake modules refuse; they are made on the CPU already, and
-                # add_lora casts them to float32 as training does.
-                with mock.patch.object(nn.Module, "to", lambda self, *a, **k: self):
-                    params = add_lora(
-                        model,
-                        spec,
-                        rank=recipe.lora.rank,
-                        alpha=recipe.lora.alpha,
-                        dropout=recipe.lora.dropout,
-                        target_modules=list(recipe.lora.target_modules)
-                        if recipe.lora.target_modules
-                        else None,
-                    )
-            else:
-                raise FlowtuneError("flowtune plan covers train.mode=lora only for now; set train.mode=lora")
+            # peft moves each new LoRA layer to its base layer's device and dtype with
+            # Module.to(), which fake modules refuse; they are made on the CPU already, and
+            # add_lora casts them to float32 as training does.
+            with mock.patch.object(nn.Module, "to", lambda self, *a, **k: self):
+                params = add_lora(
+                    model,
+                    spec,
+                    rank=recipe.lora.rank,
+                    alpha=recipe.lora.alpha,
+                    dropout=recipe.lora.dropout,
+                    target_modules=list(recipe.lora.target_modules) if recipe.lora.target_modules else None,
+                )
             trainable = sum(p.untyped_storage().nbytes() for p in params)
             if recipe.train.gradient_checkpointing:
                 model.enable_gradient_checkpointing()
