@@ -152,7 +152,11 @@ class FamilyEncoder(ABC):
     def unload(self) -> None:
         """Drop the loaded models (and free accelerator memory)."""
         self.pipe = None
-        gc.collect()  # modules in reference cycles would otherwise hold their memory until later
+        if self.device.type != "cpu":
+            # Modules in reference cycles would otherwise hold their accelerator memory until a
+            # later collection.  On the CPU the next collection frees them soon enough, and a full
+            # collection of a large heap costs more than it saves.
+            gc.collect()
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 
