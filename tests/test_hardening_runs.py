@@ -21,9 +21,10 @@ from flowtune.errors import FlowtuneError
 from flowtune.interop.export import export
 from flowtune.recipe import load_recipe
 from flowtune.train import checkpoint as ckpt
+from flowtune.train.divergence import NonFiniteLossError
 from flowtune.train.health import FACTOR, LossJudge
 from flowtune.train.model import LORA_WEIGHTS_NAME
-from flowtune.train.trainer import NonFiniteLossError, Trainer
+from flowtune.train.trainer import Trainer
 from tests.helpers import assert_user_error, cli, flowtune, tiny_flux_training_env
 
 

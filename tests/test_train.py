@@ -16,10 +16,11 @@ from safetensors.torch import load_file
 from flowtune.errors import FlowtuneError
 from flowtune.recipe import load_recipe
 from flowtune.train.checkpoint import list_checkpoints
+from flowtune.train.divergence import NonFiniteLossError
 from flowtune.train.metrics import read_metrics
 from flowtune.train.model import LORA_WEIGHTS_NAME
 from flowtune.train.signals import TrainingInterrupted
-from flowtune.train.trainer import NonFiniteLossError, Trainer
+from flowtune.train.trainer import Trainer
 from tests.helpers import tiny_flux_inputs, tiny_flux_training_env
 
 # Losses of the first 4 steps of the default test recipe (seed 0), recorded when the trainer was

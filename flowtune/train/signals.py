@@ -92,3 +92,33 @@ class StopRequest:
         for signum, handler in self._previous.items():
             signal.signal(signum, handler)
         self._previous.clear()
+
+
+class SignalStop:
+    """Stopping a run on a signal at the same step on every process, after a checkpoint (mixed
+    into :class:`~flowtune.train.trainer.Trainer`; its attributes are the trainer's)."""
+
+    def _stop_requested(self) -> bool:
+        import torch
+
+        signum = self.stop.signum or 0
+        if self.accelerator.num_processes > 1:
+            # Every process must stop at the same step (a signal may reach only some of them).
+            flag = torch.tensor([signum], device=self.device)
+            signum = int(self.accelerator.reduce(flag, "max").item())
+            if signum:
+                self.stop.request(signum)
+        return bool(signum)
+
+    def _stop_for_signal(self) -> None:
+        self._flush_metrics()
+        path = self.save()
+        signum = int(self.stop.signum)
+        name = "SIGINT" if signum == 2 else "SIGTERM" if signum == 15 else f"signal {signum}"
+        raise TrainingInterrupted(
+            signum,
+            self.step,
+            path,
+            f"{name}: stopped after step {self.step} of {self.recipe.train.max_steps}; checkpoint saved to "
+            f"{path}. Resume with: flowtune train RECIPE train.resume=latest (same output_dir)",
+        )
