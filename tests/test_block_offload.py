@@ -31,12 +31,14 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
-def _steps(model_dir: Path, *, resident: int | None, checkpointing: bool, steps: int = 3):
+def _steps(
+    model_dir: Path, *, resident: int | None, checkpointing: bool, steps: int = 3, quantize: str | None = None
+):
     """``steps`` AdamW steps of a gaussian-initialised LoRA on the tiny FLUX.1 (2 + 2 blocks) with
-    ``resident`` blocks kept (None = no offload); the losses, the LoRA and the largest number of
-    offloaded blocks that were on the device at once."""
+    ``resident`` blocks kept (None = no offload) on a ``quantize``d base; the losses, the LoRA and
+    the largest number of offloaded blocks that were on the device at once."""
     torch.manual_seed(0)
-    model = load_transformer(FLUX, model_dir / "tiny-flux", torch.float32)
+    model = load_transformer(FLUX, model_dir / "tiny-flux", torch.float32, quantize=quantize)
     params = add_lora(model, FLUX, rank=4, alpha=4, init="gaussian")
     if checkpointing:
         model.enable_gradient_checkpointing()
@@ -61,7 +63,7 @@ def _steps(model_dir: Path, *, resident: int | None, checkpointing: bool, steps:
         losses.append(loss.item())
         if hooks is not None:  # between steps every offloaded block is off, its weights empty
             assert not any(hooks.onloaded)
-            assert all(p.numel() == 0 for pairs in hooks.weights for p, _ in pairs)
+            assert all(w.current.numel() == 0 for weights in hooks.weights for w in weights)
     return losses, [p.detach().clone() for p in params], most[0]
 
 
@@ -73,6 +75,17 @@ def test_offloaded_blocks_give_the_same_losses_and_lora(env, checkpointing) -> N
         assert offloaded == losses
         assert all(torch.equal(a, b) for a, b in zip(lora, offloaded_lora, strict=True))
         assert most == min(2, 4 - resident)  # the block computing and the one prefetched
+
+
+@pytest.mark.parametrize("quantize", ["int8", "nf4"])
+def test_quantized_blocks_are_offloaded_quantized_with_the_same_losses(env, quantize) -> None:
+    """model.quantize with block offload: the quantized weights (tensor subclasses) move as they
+    are, and every use of one happens while its block is onloaded (strict), recomputation included."""
+    losses, lora, _ = _steps(env, resident=None, checkpointing=True, quantize=quantize)
+    offloaded, offloaded_lora, most = _steps(env, resident=1, checkpointing=True, quantize=quantize)
+    assert offloaded == losses
+    assert all(torch.equal(a, b) for a, b in zip(lora, offloaded_lora, strict=True))
+    assert most == 2
 
 
 def test_without_the_backward_hook_an_offloaded_weight_is_used(env) -> None:

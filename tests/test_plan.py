@@ -71,14 +71,15 @@ def test_plan_matches_the_memory_a_real_cpu_step_allocates(mid_flux: Path) -> No
     from torch.profiler import ProfilerActivity, profile
 
     from flowtune.families import get_family
-    from flowtune.memory.plan import load_transformer_config, plan_training_step, trace_training_step
+    from flowtune.memory.plan import load_transformer_config, plan_training_step
+    from flowtune.memory.steps import run_training_steps
 
     recipe = _recipe(mid_flux, "train.gradient_checkpointing=true")
     spec = get_family("flux")
     planned = plan_training_step(recipe, spec)
     config, _ = load_transformer_config(str(mid_flux))
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        trace_training_step(recipe, spec, config, fake=False)
+        run_training_steps(recipe, spec, config, fake=False)
     events = sorted(
         (e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
         key=lambda e: e.start_ns(),
@@ -96,15 +97,16 @@ def test_savers_lower_the_plan_by_what_they_store(four_blocks: Path) -> None:
     """int8 about halves the quantized bf16 weights; block offload with 1 resident block of 4
     takes 3 - 2 = 1 block's frozen weights off (both accounted on the same traced step)."""
     from flowtune.families import get_family
-    from flowtune.memory.plan import load_transformer_config, plan_from_trace, trace_training_step
+    from flowtune.memory.plan import LiveBytes, load_transformer_config, plan_from_trace
+    from flowtune.memory.steps import run_training_steps
 
     spec = get_family("flux")
     small = ("data.resolution=128", "data.max_sequence_length=16", "train.gradient_checkpointing=true")
     config, source = load_transformer_config(str(four_blocks))
-    model, counts = trace_training_step(_recipe(four_blocks, *small), spec, config)
+    run = run_training_steps(_recipe(four_blocks, *small), spec, config, tracker=LiveBytes())
 
     def plan(*overrides: str):
-        return plan_from_trace(_recipe(four_blocks, *small, *overrides), spec, model, counts, source)
+        return plan_from_trace(_recipe(four_blocks, *small, *overrides), spec, run.model, run.counts(), source)
 
     base, int8, offload = plan(), plan("model.quantize=int8"), plan("train.block_offload=1")
     assert 0.5 * base.weights < int8.weights < 0.7 * base.weights

@@ -31,7 +31,6 @@ from dataclasses import asdict, dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any
-from unittest import mock
 
 import torch
 from torch import nn
@@ -64,6 +63,14 @@ class LiveBytes(TorchDispatchMode):
         self.peak = self.current
 
     def _count(self, tensor: torch.Tensor) -> None:
+        if hasattr(tensor, "__tensor_flatten__"):
+            # A wrapper subclass (torchao's quantized weights): its own storage is a logical,
+            # full-size one that holds nothing; the bytes are in its inner tensors.
+            from flowtune.memory.quantize import inner_tensors
+
+            for inner in inner_tensors(tensor):
+                self._count(inner)
+            return
         storage = tensor.untyped_storage()
         key = storage._cdata
         if key in self._live:
@@ -176,140 +183,6 @@ def quantized_bytes(shape: torch.Size, mode: str) -> int:
     return numel // 2 + blocks + 4 * max(1, blocks // NF4_SCALER_BLOCK_SIZE)
 
 
-def largest_bucket(resolutions: list[int], granularity: int, step: int | None) -> tuple[int, int]:
-    """(width, height) of the bucket with the most pixels among those of every resolution."""
-    from flowtune.data.buckets import make_buckets
-
-    buckets = [b for r in resolutions for b in make_buckets(r, granularity, step=step)]
-    best = max(buckets, key=lambda b: (b.area, -abs(b.width - b.height)))
-    return best.width, best.height
-
-
-def _build_fake_model(spec: FamilySpec, config: dict[str, Any], dtype: torch.dtype) -> nn.Module:
-    """The family's transformer from ``config`` in ``dtype`` (built in it: fake modules cannot
-    be moved with ``.to()``), frozen, in train mode."""
-    import diffusers
-
-    cls = getattr(diffusers, spec.transformer_class)
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        model = cls.from_config({k: v for k, v in config.items() if not k.startswith("_")})
-    finally:
-        torch.set_default_dtype(previous)
-    model.requires_grad_(False)
-    model.train()
-    return model
-
-
-def trace_training_step(
-    recipe: Any, spec: FamilySpec, config: dict[str, Any], *, fake: bool = True
-) -> tuple[nn.Module, dict[str, int]]:
-    """Build the recipe's model from ``config`` and run one training step on it, counting live
-    bytes with :class:`LiveBytes`.
-
-    Args:
-        recipe: The resolved recipe (``model``, ``lora``, ``data``, ``train``, ``flow``,
-            ``optimizer``).
-        fake: Trace on fake tensors (the plan); False runs it on real CPU tensors (how the
-            plan's tests measure it).
-
-    Returns:
-        The model (LoRA added) and byte counts: ``frozen``, ``trainable``, ``gradients``,
-        ``optimizer``, ``peak``.
-    """
-    from omegaconf import OmegaConf
-
-    from flowtune.flow_matching import create_pipeline
-    from flowtune.train.model import add_lora
-    from flowtune.train.optim import build_optimizer
-
-    if recipe.train.mode != "lora":
-        raise FlowtuneError("flowtune plan covers train.mode=lora only for now; set train.mode=lora")
-    dtype = getattr(torch, recipe.model.dtype)
-    resolutions = (
-        list(recipe.data.resolution)
-        if isinstance(recipe.data.resolution, list | tuple)
-        else [recipe.data.resolution]
-    )
-    resolutions = [int(r) for r in resolutions]
-    width, height = largest_bucket(resolutions, spec.spatial_granularity, recipe.data.bucket_step)
-    references = 1 if spec.reference_images and spec.uses_edit_pairs(recipe.data.edit_pairs) else 0
-    flow = create_pipeline(
-        spec.adapter, OmegaConf.to_container(recipe.model.adapter), **OmegaConf.to_container(recipe.flow)
-    )
-    optimizer_cfg = recipe.optimizer
-    if optimizer_cfg.name != "adamw":  # optional packages' optimizers do not run on fake tensors
-        optimizer_cfg = OmegaConf.merge(optimizer_cfg, {"name": "adamw"})
-
-    fake_mode = None
-    if fake:
-        from torch._subclasses.fake_tensor import FakeTensorMode
-
-        fake_mode = FakeTensorMode()
-        fake_mode.__enter__()
-    tracker = LiveBytes()
-    try:
-        with tracker:
-            model = _build_fake_model(spec, config, dtype)
-            frozen = tracker.current
-            # peft moves each new LoRA layer to its base layer's device and dtype with
-            # Module.to(), which fake modules refuse; they are made on the CPU already, and
-            # add_lora casts them to float32 as training does.
-            with mock.patch.object(nn.Module, "to", lambda self, *a, **k: self):
-                params = add_lora(
-                    model,
-                    spec,
-                    rank=recipe.lora.rank,
-                    alpha=recipe.lora.alpha,
-                    dropout=recipe.lora.dropout,
-                    target_modules=list(recipe.lora.target_modules) if recipe.lora.target_modules else None,
-                )
-            trainable = sum(p.untyped_storage().nbytes() for p in params)
-            if recipe.train.gradient_checkpointing:
-                model.enable_gradient_checkpointing()
-            optimizer = build_optimizer(params, optimizer_cfg)
-            adapter = flow.model_adapter
-            batch = adapter.example_batch(
-                config, recipe.train.batch_size, height, width, recipe.data.max_sequence_length, references
-            )
-            max_norm = recipe.train.max_grad_norm if recipe.train.max_grad_norm > 0 else float("inf")
-            # Two steps: the optimizer makes its states in the first; the second is every
-            # later step (states alive throughout), and its peak is the plan's.
-            for _ in range(2):
-                tracker.reset_peak()
-                _, loss, _, _ = flow.step(
-                    model, batch, device="cpu", dtype=dtype, collect_metrics=False, check_loss=False
-                )
-                loss.backward()
-                del loss
-                gradients = sum(p.grad.untyped_storage().nbytes() for p in params if p.grad is not None)
-                torch.nn.utils.clip_grad_norm_(params, max_norm)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-            states = sum(
-                t.untyped_storage().nbytes()
-                for state in optimizer.state.values()
-                for t in state.values()
-                if isinstance(t, torch.Tensor) and t.dim() > 0
-            )
-            del batch
-    finally:
-        if fake_mode is not None:
-            fake_mode.__exit__(None, None, None)
-    counts = {
-        "frozen": frozen,
-        "trainable": trainable,
-        "gradients": gradients,
-        "optimizer": states,
-        "peak": tracker.peak,
-        "width": width,
-        "height": height,
-        "references": references,
-    }
-    return model, counts
-
-
 def _frozen_linears(model: nn.Module, spec: FamilySpec) -> list[tuple[str, nn.Linear]]:
     """The frozen linear layers ``model.quantize`` quantizes (peft's base layers included)."""
     from flowtune.memory.quantize import matches_any
@@ -323,6 +196,41 @@ def _frozen_linears(model: nn.Module, spec: FamilySpec) -> list[tuple[str, nn.Li
     return found
 
 
+def dequantized_copies(
+    recipe: Any,
+    spec: FamilySpec,
+    linears: list[tuple[str, nn.Linear]],
+    mode: str,
+    grad_inputs: set[str] | None,
+) -> int:
+    """Bytes of dequantized weights alive at the step's peak on top of the traced step.
+
+    ``nf4`` (torchao's ``linear_nf4``) dequantizes one layer at a time and saves the NF4 weight
+    for the backward: one layer's weight.  ``int8`` and ``fp8`` dequantize inside the matmul,
+    and autograd keeps the dequantized weight for the input's gradient: every quantized linear
+    with an input that requires grad holds a copy from its forward to its backward.  With
+    gradient checkpointing the blocks' copies live only while one block is recomputed (the
+    largest block's), those outside the blocks for the whole step.
+    """
+    sizes = {name: m.weight.untyped_storage().nbytes() for name, m in linears}
+    one_layer = max(sizes.values(), default=0)
+    if mode == "nf4":
+        return one_layer
+    saved = {name: size for name, size in sizes.items() if grad_inputs is None or name in grad_inputs}
+    if not recipe.train.gradient_checkpointing:
+        return max(one_layer, sum(saved.values()))
+    per_block: dict[str, int] = {}
+    outside = 0
+    for name, size in saved.items():
+        parts = name.split(".")
+        if len(parts) > 2 and parts[0] in {attr for attr, _ in spec.block_lists}:
+            key = ".".join(parts[:2])
+            per_block[key] = per_block.get(key, 0) + size
+        else:
+            outside += size
+    return max(one_layer, outside + max(per_block.values(), default=0))
+
+
 def plan_training_step(recipe: Any, spec: FamilySpec) -> StepPlan:
     """The predicted peak memory of one training step of ``recipe`` (see the module docstring).
 
@@ -330,19 +238,53 @@ def plan_training_step(recipe: Any, spec: FamilySpec) -> StepPlan:
         FlowtuneError: no config for ``model.pretrained``, an adapter without an example batch,
             or a recipe the plan does not cover.
     """
+    from flowtune.memory.steps import run_training_steps
+
     config, source = load_transformer_config(recipe.model.pretrained)
+    watch = GradInputs(spec)
     try:
-        model, counts = trace_training_step(recipe, spec, config)
+        run = run_training_steps(recipe, spec, config, fake=True, tracker=LiveBytes(), on_model=watch.install)
     except NotImplementedError:
         raise FlowtuneError(f"flowtune plan does not cover model family {spec.name!r} yet") from None
-    return plan_from_trace(recipe, spec, model, counts, source)
+    return plan_from_trace(recipe, spec, run.model, run.counts(), source, watch.names)
+
+
+class GradInputs:
+    """Records which of the frozen linears ``model.quantize`` would quantize receive an input
+    that requires grad: for those, torchao's int8 and fp8 weights keep a dequantized copy of the
+    weight (in the input's dtype, for the input's gradient) from the forward to the backward."""
+
+    def __init__(self, spec: FamilySpec) -> None:
+        self.spec = spec
+        self.names: set[str] = set()
+
+    def install(self, model: nn.Module) -> None:
+        """Register the forward hooks (they stay: the model is thrown away after the trace)."""
+        for name, module in _frozen_linears(model, self.spec):
+
+            def record(_module: nn.Module, args: tuple, name: str = name) -> None:
+                if torch.is_grad_enabled() and args and getattr(args[0], "requires_grad", False):
+                    self.names.add(name)
+
+            module.register_forward_pre_hook(record)
 
 
 def plan_from_trace(
-    recipe: Any, spec: FamilySpec, model: nn.Module, counts: dict[str, int], source: str
+    recipe: Any,
+    spec: FamilySpec,
+    model: nn.Module,
+    counts: dict[str, int],
+    source: str,
+    grad_inputs: set[str] | None = None,
 ) -> StepPlan:
-    """The plan from a traced step (:func:`trace_training_step`) and the savers that do not
-    change the trace: ``model.quantize`` and ``train.block_offload`` (see the module docstring)."""
+    """The plan from a traced step (:func:`~flowtune.memory.steps.run_training_steps`) and the
+    savers that do not change the trace: ``model.quantize`` and ``train.block_offload`` (see
+    the module docstring).
+
+    Args:
+        grad_inputs: Names of the quantizable linears whose input required grad in the trace
+            (:class:`GradInputs`); None = all of them.
+    """
     from flowtune.console import format_bytes
 
     weights = counts["frozen"]
@@ -352,7 +294,7 @@ def plan_from_trace(
     if mode is not None:
         full = sum(m.weight.untyped_storage().nbytes() for _, m in linears)
         weights += sum(quantized_bytes(m.weight.shape, mode) for _, m in linears) - full
-        extra_transient = max((m.weight.untyped_storage().nbytes() for _, m in linears), default=0)
+        extra_transient = dequantized_copies(recipe, spec, linears, mode, grad_inputs)
 
     offload_saved = 0
     resident = recipe.train.block_offload

@@ -82,6 +82,25 @@ def matches_any(name: str, patterns: tuple[str, ...] | list[str]) -> bool:
     return any(fnmatch.fnmatchcase(prefix, pattern) for pattern in patterns for prefix in prefixes)
 
 
+def map_tensor(tensor: torch.Tensor, fn: Any) -> torch.Tensor:
+    """``fn`` applied to a plain tensor, or to each inner tensor of a traceable wrapper subclass
+    (torchao's quantized weights: int8 data and scales, NF4 codes and scales), rebuilt as that
+    subclass: so a quantized weight can be pinned and copied between devices like a plain one."""
+    if not hasattr(tensor, "__tensor_flatten__"):
+        return fn(tensor)
+    names, context = tensor.__tensor_flatten__()
+    inner = {name: map_tensor(getattr(tensor, name), fn) for name in names}
+    return type(tensor).__tensor_unflatten__(inner, context, tensor.size(), tensor.stride())
+
+
+def inner_tensors(tensor: torch.Tensor) -> list[torch.Tensor]:
+    """The plain tensors holding ``tensor``'s bytes (itself, or a subclass's inner tensors)."""
+    if not hasattr(tensor, "__tensor_flatten__"):
+        return [tensor]
+    names, _ = tensor.__tensor_flatten__()
+    return [t for name in names for t in inner_tensors(getattr(tensor, name))]
+
+
 def check_quantize_available(mode: str, key: str = "model.quantize") -> None:
     """Refuse a mode that is unknown or whose package (torchao) is missing, in one line.
 
@@ -121,13 +140,15 @@ def quantize_linears(
     mode: str,
     skip: tuple[str, ...] | list[str] = (),
     device: torch.device | str | None = None,
+    host: tuple[str, ...] | list[str] = (),
 ) -> QuantizeSummary:
     """Quantize, in place, the weights of every ``nn.Linear`` of the frozen ``model`` that ``skip``
     does not name (see :func:`matches_any`).  Call it before adding the LoRA.
 
     Weights keep their shapes ([out_features, in_features]) and their logical dtype (the dtype the
     model was loaded in); they are stored as torchao tensor subclasses, do not require grad, and
-    are dequantized block by block in the forward pass.  Biases are untouched.
+    are dequantized block by block in the forward pass.  Biases are untouched.  Layers are
+    quantized one at a time, so only one layer's full-precision weight is on ``device`` at once.
 
     Args:
         model: The frozen transformer (``requires_grad`` off), in ``model.dtype``.
@@ -135,6 +156,8 @@ def quantize_linears(
         skip: The family's ``quantize_skip`` patterns.
         device: Move each quantized layer there first (quantizing on the GPU is faster, and the
             full-precision weights never reach it all at once); None = where the model is.
+        host: Module names (and their children) whose layers go back to the CPU once quantized:
+            the blocks ``train.block_offload`` keeps off the GPU.
 
     Raises:
         FlowtuneError: an unknown mode, or torchao is not installed.
@@ -155,23 +178,31 @@ def quantize_linears(
     if mode == "nf4":
         from torchao.quantization import to_nf4
 
-        for _, module in targets:
-            if device is not None:
-                module.to(device)
+        def quantize(module: nn.Linear) -> None:
             weight = module.weight.detach()
             scaler_block = _nf4_scaler_block_size(weight.numel())
             module.weight = nn.Parameter(
                 to_nf4(weight.contiguous(), NF4_BLOCK_SIZE, scaler_block), requires_grad=False
             )
-        return summary
+    else:
+        from torchao.quantization import Float8WeightOnlyConfig, Int8WeightOnlyConfig, quantize_
 
-    from torchao.quantization import Float8WeightOnlyConfig, Int8WeightOnlyConfig, quantize_
+        config = Int8WeightOnlyConfig() if mode == "int8" else Float8WeightOnlyConfig()
 
-    config = Int8WeightOnlyConfig() if mode == "int8" else Float8WeightOnlyConfig()
-    chosen = {id(module) for _, module in targets}
-    quantize_(model, config, filter_fn=lambda module, _name: id(module) in chosen, device=device)
-    for _, module in targets:
-        module.weight.requires_grad_(False)
+        def quantize(module: nn.Linear) -> None:
+            quantize_(module, config)
+            module.weight.requires_grad_(False)
+
+    for name, module in targets:
+        if device is not None:
+            module.to(device)
+        quantize(module)
+        if device is not None and torch.device(device).type != "cpu" and matches_any(name, host):
+            module.weight = nn.Parameter(
+                map_tensor(module.weight.detach(), lambda t: t.to("cpu")), requires_grad=False
+            )
+            if module.bias is not None:
+                module.bias.data = module.bias.data.to("cpu")
     return summary
 
 

@@ -492,13 +492,6 @@ def _check_block_offload(cfg: Any, family: Any, fail: Callable[[str, Any, str], 
             "FSDP2 already shards the blocks across GPUs and cannot be combined with block offload; "
             "set train.distributed=ddp or train.block_offload=null",
         )
-    if "quantize" in cfg.model and cfg.model.quantize is not None:
-        fail(
-            "train.block_offload",
-            resident,
-            f"block offload cannot move quantized weights yet (model.quantize={cfg.model.quantize}); "
-            "set model.quantize=null or train.block_offload=null",
-        )
 
 
 def _check_quantize(cfg: Any, fail: Callable[[str, Any, str], None]) -> None:

@@ -337,7 +337,8 @@ class Train:
     stream every block; null = off. LoRA weights, their gradients and optimizer state and the
     layers outside the blocks stay on the GPU. Same losses as without; slower by the copies that
     computation cannot hide. LoRA only (not `train.mode: full`), not with `train.distributed:
-    fsdp` nor `model.quantize`; at most the model's block count (docs/training.md)."""
+    fsdp`; at most the model's block count. With `model.quantize` the offloaded blocks' weights
+    move quantized (half or a quarter of the bytes to copy) (docs/training.md)."""
 
     checkpoint_every: int = 250
     """Save a resumable checkpoint every this many steps (and always after the last step)."""

@@ -63,6 +63,7 @@ def load_transformer(
     variant: str | None = None,
     quantize: str | None = None,
     device: torch.device | str | None = None,
+    host: tuple[str, ...] | list[str] = (),
 ) -> nn.Module:
     """The family's transformer from ``model_dir/transformer``, in ``dtype``, frozen, in train mode.
 
@@ -72,6 +73,8 @@ def load_transformer(
             before any LoRA is added.  The summary is left on the model as
             ``flowtune_quantized``.  None = weights stay in ``dtype``.
         device: Where quantized layers are quantized and kept (None = the CPU it loads on).
+        host: Blocks whose quantized layers go back to the CPU (``train.block_offload``'s
+            offloaded blocks: :func:`flowtune.train.offload.offloaded_block_names`).
     """
     import diffusers
 
@@ -87,7 +90,9 @@ def load_transformer(
     if quantize is not None:
         from flowtune.memory.quantize import quantize_linears
 
-        transformer.flowtune_quantized = quantize_linears(transformer, quantize, spec.quantize_skip, device)
+        transformer.flowtune_quantized = quantize_linears(
+            transformer, quantize, spec.quantize_skip, device, host
+        )
     transformer.train()
     return transformer
 

@@ -39,6 +39,7 @@ from torch import nn
 
 from flowtune.errors import FlowtuneError
 from flowtune.families import FamilySpec
+from flowtune.memory.quantize import inner_tensors, map_tensor
 
 
 def model_block_count(spec: FamilySpec, config: dict[str, Any]) -> int:
@@ -88,10 +89,44 @@ def check_block_offload(spec: FamilySpec, pretrained: str, revision: str | None,
         )
 
 
+def offloaded_block_names(spec: FamilySpec, config: dict[str, Any], resident: int) -> list[str]:
+    """Module names of the blocks ``train.block_offload: resident`` offloads (all but the last
+    ``resident`` in forward order), e.g. ``transformer_blocks.0``, from the model's config."""
+    names = [f"{attr}.{i}" for attr, key in spec.block_lists for i in range(int(config.get(key, 0)))]
+    return names[: max(0, len(names) - resident)]
+
+
 def transformer_blocks(model: nn.Module, spec: FamilySpec) -> list[nn.Module]:
     """The transformer blocks of ``model`` in forward order: the modules of ``spec.block_lists``'
     ModuleLists, one list after the other."""
     return [block for name, _ in spec.block_lists for block in getattr(model, name)]
+
+
+class _Weight:
+    """One frozen weight of an offloaded block and its CPU copy.
+
+    A plain parameter keeps its ``nn.Parameter`` object and only its ``.data`` changes, so
+    autograd, which may have saved the parameter itself for the backward, finds the onloaded data
+    there.  A quantized weight (a tensor subclass, whose ``.data`` cannot be swapped) is replaced
+    in its module by a new frozen parameter: torchao's int8/fp8 matmuls save a dequantized copy
+    and NF4's saves the module's current weight, which a checkpoint recomputation re-reads.
+    """
+
+    def __init__(self, module: nn.Module, name: str, stored: torch.Tensor) -> None:
+        self.module = module
+        self.name = name
+        self.stored = stored
+        self.quantized = hasattr(stored, "__tensor_flatten__")
+
+    @property
+    def current(self) -> torch.Tensor:
+        return self.module._parameters[self.name]
+
+    def point_at(self, tensor: torch.Tensor) -> None:
+        if self.quantized:
+            self.module._parameters[self.name] = nn.Parameter(tensor, requires_grad=False)
+        else:
+            self.current.data = tensor
 
 
 class BlockOffload:
@@ -114,8 +149,8 @@ class BlockOffload:
         self.device = torch.device(device)
         self.strict = strict
         self.stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
-        # Per block: (parameter, its CPU copy); the frozen parameters only.
-        self.weights: list[list[tuple[nn.Parameter, torch.Tensor]]] = []
+        # Per block: its frozen weights (trainable LoRA weights stay on the device).
+        self.weights: list[list[_Weight]] = []
         self.onloaded: list[bool] = []
         self.ready: list[torch.cuda.Event | None] = []
         self.in_backward: set[int] = set()
@@ -124,30 +159,22 @@ class BlockOffload:
     def install(self) -> BlockOffload:
         """Copy the offloaded weights to CPU memory, drop them from the device and register the
         hooks.  Call before the optimizer's first step and before Accelerate's ``prepare``
-        (with ``device_placement=False`` for the model: see :func:`offload_blocks`).
-
-        Raises:
-            FlowtuneError: a weight is a tensor subclass (a quantized ``model.quantize`` weight),
-                whose ``.data`` cannot be swapped.
-        """
+        (with ``device_placement=False`` for the model: see :func:`offload_blocks`)."""
         # Blocks take their tensors as keyword arguments, so torch's full backward hooks see no
         # inputs and warn; the pre-hook used here fires on the outputs' gradients as intended.
         warnings.filterwarnings("ignore", message="Full backward hook is firing when gradients are computed")
+        pin = self.device.type == "cuda"
         for index, block in enumerate(self.blocks):
-            pairs = []
-            for name, param in block.named_parameters():
-                if param.requires_grad:
-                    continue  # trainable (LoRA): stays on the device, in the optimizer
-                if type(param.data) is not torch.Tensor:
-                    raise FlowtuneError(
-                        f"train.block_offload cannot move the quantized weight {name} "
-                        f"({type(param.data).__name__}); set model.quantize=null or train.block_offload=null"
+            weights = []
+            for module in block.modules():
+                for name, param in module._parameters.items():
+                    if param is None or param.requires_grad:
+                        continue  # trainable (LoRA): stays on the device, in the optimizer
+                    stored = map_tensor(
+                        param.detach(), lambda t: t.to("cpu").pin_memory() if pin else t.to("cpu")
                     )
-                stored = param.data.to("cpu")
-                if self.device.type == "cuda":
-                    stored = stored.pin_memory()
-                pairs.append((param, stored))
-            self.weights.append(pairs)
+                    weights.append(_Weight(module, name, stored))
+            self.weights.append(weights)
             self.onloaded.append(True)
             self.ready.append(None)
             self._offload(index)
@@ -200,12 +227,14 @@ class BlockOffload:
         ``wait``, make the compute stream wait for the copy before using them."""
         if not self.onloaded[index]:
             if self.stream is None:
-                for param, stored in self.weights[index]:
-                    param.data = stored.to(self.device)
+                for weight in self.weights[index]:
+                    weight.point_at(map_tensor(weight.stored, lambda t: t.to(self.device)))
             else:
                 with torch.cuda.stream(self.stream):
-                    for param, stored in self.weights[index]:
-                        param.data = stored.to(self.device, non_blocking=True)
+                    for weight in self.weights[index]:
+                        weight.point_at(
+                            map_tensor(weight.stored, lambda t: t.to(self.device, non_blocking=True))
+                        )
                     event = torch.cuda.Event()
                     event.record(self.stream)
                 self.ready[index] = event
@@ -216,8 +245,9 @@ class BlockOffload:
             compute.wait_event(event)
             # Allocated on the side stream, used on the compute stream: keep the memory until
             # the compute stream's work queued so far is done.
-            for param, _ in self.weights[index]:
-                param.data.record_stream(compute)
+            for weight in self.weights[index]:
+                for tensor in inner_tensors(weight.current.detach()):
+                    tensor.record_stream(compute)
             self.ready[index] = None
 
     def _offload(self, index: int) -> None:
@@ -225,8 +255,15 @@ class BlockOffload:
         an empty tensor when ``strict``)."""
         if not self.onloaded[index]:
             return
-        for param, stored in self.weights[index]:
-            param.data = stored.new_empty(0) if self.strict else stored
+        for weight in self.weights[index]:
+            if self.strict:
+                empty = torch.empty(0, dtype=weight.current.dtype)
+                if weight.quantized:
+                    weight.module._parameters[weight.name] = nn.Parameter(empty, requires_grad=False)
+                else:
+                    weight.current.data = empty
+            else:
+                weight.point_at(weight.stored)
         self.onloaded[index] = False
         self.ready[index] = None
 
@@ -247,7 +284,7 @@ def offload_blocks(
         strict: See :class:`BlockOffload`.
 
     Raises:
-        FlowtuneError: more resident blocks than the model has, or quantized block weights.
+        FlowtuneError: more resident blocks than the model has.
     """
     blocks = transformer_blocks(model, spec)
     if not 0 <= resident <= len(blocks):
@@ -256,9 +293,15 @@ def offload_blocks(
         )
     offloaded = blocks[: len(blocks) - resident]
     moving = {id(p) for block in offloaded for p in block.parameters() if not p.requires_grad}
-    for param in model.parameters():
-        if id(param) not in moving:
-            param.data = param.data.to(device)
+    for module in model.modules():
+        for name, param in module._parameters.items():
+            if param is None or id(param) in moving or param.device == device:
+                continue
+            if hasattr(param, "__tensor_flatten__"):  # quantized: .data cannot be swapped
+                moved = map_tensor(param.detach(), lambda t: t.to(device))
+                module._parameters[name] = nn.Parameter(moved, requires_grad=param.requires_grad)
+            else:
+                param.data = param.data.to(device)
     for buffer in model.buffers():
         buffer.data = buffer.data.to(device)
     # DDP would broadcast every parameter from rank 0 at wrapping time; the offloaded ones are
