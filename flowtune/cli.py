@@ -506,7 +506,7 @@ def plan(
 
     from flowtune.console import format_bytes, key_value_table
     from flowtune.families import get_family
-    from flowtune.memory.plan import plan_training_step
+    from flowtune.memory.plan import GIB, changes_to_fit, trace_recipe
     from flowtune.recipe import load_recipe, resolve_recipe_path
 
     quiet_libraries()
@@ -515,11 +515,22 @@ def plan(
             f"--gpu-memory {gpu_memory:g}: give the GPU's memory in GiB, e.g. --gpu-memory 24"
         )
     resolved = load_recipe(resolve_recipe_path(recipe), overrides or [])
-    step = plan_training_step(resolved, get_family(resolved.model.family))
+    spec = get_family(resolved.model.family)
+    trace = trace_recipe(resolved, spec)
+    step = trace.plan(resolved, spec)
     fits = None if gpu_memory is None else step.fits(gpu_memory)
+    changes = [] if fits is not False else changes_to_fit(resolved, spec, trace, int(gpu_memory * GIB))
     if as_json:
         sys.stdout.write(
-            json.dumps({"train_step": step.to_dict(), "gpu_memory_gib": gpu_memory, "fits": fits}) + "\n"
+            json.dumps(
+                {
+                    "train_step": step.to_dict(),
+                    "gpu_memory_gib": gpu_memory,
+                    "fits": fits,
+                    "changes_to_fit": [vars(c) for c in changes] if fits is False else None,
+                }
+            )
+            + "\n"
         )
         return
     rows = [
@@ -538,6 +549,17 @@ def plan(
         err.print(ok_text(f"fits a {gpu_memory:g} GiB GPU (plus its CUDA context, ~0.5 GiB)"))
     elif fits is False:
         err.print(warning_text(f"does not fit a {gpu_memory:g} GiB GPU: needs {format_bytes(step.peak)}"))
+        if changes:
+            err.print(
+                f"changes that fit it, cheapest first (flowtune plan {recipe} ... KEY=VALUE to check one):"
+            )
+            for change in changes:
+                err.print(f"  {' '.join(change.overrides)}: {format_bytes(change.peak)}; {change.cost}")
+        else:
+            err.print(
+                "no model.quantize or train.block_offload setting fits it; lower data.resolution or "
+                "train.batch_size, or turn train.gradient_checkpointing on"
+            )
 
 
 def main() -> None:

@@ -124,6 +124,21 @@ def relaunch(command: str, args: list[str], num_processes: int) -> int:
             signal.signal(signal.SIGTERM, previous)
 
 
+def avoid_cudnn_attention() -> None:
+    """Turn off PyTorch's cuDNN backend of ``scaled_dot_product_attention`` on CUDA; flash and
+    memory-efficient attention serve instead.
+
+    Its backward failed on an H200 (torch 2.11, cuDNN 9.x) at FLUX.1-dev's 24 heads x 4656
+    tokens with "Expected mha_graph.execute(...).is_good() to be true" (scripts/bench_memory.py;
+    pytorch/pytorch#190321 and #134001 report the same defect and this workaround), a crash
+    after a model has loaded that no recipe setting explains.
+    """
+    import torch
+
+    if torch.cuda.is_available():
+        torch.backends.cuda.enable_cudnn_sdp(False)
+
+
 def has_accelerator() -> bool:
     """Whether torch sees a CUDA, XPU or MPS device (without one, Accelerate must be told
     ``cpu=True`` so that launched processes form a gloo group instead of running alone)."""

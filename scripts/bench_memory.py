@@ -20,6 +20,7 @@ The plan column is `flowtune plan` for the same recipe and overrides (fake tenso
 Usage:
   python scripts/bench_memory.py [--device cuda] [--cases flux1-int8,...] [--steps 4]
       [--results bench.jsonl] [--skip-plan] [--budget 540] [--write docs/performance.md]
+  python scripts/bench_memory.py --plan-only --device cuda --results plan.jsonl   # no GPU needed
   python scripts/bench_memory.py --render bench.jsonl [--render plan.jsonl] --write docs/performance.md
 
 --results appends one JSON line per case as it finishes (a run cut short keeps what it measured);
@@ -115,12 +116,14 @@ def measure(case: Case, device: str, steps: int) -> dict:
     """Run the case's steps for real on ``device`` (in this process) and return its figures."""
     import torch
 
+    from flowtune.distributed import avoid_cudnn_attention
     from flowtune.families import get_family
     from flowtune.memory.plan import LiveBytes, load_transformer_config
     from flowtune.memory.steps import run_training_steps
     from flowtune.quiet import quiet_libraries
 
     quiet_libraries()
+    avoid_cudnn_attention()  # as the trainer does: cuDNN's attention backward failed here
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = _reduced_model(case, Path(tmp)) if device == "cpu" else None
         recipe = _recipe(case, device, model_dir)
@@ -269,6 +272,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--results", type=Path, default=None)
     parser.add_argument("--skip-plan", action="store_true")
+    parser.add_argument("--plan-only", action="store_true", help="the plans of --device's shapes, no run")
     parser.add_argument(
         "--budget", type=float, default=540.0, help="stop starting cases after this many seconds"
     )
@@ -294,7 +298,11 @@ def main() -> None:
             if left < 20:
                 print(f"{name}: skipped (budget)", flush=True)
                 continue
-            record = _run_child(case, args, plan_only=False, timeout=min(args.case_timeout, left))
+            record = (
+                {"case": name}
+                if args.plan_only
+                else _run_child(case, args, plan_only=False, timeout=min(args.case_timeout, left))
+            )
             if not args.skip_plan:
                 record.update(_run_child(case, args, plan_only=True, timeout=300))
             results[name] = record

@@ -114,6 +114,28 @@ def test_savers_lower_the_plan_by_what_they_store(four_blocks: Path) -> None:
     assert offload.offload_saved > 0 and offload.peak == base.peak - offload.offload_saved
 
 
+def test_changes_to_fit_each_fit_and_come_cheapest_first(four_blocks: Path) -> None:
+    """Just under the unchanged plan, block offload alone fits and comes first; every change's
+    figure is the plan of the recipe with it; a budget nothing can meet gets no change."""
+    from flowtune.families import get_family
+    from flowtune.memory.plan import _with, changes_to_fit, trace_recipe
+
+    spec = get_family("flux")
+    recipe = _recipe(
+        four_blocks, "data.resolution=128", "data.max_sequence_length=16", "train.gradient_checkpointing=true"
+    )
+    trace = trace_recipe(recipe, spec)
+    budget = trace.plan(recipe, spec).peak - 1
+    changes = changes_to_fit(recipe, spec, trace, budget, limit=10)
+    assert [c.overrides[0].split("=")[0] for c in changes[:2]] == ["train.block_offload", "model.quantize"]
+    # The most resident blocks that fit: 3 streamed blocks save one (two are on the GPU in flight).
+    assert changes[0].overrides == ["train.block_offload=1"]
+    for change in changes:
+        assert change.peak <= budget and change.cost
+        assert trace.plan(_with(recipe, change.overrides), spec).peak == change.peak
+    assert changes_to_fit(recipe, spec, trace, 1) == []
+
+
 def _stored_bytes(tensor) -> int:
     """Bytes of a tensor's storage, or of a torchao tensor subclass's inner tensors."""
     if hasattr(tensor, "__tensor_flatten__"):
@@ -147,6 +169,7 @@ def test_plan_command_prints_a_table_json_and_whether_it_fits(mid_flux: Path) ->
     assert table.returncode == 0, table.stderr
     assert "peak of a training step" in table.stdout and " px, 16 text tokens" in table.stdout
     assert "does not fit a 0.001 GiB GPU" in table.stderr
+    assert "no model.quantize or train.block_offload setting fits it" in table.stderr
     data = json.loads(cli("plan", *common, "--json", "--gpu-memory", "80").stdout)
     assert data["fits"] is True and data["train_step"]["peak"] > data["train_step"]["weights"] > 0
 

@@ -25,6 +25,7 @@ Not counted: the CUDA caching allocator's rounding and fragmentation, the CUDA c
 
 from __future__ import annotations
 
+import copy
 import json
 import weakref
 from dataclasses import asdict, dataclass, field
@@ -231,8 +232,23 @@ def dequantized_copies(
     return max(one_layer, outside + max(per_block.values(), default=0))
 
 
-def plan_training_step(recipe: Any, spec: FamilySpec) -> StepPlan:
-    """The predicted peak memory of one training step of ``recipe`` (see the module docstring).
+@dataclass
+class Trace:
+    """A recipe's training step traced on fake tensors, from which the plans of the savers that
+    do not change the trace (``model.quantize``, ``train.block_offload``) are derived."""
+
+    model: nn.Module
+    counts: dict[str, int]
+    source: str
+    grad_inputs: set[str]
+
+    def plan(self, recipe: Any, spec: FamilySpec) -> StepPlan:
+        """The plan of ``recipe`` (the traced one, or one that differs only in those savers)."""
+        return plan_from_trace(recipe, spec, self.model, self.counts, self.source, self.grad_inputs)
+
+
+def trace_recipe(recipe: Any, spec: FamilySpec) -> Trace:
+    """Trace one training step of ``recipe`` on fake tensors (see the module docstring).
 
     Raises:
         FlowtuneError: no config for ``model.pretrained``, an adapter without an example batch,
@@ -246,7 +262,104 @@ def plan_training_step(recipe: Any, spec: FamilySpec) -> StepPlan:
         run = run_training_steps(recipe, spec, config, fake=True, tracker=LiveBytes(), on_model=watch.install)
     except NotImplementedError:
         raise FlowtuneError(f"flowtune plan does not cover model family {spec.name!r} yet") from None
-    return plan_from_trace(recipe, spec, run.model, run.counts(), source, watch.names)
+    return Trace(run.model, run.counts(), source, watch.names)
+
+
+def plan_training_step(recipe: Any, spec: FamilySpec) -> StepPlan:
+    """The predicted peak memory of one training step of ``recipe`` (see the module docstring).
+
+    Raises:
+        FlowtuneError: as :func:`trace_recipe`.
+    """
+    return trace_recipe(recipe, spec).plan(recipe, spec)
+
+
+@dataclass
+class FitChange:
+    """A recipe change that brings the plan under a GPU's memory.
+
+    Attributes:
+        overrides: ``key=value`` overrides.
+        peak: The planned peak with them (bytes).
+        cost: What it costs, from the measurements in docs/performance.md.
+    """
+
+    overrides: list[str]
+    peak: int
+    cost: str
+
+
+# Savers in order of cost, from scripts/bench_memory.py's measurements on an H200
+# (docs/performance.md "Memory savers"): s/step against the bf16 base at 1024 px.
+OFFLOAD_COST = (
+    "streams the other blocks' weights from CPU memory (+1% to +15% s/step measured; slower PCIe costs more)"
+)
+QUANTIZE_COSTS = {
+    "fp8": "8-bit float weights (+34% s/step measured on FLUX.1-dev)",
+    "int8": "8-bit integer weights (+33% to +57% s/step measured)",
+    "nf4": "4-bit weights, the largest rounding (+72% to +93% s/step measured)",
+}
+
+
+def _with(recipe: Any, overrides: list[str]) -> Any:
+    from omegaconf import OmegaConf
+
+    changed = copy.deepcopy(recipe)
+    for override in overrides:
+        key, value = override.split("=", 1)
+        OmegaConf.update(changed, key, None if value == "null" else int(value) if value.isdigit() else value)
+    return changed
+
+
+def changes_to_fit(
+    recipe: Any, spec: FamilySpec, trace: Trace, budget: int, limit: int = 3
+) -> list[FitChange]:
+    """Up to ``limit`` recipe changes, cheapest first, whose plan fits ``budget`` bytes: block
+    offload with as many blocks resident as fit, then each quantization mode the recipe does not
+    already go beyond, alone and then with block offload.
+
+    Only changes the recipe allows are offered: a quantized base and block offload need LoRA
+    (the plan covers nothing else); block offload is not for FSDP2 nor families without blocks.
+    """
+    modes = list(QUANTIZE_COSTS)
+    current = recipe.model.quantize
+    if current is not None:
+        modes = modes[modes.index(current) + 1 :] if current in modes else []
+    offload_ok = bool(spec.block_lists) and recipe.train.distributed != "fsdp"
+    blocks = sum(len(getattr(trace.model, attr, [])) for attr, _ in spec.block_lists)
+    resident_now = recipe.train.block_offload
+
+    def offload(base: list[str]) -> FitChange | None:
+        # Fewer resident blocks never need more memory: the most that fit is the cheapest.
+        top = blocks if resident_now is None else resident_now - 1
+        for resident in range(top, -1, -1):
+            overrides = [*base, f"train.block_offload={resident}"]
+            peak = trace.plan(_with(recipe, overrides), spec).peak
+            if peak <= budget:
+                return FitChange(overrides, peak, "")
+        return None
+
+    found: list[FitChange] = []
+    if offload_ok:
+        change = offload([])
+        if change is not None:
+            change.cost = (
+                f"keeps {change.overrides[-1].split('=')[1]} of {blocks} blocks on the GPU and "
+                + OFFLOAD_COST
+            )
+            found.append(change)
+    for mode in modes:
+        overrides = [f"model.quantize={mode}"]
+        peak = trace.plan(_with(recipe, overrides), spec).peak
+        if peak <= budget:
+            found.append(FitChange(overrides, peak, QUANTIZE_COSTS[mode]))
+        elif offload_ok:
+            change = offload(overrides)
+            if change is not None:
+                resident = change.overrides[-1].split("=")[1]
+                change.cost = f"{QUANTIZE_COSTS[mode]}, {resident} of {blocks} blocks on the GPU"
+                found.append(change)
+    return found[:limit]
 
 
 class GradInputs:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from flowtune.distributed import has_accelerator
+from flowtune.distributed import avoid_cudnn_attention, has_accelerator
 from flowtune.errors import FlowtuneError
 
 
@@ -23,6 +23,7 @@ class AcceleratorSetup:
         trackers = list(r.logging.trackers)
         self._check_trackers(trackers)
         fsdp_plugin = self._fsdp_plugin()
+        avoid_cudnn_attention()
         try:
             accelerator = Accelerator(
                 # Without an accelerator, say so: Accelerate then sets up multi-process CPU runs
