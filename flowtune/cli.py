@@ -178,7 +178,20 @@ def preprocess(
 
 
 @app.command()
-def train(recipe: RecipeArg, overrides: OverridesArg = None, num_processes: NumProcessesOpt = None) -> None:
+def train(
+    recipe: RecipeArg,
+    overrides: OverridesArg = None,
+    num_processes: NumProcessesOpt = None,
+    gpu_memory: Annotated[
+        float | None,
+        typer.Option(
+            "--gpu-memory",
+            help="Plan against a GPU of this many GiB (default: the GPU's own memory) and warn before "
+            "loading the model if the step will not fit.",
+            show_default=False,
+        ),
+    ] = None,
+) -> None:
     """Train a LoRA (or the full transformer) on the recipe's preprocessed cache.
 
     Writes checkpoints, metrics.jsonl and the final weights to train.output_dir.  Ctrl-C or
@@ -192,11 +205,16 @@ def train(recipe: RecipeArg, overrides: OverridesArg = None, num_processes: NumP
     from flowtune.train.signals import TrainingInterrupted
     from flowtune.train.trainer import Trainer
 
-    _relaunched("train", recipe, overrides, num_processes)
+    if gpu_memory is not None and not gpu_memory > 0:
+        raise FlowtuneError(
+            f"--gpu-memory {gpu_memory:g}: give the GPU's memory in GiB, e.g. --gpu-memory 24"
+        )
+    options = ("--gpu-memory", f"{gpu_memory:g}") if gpu_memory is not None else ()
+    _relaunched("train", recipe, overrides, num_processes, options)
     quiet_libraries()
     resolved = load_recipe(resolve_recipe_path(recipe), overrides or [])
     try:
-        result = Trainer(resolved, console=out).run()
+        result = Trainer(resolved, console=out, gpu_memory=gpu_memory).run()
     except TrainingInterrupted as stop:
         if is_main_process():
             err.print(Text(str(stop), style="yellow"))

@@ -106,7 +106,9 @@ def test_savers_lower_the_plan_by_what_they_store(four_blocks: Path) -> None:
     run = run_training_steps(_recipe(four_blocks, *small), spec, config, tracker=LiveBytes())
 
     def plan(*overrides: str):
-        return plan_from_trace(_recipe(four_blocks, *small, *overrides), spec, run.model, run.counts(), source)
+        return plan_from_trace(
+            _recipe(four_blocks, *small, *overrides), spec, run.model, run.counts(), source
+        )
 
     base, int8, offload = plan(), plan("model.quantize=int8"), plan("train.block_offload=1")
     assert 0.5 * base.weights < int8.weights < 0.7 * base.weights
@@ -208,3 +210,36 @@ def test_bundled_configs_are_configs_of_the_families_classes(hub_id: str) -> Non
         )
     billions = sum(p.numel() for p in model.parameters()) / 1e9
     assert (11.8 < billions < 12.0) if "FLUX.1" in hub_id else (31 < billions < 33), billions
+
+
+@pytest.fixture(scope="module")
+def tiny_env(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from tests.helpers import tiny_flux_training_env
+
+    return tiny_flux_training_env(
+        tmp_path_factory.mktemp("plan-train"),
+        train="max_steps: 1, seed: 0, mixed_precision: 'no', checkpoint_every: 1, gradient_checkpointing: true",
+    )
+
+
+def test_train_warns_before_loading_the_model_when_the_plan_does_not_fit(
+    tiny_env: Path, tmp_path: Path
+) -> None:
+    """--gpu-memory below the plan: one warning with a change that fits, printed before any weight
+    loads (loading is made to fail here); enough memory: the banner's planned figure, no warning."""
+    from unittest import mock
+
+    from flowtune.errors import FlowtuneError
+
+    with mock.patch("flowtune.train.trainer.load_transformer", side_effect=FlowtuneError("loading now")):
+        result = cli("train", tiny_env, f"train.output_dir={tmp_path / 'a'}", "--gpu-memory", "0.0005")
+    assert result.returncode == 2 and "loading now" in result.stderr
+    warning = [line for line in result.stdout.splitlines() if "flowtune plan predicts" in line]
+    assert len(warning) == 1 and "more than the 524.3 KiB of --gpu-memory 0.0005" in warning[0], result.stdout
+    assert "train.block_offload=" in warning[0] or "model.quantize=" in warning[0]
+
+    result = cli("train", tiny_env, f"train.output_dir={tmp_path / 'b'}", "--gpu-memory", "80")
+    assert result.returncode == 0, result.stderr
+    assert "flowtune plan predicts" not in result.stdout
+    assert "peak per GPU (flowtune plan); --gpu-memory 80: 80.0 GiB" in " ".join(result.stdout.split())
+    assert_user_error(cli("train", tiny_env, "--gpu-memory", "-1"), "--gpu-memory")

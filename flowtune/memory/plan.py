@@ -349,6 +349,8 @@ def changes_to_fit(
             )
             found.append(change)
     for mode in modes:
+        if len(found) >= limit:
+            break
         overrides = [f"model.quantize={mode}"]
         peak = trace.plan(_with(recipe, overrides), spec).peak
         if peak <= budget:

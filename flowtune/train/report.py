@@ -70,6 +70,8 @@ class RunReport:
         ]
         if self.quantized is not None:
             rows.append(("quantized base", self.quantized.describe()))
+        if self.memory is not None:
+            rows.append(("planned memory", self.memory.banner()))
         if self.validator.enabled:
             rows.append(("validation", self.validator.describe()))
         self.console.print(key_value_table("flowtune train", rows))

@@ -61,6 +61,7 @@ from flowtune.train.checkpoint_writer import CheckpointWriter
 from flowtune.train.display import TrainDisplay
 from flowtune.train.divergence import DivergenceGuard
 from flowtune.train.health import LossJudge
+from flowtune.train.memory_check import MemoryCheck, check_memory
 from flowtune.train.metrics import MetricsLog, tracker_config
 from flowtune.train.metrics_log import MetricsReport
 from flowtune.train.model import (
@@ -124,8 +125,10 @@ class Trainer(
         console: Where the main process prints; ``None`` = a new stdout console.
     """
 
-    def __init__(self, recipe: Any, console: Console | None = None):
+    def __init__(self, recipe: Any, console: Console | None = None, gpu_memory: float | None = None):
         self.recipe = recipe
+        self.gpu_memory = gpu_memory  # flowtune train --gpu-memory (GiB): plan against it
+        self.memory: MemoryCheck | None = None
         self.family = get_family(recipe.model.family)
         self.output_dir = Path(recipe.train.output_dir)
         self.console = console if console is not None else make_console()
@@ -169,6 +172,11 @@ class Trainer(
                 f"train.resume=latest: no checkpoint in {self.output_dir / ckpt.CHECKPOINTS}, starting at step 0"
             )
 
+        if self.is_main:  # the plan's figure, and a warning before any weight loads
+            self.memory = check_memory(r, self.family, self.device, self.gpu_memory, acc.num_processes)
+            warning = self.memory.warning() if self.memory is not None else None
+            if warning is not None:
+                self.console.print(warning_text(warning))
         self._setup_data()
         if resume is not None:
             self._check_resume_compatible(resume, resume.state())
