@@ -530,3 +530,21 @@ def test_recipe_reference_documents_every_key():
         assert f"| `{spec.key}` |" in text
     assert "**required**" in text
     assert MISSING not in text.replace("`???`", "")
+
+
+def test_a_recipe_builds_on_its_base(tmp_path):
+    """``base:`` names a bundled recipe or a file beside this one; this file's keys win, the
+    rest comes from the base (two levels here), and loops or unknown bases are one line."""
+    (tmp_path / "mid.yaml").write_text("base: flux1-dev-lora\ntrain: {max_steps: 7}\nlora: {rank: 8}\n")
+    (tmp_path / "top.yaml").write_text("base: mid.yaml\nlora: {rank: 4}\ndata: {source: here}\n")
+    cfg = load_recipe(tmp_path / "top.yaml")
+    base = load_recipe("flux1-dev-lora", ["data.source=here"])
+    assert (cfg.lora.rank, cfg.train.max_steps, cfg.data.source) == (4, 7, "here")
+    assert cfg.model.pretrained == base.model.pretrained and cfg.validation.prompts == base.validation.prompts
+    (tmp_path / "loop.yaml").write_text("base: loop.yaml\n")
+    with pytest.raises(RecipeError, match="leads back to loop.yaml"):
+        load_recipe(tmp_path / "loop.yaml")
+    (tmp_path / "lost.yaml").write_text("base: no-such-recipe\n")
+    with pytest.raises(RecipeError, match="no-such-recipe") as info:
+        load_recipe(tmp_path / "lost.yaml")
+    assert "\n" not in str(info.value)

@@ -31,8 +31,12 @@ and can be named without a path, e.g. `tiny-flux-demo`.
 A recipe is built in three layers, each overriding the one before:
 
 1. the defaults documented below,
-2. the YAML file,
+2. the YAML file (and first the recipe it names as its `base:`, if any),
 3. `key=value` overrides on the command line (OmegaConf dotlist syntax).
+
+A recipe can build on another with a top-level `base:` key (a bundled recipe's name, or a path
+relative to the file) and hold only the keys it changes: `recipes/flux1-dev-lora-24gb.yaml` is
+`base: flux1-dev-lora` plus its memory settings. Bases can have bases; a loop is an error.
 
 ```bash
 flowtune train recipes/flux1-dev-lora.yaml train.max_steps=2000 optimizer.lr=5e-5 \\

@@ -289,6 +289,30 @@ def _read_yaml(path: Path) -> dict[Any, Any]:
     return container
 
 
+def _read_with_bases(path: Path, seen: tuple[Path, ...] = ()) -> list[tuple[Path, dict[Any, Any]]]:
+    """The recipe at ``path`` and the recipes it builds on, base first: a top-level ``base:``
+    names another recipe (a path relative to this file, or a bundled recipe's name) whose values
+    this file's values override, e.g. ``base: flux1-dev-lora`` and only the keys that differ.
+
+    Raises:
+        RecipeError: a ``base`` that is not a string, does not exist, or leads back to itself.
+    """
+    data = _read_yaml(path)
+    base = data.pop("base", None)
+    if base is None:
+        return [(path, data)]
+    if not isinstance(base, str) or not base:
+        raise RecipeError(f"{path}: base must name a recipe (a bundled recipe's name or a YAML path)")
+    beside = path.parent / base
+    base_path = beside if beside.is_file() else resolve_recipe_path(base)
+    chain = (*seen, path.resolve())
+    if base_path.resolve() in chain:
+        raise RecipeError(
+            f"{path}: base {base!r} leads back to {path.name}; recipes cannot build on themselves"
+        )
+    return [*_read_with_bases(base_path, chain), (path, data)]
+
+
 def _yaml_error_message(path: Path, error: yaml.YAMLError) -> str:
     mark = getattr(error, "problem_mark", None)
     problem = getattr(error, "problem", None) or _first_line(error)
@@ -581,7 +605,9 @@ def load_recipe(recipe: str | Path, overrides: Sequence[str] = ()) -> Recipe:
         overrides = [overrides]
     path = resolve_recipe_path(recipe)
     origin = f"{path}: "
-    cfg = _merge(OmegaConf.structured(Recipe), _read_yaml(path), origin)
+    cfg = OmegaConf.structured(Recipe)
+    for layer_path, layer in _read_with_bases(path):
+        cfg = _merge(cfg, layer, f"{layer_path}: ")
     for item in overrides:
         cfg = _merge(cfg, _parse_override(item), "")
 
