@@ -510,12 +510,15 @@ def plan(
     gpu_memory: Annotated[
         float | None,
         typer.Option(
-            "--gpu-memory", help="GPU memory in GiB: say whether the step fits.", show_default=False
+            "--gpu-memory",
+            help="GPU memory in GiB: say whether each phase fits, and what to change where not.",
+            show_default=False,
         ),
     ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the plan as JSON (bytes).")] = False,
 ) -> None:
-    """Predict the peak GPU memory of one training step of RECIPE without downloading weights.
+    """Predict the peak GPU memory of RECIPE's training step, preprocess, validation images and
+    flowtune sample, without downloading weights.
 
     Traces the step on fake tensors at the largest resolution bucket and train.batch_size; see
     docs/training.md "Planning memory" for what it counts and its measured error.
@@ -524,7 +527,7 @@ def plan(
 
     from flowtune.console import format_bytes, key_value_table
     from flowtune.families import get_family
-    from flowtune.memory.plan import GIB, changes_to_fit, trace_recipe
+    from flowtune.memory.report import build_report
     from flowtune.recipe import load_recipe, resolve_recipe_path
 
     quiet_libraries()
@@ -533,24 +536,11 @@ def plan(
             f"--gpu-memory {gpu_memory:g}: give the GPU's memory in GiB, e.g. --gpu-memory 24"
         )
     resolved = load_recipe(resolve_recipe_path(recipe), overrides or [])
-    spec = get_family(resolved.model.family)
-    trace = trace_recipe(resolved, spec)
-    step = trace.plan(resolved, spec)
-    fits = None if gpu_memory is None else step.fits(gpu_memory)
-    changes = [] if fits is not False else changes_to_fit(resolved, spec, trace, int(gpu_memory * GIB))
+    report = build_report(resolved, get_family(resolved.model.family), gpu_memory)
     if as_json:
-        sys.stdout.write(
-            json.dumps(
-                {
-                    "train_step": step.to_dict(),
-                    "gpu_memory_gib": gpu_memory,
-                    "fits": fits,
-                    "changes_to_fit": [vars(c) for c in changes] if fits is False else None,
-                }
-            )
-            + "\n"
-        )
+        sys.stdout.write(json.dumps(report.to_dict()) + "\n")
         return
+    step = report.step
     rows = [
         *step.settings,
         ("frozen weights", format_bytes(step.weights)),
@@ -562,22 +552,41 @@ def plan(
     if step.offload_saved:
         rows.append(("saved by block offload", "-" + format_bytes(step.offload_saved)))
     rows.append(("peak of a training step", format_bytes(step.peak)))
-    out.print(key_value_table("flowtune plan: one training step", rows))
-    if fits is True:
-        err.print(ok_text(f"fits a {gpu_memory:g} GiB GPU (plus its CUDA context, ~0.5 GiB)"))
-    elif fits is False:
-        err.print(warning_text(f"does not fit a {gpu_memory:g} GiB GPU: needs {format_bytes(step.peak)}"))
-        if changes:
+    titles = {
+        "preprocess": "peak of flowtune preprocess",
+        "validation": "peak of validation images",
+        "sample": "peak of flowtune sample",
+    }
+    for phase in report.phases:
+        parts = "; ".join(f"{what} {format_bytes(size)}" for what, size in phase.parts)
+        rows.append((titles[phase.name], f"{format_bytes(phase.peak)} ({parts})"))
+    out.print(key_value_table("flowtune plan", rows))
+    if gpu_memory is None:
+        return
+    fits = report.fits(step.peak)
+    if fits:
+        err.print(
+            ok_text(f"the training step fits a {gpu_memory:g} GiB GPU (plus its CUDA context, ~0.5 GiB)")
+        )
+    else:
+        err.print(
+            warning_text(
+                f"the training step does not fit a {gpu_memory:g} GiB GPU: needs {format_bytes(step.peak)}"
+            )
+        )
+        if report.changes:
             err.print(
                 f"changes that fit it, cheapest first (flowtune plan {recipe} ... KEY=VALUE to check one):"
             )
-            for change in changes:
+            for change in report.changes:
                 err.print(f"  {' '.join(change.overrides)}: {format_bytes(change.peak)}; {change.cost}")
         else:
             err.print(
                 "no model.quantize or train.block_offload setting fits it; lower data.resolution or "
                 "train.batch_size, or turn train.gradient_checkpointing on"
             )
+    for phase, advice in report.advice:
+        err.print(warning_text(f"{titles[phase]} does not fit a {gpu_memory:g} GiB GPU: {advice}"))
 
 
 def main() -> None:

@@ -243,3 +243,62 @@ def test_train_warns_before_loading_the_model_when_the_plan_does_not_fit(
     assert "flowtune plan predicts" not in result.stdout
     assert "peak per GPU (flowtune plan); --gpu-memory 80: 80.0 GiB" in " ".join(result.stdout.split())
     assert_user_error(cli("train", tiny_env, "--gpu-memory", "-1"), "--gpu-memory")
+
+
+@pytest.mark.parametrize("family", ["flux", "flux2"])
+def test_preprocess_phases_trace_what_real_encoders_allocate(family: str, tmp_path: Path) -> None:
+    """On a tiny pipeline folder, the fake trace of each preprocess half (text encoders on
+    captions, VAE on images) counts what the same code allocates on real random weights."""
+    from flowtune.families import get_family
+    from flowtune.memory.phases import _text_phase, _vae_phase
+    from flowtune.recipe import load_recipe, resolve_recipe_path
+    from flowtune.tiny import make_tiny
+
+    model = make_tiny(family, tmp_path / "tiny")
+    recipe = load_recipe(
+        resolve_recipe_path("tiny-flux2-demo" if family == "flux2" else "tiny-flux-demo"),
+        [f"model.pretrained={model}", "data.max_sequence_length=32"],
+    )
+    spec = get_family(family)
+    assert _text_phase(recipe, spec, 2) == _text_phase(recipe, spec, 2, fake=False)
+    assert _vae_phase(recipe, spec, 2, 64, 96, decode=False) == _vae_phase(
+        recipe, spec, 2, 64, 96, False, fake=False
+    )
+
+
+@pytest.mark.parametrize(
+    ("hub_id", "component", "billions"),
+    [
+        ("black-forest-labs/FLUX.1-dev", "text_encoder", (0.12, 0.13)),  # CLIP-L text
+        ("black-forest-labs/FLUX.1-dev", "text_encoder_2", (4.7, 4.8)),  # T5-XXL encoder
+        ("black-forest-labs/FLUX.1-Kontext-dev", "vae", (0.08, 0.09)),  # FLUX.1's VAE
+        ("black-forest-labs/FLUX.2-dev", "text_encoder", (23, 24.1)),  # Mistral Small 3.1
+        ("black-forest-labs/FLUX.2-dev", "vae", (0.08, 0.09)),
+    ],
+)
+def test_bundled_component_configs_build_at_their_published_sizes(hub_id, component, billions) -> None:
+    import torch
+
+    from flowtune.memory.phases import build_component, component_config
+
+    with torch.device("meta"):
+        model = build_component(component_config(hub_id, component), torch.bfloat16)
+    size = sum(p.numel() for p in model.parameters()) / 1e9
+    assert billions[0] < size < billions[1], size
+
+
+def test_plan_reports_each_phase_and_what_makes_preprocess_fit() -> None:
+    """FLUX.2-dev preprocess: the bf16 Mistral3 needs over 40 GiB; nf4 brings it under 24 GiB,
+    which the plan names for a 24 GiB GPU."""
+    from flowtune.families import get_family
+    from flowtune.memory.phases import plan_preprocess
+    from flowtune.memory.report import _preprocess_advice
+    from flowtune.recipe import load_recipe
+
+    spec = get_family("flux2")
+    bf16 = plan_preprocess(load_recipe("flux2-dev-lora"), spec)
+    nf4 = plan_preprocess(load_recipe("flux2-dev-lora", ["model.encoder_quantize=nf4"]), spec)
+    assert bf16.peak > 40 * 2**30 > 24 * 2**30 > nf4.peak
+    assert _preprocess_advice(load_recipe("flux2-dev-lora"), spec, 24 * 2**30).startswith(
+        "model.encoder_quantize=nf4 fits"
+    )

@@ -241,6 +241,10 @@ class Trace:
     counts: dict[str, int]
     source: str
     grad_inputs: set[str]
+    training_static: int = 0
+    """Bytes alive between training steps (frozen weights, LoRA, optimizer states)."""
+    sampling_peak: int = 0
+    """The peak of one no-grad denoising forward at the validation size, on top of that."""
 
     def plan(self, recipe: Any, spec: FamilySpec) -> StepPlan:
         """The plan of ``recipe`` (the traced one, or one that differs only in those savers)."""
@@ -258,11 +262,53 @@ def trace_recipe(recipe: Any, spec: FamilySpec) -> Trace:
 
     config, source = load_transformer_config(recipe.model.pretrained)
     watch = GradInputs(spec)
+    tracker = LiveBytes()
+    sampling: dict[str, int] = {}
+
+    def sample_forward(model: nn.Module, flow: Any, autocast: Any) -> None:
+        """One denoising forward at the validation size, batch 1, no gradients."""
+        sampling["static"] = tracker.current
+        references = 1 if spec.reference_images and spec.uses_edit_pairs(recipe.data.edit_pairs) else 0
+        batch = flow.model_adapter.example_batch(
+            config,
+            1,
+            int(recipe.validation.height),
+            int(recipe.validation.width),
+            recipe.data.max_sequence_length,
+            references,
+        )
+        tracker.reset_peak()
+        with torch.no_grad(), autocast:
+            flow.step(
+                model,
+                batch,
+                device="cpu",
+                dtype=getattr(torch, recipe.model.dtype),
+                collect_metrics=False,
+                check_loss=False,
+            )
+        sampling["peak"] = tracker.peak
+
     try:
-        run = run_training_steps(recipe, spec, config, fake=True, tracker=LiveBytes(), on_model=watch.install)
+        run = run_training_steps(
+            recipe,
+            spec,
+            config,
+            fake=True,
+            tracker=tracker,
+            on_model=watch.install,
+            after_steps=sample_forward,
+        )
     except NotImplementedError:
         raise FlowtuneError(f"flowtune plan does not cover model family {spec.name!r} yet") from None
-    return Trace(run.model, run.counts(), source, watch.names)
+    return Trace(
+        run.model,
+        run.counts(),
+        source,
+        watch.names,
+        sampling["static"],
+        sampling["peak"] - sampling["static"],
+    )
 
 
 def plan_training_step(recipe: Any, spec: FamilySpec) -> StepPlan:

@@ -124,6 +124,7 @@ def run_training_steps(
     steps: int = 2,
     tracker: Any = None,
     on_model: Any = None,
+    after_steps: Any = None,
 ) -> StepRun:
     """Build the recipe's model from ``config`` and run ``steps`` training steps on it.
 
@@ -140,6 +141,9 @@ def run_training_steps(
             ``current``, ``peak`` and ``reset_peak()``) entered around everything.
         on_model: Called with the model once it is ready to run (LoRA added, gradient
             checkpointing and offload set), before the first step: e.g. to register hooks.
+        after_steps: Called as ``after_steps(model, flow, autocast)`` after the last step, still
+            under the fake mode and ``tracker``, with the optimizer states alive and the
+            gradients freed (as between training steps): e.g. to trace a sampling forward.
 
     Raises:
         FlowtuneError: a recipe the run does not cover (``train.mode`` other than lora).
@@ -248,6 +252,8 @@ def run_training_steps(
             if on_cuda:
                 run.device_peak = torch.cuda.max_memory_allocated(device)
             del batch
+            if after_steps is not None:
+                after_steps(model, flow, torch.autocast(device_type, dtype=torch.bfloat16, enabled=autocast))
     finally:
         if fake_mode is not None:
             fake_mode.__exit__(None, None, None)

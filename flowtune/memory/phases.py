@@ -1,0 +1,249 @@
+"""``flowtune plan`` beyond the training step: the peak GPU memory of preprocess and of sampling.
+
+Like the training step (:mod:`flowtune.memory.plan`), each phase is traced on fake tensors from
+configs alone, counting live bytes with :class:`~flowtune.memory.plan.LiveBytes`:
+
+- **preprocess** runs in two halves that are never on the GPU together (``flowtune preprocess``
+  frees the text encoders before it loads the VAE): the family's text encoders (its encoder's
+  ``text_components`` that are models) encoding ``data.encode_batch_size`` captions of
+  ``data.max_sequence_length`` tokens (a CLIP encoder's own 77 at most), with
+  ``model.encoder_quantize`` accounted as for the transformer; then the VAE encoding
+  ``data.encode_batch_size`` images at the largest bucket.
+- **sampling**: one denoising forward of the transformer (no gradients) at the validation size,
+  then the VAE decoding the latents, on top of what stays on the GPU: during training, the
+  training state (frozen weights, LoRA, optimizer states: validation images); for
+  ``flowtune sample``, the transformer with its LoRA, the text encoders and the VAE, all on
+  the GPU (``--cpu-offload`` keeps one at a time there instead).
+
+A component's config is a local model folder's ``COMPONENT/config.json``, or one bundled in
+``flowtune/memory/configs/components/`` for the Hub ids the bundled recipes name.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from flowtune.families import FamilySpec
+
+# Hub ids whose pipelines share another's text encoders and VAE.
+SAME_COMPONENTS = {"black-forest-labs/FLUX.1-Kontext-dev": "black-forest-labs/FLUX.1-dev"}
+
+
+@dataclass
+class PhasePlan:
+    """The predicted peak of one phase (bytes) and what it is made of.
+
+    Attributes:
+        name: ``preprocess``, ``validation`` or ``sample``.
+        peak: The phase's peak.
+        parts: (what, bytes) lines for the table, e.g. ``("text encoders", n)``.
+    """
+
+    name: str
+    peak: int
+    parts: list[tuple[str, int]] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"peak": self.peak, "parts": dict(self.parts)}
+
+
+def component_config(pretrained: str, component: str) -> dict[str, Any] | None:
+    """The config of ``model.pretrained``'s ``component`` (a local folder's, else bundled), or
+    None when there is none (a tokenizer, or an unknown Hub id)."""
+    local = Path(pretrained).expanduser()
+    if local.is_dir():
+        path = local / component / "config.json"
+    else:
+        hub = SAME_COMPONENTS.get(pretrained, pretrained)
+        name = f"{hub.replace('/', '__')}__{component}.json"
+        path = Path(str(resources.files("flowtune.memory") / "configs" / "components" / name))
+    if not path.is_file():
+        return None
+    config = json.loads(path.read_text())
+    return config if "_class_name" in config or "architectures" in config else None
+
+
+def build_component(config: dict[str, Any], dtype: torch.dtype) -> nn.Module:
+    """A diffusers (``_class_name``) or transformers (``architectures``) model from its config,
+    built in ``dtype`` under whatever fake mode is active, frozen, in eval mode."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        rest = {
+            k: v for k, v in config.items() if not k.startswith("_") and k not in ("dtype", "torch_dtype")
+        }
+        if "_class_name" in config:
+            import diffusers
+
+            model = getattr(diffusers, config["_class_name"]).from_config(rest)
+        else:
+            import transformers
+
+            architecture = rest.pop("architectures")[0]
+            model_config = transformers.AutoConfig.for_model(rest.pop("model_type"), **rest)
+            model = getattr(transformers, architecture)(model_config)
+    finally:
+        torch.set_default_dtype(previous)
+    model.requires_grad_(False)
+    model.eval()
+    return model
+
+
+def _quantized_saving(model: nn.Module, mode: str | None, skip: tuple[str, ...]) -> tuple[int, int]:
+    """(bytes ``mode`` saves on ``model``'s linear weights, the largest one's bytes: dequantized
+    while it computes); (0, 0) without a mode."""
+    from flowtune.memory.plan import quantized_bytes
+    from flowtune.memory.quantize import matches_any
+
+    if mode is None:
+        return 0, 0
+    saved = largest = 0
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear) and not matches_any(name, skip):
+            full = module.weight.untyped_storage().nbytes()
+            saved += full - quantized_bytes(module.weight.shape, mode)
+            largest = max(largest, full)
+    return saved, largest
+
+
+def _mode(fake: bool) -> Any:
+    from contextlib import nullcontext
+
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    return FakeTensorMode() if fake else nullcontext()
+
+
+def _text_phase(recipe: Any, spec: FamilySpec, batch: int, fake: bool = True) -> tuple[int, int] | None:
+    """(weights as stored, peak) of the family's text encoders encoding ``batch`` captions, or
+    None when no text encoder config is known.  ``fake=False`` runs it on real random weights
+    (how the tests check the trace)."""
+    from flowtune.memory.plan import LiveBytes
+
+    dtype = getattr(torch, recipe.model.dtype)
+    components = [c for c in spec.load_encoder_class().text_components]
+    configs = {c: component_config(recipe.model.pretrained, c) for c in components}
+    configs = {c: cfg for c, cfg in configs.items() if cfg is not None}
+    if not configs:
+        return None
+    skips = dict(spec.encoder_quantize_skip)
+    mode = recipe.model.encoder_quantize
+    saved = transient = 0
+    tracker = LiveBytes()
+    with _mode(fake), tracker:
+        models = {}
+        for component, config in configs.items():
+            models[component] = build_component(config, dtype)
+            if component in skips:
+                s, largest = _quantized_saving(models[component], mode, skips[component])
+                saved, transient = saved + s, max(transient, largest)
+        weights = tracker.current
+        for component, model in models.items():
+            config = configs[component]
+            limit = config.get("max_position_embeddings") or config.get("text_config", {}).get(
+                "max_position_embeddings"
+            )
+            length = min(int(recipe.data.max_sequence_length), int(limit or recipe.data.max_sequence_length))
+            ids = torch.zeros(batch, length, dtype=torch.long)
+            tracker.reset_peak()
+            with torch.no_grad():
+                model(input_ids=ids, output_hidden_states=True)
+        peak = tracker.peak
+    return weights - saved, max(peak, weights) - saved + transient
+
+
+def _vae_phase(
+    recipe: Any, spec: FamilySpec, batch: int, height: int, width: int, decode: bool, fake: bool = True
+) -> tuple[int, int] | None:
+    """(weights, peak) of the VAE encoding ``batch`` images (or decoding their latents)."""
+    from flowtune.memory.plan import LiveBytes
+
+    config = component_config(recipe.model.pretrained, "vae")
+    if config is None:
+        return None
+    dtype = getattr(torch, recipe.model.dtype)
+    tracker = LiveBytes()
+    with _mode(fake), tracker:
+        vae = build_component(config, dtype)
+        weights = tracker.current
+        with torch.no_grad():
+            if decode:
+                channels = int(config.get("latent_channels", 16))
+                vae.decode(torch.zeros(batch, channels, height // 8, width // 8, dtype=dtype))
+            else:
+                vae.encode(torch.zeros(batch, 3, height, width, dtype=dtype))
+        peak = tracker.peak
+    return weights, peak
+
+
+def plan_preprocess(recipe: Any, spec: FamilySpec) -> PhasePlan | None:
+    """The peak of ``flowtune preprocess``: its text half or its image half, the larger; None
+    when neither the text encoders' nor the VAE's config is known."""
+    from flowtune.memory.steps import largest_bucket, recipe_resolutions
+
+    batch = int(recipe.data.encode_batch_size)
+    width, height = largest_bucket(
+        recipe_resolutions(recipe), spec.spatial_granularity, recipe.data.bucket_step
+    )
+    text = _text_phase(recipe, spec, batch)
+    vae = _vae_phase(recipe, spec, batch, height, width, decode=False)
+    if text is None and vae is None:
+        return None
+    parts = []
+    if text is not None:
+        parts += [
+            ("text encoder weights", text[0]),
+            (f"text encoders' peak ({batch} captions)", text[1]),
+        ]
+    if vae is not None:
+        parts += [("VAE weights", vae[0]), (f"VAE encoding's peak ({batch} at {width}x{height})", vae[1])]
+    return PhasePlan("preprocess", max(text[1] if text else 0, vae[1] if vae else 0), parts)
+
+
+def plan_sampling(recipe: Any, spec: FamilySpec, trace: Any, step: Any) -> list[PhasePlan]:
+    """Validation images during training (when ``validation.prompts`` are set) and
+    ``flowtune sample`` on the trained checkpoint (same quantization as training, all components
+    on the GPU), from the training trace (``trace``: :class:`flowtune.memory.plan.Trace`, which
+    ran the denoising forward at the validation size) and its plan ``step``."""
+    height, width = int(recipe.validation.height), int(recipe.validation.width)
+    vae = _vae_phase(recipe, spec, 1, height, width, decode=True)
+    vae_weights, vae_peak = vae if vae is not None else (0, 0)
+    decode = vae_peak - vae_weights
+    forward = trace.sampling_peak
+    quantized = step.weights - trace.counts["frozen"]  # <= 0: what model.quantize saves
+    plans = []
+    if recipe.validation.prompts:
+        static = trace.training_static + quantized - step.offload_saved + vae_weights
+        plans.append(
+            PhasePlan(
+                "validation",
+                static + max(forward, decode),
+                [
+                    ("training state and VAE", static),
+                    (f"denoising forward at {width}x{height}", forward),
+                    ("VAE decoding", decode),
+                ],
+            )
+        )
+    text = _text_phase(recipe, spec, 1)
+    text_weights, text_run = (text[0], text[1] - text[0]) if text is not None else (0, 0)
+    static = trace.counts["frozen"] + quantized + trace.counts["trainable"] + text_weights + vae_weights
+    plans.append(
+        PhasePlan(
+            "sample",
+            static + max(forward, decode, text_run),
+            [
+                ("transformer, LoRA, text encoders and VAE", static),
+                (f"denoising forward at {width}x{height}", forward),
+                ("VAE decoding", decode),
+            ],
+        )
+    )
+    return plans
