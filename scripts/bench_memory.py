@@ -279,6 +279,7 @@ def main() -> None:
     parser.add_argument("--case-timeout", type=float, default=240.0)
     parser.add_argument("--render", type=Path, action="append", default=[])
     parser.add_argument("--write", type=Path, default=None)
+    parser.add_argument("--note", action="append", default=[], help="a paragraph to add under the table")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--child-plan", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -314,7 +315,7 @@ def main() -> None:
     label = (
         f"Measured on {device} (torch {next((r['torch'] for r in results.values() if 'torch' in r), '?')})."
     )
-    section = render(results, label)
+    section = render(results, label) + "".join(f"\n{note}\n" for note in args.note)
     print(section)
     if args.write is not None:
         sys.path.insert(0, str(Path(__file__).parent))
