@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from flowtune import __version__
+from flowtune.distributed import avoid_cudnn_attention
 from flowtune.encoders.base import load_pipeline
 from flowtune.errors import FlowtuneError
 from flowtune.families import FamilySpec
@@ -686,6 +687,7 @@ def sample(
     )
     with writer.removed_if_unused():
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        avoid_cudnn_attention()  # as training does (flowtune.distributed)
         name = dtype or source.dtype or ("bfloat16" if device.startswith("cuda") else "float32")
         torch_dtype = getattr(torch, name)
         index = source.model_dir([]) / "model_index.json"

@@ -248,3 +248,19 @@ def test_each_family_loads_quantized_keeping_what_its_skip_list_names(family: st
     for pattern in spec.quantize_skip:
         assert any(matches_any(name, (pattern,)) for name in summary.kept), pattern
     assert not any(p.requires_grad for p in transformer.parameters())
+
+
+def test_cuda_runs_turn_cudnn_attention_off() -> None:
+    """On CUDA, training and sampling turn PyTorch's cuDNN attention backend off (its backward
+    failed at FLUX.1-dev's shapes on an H200, docs/performance.md); on a CPU nothing changes."""
+    from unittest import mock
+
+    from flowtune.distributed import avoid_cudnn_attention
+
+    with mock.patch("torch.backends.cuda.enable_cudnn_sdp") as enable:
+        with mock.patch("torch.cuda.is_available", return_value=False):
+            avoid_cudnn_attention()
+        enable.assert_not_called()
+        with mock.patch("torch.cuda.is_available", return_value=True):
+            avoid_cudnn_attention()
+        enable.assert_called_once_with(False)
