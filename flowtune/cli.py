@@ -94,7 +94,44 @@ def list_recipes() -> None:
     for entry in bundled_recipes():
         table.add_row(entry.name, entry.description)
     out.print(table)
-    out.print("Use one with `flowtune validate NAME` or copy its file (the path is recipes/NAME.yaml).")
+    out.print(
+        "Use one by name (`flowtune validate NAME`), or start your own: `flowtune cp NAME my-recipe.yaml`."
+    )
+
+
+@app.command("cp")
+def copy_recipe(
+    name: Annotated[str, typer.Argument(help="A bundled recipe (`flowtune recipes` lists them).")],
+    dest: Annotated[Path, typer.Argument(help="The file to write, or a folder to write NAME.yaml in.")],
+    force: Annotated[bool, typer.Option("--force", help="Overwrite DEST if it exists.")] = False,
+) -> None:
+    """Copy a bundled recipe to DEST to start a recipe of your own."""
+    from flowtune.fileio import atomic_write_bytes, write_errors
+    from flowtune.recipe import bundled_recipes, resolve_recipe_path
+    from flowtune.recipe.load import recipe_base
+
+    bundled = {b.name: b for b in bundled_recipes()}
+    stem = name.removesuffix(".yaml").removesuffix(".yml")
+    if stem not in bundled:
+        resolve_recipe_path(stem)  # not a bundled name: one line with the closest names
+        raise FlowtuneError(f"{name!r} is a file, not a bundled recipe; copy it with cp")
+    source = bundled[stem].path
+    target = dest / source.name if dest.is_dir() else dest
+    if target.exists() and not force:
+        raise FlowtuneError(f"{target} already exists; pass --force to overwrite it, or give another DEST")
+    if not target.parent.is_dir():
+        raise FlowtuneError(f"{target.parent} is not a folder; create it first")
+    with write_errors(target, what="the recipe"):
+        atomic_write_bytes(target, source.read_bytes(), what="the recipe")
+    base = recipe_base(source)
+    err.print(ok_text(f"copied {stem} to {target}"))
+    if base is not None:
+        err.print(
+            f"it builds on the bundled recipe {base!r} (its `base:` key), whose keys it does not repeat"
+        )
+    err.print(
+        f"edit it (data.source, validation.prompts, train.output_dir), then `flowtune validate {target}`"
+    )
 
 
 @app.command("make-tiny")

@@ -23,8 +23,9 @@ GENERATOR = "scripts/gen_recipe_docs.py"
 _INTRO = """\
 A recipe is a YAML file that describes one fine-tuning run. It has the sections below; every key
 has a default except the required ones (`model.pretrained`, `data.source`), so a recipe only
-needs the keys it changes. Bundled recipes live in `recipes/` (list them with `flowtune recipes`)
-and can be named without a path, e.g. `tiny-flux-demo`.
+needs the keys it changes. Bundled recipes ship inside the package (`flowtune/recipes/`, linked
+as `recipes/` in a source checkout; list them with `flowtune recipes`), can be named without a
+path, e.g. `tiny-flux-demo`, and `flowtune cp NAME my-recipe.yaml` copies one to start your own.
 
 ## Loading and overrides
 
@@ -53,7 +54,7 @@ names the key, for example:
 ```text
 unknown key 'train.max_step' — did you mean 'train.max_steps'?
 invalid value 'abc' for 'train.max_steps': expected an integer
-invalid value 'banana' for 'flow.timestep_sampling'; allowed values: uniform, logit_normal, mode, lognorm, mix
+invalid value 'banana' for 'flow.timestep_sampling'; allowed values: uniform, logit_normal, mode, lognorm, mix, beta
 ```
 
 Conventions: sigma = 1 is pure noise and sigma = 0 is data; x_t = (1 - sigma) x0 + sigma noise and

@@ -13,6 +13,7 @@ import math
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
 from types import UnionType
 from typing import Any, Literal, Union, get_args, get_origin
@@ -21,7 +22,6 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
-import flowtune
 from flowtune.errors import FlowtuneError
 from flowtune.families import get_family
 from flowtune.recipe.schema import Recipe, schema_fields, section_classes
@@ -46,7 +46,7 @@ class RecipeError(FlowtuneError):
 
 @dataclass(frozen=True)
 class BundledRecipe:
-    """A recipe shipped in the repository's ``recipes/`` folder.
+    """A recipe shipped in the package's ``flowtune/recipes/`` folder.
 
     Attributes:
         name: The file stem, usable wherever a recipe path is expected.
@@ -63,8 +63,9 @@ class BundledRecipe:
 
 
 def recipes_dir() -> Path:
-    """The folder of bundled recipes (``recipes/`` at the repository root)."""
-    return Path(flowtune.__file__).resolve().parents[1] / "recipes"
+    """The folder of bundled recipes: ``flowtune/recipes/`` inside the package (package data,
+    so an installed wheel has them too; a source checkout links ``recipes/`` to it)."""
+    return Path(str(resources.files("flowtune") / "recipes"))
 
 
 def _first_comment(path: Path) -> str:
@@ -82,7 +83,7 @@ def _first_comment(path: Path) -> str:
 
 
 def bundled_recipes() -> list[BundledRecipe]:
-    """The bundled recipes, sorted by name (empty if the ``recipes/`` folder is absent)."""
+    """The bundled recipes, sorted by name (empty if the folder is absent)."""
     folder = recipes_dir()
     if not folder.is_dir():
         return []
@@ -287,6 +288,12 @@ def _read_yaml(path: Path) -> dict[Any, Any]:
     container = OmegaConf.to_container(loaded, resolve=False)
     assert isinstance(container, dict)
     return container
+
+
+def recipe_base(path: Path) -> str | None:
+    """The ``base:`` a recipe file names, or None."""
+    base = _read_yaml(path).get("base")
+    return base if isinstance(base, str) else None
 
 
 def _read_with_bases(path: Path, seen: tuple[Path, ...] = ()) -> list[tuple[Path, dict[Any, Any]]]:
