@@ -95,7 +95,7 @@ def test_every_bundled_recipe_loads_and_validates(bundled, tmp_path):
 
 
 def test_resolve_bundled_recipe_by_name():
-    expected = ROOT / "recipes" / "tiny-flux-demo.yaml"
+    expected = ROOT / "flowtune" / "recipes" / "tiny-flux-demo.yaml"
     assert resolve_recipe_path("tiny-flux-demo") == expected
     assert resolve_recipe_path("tiny-flux-demo.yaml") == expected
     assert load_recipe("tiny-flux-demo").model.pretrained == ".flowtune-demo/tiny-flux"
