@@ -96,6 +96,17 @@ def offloaded_block_names(spec: FamilySpec, config: dict[str, Any], resident: in
     return names[: max(0, len(names) - resident)]
 
 
+def quantized_host_blocks(
+    spec: FamilySpec, model_dir: Path, quantize: str | None, resident: int | None
+) -> list[str]:
+    """The blocks whose layers go back to the CPU as soon as ``model.quantize`` has quantized
+    them on the GPU (those ``train.block_offload: resident`` streams), so that the quantized
+    model is never on the GPU whole; [] unless both are set."""
+    if quantize is None or resident is None:
+        return []
+    return offloaded_block_names(spec, read_transformer_config(str(model_dir), None) or {}, resident)
+
+
 def transformer_blocks(model: nn.Module, spec: FamilySpec) -> list[nn.Module]:
     """The transformer blocks of ``model`` in forward order: the modules of ``spec.block_lists``'
     ModuleLists, one list after the other."""

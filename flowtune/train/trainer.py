@@ -72,12 +72,7 @@ from flowtune.train.model import (
     make_fully_trainable,
 )
 from flowtune.train.noise import sample_generators
-from flowtune.train.offload import (
-    check_block_offload,
-    offload_blocks,
-    offloaded_block_names,
-    read_transformer_config,
-)
+from flowtune.train.offload import check_block_offload, offload_blocks, quantized_host_blocks
 from flowtune.train.optim import build_optimizer, build_scheduler
 from flowtune.train.report import RunReport
 from flowtune.train.resume_policy import ResumePolicy
@@ -237,18 +232,9 @@ class Trainer(
         # Seeds Python, numpy and torch (LoRA initialisation, LoRA dropout) identically on every
         # process; the flow-matching draws use their own per-sample generators.
         set_seed(r.train.seed)
-        host: list[str] = []
-        if r.model.quantize is not None and r.train.block_offload is not None:
-            config = read_transformer_config(str(model_dir), None) or {}
-            host = offloaded_block_names(self.family, config, r.train.block_offload)
+        host = quantized_host_blocks(self.family, model_dir, r.model.quantize, r.train.block_offload)
         transformer = load_transformer(
-            self.family,
-            model_dir,
-            self.dtype,
-            r.model.variant,
-            quantize=r.model.quantize,
-            device=self.device,
-            host=host,
+            self.family, model_dir, self.dtype, r.model.variant, r.model.quantize, self.device, host
         )
         self.quantized = getattr(transformer, "flowtune_quantized", None)
         if r.train.mode == "lora":
