@@ -362,6 +362,13 @@ def test_kohya_and_comfyui_files_of_a_trained_checkpoint(trained, tmp_path) -> N
         source["transformer_blocks.0.ff.net.2"].down,
     )
     assert comfy["diffusion_model.double_blocks.0.img_mlp.2.alpha"].item() == 8.0
+    # Nothing is scaled twice: the exported update (alpha / rank x up @ down) is the default file's
+    # own B @ A (its B holds the scale 2, which is what ComfyUI applies from that file).
+    default = load_file(trained / "final" / LORA_WEIGHTS_NAME)
+    key, prefix = "transformer.transformer_blocks.0.ff.net.2", "diffusion_model.double_blocks.0.img_mlp.2"
+    exported = 8.0 / 4 * comfy[f"{prefix}.lora_up.weight"] @ comfy[f"{prefix}.lora_down.weight"]
+    assert torch.equal(exported, default[f"{key}.lora_B.weight"] @ default[f"{key}.lora_A.weight"])
+    assert not torch.equal(default[f"{key}.lora_B.weight"], source["transformer_blocks.0.ff.net.2"].up)
 
 
 def test_merged_transformer_equals_the_base_with_the_lora_loaded(trained, tmp_path) -> None:

@@ -4,6 +4,7 @@ checkpoint's LoRA, text-to-image and editing with a reference image."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +19,7 @@ from flowtune.recipe import load_recipe
 from flowtune.sample import SampleSettings, sample, source_from_checkpoint
 from flowtune.tiny import make_tiny, tiny_flux_transformer
 from flowtune.train.metrics import read_metrics
-from flowtune.train.model import META_FAMILY, read_lora_metadata
+from flowtune.train.model import META_FAMILY, META_TRAINED_LORA, read_lora_metadata
 from flowtune.train.trainer import Trainer
 from tests.helpers import assert_user_error, cli
 
@@ -95,8 +96,12 @@ def test_the_checkpoint_lora_loads_in_diffusers_flux2_pipeline(t2i_run) -> None:
     assert "transformer.single_transformer_blocks.1.attn.to_qkv_mlp_proj" in modules
     assert "transformer.transformer_blocks.0.ff_context.linear_out" in modules
     assert len(modules) == 2 * 12 + 2 * 2  # 12 targets per double block, 2 per single block
-    assert config["transformer.r"] == 4 and config["transformer.lora_alpha"] == 8
-    assert read_lora_metadata(lora_dir / "pytorch_lora_weights.safetensors")[META_FAMILY] == "flux2"
+    # The scale alpha / rank = 2 is in the file's B: its config says alpha = rank, the trained
+    # alpha is in flowtune's metadata.
+    assert config["transformer.r"] == 4 and config["transformer.lora_alpha"] == 4
+    metadata = read_lora_metadata(lora_dir / "pytorch_lora_weights.safetensors")
+    assert metadata[META_FAMILY] == "flux2"
+    assert json.loads(metadata[META_TRAINED_LORA])["lora_alpha"] == 8
     losses = [r["loss"] for r in read_metrics(t2i_run / "metrics.jsonl") if "loss" in r]
     assert losses and all(np.isfinite(losses))
 

@@ -18,7 +18,7 @@ from flowtune.recipe import load_recipe
 from flowtune.train.checkpoint import list_checkpoints
 from flowtune.train.divergence import NonFiniteLossError
 from flowtune.train.metrics import read_metrics
-from flowtune.train.model import LORA_WEIGHTS_NAME
+from flowtune.train.model import LORA_WEIGHTS_NAME, RESUME_LORA_NAME
 from flowtune.train.signals import TrainingInterrupted
 from flowtune.train.trainer import Trainer
 from tests.helpers import tiny_flux_inputs, tiny_flux_training_env
@@ -104,6 +104,8 @@ RESUME_SETTINGS = (
     "lora.dropout=0.1",  # the LoRA dropout draws from torch's global RNG: restored on resume
     "lr_scheduler.name=cosine",
     "lr_scheduler.warmup_steps=2",
+    # Scale 1.5: the checkpoint's LoRA file holds B x 1.5, and the trained B in the file beside it.
+    "lora.alpha=6",
 )
 
 
@@ -117,6 +119,7 @@ def test_a_stopped_and_resumed_run_equals_the_uninterrupted_run_bit_for_bit(env,
     assert info.value.exit_code == 143 and info.value.step == 3
     # Step 3 is not a checkpoint_every step: the checkpoint was written for the signal.
     assert [c.step for c in list_checkpoints(tmp_path / "split")] == [2, 3]
+    assert (tmp_path / "split" / "checkpoints" / "step-000003" / RESUME_LORA_NAME).is_file()
     assert "train.resume=latest" in str(info.value)
 
     resumed = _train(env, tmp_path / "split", *RESUME_SETTINGS, "train.resume=latest")
@@ -130,10 +133,14 @@ def test_a_stopped_and_resumed_run_equals_the_uninterrupted_run_bit_for_bit(env,
 
 def test_resuming_from_an_older_checkpoint_rewrites_the_later_steps(env, tmp_path) -> None:
     out = tmp_path / "run"
-    _train(env, out, "train.max_steps=6")
+    # Scale 2: the checkpoint's LoRA file holds B x 2, which resuming divides back out exactly.
+    _train(env, out, "train.max_steps=6", "lora.alpha=8")
     before = _losses(out)
     first = load_file(out / "final" / LORA_WEIGHTS_NAME)
-    result = _train(env, out, "train.max_steps=6", f"train.resume={out / 'checkpoints' / 'step-000004'}")
+    assert not (out / "checkpoints" / "step-000004" / RESUME_LORA_NAME).exists()
+    result = _train(
+        env, out, "train.max_steps=6", "lora.alpha=8", f"train.resume={out / 'checkpoints' / 'step-000004'}"
+    )
     assert result.start_step == 4
     assert _losses(out) == before  # the lines after step 4 were dropped, then written again
     again = load_file(out / "final" / LORA_WEIGHTS_NAME)

@@ -1,21 +1,27 @@
-"""The trainable transformer: LoRA targets, frozen base, and LoRA files that diffusers loads."""
+"""The trainable transformer: LoRA targets, frozen base, and LoRA files that diffusers, ComfyUI and
+kohya-style loaders apply alike and that training resumes from bit for bit."""
 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors import safe_open
+from safetensors.torch import load_file as load_file_tensors
 
 from flowtune.errors import FlowtuneError
 from flowtune.families import get_family
 from flowtune.tiny import make_tiny, tiny_flux_transformer
 from flowtune.train.model import (
     LORA_WEIGHTS_NAME,
+    META_TRAINED_LORA,
+    RESUME_LORA_NAME,
     add_lora,
     expand_target_modules,
+    load_lora,
     load_transformer,
     save_lora,
 )
@@ -67,24 +73,59 @@ def test_target_patterns_and_unknown_targets() -> None:
         expand_target_modules(model, ["attn.to_qq"])
 
 
-def test_saved_lora_loads_in_flux_pipeline_with_identical_outputs(tiny_flux: Path, tmp_path: Path) -> None:
-    from diffusers import FluxPipeline
+def _trained_lora(model_dir: Path, alpha: int, **config) -> torch.nn.Module:
+    """The tiny FLUX.1 with a rank-4 LoRA of ``alpha`` whose B moved away from zero, in eval mode."""
+    transformer = load_transformer(FLUX, model_dir, torch.float32)
+    if config:  # peft's own config (patterns, rsLoRA) on the default targets
+        from peft import LoraConfig
 
-    transformer = load_transformer(FLUX, tiny_flux, torch.float32)
-    add_lora(transformer, FLUX, rank=4, alpha=8)  # scale alpha / rank = 2 must survive the round trip
+        targets = list(FLUX.lora_target_modules)
+        transformer.add_adapter(
+            LoraConfig(
+                r=4, lora_alpha=alpha, target_modules=expand_target_modules(transformer, targets), **config
+            )
+        )
+    else:
+        add_lora(transformer, FLUX, rank=4, alpha=alpha)
+    generator = torch.Generator().manual_seed(alpha)
     with torch.no_grad():
         for name, param in transformer.named_parameters():
             if ".lora_B." in name:
-                param.copy_(torch.randn_like(param) * 0.1)
-    transformer.eval()
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.1)
+    return transformer.eval()
+
+
+def _lora_layers(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
+    from peft.tuners.lora import LoraLayer
+
+    return {name: module for name, module in model.named_modules() if isinstance(module, LoraLayer)}
+
+
+# alpha 8 / rank 4: scale 2, a power of two, so the scaled B is exact and so is every update;
+# alpha 6: scale 1.5, rounded once in float32; peft's patterns: per-module scales 2, 4 and 0.75.
+PATTERNS = {"rank_pattern": {"attn.to_k": 2}, "alpha_pattern": {"proj_mlp": 3}}
+
+
+@pytest.mark.parametrize("alpha, config", [(8, {}), (6, {}), (8, PATTERNS)])
+def test_saved_lora_loads_in_flux_pipeline_with_identical_outputs(
+    tiny_flux: Path, tmp_path: Path, alpha, config
+) -> None:
+    from diffusers import FluxPipeline
+
+    transformer = _trained_lora(tiny_flux, alpha, **config)
     with torch.no_grad():
         trained = transformer(**tiny_flux_inputs(text_tokens=8))[0]
     path = save_lora(transformer, FLUX, tmp_path / "lora")
     assert path == tmp_path / "lora" / LORA_WEIGHTS_NAME
     with safe_open(path, framework="pt") as handle:
-        metadata = json.loads(handle.metadata()["lora_adapter_metadata"])
-    assert metadata["transformer.lora_alpha"] == 8 and metadata["transformer.r"] == 4
-    assert "single_transformer_blocks.0.proj_out" in metadata["transformer.target_modules"]
+        metadata = handle.metadata()
+    own = json.loads(metadata["lora_adapter_metadata"])
+    # The file's scale is in its B: its own config says alpha = rank; the trained one is kept aside.
+    assert own["transformer.lora_alpha"] == 4 and own["transformer.r"] == 4
+    assert own["transformer.alpha_pattern"] == own["transformer.rank_pattern"]
+    assert not own["transformer.use_rslora"]
+    assert "single_transformer_blocks.0.proj_out" in own["transformer.target_modules"]
+    assert json.loads(metadata[META_TRAINED_LORA])["lora_alpha"] == alpha
 
     pipe = FluxPipeline.from_pretrained(tiny_flux)
     with torch.no_grad():
@@ -93,7 +134,125 @@ def test_saved_lora_loads_in_flux_pipeline_with_identical_outputs(tiny_flux: Pat
     with torch.no_grad():
         loaded = pipe.transformer(**tiny_flux_inputs(text_tokens=8))[0]
     assert not torch.allclose(base, trained)
-    torch.testing.assert_close(loaded, trained, rtol=1e-5, atol=1e-6)
+    if alpha == 8 and not config:
+        assert torch.equal(loaded, trained)
+    else:
+        torch.testing.assert_close(loaded, trained, rtol=1e-5, atol=1e-6)
+
+
+def _merged_by_a_metadata_blind_loader(
+    weight: torch.Tensor, tensors: dict[str, torch.Tensor], key: str, rule: str
+) -> torch.Tensor:
+    """``weight`` patched with the LoRA ``key`` (``transformer.<module>``) of a file's tensors, as
+    loaders that never read the safetensors metadata do (the file's peft config is invisible).
+
+    - ``comfyui``: ComfyUI's LoraLoader (``comfy.utils.load_torch_file(path, safe_load=True)``,
+      no metadata; ``comfy/lora.py`` ``load_lora``: alpha = the ``<key>.alpha`` tensor or None;
+      ``comfy/weight_adapter/lora.py`` ``LoRAAdapter.calculate_weight``: ``alpha / rank`` if alpha
+      is not None else 1.0, then ``weight += (strength * alpha) * mm(up, down)`` in float32).
+      ComfyUI maps ``transformer.<diffusers module>`` keys to the BFL weights (``flux_to_diffusers``,
+      q/k/v as row slices of qkv), which adds the same product to the same rows.
+    - ``kohya``: kohya-style loaders (sd-scripts' ``convert_flux_lora.py`` for peft-named files):
+      a module without ``.alpha`` gets alpha = its rank.
+    """
+    up, down = tensors[f"{key}.lora_B.weight"].float(), tensors[f"{key}.lora_A.weight"].float()
+    alpha = tensors[f"{key}.alpha"].item() if f"{key}.alpha" in tensors else None
+    if rule == "kohya" and alpha is None:
+        alpha = down.shape[0]
+    scale = alpha / down.shape[0] if alpha is not None else 1.0
+    strength = 1.0
+    return weight + ((strength * scale) * torch.mm(up, down)).type(weight.dtype)
+
+
+@pytest.mark.parametrize("alpha", [8, 6])
+def test_loaders_that_ignore_the_metadata_apply_the_trained_update(
+    tiny_flux: Path, tmp_path: Path, alpha
+) -> None:
+    from safetensors.torch import load_file
+
+    transformer = _trained_lora(tiny_flux, alpha)
+    save_lora(transformer, FLUX, tmp_path)
+    tensors = load_file(tmp_path / LORA_WEIGHTS_NAME)  # tensors only, as ComfyUI reads it
+    assert not any(key.endswith(".alpha") for key in tensors)
+    layers = _lora_layers(transformer)
+    assert {f"transformer.{name}.lora_A.weight" for name in layers} == {k for k in tensors if ".lora_A." in k}
+    for name, layer in layers.items():
+        base = layer.get_base_layer().weight
+        expected = base + layer.get_delta_weight("default")  # peft: (B @ A) * alpha / rank
+        for rule in ("comfyui", "kohya"):
+            merged = _merged_by_a_metadata_blind_loader(base, tensors, f"transformer.{name}", rule)
+            if alpha == 8:
+                assert torch.equal(merged, expected), (rule, name)
+            else:
+                torch.testing.assert_close(merged, expected, rtol=1e-6, atol=1e-7, msg=f"{rule} {name}")
+    # The trained B with the scale only in the metadata (what the file held before) gives
+    # rank / alpha of the update to such a loader.
+    name, layer = next(iter(layers.items()))
+    unscaled = {
+        f"transformer.{name}.lora_A.weight": layer.lora_A["default"].weight,
+        f"transformer.{name}.lora_B.weight": layer.lora_B["default"].weight,
+    }
+    base = layer.get_base_layer().weight
+    update = _merged_by_a_metadata_blind_loader(base, unscaled, f"transformer.{name}", "comfyui") - base
+    torch.testing.assert_close(update * alpha / 4, layer.get_delta_weight("default"), rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize(
+    "alpha, config",
+    [
+        (8, {}),  # scale 2: the scale is divided back out of B, exactly
+        (6, {}),  # scale 1.5, not a power of two: read from the unscaled file beside it
+        (4, {}),  # scale 1
+        (8, PATTERNS),  # 2, 4 and 0.75
+        (8, {"use_rslora": True}),  # 8 / sqrt(4) = 4
+    ],
+)
+def test_load_lora_restores_the_trained_weights_bit_for_bit(
+    tiny_flux: Path, tmp_path: Path, alpha, config
+) -> None:
+    trained = _trained_lora(tiny_flux, alpha, **config)
+    save_lora(trained, FLUX, tmp_path)
+    scales = {layer.scaling["default"] for layer in _lora_layers(trained).values()}
+    exact = all(math.frexp(s)[0] == 0.5 for s in scales)
+    assert (tmp_path / RESUME_LORA_NAME).is_file() is not exact
+    if scales != {1.0}:  # the file does hold scaled weights
+        saved = load_file_tensors(tmp_path / LORA_WEIGHTS_NAME)
+        assert not torch.equal(
+            saved["transformer.transformer_blocks.0.attn.to_q.lora_B.weight"],
+            trained.get_submodule("transformer_blocks.0.attn.to_q").lora_B["default"].weight,
+        )
+
+    resumed = load_transformer(FLUX, tiny_flux, torch.float32)
+    resumed.add_adapter(trained.peft_config["default"])
+    load_lora(resumed, tmp_path)
+    want = {k: v for k, v in trained.state_dict().items() if ".lora_" in k}
+    got = {k: v for k, v in resumed.state_dict().items() if ".lora_" in k}
+    assert want.keys() == got.keys()
+    assert all(torch.equal(want[k], got[k]) for k in want)
+
+
+def test_load_lora_reads_older_unscaled_files_and_needs_the_unscaled_file_it_names(
+    tiny_flux: Path, tmp_path: Path
+) -> None:
+    from peft.utils import get_peft_model_state_dict
+    from safetensors.torch import save_file
+
+    trained = _trained_lora(tiny_flux, 6)
+    # A file from before the scale went into B: the trained weights as they are, no trained_lora.
+    state = get_peft_model_state_dict(trained)
+    (tmp_path / "old").mkdir()
+    save_file({f"transformer.{k}": v for k, v in state.items()}, str(tmp_path / "old" / LORA_WEIGHTS_NAME))
+    resumed = load_transformer(FLUX, tiny_flux, torch.float32)
+    add_lora(resumed, FLUX, rank=4, alpha=6)
+    load_lora(resumed, tmp_path / "old")
+    assert all(
+        torch.equal(v, resumed.state_dict()[k]) for k, v in trained.state_dict().items() if ".lora_" in k
+    )
+
+    save_lora(trained, FLUX, tmp_path / "new")
+    (tmp_path / "new" / RESUME_LORA_NAME).unlink()
+    with pytest.raises(FlowtuneError, match=f"{RESUME_LORA_NAME} is missing"):
+        load_lora(resumed, tmp_path / "new")
 
 
 def test_sample_generators_depend_only_on_seed_step_and_index() -> None:

@@ -27,7 +27,6 @@ The family decides the original names (:class:`flowtune.interop.naming.OriginalN
 from __future__ import annotations
 
 import json
-import math
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -123,6 +122,11 @@ def read_lora(path: Path, prefix: str = "transformer") -> LoraWeights:
     The scale of each module follows peft: ``alpha / r`` with ``alpha`` from the config's
     ``alpha_pattern`` or ``lora_alpha`` and ``r`` the module's rank (``alpha / sqrt(r)`` with
     ``use_rslora``); a file without a peft config has ``alpha = r`` (scale 1), as diffusers assumes.
+    flowtune's own files hold each scale multiplied into ``lora_B`` with alpha = rank in their
+    peft config (:func:`flowtune.train.model.save_lora`); their trained scaling
+    (``flowtune.trained_lora``) is read instead and divided back out of B, so the modules have
+    their trained B and scale (exactly for a power-of-two scale, else to float32 rounding) and
+    ``alpha`` / ``rank`` are the trained ones.
 
     Args:
         path: The ``.safetensors`` file.
@@ -132,15 +136,16 @@ def read_lora(path: Path, prefix: str = "transformer") -> LoraWeights:
         FlowtuneError: a tensor that is not a plain LoRA A or B weight (DoRA magnitudes, LoRA
             biases, another component's LoRA), or an A without its B.
     """
-    from peft.utils.other import get_pattern_key
     from safetensors import safe_open
+
+    from flowtune.train.model import META_TRAINED_LORA, lora_scale
 
     with safe_open(str(path), framework="pt") as handle:
         metadata = dict(handle.metadata() or {})
         tensors = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118 - not a dict
     config = _adapter_config(metadata, prefix)
-    alpha_pattern: dict = config.get("alpha_pattern") or {}
-    rslora = bool(config.get("use_rslora"))
+    # A flowtune file: B holds the trained B times the trained scale; its peft config says scale 1.
+    trained = json.loads(metadata[META_TRAINED_LORA]) if metadata.get(META_TRAINED_LORA) else None
 
     downs: dict[str, torch.Tensor] = {}
     ups: dict[str, torch.Tensor] = {}
@@ -163,11 +168,14 @@ def read_lora(path: Path, prefix: str = "transformer") -> LoraWeights:
     modules: dict[str, LoraModule] = {}
     for module, down in downs.items():
         rank = int(down.shape[0])
-        alpha = alpha_pattern.get(
-            get_pattern_key(list(alpha_pattern), module), config.get("lora_alpha", rank)
-        )
-        scale = alpha / math.sqrt(rank) if rslora else alpha / rank
-        modules[module] = LoraModule(down=down, up=ups[module], scale=float(scale))
+        up = ups[module]
+        if trained is not None:
+            scale = lora_scale(trained, module, rank)
+            up = up / scale  # as flowtune.train.model.load_lora divides it out
+        else:
+            scale = lora_scale(config, module, rank)
+        modules[module] = LoraModule(down=down, up=up, scale=scale)
+    config = trained or config
     rank = int(config.get("r") or max((m.rank for m in modules.values()), default=0))
     return LoraWeights(
         modules=modules, metadata=metadata, rank=rank, alpha=float(config.get("lora_alpha", rank))
@@ -268,9 +276,16 @@ def original_metadata(lora: LoraWeights, naming: OriginalNaming) -> dict[str, st
 
     diffusers' ``lora_adapter_metadata`` is left out on purpose: the scale now lives in the
     ``alpha`` tensors (or in ``lora_B``), and diffusers would apply the peft config's alpha a
-    second time.
+    second time.  So are the keys that describe how flowtune's own file stores its scale
+    (``flowtune.trained_lora``, ``flowtune.resume_file``): they do not describe this file.
     """
-    metadata = {k: v for k, v in lora.metadata.items() if k.startswith("flowtune.")}
+    from flowtune.train.model import META_RESUME_FILE, META_TRAINED_LORA
+
+    metadata = {
+        k: v
+        for k, v in lora.metadata.items()
+        if k.startswith("flowtune.") and k not in (META_TRAINED_LORA, META_RESUME_FILE)
+    }
     metadata.update(
         {
             "format": "pt",

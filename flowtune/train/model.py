@@ -8,8 +8,11 @@
   recipe's or the family's target modules; everything else stays frozen.  Trainable LoRA weights
   are kept in float32 whatever the base dtype, so optimizer updates are not rounded away.
 - :func:`save_lora` writes ``pytorch_lora_weights.safetensors`` through the family pipeline's own
-  ``save_lora_weights``, with the peft config (rank, alpha, targets) in the file's metadata, so
-  ``<Pipeline>.load_lora_weights(dir)`` restores exactly the trained update.
+  ``save_lora_weights`` with each module's scale ``alpha / rank`` multiplied into its ``lora_B``
+  and alpha = rank in the peft config of the file's metadata, so every loader applies exactly the
+  trained update: diffusers' ``load_lora_weights`` (which reads that config), and ComfyUI and
+  kohya-style loaders (which ignore the metadata and take alpha = rank when a module has no
+  ``.alpha`` tensor).  :func:`load_lora` divides the scale back out to resume training.
 
 Target modules are peft suffixes (``attn.to_q`` matches every ``...attn.to_q``) or, with a ``*``,
 glob patterns over full module names (``single_transformer_blocks.*.proj_out``), which reach
@@ -20,6 +23,7 @@ from __future__ import annotations
 
 import fnmatch
 import json
+import math
 import warnings
 from pathlib import Path
 from typing import Any
@@ -31,6 +35,7 @@ from flowtune.errors import FlowtuneError
 from flowtune.families import FamilySpec
 
 LORA_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
+_LORA_A = ".lora_A.weight"
 
 
 def expand_target_modules(model: nn.Module, targets: list[str]) -> list[str]:
@@ -155,6 +160,16 @@ META_FAMILY = "flowtune.family"
 META_BASE_MODEL = "flowtune.base_model"
 META_STEP = "flowtune.step"
 META_VERSION = "flowtune.version"
+# The trained adapter's scaling settings (JSON: r, lora_alpha, rank_pattern, alpha_pattern,
+# use_rslora): the file's lora_B weights are the trained ones times each module's scale (see
+# save_lora), and the file's own peft config says alpha = rank.
+META_TRAINED_LORA = "flowtune.trained_lora"
+# Names the file beside it that holds the trained weights unscaled, written only when dividing
+# the scale back out would not restore them bit for bit (a scale that is not a power of two).
+META_RESUME_FILE = "flowtune.resume_file"
+RESUME_LORA_NAME = "resume_lora_weights.safetensors"
+
+_SCALING_KEYS = ("r", "lora_alpha", "rank_pattern", "alpha_pattern", "use_rslora")
 
 
 def lora_state_dict(transformer: nn.Module) -> dict[str, torch.Tensor]:
@@ -173,6 +188,40 @@ def lora_state_dict(transformer: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.full_tensor() if isinstance(v, DTensor) else v for k, v in state.items()}
 
 
+def lora_scale(config: dict[str, Any], module: str, rank: int) -> float:
+    """peft's scale of one LoRA module: ``alpha / rank`` (``alpha / sqrt(rank)`` with rsLoRA), its
+    alpha from the config's ``alpha_pattern`` or ``lora_alpha`` (= ``rank`` when neither is set,
+    as diffusers assumes for a file without a peft config).
+
+    Args:
+        config: The peft config (``r``, ``lora_alpha``, ``alpha_pattern``, ``use_rslora``).
+        module: The module name relative to the transformer.
+        rank: The module's rank (the rows of its ``lora_A``).
+    """
+    from peft.utils.other import get_pattern_key
+
+    alpha_pattern: dict = config.get("alpha_pattern") or {}
+    alpha = alpha_pattern.get(get_pattern_key(list(alpha_pattern), module), config.get("lora_alpha", rank))
+    return float(alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank)
+
+
+def _is_power_of_two(x: float) -> bool:
+    return x > 0 and math.frexp(x)[0] == 0.5
+
+
+def _scaled_modules(state: dict[str, torch.Tensor], config: dict[str, Any]) -> dict[str, float]:
+    """``{lora_B key: its module's scale}`` of a peft-named state dict."""
+    return {
+        f"{module}.lora_B.weight": lora_scale(config, module, int(a.shape[0]))
+        for module, a in ((k.removesuffix(_LORA_A), v) for k, v in state.items() if k.endswith(_LORA_A))
+    }
+
+
+def _unscale(weight: torch.Tensor, scale: float) -> torch.Tensor:
+    """The trained ``lora_B`` from a saved one (the single place the scale is divided out)."""
+    return weight / scale
+
+
 def save_lora(
     transformer: nn.Module,
     spec: FamilySpec,
@@ -183,10 +232,20 @@ def save_lora(
 ) -> Path:
     """Write the LoRA of ``transformer`` as ``out_dir/pytorch_lora_weights.safetensors``.
 
-    Goes through ``<family pipeline>.save_lora_weights`` (diffusers key naming).  The file's
-    safetensors metadata holds diffusers' ``lora_adapter_metadata`` (the peft config: rank,
-    alpha, target modules), which ``load_lora_weights`` reads to restore the same scaling, plus
-    ``flowtune.family`` and whatever ``metadata`` adds (:data:`META_BASE_MODEL`, ...).
+    Goes through ``<family pipeline>.save_lora_weights`` (diffusers key naming).  Each module's
+    scale (peft's ``alpha / rank``) is multiplied into its ``lora_B`` and the peft config in
+    diffusers' ``lora_adapter_metadata`` says alpha = rank (scale 1), so the file means the same
+    to every loader: diffusers' ``load_lora_weights`` reads that config; ComfyUI and kohya-style
+    loaders ignore the metadata and take alpha = rank for a module without an ``.alpha`` tensor.
+    For a power-of-two scale (alpha = rank, 2 x rank, rank / 2, ...) the product is exact, and
+    so is every loader's update; otherwise it is rounded once, to float32 precision.
+
+    The metadata also holds the trained scaling (:data:`META_TRAINED_LORA`), from which
+    :func:`load_lora` divides the scale back out to resume training.  Where that division would
+    not give the trained weights back bit for bit (a scale that is not a power of two), they are
+    also written unscaled beside the file (:data:`RESUME_LORA_NAME`, named by
+    :data:`META_RESUME_FILE`), with the trained peft config, for :func:`load_lora` to read.
+    Plus ``flowtune.family`` and whatever ``metadata`` adds (:data:`META_BASE_MODEL`, ...).
 
     Args:
         dtype: Cast the weights to this dtype when saving (None = as trained, float32).
@@ -203,31 +262,56 @@ def save_lora(
     model = unwrap_model(transformer)
     if state is None:
         state = lora_state_dict(model)
-    if dtype is not None:
-        state = {k: v.to(dtype) for k, v in state.items()}
-    config = {
+    state = {k: v.detach().cpu() for k, v in state.items()}
+    trained = {
         k: sorted(v) if isinstance(v, set) else v for k, v in model.peft_config["default"].to_dict().items()
     }
     # Dropout is a training setting (it stays in recipe.yaml).  diffusers' load_lora_weights leaves
     # the new LoRA layers in train mode, so a recorded dropout would randomly drop parts of the
     # update at inference; recorded as 0, the file samples deterministically everywhere.
-    config["lora_dropout"] = 0.0
-    pipeline_class = getattr(diffusers, spec.pipeline_class)
-    # diffusers' layout of the adapter metadata: the peft config keys prefixed "transformer.".
-    packed = pipeline_class.pack_weights(config, pipeline_class.transformer_name)
-    header = {
-        "format": "pt",
-        LORA_ADAPTER_METADATA_KEY: json.dumps(packed, indent=2, sort_keys=True),
-        META_FAMILY: spec.name,
-        **(metadata or {}),
-    }
-    pipeline_class.save_lora_weights(
-        out_dir,
-        transformer_lora_layers=state,
-        weight_name=LORA_WEIGHTS_NAME,
-        # diffusers' own writer adds only its adapter metadata; this one adds flowtune's too.
-        save_function=lambda weights, filename: save_file(weights, filename, metadata=header),
+    trained["lora_dropout"] = 0.0
+    scales = _scaled_modules(state, trained)
+    scaled = {k: v * scales[k] if k in scales else v for k, v in state.items()}
+    exact = all(
+        _is_power_of_two(scale) and torch.equal(_unscale(scaled[k], scale), state[k])
+        for k, scale in scales.items()
     )
+    # The file's own config: alpha = rank for every module (rank_pattern's modules too), scale 1.
+    config = {
+        **trained,
+        "lora_alpha": trained["r"],
+        "alpha_pattern": dict(trained.get("rank_pattern") or {}),
+        "use_rslora": False,
+    }
+    pipeline_class = getattr(diffusers, spec.pipeline_class)
+
+    def write(weights: dict[str, torch.Tensor], name: str, peft_config: dict, extra: dict[str, str]) -> None:
+        if dtype is not None:
+            weights = {k: v.to(dtype) for k, v in weights.items()}
+        # diffusers' layout of the adapter metadata: the peft config keys prefixed "transformer.".
+        packed = pipeline_class.pack_weights(peft_config, pipeline_class.transformer_name)
+        header = {
+            "format": "pt",
+            LORA_ADAPTER_METADATA_KEY: json.dumps(packed, indent=2, sort_keys=True),
+            META_FAMILY: spec.name,
+            **(metadata or {}),
+            **extra,
+        }
+        pipeline_class.save_lora_weights(
+            out_dir,
+            transformer_lora_layers=weights,
+            weight_name=name,
+            # diffusers' own writer adds only its adapter metadata; this one adds flowtune's too.
+            save_function=lambda tensors, filename: save_file(tensors, filename, metadata=header),
+        )
+
+    extra = {
+        META_TRAINED_LORA: json.dumps({k: trained[k] for k in _SCALING_KEYS if k in trained}, sort_keys=True)
+    }
+    if not exact:
+        write(state, RESUME_LORA_NAME, trained, {})
+        extra[META_RESUME_FILE] = RESUME_LORA_NAME
+    write(scaled, LORA_WEIGHTS_NAME, config, extra)
     return Path(out_dir) / LORA_WEIGHTS_NAME
 
 
@@ -240,11 +324,17 @@ def read_lora_metadata(path: Path) -> dict[str, str]:
 
 
 def load_lora(transformer: nn.Module, directory: Path) -> None:
-    """Load ``directory/pytorch_lora_weights.safetensors`` (written by :func:`save_lora`) into the
-    LoRA layers already added to ``transformer`` by :func:`add_lora`, bit for bit.
+    """Load the trained LoRA weights that :func:`save_lora` wrote to ``directory`` into the LoRA
+    layers already added to ``transformer`` by :func:`add_lora`, bit for bit (to resume training).
+
+    The scales that ``pytorch_lora_weights.safetensors`` holds in its ``lora_B`` weights are
+    divided back out (the trained scaling is in its metadata, :data:`META_TRAINED_LORA`), or, where
+    that would not be exact, the unscaled weights are read from the file it names
+    (:data:`META_RESUME_FILE`).  A file without that metadata (written before flowtune scaled
+    its files) holds the trained weights as they are.
 
     Raises:
-        FlowtuneError: the file is missing, unreadable (truncated), or its layers do not match the
+        FlowtuneError: a file is missing, unreadable (truncated), or its layers do not match the
             transformer's (another rank or other target modules).
     """
     from peft.utils import set_peft_model_state_dict
@@ -255,8 +345,20 @@ def load_lora(transformer: nn.Module, directory: Path) -> None:
     path = Path(directory) / LORA_WEIGHTS_NAME
     if not path.is_file():
         raise FlowtuneError(f"no LoRA weights at {path}")
+    tensors = _read_tensors(path, load_file)
+    saved = read_lora_metadata(path)
+    if saved.get(META_RESUME_FILE):
+        path = Path(directory) / saved[META_RESUME_FILE]
+        if not path.is_file():
+            raise FlowtuneError(
+                f"{path} is missing (the unscaled LoRA weights that resuming from {directory} reads)"
+            )
+        tensors = _read_tensors(path, load_file)
     prefix = "transformer."
-    state = {k[len(prefix) :]: v for k, v in _read_tensors(path, load_file).items() if k.startswith(prefix)}
+    state = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+    if saved.get(META_TRAINED_LORA) and not saved.get(META_RESUME_FILE):
+        scales = _scaled_modules(state, json.loads(saved[META_TRAINED_LORA]))
+        state = {k: _unscale(v, scales[k]) if k in scales else v for k, v in state.items()}
     model = unwrap_model(transformer)
     try:
         result = set_peft_model_state_dict(model, state, adapter_name="default")
