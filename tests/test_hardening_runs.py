@@ -298,3 +298,25 @@ def test_a_truncated_lora_is_one_line_for_export_and_resume(env: Path, tmp_path:
         export(lora.parent, fmt="comfyui")
     with pytest.raises(FlowtuneError, match=f"cannot resume from {lora.parent}: {lora} is unreadable"):
         _train(env, out, "train.max_steps=6", "train.resume=latest")
+
+
+def test_a_missing_unscaled_lora_file_is_named_before_resuming(env: Path, tmp_path: Path) -> None:
+    """A LoRA file whose scale is folded in names the unscaled file resume reads beside it: the
+    checkpoint check reports it missing, as any other file of the checkpoint."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from flowtune.train.model import META_RESUME_FILE, RESUME_LORA_NAME
+
+    checkpoint = shutil.copytree(env / "run" / "checkpoints" / "step-000004", tmp_path / "step-000004")
+    lora = checkpoint / LORA_WEIGHTS_NAME
+    with safe_open(str(lora), framework="pt") as handle:
+        tensors = {k: handle.get_tensor(k) for k in handle.keys()}
+        metadata = handle.metadata() or {}
+    save_file(tensors, str(lora), metadata={**metadata, META_RESUME_FILE: RESUME_LORA_NAME})
+    problem = ckpt.resume_problem(checkpoint, LORA_WEIGHTS_NAME)
+    assert (
+        problem == f"{checkpoint / RESUME_LORA_NAME} is missing (the unscaled LoRA weights that resume reads)"
+    )
+    save_file(tensors, str(checkpoint / RESUME_LORA_NAME))
+    assert ckpt.resume_problem(checkpoint, LORA_WEIGHTS_NAME) is None

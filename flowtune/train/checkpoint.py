@@ -253,6 +253,12 @@ def resume_problem(path: Path, weights: str) -> str | None:
     for file in tensor_files:
         if problem := _unreadable(file, _read_safetensors):
             return problem
+        # A LoRA whose scale is folded into its file names the file of its unscaled weights.
+        companion = _companion_file(file)
+        if companion is not None:
+            what = "the unscaled LoRA weights that resume reads"
+            if problem := _unreadable(file.parent / companion, _read_safetensors, what):
+                return problem
     if state.get("sharded"):
         if not (path / SHARDED_OPTIMIZER_DIR).is_dir():
             return f"{path / SHARDED_OPTIMIZER_DIR} is missing (the sharded optimizer state)"
@@ -309,6 +315,16 @@ def _read_safetensors(file: Path) -> None:
 
     with safe_open(str(file), framework="pt") as handle:  # checks the header against the file size
         handle.keys()
+
+
+def _companion_file(file: Path) -> str | None:
+    """The file a LoRA file's ``flowtune.resume_file`` metadata names, or None."""
+    from safetensors import safe_open
+
+    from flowtune.train.model import META_RESUME_FILE
+
+    with safe_open(str(file), framework="pt") as handle:
+        return (handle.metadata() or {}).get(META_RESUME_FILE)
 
 
 def _read_torch(file: Path) -> None:
