@@ -16,15 +16,7 @@ import torch
 from flowtune import __version__
 from flowtune.recipe import recipe_to_yaml
 from flowtune.train import checkpoint as ckpt
-from flowtune.train.model import (
-    LORA_WEIGHTS_NAME,
-    META_BASE_MODEL,
-    META_STEP,
-    META_VERSION,
-    lora_state_dict,
-    save_full,
-    save_lora,
-)
+from flowtune.train.model import META_BASE_MODEL, META_STEP, META_VERSION
 
 
 def _link_or_copy(source: Path, target: Path) -> None:
@@ -75,25 +67,15 @@ class CheckpointWriter:
         calls it; the main process writes them), else None (the files are written from the model)."""
         if not self.sharded:
             return None
-        if self.recipe.train.mode == "lora":
-            return lora_state_dict(self.model)
-        return self.accelerator.get_state_dict(self.model)
+        return self.weights.gather(self.model, self.accelerator)
 
     def _save_weights(self, directory: Path, state: dict[str, torch.Tensor] | None) -> None:
-        if self.recipe.train.mode == "lora":
-            save_lora(
-                self.model,
-                self.family,
-                directory,
-                state=state,
-                metadata={
-                    META_BASE_MODEL: self.recipe.model.pretrained,
-                    META_STEP: str(self.step),
-                    META_VERSION: __version__,
-                },
-            )
-        else:
-            save_full(self.model, directory, state=state)
+        metadata = {
+            META_BASE_MODEL: self.recipe.model.pretrained,
+            META_STEP: str(self.step),
+            META_VERSION: __version__,
+        }
+        self.weights.save(self.model, directory, state, metadata)
 
     def _write_checkpoint(self) -> Path:
         acc = self.accelerator
@@ -133,8 +115,7 @@ class CheckpointWriter:
             shutil.rmtree(partial, ignore_errors=True)
             partial.mkdir(parents=True)
             source = self.last_checkpoint
-            names = [LORA_WEIGHTS_NAME] if self.recipe.train.mode == "lora" else ["transformer"]
-            for name in [*names, ckpt.RECIPE_FILE, ckpt.STATE_FILE]:
+            for name in [self.weights.name, ckpt.RECIPE_FILE, ckpt.STATE_FILE]:
                 _link_or_copy(source / name, partial / name)
             ckpt.publish(partial, final)
         self.accelerator.wait_for_everyone()

@@ -9,9 +9,6 @@ from pathlib import Path
 from flowtune.console import format_bytes, format_duration, key_value_table, warning_text
 from flowtune.train import checkpoint as ckpt
 from flowtune.train.metrics import peak_memory_bytes, read_metrics
-from flowtune.train.model import (
-    LORA_WEIGHTS_NAME,
-)
 from flowtune.train.validation import SAMPLES_DIR
 
 
@@ -23,10 +20,7 @@ class RunReport:
             return
         r = self.recipe
         acc = self.accelerator
-        if r.train.mode == "lora":
-            what = f"LoRA rank {r.lora.rank}, alpha {r.lora.alpha}"
-        else:
-            what = "full fine-tuning"
+        what = self.weights.describe()
         start = (
             f"resuming from {self.resumed_from.path} (step {self.step})"
             if self.resumed_from
@@ -92,7 +86,7 @@ class RunReport:
                 f"; the run was already complete at train.max_steps={self.step}: to train on, resume "
                 f"with a higher limit, e.g. train.max_steps={2 * self.step} train.resume=latest"
             )
-        weights = final / (LORA_WEIGHTS_NAME if self.recipe.train.mode == "lora" else "transformer")
+        weights = final / self.weights.name
         rows = [
             ("steps", steps),
             ("last loss", last_loss),

@@ -16,9 +16,6 @@ from flowtune import runlock
 from flowtune.errors import FlowtuneError
 from flowtune.train import checkpoint as ckpt
 from flowtune.train.health import LossJudge
-from flowtune.train.model import (
-    LORA_WEIGHTS_NAME,
-)
 from flowtune.train.optim import realign_schedule
 
 _INCOMPATIBLE_ON_RESUME = ("model.family", "train.mode", "lora.rank", "lora.target_modules")
@@ -84,12 +81,7 @@ class ResumePolicy:
         if warning := self._lock.takeover_warning(f"the output directory {self.output_dir}"):
             self._warnings.append(warning)
         ckpt.check_output_dir(self.output_dir, r.train.resume, r.train.overwrite)
-        return ckpt.find_resume(self.output_dir, r.train.resume, self._weights_name, self._warnings)
-
-    @property
-    def _weights_name(self) -> str:
-        """The trained weights' name in a checkpoint: the LoRA file, or ``transformer``."""
-        return LORA_WEIGHTS_NAME if self.recipe.train.mode == "lora" else "transformer"
+        return ckpt.find_resume(self.output_dir, r.train.resume, self.weights.name, self._warnings)
 
     def _main_decides(self, decide: Callable[[], T]) -> T:
         """Run ``decide`` on the main process only and give its result to every process; a
@@ -127,7 +119,7 @@ class ResumePolicy:
             self.accelerator.load_state(str(checkpoint.path))
         except Exception as exc:  # noqa: BLE001 - a file find_resume could not fault (a damaged middle)
             raise ckpt.refuse_resume(
-                checkpoint, _reading_failed(checkpoint.path, exc), self._weights_name
+                checkpoint, _reading_failed(checkpoint.path, exc), self.weights.name
             ) from None
         realign_schedule(self.scheduler, self.recipe.optimizer.lr)
         self.step = int(state["step"])

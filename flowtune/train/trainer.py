@@ -64,13 +64,7 @@ from flowtune.train.health import LossJudge
 from flowtune.train.memory_check import MemoryCheck, check_memory
 from flowtune.train.metrics import MetricsLog, tracker_config
 from flowtune.train.metrics_log import MetricsReport
-from flowtune.train.model import (
-    add_lora,
-    load_full,
-    load_lora,
-    load_transformer,
-    make_fully_trainable,
-)
+from flowtune.train.model import load_transformer
 from flowtune.train.noise import sample_generators
 from flowtune.train.offload import check_block_offload, offload_blocks, quantized_host_blocks
 from flowtune.train.optim import build_optimizer, build_scheduler
@@ -78,6 +72,7 @@ from flowtune.train.report import RunReport
 from flowtune.train.resume_policy import ResumePolicy
 from flowtune.train.signals import SignalStop, StopRequest
 from flowtune.train.validation import Validator
+from flowtune.train.weights import trained_weights
 
 # Recipe keys whose change makes a checkpoint unusable (the trained tensors would not fit).
 # Keys that may change freely between a checkpoint and its resumption.
@@ -125,6 +120,7 @@ class Trainer(
         self.gpu_memory = gpu_memory  # flowtune train --gpu-memory (GiB): plan against it
         self.memory: MemoryCheck | None = None
         self.family = get_family(recipe.model.family)
+        self.weights = trained_weights(recipe, self.family)  # what train.mode trains
         self.output_dir = Path(recipe.train.output_dir)
         self.console = console if console is not None else make_console()
         self.step = 0
@@ -237,23 +233,12 @@ class Trainer(
             self.family, model_dir, self.dtype, r.model.variant, r.model.quantize, self.device, host
         )
         self.quantized = getattr(transformer, "flowtune_quantized", None)
-        if r.train.mode == "lora":
-            params = add_lora(
-                transformer,
-                self.family,
-                rank=r.lora.rank,
-                alpha=r.lora.alpha,
-                dropout=r.lora.dropout,
-                target_modules=list(r.lora.target_modules) if r.lora.target_modules else None,
-                init=r.lora.init,
-            )
-        else:
-            params = make_fully_trainable(transformer)
+        params = self.weights.prepare(transformer)
         if resume is not None:
             try:
-                (load_lora if r.train.mode == "lora" else load_full)(transformer, resume.path)
+                self.weights.load(transformer, resume.path)
             except FlowtuneError as exc:
-                raise ckpt.refuse_resume(resume, str(exc), self._weights_name) from None
+                raise ckpt.refuse_resume(resume, str(exc), self.weights.name) from None
         if r.train.gradient_checkpointing:
             transformer.enable_gradient_checkpointing()
         if self.quantized is not None:
