@@ -103,20 +103,28 @@ def test_uniform_with_shift_distribution():
 
 @pytest.mark.parametrize("mean,std", [(0.0, 1.0), (0.5, 0.7)])
 def test_logit_normal_distribution(mean, std):
-    sigma = draw_sigma(timestep_sampling="logit_normal", flow_shift=1.0, logit_mean=mean, logit_std=std)
+    sigma = draw_sigma(
+        timestep_sampling="logit_normal",
+        flow_shift=1.0,
+        logit_mean=mean,
+        logit_std=std,
+        mix_uniform_ratio=0.0,
+    )
     expected = torch.tensor([sigmoid(mean + std * normal_ppf(q)) for q in QUANTILES.tolist()])
     assert torch.allclose(empirical_quantiles(sigma), expected, atol=0.01)
 
 
 def test_lognorm_distribution_ignores_logit_parameters():
-    sigma = draw_sigma(timestep_sampling="lognorm", flow_shift=1.0, logit_mean=2.0, logit_std=3.0)
+    sigma = draw_sigma(
+        timestep_sampling="lognorm", flow_shift=1.0, logit_mean=2.0, logit_std=3.0, mix_uniform_ratio=0.0
+    )
     expected = torch.tensor([sigmoid(normal_ppf(q)) for q in QUANTILES.tolist()])
     assert torch.allclose(empirical_quantiles(sigma), expected, atol=0.01)
 
 
 def test_mode_distribution():
     scale = 1.29
-    sigma = draw_sigma(timestep_sampling="mode", flow_shift=1.0)
+    sigma = draw_sigma(timestep_sampling="mode", flow_shift=1.0, mix_uniform_ratio=0.0)
 
     def f(v: float) -> float:  # decreasing on [0, 1], so the q-quantile of u is f(1 - q)
         return 1 - v - scale * (math.cos(math.pi * v / 2) ** 2 - 1 + v)
@@ -133,10 +141,73 @@ def test_mix_distribution_is_per_sample_mixture():
         assert (sigma <= x).float().mean().item() == pytest.approx(cdf, abs=0.01)
 
 
-def test_mix_ratio_does_not_leak_into_other_strategies():
-    # The reference switched whole batches to uniform for every strategy; flowtune only for "mix".
-    sigma = draw_sigma(timestep_sampling="logit_normal", flow_shift=1.0, mix_uniform_ratio=0.5)
-    assert (sigma < 0.02).float().mean().item() < 0.001  # sigmoid(N(0,1)) < 0.02 has p ~ 5e-5
+@pytest.mark.parametrize("method", ["logit_normal", "mode"])
+def test_mix_uniform_ratio_mixes_uniform_draws_into_every_strategy(method):
+    """As the reference's marginal: u ~ U(0, 1) with probability mix_uniform_ratio, else the
+    strategy's own distribution; here decided per sample."""
+    r = 0.4
+    mixed = draw_sigma(timestep_sampling=method, flow_shift=1.0, logit_mean=0.5, mix_uniform_ratio=r)
+    pure = draw_sigma(timestep_sampling=method, flow_shift=1.0, logit_mean=0.5, mix_uniform_ratio=0.0)
+    for x in (0.02, 0.2, 0.5, 0.8, 0.98):
+        cdf = r * x + (1 - r) * (pure <= x).float().mean().item()
+        assert (mixed <= x).float().mean().item() == pytest.approx(cdf, abs=0.01)
+
+
+def test_mixing_is_per_sample_from_the_per_sample_generators():
+    pipe = FlowMatchingPipeline(SimpleAdapter(), timestep_sampling="logit_normal", mix_uniform_ratio=0.5)
+
+    def gens(ids):
+        return [torch.Generator().manual_seed(50 + i) for i in ids]
+
+    whole, _, _ = pipe.sample_timesteps(8, generator=gens(range(8)))
+    halves = [pipe.sample_timesteps(4, generator=gens(range(8)[s]))[0] for s in (slice(0, 4), slice(4, 8))]
+    assert torch.equal(whole, torch.cat(halves))
+    # each sample picks for itself: with p = 0.5 a batch of 8 is almost never all one kind
+    unmixed, _, _ = FlowMatchingPipeline(SimpleAdapter(), mix_uniform_ratio=0.0).sample_timesteps(
+        8, generator=gens(range(8))
+    )
+    same = whole == unmixed
+    assert 0 < same.sum().item() < 8
+
+
+def test_beta_sampling_is_the_configured_beta_with_no_shift_and_no_mixing():
+    a, b = 2.5, 1.5
+    # flow_shift and mix_uniform_ratio do not apply to beta (the reference samples sigma directly)
+    sigma = draw_sigma(
+        timestep_sampling="beta", beta_alpha=a, beta_beta=b, flow_shift=3.0, mix_uniform_ratio=0.5
+    )
+    assert sigma.mean().item() == pytest.approx(a / (a + b), abs=0.004)
+    assert sigma.var().item() == pytest.approx(a * b / ((a + b) ** 2 * (a + b + 1)), abs=0.002)
+    # the median of Beta(2, 2) is 1/2 and its CDF at 1/4 is 3 (1/4)^2 - 2 (1/4)^3 = 5/32
+    sym = draw_sigma(timestep_sampling="beta", beta_alpha=2.0, beta_beta=2.0)
+    assert sym.median().item() == pytest.approx(0.5, abs=0.01)
+    assert (sym <= 0.25).float().mean().item() == pytest.approx(5 / 32, abs=0.01)
+    pipe = FlowMatchingPipeline(SimpleAdapter(), timestep_sampling="beta", sigma_min=0.3, sigma_max=0.6)
+    clamped, timesteps, method = pipe.sample_timesteps(1000, generator=torch.Generator().manual_seed(0))
+    assert method == "beta" and clamped.min() >= 0.3 and clamped.max() <= 0.6
+    assert torch.allclose(timesteps, clamped * 1000)
+
+
+def test_beta_sampling_draws_what_torch_beta_draws_and_from_per_sample_generators():
+    pipe = FlowMatchingPipeline(SimpleAdapter(), timestep_sampling="beta", beta_alpha=0.7, beta_beta=3.0)
+    torch.manual_seed(11)
+    sigma, _, _ = pipe.sample_timesteps(16, "cpu")
+    torch.manual_seed(11)
+    expected = torch.distributions.Beta(torch.full((16,), 0.7), torch.full((16,), 3.0)).sample()
+    assert torch.equal(sigma, expected)  # the reference's draws under the same global seed
+
+    def gens(ids):
+        return [torch.Generator().manual_seed(7 + i) for i in ids]
+
+    whole, _, _ = pipe.sample_timesteps(4, generator=gens(range(4)))
+    halves = [pipe.sample_timesteps(2, generator=gens(range(4)[s]))[0] for s in (slice(0, 2), slice(2, 4))]
+    assert torch.equal(whole, torch.cat(halves))
+
+
+@pytest.mark.parametrize("alpha,beta", [(0.0, 1.5), (2.5, -1.0)])
+def test_beta_parameters_must_be_positive(alpha, beta):
+    with pytest.raises(ValueError, match="beta_alpha and beta_beta must both be positive"):
+        FlowMatchingPipeline(SimpleAdapter(), beta_alpha=alpha, beta_beta=beta)
 
 
 def test_use_sigma_noise_false_is_plain_uniform():
@@ -348,9 +419,11 @@ def test_loss_explosion_check(value):
     )
 
 
-def test_hot_path_makes_no_host_sync(monkeypatch):
-    """collect_metrics=False and check_loss=False: no tensor is read back to the host."""
-    pipe = FlowMatchingPipeline(SimpleAdapter(), timestep_sampling="mix")
+@pytest.mark.parametrize("method", ["mix", "logit_normal", "beta"])
+def test_hot_path_makes_no_host_sync(monkeypatch, method):
+    """collect_metrics=False and check_loss=False: no tensor is read back to the host (uniform
+    mixing included: it is decided per sample on the device)."""
+    pipe = FlowMatchingPipeline(SimpleAdapter(), timestep_sampling=method, mix_uniform_ratio=0.5)
 
     def forbidden(*args, **kwargs):
         raise AssertionError("host-device sync on the hot path")
@@ -379,6 +452,69 @@ def test_determine_task_type():
     assert pipe.determine_task_type("image") == "t2v"
     assert pipe.determine_task_type("video") == "i2v"
     assert FlowMatchingPipeline(SimpleAdapter(), i2v_prob=0.0).determine_task_type("video") == "t2v"
+
+
+class ContextRecorder(SimpleAdapter):
+    """SimpleAdapter that keeps the contexts it is given."""
+
+    def __init__(self):
+        self.contexts: list[FlowMatchingContext] = []
+
+    def prepare_inputs(self, context):
+        self.contexts.append(context)
+        return super().prepare_inputs(context)
+
+
+def test_i2v_is_decided_per_sample_from_the_per_sample_generators(monkeypatch):
+    import random
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("Python's random module used")
+
+    monkeypatch.setattr(random, "random", forbidden)
+    adapter = ContextRecorder()
+    pipe = FlowMatchingPipeline(adapter, i2v_prob=0.5)
+    batch = {"video_latents": torch.randn(16, 4, 2, 2, 2), "text_embeddings": torch.randn(16, 3, 8)}
+
+    def gens(ids):
+        return [torch.Generator().manual_seed(300 + i) for i in ids]
+
+    pipe.step(EchoModel(), batch, dtype=torch.float32, generator=gens(range(16)))
+    whole = adapter.contexts[-1].i2v_mask
+    assert whole.shape == (16,) and whole.dtype == torch.bool
+    assert 0 < whole.sum().item() < 16  # per sample, not one decision for the batch
+    assert adapter.contexts[-1].task_type == "i2v"  # "i2v" when any sample is
+    halves = []
+    for s in (slice(0, 8), slice(8, 16)):
+        pipe.step(
+            EchoModel(),
+            {k: v[s] for k, v in batch.items()},
+            dtype=torch.float32,
+            generator=gens(range(16)[s]),
+        )
+        halves.append(adapter.contexts[-1].i2v_mask)
+    assert torch.equal(whole, torch.cat(halves))
+    # images never draw: their task is always t2v
+    pipe.step(EchoModel(), simple_batch(), dtype=torch.float32, generator=gens(range(4)))
+    assert adapter.contexts[-1].task_type == "t2v" and adapter.contexts[-1].i2v_mask is None
+    # the reference's one-decision API draws from the generator it is given
+    one = [pipe.determine_task_type("video", generator=torch.Generator().manual_seed(i)) for i in range(40)]
+    again = [pipe.determine_task_type("video", generator=torch.Generator().manual_seed(i)) for i in range(40)]
+    assert one == again and set(one) == {"i2v", "t2v"}
+
+
+def test_errors_callers_of_the_reference_match():
+    with pytest.raises(ValueError, match="Unknown adapter type"):
+        create_adapter("sd15")
+    for error in (TypeError, ValueError):  # the reference raises the constructor's TypeError
+        with pytest.raises(error, match="bad arguments"):
+            create_adapter("flux", guidance=3.0)
+    with pytest.raises(ValueError, match="Unknown loss_weighting_scheme"):
+        FlowMatchingPipeline(SimpleAdapter(), loss_weighting_scheme="cubic")
+    with pytest.raises(KeyError, match="video_latents.*image_latents"):
+        FlowMatchingPipeline(SimpleAdapter()).step(EchoModel(), {"text_embeddings": torch.zeros(1, 2, 3)})
+    with pytest.raises(ValueError, match="Loss exploded"):
+        FlowMatchingPipeline(SimpleAdapter()).step(ConstantModel(1e4), simple_batch(), dtype=torch.float32)
 
 
 def test_video_latents_with_simple_adapter():
@@ -477,6 +613,62 @@ def test_flux_adapter_rejects_video_latents():
     ctx.noisy_latents = torch.randn(2, 16, 1, 4, 6)
     with pytest.raises(ValueError, match=r"\[B, C, H, W\]"):
         FluxAdapter().prepare_inputs(ctx)
+    with pytest.raises(ValueError, match="FluxAdapter expects 4D latents .*got 5D"):
+        FluxAdapter().prepare_inputs(ctx)
+
+
+def test_flux_takes_clip_pooled_as_well_as_pooled_prompt_embeds():
+    ctx = flux_context()
+    pooled = ctx.batch.pop("pooled_prompt_embeds")
+    ctx.batch["clip_pooled"] = pooled
+    assert torch.equal(FluxAdapter().prepare_inputs(ctx)["pooled_projections"], pooled)
+    ctx.batch["pooled_prompt_embeds"] = pooled + 1  # both: pooled_prompt_embeds wins, as in the reference
+    assert torch.equal(FluxAdapter().prepare_inputs(ctx)["pooled_projections"], pooled + 1)
+
+
+def test_flux_without_a_pooled_embedding_gets_zeros_of_the_model_s_width():
+    ctx = flux_context()
+    del ctx.batch["pooled_prompt_embeds"]
+    adapter = FluxAdapter()
+    inputs = adapter.prepare_inputs(ctx)
+    assert torch.equal(inputs["pooled_projections"], torch.zeros(2, 768))  # the reference's CLIP-L width
+    model = EchoModel(guidance_embeds=True)
+    model.config.pooled_projection_dim = 24
+    adapter.forward(model, inputs)
+    assert torch.equal(model.calls[-1]["pooled_projections"], torch.zeros(2, 24))
+
+
+def test_flux_takes_unbatched_text_and_pooled_embeddings_for_one_sample():
+    ctx = flux_context(b=1)
+    ctx.batch = {"text_embeddings": torch.randn(7, 32), "pooled_prompt_embeds": torch.randn(24)}
+    inputs = FluxAdapter().prepare_inputs(ctx)
+    assert torch.equal(inputs["encoder_hidden_states"], ctx.batch["text_embeddings"][None])
+    assert torch.equal(inputs["pooled_projections"], ctx.batch["pooled_prompt_embeds"][None])
+    two = flux_context(b=2)
+    two.batch["text_embeddings"] = torch.randn(7, 32)
+    with pytest.raises(ValueError, match="text_embeddings.*2 samples"):
+        FluxAdapter().prepare_inputs(two)
+
+
+def test_adapters_called_directly_honour_the_context_s_cfg_dropout_prob():
+    ctx = flux_context(b=64)
+    ctx.cfg_dropout_prob = 0.5
+    torch.manual_seed(0)
+    inputs = FluxAdapter().prepare_inputs(ctx)
+    text_dropped = inputs["encoder_hidden_states"].abs().sum(dim=(1, 2)) == 0
+    pooled_dropped = inputs["pooled_projections"].abs().sum(dim=1) == 0
+    assert torch.equal(text_dropped, pooled_dropped) and 0 < text_dropped.sum().item() < 64
+    ctx.cfg_dropout_prob = 1.0
+    inputs = FluxAdapter().prepare_inputs(ctx)
+    assert inputs["encoder_hidden_states"].abs().sum() == 0 and inputs["pooled_projections"].abs().sum() == 0
+    assert ctx.cfg_dropout_mask is None  # the caller's context is left as it was
+    # the pipeline's per-sample mask wins over the probability
+    ctx.cfg_dropout_mask = torch.zeros(64, dtype=torch.bool)
+    inputs = FluxAdapter().prepare_inputs(ctx)
+    assert torch.equal(inputs["encoder_hidden_states"], ctx.batch["text_embeddings"])
+    simple = flux_context(b=3)
+    simple.cfg_dropout_prob = 1.0
+    assert SimpleAdapter().prepare_inputs(simple)["encoder_hidden_states"].abs().sum() == 0
 
 
 def seeded_tiny_transformer(guidance_embeds: bool = True) -> FluxTransformer2DModel:

@@ -99,6 +99,30 @@ def test_cfg_dropout_zeroes_only_the_dropped_samples_text() -> None:
     assert torch.equal(inputs["encoder_hidden_states"][1], text[1])
 
 
+def test_cfg_dropout_prob_is_honoured_when_called_directly() -> None:
+    text = torch.randn(3, 6, 48)
+    context = _context(torch.randn(3, 128, 2, 2), torch.full((3,), 0.5), {"text_embeddings": text})
+    context.cfg_dropout_prob = 1.0
+    assert Flux2Adapter().prepare_inputs(context)["encoder_hidden_states"].abs().sum() == 0
+    context.cfg_dropout_mask = torch.tensor([False, True, False])  # the pipeline's mask wins
+    inputs = Flux2Adapter().prepare_inputs(context)
+    assert torch.equal(inputs["encoder_hidden_states"][0], text[0])
+    assert inputs["encoder_hidden_states"][1].abs().sum() == 0
+
+
+def test_latents_of_the_wrong_rank_and_unbatched_text() -> None:
+    text = torch.randn(6, 48)  # [L, D] for a batch of one
+    context = _context(torch.randn(1, 128, 2, 2), torch.tensor([0.5]), {"text_embeddings": text})
+    inputs = Flux2Adapter().prepare_inputs(context)
+    assert torch.equal(inputs["encoder_hidden_states"], text[None])
+    assert inputs["txt_ids"].shape == (1, 6, 4)
+    context.noisy_latents = torch.randn(1, 128, 1, 2, 2)
+    with pytest.raises(
+        ValueError, match=r"Flux2Adapter expects 4D patchified latents \[B, C, H_p, W_p\], got 5D"
+    ):
+        Flux2Adapter().prepare_inputs(context)
+
+
 # --------------------------------------------------------------- parity with Flux2Pipeline
 
 

@@ -137,3 +137,32 @@ def test_the_loss_covers_only_the_target_and_a_batch_without_references_is_refus
     assert weighted.shape == (2, 16, 4, 4)  # the target's latents, not the references'
     with pytest.raises(KeyError, match="control_latents_0"):
         flow.step(Echo(), {k: v for k, v in batch.items() if k != "control_latents_0"}, dtype=torch.float32)
+
+
+def test_rank_errors_name_the_adapter_and_dropout_spares_the_reference() -> None:
+    latents = torch.randn(2, 16, 4, 4)
+    batch = {
+        "text_embeddings": torch.randn(2, 5, 32),
+        "pooled_prompt_embeds": torch.randn(2, 32),
+        "control_latents_0": torch.randn(2, 16, 4, 4),
+    }
+    context = FlowMatchingContext(
+        noisy_latents=latents,
+        latents=latents,
+        timesteps=torch.full((2,), 500.0),
+        sigma=torch.full((2,), 0.5),
+        task_type="t2v",
+        data_type="image",
+        device=torch.device("cpu"),
+        dtype=torch.float32,
+        batch=batch,
+        cfg_dropout_prob=1.0,  # called directly, no pipeline mask: the probability applies
+    )
+    inputs = FluxKontextAdapter().prepare_inputs(context)
+    assert inputs["encoder_hidden_states"].abs().sum() == 0 and inputs["pooled_projections"].abs().sum() == 0
+    assert torch.equal(
+        inputs["hidden_states"][:, 4:], FluxKontextAdapter()._pack_latents(batch["control_latents_0"])
+    )
+    context.noisy_latents = torch.randn(2, 16, 1, 4, 4)
+    with pytest.raises(ValueError, match="FluxKontextAdapter expects 4D latents"):
+        FluxKontextAdapter().prepare_inputs(context)

@@ -219,6 +219,8 @@ def test_flow_defaults_are_the_reference_values():
         "logit_mean": 0.0,
         "logit_std": 1.0,
         "mix_uniform_ratio": 0.1,
+        "beta_alpha": 2.5,
+        "beta_beta": 1.5,
         "use_sigma_noise": True,
         "sigma_min": 0.0,
         "sigma_max": 1.0,
@@ -325,7 +327,7 @@ def test_empty_section_is_allowed(tmp_path):
         (
             "flow.timestep_sampling=banana",
             "invalid value 'banana' for 'flow.timestep_sampling'; "
-            "allowed values: uniform, logit_normal, mode, lognorm, mix",
+            "allowed values: uniform, logit_normal, mode, lognorm, mix, beta",
         ),
         (
             "flow.loss_weighting_scheme=cubic",
@@ -374,7 +376,7 @@ def test_wrong_types_in_the_file_name_the_file(tmp_path):
     path = _write(tmp_path, MINIMAL + "flow:\n  timestep_sampling: banana\n")
     assert _error(path) == (
         f"{path}: invalid value 'banana' for 'flow.timestep_sampling'; "
-        "allowed values: uniform, logit_normal, mode, lognorm, mix"
+        "allowed values: uniform, logit_normal, mode, lognorm, mix, beta"
     )
     path = _write(tmp_path, MINIMAL + "train: 5\n")
     assert _error(path).startswith(f"{path}: invalid value '5' for 'train': expected a mapping")

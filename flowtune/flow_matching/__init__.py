@@ -22,6 +22,7 @@ if TYPE_CHECKING:
         SimpleAdapter,
     )
     from flowtune.flow_matching.pipeline import (
+        AdapterArgumentsError,
         FlowMatchingPipeline,
         LinearInterpolationSchedule,
         LossExplosionError,
@@ -38,6 +39,7 @@ _LAZY = {
     "FluxKontextAdapter": _ADAPTERS,
     "ModelAdapter": _ADAPTERS,
     "SimpleAdapter": _ADAPTERS,
+    "AdapterArgumentsError": _PIPELINE,
     "FlowMatchingPipeline": _PIPELINE,
     "LinearInterpolationSchedule": _PIPELINE,
     "LossExplosionError": _PIPELINE,
@@ -62,6 +64,7 @@ def __dir__() -> list[str]:
 __all__ = [
     "LOSS_WEIGHTING_SCHEMES",
     "TIMESTEP_SAMPLING_METHODS",
+    "AdapterArgumentsError",
     "FlowMatchingContext",
     "FlowMatchingPipeline",
     "Flux2Adapter",

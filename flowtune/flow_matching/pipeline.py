@@ -7,8 +7,10 @@ Conventions, stated once:
 * the model predicts the velocity v = noise - x_0  (the training target)
 * timesteps = sigma * num_train_timesteps
 
-Timestep sampling draws u in (0, 1) from a distribution (``timestep_sampling``), applies the flow
-shift sigma = shift / (shift + (1/u - 1)) and clamps sigma to [sigma_min, sigma_max].
+Timestep sampling draws u in (0, 1) from a distribution (``timestep_sampling``), replaces it by a
+uniform draw with probability ``mix_uniform_ratio``, applies the flow shift
+sigma = shift / (shift + (1/u - 1)) and clamps sigma to [sigma_min, sigma_max].  ``beta`` draws
+sigma itself (no mixing, no shift), as the reference does.
 
 Where flowtune differs from the reference implementation (all documented in docs/):
 
@@ -16,10 +18,13 @@ Where flowtune differs from the reference implementation (all documented in docs
 * ``loss_mask`` from the batch is applied: the averages are masked means.
 * Classifier-free-guidance dropout is drawn per sample by the pipeline (``cfg_dropout_mask`` in
   the context) and applied by every adapter to all of its text conditioning.
-* ``mix`` mixes uniform draws in per sample at ``mix_uniform_ratio``, only for ``mix``; the
-  reference switched whole batches to uniform for every strategy with a host sync per step.
-* All random draws can come from per-sample generators (``generator=[g_0, ..., g_B-1]``), so a
-  sample's noise and timestep do not depend on how a global batch is split across processes.
+* ``mix_uniform_ratio`` mixes uniform draws into every strategy but ``beta`` per sample, with no
+  host sync; the reference switched whole batches to uniform with a host sync per step (the same
+  marginal distribution).
+* All random draws (sigma, noise, caption dropout, the video i2v choice) can come from per-sample
+  generators (``generator=[g_0, ..., g_B-1]``), so a sample's draws do not depend on how a global
+  batch is split across processes.  The i2v choice is made per sample (``i2v_mask`` in the
+  context), never with Python's ``random``.
 * The explosion check raises :class:`LossExplosionError` (a ``ValueError``) for any non-finite
   loss, not only NaN.
 """
@@ -27,7 +32,8 @@ Where flowtune differs from the reference implementation (all documented in docs
 from __future__ import annotations
 
 import logging
-import random
+import math
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -45,6 +51,11 @@ MODE_SCALE = 1.29
 
 class LossExplosionError(ValueError):
     """The average loss of a step was non-finite or above the explosion threshold."""
+
+
+class AdapterArgumentsError(ValueError, TypeError):
+    """:func:`create_adapter` got keyword arguments its adapter does not take (a ``ValueError``
+    for flowtune's callers, and the constructor's ``TypeError`` for the reference's)."""
 
 
 class LinearInterpolationSchedule:
@@ -76,8 +87,11 @@ class FlowMatchingPipeline:
         i2v_prob: For video batches, probability of the image-to-video task.
         cfg_dropout_prob: Per-sample probability of dropping the text conditioning.
         logit_mean, logit_std: Normal parameters of ``logit_normal`` (u = sigmoid(N(mean, std))).
-        mix_uniform_ratio: For ``mix``, the per-sample probability of a uniform u instead of a
-            ``lognorm`` one.
+        mix_uniform_ratio: Per-sample probability of a uniform u instead of one from
+            ``timestep_sampling``'s distribution (every strategy but ``beta``; ``mix`` is
+            ``lognorm`` with this mixing).
+        beta_alpha, beta_beta: Positive shape parameters of ``beta`` sampling, which draws
+            sigma ~ Beta(beta_alpha, beta_beta) directly: no flow shift, no uniform mixing.
         use_sigma_noise: If False, sigma is drawn uniformly with no shift ("uniform_no_shift").
         sigma_min, sigma_max: Clamp range of sigma (fine-tuning may restrict it).
         use_loss_weighting: Weight the per-element loss by sigma.
@@ -103,6 +117,8 @@ class FlowMatchingPipeline:
         logit_mean: float = 0.0,
         logit_std: float = 1.0,
         mix_uniform_ratio: float = 0.1,
+        beta_alpha: float = 2.5,
+        beta_beta: float = 1.5,
         use_sigma_noise: bool = True,
         sigma_min: float = 0.0,
         sigma_max: float = 1.0,
@@ -114,12 +130,16 @@ class FlowMatchingPipeline:
     ):
         if timestep_sampling not in TIMESTEP_SAMPLING_METHODS:
             raise ValueError(
-                f"unknown timestep_sampling {timestep_sampling!r}; allowed: {', '.join(TIMESTEP_SAMPLING_METHODS)}"
+                f"Unknown timestep_sampling {timestep_sampling!r}; allowed: {', '.join(TIMESTEP_SAMPLING_METHODS)}"
             )
         if loss_weighting_scheme not in LOSS_WEIGHTING_SCHEMES:
             raise ValueError(
-                f"unknown loss_weighting_scheme {loss_weighting_scheme!r}; "
+                f"Unknown loss_weighting_scheme {loss_weighting_scheme!r}; "
                 f"allowed: {', '.join(LOSS_WEIGHTING_SCHEMES)}"
+            )
+        if not all(math.isfinite(v) and v > 0 for v in (beta_alpha, beta_beta)):
+            raise ValueError(
+                f"beta_alpha and beta_beta must both be positive, got {beta_alpha} and {beta_beta}"
             )
         if not 0.0 <= sigma_min <= sigma_max <= 1.0:
             raise ValueError(f"need 0 <= sigma_min <= sigma_max <= 1, got {sigma_min} and {sigma_max}")
@@ -132,6 +152,8 @@ class FlowMatchingPipeline:
         self.logit_mean = logit_mean
         self.logit_std = logit_std
         self.mix_uniform_ratio = mix_uniform_ratio
+        self.beta_alpha = float(beta_alpha)
+        self.beta_beta = float(beta_beta)
         self.use_sigma_noise = use_sigma_noise
         self.sigma_min = sigma_min
         self.sigma_max = sigma_max
@@ -163,24 +185,22 @@ class FlowMatchingPipeline:
     def _sample_from_distribution(
         self, batch_size: int, device: torch.device | str, generator: rng.Generators = None
     ) -> torch.Tensor:
-        """Draw u in [0, 1] from the configured distribution.
+        """Draw u in [0, 1] from the configured distribution (before uniform mixing).
 
         * uniform: U(0, 1)
         * logit_normal: sigmoid(N(logit_mean, logit_std))
-        * lognorm: sigmoid(N(0, 1))
+        * lognorm and mix: sigmoid(N(0, 1)) (``mix`` is lognorm; :meth:`sample_timesteps` mixes
+          uniform draws into every strategy at ``mix_uniform_ratio``)
         * mode: 1 - v - 1.29 (cos(pi v / 2)^2 - 1 + v), v ~ U(0, 1)
-        * mix: per sample, uniform with probability mix_uniform_ratio, else lognorm
+        * beta: Beta(beta_alpha, beta_beta) (used as sigma directly, without the shift)
 
         Returns:
             [batch_size] float32 on ``device``.
         """
         method = self.timestep_sampling
-        if method == "mix":
-            lognorm = self._density("logit_normal", batch_size, 0.0, 1.0, generator, device)
-            uniform = rng.rand(batch_size, generator, device)
-            pick_uniform = rng.rand(batch_size, generator, device) < self.mix_uniform_ratio
-            return torch.where(pick_uniform, uniform, lognorm)
-        if method == "lognorm":
+        if method == "beta":
+            return self._beta(batch_size, generator, device)
+        if method in ("lognorm", "mix"):
             return self._density("logit_normal", batch_size, 0.0, 1.0, generator, device)
         if method == "mode":
             return self._density("mode", batch_size, 0.0, 1.0, generator, device).clamp(0.0, 1.0)
@@ -220,14 +240,36 @@ class FlowMatchingPipeline:
         ]
         return rng.to_device(torch.cat(draws), device)
 
+    def _beta(self, batch_size: int, generator: rng.Generators, device: torch.device | str) -> torch.Tensor:
+        """Beta(beta_alpha, beta_beta) draws, per-sample generators allowed.
+
+        The draw is torch.distributions.Beta's own (the first coordinate of a Dirichlet sample of
+        concentration (alpha, beta)), so with ``generator=None`` it is the reference's draw;
+        torch.distributions takes no generator, hence the sampler is called directly.
+        """
+        concentration = torch.tensor([[self.beta_alpha, self.beta_beta]])
+
+        def draw(n: int, g: torch.Generator | None, on: torch.device | str) -> torch.Tensor:
+            return torch._sample_dirichlet(concentration.to(on).expand(n, 2), generator=g)[:, 0]
+
+        if generator is None or isinstance(generator, torch.Generator):
+            gen_device = generator.device if generator is not None else device
+            return rng.to_device(draw(batch_size, generator, gen_device), device)
+        if len(generator) != batch_size:
+            raise ValueError(f"got {len(generator)} per-sample generators for a batch of {batch_size}")
+        return rng.to_device(torch.cat([draw(1, g, g.device) for g in generator]), device)
+
     def sample_timesteps(
         self, batch_size: int, device: torch.device | str | None = None, *, generator: rng.Generators = None
     ) -> tuple[torch.Tensor, torch.Tensor, str]:
-        """Sample sigma with the flow shift and clamping.
+        """Sample sigma with uniform mixing, the flow shift and clamping.
 
-        sigma = flow_shift / (flow_shift + (1/u - 1)), clamped to [sigma_min, sigma_max]
-        (u is clamped to >= 1e-5 first).  With ``use_sigma_noise=False``: sigma ~ U(0, 1), clamped,
-        no shift.
+        u comes from :meth:`_sample_from_distribution`; with ``mix_uniform_ratio`` > 0 each sample
+        independently takes a uniform u instead with that probability (decided on the device: no
+        host sync).  Then sigma = flow_shift / (flow_shift + (1/u - 1)), clamped to
+        [sigma_min, sigma_max] (u is clamped to >= 1e-5 first).  ``beta``: sigma is the Beta draw,
+        clamped, with no mixing and no shift.  With ``use_sigma_noise=False``: sigma ~ U(0, 1),
+        clamped, no shift.
 
         Args:
             batch_size: Number of samples B.
@@ -236,23 +278,59 @@ class FlowMatchingPipeline:
 
         Returns:
             sigma [B] float32, timesteps [B] float32 (sigma * num_train_timesteps), and the name
-            of the sampling method used.
+            of the sampling method used (``timestep_sampling``, also when some samples took a
+            uniform u).
         """
         device = device if device is not None else (self.device or torch.device("cpu"))
         if not self.use_sigma_noise:
             sigma = rng.rand(batch_size, generator, device).clamp(self.sigma_min, self.sigma_max)
             return sigma, sigma * self.num_train_timesteps, "uniform_no_shift"
         u = self._sample_from_distribution(batch_size, device, generator)
+        if self.timestep_sampling == "beta":
+            sigma = u.clamp(self.sigma_min, self.sigma_max)
+            return sigma, sigma * self.num_train_timesteps, "beta"
+        if self.timestep_sampling != "uniform" and self.mix_uniform_ratio > 0:
+            uniform = rng.rand(batch_size, generator, device)
+            pick_uniform = rng.rand(batch_size, generator, device) < self.mix_uniform_ratio
+            u = torch.where(pick_uniform, uniform, u)
         u = u.clamp(min=1e-5)
         sigma = self.flow_shift / (self.flow_shift + (1.0 / u - 1.0))
         sigma = sigma.clamp(self.sigma_min, self.sigma_max)
         return sigma, sigma * self.num_train_timesteps, self.timestep_sampling
 
-    def determine_task_type(self, data_type: str) -> str:
-        """ "t2v" for images; for videos "i2v" with probability ``i2v_prob``, else "t2v"."""
-        if data_type == "video" and random.random() < self.i2v_prob:
-            return "i2v"
-        return "t2v"
+    def sample_task_types(
+        self, data_type: str, batch_size: int, generator: rng.Generators = None
+    ) -> tuple[str, torch.Tensor | None]:
+        """Decide per sample whether a video is trained image-to-video.
+
+        Images (and any ``data_type`` but "video") are always "t2v" and draw nothing.  For videos
+        sample i is "i2v" with probability ``i2v_prob``, from one uniform draw of its own
+        generator (``generator=None``: torch's global CPU RNG, seeded by ``torch.manual_seed``).
+        Draws are made where the generators live, so with CPU generators (the trainer's) reading
+        the result costs no device sync.
+
+        Returns:
+            The batch's task type ("i2v" when any sample is i2v, else "t2v") and the [B] bool
+            ``i2v_mask`` on the generators' device (None for images).
+        """
+        if data_type != "video":
+            return "t2v", None
+        if generator is None:
+            where: torch.device | str = "cpu"
+        elif isinstance(generator, torch.Generator):
+            where = generator.device
+        else:
+            where = generator[0].device if len(generator) else "cpu"
+        i2v_mask = rng.rand(batch_size, generator, where) < self.i2v_prob
+        return ("i2v" if bool(i2v_mask.any()) else "t2v"), i2v_mask
+
+    def determine_task_type(self, data_type: str, generator: rng.Generators = None) -> str:
+        """The reference's one decision: "t2v" for images; for videos "i2v" with probability
+        ``i2v_prob``, else "t2v".  Drawn from ``generator`` (one generator, or per-sample
+        generators: "i2v" when any of their draws is) or torch's global RNG, never from Python's
+        ``random``; :meth:`step` uses :meth:`sample_task_types` for per-sample decisions."""
+        batch_size = len(generator) if isinstance(generator, Sequence) else 1
+        return self.sample_task_types(data_type, batch_size, generator)[0]
 
     # ------------------------------------------------------------------ loss
 
@@ -321,7 +399,7 @@ class FlowMatchingPipeline:
         elif "image_latents" in batch:
             latents = batch["image_latents"]
         else:
-            raise KeyError("batch must contain 'image_latents' or 'video_latents'")
+            raise KeyError("Batch must contain either 'video_latents' or 'image_latents'")
         device = torch.device(device) if device is not None else (self.device or latents.device)
         return latents.to(device, dtype=dtype, non_blocking=True), device
 
@@ -337,6 +415,7 @@ class FlowMatchingPipeline:
         dtype: torch.dtype = torch.bfloat16,
         cfg_dropout_mask: torch.Tensor | None = None,
         task_type: str = "t2v",
+        i2v_mask: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The model's velocity prediction at given noise levels and noise (no randomness here).
 
@@ -350,6 +429,7 @@ class FlowMatchingPipeline:
             dtype: Compute dtype of the model inputs.
             cfg_dropout_mask: [B] bool, True where the text conditioning is dropped; None = none.
             task_type: "t2v", or "i2v" for a video conditioned on its first frame.
+            i2v_mask: [B] bool, True for the samples trained image-to-video; None = none.
 
         Returns:
             model_pred [B, ...] (float32 or the model's dtype), target = noise - x_0 [B, ...]
@@ -370,6 +450,7 @@ class FlowMatchingPipeline:
             batch=batch,
             cfg_dropout_prob=self.cfg_dropout_prob if cfg_dropout_mask is not None else 0.0,
             cfg_dropout_mask=cfg_dropout_mask,
+            i2v_mask=i2v_mask.to(latents.device) if i2v_mask is not None else None,
         )
         inputs = self.model_adapter.prepare_inputs(context)
         model_pred = self.model_adapter.forward(model, inputs)
@@ -440,8 +521,8 @@ class FlowMatchingPipeline:
                 the hot path).
             check_loss: Raise :class:`LossExplosionError` on a non-finite or exploding loss (one
                 host-device sync; turn off on the hot path).
-            generator: ``None``, one generator, or B per-sample generators for sigma, noise and
-                CFG dropout.
+            generator: ``None``, one generator, or B per-sample generators for sigma, noise,
+                CFG dropout and (videos) the i2v choice.
 
         Returns:
             weighted_loss [B, ...], average_weighted_loss (scalar, differentiable), loss_mask
@@ -450,12 +531,13 @@ class FlowMatchingPipeline:
         latents, device = self._batch_latents(batch, device, dtype)
         batch_size = latents.shape[0]
         data_type = _data_type(batch, latents)
-        task_type = self.determine_task_type(data_type)
         sigma, timesteps, sampling_method = self.sample_timesteps(batch_size, device, generator=generator)
         noise = rng.randn(latents.shape, generator, device)
         cfg_dropout_mask = None
         if self.cfg_dropout_prob > 0:
             cfg_dropout_mask = rng.rand(batch_size, generator, device) < self.cfg_dropout_prob
+        # Drawn last, so that adding it left each sample's sigma, noise and dropout draws as they were.
+        task_type, i2v_mask = self.sample_task_types(data_type, batch_size, generator)
 
         debug = logger.isEnabledFor(logging.DEBUG)
         detailed_log = debug and global_step % self.log_interval == 0
@@ -470,6 +552,7 @@ class FlowMatchingPipeline:
             dtype=dtype,
             cfg_dropout_mask=cfg_dropout_mask,
             task_type=task_type,
+            i2v_mask=i2v_mask,
         )
         if detailed_log:
             self._log_detailed(
@@ -488,7 +571,7 @@ class FlowMatchingPipeline:
         if check_loss:
             value = average_weighted_loss.detach()
             if not bool(torch.isfinite(value)) or float(value) > self.loss_explosion_threshold:
-                raise LossExplosionError(f"loss exploded at step {global_step}: {float(value):.4g}")
+                raise LossExplosionError(f"Loss exploded at step {global_step}: {float(value):.4g}")
 
         if detailed_log:
             self._log_loss_detailed(
@@ -615,15 +698,17 @@ def create_adapter(adapter_type: str, **kwargs: Any) -> ModelAdapter:
     """Create a model adapter by name ("flux", "flux_kontext", "flux2", "simple").
 
     Raises:
-        ValueError: unknown name (the message lists the available ones) or bad keyword arguments.
+        ValueError: "Unknown adapter type ..." (the message lists the available ones).
+        AdapterArgumentsError: keyword arguments the adapter does not take (both a ``ValueError``
+            and a ``TypeError``).
     """
     adapters = _adapter_registry()
     if adapter_type not in adapters:
-        raise ValueError(f"unknown adapter type {adapter_type!r}; available: {', '.join(adapters)}")
+        raise ValueError(f"Unknown adapter type: {adapter_type!r}; available: {', '.join(adapters)}")
     try:
         return adapters[adapter_type](**kwargs)
     except TypeError as exc:
-        raise ValueError(f"bad arguments for the {adapter_type!r} adapter: {exc}") from None
+        raise AdapterArgumentsError(f"bad arguments for the {adapter_type!r} adapter: {exc}") from None
 
 
 def create_pipeline(
@@ -637,6 +722,7 @@ def create_pipeline(
 __all__ = [
     "LOSS_WEIGHTING_SCHEMES",
     "TIMESTEP_SAMPLING_METHODS",
+    "AdapterArgumentsError",
     "FlowMatchingPipeline",
     "LinearInterpolationSchedule",
     "LossExplosionError",

@@ -229,8 +229,10 @@ class Flow:
     """How u in (0, 1) is drawn for each sample before the flow shift turns it into sigma:
     `uniform` u ~ U(0, 1); `logit_normal` u = sigmoid(n), n ~ N(logit_mean, logit_std^2) (SD3;
     favours middle noise levels); `mode` SD3's mode sampling (scale 1.29); `lognorm` sigmoid of a
-    standard normal (ignores logit_mean and logit_std); `mix` lognorm samples, each replaced by a
-    uniform one with probability mix_uniform_ratio."""
+    standard normal (ignores logit_mean and logit_std); `mix` the same as lognorm (named for its
+    use with mix_uniform_ratio). Each of these is mixed with uniform draws at mix_uniform_ratio.
+    `beta` draws sigma itself from Beta(beta_alpha, beta_beta), with no flow shift and no uniform
+    mixing."""
 
     flow_shift: float = 3.0
     """Flow shift s applied to u: sigma = s / (s + (1/u - 1)). s > 1 moves training towards
@@ -254,8 +256,17 @@ class Flow:
     values spread samples towards both ends."""
 
     mix_uniform_ratio: float = 0.1
-    """For `mix` sampling: the per-sample probability of drawing u uniformly instead of from
-    lognorm."""
+    """Per-sample probability of drawing u from U(0, 1) instead of from `timestep_sampling`'s
+    distribution, for every strategy but `beta` (a few samples then cover the noise levels that
+    logit_normal rarely reaches). 0 = the strategy's distribution alone."""
+
+    beta_alpha: float = 2.5
+    """First shape parameter a (> 0) of `beta` sampling: sigma ~ Beta(a, b), mean a / (a + b).
+    a > b favours noisier samples; the default Beta(2.5, 1.5) has mean 0.625."""
+
+    beta_beta: float = 1.5
+    """Second shape parameter b (> 0) of `beta` sampling; larger a + b concentrates sigma around
+    its mean."""
 
     use_sigma_noise: bool = True
     """true = sigma comes from `timestep_sampling` followed by the flow shift. false = plain

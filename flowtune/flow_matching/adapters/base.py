@@ -7,6 +7,7 @@ and how its output maps back to the latent space the loss is computed in.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
@@ -30,10 +31,16 @@ class FlowMatchingContext:
         device: Device of the model inputs.
         dtype: Compute dtype of the model inputs.
         batch: The original batch dictionary (model-specific conditioning lives there).
-        cfg_dropout_prob: Probability of dropping a sample's text conditioning.
+        cfg_dropout_prob: Probability of dropping a sample's text conditioning.  Adapters use it
+            only when ``cfg_dropout_mask`` is None (an adapter called directly, as in the
+            reference): each sample is then dropped with this probability, drawn from torch's
+            global RNG.  The pipeline sets it to 0 when it passes no mask.
         cfg_dropout_mask: [B] bool, True where the sample's text conditioning is dropped for
             classifier-free guidance training.  Drawn once per sample by the pipeline so that every
-            adapter drops consistently; ``None`` means no dropout.
+            adapter drops consistently; it wins over ``cfg_dropout_prob``.
+        i2v_mask: [B] bool, True for the video samples trained image-to-video (conditioned on
+            their first frame), drawn per sample by the pipeline; None for images.  ``task_type``
+            is "i2v" when any sample is.
     """
 
     noisy_latents: torch.Tensor
@@ -47,6 +54,7 @@ class FlowMatchingContext:
     batch: dict[str, Any]
     cfg_dropout_prob: float = 0.0
     cfg_dropout_mask: torch.Tensor | None = None
+    i2v_mask: torch.Tensor | None = None
 
     @property
     def video_latents(self) -> torch.Tensor:
@@ -109,6 +117,22 @@ class ModelAdapter(ABC):
         return nn.functional.mse_loss(model_pred.float(), target.float(), reduction="none")
 
     @staticmethod
+    def resolve_cfg_dropout(context: FlowMatchingContext) -> FlowMatchingContext:
+        """``context`` with the step's caption-dropout decisions in ``cfg_dropout_mask``.
+
+        The pipeline's mask is kept as it is.  Without one, an adapter called directly honours
+        ``cfg_dropout_prob`` as the reference's adapters do, but per sample (one draw per sample
+        from torch's global RNG on ``context.device``, no host sync), so that all of the
+        adapter's text conditionings are dropped for the same samples.  The caller's context is
+        not modified.
+        """
+        if context.cfg_dropout_mask is not None or context.cfg_dropout_prob <= 0:
+            return context
+        batch_size = context.noisy_latents.shape[0]
+        mask = torch.rand(batch_size, device=context.device) < context.cfg_dropout_prob
+        return dataclasses.replace(context, cfg_dropout_mask=mask)
+
+    @staticmethod
     def apply_cfg_dropout(condition: torch.Tensor, context: FlowMatchingContext) -> torch.Tensor:
         """Zero the rows of a text-conditioning tensor whose sample is dropped.
 
@@ -124,6 +148,36 @@ class ModelAdapter(ABC):
             return condition
         keep = (~mask).to(device=condition.device, dtype=condition.dtype)
         return condition * keep.view(-1, *([1] * (condition.ndim - 1)))
+
+
+def check_latent_rank(adapter: ModelAdapter, latents: torch.Tensor, rank: int, layout: str) -> None:
+    """Raise a ValueError naming the adapter and the expected rank unless ``latents.ndim == rank``.
+
+    Args:
+        layout: What the latents should be, e.g. "latents [B, C, H, W]".
+    """
+    if latents.ndim != rank:
+        raise ValueError(
+            f"{type(adapter).__name__} expects {rank}D {layout}, got {latents.ndim}D latents "
+            f"of shape {tuple(latents.shape)}"
+        )
+
+
+def batched(tensor: torch.Tensor, rank: int, name: str, batch_size: int) -> torch.Tensor:
+    """``tensor`` with a batch axis: one of rank ``rank - 1`` (a single sample's, e.g. text
+    embeddings [L, D] or a pooled embedding [D]) gets a batch axis of 1, as in the reference.
+
+    Raises:
+        ValueError: the batch sizes differ (e.g. unbatched conditioning for several samples).
+    """
+    if tensor.ndim == rank - 1:
+        tensor = tensor.unsqueeze(0)
+    if tensor.ndim != rank or tensor.shape[0] != batch_size:
+        raise ValueError(
+            f"batch key {name!r} has shape {tuple(tensor.shape)}, but the latents have {batch_size} "
+            f"samples: expected {rank}D with batch size {batch_size} ({rank - 1}D only for a batch of one)"
+        )
+    return tensor
 
 
 _CONTROL_KEY = re.compile(r"^control_latents_(\d+)$")

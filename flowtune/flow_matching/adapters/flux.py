@@ -2,12 +2,28 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import torch
 import torch.nn as nn
 
-from flowtune.flow_matching.adapters.base import FlowMatchingContext, ModelAdapter, unwrap_model
+from flowtune.flow_matching.adapters.base import (
+    FlowMatchingContext,
+    ModelAdapter,
+    batched,
+    check_latent_rank,
+    unwrap_model,
+)
+
+logger = logging.getLogger(__name__)
+
+POOLED_KEYS = ("pooled_prompt_embeds", "clip_pooled")
+"""Batch keys of the CLIP pooled embedding, in order of preference (the reference reads both)."""
+
+CLIP_POOLED_DIM = 768
+"""Width of the zero pooled embedding given when a batch has none (CLIP-L's, as the reference);
+:meth:`FluxAdapter.forward` resizes it to the model's ``pooled_projection_dim``."""
 
 
 def model_guidance(
@@ -43,8 +59,9 @@ class FluxAdapter(ModelAdapter):
     Batch keys (as written by ``flowtune preprocess``):
         image_latents: [B, C, H, W] VAE latents, already normalized
             ((z - shift_factor) * scaling_factor); C = 16, H = W = pixels / 8 for FLUX.1.
-        text_embeddings: [B, L, 4096] T5 sequence embeddings.
-        pooled_prompt_embeds: [B, 768] CLIP pooled embeddings.
+        text_embeddings: [B, L, 4096] T5 sequence embeddings ([L, 4096] accepted for B = 1).
+        pooled_prompt_embeds (or clip_pooled): [B, 768] CLIP pooled embeddings ([768] accepted
+            for B = 1).  A batch with neither gets zeros (with a warning), as in the reference.
 
     Transformer call (``FluxTransformer2DModel.forward``):
         hidden_states: packed noisy latents [B, (H/2)*(W/2), 4C].
@@ -66,6 +83,7 @@ class FluxAdapter(ModelAdapter):
     def __init__(self, guidance_scale: float = 3.5, use_guidance_embeds: bool = True):
         self.guidance_scale = guidance_scale
         self.use_guidance_embeds = use_guidance_embeds
+        self._warned_no_pooled = False
 
     def example_batch(
         self,
@@ -139,19 +157,39 @@ class FluxAdapter(ModelAdapter):
         latents = latents.view(b, h // 2, w // 2, channels // 4, 2, 2).permute(0, 3, 1, 4, 2, 5)
         return latents.reshape(b, channels // 4, h, w)
 
-    def prepare_inputs(self, context: FlowMatchingContext) -> dict[str, Any]:
-        """Build the FluxTransformer2DModel inputs from a 4D latent batch."""
-        latents = context.noisy_latents
-        if latents.ndim != 4:
-            raise ValueError(
-                f"FluxAdapter expects image latents [B, C, H, W], got shape {tuple(latents.shape)}"
+    def _pooled(self, batch: dict[str, Any], batch_size: int) -> torch.Tensor | None:
+        """The batch's CLIP pooled embedding [B, D] (``pooled_prompt_embeds``, else
+        ``clip_pooled``), or None when it has neither."""
+        for key in POOLED_KEYS:
+            if key in batch:
+                return batched(batch[key], 2, key, batch_size)
+        if not self._warned_no_pooled:
+            self._warned_no_pooled = True
+            logger.warning(
+                "the batch has no CLIP pooled embedding (%s); FLUX.1 is given zeros instead",
+                " or ".join(POOLED_KEYS),
             )
+        return None
+
+    def prepare_inputs(self, context: FlowMatchingContext) -> dict[str, Any]:
+        """Build the FluxTransformer2DModel inputs from a 4D latent batch.
+
+        Caption dropout: the pipeline's ``cfg_dropout_mask``, else ``cfg_dropout_prob`` per
+        sample (an adapter called directly), applied to T5 and CLIP alike.
+        """
+        latents = context.noisy_latents
+        check_latent_rank(self, latents, 4, "latents [B, C, H, W]")
+        context = self.resolve_cfg_dropout(context)
         batch, device, dtype = context.batch, context.device, context.dtype
         b, _, h, w = latents.shape
-        text = batch["text_embeddings"].to(device, dtype=dtype)
-        pooled = batch["pooled_prompt_embeds"].to(device, dtype=dtype)
+        text = batched(batch["text_embeddings"], 3, "text_embeddings", b).to(device, dtype=dtype)
+        pooled = self._pooled(batch, b)
+        pooled_missing = pooled is None
+        if pooled is None:
+            pooled = torch.zeros(b, CLIP_POOLED_DIM, device=device, dtype=dtype)
+        pooled = pooled.to(device, dtype=dtype)
         img_ids = self._prepare_latent_image_ids(b, h, w, device, dtype)
-        return {
+        inputs = {
             "hidden_states": self._pack_latents(latents),
             "encoder_hidden_states": self.apply_cfg_dropout(text, context),
             "pooled_projections": self.apply_cfg_dropout(pooled, context),
@@ -161,17 +199,27 @@ class FluxAdapter(ModelAdapter):
             "guidance": torch.full((b,), self.guidance_scale, device=device, dtype=torch.float32),
             "latent_size": (h, w),
         }
+        if pooled_missing:
+            inputs["pooled_missing"] = True
+        return inputs
 
     def forward(self, model: nn.Module, inputs: dict[str, Any]) -> torch.Tensor:
         """Run the transformer; returns the velocity prediction unpacked to [B, C, H, W].
 
         ``inputs["target_tokens"]`` (optional, set by adapters that append other tokens such as
         FLUX.1 Kontext's reference images): only the first that many output tokens are the
-        prediction of the image being generated.
+        prediction of the image being generated.  ``inputs["pooled_missing"]`` (the batch had no
+        pooled embedding): the zero pooled embedding is given the model's
+        ``pooled_projection_dim``.
         """
         inputs = dict(inputs)
         h, w = inputs.pop("latent_size")
         target_tokens = inputs.pop("target_tokens", None)
+        if inputs.pop("pooled_missing", False):
+            width = getattr(unwrap_model(model).config, "pooled_projection_dim", None)
+            pooled = inputs["pooled_projections"]
+            if width is not None and int(width) != pooled.shape[-1]:
+                inputs["pooled_projections"] = pooled.new_zeros(pooled.shape[0], int(width))
         guidance = model_guidance(model, inputs.pop("guidance"), self.use_guidance_embeds)
         pred = model(**inputs, guidance=guidance, return_dict=False)
         pred = self.post_process_prediction(pred)

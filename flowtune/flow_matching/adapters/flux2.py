@@ -7,7 +7,13 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from flowtune.flow_matching.adapters.base import FlowMatchingContext, ModelAdapter, control_keys
+from flowtune.flow_matching.adapters.base import (
+    FlowMatchingContext,
+    ModelAdapter,
+    batched,
+    check_latent_rank,
+    control_keys,
+)
 from flowtune.flow_matching.adapters.flux import model_guidance
 
 REFERENCE_TIME_STEP = 10
@@ -26,7 +32,7 @@ class Flux2Adapter(ModelAdapter):
     Batch keys (as written by ``flowtune preprocess``):
         image_latents: [B, 128, H_p, W_p] patchified + BN-normalized latents (H_p = pixels / 16).
         text_embeddings: [B, L, D] Mistral3 hidden states 10, 20 and 30 concatenated per token
-            (D = 3 x 5120 = 15360 for FLUX.2 [dev]).
+            (D = 3 x 5120 = 15360 for FLUX.2 [dev]); [L, D] accepted for B = 1.
         control_latents_0, control_latents_1, ... (optional, image editing): [B, 128, h_k, w_k]
             reference latents in the same space; sizes may differ from the target's.
 
@@ -131,15 +137,17 @@ class Flux2Adapter(ModelAdapter):
         return torch.cat(tokens, dim=1), torch.cat(ids, dim=1)
 
     def prepare_inputs(self, context: FlowMatchingContext) -> dict[str, Any]:
-        """Build the Flux2Transformer2DModel inputs from patchified latents [B, 128, H_p, W_p]."""
+        """Build the Flux2Transformer2DModel inputs from patchified latents [B, 128, H_p, W_p].
+
+        Caption dropout: the pipeline's ``cfg_dropout_mask``, else ``cfg_dropout_prob`` per
+        sample (an adapter called directly).
+        """
         latents = context.noisy_latents
-        if latents.ndim != 4:
-            raise ValueError(
-                f"Flux2Adapter expects patchified latents [B, C, H_p, W_p], got shape {tuple(latents.shape)}"
-            )
+        check_latent_rank(self, latents, 4, "patchified latents [B, C, H_p, W_p]")
+        context = self.resolve_cfg_dropout(context)
         batch, device, dtype = context.batch, context.device, context.dtype
         b, _, h, w = latents.shape
-        text = batch["text_embeddings"].to(device, dtype=dtype)
+        text = batched(batch["text_embeddings"], 3, "text_embeddings", b).to(device, dtype=dtype)
         hidden_states = self._pack_latents(latents)
         img_ids = self._prepare_latent_ids(h, w, b, device)
         inputs: dict[str, Any] = {
