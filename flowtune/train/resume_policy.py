@@ -5,7 +5,6 @@ A part of :class:`flowtune.train.trainer.Trainer` (its attributes are the traine
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -17,43 +16,7 @@ from flowtune.errors import FlowtuneError
 from flowtune.train import checkpoint as ckpt
 from flowtune.train.health import LossJudge
 from flowtune.train.optim import realign_schedule
-
-_INCOMPATIBLE_ON_RESUME = ("model.family", "train.mode", "lora.rank", "lora.target_modules")
-
-
-_FREE_ON_RESUME = (
-    "train.output_dir",
-    "train.max_steps",
-    "train.checkpoint_every",
-    "train.keep_last",
-    "train.log_every",
-    "train.resume",
-    "train.overwrite",
-    "train.distributed",
-    "train.batch_size",  # compared as the global batch size instead
-    "train.gradient_accumulation",
-    "data.num_workers",
-    "validation",
-    "logging",
-)
-
-
-def _nested_get(tree: dict[str, Any], key: str) -> Any:
-    for part in key.split("."):
-        tree = tree.get(part, {}) if isinstance(tree, dict) else {}
-    return tree
-
-
-def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    flat: dict[str, Any] = {}
-    for key, value in tree.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict) and value and name != "model.adapter":
-            flat.update(_flatten(value, name + "."))
-        else:
-            flat[name] = value
-    return flat
-
+from flowtune.train.resume_compat import RunFacts, resume_verdict
 
 T = TypeVar("T")
 
@@ -131,44 +94,12 @@ class ResumePolicy:
         self._awaiting = checkpoint  # the first step judges the weights it resumed
 
     def _check_resume_compatible(self, checkpoint: ckpt.Checkpoint, state: dict[str, Any]) -> None:
-        """Refuse a checkpoint whose tensors cannot fit; warn about every other changed setting."""
+        """Refuse a checkpoint whose tensors cannot fit; warn about every other changed setting
+        (the policy: :func:`flowtune.train.resume_compat.resume_verdict`)."""
         recipe_file = checkpoint.path / ckpt.RECIPE_FILE
         old = OmegaConf.to_container(OmegaConf.load(recipe_file)) if recipe_file.is_file() else {}
-        new = OmegaConf.to_container(self.recipe)
-        for key in _INCOMPATIBLE_ON_RESUME:
-            if key == "lora.target_modules" and new["train"]["mode"] != "lora":
-                continue
-            before, now = _nested_get(old, key), _nested_get(new, key)
-            if old and before != now:
-                raise FlowtuneError(
-                    f"cannot resume from {checkpoint.path}: it was trained with {key}={json.dumps(before)} "
-                    f"and the recipe has {json.dumps(now)}; restore it, or start a new run in another "
-                    "train.output_dir"
-                )
-        if bool(state.get("sharded", False)) != self.sharded:
-            saved, now = ("FSDP", "DDP") if state.get("sharded") else ("DDP", "FSDP")
-            raise FlowtuneError(
-                f"cannot resume from {checkpoint.path}: its optimizer state was saved by a {saved} run and this "
-                f"run uses {now} (train.distributed and the kind of device must match the checkpoint's; "
-                "the number of processes may change)"
-            )
-        old_flat, new_flat = _flatten(old), _flatten(new)
-        changed = [
-            f"{key}: {json.dumps(old_flat.get(key))} -> {json.dumps(value)}"
-            for key, value in new_flat.items()
-            if old_flat
-            and old_flat.get(key) != value
-            and not any(key == free or key.startswith(free + ".") for free in _FREE_ON_RESUME)
-        ]
-        if changed:
-            self._warnings.append("resuming with changed settings: " + "; ".join(changed))
-        if state.get("samples_per_step") != self.samples_per_step:
-            self._warnings.append(
-                f"the global batch changed ({state.get('samples_per_step')} -> {self.samples_per_step} samples "
-                "per step): the sample order will differ from an uninterrupted run"
-            )
-        if state.get("data_fingerprint") != self.data_fingerprint:
-            self._warnings.append(
-                f"the training items changed since the checkpoint ({state.get('data_items')} -> "
-                f"{len(self.dataset)} items): the sample order will differ from an uninterrupted run"
-            )
+        now = RunFacts(self.sharded, self.samples_per_step, self.data_fingerprint, len(self.dataset))
+        refusal, warnings = resume_verdict(old, OmegaConf.to_container(self.recipe), state, now)
+        if refusal is not None:
+            raise FlowtuneError(f"cannot resume from {checkpoint.path}: {refusal}")
+        self._warnings.extend(warnings)
