@@ -408,6 +408,7 @@ def test_missing_required_value_says_how_to_set_it(tmp_path):
         (["optimizer.lr=0"], "optimizer.lr", "must be a positive number"),
         (["optimizer.lr=-1e-4"], "optimizer.lr", "must be a positive number"),
         (["flow.flow_shift=0"], "flow.flow_shift", "must be a positive number"),
+        (["flow.beta_alpha=0"], "flow.beta_alpha", "must be a positive number"),
         (["flow.cfg_dropout_prob=1.5"], "flow.cfg_dropout_prob", "must be a probability in [0, 1]"),
         (["flow.i2v_prob=-0.1"], "flow.i2v_prob", "must be a probability in [0, 1]"),
         (["flow.mix_uniform_ratio=2"], "flow.mix_uniform_ratio", "must be a probability in [0, 1]"),

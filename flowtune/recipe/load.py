@@ -414,6 +414,8 @@ def _check_semantics(cfg: Any) -> None:
     for key, value in (
         ("flow.flow_shift", cfg.flow.flow_shift),
         ("flow.logit_std", cfg.flow.logit_std),
+        ("flow.beta_alpha", cfg.flow.beta_alpha),
+        ("flow.beta_beta", cfg.flow.beta_beta),
         ("optimizer.lr", cfg.optimizer.lr),
         ("optimizer.eps", cfg.optimizer.eps),
     ):
