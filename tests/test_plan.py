@@ -302,3 +302,14 @@ def test_plan_reports_each_phase_and_what_makes_preprocess_fit() -> None:
     assert _preprocess_advice(load_recipe("flux2-dev-lora"), spec, 24 * 2**30).startswith(
         "model.encoder_quantize=nf4 fits"
     )
+
+
+def test_a_plan_that_fails_to_trace_never_stops_training(tiny_env: Path, tmp_path: Path) -> None:
+    from unittest import mock
+
+    with mock.patch("flowtune.memory.plan.trace_recipe", side_effect=RuntimeError("fake mode broke")):
+        result = cli("train", tiny_env, f"train.output_dir={tmp_path / 'run'}", "--gpu-memory", "24")
+    assert result.returncode == 0, result.stderr
+    assert "no plan (the plan could not trace this model (RuntimeError: fake mode broke))" in " ".join(
+        result.stdout.split()
+    )

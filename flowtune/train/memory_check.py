@@ -97,6 +97,11 @@ def check_memory(
     except FlowtuneError as exc:
         check.note = str(exc)
         return check
+    except Exception as exc:  # noqa: BLE001 - a plan that cannot be traced must not stop the run
+        check.note = (
+            f"the plan could not trace this model ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})"
+        )
+        return check
     check.peak = trace.plan(recipe, spec).peak
     if check.peak > check.gpu_bytes:
         check.changes = changes_to_fit(recipe, spec, trace, check.gpu_bytes, limit=1)
