@@ -49,8 +49,8 @@ from flowtune.data.cache import SHARD_BYTES, preprocess
 from flowtune.data.loader import BucketBatchSampler, CacheCollator, CachedDataset
 from flowtune.data.store import CacheStore
 from flowtune.data.synthetic import make_shapes_dataset
-from flowtune.encoders.flux import FluxEncoder
 from flowtune.families import get_family
+from flowtune.families.flux.encoder import FluxEncoder
 from flowtune.quiet import quiet_libraries
 from flowtune.recipe import load_recipe
 from flowtune.tiny import make_tiny

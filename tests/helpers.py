@@ -152,7 +152,9 @@ def wide_tiny_model(family: str, root: Path) -> Path:
     """
     import torch
 
-    from flowtune.tiny import make_tiny, tiny_flux2_transformer, tiny_flux_transformer
+    from flowtune.families.flux.tiny import tiny_flux_transformer
+    from flowtune.families.flux2.tiny import tiny_flux2_transformer
+    from flowtune.tiny import make_tiny
 
     model = make_tiny(family, root / f"tiny-{family}")
     torch.manual_seed(0)
@@ -213,7 +215,7 @@ def tiny_flux_training_env(
 
 
 def tiny_flux_inputs(seed: int = 0, text_tokens: int = 16) -> dict:
-    """Inputs of the tiny FLUX.1 transformer (``flowtune.tiny``): 16 image tokens of 64 features
+    """Inputs of the tiny FLUX.1 transformer (``flowtune.families.flux.tiny``): 16 image tokens of 64 features
     ([1, 16, 64]), ``text_tokens`` T5 tokens of 32, pooled [1, 32], guidance, ``return_dict=False``;
     image ids on a 4 x 4 grid."""
     import torch

@@ -183,7 +183,7 @@ def test_read_lora_scales_match_peft(tmp_path) -> None:
     from peft import LoraConfig
     from peft.tuners.lora import LoraLayer
 
-    from flowtune.tiny import tiny_flux_transformer
+    from flowtune.families.flux.tiny import tiny_flux_transformer
     from flowtune.train.model import save_lora
 
     torch.manual_seed(0)

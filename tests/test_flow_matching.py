@@ -11,6 +11,7 @@ import torch
 import torch.nn as nn
 from diffusers import FluxPipeline, FluxTransformer2DModel
 
+from flowtune.families.flux.tiny import tiny_flux_transformer
 from flowtune.flow_matching import (
     FlowMatchingContext,
     FlowMatchingPipeline,
@@ -22,7 +23,6 @@ from flowtune.flow_matching import (
     create_adapter,
     create_pipeline,
 )
-from flowtune.tiny import tiny_flux_transformer
 
 N_DRAWS = 100_000
 QUANTILES = torch.tensor([0.01, 0.1, 0.25, 0.5, 0.75, 0.9, 0.99])

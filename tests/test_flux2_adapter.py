@@ -8,8 +8,9 @@ import pytest
 import torch
 from PIL import Image
 
+from flowtune.families.flux2.tiny import tiny_flux2_transformer
 from flowtune.flow_matching import FlowMatchingContext, Flux2Adapter, create_adapter, create_pipeline
-from flowtune.tiny import make_tiny, tiny_flux2_transformer
+from flowtune.tiny import make_tiny
 
 
 @pytest.fixture(scope="module")

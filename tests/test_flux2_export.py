@@ -16,14 +16,14 @@ from safetensors.torch import load_file, save_file
 
 from flowtune.errors import FlowtuneError
 from flowtune.families import get_family
+from flowtune.families.flux2.naming import FLUX2_NAMING
 from flowtune.interop import export
-from flowtune.interop.flux2 import FLUX2_NAMING
 from flowtune.interop.lora import read_lora, to_original, write_lora
 from flowtune.train.model import LORA_WEIGHTS_NAME
 from tests.helpers import assert_user_error, cli
 
 TEXT_TOKENS = 48  # the tiny Mistral's system message takes ~30 tokens before the caption
-HIDDEN = 32  # the tiny transformer (flowtune.tiny.tiny_flux2_transformer)
+HIDDEN = 32  # the tiny transformer (flowtune.families.flux2.tiny.tiny_flux2_transformer)
 QKV = {
     "img_attn.qkv": ("attn.to_q", "attn.to_k", "attn.to_v"),
     "txt_attn.qkv": ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"),
@@ -48,7 +48,7 @@ def _all_linear_lora(out_dir: Path, **config) -> Path:
     tiny FLUX.2 transformer, random A and B, written as flowtune writes it."""
     from peft import LoraConfig
 
-    from flowtune.tiny import tiny_flux2_transformer
+    from flowtune.families.flux2.tiny import tiny_flux2_transformer
     from flowtune.train.model import save_lora
 
     torch.manual_seed(0)

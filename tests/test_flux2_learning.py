@@ -31,7 +31,7 @@ MODULATION_TOO = (
 # text tokens, ~31 of which are the system message and chat markup, the same for every caption.
 # With transformers' default init the tiny Mistral hardly mixes tokens, only the ~6 caption words
 # differed between captions, and the LoRA learned to ignore the text (samples equal to 4 decimals
-# for all captions); the tiny Mistral is therefore initialized wider (flowtune.tiny.MISTRAL_INIT_STD).
+# for all captions); the tiny Mistral is therefore initialized wider (flowtune.families.flux2.tiny.MISTRAL_INIT_STD).
 
 
 @pytest.mark.slow

@@ -15,9 +15,10 @@ from rich.console import Console
 
 from flowtune.data.cache import preprocess
 from flowtune.data.synthetic import make_edit_pairs_dataset, make_shapes_dataset
+from flowtune.families.flux.tiny import tiny_flux_transformer
 from flowtune.recipe import load_recipe
 from flowtune.sample import SampleSettings, sample, source_from_checkpoint
-from flowtune.tiny import make_tiny, tiny_flux_transformer
+from flowtune.tiny import make_tiny
 from flowtune.train.metrics import read_metrics
 from flowtune.train.model import META_FAMILY, META_TRAINED_LORA, read_lora_metadata
 from flowtune.train.trainer import Trainer

@@ -18,9 +18,9 @@ from rich.console import Console
 from flowtune.data.cache import check_cache, preprocess
 from flowtune.data.synthetic import make_shapes_dataset
 from flowtune.encoders import EncoderSettings, FamilyEncoder, create_encoder
-from flowtune.encoders.flux import FluxEncoder
 from flowtune.errors import FlowtuneError
 from flowtune.families import get_family
+from flowtune.families.flux.encoder import FluxEncoder
 from flowtune.memory.quantize import matches_any
 from flowtune.recipe import load_recipe
 from flowtune.tiny import make_tiny

@@ -19,8 +19,8 @@ from flowtune.data.loader import BucketBatchSampler, CacheCollator, CachedDatase
 from flowtune.data.store import MANIFEST_NAME, CacheStore
 from flowtune.data.synthetic import make_shapes_dataset
 from flowtune.encoders.base import FamilyEncoder
-from flowtune.encoders.flux import FluxEncoder
 from flowtune.errors import FlowtuneError
+from flowtune.families.flux.encoder import FluxEncoder
 from flowtune.recipe import load_recipe
 from flowtune.tiny import make_tiny
 
@@ -454,7 +454,7 @@ _SLOW_PREPROCESS = """
 import sys, time
 from rich.console import Console
 from flowtune.data.cache import preprocess
-from flowtune.encoders.flux import FluxEncoder
+from flowtune.families.flux.encoder import FluxEncoder
 from flowtune.recipe import load_recipe
 
 encode = FluxEncoder.encode_images

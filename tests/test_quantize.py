@@ -22,9 +22,10 @@ from safetensors.torch import load_file
 from torch import nn
 
 from flowtune.families import family_names, get_family
+from flowtune.families.flux.tiny import tiny_flux_transformer
 from flowtune.memory.quantize import matches_any, quantize_linears
 from flowtune.recipe import RecipeError, load_recipe
-from flowtune.tiny import make_tiny, tiny_flux_transformer
+from flowtune.tiny import make_tiny
 from flowtune.train.metrics import read_metrics
 from flowtune.train.model import LORA_WEIGHTS_NAME, add_lora, load_transformer
 from flowtune.train.trainer import Trainer
@@ -195,7 +196,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from flowtune.families import get_family
 from flowtune.memory.quantize import exclude_quantized_from_ddp, quantize_linears
-from flowtune.tiny import tiny_flux_transformer
+from flowtune.families.flux.tiny import tiny_flux_transformer
 from flowtune.train.model import add_lora
 
 dist.init_process_group("gloo", init_method="tcp://127.0.0.1:{port}", rank=0, world_size=1)

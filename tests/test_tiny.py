@@ -11,9 +11,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import flowtune.tiny
+import flowtune.families.flux.tiny
 from flowtune.errors import FlowtuneError
-from flowtune.tiny import VAE_SCALING_FACTOR, VAE_SHIFT_FACTOR, make_tiny
+from flowtune.families.flux.tiny import VAE_SCALING_FACTOR, VAE_SHIFT_FACTOR
+from flowtune.tiny import make_tiny
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 
@@ -207,7 +208,7 @@ def test_failed_build_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyP
         (out_dir / "model_index.json").write_text("{}")
         raise RuntimeError("killed mid-build")
 
-    monkeypatch.setattr(flowtune.tiny, "build_tiny_flux", broken)
+    monkeypatch.setattr(flowtune.families.flux.tiny, "build_tiny_flux", broken)
     with pytest.raises(RuntimeError):
         make_tiny("flux", tmp_path / "model")
     assert list(tmp_path.iterdir()) == []

@@ -14,7 +14,8 @@ from safetensors.torch import load_file as load_file_tensors
 
 from flowtune.errors import FlowtuneError
 from flowtune.families import get_family
-from flowtune.tiny import make_tiny, tiny_flux_transformer
+from flowtune.families.flux.tiny import tiny_flux_transformer
+from flowtune.tiny import make_tiny
 from flowtune.train.model import (
     LORA_WEIGHTS_NAME,
     META_TRAINED_LORA,

@@ -681,21 +681,21 @@ class FlowMatchingPipeline:
 
 
 def _adapter_registry() -> dict[str, type[ModelAdapter]]:
-    from flowtune.flow_matching.adapters.flux import FluxAdapter
-    from flowtune.flow_matching.adapters.flux2 import Flux2Adapter
-    from flowtune.flow_matching.adapters.flux_kontext import FluxKontextAdapter
+    """``create_adapter``'s names: each registered family's (:mod:`flowtune.families`, in
+    registration order), then ``"simple"``."""
+    from flowtune.families import FAMILIES
     from flowtune.flow_matching.adapters.simple import SimpleAdapter
 
-    return {
-        "flux": FluxAdapter,
-        "flux_kontext": FluxKontextAdapter,
-        "flux2": Flux2Adapter,
-        "simple": SimpleAdapter,
+    registry: dict[str, type[ModelAdapter]] = {
+        spec.adapter: spec.load_adapter_class() for spec in FAMILIES.values()
     }
+    registry["simple"] = SimpleAdapter
+    return registry
 
 
 def create_adapter(adapter_type: str, **kwargs: Any) -> ModelAdapter:
-    """Create a model adapter by name ("flux", "flux_kontext", "flux2", "simple").
+    """Create a model adapter by name: a registered family's ``FamilySpec.adapter`` ("flux",
+    "flux_kontext", "flux2"), or "simple".
 
     Raises:
         ValueError: "Unknown adapter type ..." (the message lists the available ones).

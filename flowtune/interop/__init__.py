@@ -4,8 +4,8 @@
 - :mod:`flowtune.interop.lora`: reading a flowtune LoRA file and converting it to the
   ``kohya`` / ``comfyui`` layouts (fused modules, ``alpha`` tensors), family-independent.
 - :mod:`flowtune.interop.naming`: how a family describes its original module names.
-- :mod:`flowtune.interop.flux`: FLUX.1's diffusers -> BFL names (``FamilySpec.lora_original_names``).
-- :mod:`flowtune.interop.flux2`: FLUX.2's diffusers -> BFL names.
+- each family's diffusers -> original (BFL) names, ``FamilySpec.lora_original_names``, live in its
+  package: ``flowtune/families/<name>/naming.py``.
 
 Nothing here imports torch or diffusers at import time; the functions do.
 """

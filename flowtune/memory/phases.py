@@ -30,10 +30,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from flowtune.families import FamilySpec
+from flowtune.families import FAMILIES, FamilySpec
 
-# Hub ids whose pipelines share another's text encoders and VAE.
-SAME_COMPONENTS = {"black-forest-labs/FLUX.1-Kontext-dev": "black-forest-labs/FLUX.1-dev"}
+# Hub ids whose pipelines share another's text encoders and VAE (``FamilySpec.component_sources``).
+SAME_COMPONENTS = {hub: source for spec in FAMILIES.values() for hub, source in spec.component_sources}
 
 
 @dataclass

@@ -50,7 +50,8 @@ class Model:
 
     family: Literal[tuple(FAMILIES)] = "flux"
     """Model family: selects the flow-matching adapter, the diffusers pipeline and transformer
-    classes, the default LoRA targets and the image size granularity (see `flowtune/families.py`)."""
+    classes, the default LoRA targets and the image size granularity (see `flowtune/families/`, one
+    package per family)."""
 
     pretrained: str = MISSING
     """Hugging Face Hub model id (e.g. `black-forest-labs/FLUX.1-dev`) or local directory of a

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from flowtune.encoders.flux import FluxEncoder
+from flowtune.families.flux.encoder import FluxEncoder
 
 if TYPE_CHECKING:
     from PIL import Image

@@ -1,0 +1,114 @@
+"""What a model family is to flowtune: :class:`FamilySpec`, one per package under
+:mod:`flowtune.families` (kept apart from the registry so that the family packages can import it)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from importlib import import_module
+from typing import Any
+
+
+@dataclass(frozen=True)
+class FamilySpec:
+    """How flowtune handles one model family.
+
+    Attributes:
+        name: The recipe's ``model.family`` value, e.g. ``"flux"``.
+        description: One line for ``flowtune`` listings.
+        adapter: The :func:`flowtune.flow_matching.create_adapter` name of its adapter.
+        adapter_class: ``"module:Class"`` of that adapter (a
+            :class:`flowtune.flow_matching.ModelAdapter` subclass); ``create_adapter``'s table is
+            built from the registered families' ``adapter`` -> ``adapter_class``.
+        pipeline_class: The diffusers inference pipeline class (``diffusers.<name>``); a model
+            folder of this family names it as ``_class_name`` in its ``model_index.json``.
+        transformer_class: The diffusers denoiser class, loaded from subfolder ``transformer``.
+        lora_target_modules: Default LoRA targets when ``lora.target_modules`` is not set in the
+            recipe: peft suffix names, or ``*`` patterns over full module names.
+        spatial_granularity: Image sides (pixels) must be multiples of this.
+        tiny_builder: ``"module:function"`` writing an offline tiny random pipeline in diffusers
+            format; called as ``fn(out_dir: Path, seed: int) -> None``.
+        encoder: ``"module:Class"`` of the family's :class:`flowtune.encoders.FamilyEncoder`,
+            which ``flowtune preprocess`` uses to turn images and captions into cached tensors.
+        lora_original_names: ``"module:attribute"`` of the family's
+            :class:`flowtune.interop.naming.OriginalNaming`: how its diffusers LoRA modules are
+            named (and fused) in the original checkpoint layout that kohya sd-scripts and ComfyUI
+            use (``flowtune export --format kohya|comfyui``).  None: the family has no such export.
+        reference_images: The family can condition on reference (control) images besides the
+            caption (image editing: FLUX.1 Kontext, FLUX.2): datasets can be edit pairs,
+            preprocess then caches the references' latents, and sampling takes ``--image``.
+        references_optional: The family also generates from the caption alone (FLUX.2), so
+            plain image datasets and sampling without ``--image`` work too; otherwise (FLUX.1
+            Kontext) every example and every sample needs its reference.
+        other_pipeline_classes: Further ``model_index.json`` ``_class_name`` values of model
+            folders that hold this family's model (checkpoints saved by another pipeline class
+            with the same components).
+        block_lists: The transformer's block ``ModuleList`` attributes, in forward order, each
+            with the ``config.json`` key of its length, e.g. ``(("transformer_blocks",
+            "num_layers"), ...)``: what ``train.block_offload`` streams, and how many blocks a
+            model has before it is loaded.  Empty: the family has no block offload.
+        quantize_skip: Linear layers of the transformer that ``model.quantize`` keeps in
+            ``model.dtype``: full module names or ``*`` globs over them, a match covering the
+            module's children (:func:`flowtune.memory.quantize.matches_any`).  Typically the
+            embedders and the final norm and projection: small, and sensitive to rounding.
+        encoder_quantize_skip: The text encoders that ``model.encoder_quantize`` quantizes, as
+            ``(pipeline component, patterns)`` pairs: the component's linear layers but those the
+            patterns name (as in ``quantize_skip``) are quantized.  Components not listed (e.g. a
+            small CLIP) stay in ``model.dtype``.  Empty: the family's encoders are never quantized.
+        component_sources: ``(hub id, hub id)`` pairs: Hugging Face Hub models of this family
+            whose text encoders and VAE are those of the second model, for the bundled component
+            configs that ``flowtune plan`` sizes phases with (:mod:`flowtune.memory.phases`).
+    """
+
+    name: str
+    description: str
+    adapter: str
+    adapter_class: str
+    pipeline_class: str
+    transformer_class: str
+    lora_target_modules: tuple[str, ...]
+    spatial_granularity: int
+    tiny_builder: str
+    encoder: str
+    lora_original_names: str | None = None
+    reference_images: bool = False
+    references_optional: bool = False
+    other_pipeline_classes: tuple[str, ...] = ()
+    block_lists: tuple[tuple[str, str], ...] = ()
+    quantize_skip: tuple[str, ...] = ()
+    encoder_quantize_skip: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    component_sources: tuple[tuple[str, str], ...] = ()
+
+    @property
+    def pipeline_classes(self) -> tuple[str, ...]:
+        """Every ``model_index.json`` ``_class_name`` of a model folder of this family."""
+        return (self.pipeline_class, *self.other_pipeline_classes)
+
+    def uses_edit_pairs(self, edit_pairs: bool | None) -> bool:
+        """Whether a recipe trains on edit pairs, given its ``data.edit_pairs`` (None = the
+        family's default: edit pairs when it cannot do without references)."""
+        if edit_pairs is None:
+            return self.reference_images and not self.references_optional
+        return edit_pairs
+
+    def load_adapter_class(self) -> type:
+        """Import and return the family's adapter class."""
+        return _import_object(self.adapter_class)
+
+    def load_tiny_builder(self) -> Callable[..., Any]:
+        """Import and return the tiny-pipeline builder function."""
+        return _import_object(self.tiny_builder)
+
+    def load_encoder_class(self) -> type:
+        """Import and return the family's encoder class (a ``FamilyEncoder`` subclass)."""
+        return _import_object(self.encoder)
+
+    def load_lora_original_names(self) -> Any | None:
+        """Import and return the family's ``OriginalNaming`` (None if it has none)."""
+        return _import_object(self.lora_original_names) if self.lora_original_names else None
+
+
+def _import_object(reference: str) -> Any:
+    """The object named by ``"package.module:attribute"``."""
+    module, _, attr = reference.partition(":")
+    return getattr(import_module(module), attr)
