@@ -23,6 +23,7 @@ from rich.text import Text
 from flowtune import __version__
 from flowtune.console import PlainTable, error_text, make_console, ok_text, warning_text
 from flowtune.errors import FlowtuneError
+from flowtune.families import family_names, reference_family_names
 from flowtune.quiet import quiet_libraries
 
 app = typer.Typer(
@@ -136,7 +137,7 @@ def copy_recipe(
 
 @app.command("make-tiny")
 def make_tiny_command(
-    family: Annotated[str, typer.Argument(help="Model family, e.g. flux.")],
+    family: Annotated[str, typer.Argument(help=f"Model family: one of {', '.join(family_names())}.")],
     out_dir: Annotated[Path, typer.Argument(help="Directory to write the diffusers-format pipeline to.")],
     seed: Annotated[int, typer.Option(help="Seed of the random weights.")] = 0,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a non-empty OUT_DIR.")] = False,
@@ -291,7 +292,8 @@ def sample(
     image: Annotated[
         list[Path] | None,
         typer.Option(
-            help="Image-editing families (flux-kontext): the reference image to edit; one for all "
+            help=f"Image-editing families ({', '.join(reference_family_names())}): the reference image to "
+            "edit; one for all "
             "prompts or one per prompt.",
             show_default="the recipe's validation.images",
         ),
@@ -443,7 +445,8 @@ def make_dataset_command(
         bool,
         typer.Option(
             "--edit-pairs",
-            help="Write edit pairs for image-editing families (flux-kontext): OUT_DIR/images/ (the "
+            help=f"Write edit pairs for image-editing families ({', '.join(reference_family_names())}): "
+            "OUT_DIR/images/ (the "
             "shape recoloured, with the instruction as caption) and OUT_DIR/control/ (the original).",
         ),
     ] = False,

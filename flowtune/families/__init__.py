@@ -35,9 +35,18 @@ def _load_families() -> dict[str, FamilySpec]:
 FAMILIES: dict[str, FamilySpec] = _load_families()
 
 
+# The recipe's ``model.family`` when it names none.
+DEFAULT_FAMILY = "flux"
+
+
 def family_names() -> list[str]:
     """The registered family names, in registration order."""
     return list(FAMILIES)
+
+
+def reference_family_names() -> list[str]:
+    """The registered families that condition on reference images (``FamilySpec.reference_images``)."""
+    return [name for name, spec in FAMILIES.items() if spec.reference_images]
 
 
 def get_family(name: str) -> FamilySpec:
@@ -96,6 +105,7 @@ def _supported() -> str:
 
 
 __all__ = [
+    "DEFAULT_FAMILY",
     "FAMILIES",
     "FamilySpec",
     "check_pipeline_family",
@@ -103,4 +113,5 @@ __all__ = [
     "family_names",
     "find_family_for_pipeline",
     "get_family",
+    "reference_family_names",
 ]

@@ -23,7 +23,7 @@ from typing import Any, Literal
 
 from omegaconf import MISSING
 
-from flowtune.families import FAMILIES
+from flowtune.families import DEFAULT_FAMILY, FAMILIES
 from flowtune.flow_matching.choices import LOSS_WEIGHTING_SCHEMES, TIMESTEP_SAMPLING_METHODS
 
 __all__ = [
@@ -48,7 +48,7 @@ __all__ = [
 class Model:
     """The pretrained model to fine-tune."""
 
-    family: Literal[tuple(FAMILIES)] = "flux"
+    family: Literal[tuple(FAMILIES)] = DEFAULT_FAMILY
     """Model family: selects the flow-matching adapter, the diffusers pipeline and transformer
     classes, the default LoRA targets and the image size granularity (see `flowtune/families/`, one
     package per family)."""
