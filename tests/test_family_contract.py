@@ -1,0 +1,188 @@
+"""What every registered model family must do, end to end on its tiny model (one parametrized run
+per family of :mod:`flowtune.families`): ``flowtune make-tiny`` -> ``make-dataset`` ->
+``preprocess`` -> a few LoRA training steps, stopped by a signal and resumed bit for bit ->
+``flowtune sample`` equal to the family's own diffusers pipeline with the LoRA loaded -> the
+LoRA's export loading back in that pipeline with the same images.
+
+A new family passes this file once it is registered, plus one line in ``REFERENCE_CALLS`` if it
+needs reference images."""
+
+from __future__ import annotations
+
+import signal
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from rich.console import Console
+from safetensors.torch import load_file
+
+from flowtune.families import FamilySpec, family_names, get_family
+from flowtune.interop import export
+from flowtune.recipe import load_recipe
+from flowtune.train.metrics import read_metrics
+from flowtune.train.model import LORA_WEIGHTS_NAME
+from flowtune.train.signals import TrainingInterrupted
+from flowtune.train.trainer import Trainer
+from tests.helpers import cli
+
+PROMPT = "a blue square"
+TEXT_TOKENS = 48  # room for FLUX.2's system message before the caption
+SIZE = 32  # sampling height and width
+
+
+def _match_target_kontext(image: Image.Image, pipe: Any, height: int, width: int) -> dict[str, Any]:
+    """FluxKontextPipeline's inputs for a reference resized to the target (control_resize:
+    match_target), as flowtune sends it."""
+    return {
+        "image": pipe.image_processor.resize(image.convert("RGB"), height, width),
+        "_auto_resize": False,
+        "max_area": height * width,
+    }
+
+
+# Families that cannot generate without a reference image: how their diffusers pipeline takes one
+# (given the image, the pipeline and the target size), as flowtune's data.control_resize
+# match_target sends it.
+REFERENCE_CALLS: dict[str, Callable[..., dict[str, Any]]] = {"flux-kontext": _match_target_kontext}
+
+
+def _needs_references(spec: FamilySpec) -> bool:
+    return spec.uses_edit_pairs(None)
+
+
+def test_every_family_that_needs_references_says_how_its_pipeline_takes_them() -> None:
+    assert {name for name in family_names() if _needs_references(get_family(name))} == set(REFERENCE_CALLS)
+
+
+def _recipe(root: Path, spec: FamilySpec) -> Path:
+    path = root / "recipe.yaml"
+    resize = ", control_resize: match_target" if _needs_references(spec) else ""
+    path.write_text(
+        f"model: {{family: {spec.name}, pretrained: '{root / 'tiny'}', dtype: float32}}\n"
+        "lora: {rank: 4, alpha: 8, init: gaussian}\n"
+        f"data: {{source: '{root / 'data'}', cache_dir: '{root / 'cache'}', resolution: 32,"
+        f" max_sequence_length: {TEXT_TOKENS}{resize}}}\n"
+        "train: {max_steps: 3, seed: 0, mixed_precision: 'no', checkpoint_every: 3, batch_size: 2,"
+        " log_every: 1}\n"
+        "optimizer: {lr: 5.0e-2}\n"
+        "lr_scheduler: {name: constant}\n"
+    )
+    return path
+
+
+def _train(recipe: Path, out: Path, stop_after: int | None = None, *overrides: str) -> Any:
+    trainer = Trainer(
+        load_recipe(recipe, [f"train.output_dir={out}", *overrides]), console=Console(quiet=True)
+    )
+    if stop_after is not None:
+        original = trainer.train_step
+
+        def train_step(batches):
+            result = original(batches)
+            if trainer.step + 1 == stop_after:
+                trainer.stop.request(signal.SIGTERM)
+            return result
+
+        trainer.train_step = train_step
+    return trainer.run()
+
+
+@pytest.fixture(scope="module", params=family_names())
+def family(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """A family's tiny model, dataset and cache, made through the CLI, and its recipe."""
+    spec = get_family(request.param)
+    root = tmp_path_factory.mktemp(f"contract-{spec.name}")
+    made = cli("make-tiny", spec.name, root / "tiny")
+    assert made.returncode == 0, made.stderr
+    edit = ["--edit-pairs"] if _needs_references(spec) else []
+    made = cli("make-dataset", root / "data", "--count", "4", "--size", "32x32", *edit)
+    assert made.returncode == 0, made.stderr
+    recipe = _recipe(root, spec)
+    made = cli("preprocess", recipe)
+    assert made.returncode == 0, made.stderr
+    return {"spec": spec, "root": root, "recipe": recipe}
+
+
+@pytest.fixture(scope="module")
+def run(family: dict[str, Any]) -> Path:
+    """The family's 3-step LoRA run, stopped by SIGTERM after step 2 and resumed; checked equal, bit
+    for bit, to the same run uninterrupted."""
+    root, recipe = family["root"], family["recipe"]
+    whole = _train(recipe, root / "whole")
+    with pytest.raises(TrainingInterrupted) as info:
+        _train(recipe, root / "split", 2)
+    assert info.value.step == 2
+    resumed = _train(recipe, root / "split", None, "train.resume=latest")
+    assert (resumed.start_step, resumed.step) == (2, 3)
+
+    def losses(out: Path) -> list[tuple[int, float]]:
+        return [(r["step"], r["loss"]) for r in read_metrics(out / "metrics.jsonl") if "loss" in r]
+
+    assert losses(root / "split") == losses(root / "whole") and len(losses(root / "whole")) == 3
+    a, b = load_file(whole.final_dir / LORA_WEIGHTS_NAME), load_file(resumed.final_dir / LORA_WEIGHTS_NAME)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    return root / "split"
+
+
+def _pipeline(family: dict[str, Any], lora: Path | None) -> Any:
+    import diffusers
+
+    spec = family["spec"]
+    pipe = getattr(diffusers, spec.pipeline_class).from_pretrained(
+        family["root"] / "tiny", torch_dtype=torch.float32
+    )
+    if lora is not None:
+        pipe.load_lora_weights(lora)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _images(family: dict[str, Any], pipe: Any, seed: int = 5) -> np.ndarray:
+    spec = family["spec"]
+    extra = {}
+    if _needs_references(spec):
+        control = Image.open(family["root"] / "data" / "control" / "0000.png")
+        extra = REFERENCE_CALLS[spec.name](control, pipe, SIZE, SIZE)
+    return np.asarray(
+        pipe(
+            prompt=PROMPT, height=SIZE, width=SIZE, num_inference_steps=2, guidance_scale=2.5,
+            max_sequence_length=TEXT_TOKENS, generator=torch.Generator().manual_seed(seed), **extra,
+        ).images[0]
+    )  # fmt: skip
+
+
+def test_sample_equals_the_family_pipeline_with_the_lora(family, run, tmp_path) -> None:
+    image = []
+    if _needs_references(family["spec"]):
+        image = ["--image", str(family["root"] / "data" / "control" / "0000.png")]
+    out = tmp_path / "out"
+    result = cli(
+        "sample", "--ckpt", run, "-p", PROMPT, "--seed", "5", "--steps", "2", "--guidance", "2.5",
+        "--height", str(SIZE), "--width", str(SIZE), "--out", out, *image,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    got = Image.open(out / "000000.png")
+    assert got.text["family"] == family["spec"].name
+    expected = _images(family, _pipeline(family, run / "final"))
+    assert np.array_equal(np.asarray(got), expected)
+    assert not np.array_equal(expected, _images(family, _pipeline(family, None)))  # the LoRA matters
+
+
+def test_the_exported_lora_loads_back_with_the_same_images(family, run, tmp_path) -> None:
+    pipe = _pipeline(family, run / "final")
+    from_checkpoint = _images(family, pipe)
+    path = export(run, "diffusers", tmp_path / "lora.safetensors").path
+    pipe.unload_lora_weights()
+    pipe.load_lora_weights(str(path))
+    assert np.array_equal(_images(family, pipe), from_checkpoint)
+    # The original-layout files (diffusers' loaders of those assume the full-size model's widths;
+    # tests/test_export.py and tests/test_flux2_export.py check them against its converters).
+    if family["spec"].lora_original_names is not None:
+        for fmt in ("kohya", "comfyui"):
+            result = export(run, fmt, tmp_path / f"{fmt}.safetensors")
+            assert result.path.is_file() and 0 < result.original_modules <= result.modules, fmt
