@@ -215,9 +215,9 @@ def tiny_flux_training_env(
 
 
 def tiny_flux_inputs(seed: int = 0, text_tokens: int = 16) -> dict:
-    """Inputs of the tiny FLUX.1 transformer (``flowtune.families.flux.tiny``): 16 image tokens of 64 features
-    ([1, 16, 64]), ``text_tokens`` T5 tokens of 32, pooled [1, 32], guidance, ``return_dict=False``;
-    image ids on a 4 x 4 grid."""
+    """Inputs of the tiny FLUX.1 transformer (``flowtune.families.flux.tiny``): 16 image tokens
+    of 64 features ([1, 16, 64]), ``text_tokens`` T5 tokens of 32, pooled [1, 32], guidance,
+    ``return_dict=False``; image ids on a 4 x 4 grid."""
     import torch
 
     g = torch.Generator().manual_seed(seed)

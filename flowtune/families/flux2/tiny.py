@@ -210,10 +210,11 @@ def _flux2_scheduler() -> FlowMatchEulerDiscreteScheduler:
 def build_tiny_flux2(out_dir: Path, seed: int = 0) -> None:
     """Write a tiny random FLUX.2 [dev]-shaped pipeline (``Flux2Pipeline``) to ``out_dir``.
 
-    Like FLUX.1's :func:`flowtune.families.flux.tiny.build_tiny_flux`: loads with ``Flux2Pipeline.from_pretrained``, weights depend
-    only on ``seed``, the caller's RNG is untouched.  The tokenizer is saved as a plain tokenizer
-    with its chat template (FLUX.2 [dev] ships a PixtralProcessor, which needs torchvision to
-    load; flowtune loads only its tokenizer either way).
+    Like FLUX.1's :func:`flowtune.families.flux.tiny.build_tiny_flux`: loads with
+    ``Flux2Pipeline.from_pretrained``, weights depend only on ``seed``, the caller's RNG is
+    untouched.  The tokenizer is saved as a plain tokenizer with its chat template (FLUX.2 [dev]
+    ships a PixtralProcessor, which needs torchvision to load; flowtune loads only its tokenizer
+    either way).
     """
     from diffusers import Flux2Pipeline
 
