@@ -59,7 +59,9 @@ def test_linear_interpolation_hand_values():
 
 
 def test_flow_shift_formula_hand_values(monkeypatch):
-    pipe = FlowMatchingPipeline(SimpleAdapter(), flow_shift=3.0)
+    # No uniform mixing: every sample goes through the shift formula (mix_uniform_ratio would
+    # replace about one in ten with an unshifted uniform draw).
+    pipe = FlowMatchingPipeline(SimpleAdapter(), flow_shift=3.0, mix_uniform_ratio=0.0)
     u = torch.tensor([0.5, 0.25, 1e-9, 1.0])
     monkeypatch.setattr(pipe, "_sample_from_distribution", lambda *a, **k: u)
     sigma, timesteps, method = pipe.sample_timesteps(4)
