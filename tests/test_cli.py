@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.helpers import REPO, assert_user_error, cli, flowtune
+from tests.helpers import REPO, assert_user_error, cli
 
 
 def test_validate_suggests_the_closest_key():
@@ -73,7 +73,8 @@ def test_make_tiny(tmp_path: Path):
 def test_demo_chain_runs_on_the_tiny_model(tmp_path: Path):
     """`make demo` in a fresh directory: make-tiny, make-dataset, preprocess (twice), one LoRA step.
 
-    The steps run in this process except the last, a real `python -m flowtune train`."""
+    The steps run in this process; `python -m flowtune train` of this recipe in a process of its
+    own is what the signal tests below run."""
     recipe = str(REPO / "recipes" / "tiny-flux-demo.yaml")
     assert cli("make-tiny", "flux", ".flowtune-demo/tiny-flux", cwd=tmp_path).returncode == 0
     made = cli("make-dataset", ".flowtune-demo/dataset", "--count", "6", "--size", "96x64", cwd=tmp_path)
@@ -88,7 +89,7 @@ def test_demo_chain_runs_on_the_tiny_model(tmp_path: Path):
     assert "13,568 trainable" in trained.stdout and "training done" in trained.stdout
     assert (tmp_path / ".flowtune-demo" / "run" / "final" / "pytorch_lora_weights.safetensors").is_file()
     # The demo recipe sets train.overwrite, so running it again starts over instead of refusing.
-    again = flowtune("train", recipe, "train.max_steps=2", cwd=tmp_path)
+    again = cli("train", recipe, "train.max_steps=2", cwd=tmp_path)
     assert again.returncode == 0 and "removed the earlier run" in again.stdout
 
 
@@ -114,32 +115,74 @@ def cached_demo(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[st
     return root, settings
 
 
-@pytest.mark.parametrize("signum, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
-def test_train_checkpoints_and_exits_on_a_signal(tmp_path: Path, cached_demo, signum: int, code: int):
-    """A real signal to a real `flowtune train` process: checkpoint, resume hint, exit 128 + N."""
+SIGNALS = {signal.SIGINT: 130, signal.SIGTERM: 143}
+
+
+@pytest.fixture(scope="module")
+def signalled(cached_demo, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """A real `flowtune train` process per signal in :data:`SIGNALS`, started together (their
+    start-ups overlap on two cores), each sent its signal once its metrics have 3 lines.
+
+    Returns per signal ``(directory, exit status, stdout, stderr)``; the run is ``directory/run``.
+    """
     settings = [*cached_demo[1], "train.output_dir=run"]
     long_run = [*settings, "train.max_steps=1000000", "train.log_every=1", "train.checkpoint_every=1000000"]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "200", "PYTHONPATH": str(REPO)}
-    process = subprocess.Popen(
-        [sys.executable, "-m", "flowtune", "train", "tiny-flux-demo", *long_run],
-        cwd=tmp_path,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    metrics = tmp_path / "run" / "metrics.jsonl"
-    deadline = time.monotonic() + 120
-    while not (metrics.is_file() and metrics.read_text().count("\n") >= 3):
-        assert process.poll() is None and time.monotonic() < deadline, process.communicate()
-        time.sleep(0.05)
-    process.send_signal(signum)
-    stdout, stderr = process.communicate(timeout=120)
-    assert process.returncode == code, stderr
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "COLUMNS": "200",
+        "PYTHONPATH": str(REPO),
+        "OMP_NUM_THREADS": "1",
+    }
+    runs = {}
+    try:
+        for signum in SIGNALS:
+            root = tmp_path_factory.mktemp(f"signal-{signum}")
+            runs[signum] = (
+                root,
+                subprocess.Popen(
+                    [sys.executable, "-m", "flowtune", "train", "tiny-flux-demo", *long_run],
+                    cwd=root,
+                    env=env,
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.PIPE,
+                    text=True,
+                ),
+            )
+        deadline = time.monotonic() + 120
+        waiting = dict(runs)
+        while waiting:
+            for signum, (root, process) in list(waiting.items()):
+                metrics = root / "run" / "metrics.jsonl"
+                if metrics.is_file() and metrics.read_text().count("\n") >= 3:
+                    process.send_signal(signum)
+                    del waiting[signum]
+                elif process.poll() is not None or time.monotonic() > deadline:
+                    process.kill()
+                    pytest.fail(f"the run did not start: {process.communicate()}")
+            time.sleep(0.05)
+        ended = {}
+        for signum, (root, process) in runs.items():
+            stdout, stderr = process.communicate(timeout=120)
+            ended[signum] = root, process.returncode, stdout, stderr
+        return ended
+    finally:
+        for _, process in runs.values():
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+
+
+@pytest.mark.parametrize("signum", list(SIGNALS), ids=lambda signum: signum.name)
+def test_train_checkpoints_and_exits_on_a_signal(cached_demo, signalled, signum: int):
+    """A real signal to a real `flowtune train` process: checkpoint, resume hint, exit 128 + N."""
+    root, returncode, stdout, stderr = signalled[signum]
+    assert returncode == SIGNALS[signum], stderr
     assert "Traceback" not in stdout + stderr
     assert "train.resume=latest" in stderr
+    metrics = root / "run" / "metrics.jsonl"
     steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
-    checkpoint = tmp_path / "run" / "checkpoints" / f"step-{steps[-1]:06d}"
+    checkpoint = root / "run" / "checkpoints" / f"step-{steps[-1]:06d}"
     assert (checkpoint / "trainer_state.json").is_file() and (
         checkpoint / "pytorch_lora_weights.safetensors"
     ).is_file()
@@ -148,10 +191,11 @@ def test_train_checkpoints_and_exits_on_a_signal(tmp_path: Path, cached_demo, si
     resumed = cli(
         "train",
         "tiny-flux-demo",
-        *settings,
+        *cached_demo[1],
+        "train.output_dir=run",
         "train.resume=latest",
         f"train.max_steps={steps[-1] + 2}",
-        cwd=tmp_path,
+        cwd=root,
     )
     assert resumed.returncode == 0, resumed.stderr
     assert f"({steps[-1]} -> {steps[-1] + 2})" in resumed.stdout

@@ -25,8 +25,8 @@ MISTRAL_LAYERS = 30  # Flux2Pipeline reads hidden states (10, 20, 30)
 # width 16 its layers hardly mix tokens, so each hidden state is close to its own token's
 # embedding: the tokens after the caption differ between captions by only ~9% (at 0.5: ~45%), only
 # the ~6 caption words of the 48-token window carry the caption, and a LoRA on the tiny FLUX.2
-# learns to ignore the text (tests/test_flux2_learning.py).  Trained LMs carry the context in every
-# later token; 0.5 makes the random one do so too.
+# learns to ignore the text (the FLUX.2 test in tests/test_train_learning.py).  Trained LMs carry
+# the context in every later token; 0.5 makes the random one do so too.
 MISTRAL_INIT_STD = 0.5
 FLUX2_LATENT_CHANNELS = 32  # x 2 x 2 patch = 128 transformer input channels
 MISTRAL_SPECIAL_TOKENS = (
