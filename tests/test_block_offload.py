@@ -152,3 +152,17 @@ def test_validation_s_pipeline_leaves_the_offloaded_weights_where_they_are(env) 
             FLUX, env / "tiny-flux", dtype=torch.float32, device="cpu", transformer=model, without=encoders
         )
     assert pipe.transformer is model and pipe.vae is not None
+
+
+def test_the_blocks_whose_quantized_layers_go_back_to_the_cpu(env) -> None:
+    """With model.quantize and block offload, the layers of the streamed blocks (all but the last
+    N in forward order) return to the CPU once quantized; without both, none do."""
+    model = env / "tiny-flux"
+    assert offload.quantized_host_blocks(FLUX, model, "int8", 1) == [
+        "transformer_blocks.0",
+        "transformer_blocks.1",
+        "single_transformer_blocks.0",
+    ]
+    assert offload.quantized_host_blocks(FLUX, model, "int8", 4) == []
+    assert offload.quantized_host_blocks(FLUX, model, None, 1) == []
+    assert offload.quantized_host_blocks(FLUX, model, "nf4", None) == []
