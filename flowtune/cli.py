@@ -314,7 +314,20 @@ def sample(
     ] = None,
     steps: Annotated[int | None, typer.Option(help="Denoising steps.", show_default="recipe or 28")] = None,
     guidance: Annotated[
-        float | None, typer.Option(help="Guidance scale.", show_default="recipe or 3.5")
+        float | None,
+        typer.Option(
+            help="Guidance: FLUX's distilled guidance, Qwen-Image's true_cfg_scale, the others' "
+            "classifier-free guidance scale.",
+            show_default="recipe, else the family's",
+        ),
+    ] = None,
+    negative_prompt: Annotated[
+        str | None,
+        typer.Option(
+            help="The negative prompt of families sampled with classifier-free guidance (not FLUX.1 "
+            "or FLUX.2 [dev]).",
+            show_default="recipe, else the family's",
+        ),
     ] = None,
     height: Annotated[
         int | None, typer.Option(help="Height in pixels.", show_default="recipe or 1024")
@@ -383,7 +396,14 @@ def sample(
     if not prompts and prompt is None and prompts_file is None:
         prompts = source.prompts  # a checkpoint's validation prompts (with their images)
         images = images or list(source.images)
-    given = {"seed": seed, "steps": steps, "guidance": guidance, "height": height, "width": width}
+    given = {
+        "seed": seed,
+        "steps": steps,
+        "guidance": guidance,
+        "height": height,
+        "width": width,
+        "negative_prompt": negative_prompt,
+    }
     settings = SampleSettings(
         **{**source.defaults, **{k: v for k, v in given.items() if v is not None}},
         num_images=num_images,

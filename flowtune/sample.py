@@ -58,13 +58,16 @@ class SampleSettings:
     Attributes:
         seed: Seed of the first image of each prompt; image ``j`` of a prompt uses ``seed + j``.
         steps: Denoising steps.
-        guidance: The pipeline's ``guidance_scale`` (FLUX.1-dev: the distilled guidance value).
+        guidance: What the family's ``FamilySpec.guidance_argument`` is set to (FLUX.1-dev's
+            distilled guidance value, Qwen-Image's ``true_cfg_scale``, ...).
         height, width: Image size in pixels, multiples of the family's granularity.
         num_images: Images per prompt.
         lora_scale: Strength of the LoRA (1 = as trained).
         max_sequence_length: Text tokens per prompt; None = the pipeline's default (512).  From
             a checkpoint, its recipe's ``data.max_sequence_length``: the text length the LoRA
             was trained with.
+        negative_prompt: The negative prompt of families sampled with classifier-free guidance
+            (``FamilySpec.negative_prompt``); None = none (the families that take none).
     """
 
     seed: int = 42
@@ -75,6 +78,7 @@ class SampleSettings:
     num_images: int = 1
     lora_scale: float = 1.0
     max_sequence_length: int | None = None
+    negative_prompt: str | None = None
 
     def check(self, spec: FamilySpec) -> None:
         """Raise a :class:`FlowtuneError` for settings the pipeline cannot use."""
@@ -88,6 +92,8 @@ class SampleSettings:
             raise FlowtuneError(f"steps must be at least 1, got {self.steps}")
         if self.num_images < 1:
             raise FlowtuneError(f"num-images must be at least 1, got {self.num_images}")
+        if self.negative_prompt is not None and spec.negative_prompt is None:
+            raise FlowtuneError(f"{spec.name} samples without a negative prompt; leave out --negative-prompt")
 
 
 @dataclass
@@ -211,19 +217,25 @@ def load_references(files: Sequence[str]) -> list[Image.Image]:
     return images
 
 
-def generate(pipe: Any, job: SampleJob, settings: SampleSettings) -> Image.Image:
-    """Run the diffusers pipeline for one job; returns the PIL image."""
+def generate(pipe: Any, job: SampleJob, settings: SampleSettings, spec: FamilySpec) -> Image.Image:
+    """Run the family's diffusers pipeline for one job; returns the PIL image.
+
+    The guidance goes to the family's ``guidance_argument``; a negative prompt goes with a text
+    prompt as ``negative_prompt`` (with cached embeddings the job's inputs hold the negative
+    prompt's embeddings instead).
+    """
     generator = torch.Generator(device="cpu").manual_seed(job.seed)
+    inputs = dict(job.inputs)
     if settings.max_sequence_length is not None:
-        inputs = {"max_sequence_length": settings.max_sequence_length, **job.inputs}
-    else:
-        inputs = job.inputs
+        inputs.setdefault("max_sequence_length", settings.max_sequence_length)
+    if settings.negative_prompt is not None and "prompt" in inputs:
+        inputs.setdefault("negative_prompt", settings.negative_prompt)
+    inputs[spec.guidance_argument] = settings.guidance
     result = pipe(
         **inputs,
         height=settings.height,
         width=settings.width,
         num_inference_steps=settings.steps,
-        guidance_scale=settings.guidance,
         generator=generator,
         output_type="pil",
     )
@@ -300,6 +312,7 @@ class SampleWriter:
             "seed": job.seed,
             "steps": settings.steps,
             "guidance": settings.guidance,
+            **({"negative_prompt": settings.negative_prompt} if settings.negative_prompt is not None else {}),
             "height": settings.height,
             "width": settings.width,
             **({"image": ", ".join(job.references)} if job.references else {}),
@@ -588,6 +601,7 @@ def source_from_checkpoint(ckpt: Path, base_model: str | None = None) -> SampleS
             "seed": v.seed,
             "steps": v.steps,
             "guidance": v.guidance,
+            "negative_prompt": v.negative_prompt,
             "height": v.height,
             "width": v.width,
             "max_sequence_length": recipe.data.max_sequence_length,
@@ -614,8 +628,13 @@ def source_from_model(model: str, lora: Path | None, revision: str | None = None
     class_name = read_pipeline_class(resolve_pretrained(model, revision, [], name="--model"), where)
     if class_name is None:
         raise FlowtuneError(f"{where} has no model_index.json; give a diffusers-format pipeline directory")
+    spec = family_for_pipeline(class_name)
     return SampleSource(
-        spec=family_for_pipeline(class_name), pretrained=model, revision=revision, lora_file=lora
+        spec=spec,
+        pretrained=model,
+        revision=revision,
+        lora_file=lora,
+        defaults={"guidance": spec.guidance, "negative_prompt": spec.negative_prompt},
     )
 
 
@@ -732,7 +751,7 @@ def sample(
             else:
                 pipe.to(device)
             for done, job in enumerate(jobs, start=1):
-                paths.append(writer.add(generate(pipe, job, settings), job, settings))
+                paths.append(writer.add(generate(pipe, job, settings, spec), job, settings))
                 if progress is not None:
                     progress(done, len(jobs), paths[-1])
         except torch.OutOfMemoryError:

@@ -33,6 +33,7 @@ from tests.helpers import cli
 PROMPT = "a blue square"
 TEXT_TOKENS = 48  # room for FLUX.2's system message before the caption
 SIZE = 32  # sampling height and width
+GUIDANCE = 2.5  # the family's guidance_argument (above 1: classifier-free guidance is on where it is one)
 
 
 def _match_target_kontext(image: Image.Image, pipe: Any, height: int, width: int) -> dict[str, Any]:
@@ -62,6 +63,7 @@ def test_every_family_that_needs_references_says_how_its_pipeline_takes_them() -
 def _recipe(root: Path, spec: FamilySpec) -> Path:
     path = root / "recipe.yaml"
     resize = ", control_resize: match_target" if _needs_references(spec) else ""
+    images = f", images: ['{root / 'data' / 'control' / '0000.png'}']" if _needs_references(spec) else ""
     path.write_text(
         f"model: {{family: {spec.name}, pretrained: '{root / 'tiny'}', dtype: float32}}\n"
         "lora: {rank: 4, alpha: 8, init: gaussian}\n"
@@ -69,6 +71,8 @@ def _recipe(root: Path, spec: FamilySpec) -> Path:
         f" max_sequence_length: {TEXT_TOKENS}{resize}}}\n"
         "train: {max_steps: 3, seed: 0, mixed_precision: 'no', checkpoint_every: 3, batch_size: 2,"
         " log_every: 1}\n"
+        f"validation: {{prompts: ['{PROMPT}'], every: 0, seed: 5, steps: 2, guidance: {GUIDANCE},"
+        f" height: {SIZE}, width: {SIZE}{images}}}\n"
         "optimizer: {lr: 5.0e-2}\n"
         "lr_scheduler: {name: constant}\n"
     )
@@ -148,10 +152,13 @@ def _images(family: dict[str, Any], pipe: Any, seed: int = 5) -> np.ndarray:
     if _needs_references(spec):
         control = Image.open(family["root"] / "data" / "control" / "0000.png")
         extra = REFERENCE_CALLS[spec.name](control, pipe, SIZE, SIZE)
+    if spec.negative_prompt is not None:  # classifier-free guidance against the family's default
+        extra["negative_prompt"] = spec.negative_prompt
+    extra[spec.guidance_argument] = GUIDANCE
     return np.asarray(
         pipe(
-            prompt=PROMPT, height=SIZE, width=SIZE, num_inference_steps=2, guidance_scale=2.5,
-            max_sequence_length=TEXT_TOKENS, generator=torch.Generator().manual_seed(seed), **extra,
+            prompt=PROMPT, height=SIZE, width=SIZE, num_inference_steps=2, max_sequence_length=TEXT_TOKENS,
+            generator=torch.Generator().manual_seed(seed), **extra,
         ).images[0]
     )  # fmt: skip
 
@@ -162,7 +169,7 @@ def test_sample_equals_the_family_pipeline_with_the_lora(family, run, tmp_path) 
         image = ["--image", str(family["root"] / "data" / "control" / "0000.png")]
     out = tmp_path / "out"
     result = cli(
-        "sample", "--ckpt", run, "-p", PROMPT, "--seed", "5", "--steps", "2", "--guidance", "2.5",
+        "sample", "--ckpt", run, "-p", PROMPT, "--seed", "5", "--steps", "2", "--guidance", str(GUIDANCE),
         "--height", str(SIZE), "--width", str(SIZE), "--out", out, *image,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
@@ -171,6 +178,11 @@ def test_sample_equals_the_family_pipeline_with_the_lora(family, run, tmp_path) 
     expected = _images(family, _pipeline(family, run / "final"))
     assert np.array_equal(np.asarray(got), expected)
     assert not np.array_equal(expected, _images(family, _pipeline(family, None)))  # the LoRA matters
+
+
+def test_validation_images_equal_the_family_pipeline_with_the_lora(family, run) -> None:
+    got = Image.open(run / "samples" / "step-000003" / "000000.png")
+    assert np.array_equal(np.asarray(got), _images(family, _pipeline(family, run / "final")))
 
 
 def test_the_exported_lora_loads_back_with_the_same_images(family, run, tmp_path) -> None:

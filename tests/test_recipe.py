@@ -11,7 +11,7 @@ import pytest
 from omegaconf import MISSING, OmegaConf
 
 from flowtune.errors import FlowtuneError
-from flowtune.families import FAMILIES
+from flowtune.families import FAMILIES, get_family
 from flowtune.flow_matching.pipeline import LOSS_WEIGHTING_SCHEMES, TIMESTEP_SAMPLING_METHODS
 from flowtune.recipe import (
     Recipe,
@@ -445,6 +445,17 @@ def test_adapter_arguments_are_checked_against_the_family_adapter():
     assert "guidance_scale" in message and "use_guidance_embeds" in message
     recipe = load_recipe(DEMO, ["model.adapter.use_guidance_embeds=false"])
     assert recipe.model.adapter == {"use_guidance_embeds": False}
+
+
+def test_validation_sampling_defaults_come_from_the_family_and_flux_takes_no_negative_prompt():
+    recipe = load_recipe(DEMO, ["validation.guidance=null"])
+    spec = get_family(recipe.model.family)
+    assert (recipe.validation.guidance, recipe.validation.negative_prompt) == (spec.guidance, None)
+    assert _error(DEMO, ["validation.negative_prompt=blurry"]) == (
+        "invalid value 'blurry' for 'validation.negative_prompt': must be null: model family 'flux' "
+        "samples without a negative prompt"
+    )
+    assert "must be 0 or a positive number" in _error(DEMO, ["validation.guidance=-1"])
 
 
 def test_recipe_not_found_suggests_bundled_recipes(tmp_path):

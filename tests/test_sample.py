@@ -3,6 +3,7 @@ one-line errors for bad checkpoints, LoRAs, sizes and prompt lists."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -134,6 +135,11 @@ def test_a_model_and_a_lora_file_at_a_lower_strength(run, tmp_path) -> None:
     got = np.asarray(Image.open(result.images[0]))
     assert np.array_equal(got, half) and not np.array_equal(got, full)
     assert Image.open(result.images[0]).text["lora_scale"] == "0.5"
+    no_negative = dataclasses.replace(settings, negative_prompt="blurry")
+    with pytest.raises(
+        FlowtuneError, match="^flux samples without a negative prompt; leave out --negative-prompt$"
+    ):
+        sample(source, [PROMPT], no_negative, tmp_path / "refused")
 
 
 def test_a_fully_fine_tuned_checkpoint_samples_with_its_own_transformer(run, tmp_path) -> None:
@@ -285,11 +291,11 @@ def test_running_out_of_memory_is_a_message_and_keeps_the_images_made(run, tmp_p
     real = sampling.generate
     calls = []
 
-    def generate(pipe, job, settings):
+    def generate(pipe, job, settings, spec):
         calls.append(job.seed)
         if len(calls) == 2:
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
-        return real(pipe, job, settings)
+        return real(pipe, job, settings, spec)
 
     monkeypatch.setattr(sampling, "generate", generate)
     source = source_from_checkpoint(run)

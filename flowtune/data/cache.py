@@ -124,6 +124,16 @@ def cache_settings(recipe: Any) -> dict[str, Any]:
     return settings
 
 
+def validation_texts(recipe: Any) -> list[str]:
+    """The texts validation samples with, which preprocess encodes besides the captions: the
+    validation prompts and, when validation has prompts and the family a negative prompt, that."""
+    v = recipe.validation
+    texts = list(v.prompts)
+    if texts and v.negative_prompt is not None:
+        texts.append(v.negative_prompt)
+    return texts
+
+
 def _encoder_settings(recipe: Any) -> EncoderSettings:
     return EncoderSettings(
         dtype=recipe.model.dtype,
@@ -663,7 +673,7 @@ def preprocess(
         problems = [Problem(p.path, p.reason) for p in listing.problems] + problems
         problems += _truncation_warnings(encoder, items)
         problems += _reference_warnings(encoder, items)
-        prompts = list(dict.fromkeys(["", *recipe.validation.prompts]))
+        prompts = list(dict.fromkeys(["", *validation_texts(recipe)]))
         prompt_keys = {prompt: _hash("text", identity["text"], prompt) for prompt in prompts}
 
         texts: dict[str, str] = {}
@@ -909,7 +919,7 @@ def check_cache(recipe: Any) -> CacheStore:
             f"the cache at {root} was made; {fix}"
         )
     known = store.manifest.get("validation_prompts", {})
-    missing = [p for p in recipe.validation.prompts if p not in known]
+    missing = [p for p in validation_texts(recipe) if p and p not in known]
     if missing:
         raise FlowtuneError(f"validation prompt {missing[0]!r} is not in the cache at {root}; {fix}")
     unreadable = store.unreadable_shards()

@@ -218,6 +218,14 @@ class FamilyEncoder(ABC):
         fields (``{field: [B, ...]}`` as :meth:`encode_prompts` returns them), so that the pipeline
         samples without its text encoders."""
 
+    @classmethod
+    def negative_inputs(cls, text: dict[str, torch.Tensor]) -> dict[str, Any]:
+        """The pipeline's ``__call__`` arguments that stand for a negative prompt, from its cached
+        text fields (families with ``FamilySpec.negative_prompt``).  Default: those of
+        :meth:`prompt_inputs` with ``negative_`` before each name (``negative_prompt_embeds``,
+        ``negative_prompt_embeds_mask``), as diffusers' pipelines name them."""
+        return {f"negative_{name}": value for name, value in cls.prompt_inputs(text).items()}
+
 
 def load_pipeline(
     spec: FamilySpec,

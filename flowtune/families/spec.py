@@ -58,6 +58,15 @@ class FamilySpec:
         component_sources: ``(hub id, hub id)`` pairs: Hugging Face Hub models of this family
             whose text encoders and VAE are those of the second model, for the bundled component
             configs that ``flowtune plan`` sizes phases with (:mod:`flowtune.memory.phases`).
+        guidance_argument: The keyword of the pipeline's ``__call__`` that flowtune's guidance
+            (``validation.guidance``, ``flowtune sample --guidance``) sets: ``guidance_scale``
+            (FLUX's distilled guidance, or classifier-free guidance where the pipeline does it),
+            ``true_cfg_scale`` (Qwen-Image's classifier-free guidance).
+        guidance: The guidance value sampling uses when the recipe or command line gives none.
+        negative_prompt: The negative prompt of the family's classifier-free guidance when the
+            recipe or command line gives none (e.g. ``" "``); validation samples with its cached
+            embedding.  None: the family's pipeline takes no negative prompt (guidance-distilled
+            FLUX), and giving one is an error.
     """
 
     name: str
@@ -78,6 +87,9 @@ class FamilySpec:
     quantize_skip: tuple[str, ...] = ()
     encoder_quantize_skip: tuple[tuple[str, tuple[str, ...]], ...] = ()
     component_sources: tuple[tuple[str, str], ...] = ()
+    guidance_argument: str = "guidance_scale"
+    guidance: float = 3.5
+    negative_prompt: str | None = None
 
     @property
     def pipeline_classes(self) -> tuple[str, ...]:

@@ -424,7 +424,6 @@ def _check_semantics(cfg: Any) -> None:
     for key, value in (
         ("optimizer.weight_decay", cfg.optimizer.weight_decay),
         ("train.max_grad_norm", cfg.train.max_grad_norm),
-        ("validation.guidance", cfg.validation.guidance),
     ):
         if not (math.isfinite(value) and value >= 0):
             fail(key, value, "must be 0 or a positive number")
@@ -435,6 +434,7 @@ def _check_semantics(cfg: Any) -> None:
         fail("optimizer.betas", betas, "expected two values [beta1, beta2], each in [0, 1)")
 
     family = get_family(cfg.model.family)
+    _resolve_sampling(cfg, family, fail)
     step = family.spatial_granularity
     resolution = cfg.data.resolution
     values = [resolution] if isinstance(resolution, int) else list(resolution)
@@ -495,6 +495,24 @@ def _check_semantics(cfg: Any) -> None:
         fail("flow.device", cfg.flow.device, "give a device such as cuda or cpu, or null")
     _check_block_offload(cfg, family, fail)
     _check_quantize(cfg, fail)
+
+
+def _resolve_sampling(cfg: Any, family: Any, fail: Callable[[str, Any, str], None]) -> None:
+    """Fill ``validation.guidance`` and ``validation.negative_prompt`` left null with the family's
+    defaults (so that checkpoints record what validation sampled with), and check them."""
+    v = cfg.validation
+    if v.guidance is None:
+        v.guidance = family.guidance
+    elif not (math.isfinite(v.guidance) and v.guidance >= 0):
+        fail("validation.guidance", v.guidance, "must be 0 or a positive number")
+    if v.negative_prompt is None:
+        v.negative_prompt = family.negative_prompt
+    elif family.negative_prompt is None:
+        fail(
+            "validation.negative_prompt",
+            v.negative_prompt,
+            f"must be null: model family {family.name!r} samples without a negative prompt",
+        )
 
 
 def _check_block_offload(cfg: Any, family: Any, fail: Callable[[str, Any, str], None]) -> None:

@@ -448,9 +448,15 @@ class Validation:
     steps: int = 28
     """Denoising steps per image."""
 
-    guidance: float = 3.5
-    """Guidance scale passed to the family's pipeline (for FLUX.1-dev, the distilled guidance
-    value)."""
+    guidance: float | None = None
+    """Guidance passed to the family's pipeline: FLUX.1-dev's and FLUX.2-dev's distilled guidance
+    value, Qwen-Image's `true_cfg_scale`, the classifier-free guidance scale of the others. null =
+    the family's usual value (3.5 for FLUX)."""
+
+    negative_prompt: str | None = None
+    """Families sampled with classifier-free guidance (Qwen-Image, Z-Image, FLUX.2 klein): the
+    negative prompt; `flowtune preprocess` encodes it with the prompts. null = the family's
+    default (e.g. " " for Qwen-Image). FLUX.1 and FLUX.2 [dev] take none."""
 
     height: int = 1024
     """Height of the sampled images in pixels (a multiple of the family's granularity)."""

@@ -108,14 +108,19 @@ class Validator:
         self.prompts = list(v.prompts)
         self.every = int(v.every)
         self.settings = SampleSettings(
-            seed=v.seed, steps=v.steps, guidance=v.guidance, height=v.height, width=v.width
-        )
+            seed=v.seed, steps=v.steps, guidance=v.guidance, height=v.height, width=v.width,
+            negative_prompt=v.negative_prompt,
+        )  # fmt: skip
         self.dtype = getattr(torch, recipe.model.dtype)
         self.heldout = CachedDataset(store, heldout_indices)
         self.collate = CacheCollator(self.heldout.sequence_fields)
         self.encoder_class = spec.load_encoder_class()
+        negative = {}
+        if self.prompts and v.negative_prompt is not None:  # its cached embeddings, as preprocess made them
+            negative = self.encoder_class.negative_inputs(self.heldout.prompt_embeddings(v.negative_prompt))
         self._prompt_inputs = [
-            self.encoder_class.prompt_inputs(self.heldout.prompt_embeddings(p)) for p in self.prompts
+            {**self.encoder_class.prompt_inputs(self.heldout.prompt_embeddings(p)), **negative}
+            for p in self.prompts
         ]
         # Image-editing families: each prompt's reference image (checked now, read when sampling).
         self.references = (
@@ -241,7 +246,7 @@ class Validator:
                 )
             job = SampleJob(prompt, self.settings.seed, inputs, refs)
             with self.accelerator.autocast():
-                image = generate(pipe, job, self.settings)
+                image = generate(pipe, job, self.settings, self.spec)
             if writer is not None:
                 writer.add(image, job, self.settings)
             images.append(image)
