@@ -60,6 +60,18 @@ def test_every_family_that_needs_references_says_how_its_pipeline_takes_them() -
     assert {name for name in family_names() if _needs_references(get_family(name))} == set(REFERENCE_CALLS)
 
 
+@pytest.mark.parametrize("name", family_names())
+def test_declared_adapter_arguments_are_the_adapter_s_constructor_arguments(name: str) -> None:
+    import inspect
+
+    spec = get_family(name)
+    if spec.adapter_arguments is None:
+        pytest.skip(f"{name} declares no adapter arguments (recipes are checked by building its adapter)")
+    parameters = inspect.signature(spec.load_adapter_class().__init__).parameters
+    found = {n: p.annotation for n, p in parameters.items() if n != "self"}
+    assert found == dict(spec.adapter_arguments)  # annotations are strings (postponed evaluation)
+
+
 def _recipe(root: Path, spec: FamilySpec) -> Path:
     path = root / "recipe.yaml"
     resize = ", control_resize: match_target" if _needs_references(spec) else ""

@@ -228,19 +228,27 @@ for argv in json.loads(sys.argv[1]):
 print(json.dumps(results))
 """
     missing = weird["root"] / "missing.yaml"
-    commands = [["--help"], ["recipes"], ["validate", str(weird["recipe"])], ["validate", str(missing)]]
+    bundled = REPO / "recipes" / "flux2-dev-lora.yaml"  # with model.adapter arguments
+    commands = [
+        ["--help"],
+        ["recipes"],
+        ["validate", str(weird["recipe"])],
+        ["validate", str(missing)],
+        ["validate", str(bundled)],
+    ]
     env = {"HF_HUB_OFFLINE": "1", "COLUMNS": "200", "PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"}
     done = subprocess.run(
         [sys.executable, "-c", script, json.dumps(commands)], env=env, capture_output=True, text=True
     )
     assert done.returncode == 0, done.stderr
-    help_, recipes, valid, invalid = json.loads(done.stdout)
+    help_, recipes, valid, invalid, adapter = json.loads(done.stdout)
     assert help_["code"] == 0 and "preprocess" in help_["out"]
     assert recipes["code"] in (0, None) and "teach FLUX.1 [dev] a subject" in recipes["out"]
     assert valid["code"] in (0, None) and f"✓ {weird['recipe']} is a valid recipe" in valid["err"]
     assert invalid["code"] == 2 and str(missing) in invalid["err"]
     assert invalid["err"].startswith("error: ") and invalid["err"].count("\n") == 1
-    assert [r["heavy"] for r in (help_, recipes, valid, invalid)] == [[], [], [], []]
+    assert adapter["code"] in (0, None) and "is a valid recipe" in adapter["err"], adapter["err"]
+    assert [r["heavy"] for r in (help_, recipes, valid, invalid, adapter)] == [[], [], [], [], []]
 
 
 # ------------------------------------------------------------------------------ messages (point 11)

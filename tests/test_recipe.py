@@ -445,6 +445,9 @@ def test_adapter_arguments_are_checked_against_the_family_adapter():
     assert "guidance_scale" in message and "use_guidance_embeds" in message
     recipe = load_recipe(DEMO, ["model.adapter.use_guidance_embeds=false"])
     assert recipe.model.adapter == {"use_guidance_embeds": False}
+    assert _error(DEMO, ["model.adapter.use_guidance_embeds=3"]) == (
+        "invalid value '3' for 'model.adapter.use_guidance_embeds': expected a bool"
+    )
 
 
 def test_validation_sampling_defaults_come_from_the_family_and_flux_takes_no_negative_prompt():

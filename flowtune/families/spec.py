@@ -63,6 +63,11 @@ class FamilySpec:
             (FLUX's distilled guidance, or classifier-free guidance where the pipeline does it),
             ``true_cfg_scale`` (Qwen-Image's classifier-free guidance).
         guidance: The guidance value sampling uses when the recipe or command line gives none.
+        adapter_arguments: ``(name, type)`` pairs of the keyword arguments the adapter's
+            constructor takes (``model.adapter``), types as ``"float"``, ``"int"``, ``"bool"`` or
+            ``"str"``, so that a recipe's ``model.adapter`` is checked without importing torch;
+            the family contract test checks them against the constructor.  None: not declared,
+            the adapter is imported to check them.
         negative_prompt: The negative prompt of the family's classifier-free guidance when the
             recipe or command line gives none (e.g. ``" "``); validation samples with its cached
             embedding.  None: the family's pipeline takes no negative prompt (guidance-distilled
@@ -87,6 +92,7 @@ class FamilySpec:
     quantize_skip: tuple[str, ...] = ()
     encoder_quantize_skip: tuple[tuple[str, tuple[str, ...]], ...] = ()
     component_sources: tuple[tuple[str, str], ...] = ()
+    adapter_arguments: tuple[tuple[str, str], ...] | None = None
     guidance_argument: str = "guidance_scale"
     guidance: float = 3.5
     negative_prompt: str | None = None

@@ -479,7 +479,7 @@ def _check_semantics(cfg: Any) -> None:
             f"{who} a reference image per prompt: give one image per validation prompt "
             f"({len(prompts)}), or one for all",
         )
-    _check_adapter_arguments(family.adapter, OmegaConf.to_container(cfg.model.adapter))
+    _check_adapter_arguments(family, OmegaConf.to_container(cfg.model.adapter))
 
     targets = cfg.lora.target_modules
     if targets is not None and (len(targets) == 0 or any(not t.strip() for t in targets)):
@@ -567,38 +567,62 @@ def _check_quantize(cfg: Any, fail: Callable[[str, Any, str], None]) -> None:
         )
 
 
-def _check_adapter_arguments(adapter_name: str, kwargs: Any) -> None:
+def _check_adapter_arguments(family: Any, kwargs: Any) -> None:
     """``model.adapter`` must be keyword arguments the family's adapter accepts.
 
-    Adapters are plain objects (no weights), so building one with the arguments is cheap; with no
-    arguments there is nothing to check, and torch (which the adapters import) is not imported.
+    Families that declare them (``FamilySpec.adapter_arguments``) are checked by name and type
+    without importing torch; otherwise the adapter (a plain object, no weights) is built with the
+    arguments.  With no arguments there is nothing to check.
     """
     if not kwargs:
         return
-    from flowtune.flow_matching.pipeline import create_adapter
+    declared = family.adapter_arguments
+    if declared is not None:
+        accepted = [name for name, _ in declared]
+    else:
+        from flowtune.flow_matching.pipeline import create_adapter
 
-    default = create_adapter(adapter_name)
-    parameters = inspect.signature(type(default).__init__).parameters
-    if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
-        accepted = [
-            name
-            for name, p in parameters.items()
-            if name != "self" and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
-        ]
-        for name in kwargs:
-            if name not in accepted:
-                key = f"model.adapter.{name}"
-                close = difflib.get_close_matches(str(name), accepted, n=1, cutoff=0.6)
-                if close:
-                    raise RecipeError(f"unknown key {key!r} — did you mean 'model.adapter.{close[0]}'?")
+        parameters = inspect.signature(type(create_adapter(family.adapter)).__init__).parameters
+        if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
+            accepted = list(kwargs)
+        else:
+            accepted = [
+                name
+                for name, p in parameters.items()
+                if name != "self" and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+            ]
+    for name in kwargs:
+        if name not in accepted:
+            key = f"model.adapter.{name}"
+            close = difflib.get_close_matches(str(name), accepted, n=1, cutoff=0.6)
+            if close:
+                raise RecipeError(f"unknown key {key!r} — did you mean 'model.adapter.{close[0]}'?")
+            raise RecipeError(
+                f"unknown key {key!r}; the {family.adapter!r} adapter accepts: "
+                + (", ".join(accepted) or "no arguments")
+            )
+    if declared is not None:
+        for name, type_name in declared:
+            if name in kwargs and not _is_type(kwargs[name], type_name):
                 raise RecipeError(
-                    f"unknown key {key!r}; the {adapter_name!r} adapter accepts: "
-                    + (", ".join(accepted) or "no arguments")
+                    f"invalid value '{_fmt(kwargs[name])}' for 'model.adapter.{name}': expected a {type_name}"
                 )
+        return
     try:
-        create_adapter(adapter_name, **kwargs)
+        create_adapter(family.adapter, **kwargs)
     except (TypeError, ValueError) as e:
         raise RecipeError(f"invalid value '{_fmt(kwargs)}' for 'model.adapter': {_first_line(e)}") from None
+
+
+def _is_type(value: Any, type_name: str) -> bool:
+    """Whether a YAML value is a ``type_name`` (``float`` takes integers too; ``bool`` is no number)."""
+    if type_name == "bool":
+        return isinstance(value, bool)
+    if isinstance(value, bool):
+        return False
+    if type_name == "float":
+        return isinstance(value, int | float)
+    return isinstance(value, {"int": int, "str": str}[type_name])
 
 
 # --------------------------------------------------------------------------- entry points

@@ -39,6 +39,9 @@ BLOCK_LISTS = (
     ("single_transformer_blocks", "num_single_layers"),
 )
 
+# FluxAdapter's (and FluxKontextAdapter's and Flux2Adapter's) constructor arguments.
+ADAPTER_ARGUMENTS = (("guidance_scale", "float"), ("use_guidance_embeds", "bool"))
+
 SPEC = FamilySpec(
     name="flux",
     description="FLUX.1 [dev]/[schnell]: T5 + CLIP text encoders, 16-channel VAE, 2x2 packed latents",
@@ -54,4 +57,5 @@ SPEC = FamilySpec(
     block_lists=BLOCK_LISTS,
     quantize_skip=QUANTIZE_SKIP,
     encoder_quantize_skip=ENCODER_QUANTIZE_SKIP,
+    adapter_arguments=ADAPTER_ARGUMENTS,
 )

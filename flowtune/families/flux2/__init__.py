@@ -7,6 +7,7 @@ The family's code: :mod:`.adapter` (``Flux2Adapter``), :mod:`.encoder` (``Flux2E
 
 from __future__ import annotations
 
+from flowtune.families.flux import ADAPTER_ARGUMENTS
 from flowtune.families.flux2.quantize import ENCODER_QUANTIZE_SKIP, QUANTIZE_SKIP
 from flowtune.families.spec import FamilySpec
 
@@ -54,4 +55,5 @@ SPEC = FamilySpec(
     references_optional=True,
     quantize_skip=QUANTIZE_SKIP,
     encoder_quantize_skip=ENCODER_QUANTIZE_SKIP,
+    adapter_arguments=ADAPTER_ARGUMENTS,
 )

@@ -8,7 +8,7 @@ tables and quantization choices as :mod:`flowtune.families.flux`; its own :mod:`
 
 from __future__ import annotations
 
-from flowtune.families.flux import BLOCK_LISTS, LORA_TARGETS
+from flowtune.families.flux import ADAPTER_ARGUMENTS, BLOCK_LISTS, LORA_TARGETS
 from flowtune.families.flux.quantize import ENCODER_QUANTIZE_SKIP, QUANTIZE_SKIP
 from flowtune.families.spec import FamilySpec
 
@@ -28,6 +28,7 @@ SPEC = FamilySpec(
     reference_images=True,
     quantize_skip=QUANTIZE_SKIP,
     encoder_quantize_skip=ENCODER_QUANTIZE_SKIP,
+    adapter_arguments=ADAPTER_ARGUMENTS,
     # The Hub's Kontext shares FLUX.1 [dev]'s text encoders and VAE.
     component_sources=(("black-forest-labs/FLUX.1-Kontext-dev", "black-forest-labs/FLUX.1-dev"),),
 )
