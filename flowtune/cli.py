@@ -189,7 +189,7 @@ def preprocess(
     re-encoded.  Exit status 1 if nothing could be cached.  Launched on several processes, each
     encodes its share into its own shards.
     """
-    from flowtune.data.cache import preprocess as run_preprocess
+    from flowtune.data.preprocess import preprocess as run_preprocess
     from flowtune.distributed import is_main_process
     from flowtune.recipe import load_recipe, resolve_recipe_path
 

@@ -44,8 +44,8 @@ from rich.console import Console
 from safetensors import safe_open
 from torch.utils.data import DataLoader
 
-import flowtune.data.cache as cache_module
-from flowtune.data.cache import SHARD_BYTES, preprocess
+import flowtune.data.preprocess as cache_module
+from flowtune.data.preprocess import SHARD_BYTES, preprocess
 from flowtune.data.loader import BucketBatchSampler, CacheCollator, CachedDataset
 from flowtune.data.store import CacheStore
 from flowtune.data.synthetic import make_shapes_dataset

@@ -53,7 +53,7 @@ from rich.console import Console
 
 import flowtune.flow_matching.rng as rng_module
 import flowtune.train.trainer as trainer_module
-from flowtune.data.cache import preprocess
+from flowtune.data.preprocess import preprocess
 from flowtune.data.synthetic import make_shapes_dataset
 from flowtune.families import get_family
 from flowtune.quiet import quiet_libraries

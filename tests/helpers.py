@@ -195,7 +195,7 @@ def tiny_flux_training_env(
     ``root/recipe.yaml``."""
     from rich.console import Console
 
-    from flowtune.data.cache import preprocess
+    from flowtune.data.preprocess import preprocess
     from flowtune.data.synthetic import make_shapes_dataset
     from flowtune.recipe import load_recipe
     from flowtune.tiny import make_tiny
@@ -269,7 +269,7 @@ def train_learning_run(
     import torch
     from rich.console import Console
 
-    from flowtune.data.cache import preprocess
+    from flowtune.data.preprocess import preprocess
     from flowtune.recipe import load_recipe
     from flowtune.train.metrics import read_metrics
     from flowtune.train.trainer import Trainer

@@ -98,7 +98,7 @@ def cached_demo(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[st
     """A tiny model, 4 images and their cache (built in-process), and the recipe overrides."""
     from rich.console import Console
 
-    from flowtune.data.cache import preprocess
+    from flowtune.data.preprocess import preprocess
     from flowtune.data.synthetic import make_shapes_dataset
     from flowtune.recipe import load_recipe
     from flowtune.tiny import make_tiny

@@ -26,7 +26,7 @@ from PIL import Image
 from rich.console import Console
 from safetensors.torch import load_file
 
-from flowtune.data.cache import preprocess
+from flowtune.data.preprocess import preprocess
 from flowtune.data.store import CacheStore
 from flowtune.distributed import launch_command
 from flowtune.recipe import load_recipe

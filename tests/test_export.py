@@ -227,7 +227,7 @@ def test_modules_without_an_original_name_and_families_without_a_mapping_are_ref
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny FLUX.1 LoRA run (rank 4, alpha 8: scale 2) trained 2 steps; returns its output dir."""
-    from flowtune.data.cache import preprocess
+    from flowtune.data.preprocess import preprocess
     from flowtune.data.synthetic import make_shapes_dataset
     from flowtune.recipe import load_recipe
     from flowtune.tiny import make_tiny

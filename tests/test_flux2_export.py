@@ -162,7 +162,7 @@ def test_a_module_without_a_bfl_name_is_refused(tmp_path) -> None:
 def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny FLUX.2 LoRA run (default targets, rank 4, alpha 8: scale 2) trained 2 steps; returns
     its output dir."""
-    from flowtune.data.cache import preprocess
+    from flowtune.data.preprocess import preprocess
     from flowtune.data.synthetic import make_shapes_dataset
     from flowtune.recipe import load_recipe
     from flowtune.tiny import make_tiny

@@ -93,7 +93,7 @@ def test_train_display_and_stop_messages_print_brackets(tmp_path: Path) -> None:
 
 
 def test_preprocess_summary_prints_problem_paths_as_they_are(tmp_path: Path) -> None:
-    from flowtune.data.cache import PreprocessReport, Problem, print_summary
+    from flowtune.data.preprocess import PreprocessReport, Problem, print_summary
 
     cache = tmp_path / "c[/]ache"
     report = PreprocessReport(
@@ -310,7 +310,7 @@ def other_families(weird: dict) -> dict[str, Path]:
 def test_preprocess_refuses_another_family_s_model_folder(
     other_families: dict, weird: dict, family: str, folder: str, pipeline: str, tmp_path: Path
 ) -> None:
-    from flowtune.data.cache import preprocess
+    from flowtune.data.preprocess import preprocess
     from flowtune.recipe import load_recipe
 
     model = other_families[folder]

@@ -15,7 +15,7 @@ import torch
 from rich.console import Console
 
 from flowtune import runlock
-from flowtune.data.cache import preprocess
+from flowtune.data.preprocess import preprocess
 from flowtune.data.store import CacheStore
 from flowtune.errors import FlowtuneError
 from flowtune.interop.export import export

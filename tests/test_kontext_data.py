@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 from rich.console import Console
 
-from flowtune.data.cache import check_cache, preprocess
+from flowtune.data.preprocess import check_cache, preprocess
 from flowtune.data.loader import BucketBatchSampler, CacheCollator, CachedDataset
 from flowtune.data.sources import ControlImage, SourceProblem, list_records
 from flowtune.data.store import MANIFEST_NAME

@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 from rich.console import Console
 
-from flowtune.data.cache import preprocess
+from flowtune.data.preprocess import preprocess
 from flowtune.data.synthetic import make_edit_pairs_dataset
 from flowtune.interop import export
 from flowtune.recipe import load_recipe

@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 from rich.console import Console
 
-from flowtune.data.cache import check_cache, preprocess
+from flowtune.data.preprocess import check_cache, preprocess
 from flowtune.data.synthetic import make_shapes_dataset
 from flowtune.encoders import EncoderSettings, FamilyEncoder, create_encoder
 from flowtune.errors import FlowtuneError

@@ -14,7 +14,7 @@ from PIL import Image, ImageOps
 from rich.console import Console
 
 from flowtune.data.buckets import make_buckets, nearest_bucket
-from flowtune.data.cache import check_cache, preprocess
+from flowtune.data.preprocess import check_cache, preprocess
 from flowtune.data.loader import BucketBatchSampler, CacheCollator, CachedDataset
 from flowtune.data.store import MANIFEST_NAME, CacheStore
 from flowtune.data.synthetic import make_shapes_dataset
@@ -453,7 +453,7 @@ def test_loader_reads_batches_of_one_bucket(tmp_path, tiny_flux, dataset) -> Non
 _SLOW_PREPROCESS = """
 import sys, time
 from rich.console import Console
-from flowtune.data.cache import preprocess
+from flowtune.data.preprocess import preprocess
 from flowtune.families.flux.encoder import FluxEncoder
 from flowtune.recipe import load_recipe
 

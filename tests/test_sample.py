@@ -15,7 +15,7 @@ from PIL import Image
 from rich.console import Console
 from safetensors.torch import load_file, save_file
 
-from flowtune.data.cache import preprocess
+from flowtune.data.preprocess import preprocess
 from flowtune.data.synthetic import make_shapes_dataset
 from flowtune.errors import FlowtuneError
 from flowtune.families import get_family

@@ -12,7 +12,7 @@ from PIL import Image
 from rich.console import Console
 from safetensors.torch import load_file
 
-from flowtune.data.cache import preprocess
+from flowtune.data.preprocess import preprocess
 from flowtune.data.synthetic import make_shapes_dataset
 from flowtune.flow_matching import create_pipeline
 from flowtune.recipe import load_recipe

@@ -40,7 +40,7 @@ from rich.console import Console
 
 from flowtune import runlock
 from flowtune.console import make_console, warning_text
-from flowtune.data.cache import check_cache
+from flowtune.data.preprocess import check_cache
 from flowtune.data.loader import (
     BucketBatchSampler,
     CacheCollator,
