@@ -15,8 +15,9 @@ over a small caption vocabulary).
 from __future__ import annotations
 
 import zlib
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from flowtune.errors import FlowtuneError
 from flowtune.families import get_family
@@ -43,6 +44,38 @@ _CHARS = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.,;:!?'\
 def component_seed(seed: int, component: str) -> int:
     """A seed for one component, so that each component depends only on ``seed`` and its name."""
     return zlib.crc32(f"{seed}:{component}".encode())
+
+
+# The tiny VAEs' layout: 4 levels (downsampling by 8, as every image family's VAE) of 8 channels
+# with one layer each; the families add their latent channels and normalisation.
+TINY_VAE_LAYOUT: dict[str, Any] = {
+    "in_channels": 3,
+    "out_channels": 3,
+    "down_block_types": ("DownEncoderBlock2D",) * 4,
+    "up_block_types": ("UpDecoderBlock2D",) * 4,
+    "block_out_channels": (8, 8, 8, 8),
+    "layers_per_block": 1,
+    "norm_num_groups": 4,
+    "sample_size": 64,
+}
+
+
+def seeded_components(seed: int, builders: dict[str, Callable[[], Any]]) -> dict[str, Any]:
+    """Build each component with torch's global RNG seeded by :func:`component_seed` of ``seed``
+    and its name, so that each depends only on ``seed`` and its name; the caller's RNG state is
+    left untouched.
+
+    Args:
+        builders: ``{component name: function building it}``, called in order.
+    """
+    import torch
+
+    built = {}
+    with torch.random.fork_rng(devices=[]):
+        for name, build in builders.items():
+            torch.manual_seed(component_seed(seed, name))
+            built[name] = build()
+    return built
 
 
 def unigram_tokenizer(words: list[str]) -> Tokenizer:

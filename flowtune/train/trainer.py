@@ -40,7 +40,6 @@ from rich.console import Console
 
 from flowtune import runlock
 from flowtune.console import make_console, warning_text
-from flowtune.data.preprocess import check_cache
 from flowtune.data.loader import (
     BucketBatchSampler,
     CacheCollator,
@@ -48,6 +47,7 @@ from flowtune.data.loader import (
     repeated_items_warning,
     split_validation,
 )
+from flowtune.data.preprocess import check_cache
 from flowtune.errors import FlowtuneError
 from flowtune.families import get_family
 from flowtune.fileio import tree_bytes, write_errors

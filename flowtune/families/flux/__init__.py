@@ -14,7 +14,8 @@ from flowtune.families.spec import FamilySpec
 # Attention projections of the double-stream (image + text) and single-stream blocks and the
 # feed-forward layers of the double-stream blocks (diffusers' FLUX.1 LoRA naming); FLUX.1 Kontext
 # has the same transformer.
-LORA_TARGETS = (
+# The double-stream blocks' attention projections, image and text (FLUX.2's too).
+ATTENTION_TARGETS = (
     "attn.to_q",
     "attn.to_k",
     "attn.to_v",
@@ -23,6 +24,9 @@ LORA_TARGETS = (
     "attn.add_k_proj",
     "attn.add_v_proj",
     "attn.to_add_out",
+)
+LORA_TARGETS = (
+    *ATTENTION_TARGETS,
     "ff.net.0.proj",
     "ff.net.2",
     "ff_context.net.0.proj",

@@ -53,7 +53,31 @@ def model_guidance(
     return guidance if has_guidance else None
 
 
-class FluxAdapter(ModelAdapter):
+class GuidedAdapter(ModelAdapter):
+    """The FLUX adapters' guidance setting: a value given to guidance-distilled transformers.
+
+    Args:
+        guidance_scale: Guidance value fed to guidance-distilled models during training.
+        use_guidance_embeds: Pass guidance to models that have guidance embeddings.  Models
+            without them (FLUX.1 [schnell], FLUX.2 [klein]) never receive guidance, whatever this
+            says; a model with them cannot run without guidance, so ``False`` there is an error.
+    """
+
+    def __init__(self, guidance_scale: float = 3.5, use_guidance_embeds: bool = True):
+        self.guidance_scale = guidance_scale
+        self.use_guidance_embeds = use_guidance_embeds
+
+    def guidance_input(self, batch_size: int, device: torch.device) -> torch.Tensor:
+        """[B] float32 filled with ``guidance_scale``: the ``guidance`` entry of the inputs, which
+        :meth:`model_guidance` keeps or drops per the model."""
+        return torch.full((batch_size,), self.guidance_scale, device=device, dtype=torch.float32)
+
+    def model_guidance(self, model: nn.Module, guidance: torch.Tensor) -> torch.Tensor | None:
+        """The transformer call's ``guidance`` argument (:func:`model_guidance`)."""
+        return model_guidance(model, guidance, self.use_guidance_embeds)
+
+
+class FluxAdapter(GuidedAdapter):
     """Model adapter for FLUX.1 ([dev], [schnell] and fine-tunes) in diffusers' layout.
 
     Batch keys (as written by ``flowtune preprocess``):
@@ -73,16 +97,11 @@ class FluxAdapter(ModelAdapter):
         guidance: [B] filled with ``guidance_scale``, only when the transformer has guidance
             embeddings (FLUX.1-dev) and ``use_guidance_embeds`` is true.
 
-    Args:
-        guidance_scale: Guidance value fed to guidance-distilled models during training.
-        use_guidance_embeds: Pass guidance to models that have guidance embeddings.  Models
-            without them (FLUX.1-schnell) never receive guidance, whatever this says; a model
-            with them cannot run without guidance, so ``False`` there is an error.
+    Args: those of :class:`GuidedAdapter`.
     """
 
     def __init__(self, guidance_scale: float = 3.5, use_guidance_embeds: bool = True):
-        self.guidance_scale = guidance_scale
-        self.use_guidance_embeds = use_guidance_embeds
+        super().__init__(guidance_scale, use_guidance_embeds)
         self._warned_no_pooled = False
 
     def example_batch(
@@ -196,7 +215,7 @@ class FluxAdapter(ModelAdapter):
             "timestep": context.sigma.to(device, dtype=dtype),
             "img_ids": img_ids[0],
             "txt_ids": torch.zeros(text.shape[1], 3, device=device, dtype=dtype),
-            "guidance": torch.full((b,), self.guidance_scale, device=device, dtype=torch.float32),
+            "guidance": self.guidance_input(b, device),
             "latent_size": (h, w),
         }
         if pooled_missing:
@@ -220,7 +239,7 @@ class FluxAdapter(ModelAdapter):
             pooled = inputs["pooled_projections"]
             if width is not None and int(width) != pooled.shape[-1]:
                 inputs["pooled_projections"] = pooled.new_zeros(pooled.shape[0], int(width))
-        guidance = model_guidance(model, inputs.pop("guidance"), self.use_guidance_embeds)
+        guidance = self.model_guidance(model, inputs.pop("guidance"))
         pred = model(**inputs, guidance=guidance, return_dict=False)
         pred = self.post_process_prediction(pred)
         if target_tokens is not None:

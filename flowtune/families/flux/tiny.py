@@ -6,9 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import torch
-
-from flowtune.tiny import CAPTION_WORDS, component_seed, unigram_tokenizer
+from flowtune.tiny import CAPTION_WORDS, TINY_VAE_LAYOUT, seeded_components, unigram_tokenizer
 
 if TYPE_CHECKING:
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
@@ -108,15 +106,8 @@ def _vae() -> AutoencoderKL:
     from diffusers import AutoencoderKL
 
     return AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(8, 8, 8, 8),
-        layers_per_block=1,
-        norm_num_groups=4,
+        **TINY_VAE_LAYOUT,
         latent_channels=LATENT_CHANNELS,
-        sample_size=64,
         scaling_factor=VAE_SCALING_FACTOR,
         shift_factor=VAE_SHIFT_FACTOR,
         use_quant_conv=False,
@@ -181,23 +172,16 @@ def build_tiny_flux(out_dir: Path, seed: int = 0, pipeline_class: str = "FluxPip
 
     tokenizer = _clip_tokenizer()
     tokenizer_2 = _t5_tokenizer()
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(component_seed(seed, "text_encoder"))
-        text_encoder = _clip_text_encoder(tokenizer)
-        torch.manual_seed(component_seed(seed, "text_encoder_2"))
-        text_encoder_2 = _t5_encoder(tokenizer_2)
-        torch.manual_seed(component_seed(seed, "vae"))
-        vae = _vae()
-        torch.manual_seed(component_seed(seed, "transformer"))
-        transformer = tiny_flux_transformer()
-
+    components = seeded_components(
+        seed,
+        {
+            "text_encoder": lambda: _clip_text_encoder(tokenizer),
+            "text_encoder_2": lambda: _t5_encoder(tokenizer_2),
+            "vae": _vae,
+            "transformer": tiny_flux_transformer,
+        },
+    )
     pipe = getattr(diffusers, pipeline_class)(
-        scheduler=_flux_scheduler(),
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        text_encoder_2=text_encoder_2,
-        tokenizer_2=tokenizer_2,
-        transformer=transformer,
+        scheduler=_flux_scheduler(), tokenizer=tokenizer, tokenizer_2=tokenizer_2, **components
     )
     pipe.save_pretrained(out_dir, safe_serialization=True)

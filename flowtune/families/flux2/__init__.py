@@ -7,7 +7,7 @@ The family's code: :mod:`.adapter` (``Flux2Adapter``), :mod:`.encoder` (``Flux2E
 
 from __future__ import annotations
 
-from flowtune.families.flux import ADAPTER_ARGUMENTS
+from flowtune.families.flux import ADAPTER_ARGUMENTS, ATTENTION_TARGETS, BLOCK_LISTS
 from flowtune.families.flux2.quantize import ENCODER_QUANTIZE_SKIP, QUANTIZE_SKIP
 from flowtune.families.spec import FamilySpec
 
@@ -15,14 +15,7 @@ from flowtune.families.spec import FamilySpec
 # blocks' fused qkv + MLP input projection and their output projection (a bare "attn.to_out" would
 # also hit the double-stream blocks' to_out ModuleList).
 LORA_TARGETS = (
-    "attn.to_q",
-    "attn.to_k",
-    "attn.to_v",
-    "attn.to_out.0",
-    "attn.add_q_proj",
-    "attn.add_k_proj",
-    "attn.add_v_proj",
-    "attn.to_add_out",
+    *ATTENTION_TARGETS,
     "ff.linear_in",
     "ff.linear_out",
     "ff_context.linear_in",
@@ -31,11 +24,7 @@ LORA_TARGETS = (
     "single_transformer_blocks.*.attn.to_out",
 )
 
-# As FLUX.1: the double-stream blocks run first, then the single-stream blocks.
-BLOCK_LISTS = (
-    ("transformer_blocks", "num_layers"),
-    ("single_transformer_blocks", "num_single_layers"),
-)
+# As FLUX.1 (BLOCK_LISTS): the double-stream blocks run first, then the single-stream blocks.
 
 SPEC = FamilySpec(
     name="flux2",

@@ -7,10 +7,9 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from flowtune.families.flux.adapter import model_guidance
+from flowtune.families.flux.adapter import GuidedAdapter
 from flowtune.flow_matching.adapters.base import (
     FlowMatchingContext,
-    ModelAdapter,
     batched,
     check_latent_rank,
     control_keys,
@@ -21,7 +20,7 @@ REFERENCE_TIME_STEP = 10
 the generated image has 0."""
 
 
-class Flux2Adapter(ModelAdapter):
+class Flux2Adapter(GuidedAdapter):
     """Model adapter for FLUX.2 ([dev] and fine-tunes) in diffusers' layout.
 
     The preprocessor stores latents already patchified (each 2x2 latent patch becomes 4x the
@@ -49,16 +48,8 @@ class Flux2Adapter(ModelAdapter):
         guidance: [B] filled with ``guidance_scale``, only for transformers with guidance
             embeddings (FLUX.2 [dev]) and ``use_guidance_embeds``.
 
-    Args:
-        guidance_scale: Guidance value fed to guidance-distilled models during training.
-        use_guidance_embeds: Pass guidance to models that have guidance embeddings.  Models
-            without them never receive guidance; a model with them cannot run without it, so
-            ``False`` there is an error.
+    Args: those of :class:`~flowtune.families.flux.adapter.GuidedAdapter`.
     """
-
-    def __init__(self, guidance_scale: float = 3.5, use_guidance_embeds: bool = True):
-        self.guidance_scale = guidance_scale
-        self.use_guidance_embeds = use_guidance_embeds
 
     def example_batch(
         self,
@@ -156,7 +147,7 @@ class Flux2Adapter(ModelAdapter):
             "timestep": context.sigma.to(device, dtype=dtype),
             "img_ids": img_ids,
             "txt_ids": self._prepare_text_ids(text.shape[1], b, device),
-            "guidance": torch.full((b,), self.guidance_scale, device=device, dtype=torch.float32),
+            "guidance": self.guidance_input(b, device),
             "latent_size": (h, w),
         }
         references = self._reference_tokens(batch, device, dtype)
@@ -177,7 +168,7 @@ class Flux2Adapter(ModelAdapter):
         inputs = dict(inputs)
         h, w = inputs.pop("latent_size")
         target_tokens = inputs.pop("target_tokens", None)
-        guidance = model_guidance(model, inputs.pop("guidance"), self.use_guidance_embeds)
+        guidance = self.model_guidance(model, inputs.pop("guidance"))
         pred = self.post_process_prediction(model(**inputs, guidance=guidance, return_dict=False))
         if target_tokens is not None:
             pred = pred[:, :target_tokens]

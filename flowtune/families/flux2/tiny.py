@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from flowtune.tiny import CAPTION_WORDS, component_seed, unigram_tokenizer
+from flowtune.tiny import CAPTION_WORDS, TINY_VAE_LAYOUT, seeded_components, unigram_tokenizer
 
 if TYPE_CHECKING:
     from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2Transformer2DModel
@@ -137,17 +137,7 @@ def _flux2_vae() -> AutoencoderKLFlux2:
     its own latents of synthetic shape images (:func:`_calibrate_flux2_batch_norm`)."""
     from diffusers import AutoencoderKLFlux2
 
-    vae = AutoencoderKLFlux2(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(8, 8, 8, 8),
-        layers_per_block=1,
-        norm_num_groups=4,
-        latent_channels=FLUX2_LATENT_CHANNELS,
-        sample_size=64,
-    ).eval()
+    vae = AutoencoderKLFlux2(**TINY_VAE_LAYOUT, latent_channels=FLUX2_LATENT_CHANNELS).eval()
     _calibrate_flux2_batch_norm(vae)
     return vae
 
@@ -219,19 +209,13 @@ def build_tiny_flux2(out_dir: Path, seed: int = 0) -> None:
     from diffusers import Flux2Pipeline
 
     tokenizer = _mistral_tokenizer()
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(component_seed(seed, "text_encoder"))
-        text_encoder = _mistral3_text_encoder(tokenizer)
-        torch.manual_seed(component_seed(seed, "vae"))
-        vae = _flux2_vae()
-        torch.manual_seed(component_seed(seed, "transformer"))
-        transformer = tiny_flux2_transformer()
-
-    pipe = Flux2Pipeline(
-        scheduler=_flux2_scheduler(),
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        transformer=transformer,
+    components = seeded_components(
+        seed,
+        {
+            "text_encoder": lambda: _mistral3_text_encoder(tokenizer),
+            "vae": _flux2_vae,
+            "transformer": tiny_flux2_transformer,
+        },
     )
+    pipe = Flux2Pipeline(scheduler=_flux2_scheduler(), tokenizer=tokenizer, **components)
     pipe.save_pretrained(out_dir, safe_serialization=True)
