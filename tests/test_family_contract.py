@@ -32,7 +32,7 @@ from tests.helpers import cli
 
 PROMPT = "a blue square"
 TEXT_TOKENS = 48  # room for FLUX.2's system message before the caption
-SIZE = 32  # sampling height and width
+HEIGHT, WIDTH = 32, 48  # sampling size (not square, so that height and width cannot be swapped)
 GUIDANCE = 2.5  # the family's guidance_argument (above 1: classifier-free guidance is on where it is one)
 
 
@@ -84,7 +84,7 @@ def _recipe(root: Path, spec: FamilySpec) -> Path:
         "train: {max_steps: 3, seed: 0, mixed_precision: 'no', checkpoint_every: 3, batch_size: 2,"
         " log_every: 1}\n"
         f"validation: {{prompts: ['{PROMPT}'], every: 0, seed: 5, steps: 2, guidance: {GUIDANCE},"
-        f" height: {SIZE}, width: {SIZE}{images}}}\n"
+        f" height: {HEIGHT}, width: {WIDTH}{images}}}\n"
         "optimizer: {lr: 5.0e-2}\n"
         "lr_scheduler: {name: constant}\n"
     )
@@ -163,13 +163,13 @@ def _images(family: dict[str, Any], pipe: Any, seed: int = 5) -> np.ndarray:
     extra = {}
     if _needs_references(spec):
         control = Image.open(family["root"] / "data" / "control" / "0000.png")
-        extra = REFERENCE_CALLS[spec.name](control, pipe, SIZE, SIZE)
+        extra = REFERENCE_CALLS[spec.name](control, pipe, HEIGHT, WIDTH)
     if spec.negative_prompt is not None:  # classifier-free guidance against the family's default
         extra["negative_prompt"] = spec.negative_prompt
     extra[spec.guidance_argument] = GUIDANCE
     return np.asarray(
         pipe(
-            prompt=PROMPT, height=SIZE, width=SIZE, num_inference_steps=2, max_sequence_length=TEXT_TOKENS,
+            prompt=PROMPT, height=HEIGHT, width=WIDTH, num_inference_steps=2, max_sequence_length=TEXT_TOKENS,
             generator=torch.Generator().manual_seed(seed), **extra,
         ).images[0]
     )  # fmt: skip
@@ -182,7 +182,7 @@ def test_sample_equals_the_family_pipeline_with_the_lora(family, run, tmp_path) 
     out = tmp_path / "out"
     result = cli(
         "sample", "--ckpt", run, "-p", PROMPT, "--seed", "5", "--steps", "2", "--guidance", str(GUIDANCE),
-        "--height", str(SIZE), "--width", str(SIZE), "--out", out, *image,
+        "--height", str(HEIGHT), "--width", str(WIDTH), "--out", out, *image,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     got = Image.open(out / "000000.png")

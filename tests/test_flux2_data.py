@@ -13,8 +13,8 @@ import torch
 from PIL import Image
 from rich.console import Console
 
-from flowtune.data.preprocess import preprocess
 from flowtune.data.loader import CachedDataset
+from flowtune.data.preprocess import preprocess
 from flowtune.data.synthetic import make_edit_pairs_dataset, make_shapes_dataset
 from flowtune.encoders import EncoderSettings, create_encoder
 from flowtune.errors import FlowtuneError

@@ -18,8 +18,8 @@ from PIL import Image
 from rich.console import Console
 
 import flowtune.data.store as store_module
-from flowtune.data.preprocess import check_cache, preprocess
 from flowtune.data.loader import CachedDataset
+from flowtune.data.preprocess import check_cache, preprocess
 from flowtune.data.store import MANIFEST_NAME, SHARDS_DIR, CacheStore
 from flowtune.data.synthetic import make_shapes_dataset
 from flowtune.errors import FlowtuneError

@@ -12,8 +12,8 @@ import torch
 from PIL import Image
 from rich.console import Console
 
-from flowtune.data.preprocess import check_cache, preprocess
 from flowtune.data.loader import BucketBatchSampler, CacheCollator, CachedDataset
+from flowtune.data.preprocess import check_cache, preprocess
 from flowtune.data.sources import ControlImage, SourceProblem, list_records
 from flowtune.data.store import MANIFEST_NAME
 from flowtune.data.synthetic import (

@@ -14,8 +14,8 @@ from PIL import Image, ImageOps
 from rich.console import Console
 
 from flowtune.data.buckets import make_buckets, nearest_bucket
-from flowtune.data.preprocess import check_cache, preprocess
 from flowtune.data.loader import BucketBatchSampler, CacheCollator, CachedDataset
+from flowtune.data.preprocess import check_cache, preprocess
 from flowtune.data.store import MANIFEST_NAME, CacheStore
 from flowtune.data.synthetic import make_shapes_dataset
 from flowtune.encoders.base import FamilyEncoder
