@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from types import UnionType
 from typing import Any, Literal, Union, get_args, get_origin
@@ -142,4 +143,33 @@ def render_recipe_docs() -> str:
                 f"| `{spec.key}` | {type_text(spec.type)} | {default_text(spec)} | {_escape(spec.doc)} |"
             )
         lines.append("")
+    lines += _family_table()
     return "\n".join(lines).rstrip("\n") + "\n"
+
+
+def _family_table() -> list[str]:
+    """The ``model.family`` values, from the registry (:mod:`flowtune.families`)."""
+    from flowtune.families import FAMILIES
+
+    lines = [
+        "## Model families",
+        "",
+        "The values of `model.family`, from the family registry (`flowtune/families/`). *guidance*: the "
+        "pipeline argument that `validation.guidance` and `flowtune sample --guidance` set, with the "
+        "family's default; *negative prompt*: the default of `validation.negative_prompt` (none: the "
+        "family takes none); *references*: whether it edits reference images (`data.edit_pairs`, "
+        "`validation.images`, `flowtune sample --image`).",
+        "",
+        "| family | diffusers pipeline | guidance | negative prompt | references | what it is |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for spec in FAMILIES.values():
+        references = (
+            "optional" if spec.references_optional else ("required" if spec.reference_images else "no")
+        )
+        negative = "none" if spec.negative_prompt is None else f"`{json.dumps(spec.negative_prompt)}`"
+        lines.append(
+            f"| `{spec.name}` | `{spec.pipeline_class}` | `{spec.guidance_argument}` = {spec.guidance:g} "
+            f"| {negative} | {references} | {_escape(spec.description)} |"
+        )
+    return [*lines, ""]

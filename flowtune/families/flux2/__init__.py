@@ -45,4 +45,5 @@ SPEC = FamilySpec(
     quantize_skip=QUANTIZE_SKIP,
     encoder_quantize_skip=ENCODER_QUANTIZE_SKIP,
     adapter_arguments=ADAPTER_ARGUMENTS,
+    guidance=4.0,  # Flux2Pipeline's default guidance_scale
 )
