@@ -47,7 +47,7 @@ class Flux2KleinEncoder(Flux2Encoder):
 
     def token_counts(self, prompts: list[str]) -> list[int]:
         """Tokens per prompt as ``encode_prompt`` tokenizes it before truncating to L: the chat
-        markup (about 14 tokens) included."""
+        markup (12 tokens) included."""
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(self.model_dir / "tokenizer")

@@ -43,10 +43,9 @@ QWEN_CHAT_TEMPLATE = (
     "{{- '<think>\\n\\n</think>\\n\\n' }}"
     "{%- endif %}{%- endif %}"
 )
-# Words of the chat markup and of edit instructions, besides the caption words of CAPTION_WORDS.
-_EXTRA_WORDS = (
-    "user assistant system think make turn change into remove add replace color colour shape star ring cross large"
-).split()
+# Words of the chat markup and of edit instructions, besides the caption words of CAPTION_WORDS
+# and flowtune.data.synthetic's shape, colour and size names.
+_EXTRA_WORDS = "user assistant system think background make turn change into remove add replace color colour".split()
 
 
 def _qwen_tokenizer() -> Qwen2Tokenizer:
@@ -61,7 +60,9 @@ def _qwen_tokenizer() -> Qwen2Tokenizer:
     from transformers import Qwen2Tokenizer
     from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
 
-    words = list(dict.fromkeys([*CAPTION_WORDS, *_EXTRA_WORDS]))
+    from flowtune.data.synthetic import COLOURS, SHAPES, SIZES
+
+    words = list(dict.fromkeys([*CAPTION_WORDS, *SHAPES, *COLOURS, *SIZES, *_EXTRA_WORDS]))
     backend = Tokenizer(BPE())
     backend.normalizer = normalizers.NFC()
     backend.pre_tokenizer = pre_tokenizers.Sequence(  # Qwen2Tokenizer's, so that merges match it
