@@ -220,7 +220,9 @@ def test_the_distilled_pipeline_ignores_guidance(tmp_path) -> None:
     pipe = Flux2KleinPipeline.from_pretrained(tmp_path, dtype=torch.float32)
     pipe.set_progress_bar_config(disable=True)
     calls = []
-    pipe.transformer.register_forward_pre_hook(lambda m, a, kw: calls.append(kw["guidance"]), with_kwargs=True)
+    pipe.transformer.register_forward_pre_hook(
+        lambda m, a, kw: calls.append(kw["guidance"]), with_kwargs=True
+    )
     pipe(prompt="a red circle", height=32, width=32, num_inference_steps=2, guidance_scale=GUIDANCE,
          max_sequence_length=TEXT_TOKENS)  # fmt: skip
     assert calls == [None, None]  # one call a step, never guidance
@@ -234,9 +236,14 @@ def test_the_adapter_takes_no_arguments_and_refuses_guidance_models() -> None:
     batch = adapter.example_batch({}, 2, 64, 32, 10, references=1)
     assert batch["text_embeddings"].shape == (2, 10, 12288)  # klein 9B: 3 x Qwen3-8B's 4096
     assert batch["image_latents"].shape == batch["control_latents_0"].shape == (2, 128, 4, 2)
-    assert adapter.example_batch({"joint_attention_dim": 7680}, 1, 32, 32, 4)["text_embeddings"].shape[-1] == 7680
+    assert (
+        adapter.example_batch({"joint_attention_dim": 7680}, 1, 32, 32, 4)["text_embeddings"].shape[-1]
+        == 7680
+    )
     torch.manual_seed(0)
-    context = _context(torch.randn(1, 128, 2, 2), torch.tensor([0.5]), {"text_embeddings": torch.randn(1, 6, 48)})
+    context = _context(
+        torch.randn(1, 128, 2, 2), torch.tensor([0.5]), {"text_embeddings": torch.randn(1, 6, 48)}
+    )
     assert adapter.forward(tiny_flux2_transformer(guidance_embeds=False), adapter.prepare_inputs(context)).shape == (
         1, 128, 2, 2,
     )  # fmt: skip
@@ -272,7 +279,13 @@ def learned(tmp_path_factory: pytest.TempPathFactory) -> Path:
     tiny_flux2_transformer(guidance_embeds=False, hidden=128).save_pretrained(model / "transformer")
     make_shapes_dataset(root / "data", 4, seed=5)
     train_learning_run(
-        root, model, "flux2-klein", root / "data", LEARNING_STEPS, sequence_length=TEXT_TOKENS, lora_extra=MODULATION_TOO
+        root,
+        model,
+        "flux2-klein",
+        root / "data",
+        LEARNING_STEPS,
+        sequence_length=TEXT_TOKENS,
+        lora_extra=MODULATION_TOO,
     )
     return root
 

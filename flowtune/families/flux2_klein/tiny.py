@@ -45,7 +45,9 @@ QWEN_CHAT_TEMPLATE = (
 )
 # Words of the chat markup and of edit instructions, besides the caption words of CAPTION_WORDS
 # and flowtune.data.synthetic's shape, colour and size names.
-_EXTRA_WORDS = "user assistant system think background make turn change into remove add replace color colour".split()
+_EXTRA_WORDS = (
+    "user assistant system think background make turn change into remove add replace color colour".split()
+)
 
 
 def _qwen_tokenizer() -> Qwen2Tokenizer:
