@@ -86,6 +86,18 @@ def test_the_tiny_tokenizer_formats_prompts_as_qwen3_does(pipe) -> None:
     assert pipe.transformer.config.joint_attention_dim == 3 * pipe.text_encoder.config.hidden_size
 
 
+def test_the_tiny_model_is_small_and_depends_only_on_its_seed(tiny, tmp_path) -> None:
+    from safetensors.torch import load_file
+
+    again = make_tiny("flux2-klein", tmp_path / "again")
+    weights = sorted(p.relative_to(tiny) for p in tiny.rglob("*.safetensors"))
+    assert len(weights) == 3  # text encoder, transformer, VAE
+    for path in weights:
+        a, b = load_file(tiny / path), load_file(again / path)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), path
+    assert sum(p.stat().st_size for p in tiny.rglob("*") if p.is_file()) < 2 * 1024 * 1024
+
+
 # ------------------------------------------------------------------------------ the cache
 
 
@@ -325,3 +337,32 @@ def test_lora_training_makes_each_caption_sample_its_own_image(learned: Path, tm
     pipe.unload_lora_weights()
     pipe.load_lora_weights(str(export(learned / "run", "kohya", tmp_path / "kohya.safetensors").path))
     assert len(pipe.get_list_adapters()["transformer"]) == 1
+
+
+# ------------------------------------------------------------------------------ bundled configs
+
+
+@pytest.mark.parametrize(
+    ("size", "transformer", "text_encoder"), [("9B", (9.0, 9.2), (8.1, 8.3)), ("4B", (3.8, 4.0), (3.9, 4.1))]
+)
+def test_bundled_configs_build_at_the_published_sizes(size, transformer, text_encoder) -> None:
+    """klein 9B: a 9.1B transformer and Qwen3-8B; klein 4B: 3.9B and Qwen3-4B (billions of
+    parameters, built on the meta device); the base models' configs are the same."""
+    from flowtune.memory.phases import build_component, component_config
+    from flowtune.memory.plan import load_transformer_config
+
+    hub = f"black-forest-labs/FLUX.2-klein-{size}"
+    config, source = load_transformer_config(hub)
+    base, _ = load_transformer_config(f"black-forest-labs/FLUX.2-klein-base-{size}")
+    assert source == "bundled" and not config["guidance_embeds"]
+    assert {k: v for k, v in base.items() if k[0] != "_"} == {k: v for k, v in config.items() if k[0] != "_"}
+    assert component_config(
+        f"black-forest-labs/FLUX.2-klein-base-{size}", "text_encoder"
+    ) == component_config(hub, "text_encoder")
+    with torch.device("meta"):
+        sizes = [
+            sum(p.numel() for p in build_component(c, torch.bfloat16).parameters()) / 1e9
+            for c in (config, component_config(hub, "text_encoder"))
+        ]
+    assert transformer[0] < sizes[0] < transformer[1] and text_encoder[0] < sizes[1] < text_encoder[1]
+    assert config["joint_attention_dim"] == 3 * component_config(hub, "text_encoder")["hidden_size"]
