@@ -6,7 +6,6 @@ a LoRA that learns four captions (then exported for ComfyUI and kohya and loaded
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -86,7 +85,7 @@ def test_the_tiny_tokenizer_formats_prompts_as_qwen3_does(pipe) -> None:
     assert pipe.transformer.config.joint_attention_dim == 3 * pipe.text_encoder.config.hidden_size
 
 
-def test_the_tiny_model_is_small_and_depends_only_on_its_seed(tiny, tmp_path) -> None:
+def test_the_tiny_model_is_small_and_depends_only_on_its_seed(tiny, pipe, tmp_path) -> None:
     from safetensors.torch import load_file
 
     again = make_tiny("flux2-klein", tmp_path / "again")
@@ -95,7 +94,8 @@ def test_the_tiny_model_is_small_and_depends_only_on_its_seed(tiny, tmp_path) ->
     for path in weights:
         a, b = load_file(tiny / path), load_file(again / path)
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), path
-    assert sum(p.stat().st_size for p in tiny.rglob("*") if p.is_file()) < 2 * 1024 * 1024
+    assert sum(p.stat().st_size for p in tiny.rglob("*") if p.is_file()) < 8 * 1024 * 1024  # 6.9 MB
+    assert pipe.transformer.config.num_attention_heads * pipe.transformer.config.attention_head_dim == 128
 
 
 # ------------------------------------------------------------------------------ the cache
@@ -275,20 +275,18 @@ MODULATION_TOO = (
     " single_stream_modulation.linear]"
 )
 # Data seed 5 (as FLUX.2's test), 150 steps of batch 16: each caption's sample is nearer its own
-# target than any other by a margin (the other's mean squared distance / its own) of at least 1.12
-# (1.13 after 200 steps; 100 steps left 1.03).
+# target than any other by a margin (the other's mean squared distance / its own) of at least 1.11
+# (measured with a transformer of another seed: 1.12 after 150 steps, 1.13 after 200, 1.03 after
+# 100; data seed 11 fails after 150 steps).
 LEARNING_STEPS = 150
 
 
 @pytest.fixture(scope="module")
 def learned(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A LoRA trained on four captioned shapes, on the tiny klein with a transformer as wide as a
-    latent token (hidden 128), sampled without guidance (the distilled models' default)."""
+    """A LoRA trained on four captioned shapes, on the tiny klein (its transformer as wide as a
+    latent token: hidden 128)."""
     root = tmp_path_factory.mktemp("klein-learning")
     model = make_tiny("flux2-klein", root / "tiny")
-    torch.manual_seed(0)
-    shutil.rmtree(model / "transformer")
-    tiny_flux2_transformer(guidance_embeds=False, hidden=128).save_pretrained(model / "transformer")
     make_shapes_dataset(root / "data", 4, seed=5)
     train_learning_run(
         root,

@@ -1,6 +1,7 @@
 """FLUX.2 [klein]'s tiny random pipeline (``flowtune make-tiny flux2-klein``): FLUX.2's transformer
-(without guidance embedding) and VAE from :mod:`flowtune.families.flux2.tiny`, with a tiny Qwen3
-text encoder and a Qwen2-style byte-level BPE tokenizer built here, offline."""
+(without guidance embedding, as wide as a latent token) and VAE from
+:mod:`flowtune.families.flux2.tiny`, with a tiny Qwen3 text encoder and a Qwen2-style byte-level
+BPE tokenizer built here, offline."""
 
 from __future__ import annotations
 
@@ -30,6 +31,9 @@ QWEN_LAYERS = 28
 # default 0.02 hardly mixes tokens, and the caption would reach only its own ~4 tokens of the
 # padded window; 0.5 makes the later tokens carry it, as in a trained language model.
 QWEN_INIT_STD = 0.5
+# The tiny transformer's width: a latent token's 128 features (32 latent channels x 2 x 2), the
+# least with which its output projection spans a token, so that a LoRA on it can fit the velocity.
+TRANSFORMER_HIDDEN = 128
 QWEN_MAX_LENGTH = 512  # the tokenizer's model_max_length (Flux2KleinPipeline's tokenizer_max_length)
 # Qwen3's conversation format, as far as Flux2KleinPipeline uses it: each message in
 # <|im_start|>ROLE\n...<|im_end|>\n, then (add_generation_prompt) the assistant's turn opened,
@@ -133,7 +137,7 @@ def build_tiny_flux2_klein(out_dir: Path, seed: int = 0, is_distilled: bool = Fa
         torch.manual_seed(component_seed(seed, "vae"))
         vae = _flux2_vae()
         torch.manual_seed(component_seed(seed, "transformer"))
-        transformer = tiny_flux2_transformer(guidance_embeds=False)
+        transformer = tiny_flux2_transformer(guidance_embeds=False, hidden=TRANSFORMER_HIDDEN)
 
     pipe = Flux2KleinPipeline(
         scheduler=_flux2_scheduler(),
