@@ -27,9 +27,9 @@ QWEN_HIDDEN = MISTRAL_HIDDEN
 # Flux2KleinPipeline reads hidden states (9, 18, 27) of Qwen3's 36 layers; 28 layers keep all three
 # intermediate (hidden state 28 would be the final, normed one).
 QWEN_LAYERS = 28
-# As the tiny Mistral (flowtune.families.flux2.tiny.MISTRAL_INIT_STD): at width 16 transformers'
-# default 0.02 hardly mixes tokens, and the caption would reach only its own ~4 tokens of the
-# padded window; 0.5 makes the later tokens carry it, as in a trained language model.
+# As the tiny Mistral's (flowtune.families.flux2.tiny.MISTRAL_INIT_STD, where it was measured): at
+# width 16 transformers' default 0.02 hardly mixes tokens, so only the caption's own few tokens of
+# the padded window would carry it; 0.5 makes the later tokens carry it too, as in a trained LM.
 QWEN_INIT_STD = 0.5
 # The tiny transformer's width: a latent token's 128 features (32 latent channels x 2 x 2), the
 # least with which its output projection spans a token, so that a LoRA on it can fit the velocity.
