@@ -12,7 +12,7 @@ DEMO_DIR := .flowtune-demo
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: demo demo-kontext demo-flux2 test lint format docs clean
+.PHONY: demo demo-kontext demo-flux2 demo-flux2-klein test lint format docs clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -56,6 +56,17 @@ demo-flux2: $(STAMP)
 		--prompt "a red circle on a white background" --prompt "a blue square on a white background"
 	@echo "flux2 demo outputs: run $(DEMO_DIR)-flux2/run, samples $(DEMO_DIR)-flux2/samples"
 
+# The same chain on FLUX.2 [klein] (Qwen3 text embeddings, Flux2KleinPipeline sampling).
+demo-flux2-klein: $(STAMP)
+	$(BIN)/python -m flowtune make-tiny flux2-klein $(DEMO_DIR)-flux2-klein/tiny --overwrite
+	$(BIN)/python -m flowtune make-dataset $(DEMO_DIR)-flux2-klein/dataset --count 16 --overwrite
+	$(BIN)/python -m flowtune preprocess recipes/tiny-flux2-klein-demo.yaml
+	$(BIN)/python -m flowtune train recipes/tiny-flux2-klein-demo.yaml
+	rm -rf $(DEMO_DIR)-flux2-klein/samples
+	$(BIN)/python -m flowtune sample --ckpt $(DEMO_DIR)-flux2-klein/run --out $(DEMO_DIR)-flux2-klein/samples \
+		--prompt "a red circle on a white background" --prompt "a blue square on a white background"
+	@echo "flux2-klein demo outputs: run $(DEMO_DIR)-flux2-klein/run, samples $(DEMO_DIR)-flux2-klein/samples"
+
 test: $(STAMP)
 	$(BIN)/pytest -q
 
@@ -71,4 +82,4 @@ docs: $(STAMP)
 	$(BIN)/python scripts/gen_recipe_docs.py
 
 clean:
-	rm -rf $(DEMO_DIR) $(DEMO_DIR)-kontext $(DEMO_DIR)-flux2 .pytest_cache .ruff_cache
+	rm -rf $(DEMO_DIR) $(DEMO_DIR)-kontext $(DEMO_DIR)-flux2 $(DEMO_DIR)-flux2-klein .pytest_cache .ruff_cache

@@ -126,11 +126,13 @@ def cache_settings(recipe: Any) -> dict[str, Any]:
 
 def validation_texts(recipe: Any) -> list[str]:
     """The texts validation samples with, which preprocess encodes besides the captions: the
-    validation prompts and, when validation has prompts and the family a negative prompt, that."""
+    validation prompts and, when validation has prompts and a negative prompt
+    (:meth:`FamilySpec.cached_negative_prompt`), that."""
     v = recipe.validation
     texts = list(v.prompts)
-    if texts and v.negative_prompt is not None:
-        texts.append(v.negative_prompt)
+    negative = get_family(recipe.model.family).cached_negative_prompt(v.negative_prompt)
+    if texts and negative is not None:
+        texts.append(negative)
     return texts
 
 

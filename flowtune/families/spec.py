@@ -72,6 +72,13 @@ class FamilySpec:
             recipe or command line gives none (e.g. ``" "``); validation samples with its cached
             embedding.  None: the family's pipeline takes no negative prompt (guidance-distilled
             FLUX), and giving one is an error.
+        implicit_negative_prompt: The negative prompt that the family's pipeline encodes by
+            itself for classifier-free guidance while taking none as an argument (its
+            ``negative_prompt`` is then None: no ``--negative-prompt``, no
+            ``validation.negative_prompt``).  Validation samples without the text encoders, so
+            preprocess caches this prompt's embeddings with the validation prompts and validation
+            passes them (:meth:`FamilyEncoder.negative_inputs`) as the pipeline would compute them.
+            None: the family has no such prompt.
     """
 
     name: str
@@ -96,6 +103,7 @@ class FamilySpec:
     guidance_argument: str = "guidance_scale"
     guidance: float = 3.5
     negative_prompt: str | None = None
+    implicit_negative_prompt: str | None = None
 
     @property
     def pipeline_classes(self) -> tuple[str, ...]:
@@ -108,6 +116,12 @@ class FamilySpec:
         if edit_pairs is None:
             return self.reference_images and not self.references_optional
         return edit_pairs
+
+    def cached_negative_prompt(self, negative_prompt: str | None) -> str | None:
+        """The negative prompt whose embeddings preprocess caches and validation samples with:
+        ``negative_prompt`` (the recipe's ``validation.negative_prompt``, which defaults to the
+        family's), else the family's ``implicit_negative_prompt``."""
+        return negative_prompt if negative_prompt is not None else self.implicit_negative_prompt
 
     def load_adapter_class(self) -> type:
         """Import and return the family's adapter class."""

@@ -116,8 +116,9 @@ class Validator:
         self.collate = CacheCollator(self.heldout.sequence_fields)
         self.encoder_class = spec.load_encoder_class()
         negative = {}
-        if self.prompts and v.negative_prompt is not None:  # its cached embeddings, as preprocess made them
-            negative = self.encoder_class.negative_inputs(self.heldout.prompt_embeddings(v.negative_prompt))
+        negative_prompt = spec.cached_negative_prompt(v.negative_prompt)
+        if self.prompts and negative_prompt is not None:  # its cached embeddings, as preprocess made them
+            negative = self.encoder_class.negative_inputs(self.heldout.prompt_embeddings(negative_prompt))
         self._prompt_inputs = [
             {**self.encoder_class.prompt_inputs(self.heldout.prompt_embeddings(p)), **negative}
             for p in self.prompts

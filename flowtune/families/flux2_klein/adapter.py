@@ -1,0 +1,46 @@
+"""FLUX.2 [klein] adapter: FLUX.2's, without guidance (klein's transformers have no guidance
+embedding; Flux2KleinPipeline passes ``guidance=None``)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from flowtune.families.flux2.adapter import Flux2Adapter
+
+
+class Flux2KleinAdapter(Flux2Adapter):
+    """Model adapter for FLUX.2 [klein] (4B, 9B, and their base models) in diffusers' layout.
+
+    The same batch keys and transformer call as :class:`Flux2Adapter` (patchified, BN-normalized
+    latents [B, 128, H_p, W_p] packed to tokens; 4-axis ids; ``timestep`` = sigma, which the
+    transformer scales by 1000 as Flux2KleinPipeline passes ``t / 1000``; reference tokens after
+    the target's), except that:
+
+    - ``text_embeddings`` are [B, L, 3 x Qwen3 hidden]: 12288 for klein 9B, 7680 for klein 4B;
+    - ``guidance`` is always None.  The step-distilled klein models are not guidance-distilled:
+      their guidance is classifier-free, done by the pipeline (two transformer calls), never an
+      input of the transformer.
+
+    Takes no arguments.  A transformer with guidance embeddings (FLUX.2 [dev]) is refused when
+    called, since klein never passes guidance.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(guidance_scale=1.0, use_guidance_embeds=False)
+
+    def example_batch(
+        self,
+        config: dict[str, Any],
+        batch_size: int,
+        height: int,
+        width: int,
+        text_tokens: int,
+        references: int = 0,
+    ) -> dict[str, torch.Tensor]:
+        """As :meth:`Flux2Adapter.example_batch`, with the text width of klein 9B (3 x 4096)
+        when the config names none."""
+        return super().example_batch(
+            {"joint_attention_dim": 12288, **config}, batch_size, height, width, text_tokens, references
+        )
