@@ -14,8 +14,8 @@ import torch
 from PIL import Image
 from rich.console import Console
 
-from flowtune.data.cache import preprocess, validation_texts
 from flowtune.data.loader import CachedDataset
+from flowtune.data.preprocess import preprocess, validation_texts
 from flowtune.data.synthetic import make_edit_pairs_dataset, make_shapes_dataset
 from flowtune.encoders import EncoderSettings, create_encoder
 from flowtune.families import get_family

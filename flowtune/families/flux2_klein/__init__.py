@@ -45,6 +45,7 @@ SPEC = FamilySpec(
         ("black-forest-labs/FLUX.2-klein-base-4B", "black-forest-labs/FLUX.2-klein-4B"),
         ("black-forest-labs/FLUX.2-klein-base-9B", "black-forest-labs/FLUX.2-klein-9B"),
     ),
+    adapter_arguments=(),  # Flux2KleinAdapter takes none
     guidance_argument="guidance_scale",
     guidance=1.0,
     negative_prompt=None,
