@@ -131,7 +131,7 @@ def _mistral3_text_encoder(tokenizer: PreTrainedTokenizerFast) -> Mistral3ForCon
     return Mistral3ForConditionalGeneration(config).eval()
 
 
-def _flux2_vae() -> AutoencoderKLFlux2:
+def tiny_flux2_vae() -> AutoencoderKLFlux2:
     """FLUX.2's VAE layout (4 levels: downsampling by 8, 32 latent channels, batch norm over the
     2x2-patchified latents) at 8 channels wide; the batch norm's running statistics are those of
     its own latents of synthetic shape images (:func:`_calibrate_flux2_batch_norm`)."""
@@ -190,7 +190,7 @@ def tiny_flux2_transformer(guidance_embeds: bool = True, hidden: int = 32) -> Fl
     ).eval()
 
 
-def _flux2_scheduler() -> FlowMatchEulerDiscreteScheduler:
+def flux2_scheduler() -> FlowMatchEulerDiscreteScheduler:
     """FLUX.2 [dev]'s scheduler config (Flux2Pipeline computes the resolution-dependent shift mu)."""
     from diffusers import FlowMatchEulerDiscreteScheduler
 
@@ -213,9 +213,9 @@ def build_tiny_flux2(out_dir: Path, seed: int = 0) -> None:
         seed,
         {
             "text_encoder": lambda: _mistral3_text_encoder(tokenizer),
-            "vae": _flux2_vae,
+            "vae": tiny_flux2_vae,
             "transformer": tiny_flux2_transformer,
         },
     )
-    pipe = Flux2Pipeline(scheduler=_flux2_scheduler(), tokenizer=tokenizer, **components)
+    pipe = Flux2Pipeline(scheduler=flux2_scheduler(), tokenizer=tokenizer, **components)
     pipe.save_pretrained(out_dir, safe_serialization=True)

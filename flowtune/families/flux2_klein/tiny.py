@@ -8,15 +8,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import torch
-
 from flowtune.families.flux2.tiny import (
     MISTRAL_HIDDEN,
-    _flux2_scheduler,
-    _flux2_vae,
+    flux2_scheduler,
     tiny_flux2_transformer,
+    tiny_flux2_vae,
 )
-from flowtune.tiny import CAPTION_WORDS, component_seed
+from flowtune.tiny import CAPTION_WORDS, seeded_components
 
 if TYPE_CHECKING:
     from transformers import Qwen2Tokenizer, Qwen3ForCausalLM
@@ -131,20 +129,15 @@ def build_tiny_flux2_klein(out_dir: Path, seed: int = 0, is_distilled: bool = Fa
     from diffusers import Flux2KleinPipeline
 
     tokenizer = _qwen_tokenizer()
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(component_seed(seed, "text_encoder"))
-        text_encoder = _qwen3_text_encoder(tokenizer)
-        torch.manual_seed(component_seed(seed, "vae"))
-        vae = _flux2_vae()
-        torch.manual_seed(component_seed(seed, "transformer"))
-        transformer = tiny_flux2_transformer(guidance_embeds=False, hidden=TRANSFORMER_HIDDEN)
-
+    components = seeded_components(
+        seed,
+        {
+            "text_encoder": lambda: _qwen3_text_encoder(tokenizer),
+            "vae": tiny_flux2_vae,
+            "transformer": lambda: tiny_flux2_transformer(guidance_embeds=False, hidden=TRANSFORMER_HIDDEN),
+        },
+    )
     pipe = Flux2KleinPipeline(
-        scheduler=_flux2_scheduler(),
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        transformer=transformer,
-        is_distilled=is_distilled,
+        scheduler=flux2_scheduler(), tokenizer=tokenizer, is_distilled=is_distilled, **components
     )
     pipe.save_pretrained(out_dir, safe_serialization=True)
