@@ -4,7 +4,7 @@ Alibaba Tongyi's Z-Image: a 6B single-stream transformer over image and Qwen3-4B
 the FLUX.1 VAE.  One family for Z-Image-Turbo (distilled: ~8 steps without classifier-free
 guidance) and the base Z-Image (classifier-free guidance against a negative prompt).  The
 family's code: :mod:`.adapter` (``ZImageAdapter``), :mod:`.encoder` (``ZImageEncoder``),
-:mod:`.naming` (original-layout names for ComfyUI export), :mod:`.quantize`, :mod:`.tiny`
+:mod:`.naming` (``Z_IMAGE_NAMING``: the names of kohya / ComfyUI export), :mod:`.quantize`, :mod:`.tiny`
 (``build_tiny_z_image``).
 """
 
@@ -45,6 +45,7 @@ SPEC = FamilySpec(
     spatial_granularity=16,
     tiny_builder="flowtune.families.z_image.tiny:build_tiny_z_image",
     encoder="flowtune.families.z_image.encoder:ZImageEncoder",
+    lora_original_names="flowtune.families.z_image.naming:Z_IMAGE_NAMING",
     block_lists=BLOCK_LISTS,
     quantize_skip=QUANTIZE_SKIP,
     encoder_quantize_skip=ENCODER_QUANTIZE_SKIP,

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from flowtune.data.synthetic import COLOURS, SHAPES, SIZES
 from flowtune.families.flux.tiny import _vae as flux_vae
 from flowtune.tiny import CAPTION_WORDS, component_seed
 
@@ -45,37 +46,49 @@ QWEN3_CHAT_TEMPLATE = (
     "{{- '<think>\\n\\n</think>\\n\\n' }}{%- endif %}"
     "{%- endif %}"
 )
-_CHAT_WORDS = ("user", "assistant", "system")
+# Words the tokenizer keeps whole besides CAPTION_WORDS: the chat roles, and the words of the
+# synthetic datasets' captions (flowtune.data.synthetic).
+_WORDS = ("user", "assistant", "system", "background", *SHAPES, *COLOURS, *SIZES)
 
 
 def _byte_level_bpe(words: list[str]) -> tuple[dict[str, int], list[tuple[str, str]]]:
-    """A byte-level BPE vocabulary and merges in which each of ``words``, with and without a
-    leading space (GPT-2's "\u0120"), is one token; any other text falls back to its bytes.
+    """A byte-level BPE vocabulary and merges, learned from ``words`` (ASCII), each with and
+    without a leading space (GPT-2's "\u0120"), until every one of them is a single token: as BPE
+    encodes a training word by replaying its merges, the words tokenize whole, and any other text
+    falls back to smaller pieces and bytes.  Ties go to the smallest pair, so the result depends
+    only on ``words``.
 
     Returns:
-        ``(vocab, merges)``: the 256 byte symbols first, then each word's prefixes in merge order.
+        ``(vocab, merges)``: the 256 byte symbols first, then the merged pieces in merge order.
     """
+    from collections import Counter
+
     from tokenizers.pre_tokenizers import ByteLevel
 
     vocab = {symbol: i for i, symbol in enumerate(sorted(ByteLevel.alphabet()))}
+    corpus = [list(form) for word in dict.fromkeys(words) for form in (word, "\u0120" + word)]
     merges: list[tuple[str, str]] = []
-    for word in dict.fromkeys(words):
-        for form in (word, "\u0120" + word):
-            piece = form[0]
-            for char in form[1:]:
-                if piece + char not in vocab:
-                    vocab[piece + char] = len(vocab)
-                    merges.append((piece, char))
-                piece += char
-    return vocab, merges
+    while True:
+        counts = Counter(pair for symbols in corpus for pair in zip(symbols, symbols[1:], strict=False))
+        if not counts:
+            return vocab, merges
+        pair = min(counts, key=lambda p: (-counts[p], p))
+        merges.append(pair)
+        vocab.setdefault(pair[0] + pair[1], len(vocab))
+        for symbols in corpus:
+            i = 0
+            while i < len(symbols) - 1:
+                if (symbols[i], symbols[i + 1]) == pair:
+                    symbols[i : i + 2] = [pair[0] + pair[1]]
+                i += 1
 
 
 def qwen_tokenizer() -> Qwen2Tokenizer:
-    """A Qwen2 byte-level BPE tokenizer (as Qwen3's) over the caption words, with Qwen3's special
-    tokens (``<|endoftext|>`` pads) and chat template."""
+    """A Qwen2 byte-level BPE tokenizer (as Qwen3's) in which the caption words are one token each,
+    with Qwen3's special tokens (``<|endoftext|>`` pads) and chat template."""
     from transformers import Qwen2Tokenizer
 
-    vocab, merges = _byte_level_bpe([*CAPTION_WORDS, *_CHAT_WORDS])
+    vocab, merges = _byte_level_bpe([*CAPTION_WORDS, *_WORDS])
     endoftext, *control = QWEN_SPECIAL_TOKENS
     return Qwen2Tokenizer(
         vocab=vocab,
