@@ -4,6 +4,7 @@ pipeline's at the same step (a forward pre-hook), and a LoRA that learns four ca
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -23,7 +24,7 @@ from flowtune.tiny import make_tiny
 from tests.helpers import nearest_targets, train_learning_run, write
 
 SIZES = [(64, 64), (80, 48), (96, 64)]  # the last is cropped to its bucket
-LENGTH = 32  # text tokens: the chat markup takes 13 of them (tiny tokenizer)
+LENGTH = 32  # text tokens: the chat markup takes 8 of them, as in Qwen3
 PROMPTS = ["a red circle on a white background"]
 
 
@@ -79,6 +80,32 @@ def _cropped(item: dict) -> Image.Image:
     return rgb.resize(tuple(item["bucket"]), Image.Resampling.LANCZOS, box=tuple(item["crop_box"]))
 
 
+# -------------------------------------------------------------------------------- tiny model
+
+
+def test_tiny_model_is_z_image_shaped_and_the_same_per_seed(tiny, pipe, tmp_path) -> None:
+    config = pipe.transformer.config
+    assert (config.in_channels, config.all_patch_size, config.dim) == (16, [2], 64)  # a token's 64 features
+    assert config.cap_feat_dim == pipe.text_encoder.config.hidden_size
+    assert (
+        type(pipe.text_encoder).__name__ == "Qwen3Model" and type(pipe.tokenizer).__name__ == "Qwen2Tokenizer"
+    )
+    # Caption words are single tokens, between Qwen3's chat markup.
+    text = pipe.tokenizer.apply_chat_template(
+        [{"role": "user", "content": "a large red ring on a white background"}],
+        tokenize=False,
+        add_generation_prompt=True,
+        enable_thinking=True,
+    )
+    assert (
+        text == "<|im_start|>user\na large red ring on a white background<|im_end|>\n<|im_start|>assistant\n"
+    )
+    assert len(pipe.tokenizer(text).input_ids) == 16
+    again = make_tiny("z-image", tmp_path / "again")
+    for path in sorted(p.relative_to(tiny) for p in tiny.rglob("*") if p.is_file()):
+        assert (again / path).read_bytes() == (tiny / path).read_bytes(), path
+
+
 # ------------------------------------------------------------------------------------ encoding
 
 
@@ -105,7 +132,7 @@ def test_caption_embeddings_are_encode_prompt_s_unpadded_tensors(pipe, shapes) -
             )
             assert negative == [] and len(expected) == 1
             assert torch.equal(sample["text_embeddings"], expected[0])
-            assert 13 < sample["text_embeddings"].shape[0] < LENGTH  # markup + caption, no padding
+            assert 8 < sample["text_embeddings"].shape[0] < LENGTH  # markup + caption, no padding
         for prompt in [*PROMPTS, ""]:  # validation prompts, and the negative / dropped caption
             expected, _ = pipe.encode_prompt(
                 prompt=prompt, do_classifier_free_guidance=False, max_sequence_length=LENGTH
@@ -235,6 +262,60 @@ def test_example_batch_runs_through_the_tiny_transformer() -> None:
         adapter.prepare_inputs(_context(torch.randn(1, 16, 1, 4, 4), torch.tensor([0.5]), batch))
 
 
+def _offloaded_steps(tiny: Path, resident: int | None, checkpointing: bool) -> tuple[list[float], list]:
+    """3 AdamW steps of a gaussian-initialised LoRA on the tiny Z-Image through the adapter, with
+    ``resident`` of its 4 blocks kept (None: no offload; offloaded weights left empty, so any use
+    of one fails); the losses and the LoRA."""
+    from flowtune.train import offload
+    from flowtune.train.model import add_lora, load_transformer
+
+    spec = get_family("z-image")
+    torch.manual_seed(0)
+    model = load_transformer(spec, tiny, torch.float32)
+    params = add_lora(model, spec, rank=4, alpha=4, init="gaussian")
+    if checkpointing:
+        model.enable_gradient_checkpointing()
+    hooks = (
+        None
+        if resident is None
+        else offload.offload_blocks(model, spec, resident, torch.device("cpu"), strict=True)
+    )
+    optimizer = torch.optim.AdamW(params, lr=1e-2)
+    adapter, losses = ZImageAdapter(), []
+    for step in range(3):
+        g = torch.Generator().manual_seed(step)
+        batch = {
+            "text_embeddings": torch.randn(2, 9, 32, generator=g),
+            "text_embeddings_mask": torch.tensor([[True] * 9, [True] * 6 + [False] * 3]),
+        }
+        context = _context(torch.randn(2, 16, 4, 6, generator=g), torch.tensor([0.3, 0.8]), batch)
+        loss = adapter.forward(model, adapter.prepare_inputs(context)).pow(2).mean()
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+        if hooks is not None:
+            assert not any(hooks.onloaded)
+    return losses, [p.detach().clone() for p in params]
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_block_offload_streams_the_refiners_and_layers_with_the_same_losses(tiny, checkpointing) -> None:
+    from flowtune.train.offload import model_block_count
+
+    assert (
+        model_block_count(
+            get_family("z-image"), json.loads((tiny / "transformer" / "config.json").read_text())
+        )
+        == 4
+    )
+    losses, lora = _offloaded_steps(tiny, None, checkpointing)
+    for resident in (0, 2):
+        offloaded, offloaded_lora = _offloaded_steps(tiny, resident, checkpointing)
+        assert offloaded == losses
+        assert all(torch.equal(a, b) for a, b in zip(lora, offloaded_lora, strict=True))
+
+
 # ------------------------------------------------------------------------------------ learning
 
 # The tiny model's output is its random final layer applied to a LayerNorm-ed hidden state scaled
@@ -248,7 +329,11 @@ OUTPUT_TOO = (
     " 'noise_refiner.*.adaLN_modulation.0', all_final_layer.2-1.linear,"
     " all_final_layer.2-1.adaLN_modulation.1]"
 )
-STEPS = 160  # of batch 16 (each pair 4 times, see train_learning_run), at lr 1.5e-2
+# Steps of batch 16 (each pair 4 times, see train_learning_run) at lr 1e-2.  Measured on data
+# seeds 3, 5 and 11: after 200 steps each caption's sample is nearer its own target than any other
+# by a margin (the other's mean squared distance / its own) of 1.45 or more; after 120 steps one
+# caption of seed 11 missed; at lr 1.5e-2 the LoRA learned to ignore the captions.
+STEPS = 200
 DATA_SEED = 5
 
 
@@ -260,7 +345,7 @@ def learned(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, CachedDatas
     model = make_tiny("z-image", root / "tiny")
     make_shapes_dataset(root / "data", 4, seed=DATA_SEED)
     _, data = train_learning_run(
-        root, model, "z-image", root / "data", STEPS, sequence_length=LENGTH, lr=1.5e-2, lora_extra=OUTPUT_TOO
+        root, model, "z-image", root / "data", STEPS, sequence_length=LENGTH, lr=1e-2, lora_extra=OUTPUT_TOO
     )
     return root, data
 
