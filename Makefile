@@ -12,7 +12,7 @@ DEMO_DIR := .flowtune-demo
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: demo demo-kontext demo-flux2 demo-flux2-klein test lint format docs clean
+.PHONY: demo demo-kontext demo-flux2 demo-flux2-klein demo-z-image test lint format docs clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -67,6 +67,17 @@ demo-flux2-klein: $(STAMP)
 		--prompt "a red circle on a white background" --prompt "a blue square on a white background"
 	@echo "flux2-klein demo outputs: run $(DEMO_DIR)-flux2-klein/run, samples $(DEMO_DIR)-flux2-klein/samples"
 
+# The same chain on Z-Image (Qwen3 text embeddings, unpadded; ZImagePipeline sampling with CFG).
+demo-z-image: $(STAMP)
+	$(BIN)/python -m flowtune make-tiny z-image $(DEMO_DIR)-z-image/tiny-z-image --overwrite
+	$(BIN)/python -m flowtune make-dataset $(DEMO_DIR)-z-image/dataset --count 16 --overwrite
+	$(BIN)/python -m flowtune preprocess recipes/tiny-z-image-demo.yaml
+	$(BIN)/python -m flowtune train recipes/tiny-z-image-demo.yaml
+	rm -rf $(DEMO_DIR)-z-image/samples
+	$(BIN)/python -m flowtune sample --ckpt $(DEMO_DIR)-z-image/run --out $(DEMO_DIR)-z-image/samples \
+		--prompt "a red circle on a white background" --prompt "a blue square on a white background"
+	@echo "z-image demo outputs: run $(DEMO_DIR)-z-image/run, samples $(DEMO_DIR)-z-image/samples"
+
 test: $(STAMP)
 	$(BIN)/pytest -q
 
@@ -82,4 +93,5 @@ docs: $(STAMP)
 	$(BIN)/python scripts/gen_recipe_docs.py
 
 clean:
-	rm -rf $(DEMO_DIR) $(DEMO_DIR)-kontext $(DEMO_DIR)-flux2 $(DEMO_DIR)-flux2-klein .pytest_cache .ruff_cache
+	rm -rf $(DEMO_DIR) $(DEMO_DIR)-kontext $(DEMO_DIR)-flux2 $(DEMO_DIR)-flux2-klein $(DEMO_DIR)-z-image .pytest_cache \
+		.ruff_cache

@@ -54,6 +54,14 @@ VAL_SIGMAS = (0.1, 0.3, 0.5, 0.7, 0.9)
 SAMPLES_DIR = "samples"
 
 
+def _on_device(value: Any, device: torch.device) -> Any:
+    """A cached prompt input (:meth:`FamilyEncoder.prompt_inputs`) on ``device``: a tensor, or a
+    list of tensors (per-prompt embeddings of different lengths, for pipelines that take them so)."""
+    if isinstance(value, list | tuple):
+        return type(value)(v.to(device) for v in value)
+    return value.to(device)
+
+
 def validation_seed(seed: int, key: str) -> int:
     """A 63-bit seed for a held-out item's noise, from ``validation.seed`` and its cache key."""
     digest = hashlib.sha256(f"{seed}\0{key}".encode()).digest()
@@ -232,7 +240,7 @@ class Validator:
         writer = SampleWriter(out_dir, info) if write else None
         images = []
         for i, (prompt, inputs) in enumerate(zip(self.prompts, self._prompt_inputs, strict=True)):
-            inputs = {k: v.to(device) for k, v in inputs.items()}
+            inputs = {k: _on_device(v, device) for k, v in inputs.items()}
             refs: tuple[str, ...] = ()
             if self.references is not None:
                 refs = self.references[i]

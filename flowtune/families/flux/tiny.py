@@ -101,7 +101,7 @@ def _t5_encoder(tokenizer: T5TokenizerFast) -> T5EncoderModel:
     return T5EncoderModel(config).eval()
 
 
-def _vae() -> AutoencoderKL:
+def tiny_flux_vae() -> AutoencoderKL:
     """FLUX.1's VAE layout (4 levels: downsampling by 8, 16 latent channels) at 8 channels wide."""
     from diffusers import AutoencoderKL
 
@@ -177,7 +177,7 @@ def build_tiny_flux(out_dir: Path, seed: int = 0, pipeline_class: str = "FluxPip
         {
             "text_encoder": lambda: _clip_text_encoder(tokenizer),
             "text_encoder_2": lambda: _t5_encoder(tokenizer_2),
-            "vae": _vae,
+            "vae": tiny_flux_vae,
             "transformer": tiny_flux_transformer,
         },
     )
