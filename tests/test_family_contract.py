@@ -67,8 +67,8 @@ def test_declared_adapter_arguments_are_the_adapter_s_constructor_arguments(name
     spec = get_family(name)
     if spec.adapter_arguments is None:
         pytest.skip(f"{name} declares no adapter arguments (recipes are checked by building its adapter)")
-    parameters = inspect.signature(spec.load_adapter_class().__init__).parameters
-    found = {n: p.annotation for n, p in parameters.items() if n != "self"}
+    parameters = inspect.signature(spec.load_adapter_class()).parameters  # the constructor's call
+    found = {n: p.annotation for n, p in parameters.items()}
     assert found == dict(spec.adapter_arguments)  # annotations are strings (postponed evaluation)
 
 
