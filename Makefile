@@ -78,8 +78,11 @@ demo-z-image: $(STAMP)
 		--prompt "a red circle on a white background" --prompt "a blue square on a white background"
 	@echo "z-image demo outputs: run $(DEMO_DIR)-z-image/run, samples $(DEMO_DIR)-z-image/samples"
 
+# The test files run on TEST_WORKERS processes (pytest-xdist), each file's tests in one of them so
+# that a file's module-scoped tiny models and runs are made once.
+TEST_WORKERS ?= 2
 test: $(STAMP)
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 lint: $(STAMP)
 	$(BIN)/ruff check flowtune tests scripts
