@@ -9,13 +9,13 @@ even the tokenizers are constructed here from small fixed vocabularies.
 :func:`make_tiny` is what the ``flowtune make-tiny`` command calls; the per-family builders
 (``FamilySpec.tiny_builder``, in each family's package ``flowtune/families/<name>/tiny.py``) write
 the diffusers-format directory, with the helpers here (per-component seeds, a Unigram tokenizer
-over a small caption vocabulary).
+over a small caption vocabulary, a tiny Qwen3 text encoder with its Qwen2-style BPE tokenizer).
 """
 
 from __future__ import annotations
 
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -25,6 +25,7 @@ from flowtune.fileio import atomic_dir, write_errors
 
 if TYPE_CHECKING:
     from tokenizers import Tokenizer
+    from transformers import Qwen2Tokenizer, Qwen3ForCausalLM, Qwen3Model
 
 # T5 sentencepiece-style pieces: "\u2581" marks the start of a word.  Whole common words score
 # higher than spelling a word out character by character, as in a trained Unigram model.
@@ -105,6 +106,112 @@ def unigram_tokenizer(words: list[str]) -> Tokenizer:
     )
     backend.decoder = decoders.Metaspace(replacement=_WORD_START, prepend_scheme="always", split=True)
     return backend
+
+
+# Qwen3's conversation format, as far as the diffusion pipelines use it: each message in
+# <|im_start|>ROLE\n...<|im_end|>\n, then (add_generation_prompt) the assistant's turn opened,
+# with an empty thinking block when enable_thinking is false.
+QWEN3_CHAT_TEMPLATE = (
+    "{%- for message in messages %}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}"
+    "{%- if enable_thinking is defined and enable_thinking is false %}"
+    "{{- '<think>\\n\\n</think>\\n\\n' }}"
+    "{%- endif %}{%- endif %}"
+)
+# Qwen3's prompt length in the pipelines that use it (their tokenizer_max_length or default
+# max_sequence_length), the tiny tokenizer's model_max_length.
+QWEN3_MAX_LENGTH = 512
+# Words every tiny Qwen3 tokenizer keeps whole besides CAPTION_WORDS and flowtune.data.synthetic's
+# shape, colour and size names: the chat roles, and the rest of the synthetic captions' words.
+_QWEN3_WORDS = ("system", "user", "assistant", "background")
+
+
+def qwen3_tokenizer(words: Iterable[str] = (), max_length: int = QWEN3_MAX_LENGTH) -> Qwen2Tokenizer:
+    """A Qwen2-style byte-level BPE tokenizer (Qwen3's class and pre-tokenizer) over a small
+    vocabulary: the 256 byte symbols and the merges, learned here by tokenizers' BPE trainer, that
+    make each caption word (:data:`CAPTION_WORDS` and the synthetic datasets'), chat role and
+    word of ``words`` one token, with and without its leading space, and ``"\\n\\n"`` one token;
+    any other text falls back to smaller pieces and bytes.  As Qwen3's: ``<|endoftext|>`` pads,
+    ``<|im_end|>`` ends, ``<|im_start|>`` / ``<|im_end|>`` are special, ``<think>`` /
+    ``</think>`` added, no unknown token; with :data:`QWEN3_CHAT_TEMPLATE`.  The result depends
+    only on ``words``.
+    """
+    import json
+
+    from tokenizers import Regex, Tokenizer, normalizers, pre_tokenizers, trainers
+    from tokenizers.models import BPE
+    from transformers import Qwen2Tokenizer
+    from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
+
+    from flowtune.data.synthetic import COLOURS, SHAPES, SIZES
+
+    kept = list(dict.fromkeys([*CAPTION_WORDS, *SHAPES, *COLOURS, *SIZES, *_QWEN3_WORDS, *words]))
+    backend = Tokenizer(BPE())
+    backend.normalizer = normalizers.NFC()
+    backend.pre_tokenizer = pre_tokenizers.Sequence(  # Qwen2Tokenizer's, so that merges match it
+        [
+            pre_tokenizers.Split(Regex(PRETOKENIZE_REGEX), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
+    trainer = trainers.BpeTrainer(  # merges until every word is one token; deterministic
+        vocab_size=1 << 16,
+        min_frequency=1,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    backend.train_from_iterator([*kept, *(f" {word}" for word in kept), "\n\n"], trainer)
+    model = json.loads(backend.to_str())["model"]
+    tokenizer = Qwen2Tokenizer(
+        vocab=model["vocab"],
+        merges=[tuple(merge) for merge in model["merges"]],
+        unk_token=None,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        extra_special_tokens=["<|im_start|>", "<|im_end|>"],
+        chat_template=QWEN3_CHAT_TEMPLATE,
+        model_max_length=max_length,
+    )
+    tokenizer.add_tokens(["<think>", "</think>"])
+    return tokenizer
+
+
+def tiny_qwen3(
+    tokenizer: Qwen2Tokenizer,
+    *,
+    hidden: int,
+    layers: int,
+    init_std: float,
+    causal_lm: bool,
+    tie_word_embeddings: bool = False,
+) -> Qwen3ForCausalLM | Qwen3Model:
+    """A tiny random Qwen3 text encoder over ``tokenizer``'s vocabulary (its special-token ids):
+    ``layers`` layers of width ``hidden`` (even), two query heads and one key-value head of
+    ``hidden / 2``, an MLP twice as wide; weights from torch's global RNG with std ``init_std``.
+
+    Args:
+        causal_lm: A ``Qwen3ForCausalLM`` (with its LM head, tied to the input embedding with
+            ``tie_word_embeddings``); else the base ``Qwen3Model``.
+    """
+    from transformers import Qwen3Config, Qwen3ForCausalLM, Qwen3Model
+
+    config = Qwen3Config(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=hidden // 2,
+        max_position_embeddings=2048,
+        initializer_range=init_std,
+        tie_word_embeddings=tie_word_embeddings,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    return (Qwen3ForCausalLM if causal_lm else Qwen3Model)(config).eval()
 
 
 def make_tiny(family: str, out_dir: str | Path, seed: int = 0, overwrite: bool = False) -> Path:

@@ -305,9 +305,10 @@ MODULATION_TOO = (
     " single_stream_modulation.linear]"
 )
 # Data seed 5 (as FLUX.2's test), 150 steps of batch 16: each caption's sample is nearer its own
-# target than any other by a margin (the other's mean squared distance / its own) of at least 1.11
-# (measured with a transformer of another seed: 1.12 after 150 steps, 1.13 after 200, 1.03 after
-# 100; data seed 11 fails after 150 steps).
+# target than any other by a margin (the other's mean squared distance / its own) of at least 1.12
+# (with the tokenizer of flowtune.tiny.qwen3_tokenizer: 1.13, and 1.22 with the tiny model of seed
+# 1; with the earlier vocabulary and a transformer of another seed: 1.12 after 150 steps, 1.13
+# after 200, 1.03 after 100, and data seed 11 failed after 150 steps).
 LEARNING_STEPS = 150
 
 

@@ -218,3 +218,39 @@ def test_keeps_global_rng_state(tmp_path: Path) -> None:
     before = torch.get_rng_state()
     make_tiny("flux", tmp_path / "model", seed=7)
     assert torch.equal(before, torch.get_rng_state())
+
+
+def test_qwen3_tokenizer_keeps_the_words_whole_in_qwen3_s_chat_format() -> None:
+    from flowtune.data.synthetic import SHAPES
+    from flowtune.tiny import CAPTION_WORDS, qwen3_tokenizer, tiny_qwen3
+
+    tokenizer = qwen3_tokenizer(["recolour"])
+    for word in [*CAPTION_WORDS, *SHAPES, "recolour"]:
+        assert tokenizer.tokenize(word) == [word] and tokenizer.tokenize(f" {word}") == [f"\u0120{word}"]
+    text = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "recolour the star"}],
+        tokenize=False,
+        add_generation_prompt=True,
+        enable_thinking=False,
+    )
+    assert (
+        text
+        == "<|im_start|>user\nrecolour the star<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n"
+    )
+    assert len(tokenizer.tokenize(text)) == 3 + 12  # the markup takes 12 tokens, as in Qwen3
+    assert "recolour" not in qwen3_tokenizer().get_vocab()  # only the words asked for
+    assert (tokenizer.pad_token, tokenizer.eos_token, tokenizer.unk_token) == (
+        "<|endoftext|>",
+        "<|im_end|>",
+        None,
+    )
+    # Other text falls back to smaller pieces and bytes, none unknown.
+    assert tokenizer.decode(tokenizer("Zebra 42!").input_ids) == "Zebra 42!"
+
+    model = tiny_qwen3(tokenizer, hidden=8, layers=2, init_std=0.5, causal_lm=True, tie_word_embeddings=True)
+    assert (
+        type(model).__name__ == "Qwen3ForCausalLM" and model.lm_head.weight is model.model.embed_tokens.weight
+    )
+    assert model.config.vocab_size == len(tokenizer) and model.config.pad_token_id == tokenizer.pad_token_id
+    base = tiny_qwen3(tokenizer, hidden=8, layers=2, init_std=0.5, causal_lm=False)
+    assert type(base).__name__ == "Qwen3Model" and not base.config.tie_word_embeddings

@@ -60,7 +60,7 @@ MISTRAL_CHAT_TEMPLATE = (
     "{%- endfor %}"
 )
 # Words of edit instructions, besides the caption words of CAPTION_WORDS.
-_EDIT_WORDS = "make turn change into remove add replace color colour shape star ring cross large".split()
+EDIT_WORDS = "make turn change into remove add replace color colour shape star ring cross large".split()
 
 
 def _mistral_tokenizer() -> PreTrainedTokenizerFast:
@@ -76,7 +76,7 @@ def _mistral_tokenizer() -> PreTrainedTokenizerFast:
     from transformers import PreTrainedTokenizerFast
 
     system_words = re.findall(r"[A-Za-z]+", SYSTEM_MESSAGE)
-    backend = unigram_tokenizer([*CAPTION_WORDS, *_EDIT_WORDS, *system_words])
+    backend = unigram_tokenizer([*CAPTION_WORDS, *EDIT_WORDS, *system_words])
     unk, bos, eos, *control, pad = MISTRAL_SPECIAL_TOKENS
     return PreTrainedTokenizerFast(
         tokenizer_object=backend,
