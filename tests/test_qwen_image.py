@@ -255,3 +255,52 @@ def test_example_batch_runs_a_training_step(pipe) -> None:
     latents = batch["image_latents"]
     inputs = adapter.prepare_inputs(_context(latents, torch.tensor([100.0, 900.0]), batch))
     assert adapter.forward(pipe.transformer, inputs).shape == latents.shape
+
+
+# ------------------------------------------------------------------------------- learning
+
+# The tiny transformer's output layer (proj_out) maps layer-normalised hidden states through one
+# random 64 x 64 matrix, which the default targets leave as it is, and a LoRA on the blocks alone
+# brought the samples only ~10% nearer their targets than the empty latent in 200 steps; with
+# proj_out adapted too they land well inside.  Measured at 200 steps of batch 16 on data seeds 3,
+# 5, 7, 11 and 13: each caption's sample nearer its own target than any other by a margin (the
+# other target's mean squared distance / its own) of at least 1.10 (1.45 on seed 13).
+LEARNING_TARGETS = (
+    ", target_modules: [attn.to_q, attn.to_k, attn.to_v, attn.to_out.0, attn.add_q_proj, attn.add_k_proj,"
+    " attn.add_v_proj, attn.to_add_out, img_mlp.net.0.proj, img_mlp.net.2, txt_mlp.net.0.proj,"
+    " txt_mlp.net.2, proj_out]"
+)
+LEARNING_SEED, LEARNING_STEPS = 13, 200
+
+
+@pytest.mark.slow
+def test_lora_training_makes_each_caption_sample_its_own_image(tmp_path: Path) -> None:
+    from diffusers import QwenImagePipeline
+
+    from flowtune.data.synthetic import make_shapes_dataset
+    from tests.helpers import LEARNING_SEQUENCE_LENGTH, nearest_targets, train_learning_run
+
+    model = make_tiny("qwen-image", tmp_path / "tiny-qwen-image")
+    make_shapes_dataset(tmp_path / "data", 4, seed=LEARNING_SEED)
+    _, data = train_learning_run(
+        tmp_path, model, "qwen-image", tmp_path / "data", LEARNING_STEPS, lora_extra=LEARNING_TARGETS
+    )
+    targets = torch.stack([data[i]["image_latents"] for i in range(len(data))]).flatten(1)
+    captions = [data[i]["caption"] for i in range(len(data))]
+    assert len(set(captions)) == 4
+
+    def sample(pipe: QwenImagePipeline, i: int) -> torch.Tensor:
+        packed = pipe(
+            prompt=captions[i],
+            true_cfg_scale=1.0,  # trained always conditioned: no negative prompt
+            height=64,
+            width=64,
+            num_inference_steps=20,
+            max_sequence_length=LEARNING_SEQUENCE_LENGTH,
+            generator=torch.Generator().manual_seed(0),  # the same starting noise for every caption
+            output_type="latent",
+        ).images  # [1, 16, 64]: the packed 4 x 4 grid of 2 x 2 patches of normalised latents
+        return QwenImagePipeline._unpack_latents(packed, 64, 64, pipe.vae_scale_factor)[:, :, 0].flatten(1)
+
+    nearest = nearest_targets(QwenImagePipeline, model, tmp_path / "run" / "final", targets, sample)
+    assert nearest == [0, 1, 2, 3], f"captions {captions} sampled nearest to images {nearest}"
