@@ -257,6 +257,61 @@ def test_example_batch_runs_a_training_step(pipe) -> None:
     assert adapter.forward(pipe.transformer, inputs).shape == latents.shape
 
 
+# ---------------------------------------------------------------------------------- export
+
+
+@pytest.mark.parametrize("fmt", ["kohya", "comfyui"])
+def test_exported_files_load_through_diffusers_qwen_converter_with_the_same_images(
+    pipe, fmt, tmp_path
+) -> None:
+    """A LoRA on every linear layer of the tiny transformer (scale 2, one module at rank 2),
+    exported with Qwen-Image's names (``lora_unet_...`` / ``diffusion_model....``, lora_down/up,
+    alpha): diffusers' Qwen-Image converter maps every module back, and QwenImagePipeline samples
+    the same latents with it as with flowtune's own file."""
+    from peft import LoraConfig
+    from safetensors import safe_open
+
+    from flowtune.families.qwen_image.tiny import tiny_qwen_transformer
+    from flowtune.interop.lora import write_lora
+    from flowtune.train.model import LORA_WEIGHTS_NAME, save_lora
+
+    torch.manual_seed(0)
+    transformer = tiny_qwen_transformer()
+    linears = [n for n, m in transformer.named_modules() if isinstance(m, torch.nn.Linear)]
+    config = LoraConfig(
+        target_modules=linears, r=4, lora_alpha=8, init_lora_weights=False,
+        rank_pattern={"transformer_blocks.0.attn.to_k": 2}, alpha_pattern={"transformer_blocks.0.attn.to_k": 4},
+    )  # fmt: skip
+    transformer.add_adapter(config)
+    save_lora(transformer, SPEC, tmp_path / "lora")
+    out = tmp_path / f"{fmt}.safetensors"
+    assert write_lora(tmp_path / "lora" / LORA_WEIGHTS_NAME, SPEC, fmt, out, None) == (len(linears),) * 2
+    prefix = "lora_unet_" if fmt == "kohya" else "diffusion_model."
+    with safe_open(str(out), "pt") as handle:
+        keys = set(handle.keys())  # noqa: SIM118 - not a dict
+    expected = linears[0].replace(".", "_") if fmt == "kohya" else linears[0]
+    assert f"{prefix}{expected}.lora_down.weight" in keys and f"{prefix}{expected}.alpha" in keys
+    assert len(keys) == 3 * len(linears)
+
+    def latents() -> torch.Tensor:
+        return pipe(
+            prompt="a blue square", negative_prompt=" ", true_cfg_scale=4.0, height=32, width=32,
+            num_inference_steps=2, generator=torch.Generator().manual_seed(0), output_type="latent",
+        ).images  # fmt: skip
+
+    pipe.load_lora_weights(tmp_path / "lora")
+    try:
+        assert set(pipe.get_list_adapters()["transformer"]) == {"default_0"}
+        own = latents()
+        pipe.unload_lora_weights()
+        pipe.load_lora_weights(str(out))
+        converted = {n for n, m in pipe.transformer.named_modules() if hasattr(m, "lora_A")}
+        assert converted == set(linears)
+        assert torch.equal(latents(), own)
+    finally:
+        pipe.unload_lora_weights()
+
+
 # ------------------------------------------------------------------------------- learning
 
 # The tiny transformer's output layer (proj_out) maps layer-normalised hidden states through one
