@@ -12,7 +12,7 @@ DEMO_DIR := .flowtune-demo
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: demo demo-kontext demo-flux2 test lint format docs clean
+.PHONY: demo demo-kontext demo-flux2 demo-qwen-image test lint format docs clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -55,6 +55,18 @@ demo-flux2: $(STAMP)
 	$(BIN)/python -m flowtune sample --ckpt $(DEMO_DIR)-flux2/run --out $(DEMO_DIR)-flux2/samples \
 		--prompt "a red circle on a white background" --prompt "a blue square on a white background"
 	@echo "flux2 demo outputs: run $(DEMO_DIR)-flux2/run, samples $(DEMO_DIR)-flux2/samples"
+
+# The same chain on Qwen-Image (Qwen2.5-VL text embeddings, a video VAE's packed latents,
+# QwenImagePipeline sampling with true classifier-free guidance against the negative prompt " ").
+demo-qwen-image: $(STAMP)
+	$(BIN)/python -m flowtune make-tiny qwen-image $(DEMO_DIR)-qwen-image/tiny-qwen-image --overwrite
+	$(BIN)/python -m flowtune make-dataset $(DEMO_DIR)-qwen-image/dataset --count 16 --overwrite
+	$(BIN)/python -m flowtune preprocess recipes/tiny-qwen-image-demo.yaml
+	$(BIN)/python -m flowtune train recipes/tiny-qwen-image-demo.yaml
+	rm -rf $(DEMO_DIR)-qwen-image/samples
+	$(BIN)/python -m flowtune sample --ckpt $(DEMO_DIR)-qwen-image/run --out $(DEMO_DIR)-qwen-image/samples \
+		--prompt "a red circle on a white background" --prompt "a blue square on a white background"
+	@echo "qwen-image demo outputs: run $(DEMO_DIR)-qwen-image/run, samples $(DEMO_DIR)-qwen-image/samples"
 
 test: $(STAMP)
 	$(BIN)/pytest -q

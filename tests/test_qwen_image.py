@@ -257,6 +257,49 @@ def test_example_batch_runs_a_training_step(pipe) -> None:
     assert adapter.forward(pipe.transformer, inputs).shape == latents.shape
 
 
+# ------------------------------------------------------------------------------------ plan
+
+
+@pytest.mark.parametrize(
+    ("component", "billions"),
+    [("transformer", (20.4, 20.5)), ("text_encoder", (8.2, 8.4)), ("vae", (0.12, 0.13))],
+)
+def test_bundled_configs_build_at_the_published_sizes(component, billions) -> None:
+    """Qwen/Qwen-Image's bundled configs (flowtune plan offline): the 20B transformer,
+    Qwen2.5-VL-7B (8.29B with its vision tower) and the VAE."""
+    import diffusers
+
+    from flowtune.memory.phases import build_component, component_config
+    from flowtune.memory.plan import load_transformer_config
+
+    with torch.device("meta"):
+        if component == "transformer":
+            config, source = load_transformer_config("Qwen/Qwen-Image")
+            assert source == "bundled" and config["_class_name"] == SPEC.transformer_class
+            rest = {k: v for k, v in config.items() if not k.startswith("_")}
+            model = getattr(diffusers, config["_class_name"]).from_config(rest)
+        else:
+            model = build_component(component_config("Qwen/Qwen-Image", component), torch.bfloat16)
+    size = sum(p.numel() for p in model.parameters()) / 1e9
+    assert billions[0] < size < billions[1], size
+
+
+def test_plan_traces_the_video_vae_and_the_text_encoder_as_they_allocate(model) -> None:
+    """On the tiny folder: the fake trace of each preprocess half equals what the same code
+    allocates on real random weights; the VAE takes images as one-frame videos
+    (FamilySpec.video_vae)."""
+    from flowtune.memory.phases import _text_phase, _vae_phase
+    from flowtune.recipe import load_recipe
+
+    recipe = load_recipe("tiny-qwen-image-demo", [f"model.pretrained={model}"])
+    assert SPEC.video_vae
+    assert _text_phase(recipe, SPEC, 2) == _text_phase(recipe, SPEC, 2, fake=False)
+    for decode in (False, True):
+        assert _vae_phase(recipe, SPEC, 2, 64, 96, decode) == _vae_phase(
+            recipe, SPEC, 2, 64, 96, decode, fake=False
+        )
+
+
 # ---------------------------------------------------------------------------------- export
 
 

@@ -67,6 +67,10 @@ class FamilySpec:
             recipe or command line gives none (e.g. ``" "``); validation samples with its cached
             embedding.  None: the family's pipeline takes no negative prompt (guidance-distilled
             FLUX), and giving one is an error.
+        video_vae: The family's VAE is a video VAE that encodes an image as a one-frame video:
+            pixels [B, 3, 1, H, W] in, latents [B, C, 1, H/8, W/8] (Qwen-Image's
+            ``AutoencoderKLQwenImage``); ``flowtune plan`` traces it with those shapes.  False:
+            an image VAE ([B, 3, H, W] -> [B, C, H/8, W/8]).
     """
 
     name: str
@@ -90,6 +94,7 @@ class FamilySpec:
     guidance_argument: str = "guidance_scale"
     guidance: float = 3.5
     negative_prompt: str | None = None
+    video_vae: bool = False
 
     @property
     def pipeline_classes(self) -> tuple[str, ...]:

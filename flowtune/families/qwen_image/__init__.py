@@ -52,4 +52,5 @@ SPEC = FamilySpec(
     guidance_argument="true_cfg_scale",
     guidance=4.0,
     negative_prompt=" ",
+    video_vae=True,  # AutoencoderKLQwenImage: an image is a one-frame video
 )
