@@ -98,14 +98,16 @@ class QwenImageAdapter(ModelAdapter):
         batch: dict[str, Any], batch_size: int, length: int, device: torch.device
     ) -> torch.Tensor | None:
         """The transformer's ``encoder_hidden_states_mask``: [B, L] bool, or None when every
-        position is real (decided on the loader's CPU mask: no device sync)."""
+        position is real (the loader masks every batch; one that needs no mask then runs the
+        attention without one, as the pipeline does: fused attention kernels take no mask).
+        Deciding that reads one value back from the device (a sync per step)."""
         mask = batch.get("text_embeddings_mask")
         if mask is None:
             return None
         mask = batched(mask, 2, "text_embeddings_mask", batch_size)
         if mask.shape[1] != length:
             raise ValueError(f"text_embeddings_mask has {mask.shape[1]} positions, text_embeddings {length}")
-        if mask.device.type == "cpu" and bool(mask.all()):
+        if bool(mask.all()):
             return None
         return mask.to(device, dtype=torch.bool)
 
