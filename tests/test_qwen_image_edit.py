@@ -2,8 +2,9 @@
 adapter's transformer inputs and prediction equal QwenImageEditPlusPipeline's with 1 and 2
 reference images, and the encoder's reference latents equal the pipeline's.
 
-The pipeline runs here without its processor (transformers cannot build a Qwen2VLProcessor without
-torchvision), on given prompt embeddings; the vision-language prompt encoding is not tested."""
+transformers 5.24 refuses to build a Qwen2VLProcessor without its video processor, which needs
+torchvision; the tests build one without it (the image processor's PIL backend and the tiny
+tokenizer), which is all the edit pipeline's prompt encoding uses."""
 
 from __future__ import annotations
 
@@ -24,11 +25,28 @@ from flowtune.flow_matching import FlowMatchingContext
 TEXT = torch.randn(1, 7, 32, generator=torch.Generator().manual_seed(3))  # stands for the VL prompt's
 
 
+def _processor(tokenizer):
+    """A Qwen2VLProcessor without a video processor (transformers checks every component's
+    class, and the video processor's needs torchvision)."""
+    import transformers.processing_utils as processing
+    from transformers import Qwen2VLImageProcessorPil, Qwen2VLProcessor
+
+    check = processing.ProcessorMixin.check_argument_for_proper_class
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(
+            processing.ProcessorMixin,
+            "check_argument_for_proper_class",
+            lambda self, name, value: None if value is None else check(self, name, value),
+        )
+        return Qwen2VLProcessor(image_processor=Qwen2VLImageProcessorPil(), tokenizer=tokenizer)
+
+
 @pytest.fixture(scope="module")
 def pipe():
     from diffusers import QwenImageEditPlusPipeline
 
-    pipe = QwenImageEditPlusPipeline(**tiny_qwen_edit_components(0), processor=None)
+    components = tiny_qwen_edit_components(0)
+    pipe = QwenImageEditPlusPipeline(**components, processor=_processor(components["tokenizer"]))
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -68,9 +86,8 @@ def _pipeline_calls(pipe, images, height: int, width: int) -> tuple[list[dict], 
     return calls[:2], outputs[:2]
 
 
-@pytest.mark.parametrize("sizes", [((96, 80),), ((96, 80), (64, 128))])
-def test_inputs_and_prediction_equal_the_edit_pipeline_s(pipe, encoder, sizes) -> None:
-    images = _images(*sizes)
+def test_inputs_and_prediction_equal_the_edit_pipeline_s(pipe, encoder) -> None:
+    images = _images((96, 80), (64, 128))  # two references of other sizes than the target
     height, width = 48, 64
     calls, outputs = _pipeline_calls(pipe, images, height, width)
     references = {}
@@ -113,9 +130,34 @@ def test_references_are_encoded_at_the_pipeline_s_size_and_normalisation(pipe, e
     assert torch.equal(got, pipe._encode_vae_image(pixels, generator=None)[:, :, 0])
 
 
-def test_prompt_embeddings_need_the_references_and_the_pipeline_takes_one_to_three(pipe, encoder) -> None:
+def test_cached_prompt_is_the_pipeline_s_vision_language_prompt(pipe, encoder) -> None:
+    """encode_prompts with the references equals the embeddings the pipeline gives its
+    transformer for the instruction and for the negative prompt (both encoded with the images)."""
+    images = _images((96, 80), (80, 64))
+    calls: list[dict] = []
+    hook = pipe.transformer.register_forward_pre_hook(
+        lambda m, a, kw: calls.append(
+            {k: kw[k] for k in ("encoder_hidden_states", "encoder_hidden_states_mask")}
+        ),
+        with_kwargs=True,
+    )
+    try:
+        pipe(
+            image=images, prompt="make it blue", negative_prompt=" ", true_cfg_scale=4.0, height=32, width=32,
+            num_inference_steps=2, generator=torch.Generator().manual_seed(0), output_type="latent",
+        )  # fmt: skip
+    finally:
+        hook.remove()
+    rows = encoder.encode_prompts(["make it blue", " "], [images, images])["text_embeddings"]
+    for row, call in zip(rows, calls[:2], strict=True):
+        assert call["encoder_hidden_states_mask"] is None
+        assert torch.equal(row, call["encoder_hidden_states"][0])
+    assert rows[0].shape[0] > 2 * 64  # the references' vision tokens come before the instruction
     with pytest.raises(ValueError, match="depend on the reference images"):
         encoder.encode_prompts(["make it blue"])
+
+
+def test_the_pipeline_takes_one_to_three_references(pipe) -> None:
     images = _images((64, 64), (64, 64), (64, 64), (64, 64))
     assert QwenImageEditEncoder.reference_inputs(pipe, images[:3], 32, 48)["image"] == images[:3]
     resized = QwenImageEditEncoder.reference_inputs(pipe, images[:1], 32, 48, "match_target")["image"]

@@ -49,24 +49,25 @@ _EDIT_WORDS = (
 _CHAT_WORDS = ("system", "user", "assistant")
 
 
-def _template_words() -> list[str]:
-    """The words of QwenImagePipeline's and QwenImageEditPlusPipeline's prompt templates (read
-    from diffusers, so that the tiny tokenizer spells them as whole words like the real one)."""
+def _templates() -> list[str]:
+    """QwenImagePipeline's and QwenImageEditPlusPipeline's prompt templates, the prompt left out
+    (read from diffusers, so that the tiny tokenizer spells them as the real one does)."""
     from flowtune.families.qwen_image.encoder import prompt_template
 
-    templates = [prompt_template(name)[0] for name in ("QwenImagePipeline", "QwenImageEditPlusPipeline")]
-    return re.findall(r"[A-Za-z]+", " ".join(templates))
+    names = ("QwenImagePipeline", "QwenImageEditPlusPipeline")
+    return [prompt_template(name)[0].replace("{}", " ") for name in names]
 
 
 def qwen_tokenizer() -> Qwen2Tokenizer:
     """A Qwen2 byte-level BPE tokenizer over a small vocabulary, built offline.
 
     Its BPE merges are trained here (``tokenizers``' BpeTrainer, deterministic) on the caption and
-    edit words and the words of the pipelines' prompt templates, so each of those is one token
-    (with or without its leading space) as in Qwen's 151k vocabulary, and any other text falls
-    back to bytes.  With the real pre-tokenizer (Qwen2Tokenizer's regex) the text before the
-    caption in QwenImagePipeline's template is 34 tokens, exactly the pipeline's
-    ``prompt_template_encode_start_idx``: the tokens it drops are the template's, as with Qwen.
+    edit words and on the pipelines' prompt templates, so each of those words is one token (with
+    or without its leading space) as in Qwen's 151k vocabulary, and so is each punctuation run of
+    the templates; any other text falls back to bytes.  With the real pre-tokenizer
+    (Qwen2Tokenizer's regex) the text before the prompt is 34 tokens in QwenImagePipeline's
+    template and 64 in QwenImageEditPlusPipeline's, exactly their
+    ``prompt_template_encode_start_idx``: the tokens they drop are the template's, as with Qwen.
     The special tokens come first (ids 0-13, in Qwen's order).
     """
     import json
@@ -77,10 +78,14 @@ def qwen_tokenizer() -> Qwen2Tokenizer:
     from transformers import Qwen2Tokenizer
     from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
 
-    words = list(dict.fromkeys([*CAPTION_WORDS, *_EDIT_WORDS, *_CHAT_WORDS, *_template_words()]))
+    templates = _templates()
+    words = [*CAPTION_WORDS, *_EDIT_WORDS, *_CHAT_WORDS, *re.findall(r"[A-Za-z]+", " ".join(templates))]
     corpus = [
-        form for word in words for form in (word, " " + word, word.capitalize(), " " + word.capitalize())
+        form
+        for word in dict.fromkeys(words)
+        for form in (word, " " + word, word.capitalize(), " " + word.capitalize())
     ]
+    corpus += templates  # their punctuation runs (" (", "'s", ...) become tokens too
     backend = Tokenizer(BPE())
     backend.normalizer = normalizers.NFC()
     backend.pre_tokenizer = pre_tokenizers.Sequence(
