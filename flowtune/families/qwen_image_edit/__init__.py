@@ -38,4 +38,6 @@ SPEC = FamilySpec(
     guidance=4.0,
     negative_prompt=" ",
     video_vae=True,
+    # The Hub's Qwen-Image-Edit-2511 ships Qwen-Image's text encoder and VAE.
+    component_sources=(("Qwen/Qwen-Image-Edit-2511", "Qwen/Qwen-Image"),),
 )
