@@ -12,7 +12,7 @@ DEMO_DIR := .flowtune-demo
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: demo demo-kontext demo-flux2 demo-flux2-klein demo-z-image test lint format docs clean
+.PHONY: demo demo-kontext demo-flux2 demo-flux2-klein demo-z-image demo-qwen-image test lint format docs clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -80,6 +80,18 @@ demo-z-image: $(STAMP)
 		--prompt "a red circle on a white background" --prompt "a blue square on a white background"
 	@echo "z-image demo outputs: run $(DEMO_DIR)-z-image/run, samples $(DEMO_DIR)-z-image/samples"
 
+# The same chain on Qwen-Image (Qwen2.5-VL text embeddings, a video VAE's packed latents,
+# QwenImagePipeline sampling with true classifier-free guidance against the negative prompt " ").
+demo-qwen-image: $(STAMP)
+	$(BIN)/python -m flowtune make-tiny qwen-image $(DEMO_DIR)-qwen-image/tiny-qwen-image --overwrite
+	$(BIN)/python -m flowtune make-dataset $(DEMO_DIR)-qwen-image/dataset --count 16 --overwrite
+	$(BIN)/python -m flowtune preprocess recipes/tiny-qwen-image-demo.yaml
+	$(BIN)/python -m flowtune train recipes/tiny-qwen-image-demo.yaml
+	rm -rf $(DEMO_DIR)-qwen-image/samples
+	$(BIN)/python -m flowtune sample --ckpt $(DEMO_DIR)-qwen-image/run --out $(DEMO_DIR)-qwen-image/samples \
+		--prompt "a red circle on a white background" --prompt "a blue square on a white background"
+	@echo "qwen-image demo outputs: run $(DEMO_DIR)-qwen-image/run, samples $(DEMO_DIR)-qwen-image/samples"
+
 # The test files run on TEST_WORKERS processes (pytest-xdist), each file's tests in one of them so
 # that a file's module-scoped tiny models and runs are made once.
 TEST_WORKERS ?= 2
@@ -98,5 +110,5 @@ docs: $(STAMP)
 	$(BIN)/python scripts/gen_recipe_docs.py
 
 clean:
-	rm -rf $(DEMO_DIR) $(DEMO_DIR)-kontext $(DEMO_DIR)-flux2 $(DEMO_DIR)-flux2-klein $(DEMO_DIR)-z-image .pytest_cache \
-		.ruff_cache
+	rm -rf $(DEMO_DIR) $(DEMO_DIR)-kontext $(DEMO_DIR)-flux2 $(DEMO_DIR)-flux2-klein $(DEMO_DIR)-z-image \
+		$(DEMO_DIR)-qwen-image .pytest_cache .ruff_cache

@@ -79,6 +79,10 @@ class FamilySpec:
             preprocess caches this prompt's embeddings with the validation prompts and validation
             passes them (:meth:`FamilyEncoder.negative_inputs`) as the pipeline would compute them.
             None: the family has no such prompt.
+        video_vae: The family's VAE is a video VAE that encodes an image as a one-frame video:
+            pixels [B, 3, 1, H, W] in, latents [B, C, 1, H/8, W/8] (Qwen-Image's
+            ``AutoencoderKLQwenImage``); ``flowtune plan`` traces it with those shapes.  False:
+            an image VAE ([B, 3, H, W] -> [B, C, H/8, W/8]).
     """
 
     name: str
@@ -104,6 +108,7 @@ class FamilySpec:
     guidance: float = 3.5
     negative_prompt: str | None = None
     implicit_negative_prompt: str | None = None
+    video_vae: bool = False
 
     @property
     def pipeline_classes(self) -> tuple[str, ...]:

@@ -169,16 +169,17 @@ def _vae_phase(
     if config is None:
         return None
     dtype = getattr(torch, recipe.model.dtype)
+    frames = (1,) if spec.video_vae else ()  # a video VAE takes an image as one frame
     tracker = LiveBytes()
     with _mode(fake), tracker:
         vae = build_component(config, dtype)
         weights = tracker.current
         with torch.no_grad():
             if decode:
-                channels = int(config.get("latent_channels", 16))
-                vae.decode(torch.zeros(batch, channels, height // 8, width // 8, dtype=dtype))
+                channels = int(config.get("latent_channels", config.get("z_dim", 16)))
+                vae.decode(torch.zeros(batch, channels, *frames, height // 8, width // 8, dtype=dtype))
             else:
-                vae.encode(torch.zeros(batch, 3, height, width, dtype=dtype))
+                vae.encode(torch.zeros(batch, 3, *frames, height, width, dtype=dtype))
         peak = tracker.peak
     return weights, peak
 
