@@ -9,10 +9,10 @@ import torch
 import torch.nn as nn
 
 from flowtune.flow_matching.adapters.base import (
+    ExampleSize,
     FlowMatchingContext,
     ModelAdapter,
     batched,
-    check_latent_rank,
     unwrap_model,
 )
 
@@ -104,29 +104,16 @@ class FluxAdapter(GuidedAdapter):
         super().__init__(guidance_scale, use_guidance_embeds)
         self._warned_no_pooled = False
 
-    def example_batch(
-        self,
-        config: dict[str, Any],
-        batch_size: int,
-        height: int,
-        width: int,
-        text_tokens: int,
-        references: int = 0,
-    ) -> dict[str, torch.Tensor]:
+    def example_shapes(self, config: dict[str, Any], size: ExampleSize) -> dict[str, tuple[int, ...]]:
         """``image_latents`` [B, in_channels / 4, H / 8, W / 8] (VAE latents, packed 2x2 by the
         adapter), ``text_embeddings`` [B, L, joint_attention_dim] (T5), ``pooled_prompt_embeds``
-        [B, pooled_projection_dim] (CLIP), ``control_latents_k`` like the image latents."""
-        latent = (batch_size, int(config.get("in_channels", 64)) // 4, height // 8, width // 8)
-        batch = {
-            "image_latents": torch.randn(latent),
-            "text_embeddings": torch.randn(
-                batch_size, text_tokens, int(config.get("joint_attention_dim", 4096))
-            ),
-            "pooled_prompt_embeds": torch.randn(batch_size, int(config.get("pooled_projection_dim", 768))),
+        [B, pooled_projection_dim] (CLIP)."""
+        b = size.batch_size
+        return {
+            "image_latents": (b, int(config.get("in_channels", 64)) // 4, size.height // 8, size.width // 8),
+            "text_embeddings": (b, size.text_tokens, int(config.get("joint_attention_dim", 4096))),
+            "pooled_prompt_embeds": (b, int(config.get("pooled_projection_dim", 768))),
         }
-        for k in range(references):
-            batch[f"control_latents_{k}"] = torch.randn(latent)
-        return batch
 
     def _pack_latents(self, latents: torch.Tensor) -> torch.Tensor:
         """[B, C, H, W] -> [B, (H//2)*(W//2), C*4]: each 2x2 latent patch becomes one token.
@@ -196,12 +183,11 @@ class FluxAdapter(GuidedAdapter):
         Caption dropout: the pipeline's ``cfg_dropout_mask``, else ``cfg_dropout_prob`` per
         sample (an adapter called directly), applied to T5 and CLIP alike.
         """
+        context = self.step_context(context, 4, "latents [B, C, H, W]")
         latents = context.noisy_latents
-        check_latent_rank(self, latents, 4, "latents [B, C, H, W]")
-        context = self.resolve_cfg_dropout(context)
         batch, device, dtype = context.batch, context.device, context.dtype
         b, _, h, w = latents.shape
-        text = batched(batch["text_embeddings"], 3, "text_embeddings", b).to(device, dtype=dtype)
+        text = self.text_embeddings(context)
         pooled = self._pooled(batch, b)
         pooled_missing = pooled is None
         if pooled is None:

@@ -9,9 +9,8 @@ import torch.nn as nn
 
 from flowtune.families.flux.adapter import GuidedAdapter
 from flowtune.flow_matching.adapters.base import (
+    ExampleSize,
     FlowMatchingContext,
-    batched,
-    check_latent_rank,
     control_keys,
 )
 
@@ -51,27 +50,14 @@ class Flux2Adapter(GuidedAdapter):
     Args: those of :class:`~flowtune.families.flux.adapter.GuidedAdapter`.
     """
 
-    def example_batch(
-        self,
-        config: dict[str, Any],
-        batch_size: int,
-        height: int,
-        width: int,
-        text_tokens: int,
-        references: int = 0,
-    ) -> dict[str, torch.Tensor]:
+    def example_shapes(self, config: dict[str, Any], size: ExampleSize) -> dict[str, tuple[int, ...]]:
         """``image_latents`` [B, in_channels, H / 16, W / 16] (patchified latents),
-        ``text_embeddings`` [B, L, joint_attention_dim] (Mistral3), ``control_latents_k`` like
-        the image latents."""
-        latent = (batch_size, int(config.get("in_channels", 128)), height // 16, width // 16)
-        dim = int(config.get("joint_attention_dim", 15360))
-        batch = {
-            "image_latents": torch.randn(latent),
-            "text_embeddings": torch.randn(batch_size, text_tokens, dim),
+        ``text_embeddings`` [B, L, joint_attention_dim] (Mistral3)."""
+        b = size.batch_size
+        return {
+            "image_latents": (b, int(config.get("in_channels", 128)), size.height // 16, size.width // 16),
+            "text_embeddings": (b, size.text_tokens, int(config.get("joint_attention_dim", 15360))),
         }
-        for k in range(references):
-            batch[f"control_latents_{k}"] = torch.randn(latent)
-        return batch
 
     @staticmethod
     def _pack_latents(latents: torch.Tensor) -> torch.Tensor:
@@ -133,12 +119,11 @@ class Flux2Adapter(GuidedAdapter):
         Caption dropout: the pipeline's ``cfg_dropout_mask``, else ``cfg_dropout_prob`` per
         sample (an adapter called directly).
         """
+        context = self.step_context(context, 4, "patchified latents [B, C, H_p, W_p]")
         latents = context.noisy_latents
-        check_latent_rank(self, latents, 4, "patchified latents [B, C, H_p, W_p]")
-        context = self.resolve_cfg_dropout(context)
         batch, device, dtype = context.batch, context.device, context.dtype
         b, _, h, w = latents.shape
-        text = batched(batch["text_embeddings"], 3, "text_embeddings", b).to(device, dtype=dtype)
+        text = self.text_embeddings(context)
         hidden_states = self._pack_latents(latents)
         img_ids = self._prepare_latent_ids(h, w, b, device)
         inputs: dict[str, Any] = {

@@ -5,9 +5,8 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
-
 from flowtune.families.flux2.adapter import Flux2Adapter
+from flowtune.flow_matching.adapters.base import ExampleSize
 
 
 class Flux2KleinAdapter(Flux2Adapter):
@@ -30,17 +29,7 @@ class Flux2KleinAdapter(Flux2Adapter):
     def __init__(self) -> None:
         super().__init__(guidance_scale=1.0, use_guidance_embeds=False)
 
-    def example_batch(
-        self,
-        config: dict[str, Any],
-        batch_size: int,
-        height: int,
-        width: int,
-        text_tokens: int,
-        references: int = 0,
-    ) -> dict[str, torch.Tensor]:
-        """As :meth:`Flux2Adapter.example_batch`, with the text width of klein 9B (3 x 4096)
+    def example_shapes(self, config: dict[str, Any], size: ExampleSize) -> dict[str, tuple[int, ...]]:
+        """As :meth:`Flux2Adapter.example_shapes`, with the text width of klein 9B (3 x 4096)
         when the config names none."""
-        return super().example_batch(
-            {"joint_attention_dim": 12288, **config}, batch_size, height, width, text_tokens, references
-        )
+        return super().example_shapes({"joint_attention_dim": 12288, **config}, size)

@@ -9,10 +9,10 @@ import torch
 import torch.nn as nn
 
 from flowtune.flow_matching.adapters.base import (
+    ExampleSize,
     FlowMatchingContext,
     ModelAdapter,
     batched,
-    check_latent_rank,
 )
 
 
@@ -50,25 +50,13 @@ class QwenImageAdapter(ModelAdapter):
         self.guidance_scale = guidance_scale
         self.use_guidance_embeds = use_guidance_embeds
 
-    def example_batch(
-        self,
-        config: dict[str, Any],
-        batch_size: int,
-        height: int,
-        width: int,
-        text_tokens: int,
-        references: int = 0,
-    ) -> dict[str, torch.Tensor]:
+    def example_shapes(self, config: dict[str, Any], size: ExampleSize) -> dict[str, tuple[int, ...]]:
         """``image_latents`` [B, in_channels / 4, H / 8, W / 8], ``text_embeddings``
         [B, L, joint_attention_dim] (Qwen2.5-VL), every text position real (no mask)."""
-        if references:
-            raise ValueError("Qwen-Image takes no reference images")
-        channels = int(config.get("in_channels", 64)) // 4
+        b = size.batch_size
         return {
-            "image_latents": torch.randn(batch_size, channels, height // 8, width // 8),
-            "text_embeddings": torch.randn(
-                batch_size, text_tokens, int(config.get("joint_attention_dim", 3584))
-            ),
+            "image_latents": (b, int(config.get("in_channels", 64)) // 4, size.height // 8, size.width // 8),
+            "text_embeddings": (b, size.text_tokens, int(config.get("joint_attention_dim", 3584))),
         }
 
     @staticmethod
@@ -117,12 +105,11 @@ class QwenImageAdapter(ModelAdapter):
         Caption dropout: the pipeline's ``cfg_dropout_mask``, else ``cfg_dropout_prob`` per
         sample (an adapter called directly).
         """
+        context = self.step_context(context, 4, "latents [B, C, H, W]")
         latents = context.noisy_latents
-        check_latent_rank(self, latents, 4, "latents [B, C, H, W]")
-        context = self.resolve_cfg_dropout(context)
         batch, device, dtype = context.batch, context.device, context.dtype
         b, c, h, w = latents.shape
-        text = batched(batch["text_embeddings"], 3, "text_embeddings", b).to(device, dtype=dtype)
+        text = self.text_embeddings(context)
         guidance = None
         if self.use_guidance_embeds:
             guidance = torch.full((b,), self.guidance_scale, device=device, dtype=dtype)

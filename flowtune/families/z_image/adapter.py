@@ -10,10 +10,9 @@ import torch.nn as nn
 
 from flowtune.families.z_image.encoder import unpadded
 from flowtune.flow_matching.adapters.base import (
+    ExampleSize,
     FlowMatchingContext,
     ModelAdapter,
-    batched,
-    check_latent_rank,
 )
 
 
@@ -42,23 +41,13 @@ class ZImageAdapter(ModelAdapter):
     :meth:`forward` returns its negation, the velocity ``noise - x0`` of flowtune's loss.
     """
 
-    def example_batch(
-        self,
-        config: dict[str, Any],
-        batch_size: int,
-        height: int,
-        width: int,
-        text_tokens: int,
-        references: int = 0,
-    ) -> dict[str, torch.Tensor]:
+    def example_shapes(self, config: dict[str, Any], size: ExampleSize) -> dict[str, tuple[int, ...]]:
         """``image_latents`` [B, in_channels, H / 8, W / 8] and ``text_embeddings``
         [B, L, cap_feat_dim] (every token real: no mask, which would need real values to apply)."""
-        if references:
-            raise ValueError("Z-Image takes no reference images")
-        latent = (batch_size, int(config.get("in_channels", 16)), height // 8, width // 8)
+        b = size.batch_size
         return {
-            "image_latents": torch.randn(latent),
-            "text_embeddings": torch.randn(batch_size, text_tokens, int(config.get("cap_feat_dim", 2560))),
+            "image_latents": (b, int(config.get("in_channels", 16)), size.height // 8, size.width // 8),
+            "text_embeddings": (b, size.text_tokens, int(config.get("cap_feat_dim", 2560))),
         }
 
     def prepare_inputs(self, context: FlowMatchingContext) -> dict[str, Any]:
@@ -67,12 +56,10 @@ class ZImageAdapter(ModelAdapter):
         Caption dropout: the pipeline's ``cfg_dropout_mask``, else ``cfg_dropout_prob`` per
         sample (an adapter called directly).
         """
+        context = self.step_context(context, 4, "latents [B, C, H, W]")
         latents = context.noisy_latents
-        check_latent_rank(self, latents, 4, "latents [B, C, H, W]")
-        context = self.resolve_cfg_dropout(context)
-        batch, device, dtype = context.batch, context.device, context.dtype
-        b = latents.shape[0]
-        text = batched(batch["text_embeddings"], 3, "text_embeddings", b).to(device, dtype=dtype)
+        batch, device = context.batch, context.device
+        text = self.text_embeddings(context)
         text = self.apply_cfg_dropout(text, context)
         return {
             "x": list(latents.unsqueeze(2).unbind(0)),

@@ -62,6 +62,17 @@ class FlowMatchingContext:
         return self.latents
 
 
+@dataclass(frozen=True)
+class ExampleSize:
+    """The size of an example batch (:meth:`ModelAdapter.example_batch`): ``batch_size`` images of
+    ``height x width`` pixels with captions of ``text_tokens`` tokens."""
+
+    batch_size: int
+    height: int
+    width: int
+    text_tokens: int
+
+
 class ModelAdapter(ABC):
     """Model-specific input preparation and forward call for :class:`FlowMatchingPipeline`.
 
@@ -89,12 +100,26 @@ class ModelAdapter(ABC):
     ) -> dict[str, torch.Tensor]:
         """A batch shaped like the preprocess cache's for a model with transformer ``config``
         (its ``config.json``): images of ``height x width`` pixels, captions of ``text_tokens``
-        tokens, ``references`` reference images of the same size.  Random values, made with
-        torch's factory functions so that it works on fake tensors (``flowtune plan`` traces a
-        training step on it).
+        tokens, ``references`` reference images of the same size (``control_latents_k``, shaped
+        like ``image_latents``).  Random values, made with torch's factory functions so that it
+        works on fake tensors (``flowtune plan`` traces a training step on it).  The shapes are
+        the adapter's :meth:`example_shapes`.
 
         Raises:
             NotImplementedError: the adapter does not describe its batch (no ``flowtune plan``).
+        """
+        shapes = self.example_shapes(config, ExampleSize(batch_size, height, width, text_tokens))
+        batch = {name: torch.randn(shape) for name, shape in shapes.items()}
+        for k in range(references):
+            batch[f"control_latents_{k}"] = torch.randn(shapes["image_latents"])
+        return batch
+
+    def example_shapes(self, config: dict[str, Any], size: ExampleSize) -> dict[str, tuple[int, ...]]:
+        """``{batch key: shape}`` of a cached batch of ``size`` for a transformer ``config``
+        (:meth:`example_batch`); ``image_latents`` is the shape reference latents take too.
+
+        Raises:
+            NotImplementedError: the adapter does not describe its batch layout.
         """
         raise NotImplementedError(f"{type(self).__name__} does not describe its batch layout")
 
@@ -115,6 +140,26 @@ class ModelAdapter(ABC):
             [B, ...] float32 per-element loss.
         """
         return nn.functional.mse_loss(model_pred.float(), target.float(), reduction="none")
+
+    def step_context(self, context: FlowMatchingContext, rank: int, layout: str) -> FlowMatchingContext:
+        """The start of :meth:`prepare_inputs`: check the latents' rank
+        (:func:`check_latent_rank`) and resolve the step's caption dropout
+        (:meth:`resolve_cfg_dropout`).
+
+        Args:
+            rank, layout: The latents' expected rank and what they are, e.g. ``4`` and
+                ``"latents [B, C, H, W]"``, for the error message.
+        """
+        check_latent_rank(self, context.noisy_latents, rank, layout)
+        return self.resolve_cfg_dropout(context)
+
+    @staticmethod
+    def text_embeddings(context: FlowMatchingContext, key: str = "text_embeddings") -> torch.Tensor:
+        """The batch's sequence text embeddings ``key`` as [B, L, D] on the context's device and
+        dtype ([L, D] accepted for a batch of one, as in the reference), caption dropout not yet
+        applied (:meth:`apply_cfg_dropout`)."""
+        b = context.noisy_latents.shape[0]
+        return batched(context.batch[key], 3, key, b).to(context.device, dtype=context.dtype)
 
     @staticmethod
     def resolve_cfg_dropout(context: FlowMatchingContext) -> FlowMatchingContext:
