@@ -93,10 +93,12 @@ demo-qwen-image: $(STAMP)
 	@echo "qwen-image demo outputs: run $(DEMO_DIR)-qwen-image/run, samples $(DEMO_DIR)-qwen-image/samples"
 
 # The test files run on TEST_WORKERS processes (pytest-xdist), each file's tests in one of them so
-# that a file's module-scoped tiny models and runs are made once.
+# that a file's module-scoped tiny models and runs are made once; then the tests marked
+# `processes`, which start several processes of their own, run alone.
 TEST_WORKERS ?= 2
 test: $(STAMP)
-	$(BIN)/pytest -q -n $(TEST_WORKERS) --dist loadfile
+	$(BIN)/pytest -q -n $(TEST_WORKERS) --dist loadfile -m "not processes"
+	$(BIN)/pytest -q -m processes
 
 lint: $(STAMP)
 	$(BIN)/ruff check flowtune tests scripts

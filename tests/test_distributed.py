@@ -35,7 +35,7 @@ from flowtune.train.model import LORA_WEIGHTS_NAME
 from flowtune.train.trainer import Trainer
 from tests.helpers import REPO, assert_user_error, cli, flowtune, tiny_flux_training_env
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.processes]
 
 STEPS = 6  # 3 epochs of 2 global batches of 4: buckets and epochs change inside the run
 

@@ -214,6 +214,7 @@ dist.destroy_process_group()
 """
 
 
+@pytest.mark.processes
 def test_ddp_wraps_a_quantized_base_once_its_weights_are_excluded() -> None:
     """DDP broadcasts every parameter when it starts, and torchao's tensors implement none of the
     ops that needs; they need no copy (every process quantizes the same file the same way) and,

@@ -38,7 +38,7 @@ from tests.helpers import (
     wide_tiny_model,
 )
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.processes]
 
 SEEDS = [5, 11]  # FLUX.1's data seeds
 
