@@ -18,10 +18,10 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	# torch first, pinned: the CPU build here, the CUDA build on GPU machines. No torchvision.
-	# --no-compile: Python compiles what is imported when it is first imported, not every module
-	# of every package at install time (a fresh install ~30 s faster on 2 cores).
-	$(BIN)/pip install --quiet --no-compile torch==2.13.0
-	$(BIN)/pip install --quiet --no-compile -e '.[dev,datasets]'
+	# pip compiles every module at install time: keep it (these machines set
+	# PYTHONDONTWRITEBYTECODE=1, so with --no-compile every process would compile its imports anew).
+	$(BIN)/pip install --quiet torch==2.13.0
+	$(BIN)/pip install --quiet -e '.[dev,datasets]'
 	@touch $@
 
 demo: $(STAMP)
