@@ -523,7 +523,7 @@ class _Encoding:
 
         Returns ``{control image sha256: reason}`` for images that failed to decode.
         """
-        prepare = self.encoder.prepare_control  # type: ignore[attr-defined]
+        prepare = self.encoder.prepare_control
         jobs = [
             _ImageJob(c.key, c.sha, c.size, functools.partial(_decode_control, c, prepare)) for c in controls
         ]

@@ -198,6 +198,25 @@ class FamilyEncoder(ABC):
         """
         raise ValueError(f"{cls.__name__} takes no reference images")
 
+    def control_size(self, width: int, height: int) -> tuple[int, int]:
+        """The (width, height) the family's pipeline encodes a ``width`` x ``height`` reference
+        image at (families with ``FamilySpec.reference_images``; ``data.control_resize:
+        pipeline``).
+
+        Raises:
+            ValueError: the family takes no reference images.
+        """
+        raise ValueError(f"{type(self).__name__} takes no reference images")
+
+    def prepare_control(self, image: Image.Image, size: tuple[int, int], mode: str) -> Image.Image:
+        """A reference image brought to ``size`` = (width, height) as the family's pipeline brings
+        it there (``mode`` is ``data.control_resize``); needs :meth:`load` with ``images=True``.
+
+        Raises:
+            ValueError: the family takes no reference images.
+        """
+        raise ValueError(f"{type(self).__name__} takes no reference images")
+
     @classmethod
     def reference_problem(cls, width: int, height: int) -> str | None:
         """Why the family's pipeline would refuse a reference image of ``width`` x ``height``
