@@ -17,11 +17,14 @@ therefore caches for validation (``implicit_negative_prompt``), and ``--negative
 
 from __future__ import annotations
 
-from flowtune.families.flux2 import BLOCK_LISTS, LORA_TARGETS
-from flowtune.families.flux2_klein.quantize import ENCODER_QUANTIZE_SKIP, QUANTIZE_SKIP
-from flowtune.families.spec import FamilySpec
+from dataclasses import replace
 
-SPEC = FamilySpec(
+from flowtune.families.flux2 import SPEC as FLUX2_SPEC
+from flowtune.families.flux2_klein.quantize import ENCODER_QUANTIZE_SKIP, QUANTIZE_SKIP
+
+# FLUX.2's entry (LoRA targets, block lists, naming tables, references) with klein's own parts.
+SPEC = replace(
+    FLUX2_SPEC,
     name="flux2-klein",
     description="FLUX.2 [klein] 4B / 9B: FLUX.2 with a Qwen3 text encoder, no guidance embedding, "
     "step-distilled (4 steps) or base (classifier-free guidance); text-to-image and editing with "
@@ -29,15 +32,8 @@ SPEC = FamilySpec(
     adapter="flux2_klein",
     adapter_class="flowtune.families.flux2_klein.adapter:Flux2KleinAdapter",
     pipeline_class="Flux2KleinPipeline",
-    transformer_class="Flux2Transformer2DModel",
-    lora_target_modules=LORA_TARGETS,
-    spatial_granularity=16,
     tiny_builder="flowtune.families.flux2_klein.tiny:build_tiny_flux2_klein",
     encoder="flowtune.families.flux2_klein.encoder:Flux2KleinEncoder",
-    lora_original_names="flowtune.families.flux2.naming:FLUX2_NAMING",
-    block_lists=BLOCK_LISTS,
-    reference_images=True,
-    references_optional=True,
     quantize_skip=QUANTIZE_SKIP,
     encoder_quantize_skip=ENCODER_QUANTIZE_SKIP,
     # The base (undistilled) models ship the distilled ones' text encoder and VAE.
@@ -46,7 +42,6 @@ SPEC = FamilySpec(
         ("black-forest-labs/FLUX.2-klein-base-9B", "black-forest-labs/FLUX.2-klein-9B"),
     ),
     adapter_arguments=(),  # Flux2KleinAdapter takes none
-    guidance_argument="guidance_scale",
     guidance=1.0,
     negative_prompt=None,
     implicit_negative_prompt="",
