@@ -333,3 +333,30 @@ def nearest_targets(
         return [int(((sample(pipe, i) - targets) ** 2).mean(dim=1).argmin()) for i in range(len(targets))]
     finally:
         torch.set_num_threads(threads)
+
+
+@contextlib.contextmanager
+def torch_threads(count: int) -> Iterator[None]:
+    """torch's intra-op threads set to ``count`` inside the block (the tiny models gain nothing from
+    more: on a busy 2-core machine their spinning only slows the others), put back after."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def family_pipeline(family: str, model: Path) -> Any:
+    """The family's diffusers pipeline (``FamilySpec.pipeline_class``) from ``model``, in float32,
+    progress bars off."""
+    import diffusers
+    import torch
+
+    from flowtune.families import get_family
+
+    pipe = getattr(diffusers, get_family(family).pipeline_class).from_pretrained(model, dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

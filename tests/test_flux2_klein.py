@@ -28,7 +28,7 @@ from flowtune.interop import export
 from flowtune.recipe import load_recipe
 from flowtune.recipe.load import RecipeError
 from flowtune.tiny import make_tiny
-from tests.helpers import learning_pairs, train_learning_run, write
+from tests.helpers import family_pipeline, learning_pairs, torch_threads, train_learning_run, write
 
 TEXT_TOKENS = 32  # the Qwen3 chat markup takes 12 tokens of the tiny tokenizer, a caption ~9
 GUIDANCE = 2.5  # above 1: the base pipeline's classifier-free guidance runs
@@ -38,10 +38,8 @@ GUIDANCE = 2.5  # above 1: the base pipeline's classifier-free guidance runs
 def one_thread():
     """The tiny models gain nothing from intra-op threads (on a busy 2-core machine their spinning
     slows the 28-layer text encoder a lot); both sides of every comparison run here."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with torch_threads(1):
+        yield
 
 
 @pytest.fixture(scope="module")
@@ -51,11 +49,7 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def pipe(tiny: Path):
-    from diffusers import Flux2KleinPipeline
-
-    pipe = Flux2KleinPipeline.from_pretrained(tiny, dtype=torch.float32)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return family_pipeline("flux2-klein", tiny)
 
 
 # ------------------------------------------------------------------------------ the tiny model

@@ -17,6 +17,7 @@ from flowtune.families.qwen_image.adapter import QwenImageAdapter
 from flowtune.families.qwen_image.encoder import normalize_latents
 from flowtune.flow_matching import FlowMatchingContext, create_adapter
 from flowtune.tiny import make_tiny
+from tests.helpers import family_pipeline
 
 SPEC = get_family("qwen-image")
 PROMPTS = ["a blue square", "a large green triangle on a yellow background in the sky", " "]
@@ -29,11 +30,7 @@ def model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def pipe(model: Path):
-    from diffusers import QwenImagePipeline
-
-    pipe = QwenImagePipeline.from_pretrained(model, dtype=torch.float32)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return family_pipeline("qwen-image", model)
 
 
 def _encoder(model: Path, max_sequence_length: int = 64, latent_dist: str = "mode"):

@@ -21,7 +21,7 @@ from flowtune.families.z_image.encoder import ZImageEncoder, unpadded
 from flowtune.flow_matching import FlowMatchingContext, create_adapter
 from flowtune.recipe import load_recipe
 from flowtune.tiny import make_tiny
-from tests.helpers import nearest_targets, train_learning_run, write
+from tests.helpers import family_pipeline, nearest_targets, torch_threads, train_learning_run, write
 
 SIZES = [(64, 64), (80, 48), (96, 64)]  # the last is cropped to its bucket
 LENGTH = 32  # text tokens: the chat markup takes 8 of them, as in Qwen3
@@ -31,10 +31,8 @@ PROMPTS = ["a red circle on a white background"]
 @pytest.fixture(scope="module", autouse=True)
 def one_thread():
     """The tiny models gain nothing from intra-op threads (and on a busy machine lose by them)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with torch_threads(1):
+        yield
 
 
 @pytest.fixture(scope="module")
@@ -44,11 +42,7 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def pipe(tiny: Path):
-    from diffusers import ZImagePipeline
-
-    pipe = ZImagePipeline.from_pretrained(tiny, dtype=torch.float32)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return family_pipeline("z-image", tiny)
 
 
 @pytest.fixture(scope="module")
