@@ -360,3 +360,44 @@ def family_pipeline(family: str, model: Path) -> Any:
     pipe = getattr(diffusers, get_family(family).pipeline_class).from_pretrained(model, dtype=torch.float32)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def image_context(noisy: Any, sigma: Any, batch: dict, latents: Any = None) -> Any:
+    """A :class:`FlowMatchingContext` of an image batch on the CPU in float32, as an adapter-parity
+    test builds it from a pipeline's transformer call: ``noisy`` x_t, ``sigma`` [B] (timesteps
+    ``sigma * 1000``), the clean ``latents`` (default: ``noisy``, which the adapters do not read)."""
+    import torch
+
+    from flowtune.flow_matching import FlowMatchingContext
+
+    return FlowMatchingContext(
+        noisy_latents=noisy,
+        latents=noisy if latents is None else latents,
+        timesteps=sigma * 1000,
+        sigma=sigma,
+        task_type="t2v",
+        data_type="image",
+        device=torch.device("cpu"),
+        dtype=torch.float32,
+        batch=batch,
+    )
+
+
+def transformer_calls(pipe: Any, **call: Any) -> tuple[list[dict], list[Any]]:
+    """Run ``pipe(**call)`` and return its transformer's calls: their keyword inputs (tensors
+    cloned) and first outputs, in order (for comparing an adapter's inputs with the pipeline's)."""
+    import torch
+
+    calls: list[dict] = []
+    outputs: list[Any] = []
+    pre = pipe.transformer.register_forward_pre_hook(
+        lambda m, a, kw: calls.append({k: v.clone() if torch.is_tensor(v) else v for k, v in kw.items()}),
+        with_kwargs=True,
+    )
+    post = pipe.transformer.register_forward_hook(lambda m, a, out: outputs.append(out[0].clone()))
+    try:
+        pipe(**call)
+    finally:
+        pre.remove()
+        post.remove()
+    return calls, outputs

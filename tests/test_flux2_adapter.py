@@ -9,8 +9,9 @@ import torch
 from PIL import Image
 
 from flowtune.families.flux2.tiny import tiny_flux2_transformer
-from flowtune.flow_matching import FlowMatchingContext, Flux2Adapter, create_adapter, create_pipeline
+from flowtune.flow_matching import Flux2Adapter, create_adapter, create_pipeline
 from flowtune.tiny import make_tiny
+from tests.helpers import image_context
 
 
 @pytest.fixture(scope="module")
@@ -21,20 +22,6 @@ def pipe(tmp_path_factory: pytest.TempPathFactory):
     pipe = Flux2Pipeline.from_pretrained(model, dtype=torch.float32)
     pipe.set_progress_bar_config(disable=True)
     return pipe
-
-
-def _context(noisy: torch.Tensor, sigma: torch.Tensor, batch: dict) -> FlowMatchingContext:
-    return FlowMatchingContext(
-        noisy_latents=noisy,
-        latents=noisy,
-        timesteps=sigma * 1000,
-        sigma=sigma,
-        task_type="t2v",
-        data_type="image",
-        device=torch.device("cpu"),
-        dtype=torch.float32,
-        batch=batch,
-    )
 
 
 # ------------------------------------------------------------------------------ the seed API
@@ -73,7 +60,7 @@ def test_created_by_name_with_the_seed_defaults() -> None:
 def test_guidance_only_for_models_with_guidance_embeddings() -> None:
     torch.manual_seed(0)
     batch = {"text_embeddings": torch.randn(1, 6, 48)}
-    context = _context(torch.randn(1, 128, 2, 2), torch.tensor([0.5]), batch)
+    context = image_context(torch.randn(1, 128, 2, 2), torch.tensor([0.5]), batch)
     seen: list = []
 
     def record(module, args, kwargs):
@@ -93,7 +80,7 @@ def test_guidance_only_for_models_with_guidance_embeddings() -> None:
 
 def test_cfg_dropout_zeroes_only_the_dropped_samples_text() -> None:
     text = torch.randn(2, 6, 48)
-    context = _context(torch.randn(2, 128, 2, 2), torch.tensor([0.3, 0.6]), {"text_embeddings": text})
+    context = image_context(torch.randn(2, 128, 2, 2), torch.tensor([0.3, 0.6]), {"text_embeddings": text})
     context.cfg_dropout_mask = torch.tensor([True, False])
     inputs = Flux2Adapter().prepare_inputs(context)
     assert torch.equal(inputs["encoder_hidden_states"][0], torch.zeros(6, 48))
@@ -102,7 +89,7 @@ def test_cfg_dropout_zeroes_only_the_dropped_samples_text() -> None:
 
 def test_cfg_dropout_prob_is_honoured_when_called_directly() -> None:
     text = torch.randn(3, 6, 48)
-    context = _context(torch.randn(3, 128, 2, 2), torch.full((3,), 0.5), {"text_embeddings": text})
+    context = image_context(torch.randn(3, 128, 2, 2), torch.full((3,), 0.5), {"text_embeddings": text})
     context.cfg_dropout_prob = 1.0
     assert Flux2Adapter().prepare_inputs(context)["encoder_hidden_states"].abs().sum() == 0
     context.cfg_dropout_mask = torch.tensor([False, True, False])  # the pipeline's mask wins
@@ -113,7 +100,7 @@ def test_cfg_dropout_prob_is_honoured_when_called_directly() -> None:
 
 def test_latents_of_the_wrong_rank_and_unbatched_text() -> None:
     text = torch.randn(6, 48)  # [L, D] for a batch of one
-    context = _context(torch.randn(1, 128, 2, 2), torch.tensor([0.5]), {"text_embeddings": text})
+    context = image_context(torch.randn(1, 128, 2, 2), torch.tensor([0.5]), {"text_embeddings": text})
     inputs = Flux2Adapter().prepare_inputs(context)
     assert torch.equal(inputs["encoder_hidden_states"], text[None])
     assert inputs["txt_ids"].shape == (1, 6, 4)
@@ -176,7 +163,7 @@ def test_inputs_and_prediction_equal_the_pipeline_s_at_the_same_step(pipe, refer
     noisy = adapter._unpack_latents(call["hidden_states"][:, :target_tokens], height // 16, width // 16)
     batch = {"text_embeddings": call["encoder_hidden_states"]}
     batch |= {f"control_latents_{k}": _reference_latents(pipe, image) for k, image in enumerate(images)}
-    inputs = adapter.prepare_inputs(_context(noisy, call["timestep"], batch))
+    inputs = adapter.prepare_inputs(image_context(noisy, call["timestep"], batch))
 
     for key in ("hidden_states", "img_ids", "txt_ids", "encoder_hidden_states", "timestep", "guidance"):
         assert inputs[key].dtype == call[key].dtype, key

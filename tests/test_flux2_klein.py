@@ -23,12 +23,20 @@ from flowtune.families.flux2.encoder import normalize_latents
 from flowtune.families.flux2.tiny import tiny_flux2_transformer
 from flowtune.families.flux2_klein.adapter import Flux2KleinAdapter
 from flowtune.families.flux2_klein.tiny import build_tiny_flux2_klein
-from flowtune.flow_matching import FlowMatchingContext, create_adapter
+from flowtune.flow_matching import create_adapter
 from flowtune.interop import export
 from flowtune.recipe import load_recipe
 from flowtune.recipe.load import RecipeError
 from flowtune.tiny import make_tiny
-from tests.helpers import family_pipeline, learning_pairs, torch_threads, train_learning_run, write
+from tests.helpers import (
+    family_pipeline,
+    image_context,
+    learning_pairs,
+    torch_threads,
+    train_learning_run,
+    transformer_calls,
+    write,
+)
 
 TEXT_TOKENS = 32  # the Qwen3 chat markup takes 12 tokens of the tiny tokenizer, a caption ~9
 GUIDANCE = 2.5  # above 1: the base pipeline's classifier-free guidance runs
@@ -178,45 +186,13 @@ def test_a_negative_prompt_is_refused(tmp_path, tiny) -> None:
 # ------------------------------------------------------------------------------ the adapter
 
 
-def _context(noisy: torch.Tensor, sigma: torch.Tensor, batch: dict) -> FlowMatchingContext:
-    return FlowMatchingContext(
-        noisy_latents=noisy,
-        latents=noisy,
-        timesteps=sigma * 1000,
-        sigma=sigma,
-        task_type="t2v",
-        data_type="image",
-        device=torch.device("cpu"),
-        dtype=torch.float32,
-        batch=batch,
-    )
-
-
 def _pipeline_calls(pipe, image: Image.Image | None, height: int, width: int) -> tuple[list, list]:
     """The transformer calls of Flux2KleinPipeline's first step (keyword inputs) and outputs."""
-    calls: list[dict] = []
-    outputs: list[torch.Tensor] = []
-    pre = pipe.transformer.register_forward_pre_hook(
-        lambda m, a, kw: calls.append({k: v.clone() if torch.is_tensor(v) else v for k, v in kw.items()}),
-        with_kwargs=True,
-    )
-    post = pipe.transformer.register_forward_hook(lambda m, a, out: outputs.append(out[0].clone()))
-    try:
-        pipe(
-            prompt="make the circle blue",
-            image=image,
-            height=height,
-            width=width,
-            num_inference_steps=2,
-            guidance_scale=GUIDANCE,
-            max_sequence_length=TEXT_TOKENS,
-            generator=torch.Generator().manual_seed(0),
-            output_type="latent",
-        )
-    finally:
-        pre.remove()
-        post.remove()
-    return calls, outputs
+    return transformer_calls(
+        pipe, prompt="make the circle blue", image=image, height=height, width=width, num_inference_steps=2,
+        guidance_scale=GUIDANCE, max_sequence_length=TEXT_TOKENS, generator=torch.Generator().manual_seed(0),
+        output_type="latent",
+    )  # fmt: skip
 
 
 @pytest.mark.parametrize("reference", [None, (96, 80)])
@@ -240,7 +216,7 @@ def test_inputs_and_predictions_equal_the_pipeline_s_at_the_same_step(pipe, refe
         if image is not None:
             pixels = pipe.image_processor.preprocess(image, height=80, width=96, resize_mode="crop")
             batch["control_latents_0"] = pipe._encode_vae_image(pixels, generator=None)
-        inputs = adapter.prepare_inputs(_context(noisy, call["timestep"], batch))
+        inputs = adapter.prepare_inputs(image_context(noisy, call["timestep"], batch))
         assert call["guidance"] is None and inputs["guidance"] is not None  # dropped by forward
         for key in ("hidden_states", "img_ids", "txt_ids", "encoder_hidden_states", "timestep"):
             assert inputs[key].dtype == call[key].dtype, key
@@ -277,7 +253,7 @@ def test_the_adapter_takes_no_arguments_and_refuses_guidance_models() -> None:
         == 7680
     )
     torch.manual_seed(0)
-    context = _context(
+    context = image_context(
         torch.randn(1, 128, 2, 2), torch.tensor([0.5]), {"text_embeddings": torch.randn(1, 6, 48)}
     )
     assert adapter.forward(tiny_flux2_transformer(guidance_embeds=False), adapter.prepare_inputs(context)).shape == (

@@ -15,9 +15,9 @@ from flowtune.encoders.base import EncoderSettings, create_encoder
 from flowtune.families import get_family
 from flowtune.families.qwen_image.adapter import QwenImageAdapter
 from flowtune.families.qwen_image.encoder import normalize_latents
-from flowtune.flow_matching import FlowMatchingContext, create_adapter
+from flowtune.flow_matching import create_adapter
 from flowtune.tiny import make_tiny
-from tests.helpers import family_pipeline
+from tests.helpers import family_pipeline, image_context, transformer_calls
 
 SPEC = get_family("qwen-image")
 PROMPTS = ["a blue square", "a large green triangle on a yellow background in the sky", " "]
@@ -40,20 +40,6 @@ def _encoder(model: Path, max_sequence_length: int = 64, latent_dist: str = "mod
     encoder = create_encoder(SPEC, model, settings, device="cpu")
     encoder.load(images=True, texts=True)
     return encoder
-
-
-def _context(noisy: torch.Tensor, timesteps: torch.Tensor, batch: dict) -> FlowMatchingContext:
-    return FlowMatchingContext(
-        noisy_latents=noisy,
-        latents=noisy,
-        timesteps=timesteps,
-        sigma=timesteps / 1000,
-        task_type="t2v",
-        data_type="image",
-        device=torch.device("cpu"),
-        dtype=torch.float32,
-        batch=batch,
-    )
 
 
 # ------------------------------------------------------------------------------ tiny pipeline
@@ -159,27 +145,10 @@ def _pipeline_calls(
 ) -> tuple[list[dict], list[torch.Tensor]]:
     """The transformer calls of QwenImagePipeline's first step with true CFG (its keyword inputs:
     the prompt's, then the negative prompt's) and their outputs."""
-    calls: list[dict] = []
-    outputs: list[torch.Tensor] = []
-    pre = pipe.transformer.register_forward_pre_hook(
-        lambda m, a, kw: calls.append({k: v.clone() if torch.is_tensor(v) else v for k, v in kw.items()}),
-        with_kwargs=True,
-    )
-    post = pipe.transformer.register_forward_hook(lambda m, a, out: outputs.append(out[0].clone()))
-    try:
-        pipe(
-            prompt=prompts,
-            negative_prompt=[" "] * len(prompts),
-            true_cfg_scale=4.0,
-            height=height,
-            width=width,
-            num_inference_steps=2,
-            generator=torch.Generator().manual_seed(0),
-            output_type="latent",
-        )
-    finally:
-        pre.remove()
-        post.remove()
+    calls, outputs = transformer_calls(
+        pipe, prompt=prompts, negative_prompt=[" "] * len(prompts), true_cfg_scale=4.0, height=height,
+        width=width, num_inference_steps=2, generator=torch.Generator().manual_seed(0), output_type="latent",
+    )  # fmt: skip
     return calls[:2], outputs[:2]
 
 
@@ -200,7 +169,7 @@ def test_inputs_and_prediction_equal_the_pipeline_s_at_the_same_step(pipe, promp
             batch["text_embeddings_mask"] = mask.bool()
         else:
             batch["text_embeddings_mask"] = torch.ones(text.shape[:2], dtype=torch.bool)
-        inputs = adapter.prepare_inputs(_context(noisy, t, batch))
+        inputs = adapter.prepare_inputs(image_context(noisy, t / 1000, batch))
         if call is calls[0]:  # prompts of different lengths are padded and masked
             assert (mask is None) == (len(prompts) == 1)
         for key in ("hidden_states", "encoder_hidden_states", "timestep"):
@@ -220,9 +189,9 @@ def test_inputs_and_prediction_equal_the_pipeline_s_at_the_same_step(pipe, promp
 def test_cfg_dropout_zeroes_only_the_dropped_samples_text() -> None:
     text = torch.randn(2, 6, 32)
     mask = torch.tensor([[True] * 4 + [False] * 2, [True] * 6])
-    context = _context(
+    context = image_context(
         torch.randn(2, 16, 4, 4),
-        torch.tensor([300.0, 600.0]),
+        torch.tensor([0.3, 0.6]),
         {"text_embeddings": text, "text_embeddings_mask": mask},
     )
     context.cfg_dropout_mask = torch.tensor([True, False])
@@ -236,7 +205,7 @@ def test_cfg_dropout_zeroes_only_the_dropped_samples_text() -> None:
 
 def test_unbatched_text_and_latents_of_the_wrong_rank() -> None:
     text = torch.randn(6, 32)  # [L, D] for a batch of one
-    context = _context(torch.randn(1, 16, 4, 4), torch.tensor([500.0]), {"text_embeddings": text})
+    context = image_context(torch.randn(1, 16, 4, 4), torch.tensor([0.5]), {"text_embeddings": text})
     inputs = QwenImageAdapter().prepare_inputs(context)
     assert torch.equal(inputs["encoder_hidden_states"], text[None])
     assert inputs["encoder_hidden_states_mask"] is None and inputs["img_shapes"] == [[(1, 2, 2)]]
@@ -250,7 +219,7 @@ def test_example_batch_runs_a_training_step(pipe) -> None:
     batch = adapter.example_batch(dict(pipe.transformer.config), 2, 32, 48, text_tokens=7)
     assert batch["image_latents"].shape == (2, 16, 4, 6) and batch["text_embeddings"].shape == (2, 7, 32)
     latents = batch["image_latents"]
-    inputs = adapter.prepare_inputs(_context(latents, torch.tensor([100.0, 900.0]), batch))
+    inputs = adapter.prepare_inputs(image_context(latents, torch.tensor([0.1, 0.9]), batch))
     assert adapter.forward(pipe.transformer, inputs).shape == latents.shape
 
 

@@ -18,10 +18,17 @@ from flowtune.data.synthetic import make_shapes_dataset
 from flowtune.families import get_family
 from flowtune.families.z_image.adapter import ZImageAdapter
 from flowtune.families.z_image.encoder import ZImageEncoder, unpadded
-from flowtune.flow_matching import FlowMatchingContext, create_adapter
+from flowtune.flow_matching import create_adapter
 from flowtune.recipe import load_recipe
 from flowtune.tiny import make_tiny
-from tests.helpers import family_pipeline, nearest_targets, torch_threads, train_learning_run, write
+from tests.helpers import (
+    family_pipeline,
+    image_context,
+    nearest_targets,
+    torch_threads,
+    train_learning_run,
+    write,
+)
 
 SIZES = [(64, 64), (80, 48), (96, 64)]  # the last is cropped to its bucket
 LENGTH = 32  # text tokens: the chat markup takes 8 of them, as in Qwen3
@@ -165,20 +172,6 @@ def test_a_collated_batch_gives_the_transformer_each_caption_unpadded(shapes) ->
 # ------------------------------------------------------------------------------------- adapter
 
 
-def _context(noisy: torch.Tensor, sigma: torch.Tensor, batch: dict) -> FlowMatchingContext:
-    return FlowMatchingContext(
-        noisy_latents=noisy,
-        latents=noisy,
-        timesteps=sigma * 1000,
-        sigma=sigma,
-        task_type="t2v",
-        data_type="image",
-        device=torch.device("cpu"),
-        dtype=torch.float32,
-        batch=batch,
-    )
-
-
 def test_inputs_and_prediction_equal_the_pipeline_s_at_the_same_step(pipe) -> None:
     """Two prompts of different lengths with classifier-free guidance: the transformer's first
     call holds four samples (prompts, then the negatives), their captions of four lengths."""
@@ -213,7 +206,7 @@ def test_inputs_and_prediction_equal_the_pipeline_s_at_the_same_step(pipe) -> No
     adapter = create_adapter("z_image")
     assert isinstance(adapter, ZImageAdapter)
     batch = CacheCollator(["text_embeddings"])([{"text_embeddings": c} for c in caps])
-    inputs = adapter.prepare_inputs(_context(torch.stack(x).squeeze(2), sigma, batch))
+    inputs = adapter.prepare_inputs(image_context(torch.stack(x).squeeze(2), sigma, batch))
 
     assert len(inputs["x"]) == len(x) and all(torch.equal(a, b) for a, b in zip(inputs["x"], x, strict=True))
     assert all(torch.equal(a, b) for a, b in zip(inputs["cap_feats"], caps, strict=True))
@@ -229,7 +222,7 @@ def test_inputs_and_prediction_equal_the_pipeline_s_at_the_same_step(pipe) -> No
 def test_caption_dropout_zeroes_the_dropped_captions_at_their_length() -> None:
     text = torch.randn(2, 7, 32)
     mask = torch.tensor([[True] * 7, [True] * 4 + [False] * 3])
-    context = _context(
+    context = image_context(
         torch.randn(2, 16, 4, 4),
         torch.tensor([0.3, 0.6]),
         {"text_embeddings": text, "text_embeddings_mask": mask},
@@ -248,12 +241,12 @@ def test_example_batch_runs_through_the_tiny_transformer() -> None:
     adapter = ZImageAdapter()
     batch = adapter.example_batch(dict(model.config), 2, 64, 48, 12)
     assert batch["image_latents"].shape == (2, 16, 8, 6) and batch["text_embeddings"].shape == (2, 12, 32)
-    context = _context(batch["image_latents"], torch.tensor([0.2, 0.9]), batch)
+    context = image_context(batch["image_latents"], torch.tensor([0.2, 0.9]), batch)
     with torch.no_grad():
         pred = adapter.forward(model, adapter.prepare_inputs(context))
     assert pred.shape == (2, 16, 8, 6)
     with pytest.raises(ValueError, match=r"ZImageAdapter expects 4D latents \[B, C, H, W\]"):
-        adapter.prepare_inputs(_context(torch.randn(1, 16, 1, 4, 4), torch.tensor([0.5]), batch))
+        adapter.prepare_inputs(image_context(torch.randn(1, 16, 1, 4, 4), torch.tensor([0.5]), batch))
 
 
 def _offloaded_steps(tiny: Path, resident: int | None, checkpointing: bool) -> tuple[list[float], list]:
@@ -282,7 +275,7 @@ def _offloaded_steps(tiny: Path, resident: int | None, checkpointing: bool) -> t
             "text_embeddings": torch.randn(2, 9, 32, generator=g),
             "text_embeddings_mask": torch.tensor([[True] * 9, [True] * 6 + [False] * 3]),
         }
-        context = _context(torch.randn(2, 16, 4, 6, generator=g), torch.tensor([0.3, 0.8]), batch)
+        context = image_context(torch.randn(2, 16, 4, 6, generator=g), torch.tensor([0.3, 0.8]), batch)
         loss = adapter.forward(model, adapter.prepare_inputs(context)).pow(2).mean()
         loss.backward()
         optimizer.step()
