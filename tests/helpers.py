@@ -314,6 +314,31 @@ def learning_pairs(cache: Path) -> Any:
     return CachedDataset(cache, [i for i, item in enumerate(items) if _COPY not in Path(item["source"]).stem])
 
 
+def learning_targets(data: Any) -> tuple[Any, list[str]]:
+    """The targets [4, C*H*W] (cached ``image_latents``, flattened) and the four distinct captions
+    of a learning run's pairs (:func:`learning_pairs`), in the cache's order."""
+    import torch
+
+    targets = torch.stack([data[i]["image_latents"] for i in range(len(data))]).flatten(1)
+    captions = [data[i]["caption"] for i in range(len(data))]
+    assert len(set(captions)) == 4
+    return targets, captions
+
+
+# FLUX.2's blocks share their modulation (shift, scale, gate), computed once from the timestep (and
+# guidance).  In a random model the gates are near zero, which mutes every attention and
+# feed-forward branch, so LoRAs on those alone hardly move the output; a trained FLUX.2 has open
+# gates.  FLUX.2's learning tests (FLUX.2 [dev] and [klein]) also adapt the modulation layers, so
+# that the tiny model can open them: ``lora_extra`` of :func:`train_learning_run`.
+FLUX2_MODULATION_TOO = (
+    ", target_modules: [attn.to_q, attn.to_k, attn.to_v, attn.to_out.0, attn.add_q_proj, attn.add_k_proj,"
+    " attn.add_v_proj, attn.to_add_out, ff.linear_in, ff.linear_out, ff_context.linear_in,"
+    " ff_context.linear_out, attn.to_qkv_mlp_proj, 'single_transformer_blocks.*.attn.to_out',"
+    " double_stream_modulation_img.linear, double_stream_modulation_txt.linear,"
+    " single_stream_modulation.linear]"
+)
+
+
 def nearest_targets(
     pipeline_class: type, model: Path, lora_dir: Path, targets: Any, sample: Callable
 ) -> list[int]:

@@ -29,9 +29,11 @@ from flowtune.recipe import load_recipe
 from flowtune.recipe.load import RecipeError
 from flowtune.tiny import make_tiny
 from tests.helpers import (
+    FLUX2_MODULATION_TOO,
     family_pipeline,
     image_context,
     learning_pairs,
+    learning_targets,
     torch_threads,
     train_learning_run,
     transformer_calls,
@@ -265,15 +267,6 @@ def test_the_adapter_takes_no_arguments_and_refuses_guidance_models() -> None:
 
 # ------------------------------------------------------------------------------ learning
 
-# As FLUX.2's learning test (tests/test_train_learning.py): the LoRA also adapts the shared
-# modulation layers, which a random FLUX.2 has nearly closed.
-MODULATION_TOO = (
-    ", target_modules: [attn.to_q, attn.to_k, attn.to_v, attn.to_out.0, attn.add_q_proj, attn.add_k_proj,"
-    " attn.add_v_proj, attn.to_add_out, ff.linear_in, ff.linear_out, ff_context.linear_in,"
-    " ff_context.linear_out, attn.to_qkv_mlp_proj, 'single_transformer_blocks.*.attn.to_out',"
-    " double_stream_modulation_img.linear, double_stream_modulation_txt.linear,"
-    " single_stream_modulation.linear]"
-)
 # Data seed 5 (as FLUX.2's test), 150 steps of batch 16: each caption's sample is nearer its own
 # target than any other by a margin (the other's mean squared distance / its own) of at least 1.12
 # (with the tokenizer of flowtune.tiny.qwen3_tokenizer: 1.13, and 1.22 with the tiny model of seed
@@ -296,7 +289,7 @@ def learned(tmp_path_factory: pytest.TempPathFactory) -> Path:
         root / "data",
         LEARNING_STEPS,
         sequence_length=TEXT_TOKENS,
-        lora_extra=MODULATION_TOO,
+        lora_extra=FLUX2_MODULATION_TOO,
     )
     return root
 
@@ -315,9 +308,7 @@ def test_lora_training_makes_each_caption_sample_its_own_image(learned: Path, tm
     from diffusers import Flux2KleinPipeline
 
     data = learning_pairs(learned / "cache")
-    targets = torch.stack([data[i]["image_latents"] for i in range(len(data))]).flatten(1)
-    captions = [data[i]["caption"] for i in range(len(data))]
-    assert len(set(captions)) == 4
+    targets, captions = learning_targets(data)
     pipe = Flux2KleinPipeline.from_pretrained(learned / "tiny", dtype=torch.float32)
     pipe.set_progress_bar_config(disable=True)
     pipe.load_lora_weights(learned / "run" / "final")

@@ -17,7 +17,7 @@ from flowtune.families.qwen_image.adapter import QwenImageAdapter
 from flowtune.families.qwen_image.encoder import normalize_latents
 from flowtune.flow_matching import create_adapter
 from flowtune.tiny import make_tiny
-from tests.helpers import family_pipeline, image_context, transformer_calls
+from tests.helpers import family_pipeline, image_context, learning_targets, transformer_calls
 
 SPEC = get_family("qwen-image")
 PROMPTS = ["a blue square", "a large green triangle on a yellow background in the sky", " "]
@@ -395,9 +395,7 @@ def test_lora_training_makes_each_caption_sample_its_own_image(tmp_path: Path) -
     _, data = train_learning_run(
         tmp_path, model, "qwen-image", tmp_path / "data", LEARNING_STEPS, lora_extra=LEARNING_TARGETS
     )
-    targets = torch.stack([data[i]["image_latents"] for i in range(len(data))]).flatten(1)
-    captions = [data[i]["caption"] for i in range(len(data))]
-    assert len(set(captions)) == 4
+    targets, captions = learning_targets(data)
 
     def sample(pipe: QwenImagePipeline, i: int) -> torch.Tensor:
         packed = pipe(

@@ -30,9 +30,11 @@ from PIL import Image
 
 from flowtune.data.synthetic import make_edit_pairs_dataset, make_shapes_dataset
 from tests.helpers import (
+    FLUX2_MODULATION_TOO,
     LEARNING_SEQUENCE_LENGTH,
     REPO,
     learning_pairs,
+    learning_targets,
     nearest_targets,
     train_learning_run,
     wide_tiny_model,
@@ -43,17 +45,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.processes]
 SEEDS = [5, 11]  # FLUX.1's data seeds
 
 FLUX2_TEXT_TOKENS = 48  # the tiny Mistral's system message takes ~30 tokens before the caption
-# FLUX.2's blocks share their modulation (shift, scale, gate), computed once from the timestep and
-# guidance.  In a random model the gates are near zero, which mutes every attention and
-# feed-forward branch, so LoRAs on those alone hardly move the output; a trained FLUX.2 has open
-# gates.  The test also adapts the modulation layers so the tiny model can open them.
-MODULATION_TOO = (
-    ", target_modules: [attn.to_q, attn.to_k, attn.to_v, attn.to_out.0, attn.add_q_proj, attn.add_k_proj,"
-    " attn.add_v_proj, attn.to_add_out, ff.linear_in, ff.linear_out, ff_context.linear_in,"
-    " ff_context.linear_out, attn.to_qkv_mlp_proj, 'single_transformer_blocks.*.attn.to_out',"
-    " double_stream_modulation_img.linear, double_stream_modulation_txt.linear,"
-    " single_stream_modulation.linear]"
-)
+# The LoRA also adapts FLUX.2's modulation layers (FLUX2_MODULATION_TOO, tests/helpers.py).
 # FLUX.2 has no pooled text embedding: the caption reaches the image only through attention to the
 # text tokens, ~31 of which are the system message and chat markup, the same for every caption.
 # With transformers' default init the tiny Mistral hardly mixes tokens, only the ~6 caption words
@@ -86,7 +78,9 @@ def train(root: Path, run: str) -> None:
     else:
         make_shapes_dataset(root / "data", 4, seed=seed)
         extra = (
-            {"sequence_length": FLUX2_TEXT_TOKENS, "lora_extra": MODULATION_TOO} if family == "flux2" else {}
+            {"sequence_length": FLUX2_TEXT_TOKENS, "lora_extra": FLUX2_MODULATION_TOO}
+            if family == "flux2"
+            else {}
         )
     train_learning_run(root, model, family, root / "data", steps, **extra)
 
@@ -165,9 +159,7 @@ def test_lora_training_makes_each_caption_sample_its_own_image(
 
     root = trained(f"flux-{data_seed}")
     data = learning_pairs(root / "cache")
-    targets = torch.stack([data[i]["image_latents"] for i in range(len(data))]).flatten(1)
-    captions = [data[i]["caption"] for i in range(len(data))]
-    assert len(set(captions)) == 4
+    targets, captions = learning_targets(data)
 
     def sample(pipe: FluxPipeline, i: int) -> torch.Tensor:
         packed = pipe(
@@ -190,9 +182,7 @@ def test_flux2_lora_training_makes_each_caption_sample_its_own_image(trained: Ca
 
     root = trained("flux2")
     data = learning_pairs(root / "cache")
-    targets = torch.stack([data[i]["image_latents"] for i in range(len(data))]).flatten(1)
-    captions = [data[i]["caption"] for i in range(len(data))]
-    assert len(set(captions)) == 4
+    targets, captions = learning_targets(data)
 
     def sample(pipe: Flux2Pipeline, i: int) -> torch.Tensor:
         tokens = pipe(

@@ -24,6 +24,7 @@ from flowtune.tiny import make_tiny
 from tests.helpers import (
     family_pipeline,
     image_context,
+    learning_targets,
     nearest_targets,
     torch_threads,
     train_learning_run,
@@ -358,9 +359,7 @@ def test_lora_training_makes_each_caption_sample_its_own_image(learned) -> None:
     from diffusers import ZImagePipeline
 
     root, data = learned
-    targets = torch.stack([data[i]["image_latents"] for i in range(len(data))]).flatten(1)
-    captions = [data[i]["caption"] for i in range(len(data))]
-    assert len(set(captions)) == 4
+    targets, captions = learning_targets(data)
     nearest = nearest_targets(
         ZImagePipeline,
         root / "tiny",
