@@ -181,6 +181,30 @@ def test_probe_and_read_frames_of_each_container(tmp_path, name, codec):
     assert frames[0] is frames[1]  # decoded once
 
 
+def test_sparse_frames_are_reached_by_seeking(tmp_path, monkeypatch):
+    path = make_clip(tmp_path / "long.mkv", 160, (16, 16), codec="libx264")
+    info = probe_video(path)
+    seeks, decoded = [], []
+    original_seek, original_decode = av.container.InputContainer.seek, av.container.InputContainer.decode
+
+    def seek(container, offset, *args, **kwargs):
+        seeks.append(offset)
+        return original_seek(container, offset, *args, **kwargs)
+
+    def decode(container, *args, **kwargs):
+        for frame in original_decode(container, *args, **kwargs):
+            decoded.append(frame.pts)
+            yield frame
+
+    monkeypatch.setattr(av.container.InputContainer, "seek", seek)
+    monkeypatch.setattr(av.container.InputContainer, "decode", decode)
+    wanted = [2, 50, 100, 150]
+    frames = read_frames(path, info, wanted)
+    assert [red(f) for f in frames] == pytest.approx([i * STEP % 256 for i in wanted], abs=6)
+    assert seeks == [info.pts[i] for i in wanted]
+    assert len(decoded) < 40  # from the keyframe (every 4th frame) before each frame wanted
+
+
 def test_gif_frames_are_exact_and_timed(tmp_path):
     path = make_gif(tmp_path / "a.gif", 10, ms=50)
     info = probe_video(path)

@@ -308,6 +308,8 @@ class PreprocessReport:
     """Control (reference) images encoded by this run (edit pairs)."""
     controls_reused: int = 0
     """Control images found in the cache already."""
+    clips: bool = False
+    """A video family's run: the image counts count clips (still images being one-frame clips)."""
 
     @property
     def errors(self) -> list[Problem]:
@@ -928,6 +930,7 @@ def preprocess(
         shards_pruned=pruned,
         controls_encoded=len(missing_controls) - controls_failed,
         controls_reused=len(unique_controls) - len(missing_controls),
+        clips=spec.frame_granularity > 0,
     )
     print_summary(report, console)
     return report
@@ -1011,7 +1014,7 @@ def print_summary(report: PreprocessReport, console: Console, max_listed: int = 
 
     def counts(images: int, controls: int, texts: int) -> str:
         middle = f"{controls} control images, " if edit_pairs else ""
-        return f"{images} images, {middle}{texts} captions"
+        return f"{images} {'clips' if report.clips else 'images'}, {middle}{texts} captions"
 
     table.add_row("encoded now", counts(report.images_encoded, report.controls_encoded, report.texts_encoded))
     table.add_row("reused", counts(report.images_reused, report.controls_reused, report.texts_reused))

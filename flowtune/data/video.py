@@ -297,6 +297,11 @@ def average_fps(info: VideoInfo) -> float:
 # ------------------------------------------------------------------------------------- decoding
 
 
+SEEK_GAP = 32
+"""Frames between one frame wanted and the next beyond which :func:`read_frames` seeks instead of
+decoding through them."""
+
+
 def read_frames(
     path: str | Path,
     info: VideoInfo,
@@ -305,10 +310,12 @@ def read_frames(
 ) -> list[Image.Image]:
     """Decode the frames ``indices`` (into ``info.pts``) of ``path`` as RGB images, in that order.
 
-    Only what is needed is decoded: the video is read from its start (or, when the first frame
-    wanted is not the first frame, from the keyframe before it, found by seeking) up to the last
-    frame wanted, and only the frames wanted are kept, each passed through ``transform`` (e.g.
-    the bucket crop) as soon as it is decoded.  A frame wanted twice is decoded once.
+    Only what is needed is decoded: frames are decoded in order up to the last frame wanted, and
+    where the next frame wanted lies more than :data:`SEEK_GAP` frames ahead (or the first one is
+    not the first frame of the video) the decoder seeks to the keyframe before it instead of
+    decoding what lies between.  Only the frames wanted are kept, each passed through
+    ``transform`` (e.g. the bucket crop) as soon as it is decoded; a frame wanted twice is decoded
+    once.  Should seeking fail to land on the frames wanted, the video is decoded from its start.
 
     Raises:
         VideoError: the file cannot be read or a frame wanted cannot be decoded.
@@ -319,7 +326,7 @@ def read_frames(
     if wanted[0] < 0 or wanted[-1] >= info.frame_count:
         raise ValueError(f"frame indices {wanted[0]}..{wanted[-1]} outside 0..{info.frame_count - 1}")
     found: dict[int, Image.Image] = {}
-    if wanted[0] > 0:
+    if wanted[0] > 0 or wanted[-1] - wanted[0] > SEEK_GAP:
         _decode(Path(path), info, wanted, found, transform, seek=True)
     if len(found) < len(wanted):
         _decode(Path(path), info, wanted, found, transform, seek=False)
@@ -331,6 +338,10 @@ def read_frames(
     return [found[i] for i in indices]
 
 
+class _SeekMissed(Exception):
+    """A seek did not land on or before the frame wanted, or decoded frames lack timestamps."""
+
+
 def _decode(
     path: Path,
     info: VideoInfo,
@@ -340,41 +351,54 @@ def _decode(
     *,
     seek: bool,
 ) -> None:
-    """Decode into ``found`` the frames of ``wanted`` not in it yet; with ``seek``, start at the
-    keyframe before the first of them (frames are then told apart by their timestamps only, and
-    a frame without a known timestamp ends the attempt)."""
+    """Decode into ``found`` the frames of ``wanted`` not in it yet.
+
+    With ``seek``, jump to the keyframe before each frame wanted that lies more than
+    :data:`SEEK_GAP` frames past the decoding position (and before the first one): frames are
+    then told apart by their timestamps, and the attempt ends quietly at the first surprise (a
+    frame without a known timestamp, a seek landing past the frame wanted, an FFmpeg error), for
+    the caller to decode from the start.  Without ``seek``, decode from the start, counting
+    frames where timestamps are missing."""
     import av
 
     index_of = {p: i for i, p in enumerate(info.pts)}
-    wanted_set = set(wanted)
-    last = wanted[-1]
+    pending = [i for i in wanted if i not in found]
     container = _open(path)
     with container:
         stream = _video_stream(container)
-        if seek:
-            try:
-                container.seek(info.pts[wanted[0]], stream=stream, backward=True, any_frame=False)
-            except av.FFmpegError:
-                return
-        position = 0
+        frames: Any = None
+        position = 0  # index of the next frame the decoder gives
         try:
-            for frame in container.decode(stream):
-                index = index_of.get(frame.pts) if frame.pts is not None else None
-                if index is None:
-                    if seek:
-                        return
-                    index = position
-                if seek and index > wanted[0] and wanted[0] not in found:
-                    return  # the seek landed after the first frame wanted
-                position = index + 1
-                if index in wanted_set and index not in found:
-                    image = frame.to_image()
-                    found[index] = transform(image) if transform is not None else image
-                if index >= last:
-                    return
+            while pending:
+                target = pending[0]
+                if seek and (frames is None or target - position > SEEK_GAP) and target > 0:
+                    container.seek(info.pts[target], stream=stream, backward=True, any_frame=False)
+                    frames, landed = container.decode(stream), False
+                elif frames is None:
+                    frames, landed = container.decode(stream), True
+                for frame in frames:
+                    index = index_of.get(frame.pts) if frame.pts is not None else None
+                    if index is None:
+                        if seek:
+                            raise _SeekMissed
+                        index = position
+                    if not landed:
+                        if index > target:
+                            raise _SeekMissed
+                        landed = True
+                    position = index + 1
+                    if index in pending and index not in found:
+                        image = frame.to_image()
+                        found[index] = transform(image) if transform is not None else image
+                    if index >= target:
+                        break
+                else:
+                    return  # the end of the video
+                pending = [i for i in pending if i not in found and i >= position]
+        except _SeekMissed:
+            return
         except av.FFmpegError as exc:
             if seek:
                 return
-            if len(found) < len(wanted):
-                reason = " ".join(str(exc).split()) or type(exc).__name__
-                raise VideoError(f"corrupt video data at frame {position}: {reason}") from exc
+            reason = " ".join(str(exc).split()) or type(exc).__name__
+            raise VideoError(f"corrupt video data at frame {position}: {reason}") from exc
