@@ -6,7 +6,9 @@ show which frames were taken)."""
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
+import os
 from fractions import Fraction
 from pathlib import Path
 
@@ -35,6 +37,7 @@ from flowtune.errors import FlowtuneError
 from flowtune.families import FAMILIES, FamilySpec
 from flowtune.recipe import load_recipe
 from flowtune.recipe.load import RecipeError
+from tests.helpers import assert_user_error, cli
 
 # ------------------------------------------------------------------------------ making clips
 
@@ -507,6 +510,67 @@ def test_preprocess_caches_clips_and_reports_bad_videos(tmp_path, video_family, 
     assert report.images_reused == 3
 
 
+def test_video_probes_are_remembered_across_runs(tmp_path, video_family, monkeypatch):
+    root = tmp_path / "v"
+    make_gif(root / "a.gif", 9, ms=62)
+    os.utime(root / "a.gif", (1e9, 1e9))  # old enough to be remembered by size and mtime
+    recipe = _recipe(tmp_path, root)
+    assert preprocess(recipe, console=Console(quiet=True)).items == 1
+    [memo] = json.loads((Path(recipe.data.cache_dir) / "manifest.json").read_text())["files"].values()
+    assert memo[3] == {"video": [32, 32, [1, 100], 0, [[6, 8]]]}
+
+    def no_probe(*args):
+        raise AssertionError("probed again")
+
+    monkeypatch.setattr("flowtune.data.preprocess.probe_video", no_probe)
+    monkeypatch.setattr("flowtune.data.preprocess.file_sha256", no_probe)
+    again = preprocess(recipe, console=Console(quiet=True))
+    assert again.items == 1 and again.images_encoded == 0
+
+
+class FakeImageEncoder(FakeVideoEncoder):
+    """The fake encoder of an image family: 8x8 means of the image."""
+
+    image_fields = {"image_latents": False}
+
+    def encode_images(self, images, generators=None):
+        pixels = torch.from_numpy(np.stack([np.asarray(i) for i in images])).permute(0, 3, 1, 2).float()
+        b, c, h, w = pixels.shape
+        return {"image_latents": pixels.reshape(b, c, h // 8, 8, w // 8, 8).mean((3, 5))}
+
+
+class _FakeImageSpec(FamilySpec):
+    def load_encoder_class(self) -> type:
+        return FakeImageEncoder
+
+
+def test_image_family_cache_keys_and_manifest_are_unchanged(tmp_path, monkeypatch):
+    flux = FAMILIES["flux"]
+    monkeypatch.setitem(
+        FAMILIES, "flux", _FakeImageSpec(**{f.name: getattr(flux, f.name) for f in dataclasses.fields(flux)})
+    )
+    root = tmp_path / "images"
+    root.mkdir()
+    Image.fromarray(_frame(3, (48, 32))).save(root / "a.png")
+    (root / "a.txt").write_text("an image")
+    recipe = _recipe(tmp_path, root, "data.frames=null")
+    preprocess(recipe, console=Console(quiet=True))
+    manifest = json.loads((Path(recipe.data.cache_dir) / "manifest.json").read_text())
+    [item] = manifest["items"]
+
+    def key(*parts):
+        return hashlib.sha256(json.dumps(parts, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
+
+    identity = manifest["encoder"]["identity"]
+    sha = hashlib.sha256((root / "a.png").read_bytes()).hexdigest()
+    plan = {k: item[k] for k in ("bucket", "original_size", "crop_box", "scale")}
+    assert item["image"] == key("image", identity["image"], sha, plan)
+    assert item["key"] == key("item", item["image"], key("text", identity["text"], "an image"))
+    assert "frames" not in item and "source_frames" not in item
+    assert not any(k in manifest["settings"] for k in ("data.frames", "data.fps", "data.frame_sampling"))
+    assert "data_type" not in CachedDataset(recipe.data.cache_dir)[0]
+
+
 def test_uniform_sampling_spreads_frames_over_the_video(tmp_path, video_family):
     root = tmp_path / "v"
     make_gif(root / "a.gif", 13, ms=62)
@@ -538,3 +602,23 @@ def test_make_video_dataset_moves_the_shape_its_caption_names(tmp_path):
         assert moved @ np.array(direction) > 20  # travelled about 0.4 of 64 px that way
     mp4 = make_video_dataset(tmp_path / "c", 2, frames=5)
     assert [probe_video(p).frame_count for p in mp4] == [5, 5]
+
+
+def test_make_dataset_video_command(tmp_path):
+    made = cli(
+        "make-dataset", "clips", "--video", "--count", "2", "--frames", "5", "--size", "32x32", cwd=tmp_path
+    )
+    assert made.returncode == 0, made.stderr
+    assert sorted(p.name for p in (tmp_path / "clips").iterdir()) == [
+        "0000.mp4",
+        "0000.txt",
+        "0001.mp4",
+        "0001.txt",
+    ]
+    assert probe_video(tmp_path / "clips" / "0000.mp4").frame_count == 5
+    assert_user_error(
+        cli("make-dataset", "other", "--video", "--edit-pairs", cwd=tmp_path), "--video cannot be combined"
+    )
+    assert_user_error(
+        cli("make-dataset", "odd", "--video", "--size", "33x32", cwd=tmp_path), "mp4 clips need even sides"
+    )

@@ -195,14 +195,14 @@ class Data:
 
     frames: int | None = None
     """Video families: frames per training clip, `frame_granularity * n + 1` for the family
-    (4n + 1 for Wan: 1, 5, 9, 17, ..., 81). Still images in the data are one-frame clips. null =
-    `4 * frame_granularity + 1` (17 for Wan) for video families; image families take only null
-    or 1."""
+    (with a granularity of 4: 1, 5, 9, 17, ..., 81). Still images in the data are one-frame
+    clips. null = `4 * frame_granularity + 1` (17) for video families; image families take only
+    null or 1. See docs/data.md, "Video data"."""
 
     fps: float | None = None
     """Video families: frame rate the clips are resampled to (on the frames' timestamps, so
     variable frame rate videos work; a slower source repeats frames). null = the family's own
-    rate (16 for Wan). Not used by `frame_sampling: uniform`. Image families take only null."""
+    rate (its `fps`). Not used by `frame_sampling: uniform`. Image families take only null."""
 
     frame_sampling: Literal["head", "uniform", "chunks"] = "head"
     """Video families: which frames of each video make its clip(s). `head` = one clip from the
