@@ -208,6 +208,15 @@ def test_sparse_frames_are_reached_by_seeking(tmp_path, monkeypatch):
     assert len(decoded) < 40  # from the keyframe (every 4th frame) before each frame wanted
 
 
+def test_a_frame_the_decoder_never_gives_is_stood_in_for_by_the_next(tmp_path):
+    path = make_gif(tmp_path / "a.gif", 6, ms=100)
+    info = probe_video(path)
+    # A timestamp between frames 2 and 3 as a packet without a picture would leave it.
+    gap = VideoInfo(info.width, info.height, (*info.pts[:3], info.pts[2] + 5, *info.pts[3:]), info.time_base)
+    frames = read_frames(path, gap, [1, 3, 4])
+    assert [red(f) for f in frames] == [1 * STEP, 3 * STEP, 3 * STEP]
+
+
 def test_gif_frames_are_exact_and_timed(tmp_path):
     path = make_gif(tmp_path / "a.gif", 10, ms=50)
     info = probe_video(path)

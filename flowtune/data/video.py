@@ -196,7 +196,7 @@ def probe_video(path: str | Path) -> VideoInfo:
         stamps: list[int | None] = []
         try:
             for packet in container.demux(stream):
-                if packet.size == 0:  # the demuxer's final empty packet
+                if packet.size == 0 or packet.is_discard:  # the final empty packet; edit-list cuts
                     continue
                 stamps.append(packet.pts if packet.pts is not None else packet.dts)
         except av.FFmpegError as exc:
@@ -316,6 +316,7 @@ def read_frames(
     decoding what lies between.  Only the frames wanted are kept, each passed through
     ``transform`` (e.g. the bucket crop) as soon as it is decoded; a frame wanted twice is decoded
     once.  Should seeking fail to land on the frames wanted, the video is decoded from its start.
+    A frame whose packet the decoder turns into no picture is replaced by the next picture.
 
     Raises:
         VideoError: the file cannot be read or a frame wanted cannot be decoded.
@@ -387,9 +388,15 @@ def _decode(
                             raise _SeekMissed
                         landed = True
                     position = index + 1
-                    if index in pending and index not in found:
+                    # A frame wanted that the decoder never gave (a packet without a picture)
+                    # is stood in for by the next frame, the one on screen after it.
+                    due = [i for i in pending if i <= index and i not in found]
+                    if due:
                         image = frame.to_image()
-                        found[index] = transform(image) if transform is not None else image
+                        if transform is not None:
+                            image = transform(image)
+                        for i in due:
+                            found[i] = image
                     if index >= target:
                         break
                 else:
@@ -397,7 +404,7 @@ def _decode(
                 pending = [i for i in pending if i not in found and i >= position]
         except _SeekMissed:
             return
-        except av.FFmpegError as exc:
+        except (av.FFmpegError, ValueError) as exc:  # ValueError: a pixel format without RGB conversion
             if seek:
                 return
             reason = " ".join(str(exc).split()) or type(exc).__name__
