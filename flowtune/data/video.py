@@ -172,7 +172,12 @@ def _open(path: Path) -> Any:
 
 
 def _video_stream(container: Any) -> Any:
-    streams = container.streams.video
+    """The first video stream that is not a cover picture (``attached_pic``: album art in an mp4
+    or mkv); raises VideoError when there is none."""
+    import av
+
+    cover = av.stream.Disposition.attached_pic
+    streams = [s for s in container.streams.video if not s.disposition & cover]
     if not streams:
         if container.streams.audio:
             raise VideoError("no video stream (an audio-only file)")

@@ -538,6 +538,8 @@ def _check_video(cfg: Any, family: Any, fail: Callable[[str, Any, str], None]) -
             fail("data.frames", frames, problem)
     if fps is not None and not (math.isfinite(fps) and fps > 0):
         fail("data.fps", fps, f"must be a positive number of frames per second, or null ({family.fps})")
+    if fps is None and not family.fps > 0:
+        fail("data.fps", fps, f"model family {family.name!r} has no frame rate of its own; set one")
 
 
 def _check_block_offload(cfg: Any, family: Any, fail: Callable[[str, Any, str], None]) -> None:
