@@ -170,7 +170,15 @@ def test_video_info_round_trips_through_its_compact_json():
 
 
 @pytest.mark.parametrize(
-    ("name", "codec"), [("a.mp4", "mpeg4"), ("b.mkv", "libx264"), ("c.webm", "libvpx"), ("d.mov", "mpeg4")]
+    ("name", "codec"),
+    [
+        ("a.mp4", "mpeg4"),
+        ("b.mkv", "libx264"),
+        ("c.webm", "libvpx"),
+        ("d.mov", "mpeg4"),
+        ("e.mp4", "libx264"),
+        ("f.webm", "libvpx-vp9"),
+    ],
 )
 def test_probe_and_read_frames_of_each_container(tmp_path, name, codec):
     path = make_clip(tmp_path / name, 16, (48, 32), codec=codec)
