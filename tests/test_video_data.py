@@ -457,6 +457,8 @@ def video_folder(tmp_path: Path) -> Path:
     make_clip(root / "wide.mp4", 8, (64, 32))
     (root / "wide.txt").write_text("a wide clip")
     make_gif(root / "short.gif", 3, ms=62)
+    make_gif(root / "static.gif", 1)  # one picture: a still
+    (root / "static.txt").write_text("a static gif")
     Image.fromarray(_frame(2, (32, 32))).save(root / "still.png")
     (root / "still.txt").write_text("a still")
     (root / "broken.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42" + b"garbage" * 50)
@@ -477,7 +479,7 @@ def test_preprocess_caches_clips_and_reports_bad_videos(tmp_path, video_family, 
     assert errors["sound.mkv"] == ("error", "no video stream (an audio-only file)")
     assert errors["empty.webm"] == ("error", "empty file (0 bytes)")
     assert set(errors) == {"short.gif", "broken.mp4", "sound.mkv", "empty.webm"}
-    assert report.items == 3 + 1 + 1  # three chunks of long.gif, wide.mp4's head, the still
+    assert report.items == 3 + 1 + 1 + 1  # three chunks of long.gif, wide.mp4's head, the stills
 
     data = CachedDataset(recipe.data.cache_dir)
     by_source = {}
@@ -503,8 +505,11 @@ def test_preprocess_caches_clips_and_reports_bad_videos(tmp_path, video_family, 
     [(still, still_tensors)] = by_source["still.png"]
     assert still["frames"] == 1 and still_tensors["data_type"] == "image"
     assert still_tensors["video_latents"].shape == (3, 1, 4, 4)
-    assert len({item["key"] for item in data.items}) == 5
-    assert report.buckets == {"32x32x1f": 1, "32x32x5f": 3, f"{wide['bucket'][0]}x{wide['bucket'][1]}x5f": 1}
+    [(static, static_tensors)] = by_source["static.gif"]
+    assert static["frames"] == 1 and static["source_frames"] == [0]
+    assert static_tensors["video_latents"].shape == (3, 1, 4, 4)
+    assert len({item["key"] for item in data.items}) == 6
+    assert report.buckets == {"32x32x1f": 2, "32x32x5f": 3, f"{wide['bucket'][0]}x{wide['bucket'][1]}x5f": 1}
 
     # A batch holds one clip shape, stacked to [B, C, F', h, w].
     sampler = BucketBatchSampler(data.batch_groups, 2, seed=0)
@@ -523,8 +528,8 @@ def test_preprocess_caches_clips_and_reports_bad_videos(tmp_path, video_family, 
     with pytest.raises(FlowtuneError, match="data.frame_sampling"):
         check_cache(head)
     report = preprocess(head, console=Console(quiet=True))
-    assert report.items == 3 and report.images_encoded == 0  # long.gif chunk 0 is its head
-    assert report.images_reused == 3
+    assert report.items == 4 and report.images_encoded == 0  # long.gif chunk 0 is its head
+    assert report.images_reused == 4
 
 
 def test_video_probes_are_remembered_across_runs(tmp_path, video_family, monkeypatch):

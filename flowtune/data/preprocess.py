@@ -410,7 +410,9 @@ def _plan(
         if controls is None:
             continue
         clips: list[PlannedClip | None] = [None]
-        if info is not None:
+        if info is not None and info.frame_count == 1:  # a still picture in a video file: a still
+            clips = [PlannedClip(info, (0,), 0)]
+        elif info is not None:
             try:
                 selected = select_clips(info.times(), frames, fps, data.frame_sampling)
             except ClipTooShort as err:
@@ -453,7 +455,7 @@ def _plan(
                 )
                 continue
             for clip in clips:
-                clip_frames = frames if clip is not None else 1
+                clip_frames = len(clip.indices) if clip is not None else 1
                 # The source frames stand for data.fps, data.frame_sampling and the chunk index:
                 # the same frames of the same file are one entry however they were chosen.
                 selection: dict[str, Any] = {"frames": clip_frames}
