@@ -1,0 +1,166 @@
+"""Qwen-Image-Edit (package ``flowtune.families.qwen_image_edit``, not registered yet): the
+adapter's transformer inputs and prediction equal QwenImageEditPlusPipeline's with 1 and 2
+reference images, and the encoder's reference latents equal the pipeline's.
+
+transformers 5.24 refuses to build a Qwen2VLProcessor without its video processor, which needs
+torchvision; the tests build one without it (the image processor's PIL backend and the tiny
+tokenizer), which is all the edit pipeline's prompt encoding uses."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from flowtune.encoders.base import EncoderSettings
+from flowtune.families.qwen_image_edit import SPEC
+from flowtune.families.qwen_image_edit.adapter import QwenImageEditAdapter
+from flowtune.families.qwen_image_edit.encoder import QwenImageEditEncoder
+from flowtune.families.qwen_image_edit.tiny import tiny_qwen_edit_components
+from flowtune.flow_matching import FlowMatchingContext
+
+TEXT = torch.randn(1, 7, 32, generator=torch.Generator().manual_seed(3))  # stands for the VL prompt's
+
+
+def _processor(tokenizer):
+    """A Qwen2VLProcessor without a video processor (transformers checks every component's
+    class, and the video processor's needs torchvision)."""
+    import transformers.processing_utils as processing
+    from transformers import Qwen2VLImageProcessorPil, Qwen2VLProcessor
+
+    check = processing.ProcessorMixin.check_argument_for_proper_class
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(
+            processing.ProcessorMixin,
+            "check_argument_for_proper_class",
+            lambda self, name, value: None if value is None else check(self, name, value),
+        )
+        return Qwen2VLProcessor(image_processor=Qwen2VLImageProcessorPil(), tokenizer=tokenizer)
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    from diffusers import QwenImageEditPlusPipeline
+
+    components = tiny_qwen_edit_components(0)
+    pipe = QwenImageEditPlusPipeline(**components, processor=_processor(components["tokenizer"]))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.fixture(scope="module")
+def encoder(pipe) -> QwenImageEditEncoder:
+    settings = EncoderSettings(dtype="float32", max_sequence_length=64, latent_dist="mode")
+    encoder = QwenImageEditEncoder(SPEC, Path("unused"), settings, device="cpu")
+    encoder.pipe = pipe  # the in-memory tiny pipeline (it cannot be saved without its processor)
+    return encoder
+
+
+def _images(*sizes: tuple[int, int]) -> list[Image.Image]:
+    rng = np.random.default_rng(0)
+    return [Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)) for w, h in sizes]
+
+
+def _pipeline_calls(pipe, images, height: int, width: int) -> tuple[list[dict], list[torch.Tensor]]:
+    """The two transformer calls of the edit pipeline's first step (instruction, then negative)."""
+    calls: list[dict] = []
+    outputs: list[torch.Tensor] = []
+    pre = pipe.transformer.register_forward_pre_hook(
+        lambda m, a, kw: calls.append({k: v.clone() if torch.is_tensor(v) else v for k, v in kw.items()}),
+        with_kwargs=True,
+    )
+    post = pipe.transformer.register_forward_hook(lambda m, a, out: outputs.append(out[0].clone()))
+    try:
+        pipe(
+            image=images, prompt_embeds=TEXT, prompt_embeds_mask=torch.ones(1, 7, dtype=torch.long),
+            negative_prompt_embeds=TEXT[:, :4], negative_prompt_embeds_mask=torch.ones(1, 4, dtype=torch.long),
+            true_cfg_scale=4.0, height=height, width=width, num_inference_steps=2,
+            generator=torch.Generator().manual_seed(0), output_type="latent",
+        )  # fmt: skip
+    finally:
+        pre.remove()
+        post.remove()
+    return calls[:2], outputs[:2]
+
+
+def test_inputs_and_prediction_equal_the_edit_pipeline_s(pipe, encoder) -> None:
+    images = _images((96, 80), (64, 128))  # two references of other sizes than the target
+    height, width = 48, 64
+    calls, outputs = _pipeline_calls(pipe, images, height, width)
+    references = {}
+    for k, image in enumerate(images):  # cached as preprocess caches a reference (control_resize: pipeline)
+        size = encoder.control_size(image.width, image.height)
+        control = encoder.prepare_control(image, size, "pipeline")
+        references[f"control_latents_{k}"] = encoder.encode_images([control])["image_latents"]
+    adapter = QwenImageEditAdapter()
+    target_tokens = (height // 16) * (width // 16)
+    t = pipe.scheduler.timesteps[0].expand(1)
+    noisy = adapter._unpack_latents(calls[0]["hidden_states"][:, :target_tokens], height, width)
+    for call, output in zip(calls, outputs, strict=True):
+        batch = {"text_embeddings": call["encoder_hidden_states"], **references}
+        context = FlowMatchingContext(
+            noisy_latents=noisy, latents=noisy, timesteps=t, sigma=t / 1000, task_type="t2v",
+            data_type="image", device=torch.device("cpu"), dtype=torch.float32, batch=batch,
+        )  # fmt: skip
+        inputs = adapter.prepare_inputs(context)
+        assert inputs["img_shapes"] == call["img_shapes"] and len(call["img_shapes"][0]) == 1 + len(images)
+        for key in ("hidden_states", "encoder_hidden_states", "timestep"):
+            assert torch.equal(inputs[key], call[key]), key
+        assert inputs["encoder_hidden_states_mask"] is None and call["encoder_hidden_states_mask"] is None
+        pred = adapter.forward(pipe.transformer, inputs)
+        assert pred.shape == (1, 16, height // 8, width // 8)
+        assert torch.equal(pred, adapter._unpack_latents(output[:, :target_tokens], height, width))
+
+
+def test_references_are_encoded_at_the_pipeline_s_size_and_normalisation(pipe, encoder) -> None:
+    from diffusers.pipelines.qwenimage.pipeline_qwenimage_edit_plus import (
+        VAE_IMAGE_SIZE,
+        calculate_dimensions,
+    )
+
+    (image,) = _images((96, 80))
+    size = encoder.control_size(96, 80)
+    assert size == tuple(int(side) for side in calculate_dimensions(VAE_IMAGE_SIZE, 96 / 80))
+    assert size[0] % 32 == 0 and size[1] % 32 == 0 and abs(size[0] * size[1] / VAE_IMAGE_SIZE - 1) < 0.05
+    got = encoder.encode_images([encoder.prepare_control(image, size, "pipeline")])["image_latents"]
+    pixels = pipe.image_processor.preprocess(image, size[1], size[0]).unsqueeze(2)
+    assert torch.equal(got, pipe._encode_vae_image(pixels, generator=None)[:, :, 0])
+
+
+def test_cached_prompt_is_the_pipeline_s_vision_language_prompt(pipe, encoder) -> None:
+    """encode_prompts with the references equals the embeddings the pipeline gives its
+    transformer for the instruction and for the negative prompt (both encoded with the images)."""
+    images = _images((96, 80), (80, 64))
+    calls: list[dict] = []
+    hook = pipe.transformer.register_forward_pre_hook(
+        lambda m, a, kw: calls.append(
+            {k: kw[k] for k in ("encoder_hidden_states", "encoder_hidden_states_mask")}
+        ),
+        with_kwargs=True,
+    )
+    try:
+        pipe(
+            image=images, prompt="make it blue", negative_prompt=" ", true_cfg_scale=4.0, height=32, width=32,
+            num_inference_steps=2, generator=torch.Generator().manual_seed(0), output_type="latent",
+        )  # fmt: skip
+    finally:
+        hook.remove()
+    rows = encoder.encode_prompts(["make it blue", " "], [images, images])["text_embeddings"]
+    for row, call in zip(rows, calls[:2], strict=True):
+        assert call["encoder_hidden_states_mask"] is None
+        assert torch.equal(row, call["encoder_hidden_states"][0])
+    assert rows[0].shape[0] > 2 * 64  # the references' vision tokens come before the instruction
+    with pytest.raises(ValueError, match="depend on the reference images"):
+        encoder.encode_prompts(["make it blue"])
+
+
+def test_the_pipeline_takes_one_to_three_references(pipe) -> None:
+    images = _images((64, 64), (64, 64), (64, 64), (64, 64))
+    assert QwenImageEditEncoder.reference_inputs(pipe, images[:3], 32, 48)["image"] == images[:3]
+    resized = QwenImageEditEncoder.reference_inputs(pipe, images[:1], 32, 48, "match_target")["image"]
+    assert resized[0].size == (48, 32)
+    with pytest.raises(ValueError, match="1 to 3 reference images"):
+        QwenImageEditEncoder.reference_inputs(pipe, images, 32, 48)
