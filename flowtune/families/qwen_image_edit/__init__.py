@@ -1,14 +1,13 @@
 """Qwen-Image-Edit-2509 / -2511 (``model.family: qwen-image-edit``): its entry, :data:`SPEC`.
 
-NOT REGISTERED (not in ``flowtune.families._PACKAGES``): the edit pipeline's prompt embeddings
-depend on the reference images (a vision-language prompt), and flowtune's preprocess keys and
-encodes caption embeddings from the caption alone.  What works and is tested here: the adapter
-(:mod:`.adapter`, ``QwenImageEditAdapter``: the transformer inputs equal
-``QwenImageEditPlusPipeline``'s with 1 to 3 references) and the encoder's image side
-(:mod:`.encoder`: target and reference latents, reference sizes, the pipeline's ``image``
-argument); ``QwenImageEditEncoder.encode_prompts`` takes the references the shared preprocess does
-not pass yet.  Everything else is Qwen-Image's (:mod:`flowtune.families.qwen_image`): LoRA targets,
-naming, quantization choices, block lists.
+Edit pairs as FLUX.1 Kontext's (``data.control_column``, ``control/`` beside the images): the
+adapter (:mod:`.adapter`, ``QwenImageEditAdapter``) appends 1 to 3 references' packed latents to
+the target's tokens as ``QwenImageEditPlusPipeline`` does; the encoder (:mod:`.encoder`) caches
+the references' latents and the vision-language prompt embeddings, which depend on the
+references (``QwenImageEditEncoder.text_uses_references``: preprocess keys and encodes a caption
+with its item's references; validation encodes its prompts with ``validation.images``).
+Everything else is Qwen-Image's (:mod:`flowtune.families.qwen_image`): LoRA targets, naming,
+quantization choices, block lists.
 """
 
 from __future__ import annotations

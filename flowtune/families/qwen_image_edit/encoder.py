@@ -13,13 +13,20 @@ The prompt is a vision-language prompt: the pipeline puts "Picture k: <|vision_s
 instruction *and* the references (resized to about 384 x 384 pixels of area,
 ``CONDITION_IMAGE_SIZE``) through its ``processor``, and drops the template's first 64 tokens.
 So a caption's embeddings depend on its reference images: :meth:`QwenImageEditEncoder.encode_prompts`
-takes them, and the cache's text entries must be keyed by them too, which flowtune's preprocess
-does not do yet (the family is not registered until it does; see the package docstring).
+takes them, and the encoder declares ``text_uses_references``: preprocess keys a caption's entry by
+its references too and hands them to :meth:`encode_prompts`, and validation samples with the text
+encoder loaded (:class:`flowtune.encoders.FamilyEncoder`).
+
+The ``processor`` (a ``Qwen2VLProcessor``) is loaded flowtune's own way
+(:meth:`QwenImageEditEncoder.pipeline_components`, :func:`load_processor`): transformers 5.24
+refuses to build one without its video processor, which needs torchvision; the edit pipeline uses
+only its tokenizer and image processor.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
@@ -31,6 +38,45 @@ if TYPE_CHECKING:
 
 MAX_REFERENCES = 3
 """Qwen-Image-Edit-2509/2511 are trained with one to three reference images."""
+
+
+def image_only_processor(image_processor: Any, tokenizer: Any) -> Any:
+    """A ``Qwen2VLProcessor`` of ``image_processor`` and ``tokenizer`` without a video processor.
+
+    transformers checks each component's class when building a processor, and the video
+    processor's class needs torchvision; the check is skipped for the missing video processor only
+    (a subclass builds it, then the object becomes a plain ``Qwen2VLProcessor``, the class the
+    pipeline's model_index.json names).
+    """
+    from transformers import Qwen2VLProcessor
+
+    class _ImageOnly(Qwen2VLProcessor):
+        def check_argument_for_proper_class(self, argument_name: str, argument: Any) -> Any:
+            if argument is None and argument_name == "video_processor":
+                return None
+            return super().check_argument_for_proper_class(argument_name, argument)
+
+    processor = _ImageOnly(image_processor=image_processor, tokenizer=tokenizer)
+    processor.__class__ = Qwen2VLProcessor
+    return processor
+
+
+def load_processor(folder: Path) -> Any:
+    """The edit pipeline's ``processor`` from a model's ``processor`` folder (tokenizer files and
+    ``preprocessor_config.json``), with Qwen2-VL's PIL image processor and no video processor
+    (:func:`image_only_processor`: no torchvision needed)."""
+    from transformers import AutoTokenizer, Qwen2VLImageProcessorPil
+
+    return image_only_processor(
+        Qwen2VLImageProcessorPil.from_pretrained(folder), AutoTokenizer.from_pretrained(folder)
+    )
+
+
+def save_processor(processor: Any, folder: Path) -> None:
+    """Write ``processor``'s tokenizer and image processor to ``folder`` as a model's ``processor``
+    folder (``Qwen2VLProcessor.save_pretrained`` fails on the missing video processor)."""
+    processor.tokenizer.save_pretrained(folder)
+    processor.image_processor.save_pretrained(folder)
 
 
 def normalize_edit_latents(vae: Any, z: torch.Tensor) -> torch.Tensor:
@@ -55,6 +101,14 @@ class QwenImageEditEncoder(QwenImageEncoder):
     """Qwen-Image-Edit-2509/2511 encoder; outputs the batch keys :class:`QwenImageEditAdapter` reads."""
 
     text_components: ClassVar[tuple[str, ...]] = ("text_encoder", "tokenizer", "processor")
+    text_uses_references: ClassVar[bool] = True
+
+    @classmethod
+    def pipeline_components(cls, model_dir: Path, without: Iterable[str]) -> dict[str, Any]:
+        """The ``processor``, loaded by :func:`load_processor` (no torchvision needed)."""
+        if "processor" in without:
+            return {}
+        return {"processor": load_processor(Path(model_dir) / "processor")}
 
     @torch.no_grad()
     def encode_images(
@@ -81,7 +135,7 @@ class QwenImageEditEncoder(QwenImageEncoder):
         if references is None or len(references) != len(prompts):
             raise ValueError(
                 "Qwen-Image-Edit's prompt embeddings depend on the reference images: give each "
-                "prompt its references (flowtune preprocess cannot pass them to the text encoder yet)"
+                "prompt its references"
             )
         rows = []
         for prompt, images in zip(prompts, references, strict=True):

@@ -5,13 +5,14 @@ vision-language prompt through."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from flowtune.errors import FlowtuneError
 from flowtune.families.qwen_image.tiny import _open_gates, tiny_qwen_components, tiny_qwen_transformer
+from flowtune.families.qwen_image_edit.encoder import image_only_processor, save_processor
 from flowtune.tiny import component_seed
 
 if TYPE_CHECKING:
@@ -39,28 +40,31 @@ def tiny_qwen_edit_components(seed: int) -> dict:
     return components
 
 
+def tiny_qwen_edit_processor(tokenizer: Any) -> Any:
+    """The tiny pipeline's ``processor``: Qwen2-VL's PIL image processor (its default settings,
+    Qwen-Image-Edit's) and the tiny tokenizer, without a video processor (no torchvision)."""
+    from transformers import Qwen2VLImageProcessorPil
+
+    return image_only_processor(Qwen2VLImageProcessorPil(), tokenizer)
+
+
 def build_tiny_qwen_image_edit(out_dir: Path, seed: int = 0) -> None:
     """Write a tiny random ``QwenImageEditPlusPipeline`` to ``out_dir``.
 
-    Raises:
-        FlowtuneError: transformers cannot build a Qwen2VLProcessor here: its video processor
-            needs torchvision, which flowtune's environment leaves out (transformers 5.24).
+    Its ``processor`` folder holds the tokenizer and image processor files, as the Hub's does, and
+    model_index.json names it a ``Qwen2VLProcessor``; ``Qwen2VLProcessor.save_pretrained`` cannot
+    write a processor without a video processor, so the pipeline is saved without it and the
+    folder is written by :func:`save_processor`.  flowtune loads it back with
+    :func:`load_processor` (``QwenImageEditEncoder.pipeline_components``).
     """
     from diffusers import QwenImageEditPlusPipeline
 
+    out_dir = Path(out_dir)
     components = tiny_qwen_edit_components(seed)
-    try:
-        from transformers import Qwen2VLImageProcessor, Qwen2VLProcessor, Qwen2VLVideoProcessor
-
-        processor = Qwen2VLProcessor(
-            image_processor=Qwen2VLImageProcessor(),
-            tokenizer=components["tokenizer"],
-            video_processor=Qwen2VLVideoProcessor(),
-        )
-    except (ImportError, AttributeError, TypeError) as err:
-        raise FlowtuneError(
-            f"cannot build Qwen-Image-Edit's processor (Qwen2VLProcessor) here: {err}; it needs torchvision"
-        ) from None
-    QwenImageEditPlusPipeline(**components, processor=processor).save_pretrained(
-        out_dir, safe_serialization=True
-    )
+    processor = tiny_qwen_edit_processor(components["tokenizer"])
+    QwenImageEditPlusPipeline(**components, processor=None).save_pretrained(out_dir, safe_serialization=True)
+    save_processor(processor, out_dir / "processor")
+    index_file = out_dir / "model_index.json"
+    index = json.loads(index_file.read_text(encoding="utf-8"))
+    index["processor"] = ["transformers", "Qwen2VLProcessor"]
+    index_file.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n", encoding="utf-8")
