@@ -1,10 +1,7 @@
-"""Qwen-Image-Edit (package ``flowtune.families.qwen_image_edit``, not registered yet): the
-adapter's transformer inputs and prediction equal QwenImageEditPlusPipeline's with 1 and 2
-reference images, and the encoder's reference latents equal the pipeline's.
-
-transformers 5.24 refuses to build a Qwen2VLProcessor without its video processor, which needs
-torchvision; the tests build one without it (the image processor's PIL backend and the tiny
-tokenizer), which is all the edit pipeline's prompt encoding uses."""
+"""Qwen-Image-Edit (``qwen-image-edit``): the adapter's transformer inputs and prediction equal
+QwenImageEditPlusPipeline's with 1 and 2 reference images, the encoder's reference latents and
+vision-language prompt embeddings equal the pipeline's, and the tiny pipeline saves and loads
+without torchvision (its processor is loaded flowtune's own way)."""
 
 from __future__ import annotations
 
@@ -15,48 +12,49 @@ import pytest
 import torch
 from PIL import Image
 
-from flowtune.encoders.base import EncoderSettings
+from flowtune.encoders.base import EncoderSettings, load_pipeline
 from flowtune.families.qwen_image_edit import SPEC
 from flowtune.families.qwen_image_edit.adapter import QwenImageEditAdapter
 from flowtune.families.qwen_image_edit.encoder import QwenImageEditEncoder
-from flowtune.families.qwen_image_edit.tiny import tiny_qwen_edit_components
 from flowtune.flow_matching import FlowMatchingContext
+from flowtune.tiny import make_tiny
 
 TEXT = torch.randn(1, 7, 32, generator=torch.Generator().manual_seed(3))  # stands for the VL prompt's
 
 
-def _processor(tokenizer):
-    """A Qwen2VLProcessor without a video processor (transformers checks every component's
-    class, and the video processor's needs torchvision)."""
-    import transformers.processing_utils as processing
-    from transformers import Qwen2VLImageProcessorPil, Qwen2VLProcessor
-
-    check = processing.ProcessorMixin.check_argument_for_proper_class
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(
-            processing.ProcessorMixin,
-            "check_argument_for_proper_class",
-            lambda self, name, value: None if value is None else check(self, name, value),
-        )
-        return Qwen2VLProcessor(image_processor=Qwen2VLImageProcessorPil(), tokenizer=tokenizer)
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_tiny("qwen-image-edit", tmp_path_factory.mktemp("models") / "tiny-qwen-edit")
 
 
 @pytest.fixture(scope="module")
-def pipe():
-    from diffusers import QwenImageEditPlusPipeline
-
-    components = tiny_qwen_edit_components(0)
-    pipe = QwenImageEditPlusPipeline(**components, processor=_processor(components["tokenizer"]))
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+def pipe(tiny):
+    return load_pipeline(SPEC, tiny, dtype=torch.float32, device="cpu")
 
 
 @pytest.fixture(scope="module")
-def encoder(pipe) -> QwenImageEditEncoder:
+def encoder(pipe, tiny) -> QwenImageEditEncoder:
     settings = EncoderSettings(dtype="float32", max_sequence_length=64, latent_dist="mode")
-    encoder = QwenImageEditEncoder(SPEC, Path("unused"), settings, device="cpu")
-    encoder.pipe = pipe  # the in-memory tiny pipeline (it cannot be saved without its processor)
+    encoder = QwenImageEditEncoder(SPEC, tiny, settings, device="cpu")
+    encoder.pipe = pipe
     return encoder
+
+
+def test_the_tiny_pipeline_saves_and_loads_its_processor_without_torchvision(tiny, pipe) -> None:
+    """model_index.json names the Hub's Qwen2VLProcessor; flowtune loads it from the tokenizer and
+    image processor files (transformers cannot without torchvision), with the tiny tokenizer."""
+    import json
+
+    from transformers import Qwen2VLProcessor
+
+    assert json.loads((tiny / "model_index.json").read_text())["processor"] == [
+        "transformers",
+        "Qwen2VLProcessor",
+    ]
+    assert type(pipe.processor) is Qwen2VLProcessor and pipe.processor.video_processor is None
+    assert pipe.processor.tokenizer.get_vocab() == pipe.tokenizer.get_vocab()
+    assert "processor" in QwenImageEditEncoder.text_components and QwenImageEditEncoder.text_uses_references
+    assert QwenImageEditEncoder.pipeline_components(tiny, ["processor"]) == {}
 
 
 def _images(*sizes: tuple[int, int]) -> list[Image.Image]:

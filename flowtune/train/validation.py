@@ -59,7 +59,10 @@ SAMPLES_DIR = "samples"
 
 def _on_device(value: Any, device: torch.device) -> Any:
     """A cached prompt input (:meth:`FamilyEncoder.prompt_inputs`) on ``device``: a tensor, or a
-    list of tensors (per-prompt embeddings of different lengths, for pipelines that take them so)."""
+    list of tensors (per-prompt embeddings of different lengths, for pipelines that take them so);
+    a text prompt (families that encode it when sampling) as it is."""
+    if isinstance(value, str):
+        return value
     if isinstance(value, list | tuple):
         return type(value)(v.to(device) for v in value)
     return value.to(device)
