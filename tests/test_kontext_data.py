@@ -578,7 +578,14 @@ def test_text_entries_of_an_encoder_whose_prompts_use_the_references(
     them: the files, or brought to the target's bucket under match_target); changing a reference
     re-encodes its caption; no validation prompt is cached (validation encodes them)."""
     fake = _ReferencePrompts(monkeypatch)
-    recipe = _recipe(tmp_path, tiny_kontext, pairs, f"data.control_resize={mode}", "validation.prompts=['x']")
+    recipe = _recipe(
+        tmp_path,
+        tiny_kontext,
+        pairs,
+        f"data.control_resize={mode}",
+        "validation.prompts=['x']",
+        f"validation.images=['{pairs / 'control' / '0000.png'}']",
+    )
     report = _run(recipe)
     manifest = _manifest(recipe)
     assert report.texts_encoded == len(PAIRS) and len(fake.calls) == len(PAIRS)
