@@ -176,3 +176,41 @@ def test_the_pipeline_takes_one_to_three_references(pipe) -> None:
     assert resized[0].size == (48, 32)
     with pytest.raises(ValueError, match="1 to 3 reference images"):
         QwenImageEditEncoder.reference_inputs(pipe, images, 32, 48)
+
+
+def test_preprocess_caches_each_caption_with_its_references(tmp_path: Path, tiny, pipe) -> None:
+    """Through the shared preprocess (``text_uses_references``): an item's cached text embeddings
+    are the pipeline's prompt embeddings of its caption with its reference image."""
+    from rich.console import Console
+
+    from flowtune.data.loader import CachedDataset
+    from flowtune.data.preprocess import preprocess
+    from flowtune.data.synthetic import make_edit_pairs_dataset
+    from flowtune.recipe import load_recipe
+
+    make_edit_pairs_dataset(
+        tmp_path / "data", 2, seed=1, sizes=[(64, 64)] * 2, control_sizes=[(48, 64), (80, 64)]
+    )
+    (tmp_path / "recipe.yaml").write_text(
+        f"model: {{family: qwen-image-edit, pretrained: '{tiny}', dtype: float32}}\n"
+        f"data: {{source: '{tmp_path / 'data'}', cache_dir: '{tmp_path / 'cache'}', resolution: 64,"
+        " max_sequence_length: 64, control_resize: pipeline}\n"
+        "validation: {prompts: []}\n"
+    )
+    preprocess(load_recipe(tmp_path / "recipe.yaml"), console=Console(quiet=True), device="cpu")
+    data = CachedDataset(tmp_path / "cache")
+    assert len(data) == 2
+    for i, item in enumerate(data.items):
+        (control,) = item["controls"]
+        image = Image.open(control["source"]).convert("RGB")
+        condition = pipe.image_processor.resize(image, *reversed(_condition_size(image)))
+        text, _ = pipe.encode_prompt(prompt=[item["caption"]], image=[condition], device="cpu")
+        assert torch.equal(data[i]["text_embeddings"], text[0])
+
+
+def _condition_size(image: Image.Image) -> tuple[int, int]:
+    """(width, height) the edit pipeline hands a reference to Qwen2.5-VL at."""
+    import diffusers.pipelines.qwenimage.pipeline_qwenimage_edit_plus as edit_plus
+
+    width, height = edit_plus.calculate_dimensions(edit_plus.CONDITION_IMAGE_SIZE, image.width / image.height)
+    return int(width), int(height)
