@@ -570,13 +570,15 @@ class _ReferencePrompts:
         monkeypatch.setattr(encoder_cls, "encode_prompts", encode_with_references)
 
 
-@pytest.mark.parametrize("mode", ["kontext", "match_target"])
 def test_text_entries_of_an_encoder_whose_prompts_use_the_references(
-    tmp_path, tiny_kontext, pairs, monkeypatch, mode
+    tmp_path, tiny_kontext, pairs, monkeypatch
 ) -> None:
     """Each caption is keyed and encoded with its item's references (as the pipeline is handed
-    them: the files, or brought to the target's bucket under match_target); changing a reference
-    re-encodes its caption; no validation prompt is cached (validation encodes them)."""
+    them: under match_target, brought to the target's bucket; the files as they are otherwise,
+    which tests/test_qwen_image_edit.py checks with Qwen-Image-Edit's ``pipeline`` mode, as
+    Kontext's 1 MP ``kontext`` mode costs seconds here); changing a reference re-encodes its
+    caption; no validation prompt is cached (validation encodes them)."""
+    mode = "match_target"
     fake = _ReferencePrompts(monkeypatch)
     recipe = _recipe(
         tmp_path,
