@@ -23,7 +23,7 @@ from rich.text import Text
 from flowtune import __version__
 from flowtune.console import PlainTable, error_text, make_console, ok_text, warning_text
 from flowtune.errors import FlowtuneError
-from flowtune.families import family_names, reference_family_names
+from flowtune.families import FAMILIES, family_names, reference_family_names
 from flowtune.quiet import quiet_libraries
 
 app = typer.Typer(
@@ -316,16 +316,17 @@ def sample(
     guidance: Annotated[
         float | None,
         typer.Option(
-            help="Guidance: FLUX's distilled guidance, Qwen-Image's true_cfg_scale, the others' "
-            "classifier-free guidance scale.",
+            help="Guidance: the family's guidance argument (distilled guidance or classifier-free "
+            "guidance scale; the families table of docs/recipes.md).",
             show_default="recipe, else the family's",
         ),
     ] = None,
     negative_prompt: Annotated[
         str | None,
         typer.Option(
-            help="The negative prompt of families sampled with classifier-free guidance (not FLUX.1 "
-            "or FLUX.2 [dev]).",
+            help="The negative prompt of the families that take one ("
+            + ", ".join(name for name, spec in FAMILIES.items() if spec.negative_prompt is not None)
+            + ").",
             show_default="recipe, else the family's",
         ),
     ] = None,

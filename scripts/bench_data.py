@@ -44,9 +44,9 @@ from rich.console import Console
 from safetensors import safe_open
 from torch.utils.data import DataLoader
 
-import flowtune.data.preprocess as cache_module
-from flowtune.data.preprocess import SHARD_BYTES, preprocess
+import flowtune.data.preprocess as preprocess_module
 from flowtune.data.loader import BucketBatchSampler, CacheCollator, CachedDataset
+from flowtune.data.preprocess import SHARD_BYTES, preprocess
 from flowtune.data.store import CacheStore
 from flowtune.data.synthetic import make_shapes_dataset
 from flowtune.families import get_family
@@ -192,7 +192,7 @@ def bench_preprocess(tmp: Path, count: int, cold_runs: int, noop_runs: int = 3) 
     encoder = get_family("flux").load_encoder_class()
     groups = {
         "model": [(encoder, "load"), (encoder, "encode_images"), (encoder, "encode_prompts")],
-        "decode": [(cache_module, "load_rgb"), (cache_module, "apply_crop")],
+        "decode": [(preprocess_module, "load_rgb"), (preprocess_module, "apply_crop")],
     }
     runs = []
     for run in range(cold_runs):

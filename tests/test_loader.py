@@ -78,3 +78,5 @@ def test_collator_stacks_fixed_fields_and_pads_sequences_with_a_mask() -> None:
     assert torch.equal(batch["text"][1, 0], torch.full((5,), 2.0))
     assert batch["text"][1, 1:].abs().sum() == 0
     assert batch["keys"] == ["k0", "k1"] and batch["captions"] == ["x", "y"]
+    same = CacheCollator(["text"])([samples[0], samples[0]])
+    assert same["text"].shape == (2, 3, 5) and "text_mask" not in same  # nothing padded

@@ -165,10 +165,8 @@ def test_inputs_and_prediction_equal_the_pipeline_s_at_the_same_step(pipe, promp
     for call, output in zip(calls, outputs, strict=True):
         text, mask = call["encoder_hidden_states"], call["encoder_hidden_states_mask"]
         batch = {"text_embeddings": text}
-        if mask is not None:  # as the loader collates unpadded cached embeddings
+        if mask is not None:  # as the loader collates unpadded cached embeddings: a mask only if padded
             batch["text_embeddings_mask"] = mask.bool()
-        else:
-            batch["text_embeddings_mask"] = torch.ones(text.shape[:2], dtype=torch.bool)
         inputs = adapter.prepare_inputs(image_context(noisy, t / 1000, batch))
         if call is calls[0]:  # prompts of different lengths are padded and masked
             assert (mask is None) == (len(prompts) == 1)

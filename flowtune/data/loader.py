@@ -191,8 +191,10 @@ class CacheCollator:
     """Collates cached items into a batch.
 
     Fixed-size fields are stacked to [B, ...]. Each sequence field ``name`` [L_i, ...] is padded
-    with zeros to [B, max L_i, ...] and gets ``name + "_mask"``: [B, max L_i] bool, True on real
-    positions.  ``key`` and ``caption`` become lists.
+    at the end with zeros to [B, max L_i, ...] and, when the lengths differ, gets
+    ``name + "_mask"``: [B, max L_i] bool, True on real positions.  A batch of equal lengths has
+    no mask (every position is real), so adapters know from the key alone, without reading a
+    device tensor back, whether there is padding.  ``key`` and ``caption`` become lists.
     """
 
     def __init__(self, sequence_fields: Sequence[str] = ()):
@@ -212,8 +214,8 @@ class CacheCollator:
                     batch[name] = torch.stack(values)
                 else:
                     batch[name] = torch.nn.utils.rnn.pad_sequence(values, batch_first=True)
-                positions = torch.arange(batch[name].shape[1])[None, :]
-                batch[name + "_mask"] = positions < torch.tensor(lengths)[:, None]
+                    positions = torch.arange(batch[name].shape[1])[None, :]
+                    batch[name + "_mask"] = positions < torch.tensor(lengths)[:, None]
             else:
                 batch[name] = torch.stack(values)
         return batch

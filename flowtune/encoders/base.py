@@ -187,6 +187,25 @@ class FamilyEncoder(ABC):
             ``{field: [B, ...]}`` for every field of ``image_fields``, in ``self.dtype``.
         """
 
+    def encode_videos(
+        self, clips: list[list[Image.Image]], generators: list[torch.Generator] | None = None
+    ) -> dict[str, torch.Tensor]:
+        """Encode same-shaped clips (video families, ``FamilySpec.frame_granularity`` > 0).
+
+        Args:
+            clips: B clips, each F RGB PIL frames of one size (H, W), already cropped to their
+                bucket; F = ``frame_granularity * n + 1`` (1 for a still image).
+            generators: B CPU generators, used when ``latent_dist`` is ``"sample"``.
+
+        Returns:
+            ``{"video_latents": [B, C, F', H/8, W/8], ...}`` for every field of
+            ``image_fields``, in ``self.dtype``, F' = (F - 1) / frame_granularity + 1.
+
+        Raises:
+            NotImplementedError: an image family.
+        """
+        raise NotImplementedError(f"{type(self).__name__} encodes images, not videos")
+
     def token_counts(self, prompts: list[str]) -> list[int] | None:
         """Tokens per prompt for the text encoder limited by ``max_sequence_length`` (special
         tokens included), loading only its tokenizer; preprocess warns about captions longer

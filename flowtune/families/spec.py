@@ -83,6 +83,14 @@ class FamilySpec:
             pixels [B, 3, 1, H, W] in, latents [B, C, 1, H/8, W/8] (Qwen-Image's
             ``AutoencoderKLQwenImage``); ``flowtune plan`` traces it with those shapes.  False:
             an image VAE ([B, 3, H, W] -> [B, C, H/8, W/8]).
+        frame_granularity: 0 for an image family.  For a video family, a clip's frame count
+            must be ``frame_granularity * n + 1`` (Wan, HunyuanVideo: 4, their VAEs compress
+            4 frames into one latent frame after the first): ``data.frames`` is checked against
+            it, still images are 1-frame clips, and preprocess encodes clips through
+            :meth:`flowtune.encoders.FamilyEncoder.encode_videos` into ``video_latents``
+            [C, F', H/8, W/8] with F' = (frames - 1) / frame_granularity + 1.
+        fps: A video family's frame rate (the rate its models were trained at): ``data.fps``
+            and ``flowtune sample --fps`` default to it.  0 for an image family.
     """
 
     name: str
@@ -109,6 +117,8 @@ class FamilySpec:
     negative_prompt: str | None = None
     implicit_negative_prompt: str | None = None
     video_vae: bool = False
+    frame_granularity: int = 0
+    fps: int = 0
 
     @property
     def pipeline_classes(self) -> tuple[str, ...]:

@@ -449,14 +449,14 @@ class Validation:
     """Denoising steps per image."""
 
     guidance: float | None = None
-    """Guidance passed to the family's pipeline: FLUX.1-dev's and FLUX.2-dev's distilled guidance
-    value, Qwen-Image's `true_cfg_scale`, the classifier-free guidance scale of the others. null =
-    the family's usual value (3.5 for FLUX)."""
+    """Guidance passed to the family's pipeline, as its guidance argument (a distilled guidance
+    value, or a classifier-free guidance scale; see "Model families" below). null = the family's
+    usual value."""
 
     negative_prompt: str | None = None
-    """Families sampled with classifier-free guidance (Qwen-Image, Z-Image, FLUX.2 klein): the
-    negative prompt; `flowtune preprocess` encodes it with the prompts. null = the family's
-    default (e.g. " " for Qwen-Image). FLUX.1 and FLUX.2 [dev] take none."""
+    """The negative prompt of families sampled with classifier-free guidance against one (see
+    "Model families" below); `flowtune preprocess` encodes it with the prompts. null = the
+    family's default. Families that take none refuse any other value."""
 
     height: int = 1024
     """Height of the sampled images in pixels (a multiple of the family's granularity)."""

@@ -85,18 +85,16 @@ class QwenImageAdapter(ModelAdapter):
     def _text_mask(
         batch: dict[str, Any], batch_size: int, length: int, device: torch.device
     ) -> torch.Tensor | None:
-        """The transformer's ``encoder_hidden_states_mask``: [B, L] bool, or None when every
-        position is real (the loader masks every batch; one that needs no mask then runs the
-        attention without one, as the pipeline does: fused attention kernels take no mask).
-        Deciding that reads one value back from the device (a sync per step)."""
+        """The transformer's ``encoder_hidden_states_mask``: the batch's ``text_embeddings_mask``
+        [B, L] bool, or None when it has none: the loader masks only padded batches, so one without
+        padding runs the attention without a mask, as the pipeline does (fused attention kernels
+        take no mask), and nothing is read back from the device to decide it."""
         mask = batch.get("text_embeddings_mask")
         if mask is None:
             return None
         mask = batched(mask, 2, "text_embeddings_mask", batch_size)
         if mask.shape[1] != length:
             raise ValueError(f"text_embeddings_mask has {mask.shape[1]} positions, text_embeddings {length}")
-        if bool(mask.all()):
-            return None
         return mask.to(device, dtype=torch.bool)
 
     def prepare_inputs(self, context: FlowMatchingContext) -> dict[str, Any]:

@@ -28,8 +28,8 @@ def unpadded(text: torch.Tensor, mask: torch.Tensor | None = None) -> list[torch
 
     Args:
         text: [B, L, D] embeddings, padded at the end ([L, D] for one prompt).
-        mask: [B, L] bool, True on real tokens (the collator's ``text_embeddings_mask``); None:
-            every token is real.
+        mask: [B, L] bool, True on each row's first L_i tokens, the real ones (the collator's
+            ``text_embeddings_mask``, present only for a padded batch); None: every token is real.
 
     Returns:
         B tensors [L_i, D].
@@ -38,7 +38,8 @@ def unpadded(text: torch.Tensor, mask: torch.Tensor | None = None) -> list[torch
         text = text.unsqueeze(0)
     if mask is None:
         return list(text.unbind(0))
-    return [row[keep] for row, keep in zip(text, mask.to(text.device, torch.bool), strict=True)]
+    lengths = mask.sum(dim=1).tolist()  # one read-back for the batch (the padding is at the end)
+    return [row[:length] for row, length in zip(text, lengths, strict=True)]
 
 
 class ZImageEncoder(FluxEncoder):
