@@ -426,3 +426,19 @@ def transformer_calls(pipe: Any, **call: Any) -> tuple[list[dict], list[Any]]:
         pre.remove()
         post.remove()
     return calls, outputs
+
+
+@contextlib.contextmanager
+def small_reference_areas(area: int = 128 * 128) -> Iterator[None]:
+    """Qwen-Image-Edit's reference areas scaled down to ``area`` pixels while the block runs.
+
+    ``QwenImageEditPlusPipeline`` resizes every reference to about 1024 x 1024 pixels for its VAE
+    and 384 x 384 for its vision-language prompt (module constants ``VAE_IMAGE_SIZE`` and
+    ``CONDITION_IMAGE_SIZE``), whatever the target's size: on a CPU, minutes per test for a tiny
+    model.  flowtune's encoder reads the same constants when it runs, so what the tests compare
+    is unchanged.  Commands run in this process (:func:`cli`) see the smaller areas too.
+    """
+    import diffusers.pipelines.qwenimage.pipeline_qwenimage_edit_plus as edit_plus
+
+    with mock.patch.multiple(edit_plus, VAE_IMAGE_SIZE=area, CONDITION_IMAGE_SIZE=area):
+        yield

@@ -28,7 +28,7 @@ from flowtune.train.metrics import read_metrics
 from flowtune.train.model import LORA_WEIGHTS_NAME
 from flowtune.train.signals import TrainingInterrupted
 from flowtune.train.trainer import Trainer
-from tests.helpers import cli
+from tests.helpers import cli, small_reference_areas
 
 PROMPT = "a blue square"
 TEXT_TOKENS = 48  # room for FLUX.2's system message before the caption
@@ -115,6 +115,13 @@ def _train(recipe: Path, out: Path, stop_after: int | None = None, *overrides: s
 
         trainer.train_step = train_step
     return trainer.run()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _small_reference_areas():
+    """Edit pipelines that scale references to a fixed area do it at a CPU test's size."""
+    with small_reference_areas():
+        yield
 
 
 @pytest.fixture(scope="module", params=family_names())

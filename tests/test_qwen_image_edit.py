@@ -18,20 +18,14 @@ from flowtune.families.qwen_image_edit.adapter import QwenImageEditAdapter
 from flowtune.families.qwen_image_edit.encoder import QwenImageEditEncoder
 from flowtune.flow_matching import FlowMatchingContext
 from flowtune.tiny import make_tiny
+from tests.helpers import small_reference_areas
 
 TEXT = torch.randn(1, 7, 32, generator=torch.Generator().manual_seed(3))  # stands for the VL prompt's
 
 
 @pytest.fixture(scope="module", autouse=True)
-def small_reference_areas():
-    """The pipeline's reference areas scaled down (about 1024 x 1024 pixels for the VAE, 384 x 384
-    for the vision-language prompt: minutes on a CPU for the tiny model); the encoder reads the
-    same constants, so what is compared is unchanged."""
-    import diffusers.pipelines.qwenimage.pipeline_qwenimage_edit_plus as edit_plus
-
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(edit_plus, "VAE_IMAGE_SIZE", 128 * 128)
-        patch.setattr(edit_plus, "CONDITION_IMAGE_SIZE", 128 * 128)
+def _small_reference_areas():
+    with small_reference_areas():
         yield
 
 

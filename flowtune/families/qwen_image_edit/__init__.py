@@ -12,7 +12,7 @@ quantization choices, block lists.
 
 from __future__ import annotations
 
-from flowtune.families.qwen_image import BLOCK_LISTS, LORA_TARGETS
+from flowtune.families.qwen_image import ADAPTER_ARGUMENTS, BLOCK_LISTS, LORA_TARGETS
 from flowtune.families.qwen_image.quantize import QUANTIZE_SKIP
 from flowtune.families.spec import FamilySpec
 
@@ -33,6 +33,7 @@ SPEC = FamilySpec(
     quantize_skip=QUANTIZE_SKIP,
     # The edit pipeline runs Qwen2.5-VL's vision tower on the references: only lm_head is skipped.
     encoder_quantize_skip=(("text_encoder", ("lm_head",)),),
+    adapter_arguments=ADAPTER_ARGUMENTS,
     guidance_argument="true_cfg_scale",
     guidance=4.0,
     negative_prompt=" ",

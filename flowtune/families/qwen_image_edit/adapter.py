@@ -33,21 +33,6 @@ class QwenImageEditAdapter(QwenImageAdapter):
     ``noise_pred[:, : latents.size(1)]``).
     """
 
-    def example_batch(
-        self,
-        config: dict[str, Any],
-        batch_size: int,
-        height: int,
-        width: int,
-        text_tokens: int,
-        references: int = 0,
-    ) -> dict[str, torch.Tensor]:
-        """Qwen-Image's batch plus ``references`` reference latents of the target's size."""
-        batch = super().example_batch(config, batch_size, height, width, text_tokens)
-        for k in range(references):
-            batch[f"control_latents_{k}"] = torch.randn(batch["image_latents"].shape)
-        return batch
-
     def prepare_inputs(self, context: FlowMatchingContext) -> dict[str, Any]:
         """Qwen-Image's inputs with the references' tokens appended (see the class docstring)."""
         inputs = super().prepare_inputs(context)
