@@ -9,7 +9,8 @@ The run, in order:
 
    - image entry key = H(image bytes, bucket, crop box, VAE files, dtype, latent_dist)
    - text entry key  = H(caption, text-encoder files, dtype, max_sequence_length,
-     model.encoder_quantize when set)
+     model.encoder_quantize when set[, control entry keys when the family's prompt embeddings
+     depend on the references: ``FamilyEncoder.text_uses_references``])
    - control entry key (edit pairs) = H(control image bytes, ``data.control_resize``, the size
      it is encoded at, VAE files, dtype, latent_dist)
    - item key        = H(image entry key, text entry key[, control entry keys])
@@ -24,7 +25,9 @@ The run, in order:
    the text encoders, encodes the captions and frees them, then loads the VAE for the images
    (bucket by bucket; a video family's clips through ``encode_videos``, by frame count and
    bucket), so the two are never in memory together; decoding and cropping
-   run in a thread pool (up to 8 threads) ahead of the encoder.  The control images of edit
+   run in a thread pool (up to 8 threads) ahead of the encoder.  An encoder with
+   ``text_uses_references`` is handed each caption's reference images (decoded, and brought to
+   the target's bucket under ``match_target``) with the captions.  The control images of edit
    pairs (families with ``FamilySpec.reference_images``) come last, size by size: each is resized
    by the encoder as the family's pipeline resizes its reference image (``kontext``: to
    ``encoder.control_size``; ``match_target``: to the target's bucket) and encoded like an image.  Entries are flushed to a new
@@ -34,7 +37,9 @@ The run, in order:
    print a summary.
 
 Validation prompts (``validation.prompts``) and the empty caption are encoded too, so training
-never needs the text encoders.  :func:`check_cache` is what ``flowtune train`` calls to refuse a
+never needs the text encoders (except for families whose prompt embeddings depend on the
+references, whose validation encodes its prompts with ``validation.images``: nothing is cached for
+them).  :func:`check_cache` is what ``flowtune train`` calls to refuse a
 cache made for another model or other settings.
 """
 
@@ -158,10 +163,14 @@ def cache_settings(recipe: Any) -> dict[str, Any]:
 def validation_texts(recipe: Any) -> list[str]:
     """The texts validation samples with, which preprocess encodes besides the captions: the
     validation prompts and, when validation has prompts and a negative prompt
-    (:meth:`FamilySpec.cached_negative_prompt`), that."""
+    (:meth:`FamilySpec.cached_negative_prompt`), that; none for a family whose prompt embeddings
+    depend on the references (:attr:`FamilyEncoder.text_uses_references`)."""
     v = recipe.validation
+    spec = get_family(recipe.model.family)
+    if spec.load_encoder_class().text_uses_references:
+        return []  # validation encodes them with validation.images (FamilyEncoder.text_uses_references)
     texts = list(v.prompts)
-    negative = get_family(recipe.model.family).cached_negative_prompt(v.negative_prompt)
+    negative = spec.cached_negative_prompt(v.negative_prompt)
     if texts and negative is not None:
         texts.append(negative)
     return texts
@@ -431,7 +440,7 @@ def _plan(
                 )
         if warning:
             problems.append(Problem(record.path, warning, "warning"))
-        text_key = _hash("text", identity["text"], caption)
+        caption_key = _hash("text", identity["text"], caption)
         for resolution in resolutions(recipe):
             plan = bucket_for(width, height, resolution, spec.spatial_granularity, step=data.bucket_step)
             if plan.needs_upscale and data.min_size == "skip":
@@ -448,6 +457,9 @@ def _plan(
                 _plan_control(encoder, data.control_resize, identity, control, control_sha, size, plan)
                 for control, control_sha, *size in controls
             )
+            text_key = caption_key
+            if encoder.text_uses_references and planned:  # the embeddings depend on the references
+                text_key = _hash("text", identity["text"], caption, [control.key for control in planned])
             if not video_family:
                 image_key = _hash("image", identity["image"], sha, plan.to_json())
                 items.append(
@@ -613,15 +625,55 @@ class _Encoding:
         ):
             self.store.flush()
 
-    def texts(self, texts: Sequence[tuple[str, str]], advance: Any) -> None:
-        """Encode ``(key, caption)`` pairs, ``batch_size`` at a time."""
+    def texts(self, texts: Sequence[tuple[str, TextEntry]], advance: Any) -> dict[str, str]:
+        """Encode ``(key, entry)`` pairs, ``batch_size`` at a time; an encoder with
+        ``text_uses_references`` gets each caption's reference images too (:func:`_decode_reference`).
+
+        Returns ``{control image sha256: reason}`` for reference images that failed to decode
+        (their captions are left unencoded; the items are dropped).
+        """
         fields = list(self.encoder.text_fields)
+        failed: dict[str, str] = {}
+        with_references = self.encoder.text_uses_references
         for batch in _batched(texts, self.batch_size):
-            out = self.encoder.encode_prompts([caption for _, caption in batch])
+            if with_references:
+                batch, references = self._references(batch, failed)
+                out = self.encoder.encode_prompts([e.caption for _, e in batch], references) if batch else {}
+            else:
+                out = self.encoder.encode_prompts([e.caption for _, e in batch])
             for i, (key, _) in enumerate(batch):
                 self.store.add(key, "text", {name: out[name][i] for name in fields})
             advance(len(batch))
             self._maybe_flush()
+        return failed
+
+    def _references(
+        self, batch: Sequence[tuple[str, TextEntry]], failed: dict[str, str]
+    ) -> tuple[list[tuple[str, TextEntry]], list[list[Any]]]:
+        """The entries of ``batch`` whose reference images decode (in the thread pool), and those
+        images; the others' failures are added to ``failed``."""
+        prepare = self.encoder.prepare_control
+        with ThreadPoolExecutor(self.workers) as pool:
+            decoded = [
+                list(
+                    pool.map(
+                        lambda c: _try_decode(functools.partial(_decode_reference, c, prepare)), e.controls
+                    )
+                )
+                for _, e in batch
+            ]
+        kept, references = [], []
+        for (key, entry), images in zip(batch, decoded, strict=True):
+            errors = [
+                (c.sha, str(img))
+                for c, img in zip(entry.controls, images, strict=True)
+                if isinstance(img, ImageError)
+            ]
+            failed.update(errors)
+            if not errors:
+                kept.append((key, entry))
+                references.append(images)
+        return kept, references
 
     def images(self, items: Sequence[PlannedItem], advance: Any) -> dict[str, str]:
         """Encode the image entries of ``items`` (one per distinct key), bucket by bucket.
@@ -717,6 +769,32 @@ class _Encoding:
                 f"out of memory encoding {len(images)} {what} of {shape}; lower "
                 "data.encode_batch_size (everything encoded so far is saved: re-run to continue)"
             ) from None
+
+
+@dataclass(frozen=True)
+class TextEntry:
+    """A text entry to encode: a caption (or validation prompt) and, for families whose prompt
+    embeddings depend on the references (``FamilyEncoder.text_uses_references``), its item's
+    control images."""
+
+    caption: str
+    controls: tuple[PlannedControl, ...] = ()
+
+
+def _try_decode(load: Callable[[], Any]) -> Any:
+    """``load()``, or the ImageError it raised."""
+    try:
+        return load()
+    except ImageError as err:
+        return err
+
+
+def _decode_reference(control: PlannedControl, prepare: Callable[[Any, tuple[int, int], str], Any]) -> Any:
+    """A control image as the family's pipeline is handed it when sampling, for its prompt
+    encoding: the decoded file, or, under ``match_target``, the file brought to the target's
+    bucket by the encoder (as validation and ``flowtune sample`` resize it); raises ImageError."""
+    image = load_rgb(control.source.read_image_bytes())
+    return prepare(image, control.size, control.mode) if control.mode == "match_target" else image
 
 
 @dataclass(frozen=True)
@@ -833,15 +911,16 @@ def preprocess(
         problems = [Problem(p.path, p.reason) for p in listing.problems] + problems
         problems += _truncation_warnings(encoder, items)
         problems += _reference_warnings(encoder, items)
-        prompts = list(dict.fromkeys(["", *validation_texts(recipe)]))
+        # Validation encodes its prompts itself when they depend on the references (none cached).
+        prompts = [] if encoder.text_uses_references else list(dict.fromkeys(["", *validation_texts(recipe)]))
         prompt_keys = {prompt: _hash("text", identity["text"], prompt) for prompt in prompts}
 
-        texts: dict[str, str] = {}
+        texts: dict[str, TextEntry] = {}
         for item in items:
-            texts.setdefault(item.text_key, item.caption)
+            texts.setdefault(item.text_key, TextEntry(item.caption, item.controls))
         for prompt, key in prompt_keys.items():
-            texts.setdefault(key, prompt)
-        missing_texts = [(key, caption) for key, caption in texts.items() if not store.has(key)]
+            texts.setdefault(key, TextEntry(prompt))
+        missing_texts = [(key, entry) for key, entry in texts.items() if not store.has(key)]
         unique_images: dict[str, PlannedItem] = {}
         for item in items:
             unique_images.setdefault(item.image_key, item)
@@ -904,7 +983,7 @@ def preprocess(
                 "fields": {"image": encoder.image_fields, "text": encoder.text_fields},
                 "items": [item.to_json() for item in items],
                 "validation_prompts": {p: k for p, k in prompt_keys.items() if p},
-                "empty_prompt": prompt_keys[""],
+                "empty_prompt": prompt_keys.get(""),
                 "files": file_memo,
                 "failures": {sha: failures[sha] for sha in sorted(failed_shas | set(known_failures))},
             }
@@ -955,7 +1034,7 @@ def _dropped_shard_warnings(store: CacheStore, encoded: set[str]) -> list[Proble
 def _encode(
     encoder: FamilyEncoder,
     store: CacheStore,
-    missing_texts: Sequence[tuple[str, str]],
+    missing_texts: Sequence[tuple[str, TextEntry]],
     missing_images: Sequence[PlannedItem],
     missing_controls: Sequence[PlannedControl],
     console: Console,
@@ -974,7 +1053,7 @@ def _encode(
             if missing_texts:
                 task = progress.add_task("captions", total=len(missing_texts), rate="")
                 encoder.load(images=False, texts=True)
-                encoding.texts(
+                failed = encoding.texts(
                     missing_texts,
                     lambda n: progress.update(task, advance=n, rate=_rate(progress.tasks[task])),
                 )
@@ -983,7 +1062,7 @@ def _encode(
                 encoder.load(images=True, texts=False)
             if missing_images:
                 task = progress.add_task("images", total=len(missing_images), rate="")
-                failed = encoding.images(
+                failed |= encoding.images(
                     missing_images,
                     lambda n: progress.update(task, advance=n, rate=_rate(progress.tasks[task])),
                 )
