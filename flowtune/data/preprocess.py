@@ -14,10 +14,17 @@ The run, in order:
    - control entry key (edit pairs) = H(control image bytes, ``data.control_resize``, the size
      it is encoded at, VAE files, dtype, latent_dist)
    - item key        = H(image entry key, text entry key[, control entry keys])
+   - video families (``FamilySpec.frame_granularity`` > 0): every item is a clip, entry key =
+     H(file bytes, bucket, crop box, VAE files, dtype, latent_dist, frames and, for videos,
+     the source frames of the clip, which ``data.fps``, ``data.frame_sampling`` and the chunk
+     index decide); still images are one-frame clips.  Videos are hashed
+     and probed (frame timestamps, no decoding) by :mod:`flowtune.data.video`, the clips chosen
+     by ``data.frame_sampling`` (a video too short for one clip is skipped and reported)
 
 3. **Encode** only the entries the cache lacks, one model at a time: the family encoder loads
    the text encoders, encodes the captions and frees them, then loads the VAE for the images
-   (bucket by bucket), so the two are never in memory together; decoding and cropping
+   (bucket by bucket; a video family's clips through ``encode_videos``, by frame count and
+   bucket), so the two are never in memory together; decoding and cropping
    run in a thread pool (up to 8 threads) ahead of the encoder.  An encoder with
    ``text_uses_references`` is handed each caption's reference images (decoded, and brought to
    the target's bucket under ``match_target``) with the captions.  The control images of edit
@@ -64,11 +71,23 @@ from rich.progress import (
 from rich.text import Text
 
 from flowtune.console import PlainTable, format_bytes, make_console, styled, text_column, warning_text
-from flowtune.data.buckets import CropPlan, apply_crop, bucket_for
+from flowtune.data.buckets import CropPlan, FrameBucket, apply_crop, bucket_for
 from flowtune.data.images import ImageError, load_rgb, probe_image
 from flowtune.data.loader import CONTROL_FIELD
 from flowtune.data.sources import ControlImage, Record, apply_caption_options, list_records
 from flowtune.data.store import ERRORS_NAME, CacheStore
+from flowtune.data.video import (
+    ClipTooShort,
+    VideoError,
+    VideoInfo,
+    average_fps,
+    file_sha256,
+    probe_video,
+    read_frames,
+    resolve_fps,
+    resolve_frames,
+    select_clips,
+)
 from flowtune.distributed import Processes
 from flowtune.encoders import EncoderSettings, FamilyEncoder, create_encoder
 from flowtune.errors import FlowtuneError
@@ -103,6 +122,11 @@ SETTINGS_KEYS = (
 )
 # ... and, for families with reference images (edit pairs), these too.
 REFERENCE_SETTINGS_KEYS = ("data.control_column", "data.control_resize")
+# ... and, for video families, these (data.frames and data.fps with their defaults filled in).
+VIDEO_SETTINGS_KEYS = ("data.video_column", "data.frames", "data.fps", "data.frame_sampling")
+# Videos whose timestamps take more runs than this are probed again on every run instead of
+# being remembered in the manifest.
+_MAX_MEMO_RUNS = 256
 
 
 def _hash(*parts: Any) -> str:
@@ -117,15 +141,22 @@ def resolutions(recipe: Any) -> list[int]:
 
 def cache_settings(recipe: Any) -> dict[str, Any]:
     """The values of :data:`SETTINGS_KEYS` in ``recipe`` (resolution normalised to a list), and of
-    :data:`REFERENCE_SETTINGS_KEYS` for edit-pair datasets."""
+    :data:`REFERENCE_SETTINGS_KEYS` for edit-pair datasets and of :data:`VIDEO_SETTINGS_KEYS` for
+    video families (frames and fps resolved)."""
     keys = SETTINGS_KEYS
-    if get_family(recipe.model.family).uses_edit_pairs(recipe.data.edit_pairs):
+    spec = get_family(recipe.model.family)
+    if spec.uses_edit_pairs(recipe.data.edit_pairs):
         keys += REFERENCE_SETTINGS_KEYS
+    if spec.frame_granularity > 0:
+        keys += VIDEO_SETTINGS_KEYS
     settings: dict[str, Any] = {}
     for key in keys:
         section, name = key.split(".")
         settings[key] = recipe[section][name]
     settings["data.resolution"] = resolutions(recipe)
+    if spec.frame_granularity > 0:
+        settings["data.frames"] = resolve_frames(spec, recipe.data.frames)
+        settings["data.fps"] = resolve_fps(spec, recipe.data.fps)
     return settings
 
 
@@ -198,9 +229,23 @@ class PlannedControl:
         }
 
 
+@dataclass(frozen=True)
+class PlannedClip:
+    """The frames of a video that make one clip."""
+
+    info: VideoInfo
+    indices: tuple[int, ...]
+    """Source frame indices (into ``info.pts``), one per clip frame."""
+    chunk: int
+    """Index of the clip in its video (``chunks`` sampling; else 0)."""
+
+    def to_json(self) -> dict[str, Any]:
+        return {"chunk": self.chunk, "source_frames": list(self.indices)}
+
+
 @dataclass
 class PlannedItem:
-    """One record at one resolution, with its keys."""
+    """One record at one resolution (one clip of it, for a video), with its keys."""
 
     record: Record
     caption: str
@@ -210,6 +255,15 @@ class PlannedItem:
     image_key: str
     text_key: str
     controls: tuple[PlannedControl, ...] = ()
+    frames: int = 0
+    """Frames of the clip (video families; 1 for a still image); 0 = an image family's item."""
+    clip: PlannedClip | None = None
+    """The video frames of the clip (a video); None for an image."""
+
+    @property
+    def group(self) -> str:
+        """The bucket as the summary names it (with the frame count for video families)."""
+        return str(FrameBucket.of(self.plan.bucket, self.frames) if self.frames else self.plan.bucket)
 
     @property
     def shas(self) -> tuple[str, ...]:
@@ -224,6 +278,9 @@ class PlannedItem:
 
     def to_json(self) -> dict[str, Any]:
         controls = {"controls": [c.to_json() for c in self.controls]} if self.controls else {}
+        video: dict[str, Any] = {"frames": self.frames} if self.frames else {}
+        if self.clip is not None:
+            video.update(self.clip.to_json())
         return {
             "key": self.key,
             "image": self.image_key,
@@ -234,6 +291,7 @@ class PlannedItem:
             "image_sha256": self.image_sha,
             **self.plan.to_json(),
             **controls,
+            **video,
             "metadata": self.record.metadata,
         }
 
@@ -259,6 +317,8 @@ class PreprocessReport:
     """Control (reference) images encoded by this run (edit pairs)."""
     controls_reused: int = 0
     """Control images found in the cache already."""
+    clips: bool = False
+    """A video family's run: the image counts count clips (still images being one-frame clips)."""
 
     @property
     def errors(self) -> list[Problem]:
@@ -278,7 +338,7 @@ class _ImageProbe:
         memo_key = str(Path(record.image_file).resolve()) if record.image_file is not None else None
         if memo_key is not None and stat is not None:
             known = self.old.get(memo_key)
-            if known is not None and known[:2] == list(stat):
+            if known is not None and known[:2] == list(stat) and len(known) == 5:
                 self.new[memo_key] = known
                 return known[2], known[3], known[4]
         data = record.read_image_bytes()
@@ -287,6 +347,24 @@ class _ImageProbe:
         if memo_key is not None and stat is not None and time.time_ns() - stat[1] > _RACY_NS:
             self.new[memo_key] = [stat[0], stat[1], sha, info.width, info.height]
         return sha, info.width, info.height
+
+    def video(self, record: Record) -> tuple[str, VideoInfo]:
+        """(sha256 of the file, its :class:`VideoInfo`); raises VideoError.  The file is read in
+        blocks, never whole; the frame timestamps are remembered (when they run-length encode
+        into at most :data:`_MAX_MEMO_RUNS` steps)."""
+        assert record.image_file is not None
+        stat = record.file_stat()
+        memo_key = str(Path(record.image_file).resolve())
+        known = self.old.get(memo_key)
+        if known is not None and stat is not None and known[:2] == list(stat) and isinstance(known[3], dict):
+            self.new[memo_key] = known
+            return known[2], VideoInfo.from_json(known[3]["video"])
+        sha = file_sha256(record.image_file)
+        info = probe_video(record.image_file)
+        compact = info.to_json()
+        if stat is not None and time.time_ns() - stat[1] > _RACY_NS and len(compact[4]) <= _MAX_MEMO_RUNS:
+            self.new[memo_key] = [stat[0], stat[1], sha, {"video": compact}]
+        return sha, info
 
 
 def _control_problem(control: ControlImage, reason: str) -> str:
@@ -318,10 +396,18 @@ def _plan(
     known_failures: dict[str, str] = {}
     items: list[PlannedItem] = []
     problems: list[Problem] = []
+    video_family = spec.frame_granularity > 0
+    frames = resolve_frames(spec, data.frames) if video_family else 0
+    fps = resolve_fps(spec, data.fps) if video_family else 0.0
     for record in records:
         caption, warning = apply_caption_options(record.caption, data.trigger_word, data.default_caption)
+        info: VideoInfo | None = None
         try:
-            sha, width, height = probe(record)
+            if record.video:
+                sha, info = probe.video(record)
+                width, height = info.width, info.height
+            else:
+                sha, width, height = probe(record)
         except ImageError as err:
             problems.append(Problem(record.path, str(err)))
             continue
@@ -332,6 +418,26 @@ def _plan(
         controls = _probe_controls(record, probe, failures, known_failures, problems)
         if controls is None:
             continue
+        clips: list[PlannedClip | None] = [None]
+        if info is not None and info.frame_count == 1:  # a still picture in a video file: a still
+            clips = [PlannedClip(info, (0,), 0)]
+        elif info is not None:
+            try:
+                selected = select_clips(info.times(), frames, fps, data.frame_sampling)
+            except ClipTooShort as err:
+                problems.append(Problem(record.path, str(err), "skipped"))
+                continue
+            clips = [PlannedClip(info, tuple(indices), chunk) for chunk, indices in enumerate(selected)]
+            source_fps = average_fps(info)
+            if data.frame_sampling != "uniform" and source_fps < fps * 0.99:
+                problems.append(
+                    Problem(
+                        record.path,
+                        f"the video has {source_fps:.3g} frames per second, fewer than data.fps={fps:g}: "
+                        "its clips repeat frames",
+                        "warning",
+                    )
+                )
         if warning:
             problems.append(Problem(record.path, warning, "warning"))
         caption_key = _hash("text", identity["text"], caption)
@@ -347,7 +453,6 @@ def _plan(
                     )
                 )
                 continue
-            image_key = _hash("image", identity["image"], sha, plan.to_json())
             planned = tuple(
                 _plan_control(encoder, data.control_resize, identity, control, control_sha, size, plan)
                 for control, control_sha, *size in controls
@@ -355,7 +460,25 @@ def _plan(
             text_key = caption_key
             if encoder.text_uses_references and planned:  # the embeddings depend on the references
                 text_key = _hash("text", identity["text"], caption, [control.key for control in planned])
-            items.append(PlannedItem(record, caption, resolution, plan, sha, image_key, text_key, planned))
+            if not video_family:
+                image_key = _hash("image", identity["image"], sha, plan.to_json())
+                items.append(
+                    PlannedItem(record, caption, resolution, plan, sha, image_key, text_key, planned)
+                )
+                continue
+            for clip in clips:
+                clip_frames = len(clip.indices) if clip is not None else 1
+                # The source frames stand for data.fps, data.frame_sampling and the chunk index:
+                # the same frames of the same file are one entry however they were chosen.
+                selection: dict[str, Any] = {"frames": clip_frames}
+                if clip is not None:
+                    selection["source_frames"] = list(clip.indices)
+                clip_key = _hash("video", identity["image"], sha, plan.to_json(), selection)
+                items.append(
+                    PlannedItem(
+                        record, caption, resolution, plan, sha, clip_key, text_key, planned, clip_frames, clip
+                    )
+                )
     return items, problems, probe.new, known_failures
 
 
@@ -563,6 +686,7 @@ class _Encoding:
                 item.image_sha,
                 (item.plan.bucket.width, item.plan.bucket.height),
                 functools.partial(_decode_target, item),
+                item.frames,
             )
             for item in items
         ]
@@ -587,9 +711,9 @@ class _Encoding:
         """Decode (in the thread pool, one batch ahead) and encode ``jobs`` in batches of one size;
         store ``fields`` of each as a ``kind`` entry.  Returns ``{sha256: reason}`` of failures."""
         failed: dict[str, str] = {}
-        by_size: dict[tuple[int, int], list[_ImageJob]] = {}
+        by_size: dict[tuple[int, int, int], list[_ImageJob]] = {}
         for job in jobs:
-            by_size.setdefault(job.size, []).append(job)
+            by_size.setdefault((job.frames, *job.size), []).append(job)
         batches = [b for group in by_size.values() for b in _batched(group, self.batch_size)]
 
         def decode(job: _ImageJob) -> Any:
@@ -615,7 +739,9 @@ class _Encoding:
                         failed[job.sha] = str(img)
                 if good:
                     generators = [torch.Generator().manual_seed(int(job.key[:15], 16)) for job, _ in good]
-                    out = self._encode_image_batch([img for _, img in good], generators, batch[0].size, what)
+                    out = self._encode_image_batch(
+                        [img for _, img in good], generators, batch[0].size, what, batch[0].frames
+                    )
                     for i, (job, _) in enumerate(good):
                         self.store.add(job.key, kind, {name: out[name][i] for name in fields})
                 advance(len(batch))
@@ -623,14 +749,24 @@ class _Encoding:
         return failed
 
     def _encode_image_batch(
-        self, images: list[Any], generators: list[torch.Generator], size: tuple[int, int], what: str
+        self,
+        images: list[Any],
+        generators: list[torch.Generator],
+        size: tuple[int, int],
+        what: str,
+        frames: int = 0,
     ) -> Any:
+        """``encode_images`` of the images, or ``encode_videos`` of the clips (``frames`` > 0)."""
         try:
+            if frames:
+                return self.encoder.encode_videos(images, generators)
             return self.encoder.encode_images(images, generators)
         except torch.OutOfMemoryError:
             self.store.flush()
+            shape = f"{size[0]}x{size[1]}" + (f" with {frames} frames" if frames else "")
+            what = "clips" if frames else what
             raise FlowtuneError(
-                f"out of memory encoding {len(images)} {what} of {size[0]}x{size[1]}; lower "
+                f"out of memory encoding {len(images)} {what} of {shape}; lower "
                 "data.encode_batch_size (everything encoded so far is saved: re-run to continue)"
             ) from None
 
@@ -663,17 +799,37 @@ def _decode_reference(control: PlannedControl, prepare: Callable[[Any, tuple[int
 
 @dataclass(frozen=True)
 class _ImageJob:
-    """One image entry to encode: ``load()`` gives the prepared RGB image of ``size`` (w, h)."""
+    """One image entry to encode: ``load()`` gives the prepared RGB image of ``size`` (w, h),
+    or (``frames`` > 0, a video family) the clip: a list of ``frames`` such images."""
 
     key: str
     sha: str
     size: tuple[int, int]
     load: Callable[[], Any]
+    frames: int = 0
 
 
 def _decode_target(item: PlannedItem) -> Any:
-    """The item's image, decoded and cropped to its bucket; raises ImageError."""
-    return apply_crop(load_rgb(item.record.read_image_bytes()), item.plan)
+    """The item's image, decoded and cropped to its bucket; for a video family its clip (a list of
+    frames cropped to the bucket; a still image is one frame).  Raises ImageError."""
+    if item.clip is not None:
+        assert item.record.image_file is not None
+        crop = functools.partial(_crop_frame, plan=item.plan)
+        return read_frames(item.record.image_file, item.clip.info, item.clip.indices, crop)
+    image = apply_crop(load_rgb(item.record.read_image_bytes()), item.plan)
+    return [image] if item.frames else image
+
+
+def _crop_frame(frame: Any, plan: CropPlan) -> Any:
+    """A decoded video frame cropped to the bucket; a frame of another size than the video's
+    first is a VideoError."""
+    if frame.size != plan.original_size:
+        width, height = plan.original_size
+        raise VideoError(
+            f"a frame is {frame.size[0]}x{frame.size[1]} pixels but the video is {width}x{height}; "
+            "videos whose frame size changes are not supported"
+        )
+    return apply_crop(frame, plan)
 
 
 def _decode_control(control: PlannedControl, prepare: Callable[[Any, tuple[int, int], str], Any]) -> Any:
@@ -730,6 +886,8 @@ def preprocess(
         dataset_split=data.dataset_split,
         references=spec.uses_edit_pairs(data.edit_pairs),
         control_column=data.control_column,
+        videos=spec.frame_granularity > 0,
+        video_column=data.video_column,
     )
     with group.main_first():  # a download happens once; the other processes then find the files
         model_dir = resolve_pretrained(
@@ -846,13 +1004,14 @@ def preprocess(
         texts_encoded=len(missing_texts),
         images_reused=len(unique_images) - len(missing_images),
         texts_reused=len(texts) - len(missing_texts),
-        buckets=dict(sorted(Counter(str(item.plan.bucket) for item in items).items())),
+        buckets=dict(sorted(Counter(item.group for item in items).items())),
         problems=problems,
         seconds=time.perf_counter() - start,
         cache_bytes=store.size_bytes(),
         shards_pruned=pruned,
         controls_encoded=len(missing_controls) - controls_failed,
         controls_reused=len(unique_controls) - len(missing_controls),
+        clips=spec.frame_granularity > 0,
     )
     print_summary(report, console)
     return report
@@ -936,7 +1095,7 @@ def print_summary(report: PreprocessReport, console: Console, max_listed: int = 
 
     def counts(images: int, controls: int, texts: int) -> str:
         middle = f"{controls} control images, " if edit_pairs else ""
-        return f"{images} images, {middle}{texts} captions"
+        return f"{images} {'clips' if report.clips else 'images'}, {middle}{texts} captions"
 
     table.add_row("encoded now", counts(report.images_encoded, report.controls_encoded, report.texts_encoded))
     table.add_row("reused", counts(report.images_reused, report.controls_reused, report.texts_reused))
