@@ -38,6 +38,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
+from flowtune.data.video import resolve_frames
 from flowtune.errors import FlowtuneError
 from flowtune.families import FamilySpec
 
@@ -276,6 +277,7 @@ def trace_recipe(recipe: Any, spec: FamilySpec) -> Trace:
             int(recipe.validation.width),
             recipe.data.max_sequence_length,
             references,
+            resolve_frames(spec, recipe.data.frames),
         )
         tracker.reset_peak()
         with torch.no_grad(), autocast:

@@ -27,6 +27,7 @@ from unittest import mock
 import torch
 from torch import nn
 
+from flowtune.data.video import resolve_frames
 from flowtune.errors import FlowtuneError
 from flowtune.families import FamilySpec
 
@@ -163,6 +164,7 @@ def run_training_steps(
         recipe_resolutions(recipe), spec.spatial_granularity, recipe.data.bucket_step
     )
     references = 1 if spec.reference_images and spec.uses_edit_pairs(recipe.data.edit_pairs) else 0
+    frames = resolve_frames(spec, recipe.data.frames)  # 1 for image families
     flow = create_pipeline(
         spec.adapter, OmegaConf.to_container(recipe.model.adapter), **OmegaConf.to_container(recipe.flow)
     )
@@ -220,6 +222,7 @@ def run_training_steps(
                     width,
                     recipe.data.max_sequence_length,
                     references,
+                    frames,
                 )
             max_norm = recipe.train.max_grad_norm if recipe.train.max_grad_norm > 0 else float("inf")
             for index in range(steps):

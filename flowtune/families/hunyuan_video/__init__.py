@@ -35,6 +35,12 @@ LORA_TARGETS = tuple(
 # 54 double-stream blocks (video and text streams side by side), nothing else.
 BLOCK_LISTS = (("transformer_blocks", "num_layers"),)
 
+# The Hub's diffusers-format HunyuanVideo 1.5 models (hunyuanvideo-community) whose bundled configs
+# flowtune plan reads: 480p and 720p, text-to-video and image-to-video, all with the same text
+# encoders (Qwen2.5-VL-7B's text model, ByT5 Glyph-SDXL-v2) as the 480p text-to-video one.
+HUB = "hunyuanvideo-community/HunyuanVideo-1.5-Diffusers-"
+COMPONENT_SOURCES = tuple((HUB + name, HUB + "480p_t2v") for name in ("720p_t2v", "480p_i2v", "720p_i2v"))
+
 # HunyuanVideoAdapter's constructor arguments (FamilySpec.adapter_arguments).
 ADAPTER_ARGUMENTS = (("use_condition_latents", "bool"),)
 
@@ -58,6 +64,7 @@ SPEC = FamilySpec(
     block_lists=BLOCK_LISTS,
     quantize_skip=QUANTIZE_SKIP,
     encoder_quantize_skip=ENCODER_QUANTIZE_SKIP,
+    component_sources=COMPONENT_SOURCES,
     adapter_arguments=ADAPTER_ARGUMENTS,
     # The pipelines sample with classifier-free guidance through their guider component
     # (ClassifierFreeGuidance, guidance_scale 6.0 in the hub models' guider/config.json; 1.0 in

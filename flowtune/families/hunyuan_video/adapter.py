@@ -79,7 +79,7 @@ class HunyuanVideoAdapter(ModelAdapter):
         ``text_embeddings`` [B, L, text_embed_dim], ``text_embeddings_2`` [B, 0, text_embed_2_dim]
         (a caption without quoted text), every text position real (no mask)."""
         b = size.batch_size
-        frames = (getattr(size, "frames", 1) - 1) // 4 + 1
+        frames = (size.frames - 1) // 4 + 1
         channels = int(config.get("out_channels", 32))
         return {
             "video_latents": (b, channels, frames, size.height // 16, size.width // 16),
@@ -88,7 +88,9 @@ class HunyuanVideoAdapter(ModelAdapter):
         }
 
     @staticmethod
-    def _mask(batch: dict[str, Any], key: str, b: int, length: int, context: FlowMatchingContext) -> torch.Tensor:
+    def _mask(
+        batch: dict[str, Any], key: str, b: int, length: int, context: FlowMatchingContext
+    ) -> torch.Tensor:
         """The batch's ``<key>_mask`` [B, L] in the compute dtype, all ones when absent."""
         mask = batch.get(f"{key}_mask")
         if mask is None:

@@ -80,7 +80,12 @@ class HunyuanVideoEncoder(FamilyEncoder):
     """
 
     image_components: ClassVar[tuple[str, ...]] = ("vae",)
-    text_components: ClassVar[tuple[str, ...]] = ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2")
+    text_components: ClassVar[tuple[str, ...]] = (
+        "text_encoder",
+        "tokenizer",
+        "text_encoder_2",
+        "tokenizer_2",
+    )
     image_fields: ClassVar[dict[str, bool]] = {"video_latents": False}
     text_fields: ClassVar[dict[str, bool]] = {"text_embeddings": True, "text_embeddings_2": True}
 
