@@ -91,6 +91,11 @@ class FamilySpec:
             [C, F', H/8, W/8] with F' = (frames - 1) / frame_granularity + 1.
         fps: A video family's frame rate (the rate its models were trained at): ``data.fps``
             and ``flowtune sample --fps`` default to it.  0 for an image family.
+        lora_loader: ``"module:Class"`` of the diffusers LoRA loader mixin whose LoRA file layout
+            and methods (``transformer_name``, ``pack_weights``, ``save_lora_weights``,
+            ``lora_state_dict``) flowtune uses for the family's LoRA files, for a pipeline class
+            that has none (diffusers 0.42's ``HunyuanVideo15Pipeline``).  None: the pipeline
+            class's own (:meth:`lora_class`).
     """
 
     name: str
@@ -119,6 +124,7 @@ class FamilySpec:
     video_vae: bool = False
     frame_granularity: int = 0
     fps: int = 0
+    lora_loader: str | None = None
 
     @property
     def pipeline_classes(self) -> tuple[str, ...]:
@@ -137,6 +143,15 @@ class FamilySpec:
         ``negative_prompt`` (the recipe's ``validation.negative_prompt``, which defaults to the
         family's), else the family's ``implicit_negative_prompt``."""
         return negative_prompt if negative_prompt is not None else self.implicit_negative_prompt
+
+    def lora_class(self) -> type:
+        """The class whose LoRA methods write and read the family's LoRA files: ``lora_loader``
+        where set, else the diffusers pipeline class."""
+        if self.lora_loader is not None:
+            return _import_object(self.lora_loader)
+        import diffusers
+
+        return getattr(diffusers, self.pipeline_class)
 
     def load_adapter_class(self) -> type:
         """Import and return the family's adapter class."""

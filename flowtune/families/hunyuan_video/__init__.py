@@ -58,6 +58,10 @@ SPEC = FamilySpec(
     tiny_builder="flowtune.families.hunyuan_video.tiny:build_tiny_hunyuan_video",
     encoder="flowtune.families.hunyuan_video.encoder:HunyuanVideoEncoder",
     lora_original_names=None,
+    # HunyuanVideo15Pipeline has no LoRA loader mixin in diffusers 0.42: its LoRA files are
+    # written in the transformer-only layout of HunyuanVideo (1.0)'s mixin ("transformer." keys,
+    # peft metadata), which its transformer's load_lora_adapter(..., prefix="transformer") reads.
+    lora_loader="diffusers.loaders.lora_pipeline:HunyuanVideoLoraLoaderMixin",
     # The image-to-video checkpoints: the same transformer and VAE, plus a SigLIP image encoder
     # (whose embeddings of a clip's first frame preprocess caches as image_embeds).
     other_pipeline_classes=("HunyuanVideo15ImageToVideoPipeline",),

@@ -106,12 +106,13 @@ class HunyuanVideoEncoder(FamilyEncoder):
         """Load as :meth:`FamilyEncoder.load`, through the folder's own pipeline class (an
         image-to-video folder does not load as ``HunyuanVideo15Pipeline``: diffusers refuses its
         extra components); the text encoder pads to ``max_sequence_length`` tokens (the
-        pipeline's ``tokenizer_max_length``, 1000)."""
+        pipeline's ``tokenizer_max_length``, 1000).  The VAE is always loaded (the pipelines'
+        constructors read its config), and kept in CPU memory when only texts are encoded."""
         from flowtune.encoders.base import load_pipeline
 
         without = ["transformer"]
-        if not images:
-            without += self.image_components
+        if not images:  # but the VAE: the pipeline's constructor reads its config
+            without += [name for name in self.image_components if name != "vae"]
         if not texts:
             without += self.text_components
         self.pipe = load_pipeline(
@@ -124,6 +125,8 @@ class HunyuanVideoEncoder(FamilyEncoder):
             encoder_quantize=self.settings.quantize if texts else None,
         )
         self.pipe.tokenizer_max_length = self.settings.max_sequence_length
+        if not images:  # loaded for the constructor only: off the accelerator
+            self.pipe.vae.to("cpu")
 
     # -- images and clips --------------------------------------------------------------------
 
