@@ -179,21 +179,22 @@ def test_cached_text_is_the_pipeline_s_encode_prompt_at_its_valid_positions(pipe
 def test_cached_latents_are_the_vae_s_scaled_latents(pipe, encoder, latent_dist, monkeypatch) -> None:
     settings = EncoderSettings(dtype="float32", max_sequence_length=MAX_TOKENS, latent_dist=latent_dist)
     monkeypatch.setattr(encoder, "settings", settings)
-    clips = [_clip(5, 32, 48, seed) for seed in range(2)]
-    generators = [torch.Generator().manual_seed(k) for k in range(2)]
+    count = 2 if latent_dist == "mode" else 1  # a batch of clips; a seeded sample
+    clips = [_clip(5, 32, 48, seed) for seed in range(count)]
+    generators = [torch.Generator().manual_seed(k) for k in range(count)]
     got = encoder.encode_videos(clips, generators)
     assert set(got) == {"video_latents"}  # a text-to-video folder: no image encoder
     latents = got["video_latents"]
-    assert latents.shape == (2, C, 2, 2, 3)
+    assert latents.shape == (count, C, 2, 2, 3)
     for k, clip in enumerate(clips):
         pixels = pipe.video_processor.preprocess(clip).permute(1, 0, 2, 3)[None]
         dist = pipe.vae.encode(pixels).latent_dist
         z = dist.sample(torch.Generator().manual_seed(k)) if latent_dist == "sample" else dist.mode()
         assert torch.equal(latents[k : k + 1], z * pipe.vae.config.scaling_factor)
     # The pipeline decodes latents / scaling_factor: the cached latents are the transformer's space.
-    still = encoder.encode_images([clips[0][0]])["video_latents"]
-    assert still.shape == (1, C, 1, 2, 3)
     if latent_dist == "mode":  # the causal VAE: a clip's first latent frame is its first frame's
+        still = encoder.encode_images([clips[0][0]])["video_latents"]
+        assert still.shape == (1, C, 1, 2, 3)
         torch.testing.assert_close(still[:, :, 0], latents[:1, :, 0])
 
 
@@ -323,3 +324,78 @@ def test_example_batch_runs_a_training_step(pipe) -> None:
     )
     assert pred.shape == latents.shape
     pred.float().pow(2).mean().backward()
+
+
+def test_example_batch_has_the_clip_s_latent_frames(pipe) -> None:
+    config = dict(pipe.transformer.config)
+    batch = HunyuanVideoAdapter().example_batch(config, 2, 32, 48, 7, frames=9)
+    assert batch["video_latents"].shape == (2, C, 3, 2, 3)  # 9 frames -> 3 latent frames
+
+
+# ----------------------------------------------------------------------------- LoRA files
+
+
+def test_lora_file_loads_back_into_the_pipeline_s_transformer(pipe, tmp_path: Path) -> None:
+    """HunyuanVideo15Pipeline has no LoRA mixin: the file is written through the family's
+    ``lora_loader`` and read by the transformer's own ``load_lora_adapter``, to the same output."""
+    import copy
+
+    from diffusers import HunyuanVideo15Transformer3DModel
+
+    from flowtune.train.model import add_lora, save_lora
+
+    assert (
+        not hasattr(type(pipe), "save_lora_weights") and SPEC.lora_class().transformer_name == "transformer"
+    )
+    trained = copy.deepcopy(pipe.transformer)
+    params = add_lora(trained, SPEC, rank=4, alpha=8)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in params:
+            p.normal_(std=0.1)
+    path = save_lora(trained, SPEC, tmp_path)
+    fresh = HunyuanVideo15Transformer3DModel.from_config(pipe.transformer.config)
+    fresh.load_state_dict(pipe.transformer.state_dict())
+    fresh.load_lora_adapter(str(path.parent), weight_name=path.name, prefix="transformer", adapter_name="x")
+    lora_modules = {n.rsplit(".lora_B", 1)[0] for n, _ in fresh.named_modules() if n.endswith("lora_B.x")}
+    assert len(lora_modules) == 12 * config_layers(pipe) and all(
+        n.startswith("transformer_blocks.") for n in lora_modules
+    )  # the 12 targets of every double-stream block, not the token refiner's namesakes
+    latents = torch.randn(1, C, 2, 2, 3)
+    batch = {"text_embeddings": torch.randn(1, 5, 32), "text_embeddings_2": torch.randn(1, 3, 24)}
+    adapter = HunyuanVideoAdapter()
+    inputs = adapter.prepare_inputs(_context(latents, latents, torch.tensor([400.0]), batch))
+    with torch.no_grad():
+        torch.testing.assert_close(adapter.forward(fresh, inputs), adapter.forward(trained, inputs))
+
+
+def config_layers(pipe) -> int:
+    return int(pipe.transformer.config.num_layers)
+
+
+# ------------------------------------------------------------------------------ plan configs
+
+
+@pytest.mark.parametrize(
+    ("component", "billions"),
+    [("transformer", (8.2, 8.4)), ("text_encoder", (7.0, 7.1)), ("text_encoder_2", (0.21, 0.22))],
+)
+def test_bundled_configs_build_at_the_published_sizes(component, billions) -> None:
+    """The bundled configs of the 480p text-to-video model (flowtune plan offline): the 8.3B
+    transformer, Qwen2.5-VL-7B's text model (7.07B) and ByT5-small (0.22B)."""
+    import diffusers
+
+    from flowtune.memory.phases import build_component, component_config
+    from flowtune.memory.plan import load_transformer_config
+
+    hub = "hunyuanvideo-community/HunyuanVideo-1.5-Diffusers-480p_t2v"
+    with torch.device("meta"):
+        if component == "transformer":
+            config, source = load_transformer_config(hub)
+            assert source == "bundled" and config["_class_name"] == SPEC.transformer_class
+            rest = {k: v for k, v in config.items() if not k.startswith("_")}
+            model = getattr(diffusers, config["_class_name"]).from_config(rest)
+        else:
+            model = build_component(component_config(hub, component), torch.bfloat16)
+    size = sum(p.numel() for p in model.parameters()) / 1e9
+    assert billions[0] < size < billions[1], size
