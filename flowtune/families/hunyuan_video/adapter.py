@@ -37,7 +37,7 @@ class HunyuanVideoAdapter(ModelAdapter):
 
     Batch keys (as written by ``flowtune preprocess``):
         video_latents: [B, C, F, H, W] scaled VAE latents (C = 32, H = pixels / 16, F = 1 for
-            still images); [B, C, H, W] image latents are taken as one frame.
+            still images, which the cache stores as one-frame clips).
         text_embeddings: [B, L, 3584] Qwen2.5-VL embeddings, zero-padded; [L, D] for B = 1.
         text_embeddings_mask (optional): [B, L] bool, True on real tokens; absent = all real.
         text_embeddings_2: [B, L2, 1472] ByT5 glyph-text embeddings (L2 may be 0: no quoted
@@ -62,9 +62,9 @@ class HunyuanVideoAdapter(ModelAdapter):
         image_embeds: [B, N, D]: the image-to-video samples' ``image_embeds``, zeros for the
             others; zeros [B, 729, image_embed_dim] when the batch has none, as the
             text-to-video pipeline passes (``prepare_inputs`` leaves None, ``forward`` fills
-            them in with the model's width).  The transformer masks the image tokens out only when the whole
-            batch's embeddings are zero, so in a batch mixing image-to-video and text-to-video
-            samples the latter attend to their zero image tokens.
+            them in with the model's width).  The transformer masks the image tokens out only
+            when the whole batch's embeddings are zero, so in a batch mixing image-to-video and
+            text-to-video samples the latter attend to their zero image tokens.
 
     Args:
         use_condition_latents: Build the condition latents and mask channel (the reference's
