@@ -1,0 +1,203 @@
+"""Wan 2.1 T2V (``wan``): the tiny pipeline, the encoder's cached tensors equal to WanPipeline's
+own, the adapter's transformer inputs equal to the pipeline's at the same step, sampling (frames
+equal to the pipeline's with the LoRA, an MP4 and a frame strip), the LoRA exports loading back
+through diffusers' Wan converters, and the bundled configs of ``flowtune plan``."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from flowtune.encoders.base import EncoderSettings, create_encoder
+from flowtune.families import get_family
+from flowtune.families.qwen_image.encoder import normalize_latents
+from flowtune.families.wan.adapter import WanAdapter
+from flowtune.families.wan.encoder import WanEncoder
+from flowtune.flow_matching import FlowMatchingContext, create_adapter
+from flowtune.tiny import make_tiny
+from tests.helpers import family_pipeline, transformer_calls
+
+SPEC = get_family("wan")
+PROMPTS = ["a blue square", "a large green triangle on a yellow background in the sky", ""]
+TEXT_TOKENS = 10
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_tiny("wan", tmp_path_factory.mktemp("wan") / "tiny-wan")
+
+
+@pytest.fixture(scope="module")
+def pipe(model: Path):
+    return family_pipeline("wan", model)
+
+
+def _encoder(model: Path, max_sequence_length: int = TEXT_TOKENS, latent_dist: str = "mode") -> WanEncoder:
+    settings = EncoderSettings(
+        dtype="float32", max_sequence_length=max_sequence_length, latent_dist=latent_dist
+    )
+    encoder = create_encoder(SPEC, model, settings, device="cpu")
+    encoder.load(images=True, texts=True)
+    return encoder
+
+
+def _clips(
+    count: int, frames: int, height: int = 32, width: int = 48, seed: int = 0
+) -> list[list[Image.Image]]:
+    rng = np.random.default_rng(seed)
+    return [
+        [Image.fromarray(rng.integers(0, 255, (height, width, 3), dtype=np.uint8)) for _ in range(frames)]
+        for _ in range(count)
+    ]
+
+
+def _context(noisy: torch.Tensor, t: torch.Tensor, batch: dict) -> FlowMatchingContext:
+    return FlowMatchingContext(
+        noisy_latents=noisy, latents=noisy, timesteps=t, sigma=t / 1000, task_type="t2v", data_type="video",
+        device=torch.device("cpu"), dtype=torch.float32, batch=batch,
+    )  # fmt: skip
+
+
+# ------------------------------------------------------------------------------ tiny pipeline
+
+
+def test_tiny_builder_is_fast_and_loads_as_a_wan_pipeline(tmp_path, pipe) -> None:
+    from diffusers import AutoencoderKLWan, WanTransformer3DModel
+
+    from flowtune.families.wan.tiny import build_tiny_wan
+
+    start = time.perf_counter()
+    build_tiny_wan(tmp_path / "again", seed=0)
+    assert time.perf_counter() - start < 2.0
+    assert isinstance(pipe.transformer, WanTransformer3DModel) and isinstance(pipe.vae, AutoencoderKLWan)
+    config = pipe.transformer.config
+    width = config.num_attention_heads * config.attention_head_dim
+    assert width >= config.in_channels * int(np.prod(config.patch_size))  # a latent token's features
+    assert pipe.tokenizer("a blue square").input_ids[-1] == pipe.tokenizer.eos_token_id == 1
+    assert (pipe.vae_scale_factor_temporal, pipe.vae_scale_factor_spatial) == (4, 8)
+
+
+# ---------------------------------------------------------------------------------- encoder
+
+
+@torch.no_grad()  # as WanPipeline.__call__ runs encode_prompt (SDPA's kernels differ with grad)
+def test_cached_text_is_the_pipeline_s_encode_prompt_unpadded(pipe, model) -> None:
+    encoder = _encoder(model)
+    text = encoder.encode_prompts(PROMPTS)
+    rows, lengths = text["text_embeddings"], text["text_length"]
+    assert lengths.shape == (3, TEXT_TOKENS, 0)
+    assert [row.shape[0] for row in rows] == [4, TEXT_TOKENS, 1]  # tokens and </s>, truncated
+    assert encoder.token_counts(PROMPTS) == [4, 12, 1]
+    for i, (prompt, row) in enumerate(zip(PROMPTS, rows, strict=True)):
+        expected, _ = pipe.encode_prompt(
+            prompt, do_classifier_free_guidance=False, max_sequence_length=TEXT_TOKENS, device="cpu"
+        )
+        assert expected.shape == (1, TEXT_TOKENS, 32)
+        assert torch.equal(row, expected[0, : len(row)])
+        assert not expected[0, len(row) :].any()  # the pipeline's padding is zeros
+        # rebuilt as the pipeline pads, tensor for tensor (validation's prompt_embeds)
+        cached = {"text_embeddings": row[None], "text_length": lengths[i : i + 1]}
+        assert torch.equal(WanEncoder.prompt_inputs(cached)["prompt_embeds"], expected)
+    # the empty negative prompt the pipeline encodes by default ("" when none is given)
+    _, negative = pipe.encode_prompt("a blue square", max_sequence_length=TEXT_TOKENS, device="cpu")
+    cached = {"text_embeddings": rows[2][None], "text_length": lengths[2:]}
+    assert torch.equal(WanEncoder.negative_inputs(cached)["negative_prompt_embeds"], negative)
+
+
+@pytest.mark.parametrize("latent_dist", ["mode", "sample"])
+@torch.no_grad()
+def test_cached_latents_are_the_pipeline_s_encoded_videos(model, latent_dist) -> None:
+    clips = _clips(2, 5)
+    encoder = _encoder(model, latent_dist=latent_dist)
+    got = encoder.encode_videos(clips, [torch.Generator().manual_seed(k) for k in range(2)])["video_latents"]
+    assert got.shape == (2, 16, 2, 4, 6)  # 5 frames -> 1 + 4/4 latent frames
+
+    # WanVideoToVideoPipeline.prepare_latents' encoding: clip by clip, retrieve_latents
+    # ("argmax": the mode), then (z - latents_mean) * (1 / latents_std) in float32
+    from diffusers.pipelines.wan.pipeline_wan_video2video import retrieve_latents
+
+    vae = encoder.pipe.vae
+    video = encoder.pipe.video_processor.preprocess_video(clips, height=32, width=48)
+    generators = [torch.Generator().manual_seed(k) for k in range(2)]
+    mode = "sample" if latent_dist == "sample" else "argmax"
+    z = torch.cat(
+        [retrieve_latents(vae.encode(v[None]), g, mode) for v, g in zip(video, generators, strict=True)]
+    )
+    mean = torch.tensor(vae.config.latents_mean).view(1, 16, 1, 1, 1)
+    inverse_std = 1.0 / torch.tensor(vae.config.latents_std).view(1, 16, 1, 1, 1)
+    assert torch.equal(got, (z.float() - mean) * inverse_std)
+    assert torch.equal(got, normalize_latents(vae, z))
+
+
+def test_images_are_one_frame_clips(model) -> None:
+    encoder = _encoder(model)
+    images = [clip[0] for clip in _clips(2, 1, seed=4)]
+    got = encoder.encode_images(images)["video_latents"]
+    assert got.shape == (2, 16, 1, 4, 6)
+    assert torch.equal(got, encoder.encode_videos([[image] for image in images])["video_latents"])
+
+
+# ---------------------------------------------------------------------------------- adapter
+
+
+def test_created_by_name() -> None:
+    assert isinstance(create_adapter("wan"), WanAdapter)
+
+
+@pytest.mark.parametrize(
+    "prompts", [["a blue square"], ["a blue square", "a large green triangle in the sky"]]
+)
+def test_inputs_and_prediction_equal_the_pipeline_s_at_the_same_step(pipe, model, prompts) -> None:
+    """WanPipeline's first step with classifier-free guidance (the prompt's pass, then the empty
+    negative prompt's) against the adapter's inputs from the cached, unpadded embeddings."""
+    calls, outputs = transformer_calls(
+        pipe, prompt=prompts, num_frames=5, height=32, width=48, num_inference_steps=2, guidance_scale=5.0,
+        max_sequence_length=TEXT_TOKENS, generator=torch.Generator().manual_seed(0), output_type="latent",
+    )  # fmt: skip
+    calls, outputs = calls[:2], outputs[:2]
+    encoder = _encoder(model)
+    t = pipe.scheduler.timesteps[0].expand(len(prompts)).float()
+    for call, output, texts in zip(calls, outputs, [prompts, [""] * len(prompts)], strict=True):
+        cached = encoder.encode_prompts(texts)
+        rows = cached["text_embeddings"]
+        batch = {"text_embeddings": torch.nn.utils.rnn.pad_sequence(rows, batch_first=True)}
+        batch["text_length"] = cached["text_length"]
+        inputs = WanAdapter().prepare_inputs(_context(call["hidden_states"], t, batch))
+        assert inputs["hidden_states"].shape == (len(prompts), 16, 2, 4, 6)
+        for key in ("hidden_states", "encoder_hidden_states"):
+            assert inputs[key].dtype == call[key].dtype, key
+            assert torch.equal(inputs[key], call[key]), key
+        # The UniPC scheduler's timesteps are integers; flowtune's are continuous (float32), and
+        # the transformer embeds both as float32.
+        assert call["timestep"].dtype == torch.int64 and inputs["timestep"].dtype == torch.float32
+        assert torch.equal(inputs["timestep"], call["timestep"].float())
+        pred = WanAdapter().forward(pipe.transformer, inputs)
+        assert torch.equal(pred, output)
+
+
+def test_cfg_dropout_zeroes_only_the_dropped_samples_text() -> None:
+    text = torch.randn(2, 6, 32)
+    context = _context(torch.randn(2, 16, 1, 4, 4), torch.tensor([300.0, 600.0]),
+                       {"text_embeddings": text, "text_length": torch.zeros(2, 8, 0)})  # fmt: skip
+    context.cfg_dropout_mask = torch.tensor([True, False])
+    inputs = WanAdapter().prepare_inputs(context)
+    assert inputs["encoder_hidden_states"].shape == (2, 8, 32)
+    assert not inputs["encoder_hidden_states"][0].any()
+    assert torch.equal(inputs["encoder_hidden_states"][1, :6], text[1])
+    context.noisy_latents = torch.randn(2, 16, 4, 4)
+    with pytest.raises(ValueError, match=r"WanAdapter expects 5D video latents"):
+        WanAdapter().prepare_inputs(context)
+
+
+def test_example_batch_runs_a_training_step(pipe) -> None:
+    adapter = WanAdapter()
+    batch = adapter.example_batch(dict(pipe.transformer.config), 2, 32, 48, text_tokens=7, frames=9)
+    assert batch["video_latents"].shape == (2, 16, 3, 4, 6) and batch["text_embeddings"].shape == (2, 7, 32)
+    latents = batch["video_latents"]
+    inputs = adapter.prepare_inputs(_context(latents, torch.tensor([100.0, 900.0]), batch))
+    assert adapter.forward(pipe.transformer, inputs).shape == latents.shape
