@@ -201,3 +201,100 @@ def test_example_batch_runs_a_training_step(pipe) -> None:
     latents = batch["video_latents"]
     inputs = adapter.prepare_inputs(_context(latents, torch.tensor([100.0, 900.0]), batch))
     assert adapter.forward(pipe.transformer, inputs).shape == latents.shape
+
+
+# --------------------------------------------------------------------------------- sampling
+
+FRAMES, HEIGHT, WIDTH, GUIDANCE = 5, 32, 48, 2.5
+PROMPT = "a blue square"
+
+
+@pytest.fixture(scope="module")
+def run(model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 2-step LoRA run on still images (one-frame clips) with a 5-frame validation clip."""
+    from rich.console import Console
+
+    from flowtune.data.preprocess import preprocess
+    from flowtune.data.synthetic import make_shapes_dataset
+    from flowtune.recipe import load_recipe
+    from flowtune.train.trainer import Trainer
+
+    root = tmp_path_factory.mktemp("wan-run")
+    make_shapes_dataset(root / "data", 2, seed=0)
+    (root / "recipe.yaml").write_text(
+        f"model: {{family: wan, pretrained: '{model}', dtype: float32}}\n"
+        "lora: {rank: 4, alpha: 8, init: gaussian}\n"
+        f"data: {{source: '{root / 'data'}', cache_dir: '{root / 'cache'}', resolution: 32,"
+        f" max_sequence_length: {TEXT_TOKENS}}}\n"
+        f"train: {{output_dir: '{root / 'out'}', max_steps: 2, seed: 0, mixed_precision: 'no', batch_size: 2}}\n"
+        f"validation: {{prompts: ['{PROMPT}'], every: 0, seed: 5, steps: 2, guidance: {GUIDANCE},"
+        f" height: {HEIGHT}, width: {WIDTH}, frames: {FRAMES}}}\n"
+        "optimizer: {lr: 5.0e-2}\n"
+    )
+    recipe = load_recipe(root / "recipe.yaml")
+    preprocess(recipe, console=Console(quiet=True))
+    Trainer(recipe, console=Console(quiet=True)).run()
+    return root / "out"
+
+
+def _pipeline_frames(model: Path, lora: Path | None) -> list[np.ndarray]:
+    """The plain WanPipeline's frames (output_type "np", as uint8 the way diffusers' numpy_to_pil
+    rounds them) for the prompt, with the LoRA loaded."""
+    pipe = family_pipeline("wan", model)
+    if lora is not None:
+        pipe.load_lora_weights(lora)
+    video = pipe(
+        prompt=PROMPT, negative_prompt="", num_frames=FRAMES, height=HEIGHT, width=WIDTH, num_inference_steps=2,
+        guidance_scale=GUIDANCE, max_sequence_length=TEXT_TOKENS, generator=torch.Generator().manual_seed(5),
+        output_type="np",
+    ).frames[0]  # fmt: skip
+    return [(frame * 255).round().astype("uint8") for frame in video]
+
+
+def _strip_frames(path: Path) -> list[np.ndarray]:
+    strip = np.asarray(Image.open(path))
+    assert strip.shape == (HEIGHT, WIDTH * FRAMES, 3)
+    return [strip[:, k * WIDTH : (k + 1) * WIDTH] for k in range(FRAMES)]
+
+
+def _mp4_frames(path: Path) -> list[np.ndarray]:
+    import av
+
+    with av.open(str(path)) as container:
+        stream = container.streams.video[0]
+        assert stream.average_rate == SPEC.fps and stream.codec_context.name == "h264"
+        return [frame.to_ndarray(format="rgb24") for frame in container.decode(stream)]
+
+
+def test_sample_and_validation_clips_equal_the_pipeline_s_frames_with_the_lora(model, run, tmp_path) -> None:
+    from tests.helpers import cli
+
+    out = tmp_path / "out"
+    result = cli(
+        "sample", "--ckpt", run, "-p", PROMPT, "--seed", "5", "--steps", "2", "--guidance", str(GUIDANCE),
+        "--height", str(HEIGHT), "--width", str(WIDTH), "--frames", str(FRAMES), "--out", out,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    expected = _pipeline_frames(model, run / "final")
+    for folder in (out, run / "samples" / "step-000002"):
+        strip = Image.open(folder / "000000.png")
+        assert strip.text["prompt"] == PROMPT and strip.text["video"] == "000000.mp4"
+        assert (strip.text["frames"], strip.text["fps"], strip.text["family"]) == (str(FRAMES), "16", "wan")
+        got = _strip_frames(folder / "000000.png")
+        assert all(np.array_equal(a, b) for a, b in zip(got, expected, strict=True))
+        decoded = _mp4_frames(folder / "000000.mp4")  # H.264 is lossy: near the frames
+        assert len(decoded) == FRAMES
+        assert all(np.abs(a.astype(int) - b).mean() < 8 for a, b in zip(decoded, expected, strict=True))
+    without = _pipeline_frames(model, None)
+    assert not all(np.array_equal(a, b) for a, b in zip(without, expected, strict=True))  # the LoRA matters
+
+
+def test_frames_are_checked_against_the_family(model) -> None:
+    from flowtune.errors import FlowtuneError
+    from flowtune.sample import SampleSettings
+
+    with pytest.raises(FlowtuneError, match=r"frames 6 is not 4 n \+ 1"):
+        SampleSettings(frames=6, height=32, width=32).check(SPEC)
+    with pytest.raises(FlowtuneError, match="flux samples images; leave out --frames"):
+        SampleSettings(frames=5, height=32, width=32).check(get_family("flux"))
+    SampleSettings(frames=9, fps=24, height=32, width=32).check(SPEC)
