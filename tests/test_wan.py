@@ -298,3 +298,57 @@ def test_frames_are_checked_against_the_family(model) -> None:
     with pytest.raises(FlowtuneError, match="flux samples images; leave out --frames"):
         SampleSettings(frames=5, height=32, width=32).check(get_family("flux"))
     SampleSettings(frames=9, fps=24, height=32, width=32).check(SPEC)
+
+
+# ---------------------------------------------------------------------------------- export
+
+
+@pytest.mark.parametrize("fmt", ["kohya", "comfyui"])
+def test_exported_files_load_through_diffusers_wan_converters_with_the_same_latents(
+    pipe, fmt, tmp_path
+) -> None:
+    """A LoRA on the default targets (scale 2, one module at rank 2 and scale 2 too), exported with
+    Wan's original names (``lora_unet_blocks_0_self_attn_q`` / ``diffusion_model.blocks.0.self_attn.q``,
+    lora_down/up, alpha): diffusers' Wan converters (musubi-tuner's and ComfyUI's layout) map every
+    module back, and WanPipeline samples the same latents with it as with flowtune's own file."""
+    from peft import LoraConfig
+    from safetensors import safe_open
+
+    from flowtune.families.wan.tiny import tiny_wan_transformer
+    from flowtune.interop.lora import write_lora
+    from flowtune.train.model import LORA_WEIGHTS_NAME, expand_target_modules, save_lora
+
+    torch.manual_seed(0)
+    transformer = tiny_wan_transformer()
+    targets = expand_target_modules(transformer, list(SPEC.lora_target_modules))
+    config = LoraConfig(
+        target_modules=targets, r=4, lora_alpha=8, init_lora_weights=False,
+        rank_pattern={"blocks.0.attn2.to_k": 2}, alpha_pattern={"blocks.0.attn2.to_k": 4},
+    )  # fmt: skip
+    transformer.add_adapter(config)
+    save_lora(transformer, SPEC, tmp_path / "lora")
+    modules = {n for n, m in transformer.named_modules() if hasattr(m, "lora_A")}
+    assert len(modules) == 2 * 10  # 2 blocks x (self-attention 4, cross-attention 4, feed-forward 2)
+    out = tmp_path / f"{fmt}.safetensors"
+    assert write_lora(tmp_path / "lora" / LORA_WEIGHTS_NAME, SPEC, fmt, out, None) == (len(modules),) * 2
+    with safe_open(str(out), "pt") as handle:
+        keys = set(handle.keys())  # noqa: SIM118 - not a dict
+    base = "lora_unet_blocks_0_cross_attn_k" if fmt == "kohya" else "diffusion_model.blocks.0.cross_attn.k"
+    assert {f"{base}.lora_down.weight", f"{base}.lora_up.weight", f"{base}.alpha"} <= keys
+    assert len(keys) == 3 * len(modules)
+
+    def latents() -> torch.Tensor:
+        return pipe(
+            prompt=PROMPT, num_frames=5, height=32, width=32, num_inference_steps=2, guidance_scale=GUIDANCE,
+            max_sequence_length=TEXT_TOKENS, generator=torch.Generator().manual_seed(0), output_type="latent",
+        ).frames  # fmt: skip
+
+    pipe.load_lora_weights(tmp_path / "lora")
+    try:
+        own = latents()
+        pipe.unload_lora_weights()
+        pipe.load_lora_weights(str(out))
+        assert {n for n, m in pipe.transformer.named_modules() if hasattr(m, "lora_A")} == modules
+        assert torch.equal(latents(), own)
+    finally:
+        pipe.unload_lora_weights()
