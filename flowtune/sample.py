@@ -241,6 +241,20 @@ def load_references(files: Sequence[str]) -> list[Image.Image]:
     return images
 
 
+def pipeline_frames(spec: FamilySpec) -> int:
+    """The frames per clip that a video family's pipeline samples by default (its ``__call__``'s
+    ``num_frames`` default, e.g. WanPipeline's 81), read without loading anything; 1 for image
+    families."""
+    import inspect
+
+    import diffusers
+
+    if spec.frame_granularity == 0:
+        return 1
+    call = inspect.signature(getattr(diffusers, spec.pipeline_class).__call__)
+    return int(call.parameters["num_frames"].default)
+
+
 def generate_frames(
     pipe: Any, job: SampleJob, settings: SampleSettings, spec: FamilySpec
 ) -> list[Image.Image]:

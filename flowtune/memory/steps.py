@@ -80,6 +80,29 @@ def recipe_resolutions(recipe: Any) -> list[int]:
     return [int(value)] if isinstance(value, int | float | str) else [int(r) for r in value]
 
 
+def recipe_frames(recipe: Any) -> int:
+    """Frames per training clip that a plan sizes a step for: the largest of the recipe's
+    ``data.frames`` where the recipe has that setting (video families' clips), else 1 (images,
+    and video families trained on still images)."""
+    frames = getattr(recipe.data, "frames", None)
+    if frames is None:
+        return 1
+    values = [frames] if isinstance(frames, int) else list(frames)
+    return max((int(v) for v in values), default=1)
+
+
+def validation_frames(recipe: Any, spec: FamilySpec) -> int:
+    """Frames per validation (and ``flowtune sample``) clip: ``validation.frames``, else the
+    family pipeline's default ``num_frames`` (1 for image families)."""
+    if spec.frame_granularity == 0:
+        return 1
+    if recipe.validation.frames is not None:
+        return int(recipe.validation.frames)
+    from flowtune.sample import pipeline_frames
+
+    return pipeline_frames(spec)
+
+
 def largest_bucket(resolutions: list[int], granularity: int, step: int | None) -> tuple[int, int]:
     """(width, height) of the bucket with the most pixels among those of every resolution."""
     from flowtune.data.buckets import make_buckets
@@ -220,6 +243,7 @@ def run_training_steps(
                     width,
                     recipe.data.max_sequence_length,
                     references,
+                    frames=recipe_frames(recipe),
                 )
             max_norm = recipe.train.max_grad_norm if recipe.train.max_grad_norm > 0 else float("inf")
             for index in range(steps):
