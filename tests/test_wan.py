@@ -112,17 +112,17 @@ def test_cached_text_is_the_pipeline_s_encode_prompt_unpadded(pipe, model) -> No
 @pytest.mark.parametrize("latent_dist", ["mode", "sample"])
 @torch.no_grad()
 def test_cached_latents_are_the_pipeline_s_encoded_videos(model, latent_dist) -> None:
-    clips = _clips(2, 5)
+    clips = _clips(2, 5, height=16, width=32)
     encoder = _encoder(model, latent_dist=latent_dist)
     got = encoder.encode_videos(clips, [torch.Generator().manual_seed(k) for k in range(2)])["video_latents"]
-    assert got.shape == (2, 16, 2, 4, 6)  # 5 frames -> 1 + 4/4 latent frames
+    assert got.shape == (2, 16, 2, 2, 4)  # 5 frames -> 1 + 4/4 latent frames
 
     # WanVideoToVideoPipeline.prepare_latents' encoding: clip by clip, retrieve_latents
     # ("argmax": the mode), then (z - latents_mean) * (1 / latents_std) in float32
     from diffusers.pipelines.wan.pipeline_wan_video2video import retrieve_latents
 
     vae = encoder.pipe.vae
-    video = encoder.pipe.video_processor.preprocess_video(clips, height=32, width=48)
+    video = encoder.pipe.video_processor.preprocess_video(clips, height=16, width=32)
     generators = [torch.Generator().manual_seed(k) for k in range(2)]
     mode = "sample" if latent_dist == "sample" else "argmax"
     z = torch.cat(
@@ -352,3 +352,53 @@ def test_exported_files_load_through_diffusers_wan_converters_with_the_same_late
         assert torch.equal(latents(), own)
     finally:
         pipe.unload_lora_weights()
+
+
+# ------------------------------------------------------------------------------------ plan
+
+
+@pytest.mark.parametrize(
+    ("hub", "component", "billions"),
+    [
+        ("Wan-AI/Wan2.1-T2V-1.3B-Diffusers", "transformer", (1.40, 1.45)),
+        ("Wan-AI/Wan2.1-T2V-14B-Diffusers", "transformer", (14.2, 14.4)),
+        ("Wan-AI/Wan2.1-T2V-14B-Diffusers", "text_encoder", (5.6, 5.8)),
+        ("Wan-AI/Wan2.1-T2V-14B-Diffusers", "vae", (0.12, 0.13)),
+    ],
+)
+def test_bundled_configs_build_at_the_published_sizes(hub, component, billions) -> None:
+    """Wan 2.1 T2V's bundled configs (flowtune plan offline): the 1.3B and 14B transformers, and
+    the UMT5-XXL encoder and VAE that both ship (the 14B's found through component_sources)."""
+    import diffusers
+
+    from flowtune.memory.phases import build_component, component_config
+    from flowtune.memory.plan import load_transformer_config
+
+    with torch.device("meta"):
+        if component == "transformer":
+            config, source = load_transformer_config(hub)
+            assert source == "bundled" and config["_class_name"] == SPEC.transformer_class
+            rest = {k: v for k, v in config.items() if not k.startswith("_")}
+            model = getattr(diffusers, config["_class_name"]).from_config(rest)
+        else:
+            model = build_component(component_config(hub, component), torch.bfloat16)
+    size = sum(p.numel() for p in model.parameters()) / 1e9
+    assert billions[0] < size < billions[1], size
+
+
+def test_plan_traces_clips_and_the_video_vae_as_they_allocate(model) -> None:
+    """On the tiny folder: a video training step and the validation clip's denoising forward
+    trace on fake tensors, and the fake trace of the VAE phases at a clip's frames equals what
+    the same code allocates on real random weights."""
+    from flowtune.memory.phases import _vae_phase
+    from flowtune.memory.plan import trace_recipe
+    from flowtune.memory.steps import validation_frames
+    from flowtune.recipe import load_recipe
+
+    recipe = load_recipe("tiny-wan-demo", [f"model.pretrained={model}"])
+    assert validation_frames(recipe, SPEC) == 9
+    assert validation_frames(load_recipe("tiny-wan-demo", ["validation.frames=null"]), SPEC) == 81
+    assert trace_recipe(recipe, SPEC).sampling_peak > 0
+    for decode, frames in ((False, 1), (True, 5)):
+        fake = _vae_phase(recipe, SPEC, 1, 16, 32, decode, frames=frames)
+        assert fake == _vae_phase(recipe, SPEC, 1, 16, 32, decode, fake=False, frames=frames)

@@ -189,6 +189,10 @@ def run_training_steps(
     flow = create_pipeline(
         spec.adapter, OmegaConf.to_container(recipe.model.adapter), **OmegaConf.to_container(recipe.flow)
     )
+    if fake:
+        # A video batch's image-to-video choice reads its random draw back, which fake tensors
+        # cannot: the fake trace takes every clip as text-to-video.
+        flow.sample_task_types = lambda data_type, batch_size, generator=None: ("t2v", None)
     optimizer_cfg = recipe.optimizer
     if fake and optimizer_cfg.name != "adamw":  # optional packages' optimizers do not run on fake tensors
         optimizer_cfg = OmegaConf.merge(optimizer_cfg, {"name": "adamw"})
