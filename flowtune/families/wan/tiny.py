@@ -97,7 +97,7 @@ def tiny_wan_transformer() -> WanTransformer3DModel:
     """
     from diffusers import WanTransformer3DModel
 
-    return WanTransformer3DModel(
+    transformer = WanTransformer3DModel(
         patch_size=(1, 2, 2),
         num_attention_heads=TRANSFORMER_HEADS,
         attention_head_dim=TRANSFORMER_HEAD_DIM,
@@ -112,6 +112,23 @@ def tiny_wan_transformer() -> WanTransformer3DModel:
         eps=1e-6,
         rope_max_seq_len=1024,
     ).eval()
+    _open_gates(transformer)
+    return transformer
+
+
+@torch.no_grad()
+def _open_gates(transformer: WanTransformer3DModel) -> None:
+    """Set every block's residual gates (the 3rd and 6th rows of its ``scale_shift_table``:
+    shift, scale, gate for self-attention, then for the feed-forward) to 1.
+
+    A random block's gates are the table's random rows (about 0.1 here) plus a small timestep
+    projection, which mutes its self-attention and feed-forward branches, so LoRAs on those
+    hardly move the output; a trained Wan's branches do contribute (as the Qwen-Image tiny
+    model's, :func:`flowtune.families.qwen_image.tiny._open_gates`).
+    """
+    for block in transformer.blocks:
+        block.scale_shift_table[:, 2] = 1.0
+        block.scale_shift_table[:, 5] = 1.0
 
 
 def wan_scheduler() -> UniPCMultistepScheduler:
