@@ -319,6 +319,12 @@ def test_frames_are_checked_against_the_family(model) -> None:
     with pytest.raises(FlowtuneError, match="flux samples images; leave out --frames"):
         SampleSettings(frames=5, height=32, width=32).check(get_family("flux"))
     SampleSettings(frames=9, fps=24, height=32, width=32).check(SPEC)
+    from flowtune.recipe import load_recipe
+
+    with pytest.raises(FlowtuneError, match=r"validation.frames.*4 n \+ 1"):
+        load_recipe("tiny-wan-demo", ["validation.frames=6"])
+    with pytest.raises(FlowtuneError, match=r"validation.frames.*samples images"):
+        load_recipe("tiny-flux-demo", ["validation.frames=5"])
 
 
 # ---------------------------------------------------------------------------------- export
