@@ -426,10 +426,11 @@ def sample(
         lora_scale=lora_scale,
     )
     total = len(prompts) * settings.num_images
+    noun = "clip" if source.spec.frame_granularity > 0 else "image"  # video families sample clips
     weights = source.checkpoint or source.lora_file
     step = f" (step {source.step})" if source.step is not None else ""
     out.print(
-        f"sampling {total} image{'s' if total != 1 else ''} with {source.spec.name} {source.pretrained}"
+        f"sampling {total} {noun}{'s' if total != 1 else ''} with {source.spec.name} {source.pretrained}"
         + (f" + {weights}{step}" if weights else "")
     )
 
@@ -451,7 +452,7 @@ def sample(
         err.print(warning_text(warning))
     err.print(
         ok_text(
-            f"{len(result.images)} image{'s' if len(result.images) != 1 else ''} in {out_dir} (grid: {result.grid})"
+            f"{len(result.images)} {noun}{'s' if len(result.images) != 1 else ''} in {out_dir} (grid: {result.grid})"
         )
     )
 

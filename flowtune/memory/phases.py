@@ -226,7 +226,9 @@ def plan_sampling(recipe: Any, spec: FamilySpec, trace: Any, step: Any) -> list[
     from flowtune.memory.steps import validation_frames
 
     height, width = int(recipe.validation.height), int(recipe.validation.width)
-    vae = _vae_phase(recipe, spec, 1, height, width, decode=True, frames=validation_frames(recipe, spec))
+    frames = validation_frames(recipe, spec)
+    vae = _vae_phase(recipe, spec, 1, height, width, decode=True, frames=frames)
+    size = f"{width}x{height}" + (f", {frames} frames" if spec.frame_granularity else "")
     vae_weights, vae_peak = vae if vae is not None else (0, 0)
     decode = vae_peak - vae_weights
     forward = trace.sampling_peak
@@ -240,7 +242,7 @@ def plan_sampling(recipe: Any, spec: FamilySpec, trace: Any, step: Any) -> list[
                 static + max(forward, decode),
                 [
                     ("training state and VAE", static),
-                    (f"denoising forward at {width}x{height}", forward),
+                    (f"denoising forward at {size}", forward),
                     ("VAE decoding", decode),
                 ],
             )
@@ -254,7 +256,7 @@ def plan_sampling(recipe: Any, spec: FamilySpec, trace: Any, step: Any) -> list[
             static + max(forward, decode, text_run),
             [
                 ("transformer, LoRA, text encoders and VAE", static),
-                (f"denoising forward at {width}x{height}", forward),
+                (f"denoising forward at {size}", forward),
                 ("VAE decoding", decode),
             ],
         )
