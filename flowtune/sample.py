@@ -288,11 +288,6 @@ def generate_frames(
     return list(result.frames[0]) if video else [result.images[0]]
 
 
-def generate(pipe: Any, job: SampleJob, settings: SampleSettings, spec: FamilySpec) -> Image.Image:
-    """The image of an image family's job (:func:`generate_frames`)."""
-    return generate_frames(pipe, job, settings, spec)[0]
-
-
 def read_prompts(prompts: Iterable[str] = (), prompts_file: Path | None = None) -> list[str]:
     """The prompts given on the command line, then those of a file (one per line; blank lines
     are skipped).
