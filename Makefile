@@ -12,7 +12,7 @@ DEMO_DIR := .flowtune-demo
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: demo demo-kontext demo-flux2 demo-flux2-klein demo-z-image demo-qwen-image demo-wan test lint format docs clean
+.PHONY: demo demo-kontext demo-flux2 demo-flux2-klein demo-z-image demo-qwen-image demo-qwen-image-edit demo-wan test lint format docs clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -92,6 +92,18 @@ demo-qwen-image: $(STAMP)
 		--prompt "a red circle on a white background" --prompt "a blue square on a white background"
 	@echo "qwen-image demo outputs: run $(DEMO_DIR)-qwen-image/run, samples $(DEMO_DIR)-qwen-image/samples"
 
+# The edit chain on Qwen-Image-Edit (instructions encoded with their reference by Qwen2.5-VL, the
+# reference's latents appended to the target's; QwenImageEditPlusPipeline sampling).
+demo-qwen-image-edit: $(STAMP)
+	$(BIN)/python -m flowtune make-tiny qwen-image-edit $(DEMO_DIR)-qwen-image-edit/tiny --overwrite
+	$(BIN)/python -m flowtune make-dataset $(DEMO_DIR)-qwen-image-edit/edits --edit-pairs --count 8 --overwrite
+	$(BIN)/python -m flowtune preprocess recipes/tiny-qwen-image-edit-demo.yaml
+	$(BIN)/python -m flowtune train recipes/tiny-qwen-image-edit-demo.yaml
+	rm -rf $(DEMO_DIR)-qwen-image-edit/samples
+	$(BIN)/python -m flowtune sample --ckpt $(DEMO_DIR)-qwen-image-edit/run --out $(DEMO_DIR)-qwen-image-edit/samples \
+		--image $(DEMO_DIR)-qwen-image-edit/edits/control/0001.png --prompt "make it blue" --prompt "make it red"
+	@echo "qwen-image-edit demo outputs: run $(DEMO_DIR)-qwen-image-edit/run, edits $(DEMO_DIR)-qwen-image-edit/samples"
+
 demo-wan: $(STAMP)
 	$(BIN)/python -m flowtune make-tiny wan $(DEMO_DIR)-wan/tiny-wan --overwrite
 	$(BIN)/python -m flowtune make-dataset $(DEMO_DIR)-wan/dataset --count 16 --overwrite
@@ -123,4 +135,4 @@ docs: $(STAMP)
 
 clean:
 	rm -rf $(DEMO_DIR) $(DEMO_DIR)-kontext $(DEMO_DIR)-flux2 $(DEMO_DIR)-flux2-klein $(DEMO_DIR)-z-image \
-		$(DEMO_DIR)-qwen-image .pytest_cache .ruff_cache
+		$(DEMO_DIR)-qwen-image $(DEMO_DIR)-qwen-image-edit .pytest_cache .ruff_cache

@@ -493,11 +493,42 @@ def make_dataset_command(
             help="With --edit-pairs: control image size WxH; repeat for several.", show_default="--size"
         ),
     ] = None,
+    video: Annotated[
+        bool,
+        typer.Option(
+            "--video",
+            help="Write clips for video families: a small shape moving across the frame, with its "
+            "motion in the caption (OUT_DIR/0000.mp4 + 0000.txt, ...).",
+        ),
+    ] = False,
+    frames: Annotated[int, typer.Option(help="With --video: frames per clip.")] = 17,
+    fps: Annotated[int, typer.Option(help="With --video: frames per second.")] = 16,
+    video_format: Annotated[str, typer.Option(help="With --video: mp4 or gif.")] = "mp4",
 ) -> None:
     """Write a synthetic dataset: coloured shapes with captions that describe them (for demos)."""
-    from flowtune.data.synthetic import make_edit_pairs_dataset, make_shapes_dataset, parse_size
+    from flowtune.data.synthetic import (
+        make_edit_pairs_dataset,
+        make_shapes_dataset,
+        make_video_dataset,
+        parse_size,
+    )
 
     sizes = [parse_size(s) for s in size or ["64x64"]]
+    if video:
+        if edit_pairs or control_size:
+            raise FlowtuneError("--video cannot be combined with --edit-pairs or --control-size")
+        paths = make_video_dataset(
+            out_dir,
+            count,
+            seed=seed,
+            sizes=sizes,
+            frames=frames,
+            fps=fps,
+            video_format=video_format,
+            overwrite=overwrite,
+        )
+        err.print(ok_text(f"{len(paths)} clips with captions written to {out_dir}"))
+        return
     if edit_pairs:
         control_sizes = [parse_size(s) for s in control_size] if control_size else None
         paths = make_edit_pairs_dataset(

@@ -718,6 +718,8 @@ def source_from_checkpoint(ckpt: Path, base_model: str | None = None) -> SampleS
             "height": v.height,
             "width": v.width,
             "frames": v.frames,
+            # The clips' frame rate: the one the LoRA was trained at (data.fps), when set.
+            "fps": round(recipe.data.fps) if recipe.data.fps is not None else None,
             "max_sequence_length": recipe.data.max_sequence_length,
         },
         prompts=list(v.prompts),

@@ -28,7 +28,7 @@ from flowtune.train.metrics import read_metrics
 from flowtune.train.model import LORA_WEIGHTS_NAME
 from flowtune.train.signals import TrainingInterrupted
 from flowtune.train.trainer import Trainer
-from tests.helpers import cli
+from tests.helpers import cli, small_reference_areas
 
 PROMPT = "a blue square"
 TEXT_TOKENS = 48  # room for FLUX.2's system message before the caption
@@ -55,7 +55,16 @@ def _match_target_kontext(image: Image.Image, pipe: Any, height: int, width: int
 # Families that cannot generate without a reference image: how their diffusers pipeline takes one
 # (given the image, the pipeline and the target size), as flowtune's data.control_resize
 # match_target sends it.
-REFERENCE_CALLS: dict[str, Callable[..., dict[str, Any]]] = {"flux-kontext": _match_target_kontext}
+def _match_target_qwen_edit(image: Image.Image, pipe: Any, height: int, width: int) -> dict[str, Any]:
+    """QwenImageEditPlusPipeline's inputs for a reference resized to the target (control_resize:
+    match_target), as flowtune sends it: a list of references."""
+    return {"image": [pipe.image_processor.resize(image.convert("RGB"), height, width)]}
+
+
+REFERENCE_CALLS: dict[str, Callable[..., dict[str, Any]]] = {
+    "flux-kontext": _match_target_kontext,
+    "qwen-image-edit": _match_target_qwen_edit,
+}
 
 
 def _needs_references(spec: FamilySpec) -> bool:
@@ -116,6 +125,13 @@ def _train(recipe: Path, out: Path, stop_after: int | None = None, *overrides: s
     return trainer.run()
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _small_reference_areas():
+    """Edit pipelines that scale references to a fixed area do it at a CPU test's size."""
+    with small_reference_areas():
+        yield
+
+
 @pytest.fixture(scope="module", params=family_names())
 def family(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """A family's tiny model, dataset and cache, made through the CLI, and its recipe."""
@@ -157,9 +173,14 @@ def _pipeline(family: dict[str, Any], lora: Path | None) -> Any:
     import diffusers
 
     spec = family["spec"]
+    # Components the family loads its own way (FamilyEncoder.pipeline_components: e.g.
+    # Qwen-Image-Edit's processor, which transformers cannot load without torchvision) are set
+    # after loading, as flowtune's load_pipeline sets them.
+    own = spec.load_encoder_class().pipeline_components(family["root"] / "tiny", ())
     pipe = getattr(diffusers, spec.pipeline_class).from_pretrained(
-        family["root"] / "tiny", torch_dtype=torch.float32
+        family["root"] / "tiny", torch_dtype=torch.float32, **dict.fromkeys(own)
     )
+    pipe.register_modules(**own)
     if lora is not None:
         pipe.load_lora_weights(lora)
     pipe.set_progress_bar_config(disable=True)

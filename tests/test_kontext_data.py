@@ -541,3 +541,71 @@ def _vae_pipeline(model: Path):
     return FluxKontextPipeline.from_pretrained(
         model, transformer=None, text_encoder=None, text_encoder_2=None, tokenizer=None, tokenizer_2=None
     )
+
+
+# ------------------------------------------------------- prompt embeddings that use the references
+
+
+class _ReferencePrompts:
+    """Makes FLUX.1 Kontext's encoder one whose prompt embeddings depend on the references
+    (``FamilyEncoder.text_uses_references``, as Qwen-Image-Edit's): each caption's embeddings are
+    its own plus the mean of its references' pixels, and the references it was given are recorded."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch):
+        self.calls: list[tuple[str, list[tuple[int, int]]]] = []
+        encoder_cls = get_family("flux-kontext").load_encoder_class()
+        encode = encoder_cls.encode_prompts
+
+        def encode_with_references(enc, prompts, references):
+            out = encode(enc, prompts)
+            for i, (prompt, images) in enumerate(zip(prompts, references, strict=True)):
+                self.calls.append((prompt, [image.size for image in images]))
+                shift = sum(
+                    float(torch.tensor(list(image.getdata()), dtype=torch.float32).mean()) for image in images
+                )
+                out["text_embeddings"][i] += shift
+            return out
+
+        monkeypatch.setattr(encoder_cls, "text_uses_references", True)
+        monkeypatch.setattr(encoder_cls, "encode_prompts", encode_with_references)
+
+
+def test_text_entries_of_an_encoder_whose_prompts_use_the_references(
+    tmp_path, tiny_kontext, pairs, monkeypatch
+) -> None:
+    """Each caption is keyed and encoded with its item's references (as the pipeline is handed
+    them: under match_target, brought to the target's bucket; the files as they are otherwise,
+    which tests/test_qwen_image_edit.py checks with Qwen-Image-Edit's ``pipeline`` mode, as
+    Kontext's 1 MP ``kontext`` mode costs seconds here); changing a reference re-encodes its
+    caption; no validation prompt is cached (validation encodes them)."""
+    mode = "match_target"
+    fake = _ReferencePrompts(monkeypatch)
+    recipe = _recipe(
+        tmp_path,
+        tiny_kontext,
+        pairs,
+        f"data.control_resize={mode}",
+        "validation.prompts=['x']",
+        f"validation.images=['{pairs / 'control' / '0000.png'}']",
+    )
+    report = _run(recipe)
+    manifest = _manifest(recipe)
+    assert report.texts_encoded == len(PAIRS) and len(fake.calls) == len(PAIRS)
+    by_caption = {item["caption"]: item for item in manifest["items"]}
+    for caption, sizes in fake.calls:
+        item = by_caption[caption]
+        expected = [
+            tuple(c["size"]) if mode == "match_target" else tuple(c["original_size"])
+            for c in item["controls"]
+        ]
+        assert sizes == expected
+    assert manifest["validation_prompts"] == {} and manifest["empty_prompt"] is None
+    check_cache(recipe)
+
+    Image.new("RGB", (64, 96), (10, 200, 30)).save(pairs / "control" / "0001.png")
+    changed = _run(recipe)
+    assert (changed.texts_encoded, changed.controls_encoded) == (1, 1)
+    assert fake.calls[-1][0] == manifest["items"][1]["caption"]
+    assert _manifest(recipe)["items"][1]["text"] != manifest["items"][1]["text"]
+    dataset = CachedDataset(recipe.data.cache_dir)
+    assert all(torch.isfinite(dataset[i]["text_embeddings"]).all() for i in range(len(dataset)))

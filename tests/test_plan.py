@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import assert_user_error, cli
+from tests.helpers import assert_user_error, cli, write
 
 # A FLUX.1-shaped transformer big enough that activations, not overheads, dominate the step.
 MID_FLUX = {
@@ -313,3 +313,26 @@ def test_a_plan_that_fails_to_trace_never_stops_training(tiny_env: Path, tmp_pat
     assert "no plan (the plan could not trace this model (RuntimeError: fake mode broke))" in " ".join(
         result.stdout.split()
     )
+
+
+def test_validation_that_encodes_its_prompts_plans_the_text_encoders_too(tmp_path: Path) -> None:
+    """Qwen-Image-Edit's validation encodes each instruction with its image (its encoder's
+    ``text_uses_references``): the text encoders are on the GPU beside the training state (other
+    families' validation samples from cached prompt embeddings).  On the tiny model."""
+    import json
+
+    from flowtune.tiny import make_tiny
+
+    model = make_tiny("qwen-image-edit", tmp_path / "tiny")
+    recipe = write(
+        tmp_path / "recipe.yaml",
+        f"model: {{family: qwen-image-edit, pretrained: '{model}'}}\n"
+        f"data: {{source: '{tmp_path}', resolution: 32, max_sequence_length: 16}}\n"
+        "validation: {prompts: [make it blue], height: 32, width: 32, images: [x.png]}\n",
+    )
+    result = cli("plan", recipe, "--json")
+    assert result.returncode == 0, result.stderr
+    plan = json.loads(result.stdout)
+    text = plan["validation"]["parts"]["text encoders"]
+    assert text == plan["preprocess"]["parts"]["text encoder weights"] > 0
+    assert plan["validation"]["peak"] >= plan["validation"]["parts"]["training state and VAE"] + text

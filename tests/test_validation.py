@@ -189,3 +189,30 @@ def test_validation_images_out_of_memory_are_skipped_with_a_warning(env, tmp_pat
     assert result.step == 4  # training went on to the end
     assert "validation images of step 2 skipped: out of memory" in console.export_text()
     assert [r["step"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "val_loss" in r] == [2, 4]
+
+
+def test_a_family_whose_prompts_use_the_references_samples_with_its_text_encoders(
+    env, tmp_path, monkeypatch
+) -> None:
+    """``FamilyEncoder.text_uses_references`` (Qwen-Image-Edit): nothing can be cached for the
+    validation prompts, so the pipeline is loaded with its text encoders and encodes them (at
+    ``data.max_sequence_length``); the images are still the plain pipeline's."""
+    from diffusers import FluxPipeline
+
+    from flowtune.families import get_family
+
+    monkeypatch.setattr(get_family("flux").load_encoder_class(), "text_uses_references", True)
+    trainer, validator = _validator(env, tmp_path, "data.validation_split=0")
+    try:
+        assert validator._prompt_inputs == [{"prompt": p} for p in PROMPTS]
+        images = validator.images(trainer.model, 0, trainer.device, write=False)
+        assert validator._pipe.text_encoder is not None and validator._pipe.tokenizer_2 is not None
+    finally:
+        trainer.cleanup()
+    pipe = FluxPipeline.from_pretrained(env / "tiny-flux", dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    expected = pipe(
+        prompt=PROMPTS[0], height=64, width=64, num_inference_steps=3, guidance_scale=3.5,
+        max_sequence_length=16, generator=torch.Generator().manual_seed(5),
+    ).images[0]  # fmt: skip
+    assert np.array_equal(np.asarray(images[0]), np.asarray(expected))

@@ -8,6 +8,9 @@ bucket at a time so every tensor in a batch has the same shape.
 The crop is planned in the source image's pixel coordinates (:class:`CropPlan`) and carried out by
 one Lanczos resample of exactly that region (:func:`apply_crop`), which gives the same pixels as
 Pillow's ``ImageOps.fit(image, size, Image.Resampling.LANCZOS)``.
+
+Video families bucket clips the same way, by the size of their frames; a :class:`FrameBucket`
+adds the clip's frame count (1 for a still image), so that a batch never mixes clip lengths.
 """
 
 from __future__ import annotations
@@ -42,6 +45,26 @@ class Bucket:
 
     def __str__(self) -> str:
         return f"{self.width}x{self.height}"
+
+
+@dataclass(frozen=True, order=True)
+class FrameBucket:
+    """A training clip shape of a video family: frames of one bucket size."""
+
+    frames: int
+    """Frames per clip (1 for a still image)."""
+    width: int
+    """Width in pixels."""
+    height: int
+    """Height in pixels."""
+
+    @classmethod
+    def of(cls, bucket: Bucket, frames: int) -> FrameBucket:
+        """``bucket``'s size with ``frames`` frames."""
+        return cls(frames, bucket.width, bucket.height)
+
+    def __str__(self) -> str:
+        return f"{self.width}x{self.height}x{self.frames}f"
 
 
 def default_bucket_step(resolution: int, granularity: int) -> int:

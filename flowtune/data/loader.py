@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
+from flowtune.data.buckets import FrameBucket
 from flowtune.data.store import CacheStore
 
 CONTROL_FIELD = "image_latents"
@@ -118,7 +119,10 @@ class CachedDataset(Dataset):
     and the text fields (FLUX.1: ``text_embeddings`` [L, D], ``pooled_prompt_embeds`` [D]) plus
     ``key`` (the item key) and ``caption``.  An edit pair (FLUX.1 Kontext) also has
     ``control_latents_0``, ``control_latents_1``, ... [C, hc_k, wc_k]: its control images' latents
-    in reference order, each at the size preprocess resized that control image to.
+    in reference order, each at the size preprocess resized that control image to.  An item of a
+    video family (its manifest entry has ``frames``) has ``video_latents`` [C, F', h, w] (F' = 1
+    for a still image) and ``data_type``: ``"video"``, or ``"image"`` for a one-frame clip (so
+    that the flow-matching pipeline never trains a single frame image-to-video).
 
     Args:
         cache: The cache directory or an open :class:`CacheStore`.
@@ -148,10 +152,13 @@ class CachedDataset(Dataset):
         """Each item's batch group for :class:`BucketBatchSampler`: items of one group stack into
         a batch.  The bucket (width, height) for plain items (the same as :attr:`buckets`);
         ``(bucket, ((wc_0, hc_0), (wc_1, hc_1), ...))`` for edit pairs, so that a batch never
-        mixes the number or the sizes of control images."""
+        mixes the number or the sizes of control images.  Items of a video family are grouped by
+        :class:`~flowtune.data.buckets.FrameBucket` (frames, width, height)."""
         groups: list[Hashable] = []
         for item in self.items:
-            bucket = tuple(item["bucket"])
+            bucket: Hashable = tuple(item["bucket"])
+            if "frames" in item:
+                bucket = FrameBucket(int(item["frames"]), *item["bucket"])
             controls = item.get("controls")
             groups.append((bucket, tuple(tuple(c["size"]) for c in controls)) if controls else bucket)
         return groups
@@ -167,6 +174,8 @@ class CachedDataset(Dataset):
         tensors.update(self.store.read(item["text"], self.text_fields))
         for index, control in enumerate(item.get("controls", ())):
             tensors[control_key(index)] = self.store.read(control["key"], [CONTROL_FIELD])[CONTROL_FIELD]
+        if "frames" in item:
+            tensors["data_type"] = "video" if item["frames"] > 1 else "image"
         return {**tensors, "key": item["key"], "caption": item["caption"]}
 
     def text_entry(self, key: str) -> dict[str, torch.Tensor]:
@@ -194,7 +203,8 @@ class CacheCollator:
     at the end with zeros to [B, max L_i, ...] and, when the lengths differ, gets
     ``name + "_mask"``: [B, max L_i] bool, True on real positions.  A batch of equal lengths has
     no mask (every position is real), so adapters know from the key alone, without reading a
-    device tensor back, whether there is padding.  ``key`` and ``caption`` become lists.
+    device tensor back, whether there is padding.  ``key`` and ``caption`` become lists;
+    ``data_type`` (video families) stays one string: a batch never mixes clip lengths.
     """
 
     def __init__(self, sequence_fields: Sequence[str] = ()):
@@ -204,7 +214,11 @@ class CacheCollator:
         batch: dict[str, Any] = {}
         for name, value in samples[0].items():
             values = [s[name] for s in samples]
-            if not isinstance(value, torch.Tensor):
+            if name == "data_type":
+                if len(set(values)) != 1:
+                    raise ValueError(f"a batch mixes data types {sorted(set(values))}")
+                batch[name] = value
+            elif not isinstance(value, torch.Tensor):
                 batch[name + "s" if name in ("key", "caption") else name] = values
             elif name in self.sequence_fields:
                 lengths = [v.shape[0] for v in values]

@@ -9,15 +9,25 @@ The run, in order:
 
    - image entry key = H(image bytes, bucket, crop box, VAE files, dtype, latent_dist)
    - text entry key  = H(caption, text-encoder files, dtype, max_sequence_length,
-     model.encoder_quantize when set)
+     model.encoder_quantize when set[, control entry keys when the family's prompt embeddings
+     depend on the references: ``FamilyEncoder.text_uses_references``])
    - control entry key (edit pairs) = H(control image bytes, ``data.control_resize``, the size
      it is encoded at, VAE files, dtype, latent_dist)
    - item key        = H(image entry key, text entry key[, control entry keys])
+   - video families (``FamilySpec.frame_granularity`` > 0): every item is a clip, entry key =
+     H(file bytes, bucket, crop box, VAE files, dtype, latent_dist, frames and, for videos,
+     the source frames of the clip, which ``data.fps``, ``data.frame_sampling`` and the chunk
+     index decide); still images are one-frame clips.  Videos are hashed
+     and probed (frame timestamps, no decoding) by :mod:`flowtune.data.video`, the clips chosen
+     by ``data.frame_sampling`` (a video too short for one clip is skipped and reported)
 
 3. **Encode** only the entries the cache lacks, one model at a time: the family encoder loads
    the text encoders, encodes the captions and frees them, then loads the VAE for the images
-   (bucket by bucket), so the two are never in memory together; decoding and cropping
-   run in a thread pool (up to 8 threads) ahead of the encoder.  The control images of edit
+   (bucket by bucket; a video family's clips through ``encode_videos``, by frame count and
+   bucket), so the two are never in memory together; decoding and cropping
+   run in a thread pool (up to 8 threads) ahead of the encoder.  An encoder with
+   ``text_uses_references`` is handed each caption's reference images (decoded, and brought to
+   the target's bucket under ``match_target``) with the captions.  The control images of edit
    pairs (families with ``FamilySpec.reference_images``) come last, size by size: each is resized
    by the encoder as the family's pipeline resizes its reference image (``kontext``: to
    ``encoder.control_size``; ``match_target``: to the target's bucket) and encoded like an image.  Entries are flushed to a new
@@ -27,7 +37,9 @@ The run, in order:
    print a summary.
 
 Validation prompts (``validation.prompts``) and the empty caption are encoded too, so training
-never needs the text encoders.  :func:`check_cache` is what ``flowtune train`` calls to refuse a
+never needs the text encoders (except for families whose prompt embeddings depend on the
+references, whose validation encodes its prompts with ``validation.images``: nothing is cached for
+them).  :func:`check_cache` is what ``flowtune train`` calls to refuse a
 cache made for another model or other settings.
 """
 
@@ -59,11 +71,23 @@ from rich.progress import (
 from rich.text import Text
 
 from flowtune.console import PlainTable, format_bytes, make_console, styled, text_column, warning_text
-from flowtune.data.buckets import CropPlan, apply_crop, bucket_for
+from flowtune.data.buckets import CropPlan, FrameBucket, apply_crop, bucket_for
 from flowtune.data.images import ImageError, load_rgb, probe_image
 from flowtune.data.loader import CONTROL_FIELD
 from flowtune.data.sources import ControlImage, Record, apply_caption_options, list_records
 from flowtune.data.store import ERRORS_NAME, CacheStore
+from flowtune.data.video import (
+    ClipTooShort,
+    VideoError,
+    VideoInfo,
+    average_fps,
+    file_sha256,
+    probe_video,
+    read_frames,
+    resolve_fps,
+    resolve_frames,
+    select_clips,
+)
 from flowtune.distributed import Processes
 from flowtune.encoders import EncoderSettings, FamilyEncoder, create_encoder
 from flowtune.errors import FlowtuneError
@@ -98,6 +122,11 @@ SETTINGS_KEYS = (
 )
 # ... and, for families with reference images (edit pairs), these too.
 REFERENCE_SETTINGS_KEYS = ("data.control_column", "data.control_resize")
+# ... and, for video families, these (data.frames and data.fps with their defaults filled in).
+VIDEO_SETTINGS_KEYS = ("data.video_column", "data.frames", "data.fps", "data.frame_sampling")
+# Videos whose timestamps take more runs than this are probed again on every run instead of
+# being remembered in the manifest.
+_MAX_MEMO_RUNS = 256
 
 
 def _hash(*parts: Any) -> str:
@@ -112,25 +141,36 @@ def resolutions(recipe: Any) -> list[int]:
 
 def cache_settings(recipe: Any) -> dict[str, Any]:
     """The values of :data:`SETTINGS_KEYS` in ``recipe`` (resolution normalised to a list), and of
-    :data:`REFERENCE_SETTINGS_KEYS` for edit-pair datasets."""
+    :data:`REFERENCE_SETTINGS_KEYS` for edit-pair datasets and of :data:`VIDEO_SETTINGS_KEYS` for
+    video families (frames and fps resolved)."""
     keys = SETTINGS_KEYS
-    if get_family(recipe.model.family).uses_edit_pairs(recipe.data.edit_pairs):
+    spec = get_family(recipe.model.family)
+    if spec.uses_edit_pairs(recipe.data.edit_pairs):
         keys += REFERENCE_SETTINGS_KEYS
+    if spec.frame_granularity > 0:
+        keys += VIDEO_SETTINGS_KEYS
     settings: dict[str, Any] = {}
     for key in keys:
         section, name = key.split(".")
         settings[key] = recipe[section][name]
     settings["data.resolution"] = resolutions(recipe)
+    if spec.frame_granularity > 0:
+        settings["data.frames"] = resolve_frames(spec, recipe.data.frames)
+        settings["data.fps"] = resolve_fps(spec, recipe.data.fps)
     return settings
 
 
 def validation_texts(recipe: Any) -> list[str]:
     """The texts validation samples with, which preprocess encodes besides the captions: the
     validation prompts and, when validation has prompts and a negative prompt
-    (:meth:`FamilySpec.cached_negative_prompt`), that."""
+    (:meth:`FamilySpec.cached_negative_prompt`), that; none for a family whose prompt embeddings
+    depend on the references (:attr:`FamilyEncoder.text_uses_references`)."""
     v = recipe.validation
+    spec = get_family(recipe.model.family)
+    if spec.load_encoder_class().text_uses_references:
+        return []  # validation encodes them with validation.images (FamilyEncoder.text_uses_references)
     texts = list(v.prompts)
-    negative = get_family(recipe.model.family).cached_negative_prompt(v.negative_prompt)
+    negative = spec.cached_negative_prompt(v.negative_prompt)
     if texts and negative is not None:
         texts.append(negative)
     return texts
@@ -189,9 +229,23 @@ class PlannedControl:
         }
 
 
+@dataclass(frozen=True)
+class PlannedClip:
+    """The frames of a video that make one clip."""
+
+    info: VideoInfo
+    indices: tuple[int, ...]
+    """Source frame indices (into ``info.pts``), one per clip frame."""
+    chunk: int
+    """Index of the clip in its video (``chunks`` sampling; else 0)."""
+
+    def to_json(self) -> dict[str, Any]:
+        return {"chunk": self.chunk, "source_frames": list(self.indices)}
+
+
 @dataclass
 class PlannedItem:
-    """One record at one resolution, with its keys."""
+    """One record at one resolution (one clip of it, for a video), with its keys."""
 
     record: Record
     caption: str
@@ -201,6 +255,15 @@ class PlannedItem:
     image_key: str
     text_key: str
     controls: tuple[PlannedControl, ...] = ()
+    frames: int = 0
+    """Frames of the clip (video families; 1 for a still image); 0 = an image family's item."""
+    clip: PlannedClip | None = None
+    """The video frames of the clip (a video); None for an image."""
+
+    @property
+    def group(self) -> str:
+        """The bucket as the summary names it (with the frame count for video families)."""
+        return str(FrameBucket.of(self.plan.bucket, self.frames) if self.frames else self.plan.bucket)
 
     @property
     def shas(self) -> tuple[str, ...]:
@@ -215,6 +278,9 @@ class PlannedItem:
 
     def to_json(self) -> dict[str, Any]:
         controls = {"controls": [c.to_json() for c in self.controls]} if self.controls else {}
+        video: dict[str, Any] = {"frames": self.frames} if self.frames else {}
+        if self.clip is not None:
+            video.update(self.clip.to_json())
         return {
             "key": self.key,
             "image": self.image_key,
@@ -225,6 +291,7 @@ class PlannedItem:
             "image_sha256": self.image_sha,
             **self.plan.to_json(),
             **controls,
+            **video,
             "metadata": self.record.metadata,
         }
 
@@ -250,6 +317,8 @@ class PreprocessReport:
     """Control (reference) images encoded by this run (edit pairs)."""
     controls_reused: int = 0
     """Control images found in the cache already."""
+    clips: bool = False
+    """A video family's run: the image counts count clips (still images being one-frame clips)."""
 
     @property
     def errors(self) -> list[Problem]:
@@ -269,7 +338,7 @@ class _ImageProbe:
         memo_key = str(Path(record.image_file).resolve()) if record.image_file is not None else None
         if memo_key is not None and stat is not None:
             known = self.old.get(memo_key)
-            if known is not None and known[:2] == list(stat):
+            if known is not None and known[:2] == list(stat) and len(known) == 5:
                 self.new[memo_key] = known
                 return known[2], known[3], known[4]
         data = record.read_image_bytes()
@@ -278,6 +347,24 @@ class _ImageProbe:
         if memo_key is not None and stat is not None and time.time_ns() - stat[1] > _RACY_NS:
             self.new[memo_key] = [stat[0], stat[1], sha, info.width, info.height]
         return sha, info.width, info.height
+
+    def video(self, record: Record) -> tuple[str, VideoInfo]:
+        """(sha256 of the file, its :class:`VideoInfo`); raises VideoError.  The file is read in
+        blocks, never whole; the frame timestamps are remembered (when they run-length encode
+        into at most :data:`_MAX_MEMO_RUNS` steps)."""
+        assert record.image_file is not None
+        stat = record.file_stat()
+        memo_key = str(Path(record.image_file).resolve())
+        known = self.old.get(memo_key)
+        if known is not None and stat is not None and known[:2] == list(stat) and isinstance(known[3], dict):
+            self.new[memo_key] = known
+            return known[2], VideoInfo.from_json(known[3]["video"])
+        sha = file_sha256(record.image_file)
+        info = probe_video(record.image_file)
+        compact = info.to_json()
+        if stat is not None and time.time_ns() - stat[1] > _RACY_NS and len(compact[4]) <= _MAX_MEMO_RUNS:
+            self.new[memo_key] = [stat[0], stat[1], sha, {"video": compact}]
+        return sha, info
 
 
 def _control_problem(control: ControlImage, reason: str) -> str:
@@ -309,10 +396,18 @@ def _plan(
     known_failures: dict[str, str] = {}
     items: list[PlannedItem] = []
     problems: list[Problem] = []
+    video_family = spec.frame_granularity > 0
+    frames = resolve_frames(spec, data.frames) if video_family else 0
+    fps = resolve_fps(spec, data.fps) if video_family else 0.0
     for record in records:
         caption, warning = apply_caption_options(record.caption, data.trigger_word, data.default_caption)
+        info: VideoInfo | None = None
         try:
-            sha, width, height = probe(record)
+            if record.video:
+                sha, info = probe.video(record)
+                width, height = info.width, info.height
+            else:
+                sha, width, height = probe(record)
         except ImageError as err:
             problems.append(Problem(record.path, str(err)))
             continue
@@ -323,9 +418,29 @@ def _plan(
         controls = _probe_controls(record, probe, failures, known_failures, problems)
         if controls is None:
             continue
+        clips: list[PlannedClip | None] = [None]
+        if info is not None and info.frame_count == 1:  # a still picture in a video file: a still
+            clips = [PlannedClip(info, (0,), 0)]
+        elif info is not None:
+            try:
+                selected = select_clips(info.times(), frames, fps, data.frame_sampling)
+            except ClipTooShort as err:
+                problems.append(Problem(record.path, str(err), "skipped"))
+                continue
+            clips = [PlannedClip(info, tuple(indices), chunk) for chunk, indices in enumerate(selected)]
+            source_fps = average_fps(info)
+            if data.frame_sampling != "uniform" and source_fps < fps * 0.99:
+                problems.append(
+                    Problem(
+                        record.path,
+                        f"the video has {source_fps:.3g} frames per second, fewer than data.fps={fps:g}: "
+                        "its clips repeat frames",
+                        "warning",
+                    )
+                )
         if warning:
             problems.append(Problem(record.path, warning, "warning"))
-        text_key = _hash("text", identity["text"], caption)
+        caption_key = _hash("text", identity["text"], caption)
         for resolution in resolutions(recipe):
             plan = bucket_for(width, height, resolution, spec.spatial_granularity, step=data.bucket_step)
             if plan.needs_upscale and data.min_size == "skip":
@@ -338,12 +453,32 @@ def _plan(
                     )
                 )
                 continue
-            image_key = _hash("image", identity["image"], sha, plan.to_json())
             planned = tuple(
                 _plan_control(encoder, data.control_resize, identity, control, control_sha, size, plan)
                 for control, control_sha, *size in controls
             )
-            items.append(PlannedItem(record, caption, resolution, plan, sha, image_key, text_key, planned))
+            text_key = caption_key
+            if encoder.text_uses_references and planned:  # the embeddings depend on the references
+                text_key = _hash("text", identity["text"], caption, [control.key for control in planned])
+            if not video_family:
+                image_key = _hash("image", identity["image"], sha, plan.to_json())
+                items.append(
+                    PlannedItem(record, caption, resolution, plan, sha, image_key, text_key, planned)
+                )
+                continue
+            for clip in clips:
+                clip_frames = len(clip.indices) if clip is not None else 1
+                # The source frames stand for data.fps, data.frame_sampling and the chunk index:
+                # the same frames of the same file are one entry however they were chosen.
+                selection: dict[str, Any] = {"frames": clip_frames}
+                if clip is not None:
+                    selection["source_frames"] = list(clip.indices)
+                clip_key = _hash("video", identity["image"], sha, plan.to_json(), selection)
+                items.append(
+                    PlannedItem(
+                        record, caption, resolution, plan, sha, clip_key, text_key, planned, clip_frames, clip
+                    )
+                )
     return items, problems, probe.new, known_failures
 
 
@@ -490,15 +625,55 @@ class _Encoding:
         ):
             self.store.flush()
 
-    def texts(self, texts: Sequence[tuple[str, str]], advance: Any) -> None:
-        """Encode ``(key, caption)`` pairs, ``batch_size`` at a time."""
+    def texts(self, texts: Sequence[tuple[str, TextEntry]], advance: Any) -> dict[str, str]:
+        """Encode ``(key, entry)`` pairs, ``batch_size`` at a time; an encoder with
+        ``text_uses_references`` gets each caption's reference images too (:func:`_decode_reference`).
+
+        Returns ``{control image sha256: reason}`` for reference images that failed to decode
+        (their captions are left unencoded; the items are dropped).
+        """
         fields = list(self.encoder.text_fields)
+        failed: dict[str, str] = {}
+        with_references = self.encoder.text_uses_references
         for batch in _batched(texts, self.batch_size):
-            out = self.encoder.encode_prompts([caption for _, caption in batch])
+            if with_references:
+                batch, references = self._references(batch, failed)
+                out = self.encoder.encode_prompts([e.caption for _, e in batch], references) if batch else {}
+            else:
+                out = self.encoder.encode_prompts([e.caption for _, e in batch])
             for i, (key, _) in enumerate(batch):
                 self.store.add(key, "text", {name: out[name][i] for name in fields})
             advance(len(batch))
             self._maybe_flush()
+        return failed
+
+    def _references(
+        self, batch: Sequence[tuple[str, TextEntry]], failed: dict[str, str]
+    ) -> tuple[list[tuple[str, TextEntry]], list[list[Any]]]:
+        """The entries of ``batch`` whose reference images decode (in the thread pool), and those
+        images; the others' failures are added to ``failed``."""
+        prepare = self.encoder.prepare_control
+        with ThreadPoolExecutor(self.workers) as pool:
+            decoded = [
+                list(
+                    pool.map(
+                        lambda c: _try_decode(functools.partial(_decode_reference, c, prepare)), e.controls
+                    )
+                )
+                for _, e in batch
+            ]
+        kept, references = [], []
+        for (key, entry), images in zip(batch, decoded, strict=True):
+            errors = [
+                (c.sha, str(img))
+                for c, img in zip(entry.controls, images, strict=True)
+                if isinstance(img, ImageError)
+            ]
+            failed.update(errors)
+            if not errors:
+                kept.append((key, entry))
+                references.append(images)
+        return kept, references
 
     def images(self, items: Sequence[PlannedItem], advance: Any) -> dict[str, str]:
         """Encode the image entries of ``items`` (one per distinct key), bucket by bucket.
@@ -511,6 +686,7 @@ class _Encoding:
                 item.image_sha,
                 (item.plan.bucket.width, item.plan.bucket.height),
                 functools.partial(_decode_target, item),
+                item.frames,
             )
             for item in items
         ]
@@ -535,9 +711,9 @@ class _Encoding:
         """Decode (in the thread pool, one batch ahead) and encode ``jobs`` in batches of one size;
         store ``fields`` of each as a ``kind`` entry.  Returns ``{sha256: reason}`` of failures."""
         failed: dict[str, str] = {}
-        by_size: dict[tuple[int, int], list[_ImageJob]] = {}
+        by_size: dict[tuple[int, int, int], list[_ImageJob]] = {}
         for job in jobs:
-            by_size.setdefault(job.size, []).append(job)
+            by_size.setdefault((job.frames, *job.size), []).append(job)
         batches = [b for group in by_size.values() for b in _batched(group, self.batch_size)]
 
         def decode(job: _ImageJob) -> Any:
@@ -563,7 +739,9 @@ class _Encoding:
                         failed[job.sha] = str(img)
                 if good:
                     generators = [torch.Generator().manual_seed(int(job.key[:15], 16)) for job, _ in good]
-                    out = self._encode_image_batch([img for _, img in good], generators, batch[0].size, what)
+                    out = self._encode_image_batch(
+                        [img for _, img in good], generators, batch[0].size, what, batch[0].frames
+                    )
                     for i, (job, _) in enumerate(good):
                         self.store.add(job.key, kind, {name: out[name][i] for name in fields})
                 advance(len(batch))
@@ -571,31 +749,87 @@ class _Encoding:
         return failed
 
     def _encode_image_batch(
-        self, images: list[Any], generators: list[torch.Generator], size: tuple[int, int], what: str
+        self,
+        images: list[Any],
+        generators: list[torch.Generator],
+        size: tuple[int, int],
+        what: str,
+        frames: int = 0,
     ) -> Any:
+        """``encode_images`` of the images, or ``encode_videos`` of the clips (``frames`` > 0)."""
         try:
+            if frames:
+                return self.encoder.encode_videos(images, generators)
             return self.encoder.encode_images(images, generators)
         except torch.OutOfMemoryError:
             self.store.flush()
+            shape = f"{size[0]}x{size[1]}" + (f" with {frames} frames" if frames else "")
+            what = "clips" if frames else what
             raise FlowtuneError(
-                f"out of memory encoding {len(images)} {what} of {size[0]}x{size[1]}; lower "
+                f"out of memory encoding {len(images)} {what} of {shape}; lower "
                 "data.encode_batch_size (everything encoded so far is saved: re-run to continue)"
             ) from None
 
 
 @dataclass(frozen=True)
+class TextEntry:
+    """A text entry to encode: a caption (or validation prompt) and, for families whose prompt
+    embeddings depend on the references (``FamilyEncoder.text_uses_references``), its item's
+    control images."""
+
+    caption: str
+    controls: tuple[PlannedControl, ...] = ()
+
+
+def _try_decode(load: Callable[[], Any]) -> Any:
+    """``load()``, or the ImageError it raised."""
+    try:
+        return load()
+    except ImageError as err:
+        return err
+
+
+def _decode_reference(control: PlannedControl, prepare: Callable[[Any, tuple[int, int], str], Any]) -> Any:
+    """A control image as the family's pipeline is handed it when sampling, for its prompt
+    encoding: the decoded file, or, under ``match_target``, the file brought to the target's
+    bucket by the encoder (as validation and ``flowtune sample`` resize it); raises ImageError."""
+    image = load_rgb(control.source.read_image_bytes())
+    return prepare(image, control.size, control.mode) if control.mode == "match_target" else image
+
+
+@dataclass(frozen=True)
 class _ImageJob:
-    """One image entry to encode: ``load()`` gives the prepared RGB image of ``size`` (w, h)."""
+    """One image entry to encode: ``load()`` gives the prepared RGB image of ``size`` (w, h),
+    or (``frames`` > 0, a video family) the clip: a list of ``frames`` such images."""
 
     key: str
     sha: str
     size: tuple[int, int]
     load: Callable[[], Any]
+    frames: int = 0
 
 
 def _decode_target(item: PlannedItem) -> Any:
-    """The item's image, decoded and cropped to its bucket; raises ImageError."""
-    return apply_crop(load_rgb(item.record.read_image_bytes()), item.plan)
+    """The item's image, decoded and cropped to its bucket; for a video family its clip (a list of
+    frames cropped to the bucket; a still image is one frame).  Raises ImageError."""
+    if item.clip is not None:
+        assert item.record.image_file is not None
+        crop = functools.partial(_crop_frame, plan=item.plan)
+        return read_frames(item.record.image_file, item.clip.info, item.clip.indices, crop)
+    image = apply_crop(load_rgb(item.record.read_image_bytes()), item.plan)
+    return [image] if item.frames else image
+
+
+def _crop_frame(frame: Any, plan: CropPlan) -> Any:
+    """A decoded video frame cropped to the bucket; a frame of another size than the video's
+    first is a VideoError."""
+    if frame.size != plan.original_size:
+        width, height = plan.original_size
+        raise VideoError(
+            f"a frame is {frame.size[0]}x{frame.size[1]} pixels but the video is {width}x{height}; "
+            "videos whose frame size changes are not supported"
+        )
+    return apply_crop(frame, plan)
 
 
 def _decode_control(control: PlannedControl, prepare: Callable[[Any, tuple[int, int], str], Any]) -> Any:
@@ -652,6 +886,8 @@ def preprocess(
         dataset_split=data.dataset_split,
         references=spec.uses_edit_pairs(data.edit_pairs),
         control_column=data.control_column,
+        videos=spec.frame_granularity > 0,
+        video_column=data.video_column,
     )
     with group.main_first():  # a download happens once; the other processes then find the files
         model_dir = resolve_pretrained(
@@ -675,15 +911,16 @@ def preprocess(
         problems = [Problem(p.path, p.reason) for p in listing.problems] + problems
         problems += _truncation_warnings(encoder, items)
         problems += _reference_warnings(encoder, items)
-        prompts = list(dict.fromkeys(["", *validation_texts(recipe)]))
+        # Validation encodes its prompts itself when they depend on the references (none cached).
+        prompts = [] if encoder.text_uses_references else list(dict.fromkeys(["", *validation_texts(recipe)]))
         prompt_keys = {prompt: _hash("text", identity["text"], prompt) for prompt in prompts}
 
-        texts: dict[str, str] = {}
+        texts: dict[str, TextEntry] = {}
         for item in items:
-            texts.setdefault(item.text_key, item.caption)
+            texts.setdefault(item.text_key, TextEntry(item.caption, item.controls))
         for prompt, key in prompt_keys.items():
-            texts.setdefault(key, prompt)
-        missing_texts = [(key, caption) for key, caption in texts.items() if not store.has(key)]
+            texts.setdefault(key, TextEntry(prompt))
+        missing_texts = [(key, entry) for key, entry in texts.items() if not store.has(key)]
         unique_images: dict[str, PlannedItem] = {}
         for item in items:
             unique_images.setdefault(item.image_key, item)
@@ -746,7 +983,7 @@ def preprocess(
                 "fields": {"image": encoder.image_fields, "text": encoder.text_fields},
                 "items": [item.to_json() for item in items],
                 "validation_prompts": {p: k for p, k in prompt_keys.items() if p},
-                "empty_prompt": prompt_keys[""],
+                "empty_prompt": prompt_keys.get(""),
                 "files": file_memo,
                 "failures": {sha: failures[sha] for sha in sorted(failed_shas | set(known_failures))},
             }
@@ -767,13 +1004,14 @@ def preprocess(
         texts_encoded=len(missing_texts),
         images_reused=len(unique_images) - len(missing_images),
         texts_reused=len(texts) - len(missing_texts),
-        buckets=dict(sorted(Counter(str(item.plan.bucket) for item in items).items())),
+        buckets=dict(sorted(Counter(item.group for item in items).items())),
         problems=problems,
         seconds=time.perf_counter() - start,
         cache_bytes=store.size_bytes(),
         shards_pruned=pruned,
         controls_encoded=len(missing_controls) - controls_failed,
         controls_reused=len(unique_controls) - len(missing_controls),
+        clips=spec.frame_granularity > 0,
     )
     print_summary(report, console)
     return report
@@ -796,7 +1034,7 @@ def _dropped_shard_warnings(store: CacheStore, encoded: set[str]) -> list[Proble
 def _encode(
     encoder: FamilyEncoder,
     store: CacheStore,
-    missing_texts: Sequence[tuple[str, str]],
+    missing_texts: Sequence[tuple[str, TextEntry]],
     missing_images: Sequence[PlannedItem],
     missing_controls: Sequence[PlannedControl],
     console: Console,
@@ -815,7 +1053,7 @@ def _encode(
             if missing_texts:
                 task = progress.add_task("captions", total=len(missing_texts), rate="")
                 encoder.load(images=False, texts=True)
-                encoding.texts(
+                failed = encoding.texts(
                     missing_texts,
                     lambda n: progress.update(task, advance=n, rate=_rate(progress.tasks[task])),
                 )
@@ -824,7 +1062,7 @@ def _encode(
                 encoder.load(images=True, texts=False)
             if missing_images:
                 task = progress.add_task("images", total=len(missing_images), rate="")
-                failed = encoding.images(
+                failed |= encoding.images(
                     missing_images,
                     lambda n: progress.update(task, advance=n, rate=_rate(progress.tasks[task])),
                 )
@@ -857,7 +1095,7 @@ def print_summary(report: PreprocessReport, console: Console, max_listed: int = 
 
     def counts(images: int, controls: int, texts: int) -> str:
         middle = f"{controls} control images, " if edit_pairs else ""
-        return f"{images} images, {middle}{texts} captions"
+        return f"{images} {'clips' if report.clips else 'images'}, {middle}{texts} captions"
 
     table.add_row("encoded now", counts(report.images_encoded, report.controls_encoded, report.texts_encoded))
     table.add_row("reused", counts(report.images_reused, report.controls_reused, report.texts_reused))

@@ -30,6 +30,15 @@ images, in order.
   it blue"}``.
 * datasets: not supported for edit pairs (a :class:`~flowtune.errors.FlowtuneError`).
 
+**Videos** (video families, whose ``FamilySpec.frame_granularity`` > 0;
+``list_records(..., videos=True)``): a folder also lists the videos of
+:data:`~flowtune.data.video.VIDEO_EXTENSIONS` (``clip.mp4`` -> ``clip.txt``), still images being
+one-frame items; a JSONL line gives a video under ``data.video_column`` (``{"video":
+"clips/a.mp4", "caption": "..."}``) or an image under the image key (a video file there counts as a
+video too).  Such records have :attr:`Record.video` set.  For image families, video files in a
+folder and ``video`` keys in a manifest are problems of their items, and a folder holding only
+videos is an error.  Datasets give still images only.
+
 Problems with single items (an unreadable caption, a bad manifest line, a missing image file) are
 returned as :class:`SourceProblem` so a run can go on with the rest; problems with the whole
 source raise :class:`~flowtune.errors.FlowtuneError` with a one-line message naming
@@ -48,6 +57,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from flowtune.data.images import SUPPORTED_EXTENSIONS, ImageError
+from flowtune.data.video import VIDEO_EXTENSIONS, is_video_path
 from flowtune.errors import FlowtuneError
 
 if TYPE_CHECKING:
@@ -131,10 +141,14 @@ class Record:
     controls: tuple[ControlImage, ...] = ()
     """The control (reference) images of an edit pair, in reference order (``control/`` first,
     then ``control_1/``, ...; or the JSONL list order).  Empty for plain images."""
+    video: bool = False
+    """The file is a video (listed for a video family); ``image_file`` is then its path."""
 
     def __post_init__(self) -> None:
         if (self.image_file is None) == (self.image_bytes is None):
             raise ValueError("a Record needs exactly one of image_file and image_bytes")
+        if self.video and self.image_file is None:
+            raise ValueError("a video Record needs image_file")
 
     def read_image_bytes(self) -> bytes:
         """The encoded image.
@@ -185,6 +199,8 @@ def list_records(
     dataset_split: str = "train",
     references: bool = False,
     control_column: str = "control",
+    videos: bool = False,
+    video_column: str = "video",
 ) -> SourceListing:
     """List the training examples of ``data.source`` (see the module docstring for the kinds).
 
@@ -198,6 +214,9 @@ def list_records(
         references: List edit pairs: every record gets its control images (the family's
             ``reference_images``).  Folders must then have the ``images/`` + ``control/`` layout.
         control_column: JSONL key holding the control image path(s), with ``references``.
+        videos: List videos too (a video family): folder videos, JSONL ``video_column`` keys.
+            Without it they are problems of their items.
+        video_column: JSONL key holding a video path.
 
     Raises:
         FlowtuneError: The source as a whole cannot be used (does not exist, has no images, is an
@@ -211,11 +230,17 @@ def list_records(
                 raise _no_dataset_references(source)
             dataset = _load_saved_dataset(source, path, dataset_split)
             return _list_dataset(source, dataset, image_column, caption_column)
-        return _list_edit_folder(source, path) if references else _list_folder(source, path)
+        return _list_edit_folder(source, path) if references else _list_folder(source, path, videos=videos)
     if path.exists():
         if path.is_file() and path.suffix.lower() == ".jsonl":
             return _list_jsonl(
-                source, path, image_column, caption_column, control_column if references else None
+                source,
+                path,
+                image_column,
+                caption_column,
+                control_column if references else None,
+                video_key=video_column,
+                videos=videos,
             )
         raise FlowtuneError(
             f"data.source '{source}' is a file but not a .jsonl manifest; point data.source at a folder "
@@ -258,12 +283,15 @@ def apply_caption_options(
 # ----------------------------------------------------------------------------------------- folder
 
 
-def _list_folder(source: str, root: Path, subfolder: str = "") -> SourceListing:
+def _list_folder(source: str, root: Path, subfolder: str = "", *, videos: bool = False) -> SourceListing:
     """Images under ``root`` (recursively, sorted by relative path) with their ``.txt`` captions.
 
     ``subfolder``: ``root`` is this folder of ``source`` (record paths and messages name it).
+    ``videos``: list videos too; otherwise each video is a problem (and only videos an error).
     """
     images: list[tuple[str, Path, Path | None]] = []  # (relative posix path, relative path, caption)
+    found_videos: list[tuple[str, Path]] = []  # videos not listed (an image family)
+    extensions = SUPPORTED_EXTENSIONS + (VIDEO_EXTENSIONS if videos else ())
     visited: set[str] = set()
     for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
         real = os.path.realpath(dirpath)
@@ -277,18 +305,30 @@ def _list_folder(source: str, root: Path, subfolder: str = "") -> SourceListing:
         captions = _caption_files(filenames)
         for name in filenames:
             stem, suffix = os.path.splitext(name)
-            if name.startswith(".") or suffix.lower() not in SUPPORTED_EXTENSIONS:
+            if name.startswith("."):
+                continue
+            if suffix.lower() not in extensions:
+                if suffix.lower() in VIDEO_EXTENSIONS:
+                    relative = relative_folder / name
+                    found_videos.append((relative.as_posix(), relative))
                 continue
             caption_name = captions.get(stem)
             relative = relative_folder / name
             images.append((relative.as_posix(), relative, folder / caption_name if caption_name else None))
     display_root = Path(source) / subfolder
+    found_videos.sort(key=lambda item: item[0])
     if not images:
-        extensions = ", ".join(SUPPORTED_EXTENSIONS)
         where = display_root if subfolder else source
+        if found_videos:
+            raise FlowtuneError(
+                f"data.source '{source}' holds only videos ({len(found_videos)}, e.g. "
+                f"{display_root / found_videos[0][1]}), but the model family trains on still images; "
+                "choose a video model family or a folder of images"
+            )
+        what = "images or videos" if videos else "images"
         raise FlowtuneError(
-            f"data.source '{source}': no images ({extensions}) found under {where}; add images there "
-            "or point data.source at another folder, a .jsonl manifest or a dataset"
+            f"data.source '{source}': no {what} ({', '.join(extensions)}) found under {where}; add "
+            f"{what} there or point data.source at another folder, a .jsonl manifest or a dataset"
         )
     images.sort(key=lambda item: item[0])
     absolute_root = root.absolute()
@@ -303,7 +343,10 @@ def _list_folder(source: str, root: Path, subfolder: str = "") -> SourceListing:
             except _CaptionError as exc:
                 problems.append(SourceProblem(display, str(exc)))
                 continue
-        records.append(Record(display, caption, {}, image_file=absolute_root / relative))
+        records.append(
+            Record(display, caption, {}, image_file=absolute_root / relative, video=is_video_path(relative))
+        )
+    problems += [SourceProblem(str(display_root / relative), _NO_VIDEOS) for _, relative in found_videos]
     return SourceListing("folder", records, problems)
 
 
@@ -412,6 +455,9 @@ def _caption_files(filenames: list[str]) -> dict[str, str]:
     return captions
 
 
+_NO_VIDEOS = "a video, but the model family trains on still images only"
+
+
 class _CaptionError(Exception):
     """A caption file that cannot be used; the message is the one-line reason."""
 
@@ -438,11 +484,19 @@ def _read_caption(file: Path) -> str:
 
 
 def _list_jsonl(
-    source: str, manifest: Path, image_key: str, caption_key: str | None, control_key: str | None = None
+    source: str,
+    manifest: Path,
+    image_key: str,
+    caption_key: str | None,
+    control_key: str | None = None,
+    *,
+    video_key: str = "video",
+    videos: bool = False,
 ) -> SourceListing:
     """One record per JSON object line of ``manifest``; each bad line is a problem.
 
     ``control_key``: list edit pairs, with the control image path(s) under this key.
+    ``videos``: lines may give a video under ``video_key`` instead of an image under ``image_key``.
     """
     try:
         raw = manifest.read_bytes()
@@ -461,11 +515,11 @@ def _list_jsonl(
         objects += 1
         where = f"{source}:{lineno}"
         try:
-            item = _parse_manifest_line(line, image_key, caption_key, control_key)
+            item = _parse_manifest_line(line, image_key, caption_key, control_key, video_key, videos)
         except _LineError as exc:
             problems.append(SourceProblem(where, str(exc)))
             continue
-        image, caption, metadata, control_paths = item
+        image, caption, metadata, control_paths, video = item
         display, file = _manifest_path(image, display_folder, absolute_folder)
         if not file.is_file():
             problems.append(SourceProblem(display, "not a file" if file.exists() else "file not found"))
@@ -476,7 +530,10 @@ def _list_jsonl(
             reason = "not a file" if bad.image_file.exists() else "file not found"
             problems.append(SourceProblem(display, f"control image {bad.path}: {reason}"))
             continue
-        records.append(Record(display, caption, metadata, image_file=file, controls=tuple(controls)))
+        video = videos and (video or is_video_path(file))
+        records.append(
+            Record(display, caption, metadata, image_file=file, controls=tuple(controls), video=video)
+        )
     if objects == 0:
         raise FlowtuneError(
             f"data.source '{source}' is an empty JSONL manifest; write one JSON object per line, e.g. "
@@ -498,10 +555,15 @@ class _LineError(Exception):
 
 
 def _parse_manifest_line(
-    line: bytes, image_key: str, caption_key: str | None, control_key: str | None = None
-) -> tuple[str, str | None, dict[str, Any], list[str]]:
-    """``(image path, caption or None, metadata, control paths)`` of one manifest line (no control
-    paths when ``control_key`` is None)."""
+    line: bytes,
+    image_key: str,
+    caption_key: str | None,
+    control_key: str | None = None,
+    video_key: str = "video",
+    videos: bool = False,
+) -> tuple[str, str | None, dict[str, Any], list[str], bool]:
+    """``(image or video path, caption or None, metadata, control paths, is a video)`` of one
+    manifest line (no control paths when ``control_key`` is None; a video only with ``videos``)."""
     try:
         text = line.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -514,11 +576,22 @@ def _parse_manifest_line(
         raise _LineError(f"invalid JSON: {exc.msg} (column {exc.colno})") from exc
     if not isinstance(item, dict):
         raise _LineError(f"not a JSON object (got {_json_type(item)})")
-    if image_key not in item:
+    video = image_key not in item and video_key in item
+    if video and not videos:
+        raise _LineError(f"'{video_key}' gives a video, but the model family trains on still images only")
+    if image_key in item and video_key in item and videos:
+        raise _LineError(f"both '{image_key}' and '{video_key}' keys; give one of them")
+    if image_key not in item and not video:
+        if videos:
+            raise _LineError(
+                f"no '{image_key}' key with an image path or '{video_key}' key with a video path (set "
+                "data.image_column or data.video_column to the key used)"
+            )
         raise _LineError(f"no '{image_key}' key with the image path (set data.image_column to the key used)")
-    image = item[image_key]
+    path_key = video_key if video else image_key
+    image = item[path_key]
     if not isinstance(image, str) or not image.strip():
-        raise _LineError(f"'{image_key}' must be a file path (a non-empty string), got {_json_type(image)}")
+        raise _LineError(f"'{path_key}' must be a file path (a non-empty string), got {_json_type(image)}")
     key = caption_key or next((k for k in _AUTO_CAPTION_KEYS if k in item), _AUTO_CAPTION_KEYS[0])
     caption = item.get(key)
     if caption is not None and not isinstance(caption, str):
@@ -531,9 +604,9 @@ def _parse_manifest_line(
                 "key used)"
             )
         controls = _control_paths(item[control_key], control_key)
-    used = (image_key, key, control_key)
+    used = (path_key, key, control_key)
     metadata = {k: v for k, v in item.items() if k not in used}
-    return image, caption.strip() if caption is not None else None, metadata, controls
+    return image, caption.strip() if caption is not None else None, metadata, controls, video
 
 
 def _control_paths(value: Any, key: str) -> list[str]:

@@ -14,6 +14,11 @@ arguments.  From a shell: ``flowtune make-dataset OUT_DIR --count 16 --size 64x6
 the folder layout :mod:`flowtune.data.sources` reads for them: ``control/0000.png`` shows a shape,
 ``images/0000.png`` the same shape recoloured, and ``images/0000.txt`` the instruction that turns
 one into the other, e.g. ``"make the circle blue"``.
+
+:func:`make_video_dataset` writes tiny clips for video families: a small shape moving across a
+plain background (``0000.mp4``, or ``.gif``), captioned with its motion, e.g. ``"a small red
+circle moving right on a white background"``.  From a shell: ``flowtune make-dataset OUT_DIR
+--video --frames 17 --fps 16``.
 """
 
 from __future__ import annotations
@@ -138,14 +143,17 @@ def _draw_centred(
         raise AssertionError(shape)
 
 
-def draw_shape(spec: ShapeSpec, width: int, height: int) -> Image.Image:
+def draw_shape(
+    spec: ShapeSpec, width: int, height: int, centre: tuple[float, float] = (0.5, 0.5)
+) -> Image.Image:
     """Render ``spec`` as a ``width`` x ``height`` RGB image with the shape centred.
 
     The shape spans ``SIZES[spec.size]`` of the shorter side.  It is drawn at :data:`_SUPERSAMPLE`
     times the resolution and box-averaged down, so edge pixels are coverage-weighted blends of the two
     colours and every other pixel is exactly the shape's or the background's colour.  (A LANCZOS
     downsample would ring: halos of a third colour beside edges, and thin parts such as a small ring's
-    band would never reach the named colour.)
+    band would never reach the named colour.)  ``centre``: where the shape's centre is, as fractions
+    of the width and height (the middle by default).
     """
     _check_side("width", width)
     _check_side("height", height)
@@ -153,7 +161,8 @@ def draw_shape(spec: ShapeSpec, width: int, height: int) -> Image.Image:
     fill, background = COLOURS[spec.colour], COLOURS[spec.background]
     big = Image.new("RGB", (width * s, height * s), background)
     extent = SIZES[spec.size] * min(width, height) * s
-    _draw_centred(ImageDraw.Draw(big), spec.shape, width * s / 2, height * s / 2, extent, fill, background)
+    cx, cy = width * s * centre[0], height * s * centre[1]
+    _draw_centred(ImageDraw.Draw(big), spec.shape, cx, cy, extent, fill, background)
     return big.reduce(s)
 
 
@@ -189,7 +198,7 @@ def _owned_suffixes() -> set[str]:
     return {f".{suffix}" for suffix in IMAGE_FORMATS} | {_CAPTION_SUFFIX}
 
 
-def _prepare_directory(out_dir: Path, overwrite: bool) -> None:
+def _prepare_directory(out_dir: Path, overwrite: bool, extra_suffixes: frozenset[str] = frozenset()) -> None:
     """Create ``out_dir``; if it holds entries, refuse, or (``overwrite``) remove images and captions.
 
     Only top-level files whose suffix is an image format of :data:`IMAGE_FORMATS` or ``.txt`` are
@@ -208,7 +217,7 @@ def _prepare_directory(out_dir: Path, overwrite: bool) -> None:
             f"output directory {out_dir} is not empty ({len(entries)} entries: {shown}); "
             "choose an empty directory or pass overwrite=True (--overwrite) to replace its images and captions"
         )
-    owned = _owned_suffixes()
+    owned = _owned_suffixes() | extra_suffixes
     for entry in entries:
         if entry.suffix.lower() in owned and (entry.is_symlink() or entry.is_file()):
             entry.unlink()
@@ -343,6 +352,129 @@ def make_edit_pairs_dataset(
         _write_caption(images_dir / f"{stem}{_CAPTION_SUFFIX}", edit.instruction())
         paths.append(target_path)
     return paths
+
+
+MOTIONS: dict[str, tuple[float, float]] = {
+    "right": (1.0, 0.0),
+    "left": (-1.0, 0.0),
+    "down": (0.0, 1.0),
+    "up": (0.0, -1.0),
+}
+"""Motion word (as in captions) -> direction of travel (x, y)."""
+
+VIDEO_FORMATS: tuple[str, ...] = ("mp4", "gif")
+"""Video file formats :func:`make_video_dataset` writes (mp4: MPEG-4 Part 2 video through PyAV)."""
+
+_TRAVEL = 0.4  # fraction of the width (height) the shape's centre travels over a clip
+
+
+@dataclass(frozen=True)
+class MotionSpec:
+    """One clip: ``shape`` (always ``small``) travelling ``motion`` (a key of :data:`MOTIONS`)."""
+
+    shape: ShapeSpec
+    motion: str
+
+    def __post_init__(self) -> None:
+        _check_choice("motion", self.motion, MOTIONS)
+
+    def caption(self) -> str:
+        """E.g. ``"a small red circle moving right on a white background"``."""
+        s = self.shape
+        article = "an" if s.background[0] in "aeiou" else "a"
+        return f"a {s.size} {s.colour} {s.shape} moving {self.motion} on {article} {s.background} background"
+
+    def centre(self, index: int, frames: int) -> tuple[float, float]:
+        """The shape's centre in frame ``index`` of ``frames``, as fractions of width and height:
+        from ``0.5 - 0.2 * direction`` in the first frame to ``0.5 + 0.2 * direction`` in the last."""
+        progress = index / (frames - 1) if frames > 1 else 0.5
+        dx, dy = MOTIONS[self.motion]
+        offset = _TRAVEL * (progress - 0.5)
+        return 0.5 + dx * offset, 0.5 + dy * offset
+
+    def frames(self, count: int, width: int, height: int) -> list[Image.Image]:
+        """The clip's ``count`` frames."""
+        return [draw_shape(self.shape, width, height, self.centre(i, count)) for i in range(count)]
+
+
+def sample_motion_specs(count: int, seed: int = 0) -> list[MotionSpec]:
+    """``count`` clips: the shapes of :func:`sample_specs` (``count``, ``seed``) made small, each
+    with a motion drawn from a generator seeded with ``[seed, 2]``.  This is the sequence
+    :func:`make_video_dataset` draws."""
+    rng = np.random.default_rng([seed, 2])
+    motions = list(MOTIONS)
+    return [
+        MotionSpec(dataclasses.replace(spec, size="small"), motions[int(rng.integers(len(motions)))])
+        for spec in sample_specs(count, seed)
+    ]
+
+
+def make_video_dataset(
+    out_dir: str | Path,
+    count: int = 8,
+    *,
+    seed: int = 0,
+    sizes: Sequence[tuple[int, int]] = ((64, 64),),
+    frames: int = 17,
+    fps: int = 16,
+    video_format: str = "mp4",
+    overwrite: bool = False,
+) -> list[Path]:
+    """Write ``count`` clips of a small shape moving across a plain background, with captions.
+
+    Clip ``i`` is ``out_dir / f"{i:04d}.{video_format}"`` (``frames`` frames at ``fps``, of size
+    ``sizes[i % len(sizes)]``) and its caption, :meth:`MotionSpec.caption` of
+    ``sample_motion_specs(count, seed)[i]``, is the same stem with ``.txt``.  ``mp4`` is MPEG-4
+    video at a high bit rate (lossy: pixels are near the named colours, not equal; sides must be
+    even); ``gif`` keeps these colours exactly.  :class:`DirectoryNotEmptyError` and the argument
+    checks are those of :func:`make_shapes_dataset` (with ``overwrite``, top-level videos and
+    captions are removed first).
+    """
+    _check_count(count)
+    sizes = _check_sizes(sizes, "sizes")
+    for name, value in (("frames", frames), ("fps", fps)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+            raise _DatasetError(f"{name} must be a positive integer, got {value!r}")
+    suffix = video_format.lower().lstrip(".")
+    _check_choice("video_format", suffix, VIDEO_FORMATS)
+    if suffix == "mp4" and any(side % 2 for size in sizes for side in size):
+        raise _DatasetError(f"mp4 clips need even sides, got sizes {sizes}; use even sizes or gif")
+    out_dir = Path(out_dir)
+    _prepare_directory(out_dir, overwrite, extra_suffixes=frozenset(f".{f}" for f in VIDEO_FORMATS))
+    digits = max(_MIN_STEM_DIGITS, len(str(count - 1)))
+    paths = []
+    for index, spec in enumerate(sample_motion_specs(count, seed)):
+        width, height = sizes[index % len(sizes)]
+        stem = f"{index:0{digits}d}"
+        path = out_dir / f"{stem}.{suffix}"
+        clip = spec.frames(frames, width, height)
+        with write_errors(path, remove=path):
+            if suffix == "gif":
+                clip[0].save(path, save_all=True, append_images=clip[1:], duration=round(1000 / fps), loop=0)
+            else:
+                _write_mp4(path, clip, fps)
+        _write_caption(out_dir / f"{stem}{_CAPTION_SUFFIX}", spec.caption())
+        paths.append(path)
+    return paths
+
+
+def _write_mp4(path: Path, clip: Sequence[Image.Image], fps: int) -> None:
+    """Encode ``clip`` (frames of even sides) as MPEG-4 Part 2 video, which every FFmpeg build
+    has, in an mp4 file."""
+    import av
+
+    width, height = clip[0].size
+    with av.open(str(path), "w", format="mp4") as container:
+        stream = container.add_stream("mpeg4", rate=fps)
+        stream.width, stream.height = width, height
+        stream.pix_fmt = "yuv420p"
+        stream.bit_rate = 8 * width * height * fps  # about 8 bits a pixel: near lossless here
+        stream.codec_context.gop_size = 8
+        for image in clip:
+            for packet in stream.encode(av.VideoFrame.from_image(image)):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
 
 
 def _check_count(count: int) -> None:

@@ -64,6 +64,16 @@ class FamilyEncoder(ABC):
             (``is_sequence``: dim 0 of a per-item tensor has a per-item length).
         text_fields: ``{name: is_sequence}`` of the tensors :meth:`encode_prompts` returns.
         version: Bump when the encoding itself changes, so that old caches are re-encoded.
+        text_uses_references: The prompt embeddings depend on the item's reference images too
+            (families with ``FamilySpec.reference_images`` whose pipeline runs a vision-language
+            text encoder on the prompt *and* the references).  Then preprocess keys a caption's
+            text entry by its references' control entry keys as well (image bytes,
+            ``data.control_resize``, size) and calls ``encode_prompts(prompts, references)``;
+            validation samples with the text encoders loaded (the pipeline encodes each
+            validation prompt and the negative prompt with ``validation.images``) instead of
+            from cached prompt embeddings.  Its :meth:`prepare_control` must then work with only
+            the text components loaded (``match_target`` references are resized for the prompt
+            too).  Default False: captions are encoded alone.
 
     The field names are the batch keys the family's flow-matching adapter reads.
     """
@@ -73,6 +83,7 @@ class FamilyEncoder(ABC):
     image_fields: ClassVar[dict[str, bool]] = {}
     text_fields: ClassVar[dict[str, bool]] = {}
     version: ClassVar[int] = 1
+    text_uses_references: ClassVar[bool] = False
 
     def __init__(
         self,
@@ -203,7 +214,12 @@ class FamilyEncoder(ABC):
 
     @abstractmethod
     def encode_prompts(self, prompts: list[str]) -> dict[str, torch.Tensor]:
-        """Encode B captions: ``{field: [B, ...]}`` for every field of ``text_fields``."""
+        """Encode B captions: ``{field: [B, ...]}`` for every field of ``text_fields``.
+
+        An encoder with :attr:`text_uses_references` takes a second argument, ``references``: per
+        caption, its reference images (RGB PIL images) as the family's pipeline is handed them
+        when sampling: the decoded files, or, with ``data.control_resize: match_target``, each
+        brought to the target's bucket by :meth:`prepare_control`."""
 
     @classmethod
     def reference_inputs(

@@ -11,7 +11,9 @@ configs alone, counting live bytes with :class:`~flowtune.memory.plan.LiveBytes`
   ``data.encode_batch_size`` images at the largest bucket.
 - **sampling**: one denoising forward of the transformer (no gradients) at the validation size,
   then the VAE decoding the latents, on top of what stays on the GPU: during training, the
-  training state (frozen weights, LoRA, optimizer states: validation images); for
+  training state (frozen weights, LoRA, optimizer states: validation images), and the text
+  encoders for families whose validation encodes its prompts with their reference images
+  (``FamilyEncoder.text_uses_references``); for
   ``flowtune sample``, the transformer with its LoRA, the text encoders and the VAE, all on
   the GPU (``--cpu-offload`` keeps one at a time there instead).
 
@@ -204,7 +206,7 @@ def plan_preprocess(recipe: Any, spec: FamilySpec) -> PhasePlan | None:
         recipe_resolutions(recipe), spec.spatial_granularity, recipe.data.bucket_step
     )
     text = _text_phase(recipe, spec, batch)
-    vae = _vae_phase(recipe, spec, batch, height, width, decode=False, frames=recipe_frames(recipe))
+    vae = _vae_phase(recipe, spec, batch, height, width, decode=False, frames=recipe_frames(recipe, spec))
     if text is None and vae is None:
         return None
     parts = []
@@ -234,21 +236,23 @@ def plan_sampling(recipe: Any, spec: FamilySpec, trace: Any, step: Any) -> list[
     forward = trace.sampling_peak
     quantized = step.weights - trace.counts["frozen"]  # <= 0: what model.quantize saves
     plans = []
+    text = _text_phase(recipe, spec, 1)
+    text_weights, text_run = (text[0], text[1] - text[0]) if text is not None else (0, 0)
     if recipe.validation.prompts:
         static = trace.training_static + quantized - step.offload_saved + vae_weights
+        parts = [("training state and VAE", static)]
+        peaks = [forward, decode]
+        if spec.load_encoder_class().text_uses_references:  # validation encodes its prompts
+            static += text_weights
+            parts.append(("text encoders", text_weights))
+            peaks.append(text_run)
         plans.append(
             PhasePlan(
                 "validation",
-                static + max(forward, decode),
-                [
-                    ("training state and VAE", static),
-                    (f"denoising forward at {size}", forward),
-                    ("VAE decoding", decode),
-                ],
+                static + max(peaks),
+                [*parts, (f"denoising forward at {size}", forward), ("VAE decoding", decode)],
             )
         )
-    text = _text_phase(recipe, spec, 1)
-    text_weights, text_run = (text[0], text[1] - text[0]) if text is not None else (0, 0)
     static = trace.counts["frozen"] + quantized + trace.counts["trainable"] + text_weights + vae_weights
     plans.append(
         PhasePlan(

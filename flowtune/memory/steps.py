@@ -80,15 +80,12 @@ def recipe_resolutions(recipe: Any) -> list[int]:
     return [int(value)] if isinstance(value, int | float | str) else [int(r) for r in value]
 
 
-def recipe_frames(recipe: Any) -> int:
-    """Frames per training clip that a plan sizes a step for: the largest of the recipe's
-    ``data.frames`` where the recipe has that setting (video families' clips), else 1 (images,
-    and video families trained on still images)."""
-    frames = getattr(recipe.data, "frames", None)
-    if frames is None:
-        return 1
-    values = [frames] if isinstance(frames, int) else list(frames)
-    return max((int(v) for v in values), default=1)
+def recipe_frames(recipe: Any, spec: FamilySpec) -> int:
+    """Frames per training clip that a plan sizes a step for: ``data.frames`` with its default
+    (:func:`flowtune.data.video.resolve_frames`; 1 for image families)."""
+    from flowtune.data.video import resolve_frames
+
+    return resolve_frames(spec, recipe.data.frames)
 
 
 def validation_frames(recipe: Any, spec: FamilySpec) -> int:
@@ -247,7 +244,7 @@ def run_training_steps(
                     width,
                     recipe.data.max_sequence_length,
                     references,
-                    frames=recipe_frames(recipe),
+                    frames=recipe_frames(recipe, spec),
                 )
             max_norm = recipe.train.max_grad_norm if recipe.train.max_grad_norm > 0 else float("inf")
             for index in range(steps):

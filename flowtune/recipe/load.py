@@ -471,6 +471,8 @@ def _check_semantics(cfg: Any) -> None:
             f"family {family.name!r}",
         )
 
+    _check_video(cfg, family, fail)
+
     edit_pairs = cfg.data.edit_pairs
     if edit_pairs and not family.reference_images:
         fail("data.edit_pairs", edit_pairs, f"model family {family.name!r} takes no reference images")
@@ -523,6 +525,31 @@ def _resolve_sampling(cfg: Any, family: Any, fail: Callable[[str, Any, str], Non
             v.negative_prompt,
             f"must be null: model family {family.name!r} samples without a negative prompt",
         )
+
+
+def _check_video(cfg: Any, family: Any, fail: Callable[[str, Any, str], None]) -> None:
+    """``data.frames``, ``data.fps``, ``data.frame_sampling``: checked against the family's
+    ``frame_granularity``; image families take them only at their defaults."""
+    from flowtune.data.video import frames_problem
+
+    frames, fps, sampling = cfg.data.frames, cfg.data.fps, cfg.data.frame_sampling
+    if family.frame_granularity <= 0:
+        images_only = f"model family {family.name!r} trains on still images"
+        if frames not in (None, 1):
+            fail("data.frames", frames, f"{images_only}; remove it (null)")
+        if fps is not None:
+            fail("data.fps", fps, f"{images_only}; remove it (null)")
+        if sampling != "head":
+            fail("data.frame_sampling", sampling, f"{images_only}; remove it (head)")
+        return
+    if frames is not None:
+        problem = frames_problem(family, frames)
+        if problem is not None:
+            fail("data.frames", frames, problem)
+    if fps is not None and not (math.isfinite(fps) and fps > 0):
+        fail("data.fps", fps, f"must be a positive number of frames per second, or null ({family.fps})")
+    if fps is None and not family.fps > 0:
+        fail("data.fps", fps, f"model family {family.name!r} has no frame rate of its own; set one")
 
 
 def _check_block_offload(cfg: Any, family: Any, fail: Callable[[str, Any, str], None]) -> None:

@@ -149,6 +149,10 @@ class Data:
     image_column: str = "image"
     """Column (or JSON key) holding the image, for `.jsonl` manifests and datasets."""
 
+    video_column: str = "video"
+    """JSON key holding a video path, for `.jsonl` manifests of video families (a line gives
+    either an image or a video). See docs/data.md, "Video data"."""
+
     caption_column: str | None = None
     """Column (or JSON key) holding the caption, for `.jsonl` manifests and datasets. null =
     `caption` if the data has it, else `text`."""
@@ -188,6 +192,23 @@ class Data:
     min_size: Literal["skip", "upscale"] = "skip"
     """What to do with an image smaller than its bucket (it would have to be enlarged): `skip` it
     (reported in the summary and in `errors.jsonl`) or `upscale` it."""
+
+    frames: int | None = None
+    """Video families: frames per training clip, `frame_granularity * n + 1` for the family
+    (with a granularity of 4: 1, 5, 9, 17, ..., 81). Still images in the data are one-frame
+    clips. null = `4 * frame_granularity + 1` (17) for video families; image families take only
+    null or 1. See docs/data.md, "Video data"."""
+
+    fps: float | None = None
+    """Video families: frame rate the clips are resampled to (on the frames' timestamps, so
+    variable frame rate videos work; a slower source repeats frames). null = the family's own
+    rate (its `fps`). Not used by `frame_sampling: uniform`. Image families take only null."""
+
+    frame_sampling: Literal["head", "uniform", "chunks"] = "head"
+    """Video families: which frames of each video make its clip(s). `head` = one clip from the
+    start; `uniform` = `frames` frames spread evenly over the whole video; `chunks` = as many
+    consecutive clips as fit, each its own training item. Videos too short for one clip are
+    skipped and reported. Image families take only `head`."""
 
     latent_dist: Literal["mode", "sample"] = "mode"
     """Which latent preprocess stores for each image: `mode` = the mean of the VAE's latent

@@ -4,7 +4,10 @@ Every ``validation.every`` steps and after the last step, :class:`Validator` doe
 
 * **Images.**  ``validation.prompts`` are sampled by the family's diffusers pipeline built around
   the in-memory transformer (LoRA active), with the prompt embeddings that preprocess cached, so
-  the text encoders are never loaded during training.  They are written by
+  the text encoders are never loaded during training, except for families whose prompt
+  embeddings depend on the reference images (``FamilyEncoder.text_uses_references``): their
+  pipeline is loaded with its text encoders (quantized per ``model.encoder_quantize``) and encodes
+  each prompt and the negative prompt with the prompt's ``validation.images``.  They are written by
   :class:`flowtune.sample.SampleWriter` to ``OUTPUT/samples/step-NNNNNN/`` (images, a grid and
   ``samples.jsonl``) and sent to the trackers.  The main process samples; the others wait.
 * **Validation loss.**  The held-out items (``data.validation_split``) are evaluated at the fixed
@@ -57,7 +60,10 @@ SAMPLES_DIR = "samples"
 
 def _on_device(value: Any, device: torch.device) -> Any:
     """A cached prompt input (:meth:`FamilyEncoder.prompt_inputs`) on ``device``: a tensor, or a
-    list of tensors (per-prompt embeddings of different lengths, for pipelines that take them so)."""
+    list of tensors (per-prompt embeddings of different lengths, for pipelines that take them so);
+    a text prompt (families that encode it when sampling) as it is."""
+    if isinstance(value, str):
+        return value
     if isinstance(value, list | tuple):
         return type(value)(v.to(device) for v in value)
     return value.to(device)
@@ -116,24 +122,31 @@ class Validator:
         self.output_dir = Path(output_dir)
         self.prompts = list(v.prompts)
         self.every = int(v.every)
-        self.settings = SampleSettings(
-            seed=v.seed, steps=v.steps, guidance=v.guidance, height=v.height, width=v.width,
-            negative_prompt=v.negative_prompt, frames=v.frames,
-        )  # fmt: skip
-        # Video families sample clips (an MP4 and a frame strip each) at the family's frame rate.
-        self.fps = self.settings.frame_rate(spec) if spec.frame_granularity > 0 else None
         self.dtype = getattr(torch, recipe.model.dtype)
         self.heldout = CachedDataset(store, heldout_indices)
         self.collate = CacheCollator(self.heldout.sequence_fields)
         self.encoder_class = spec.load_encoder_class()
-        negative = {}
-        negative_prompt = spec.cached_negative_prompt(v.negative_prompt)
-        if self.prompts and negative_prompt is not None:  # its cached embeddings, as preprocess made them
-            negative = self.encoder_class.negative_inputs(self.heldout.prompt_embeddings(negative_prompt))
-        self._prompt_inputs = [
-            {**self.encoder_class.prompt_inputs(self.heldout.prompt_embeddings(p)), **negative}
-            for p in self.prompts
-        ]
+        # The pipeline encodes the prompts (with their references) when nothing could be cached.
+        self.encodes_prompts = self.encoder_class.text_uses_references
+        self.settings = SampleSettings(
+            seed=v.seed, steps=v.steps, guidance=v.guidance, height=v.height, width=v.width,
+            negative_prompt=v.negative_prompt, frames=v.frames,
+            fps=round(recipe.data.fps) if recipe.data.fps is not None else None,  # as trained
+            max_sequence_length=recipe.data.max_sequence_length if self.encodes_prompts else None,
+        )  # fmt: skip
+        # Video families sample clips (an MP4 and a frame strip each) at the family's frame rate.
+        self.fps = self.settings.frame_rate(spec) if spec.frame_granularity > 0 else None
+        if self.encodes_prompts:  # generate() adds the negative prompt to a text prompt
+            self._prompt_inputs = [{"prompt": p} for p in self.prompts]
+        else:
+            negative = {}
+            negative_prompt = spec.cached_negative_prompt(v.negative_prompt)
+            if self.prompts and negative_prompt is not None:  # its cached embeddings, as preprocess made them
+                negative = self.encoder_class.negative_inputs(self.heldout.prompt_embeddings(negative_prompt))
+            self._prompt_inputs = [
+                {**self.encoder_class.prompt_inputs(self.heldout.prompt_embeddings(p)), **negative}
+                for p in self.prompts
+            ]
         # Image-editing families: each prompt's reference image (checked now, read when sampling).
         self.references = (
             pair_references(
@@ -218,7 +231,8 @@ class Validator:
             from flowtune.model_files import resolve_pretrained
 
             m = self.recipe.model
-            model_dir = resolve_pretrained(m.pretrained, m.revision, ["vae", "scheduler"])
+            text = list(self.encoder_class.text_components) if self.encodes_prompts else []
+            model_dir = resolve_pretrained(m.pretrained, m.revision, ["vae", "scheduler", *text])
             self._pipe = load_pipeline(
                 self.spec,
                 model_dir,
@@ -226,7 +240,8 @@ class Validator:
                 device=device,
                 variant=m.variant,
                 transformer=unwrap_model(model),
-                without=self.encoder_class.text_components,
+                without=() if self.encodes_prompts else self.encoder_class.text_components,
+                encoder_quantize=m.encoder_quantize if self.encodes_prompts else None,
             )
         return self._pipe
 

@@ -31,6 +31,9 @@ LORA_TARGETS = (
 # 60 double-stream blocks (image and text streams side by side), nothing else.
 BLOCK_LISTS = (("transformer_blocks", "num_layers"),)
 
+# QwenImageAdapter's constructor arguments (FamilySpec.adapter_arguments).
+ADAPTER_ARGUMENTS = (("guidance_scale", "float"), ("use_guidance_embeds", "bool"))
+
 SPEC = FamilySpec(
     name="qwen-image",
     description="Qwen-Image: Qwen2.5-VL text encoder, 16-channel video VAE with per-channel latent "
@@ -49,7 +52,7 @@ SPEC = FamilySpec(
     encoder_quantize_skip=ENCODER_QUANTIZE_SKIP,
     # QwenImagePipeline samples with true classifier-free guidance: a second transformer pass on
     # the negative prompt (" " in its examples), true_cfg_scale 4.0.
-    adapter_arguments=(("guidance_scale", "float"), ("use_guidance_embeds", "bool")),
+    adapter_arguments=ADAPTER_ARGUMENTS,
     guidance_argument="true_cfg_scale",
     guidance=4.0,
     negative_prompt=" ",
