@@ -2,7 +2,9 @@
 per family of :mod:`flowtune.families`): ``flowtune make-tiny`` -> ``make-dataset`` ->
 ``preprocess`` -> a few LoRA training steps, stopped by a signal and resumed bit for bit ->
 ``flowtune sample`` equal to the family's own diffusers pipeline with the LoRA loaded -> the
-LoRA's export loading back in that pipeline with the same images.
+LoRA's export loading back in that pipeline with the same images.  Video families
+(``FamilySpec.frame_granularity`` > 0) train on clips (``make-dataset --video``) and sample clips,
+compared frame by frame.
 
 A new family passes this file once it is registered, plus one line in ``REFERENCE_CALLS`` if it
 needs reference images."""
@@ -91,13 +93,15 @@ def _recipe(root: Path, spec: FamilySpec) -> Path:
     path = root / "recipe.yaml"
     resize = ", control_resize: match_target" if _needs_references(spec) else ""
     images = f", images: ['{root / 'data' / 'control' / '0000.png'}']" if _needs_references(spec) else ""
-    if _frames(spec) is not None:
+    clips = ""
+    if _frames(spec) is not None:  # trains on clips of that many frames and samples them
         images += f", frames: {_frames(spec)}"
+        clips = f", frames: {_frames(spec)}"
     path.write_text(
         f"model: {{family: {spec.name}, pretrained: '{root / 'tiny'}', dtype: float32}}\n"
         "lora: {rank: 4, alpha: 8, init: gaussian}\n"
         f"data: {{source: '{root / 'data'}', cache_dir: '{root / 'cache'}', resolution: 32,"
-        f" max_sequence_length: {TEXT_TOKENS}{resize}}}\n"
+        f" max_sequence_length: {TEXT_TOKENS}{resize}{clips}}}\n"
         "train: {max_steps: 3, seed: 0, mixed_precision: 'no', checkpoint_every: 3, batch_size: 2,"
         " log_every: 1}\n"
         f"validation: {{prompts: ['{PROMPT}'], every: 0, seed: 5, steps: 2, guidance: {GUIDANCE},"
@@ -139,8 +143,10 @@ def family(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFact
     root = tmp_path_factory.mktemp(f"contract-{spec.name}")
     made = cli("make-tiny", spec.name, root / "tiny")
     assert made.returncode == 0, made.stderr
-    edit = ["--edit-pairs"] if _needs_references(spec) else []
-    made = cli("make-dataset", root / "data", "--count", "4", "--size", "32x32", *edit)
+    kind = ["--edit-pairs"] if _needs_references(spec) else []
+    if _frames(spec) is not None:  # clips of a moving shape
+        kind = ["--video", "--frames", str(_frames(spec))]
+    made = cli("make-dataset", root / "data", "--count", "4", "--size", "32x32", *kind)
     assert made.returncode == 0, made.stderr
     recipe = _recipe(root, spec)
     made = cli("preprocess", recipe)
