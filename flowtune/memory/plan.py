@@ -258,7 +258,7 @@ def trace_recipe(recipe: Any, spec: FamilySpec) -> Trace:
         FlowtuneError: no config for ``model.pretrained``, an adapter without an example batch,
             or a recipe the plan does not cover.
     """
-    from flowtune.memory.steps import run_training_steps
+    from flowtune.memory.steps import run_training_steps, validation_frames
 
     config, source = load_transformer_config(recipe.model.pretrained)
     watch = GradInputs(spec)
@@ -276,6 +276,7 @@ def trace_recipe(recipe: Any, spec: FamilySpec) -> Trace:
             int(recipe.validation.width),
             recipe.data.max_sequence_length,
             references,
+            frames=validation_frames(recipe, spec),
         )
         tracker.reset_peak()
         with torch.no_grad(), autocast:

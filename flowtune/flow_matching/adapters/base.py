@@ -65,12 +65,14 @@ class FlowMatchingContext:
 @dataclass(frozen=True)
 class ExampleSize:
     """The size of an example batch (:meth:`ModelAdapter.example_batch`): ``batch_size`` images of
-    ``height x width`` pixels with captions of ``text_tokens`` tokens."""
+    ``height x width`` pixels with captions of ``text_tokens`` tokens; for video families, clips of
+    ``frames`` frames (1: a still image; image families ignore it)."""
 
     batch_size: int
     height: int
     width: int
     text_tokens: int
+    frames: int = 1
 
 
 class ModelAdapter(ABC):
@@ -97,18 +99,19 @@ class ModelAdapter(ABC):
         width: int,
         text_tokens: int,
         references: int = 0,
+        frames: int = 1,
     ) -> dict[str, torch.Tensor]:
         """A batch shaped like the preprocess cache's for a model with transformer ``config``
-        (its ``config.json``): images of ``height x width`` pixels, captions of ``text_tokens``
-        tokens, ``references`` reference images of the same size (``control_latents_k``, shaped
-        like ``image_latents``).  Random values, made with torch's factory functions so that it
+        (its ``config.json``): images of ``height x width`` pixels (clips of ``frames`` frames
+        for video families), captions of ``text_tokens`` tokens, ``references`` reference images
+        of the same size (``control_latents_k``, shaped like ``image_latents``).  Random values, made with torch's factory functions so that it
         works on fake tensors (``flowtune plan`` traces a training step on it).  The shapes are
         the adapter's :meth:`example_shapes`.
 
         Raises:
             NotImplementedError: the adapter does not describe its batch (no ``flowtune plan``).
         """
-        shapes = self.example_shapes(config, ExampleSize(batch_size, height, width, text_tokens))
+        shapes = self.example_shapes(config, ExampleSize(batch_size, height, width, text_tokens, frames))
         batch = {name: torch.randn(shape) for name, shape in shapes.items()}
         for k in range(references):
             batch[f"control_latents_{k}"] = torch.randn(shapes["image_latents"])
