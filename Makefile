@@ -106,12 +106,12 @@ demo-qwen-image-edit: $(STAMP)
 
 demo-wan: $(STAMP)
 	$(BIN)/python -m flowtune make-tiny wan $(DEMO_DIR)-wan/tiny-wan --overwrite
-	$(BIN)/python -m flowtune make-dataset $(DEMO_DIR)-wan/dataset --count 16 --overwrite
+	$(BIN)/python -m flowtune make-dataset $(DEMO_DIR)-wan/dataset --count 16 --video --frames 17 --overwrite
 	$(BIN)/python -m flowtune preprocess recipes/tiny-wan-demo.yaml
 	$(BIN)/python -m flowtune train recipes/tiny-wan-demo.yaml
 	rm -rf $(DEMO_DIR)-wan/samples
 	$(BIN)/python -m flowtune sample --ckpt $(DEMO_DIR)-wan/run --out $(DEMO_DIR)-wan/samples --frames 9 \
-		--prompt "a red circle on a white background" --prompt "a blue square on a white background"
+		--prompt "a small red circle moving right on a white background" --prompt "a small blue square moving up on a black background"
 	@echo "wan demo outputs: run $(DEMO_DIR)-wan/run, samples (MP4 + frame strips) $(DEMO_DIR)-wan/samples"
 
 # The test files run on TEST_WORKERS processes (pytest-xdist), each file's tests in one of them so
