@@ -135,4 +135,4 @@ docs: $(STAMP)
 
 clean:
 	rm -rf $(DEMO_DIR) $(DEMO_DIR)-kontext $(DEMO_DIR)-flux2 $(DEMO_DIR)-flux2-klein $(DEMO_DIR)-z-image \
-		$(DEMO_DIR)-qwen-image $(DEMO_DIR)-qwen-image-edit .pytest_cache .ruff_cache
+		$(DEMO_DIR)-qwen-image $(DEMO_DIR)-qwen-image-edit $(DEMO_DIR)-wan .pytest_cache .ruff_cache
