@@ -12,7 +12,7 @@ DEMO_DIR := .flowtune-demo
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: demo demo-kontext demo-flux2 demo-flux2-klein demo-z-image demo-qwen-image demo-qwen-image-edit test lint format docs clean
+.PHONY: demo demo-kontext demo-flux2 demo-flux2-klein demo-z-image demo-qwen-image demo-qwen-image-edit demo-wan test lint format docs clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -104,6 +104,16 @@ demo-qwen-image-edit: $(STAMP)
 		--image $(DEMO_DIR)-qwen-image-edit/edits/control/0001.png --prompt "make it blue" --prompt "make it red"
 	@echo "qwen-image-edit demo outputs: run $(DEMO_DIR)-qwen-image-edit/run, edits $(DEMO_DIR)-qwen-image-edit/samples"
 
+demo-wan: $(STAMP)
+	$(BIN)/python -m flowtune make-tiny wan $(DEMO_DIR)-wan/tiny-wan --overwrite
+	$(BIN)/python -m flowtune make-dataset $(DEMO_DIR)-wan/dataset --count 16 --video --frames 17 --overwrite
+	$(BIN)/python -m flowtune preprocess recipes/tiny-wan-demo.yaml
+	$(BIN)/python -m flowtune train recipes/tiny-wan-demo.yaml
+	rm -rf $(DEMO_DIR)-wan/samples
+	$(BIN)/python -m flowtune sample --ckpt $(DEMO_DIR)-wan/run --out $(DEMO_DIR)-wan/samples --frames 9 \
+		--prompt "a small red circle moving right on a white background" --prompt "a small blue square moving up on a black background"
+	@echo "wan demo outputs: run $(DEMO_DIR)-wan/run, samples (MP4 + frame strips) $(DEMO_DIR)-wan/samples"
+
 # The test files run on TEST_WORKERS processes (pytest-xdist), each file's tests in one of them so
 # that a file's module-scoped tiny models and runs are made once; then the tests marked
 # `processes`, which start several processes of their own, run alone.
@@ -125,4 +135,4 @@ docs: $(STAMP)
 
 clean:
 	rm -rf $(DEMO_DIR) $(DEMO_DIR)-kontext $(DEMO_DIR)-flux2 $(DEMO_DIR)-flux2-klein $(DEMO_DIR)-z-image \
-		$(DEMO_DIR)-qwen-image $(DEMO_DIR)-qwen-image-edit .pytest_cache .ruff_cache
+		$(DEMO_DIR)-qwen-image $(DEMO_DIR)-qwen-image-edit $(DEMO_DIR)-wan .pytest_cache .ruff_cache

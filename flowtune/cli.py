@@ -334,6 +334,19 @@ def sample(
         int | None, typer.Option(help="Height in pixels.", show_default="recipe or 1024")
     ] = None,
     width: Annotated[int | None, typer.Option(help="Width in pixels.", show_default="recipe or 1024")] = None,
+    frames: Annotated[
+        int | None,
+        typer.Option(
+            help="Video families ("
+            + ", ".join(name for name, spec in FAMILIES.items() if spec.frame_granularity > 0)
+            + "): frames per clip (granularity n + 1, e.g. 4n + 1); writes an MP4 and a frame strip.",
+            show_default="recipe's validation.frames, else the pipeline's",
+        ),
+    ] = None,
+    fps: Annotated[
+        int | None,
+        typer.Option(help="Video families: the MP4's frame rate.", show_default="the family's"),
+    ] = None,
     num_images: Annotated[int, typer.Option(help="Images per prompt.")] = 1,
     lora_scale: Annotated[float, typer.Option(help="LoRA strength (1 = as trained).")] = 1.0,
     out_dir: Annotated[
@@ -404,6 +417,8 @@ def sample(
         "height": height,
         "width": width,
         "negative_prompt": negative_prompt,
+        "frames": frames,
+        "fps": fps,
     }
     settings = SampleSettings(
         **{**source.defaults, **{k: v for k, v in given.items() if v is not None}},
@@ -411,10 +426,11 @@ def sample(
         lora_scale=lora_scale,
     )
     total = len(prompts) * settings.num_images
+    noun = "clip" if source.spec.frame_granularity > 0 else "image"  # video families sample clips
     weights = source.checkpoint or source.lora_file
     step = f" (step {source.step})" if source.step is not None else ""
     out.print(
-        f"sampling {total} image{'s' if total != 1 else ''} with {source.spec.name} {source.pretrained}"
+        f"sampling {total} {noun}{'s' if total != 1 else ''} with {source.spec.name} {source.pretrained}"
         + (f" + {weights}{step}" if weights else "")
     )
 
@@ -436,7 +452,7 @@ def sample(
         err.print(warning_text(warning))
     err.print(
         ok_text(
-            f"{len(result.images)} image{'s' if len(result.images) != 1 else ''} in {out_dir} (grid: {result.grid})"
+            f"{len(result.images)} {noun}{'s' if len(result.images) != 1 else ''} in {out_dir} (grid: {result.grid})"
         )
     )
 

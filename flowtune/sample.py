@@ -13,6 +13,10 @@ Outputs of one sampling run (:class:`SampleWriter`)::
     OUT/samples.jsonl   one JSON object per image with the same fields and the file name
     OUT/grid.png        a contact sheet of the run's images, each captioned with prompt and seed
 
+A video family (``FamilySpec.frame_granularity`` > 0) samples clips: ``OUT/000000.mp4`` (H.264)
+and, as ``OUT/000000.png``, the clip's frames side by side (a frame strip) with the metadata,
+which also names the MP4 (``video``) and records ``frames`` and ``fps``.
+
 Numbering continues after the images already in OUT, so sampling twice into one folder loses
 nothing; ``grid.png`` shows the latest run.
 """
@@ -68,6 +72,10 @@ class SampleSettings:
             was trained with.
         negative_prompt: The negative prompt of families sampled with classifier-free guidance
             (``FamilySpec.negative_prompt``); None = none (the families that take none).
+        frames: Video families (``FamilySpec.frame_granularity`` > 0): frames per clip,
+            ``frame_granularity * n + 1``; None = the pipeline's default.  Image families: None.
+        fps: Video families: the frame rate the MP4 is written at; None = the family's
+            (``FamilySpec.fps``).
     """
 
     seed: int = 42
@@ -79,6 +87,8 @@ class SampleSettings:
     lora_scale: float = 1.0
     max_sequence_length: int | None = None
     negative_prompt: str | None = None
+    frames: int | None = None
+    fps: int | None = None
 
     def check(self, spec: FamilySpec) -> None:
         """Raise a :class:`FlowtuneError` for settings the pipeline cannot use."""
@@ -94,6 +104,20 @@ class SampleSettings:
             raise FlowtuneError(f"num-images must be at least 1, got {self.num_images}")
         if self.negative_prompt is not None and spec.negative_prompt is None:
             raise FlowtuneError(f"{spec.name} samples without a negative prompt; leave out --negative-prompt")
+        granularity = spec.frame_granularity
+        if granularity == 0 and (self.frames is not None or self.fps is not None):
+            raise FlowtuneError(f"{spec.name} samples images; leave out --frames and --fps")
+        if self.frames is not None and (self.frames < 1 or (self.frames - 1) % granularity):
+            raise FlowtuneError(
+                f"frames {self.frames} is not {granularity} n + 1 (1, {granularity + 1}, {2 * granularity + 1}, "
+                f"...), which {spec.name} needs"
+            )
+        if self.fps is not None and self.fps < 1:
+            raise FlowtuneError(f"fps must be at least 1, got {self.fps}")
+
+    def frame_rate(self, spec: FamilySpec) -> int:
+        """The frame rate of a video family's clips: :attr:`fps`, else the family's."""
+        return self.fps if self.fps is not None else spec.fps
 
 
 @dataclass
@@ -217,8 +241,27 @@ def load_references(files: Sequence[str]) -> list[Image.Image]:
     return images
 
 
-def generate(pipe: Any, job: SampleJob, settings: SampleSettings, spec: FamilySpec) -> Image.Image:
-    """Run the family's diffusers pipeline for one job; returns the PIL image.
+def pipeline_frames(spec: FamilySpec) -> int:
+    """The frames per clip that a video family's pipeline samples by default (its ``__call__``'s
+    ``num_frames`` default, e.g. WanPipeline's 81), read without loading anything; 1 for image
+    families."""
+    import inspect
+
+    import diffusers
+
+    if spec.frame_granularity == 0:
+        return 1
+    call = inspect.signature(getattr(diffusers, spec.pipeline_class).__call__)
+    return int(call.parameters["num_frames"].default)
+
+
+def generate_frames(
+    pipe: Any, job: SampleJob, settings: SampleSettings, spec: FamilySpec
+) -> list[Image.Image]:
+    """Run the family's diffusers pipeline for one job; returns a sample's frames as PIL images:
+    one (the image) for image families, the clip's for video families
+    (``FamilySpec.frame_granularity`` > 0: ``num_frames`` is ``settings.frames`` when given,
+    and the pipeline's output is its ``frames``).
 
     The guidance goes to the family's ``guidance_argument``; a negative prompt goes with a text
     prompt as ``negative_prompt`` (with cached embeddings the job's inputs hold the negative
@@ -231,6 +274,9 @@ def generate(pipe: Any, job: SampleJob, settings: SampleSettings, spec: FamilySp
     if settings.negative_prompt is not None and "prompt" in inputs:
         inputs.setdefault("negative_prompt", settings.negative_prompt)
     inputs[spec.guidance_argument] = settings.guidance
+    video = spec.frame_granularity > 0
+    if video and settings.frames is not None:
+        inputs["num_frames"] = settings.frames
     result = pipe(
         **inputs,
         height=settings.height,
@@ -239,7 +285,7 @@ def generate(pipe: Any, job: SampleJob, settings: SampleSettings, spec: FamilySp
         generator=generator,
         output_type="pil",
     )
-    return result.images[0]
+    return list(result.frames[0]) if video else [result.images[0]]
 
 
 def read_prompts(prompts: Iterable[str] = (), prompts_file: Path | None = None) -> list[str]:
@@ -302,12 +348,43 @@ class SampleWriter:
 
     def add(self, image: Image.Image, job: SampleJob, settings: SampleSettings) -> Path:
         """Save one image as ``NNNNNN.png`` with its metadata; returns its path."""
-        from PIL.PngImagePlugin import PngInfo
+        name = self._next_name()
+        return self._save(image, self._record(name, job, settings), job)
 
+    def add_clip(
+        self, frames: Sequence[Image.Image], job: SampleJob, settings: SampleSettings, fps: int
+    ) -> Path:
+        """Save one clip of a video family: ``NNNNNN.mp4`` (H.264, ``fps`` frames per second) and
+        ``NNNNNN.png``, its frames side by side (a frame strip) with the metadata, which also
+        records ``video`` (the MP4's name), ``frames`` and ``fps``; returns the strip's path."""
+        name = self._next_name()
+        video = name.removesuffix(".png") + ".mp4"
+        write_mp4(frames, self.out_dir / video, fps)
+        extra = {"video": video, "frames": len(frames), "fps": fps}
+        return self._save(frame_strip(frames), self._record(name, job, settings, extra), job)
+
+    def add_sample(
+        self, frames: Sequence[Image.Image], job: SampleJob, settings: SampleSettings, fps: int | None
+    ) -> Path:
+        """Save a sample of :func:`generate_frames`: an image (``fps`` None: an image family's,
+        one frame) or a clip (:meth:`add_clip`); returns the PNG's path."""
+        if fps is None:
+            (image,) = frames
+            return self.add(image, job, settings)
+        return self.add_clip(frames, job, settings, fps)
+
+    def _next_name(self) -> str:
         name = f"{self.next_index:06d}.png"
         self.next_index += 1
+        return name
+
+    def _record(
+        self, name: str, job: SampleJob, settings: SampleSettings, extra: dict[str, Any] | None = None
+    ) -> dict[str, Any]:
+        """What is recorded with the sample ``name``: the job, the settings and :attr:`info`."""
         record = {
             "file": name,
+            **(extra or {}),
             "prompt": job.prompt,
             "seed": job.seed,
             "steps": settings.steps,
@@ -320,13 +397,20 @@ class SampleWriter:
         }
         if "lora" in self.info:
             record["lora_scale"] = settings.lora_scale
+        return record
+
+    def _save(self, image: Image.Image, record: dict[str, Any], job: SampleJob) -> Path:
+        """Write ``image`` as ``record["file"]`` with ``record`` in its PNG text chunks, and append
+        ``record`` to ``samples.jsonl``."""
+        from PIL.PngImagePlugin import PngInfo
+
         chunks = PngInfo()
         for key, value in record.items():
             if key != "file":
                 chunks.add_text(key, str(value))
         chunks.add_text("software", f"flowtune {__version__}")
         chunks.add_text("flowtune", json.dumps(record, sort_keys=True))
-        path = self.out_dir / name
+        path = self.out_dir / record["file"]
         with atomic_path(path) as tmp:
             image.save(tmp, format="PNG", pnginfo=chunks)
         records = self.out_dir / SAMPLES_FILE
@@ -345,6 +429,35 @@ class SampleWriter:
         with atomic_path(path) as tmp:
             sheet.save(tmp, format="PNG")
         return path
+
+
+def frame_strip(frames: Sequence[Image.Image]) -> Image.Image:
+    """A clip's frames side by side, left to right, in one RGB image (F x W wide, H high)."""
+    from PIL import Image
+
+    width, height = frames[0].size
+    strip = Image.new("RGB", (width * len(frames), height))
+    for k, frame in enumerate(frames):
+        strip.paste(frame.convert("RGB"), (k * width, 0))
+    return strip
+
+
+def write_mp4(frames: Sequence[Image.Image], path: Path, fps: int) -> None:
+    """Write frames as an H.264 MP4 (PyAV's libx264, yuv420p, CRF 17: visually lossless) at
+    ``fps`` frames per second, atomically (:func:`flowtune.fileio.atomic_path`)."""
+    import av
+
+    width, height = frames[0].size
+    with atomic_path(path) as tmp, av.open(tmp, mode="w", format="mp4") as container:
+        stream = container.add_stream("libx264", rate=int(fps))
+        # yuv420p (what players expect) halves the chroma resolution: sides must be even.
+        stream.width, stream.height = width - width % 2, height - height % 2
+        stream.pix_fmt = "yuv420p"
+        stream.options = {"crf": "17"}
+        for frame in frames:
+            image = frame.convert("RGB").crop((0, 0, stream.width, stream.height))
+            container.mux(stream.encode(av.VideoFrame.from_image(image)))
+        container.mux(stream.encode())  # flush the encoder
 
 
 def contact_sheet(
@@ -604,6 +717,9 @@ def source_from_checkpoint(ckpt: Path, base_model: str | None = None) -> SampleS
             "negative_prompt": v.negative_prompt,
             "height": v.height,
             "width": v.width,
+            "frames": v.frames,
+            # The clips' frame rate: the one the LoRA was trained at (data.fps), when set.
+            "fps": round(recipe.data.fps) if recipe.data.fps is not None else None,
             "max_sequence_length": recipe.data.max_sequence_length,
         },
         prompts=list(v.prompts),
@@ -744,6 +860,7 @@ def sample(
                     raise FlowtuneError(str(exc)) from None
                 inputs.append({"prompt": prompt, **extra})
         jobs = plan_jobs(prompts, settings, inputs, references)
+        fps = settings.frame_rate(spec) if spec.frame_granularity > 0 else None
         paths = []
         try:
             if cpu_offload:
@@ -751,7 +868,9 @@ def sample(
             else:
                 pipe.to(device)
             for done, job in enumerate(jobs, start=1):
-                paths.append(writer.add(generate(pipe, job, settings, spec), job, settings))
+                paths.append(
+                    writer.add_sample(generate_frames(pipe, job, settings, spec), job, settings, fps)
+                )
                 if progress is not None:
                     progress(done, len(jobs), paths[-1])
         except torch.OutOfMemoryError:

@@ -2,7 +2,9 @@
 per family of :mod:`flowtune.families`): ``flowtune make-tiny`` -> ``make-dataset`` ->
 ``preprocess`` -> a few LoRA training steps, stopped by a signal and resumed bit for bit ->
 ``flowtune sample`` equal to the family's own diffusers pipeline with the LoRA loaded -> the
-LoRA's export loading back in that pipeline with the same images.
+LoRA's export loading back in that pipeline with the same images.  Video families
+(``FamilySpec.frame_granularity`` > 0) train on clips (``make-dataset --video``) and sample clips,
+compared frame by frame.
 
 A new family passes this file once it is registered, plus one line in ``REFERENCE_CALLS`` if it
 needs reference images."""
@@ -34,6 +36,12 @@ PROMPT = "a blue square"
 TEXT_TOKENS = 48  # room for FLUX.2's system message before the caption
 HEIGHT, WIDTH = 32, 48  # sampling size (not square, so that height and width cannot be swapped)
 GUIDANCE = 2.5  # the family's guidance_argument (above 1: classifier-free guidance is on where it is one)
+
+
+# Video families (FamilySpec.frame_granularity > 0) sample clips of this many frames (granularity
+# + 1: two latent frames), written as an MP4 and a frame strip, the PNG compared here.
+def _frames(spec: FamilySpec) -> int | None:
+    return spec.frame_granularity + 1 if spec.frame_granularity else None
 
 
 def _match_target_kontext(image: Image.Image, pipe: Any, height: int, width: int) -> dict[str, Any]:
@@ -85,11 +93,15 @@ def _recipe(root: Path, spec: FamilySpec) -> Path:
     path = root / "recipe.yaml"
     resize = ", control_resize: match_target" if _needs_references(spec) else ""
     images = f", images: ['{root / 'data' / 'control' / '0000.png'}']" if _needs_references(spec) else ""
+    clips = ""
+    if _frames(spec) is not None:  # trains on clips of that many frames and samples them
+        images += f", frames: {_frames(spec)}"
+        clips = f", frames: {_frames(spec)}"
     path.write_text(
         f"model: {{family: {spec.name}, pretrained: '{root / 'tiny'}', dtype: float32}}\n"
         "lora: {rank: 4, alpha: 8, init: gaussian}\n"
         f"data: {{source: '{root / 'data'}', cache_dir: '{root / 'cache'}', resolution: 32,"
-        f" max_sequence_length: {TEXT_TOKENS}{resize}}}\n"
+        f" max_sequence_length: {TEXT_TOKENS}{resize}{clips}}}\n"
         "train: {max_steps: 3, seed: 0, mixed_precision: 'no', checkpoint_every: 3, batch_size: 2,"
         " log_every: 1}\n"
         f"validation: {{prompts: ['{PROMPT}'], every: 0, seed: 5, steps: 2, guidance: {GUIDANCE},"
@@ -131,8 +143,10 @@ def family(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFact
     root = tmp_path_factory.mktemp(f"contract-{spec.name}")
     made = cli("make-tiny", spec.name, root / "tiny")
     assert made.returncode == 0, made.stderr
-    edit = ["--edit-pairs"] if _needs_references(spec) else []
-    made = cli("make-dataset", root / "data", "--count", "4", "--size", "32x32", *edit)
+    kind = ["--edit-pairs"] if _needs_references(spec) else []
+    if _frames(spec) is not None:  # clips of a moving shape
+        kind = ["--video", "--frames", str(_frames(spec))]
+    made = cli("make-dataset", root / "data", "--count", "4", "--size", "32x32", *kind)
     assert made.returncode == 0, made.stderr
     recipe = _recipe(root, spec)
     made = cli("preprocess", recipe)
@@ -188,18 +202,23 @@ def _images(family: dict[str, Any], pipe: Any, seed: int = 5) -> np.ndarray:
     if spec.negative_prompt is not None:  # classifier-free guidance against the family's default
         extra["negative_prompt"] = spec.negative_prompt
     extra[spec.guidance_argument] = GUIDANCE
-    return np.asarray(
-        pipe(
-            prompt=PROMPT, height=HEIGHT, width=WIDTH, num_inference_steps=2, max_sequence_length=TEXT_TOKENS,
-            generator=torch.Generator().manual_seed(seed), **extra,
-        ).images[0]
+    if _frames(spec) is not None:  # video pipelines return numpy frames unless asked for PIL
+        extra.update(num_frames=_frames(spec), output_type="pil")
+    output = pipe(
+        prompt=PROMPT, height=HEIGHT, width=WIDTH, num_inference_steps=2, max_sequence_length=TEXT_TOKENS,
+        generator=torch.Generator().manual_seed(seed), **extra,
     )  # fmt: skip
+    if _frames(spec) is not None:  # the clip's frames side by side, as flowtune's frame strip
+        return np.concatenate([np.asarray(frame) for frame in output.frames[0]], axis=1)
+    return np.asarray(output.images[0])
 
 
 def test_sample_equals_the_family_pipeline_with_the_lora(family, run, tmp_path) -> None:
     image = []
     if _needs_references(family["spec"]):
         image = ["--image", str(family["root"] / "data" / "control" / "0000.png")]
+    if _frames(family["spec"]) is not None:
+        image = ["--frames", str(_frames(family["spec"]))]
     out = tmp_path / "out"
     result = cli(
         "sample", "--ckpt", run, "-p", PROMPT, "--seed", "5", "--steps", "2", "--guidance", str(GUIDANCE),

@@ -18,7 +18,7 @@ from flowtune.families.qwen_image_edit.adapter import QwenImageEditAdapter
 from flowtune.families.qwen_image_edit.encoder import QwenImageEditEncoder
 from flowtune.flow_matching import FlowMatchingContext
 from flowtune.tiny import make_tiny
-from tests.helpers import learning_targets, small_reference_areas
+from tests.helpers import learning_targets, small_reference_areas, transformer_calls
 
 TEXT = torch.randn(1, 7, 32, generator=torch.Generator().manual_seed(3))  # stands for the VL prompt's
 
@@ -71,23 +71,12 @@ def _images(*sizes: tuple[int, int]) -> list[Image.Image]:
 
 def _pipeline_calls(pipe, images, height: int, width: int) -> tuple[list[dict], list[torch.Tensor]]:
     """The two transformer calls of the edit pipeline's first step (instruction, then negative)."""
-    calls: list[dict] = []
-    outputs: list[torch.Tensor] = []
-    pre = pipe.transformer.register_forward_pre_hook(
-        lambda m, a, kw: calls.append({k: v.clone() if torch.is_tensor(v) else v for k, v in kw.items()}),
-        with_kwargs=True,
-    )
-    post = pipe.transformer.register_forward_hook(lambda m, a, out: outputs.append(out[0].clone()))
-    try:
-        pipe(
-            image=images, prompt_embeds=TEXT, prompt_embeds_mask=torch.ones(1, 7, dtype=torch.long),
-            negative_prompt_embeds=TEXT[:, :4], negative_prompt_embeds_mask=torch.ones(1, 4, dtype=torch.long),
-            true_cfg_scale=4.0, height=height, width=width, num_inference_steps=2,
-            generator=torch.Generator().manual_seed(0), output_type="latent",
-        )  # fmt: skip
-    finally:
-        pre.remove()
-        post.remove()
+    calls, outputs = transformer_calls(
+        pipe, image=images, prompt_embeds=TEXT, prompt_embeds_mask=torch.ones(1, 7, dtype=torch.long),
+        negative_prompt_embeds=TEXT[:, :4], negative_prompt_embeds_mask=torch.ones(1, 4, dtype=torch.long),
+        true_cfg_scale=4.0, height=height, width=width, num_inference_steps=2,
+        generator=torch.Generator().manual_seed(0), output_type="latent",
+    )  # fmt: skip
     return calls[:2], outputs[:2]
 
 

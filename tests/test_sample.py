@@ -288,16 +288,16 @@ def test_contact_sheet_lays_out_captioned_cells() -> None:
 def test_running_out_of_memory_is_a_message_and_keeps_the_images_made(run, tmp_path, monkeypatch) -> None:
     import flowtune.sample as sampling
 
-    real = sampling.generate
+    real = sampling.generate_frames
     calls = []
 
-    def generate(pipe, job, settings, spec):
+    def generate_frames(pipe, job, settings, spec):
         calls.append(job.seed)
         if len(calls) == 2:
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
         return real(pipe, job, settings, spec)
 
-    monkeypatch.setattr(sampling, "generate", generate)
+    monkeypatch.setattr(sampling, "generate_frames", generate_frames)
     source = source_from_checkpoint(run)
     with pytest.raises(FlowtuneError, match="out of memory on cpu after 1 of 3 images.*--cpu-offload"):
         sample(source, [PROMPT], SampleSettings(steps=1, height=32, width=32, num_images=3), tmp_path)

@@ -24,7 +24,16 @@ from flowtune.families.spec import FamilySpec
 
 # The family packages, in registration order (the order of listings and of ``model.family``'s
 # choices).
-_PACKAGES = ("flux", "flux_kontext", "flux2", "flux2_klein", "z_image", "qwen_image", "qwen_image_edit")
+_PACKAGES = (
+    "flux",
+    "flux_kontext",
+    "flux2",
+    "flux2_klein",
+    "z_image",
+    "qwen_image",
+    "qwen_image_edit",
+    "wan",
+)
 
 
 def _load_families() -> dict[str, FamilySpec]:

@@ -162,16 +162,26 @@ def _text_phase(recipe: Any, spec: FamilySpec, batch: int, fake: bool = True) ->
 
 
 def _vae_phase(
-    recipe: Any, spec: FamilySpec, batch: int, height: int, width: int, decode: bool, fake: bool = True
+    recipe: Any,
+    spec: FamilySpec,
+    batch: int,
+    height: int,
+    width: int,
+    decode: bool,
+    fake: bool = True,
+    frames: int = 1,
 ) -> tuple[int, int] | None:
-    """(weights, peak) of the VAE encoding ``batch`` images (or decoding their latents)."""
+    """(weights, peak) of the VAE encoding ``batch`` images (or decoding their latents); a video
+    family's clips of ``frames`` frames (their latents: (frames - 1) / granularity + 1 frames)."""
     from flowtune.memory.plan import LiveBytes
 
     config = component_config(recipe.model.pretrained, "vae")
     if config is None:
         return None
     dtype = getattr(torch, recipe.model.dtype)
-    frames = (1,) if spec.video_vae else ()  # a video VAE takes an image as one frame
+    # A video VAE takes an image as one frame.
+    pixel_frames = (frames,) if spec.video_vae else ()
+    latent_frames = ((frames - 1) // spec.frame_granularity + 1,) if spec.frame_granularity else pixel_frames
     tracker = LiveBytes()
     with _mode(fake), tracker:
         vae = build_component(config, dtype)
@@ -179,9 +189,9 @@ def _vae_phase(
         with torch.no_grad():
             if decode:
                 channels = int(config.get("latent_channels", config.get("z_dim", 16)))
-                vae.decode(torch.zeros(batch, channels, *frames, height // 8, width // 8, dtype=dtype))
+                vae.decode(torch.zeros(batch, channels, *latent_frames, height // 8, width // 8, dtype=dtype))
             else:
-                vae.encode(torch.zeros(batch, 3, *frames, height, width, dtype=dtype))
+                vae.encode(torch.zeros(batch, 3, *pixel_frames, height, width, dtype=dtype))
         peak = tracker.peak
     return weights, peak
 
@@ -189,14 +199,14 @@ def _vae_phase(
 def plan_preprocess(recipe: Any, spec: FamilySpec) -> PhasePlan | None:
     """The peak of ``flowtune preprocess``: its text half or its image half, the larger; None
     when neither the text encoders' nor the VAE's config is known."""
-    from flowtune.memory.steps import largest_bucket, recipe_resolutions
+    from flowtune.memory.steps import largest_bucket, recipe_frames, recipe_resolutions
 
     batch = int(recipe.data.encode_batch_size)
     width, height = largest_bucket(
         recipe_resolutions(recipe), spec.spatial_granularity, recipe.data.bucket_step
     )
     text = _text_phase(recipe, spec, batch)
-    vae = _vae_phase(recipe, spec, batch, height, width, decode=False)
+    vae = _vae_phase(recipe, spec, batch, height, width, decode=False, frames=recipe_frames(recipe, spec))
     if text is None and vae is None:
         return None
     parts = []
@@ -215,8 +225,12 @@ def plan_sampling(recipe: Any, spec: FamilySpec, trace: Any, step: Any) -> list[
     ``flowtune sample`` on the trained checkpoint (same quantization as training, all components
     on the GPU), from the training trace (``trace``: :class:`flowtune.memory.plan.Trace`, which
     ran the denoising forward at the validation size) and its plan ``step``."""
+    from flowtune.memory.steps import validation_frames
+
     height, width = int(recipe.validation.height), int(recipe.validation.width)
-    vae = _vae_phase(recipe, spec, 1, height, width, decode=True)
+    frames = validation_frames(recipe, spec)
+    vae = _vae_phase(recipe, spec, 1, height, width, decode=True, frames=frames)
+    size = f"{width}x{height}" + (f", {frames} frames" if spec.frame_granularity else "")
     vae_weights, vae_peak = vae if vae is not None else (0, 0)
     decode = vae_peak - vae_weights
     forward = trace.sampling_peak
@@ -236,7 +250,7 @@ def plan_sampling(recipe: Any, spec: FamilySpec, trace: Any, step: Any) -> list[
             PhasePlan(
                 "validation",
                 static + max(peaks),
-                [*parts, (f"denoising forward at {width}x{height}", forward), ("VAE decoding", decode)],
+                [*parts, (f"denoising forward at {size}", forward), ("VAE decoding", decode)],
             )
         )
     static = trace.counts["frozen"] + quantized + trace.counts["trainable"] + text_weights + vae_weights
@@ -246,7 +260,7 @@ def plan_sampling(recipe: Any, spec: FamilySpec, trace: Any, step: Any) -> list[
             static + max(forward, decode, text_run),
             [
                 ("transformer, LoRA, text encoders and VAE", static),
-                (f"denoising forward at {width}x{height}", forward),
+                (f"denoising forward at {size}", forward),
                 ("VAE decoding", decode),
             ],
         )

@@ -38,7 +38,6 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from flowtune.data.video import resolve_frames
 from flowtune.errors import FlowtuneError
 from flowtune.families import FamilySpec
 
@@ -259,7 +258,7 @@ def trace_recipe(recipe: Any, spec: FamilySpec) -> Trace:
         FlowtuneError: no config for ``model.pretrained``, an adapter without an example batch,
             or a recipe the plan does not cover.
     """
-    from flowtune.memory.steps import run_training_steps
+    from flowtune.memory.steps import run_training_steps, validation_frames
 
     config, source = load_transformer_config(recipe.model.pretrained)
     watch = GradInputs(spec)
@@ -277,7 +276,7 @@ def trace_recipe(recipe: Any, spec: FamilySpec) -> Trace:
             int(recipe.validation.width),
             recipe.data.max_sequence_length,
             references,
-            resolve_frames(spec, recipe.data.frames),
+            frames=validation_frames(recipe, spec),
         )
         tracker.reset_peak()
         with torch.no_grad(), autocast:

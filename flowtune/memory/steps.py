@@ -27,7 +27,6 @@ from unittest import mock
 import torch
 from torch import nn
 
-from flowtune.data.video import resolve_frames
 from flowtune.errors import FlowtuneError
 from flowtune.families import FamilySpec
 
@@ -79,6 +78,26 @@ def recipe_resolutions(recipe: Any) -> list[int]:
     """``data.resolution`` as a list of ints (it may be one number)."""
     value = recipe.data.resolution
     return [int(value)] if isinstance(value, int | float | str) else [int(r) for r in value]
+
+
+def recipe_frames(recipe: Any, spec: FamilySpec) -> int:
+    """Frames per training clip that a plan sizes a step for: ``data.frames`` with its default
+    (:func:`flowtune.data.video.resolve_frames`; 1 for image families)."""
+    from flowtune.data.video import resolve_frames
+
+    return resolve_frames(spec, recipe.data.frames)
+
+
+def validation_frames(recipe: Any, spec: FamilySpec) -> int:
+    """Frames per validation (and ``flowtune sample``) clip: ``validation.frames``, else the
+    family pipeline's default ``num_frames`` (1 for image families)."""
+    if spec.frame_granularity == 0:
+        return 1
+    if recipe.validation.frames is not None:
+        return int(recipe.validation.frames)
+    from flowtune.sample import pipeline_frames
+
+    return pipeline_frames(spec)
 
 
 def largest_bucket(resolutions: list[int], granularity: int, step: int | None) -> tuple[int, int]:
@@ -164,10 +183,13 @@ def run_training_steps(
         recipe_resolutions(recipe), spec.spatial_granularity, recipe.data.bucket_step
     )
     references = 1 if spec.reference_images and spec.uses_edit_pairs(recipe.data.edit_pairs) else 0
-    frames = resolve_frames(spec, recipe.data.frames)  # 1 for image families
     flow = create_pipeline(
         spec.adapter, OmegaConf.to_container(recipe.model.adapter), **OmegaConf.to_container(recipe.flow)
     )
+    if fake:
+        # A video batch's image-to-video choice reads its random draw back, which fake tensors
+        # cannot: the fake trace takes every clip as text-to-video.
+        flow.sample_task_types = lambda data_type, batch_size, generator=None: ("t2v", None)
     optimizer_cfg = recipe.optimizer
     if fake and optimizer_cfg.name != "adamw":  # optional packages' optimizers do not run on fake tensors
         optimizer_cfg = OmegaConf.merge(optimizer_cfg, {"name": "adamw"})
@@ -222,7 +244,7 @@ def run_training_steps(
                     width,
                     recipe.data.max_sequence_length,
                     references,
-                    frames,
+                    frames=recipe_frames(recipe, spec),
                 )
             max_norm = recipe.train.max_grad_norm if recipe.train.max_grad_norm > 0 else float("inf")
             for index in range(steps):

@@ -158,18 +158,21 @@ def _family_table() -> list[str]:
         "pipeline argument that `validation.guidance` and `flowtune sample --guidance` set, with the "
         "family's default; *negative prompt*: the default of `validation.negative_prompt` (none: the "
         "family takes none); *references*: whether it edits reference images (`data.edit_pairs`, "
-        "`validation.images`, `flowtune sample --image`).",
+        "`validation.images`, `flowtune sample --image`); *frames*: a video family's clip lengths "
+        "(`validation.frames`, `flowtune sample --frames`) and frame rate (images: one frame).",
         "",
-        "| family | diffusers pipeline | guidance | negative prompt | references | what it is |",
-        "| --- | --- | --- | --- | --- | --- |",
+        "| family | diffusers pipeline | guidance | negative prompt | references | frames | what it is |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
     ]
     for spec in FAMILIES.values():
         references = (
             "optional" if spec.references_optional else ("required" if spec.reference_images else "no")
         )
         negative = "none" if spec.negative_prompt is None else f"`{json.dumps(spec.negative_prompt)}`"
+        g = spec.frame_granularity
+        frames = f"{g}n + 1 at {spec.fps} fps" if g else "image"
         lines.append(
             f"| `{spec.name}` | `{spec.pipeline_class}` | `{spec.guidance_argument}` = {spec.guidance:g} "
-            f"| {negative} | {references} | {_escape(spec.description)} |"
+            f"| {negative} | {references} | {frames} | {_escape(spec.description)} |"
         )
     return [*lines, ""]

@@ -485,6 +485,11 @@ class Validation:
     width: int = 1024
     """Width of the sampled images in pixels (a multiple of the family's granularity)."""
 
+    frames: int | None = None
+    """Video families: frames per validation clip, the family's frame granularity times n plus
+    one (see "Model families" below); each clip is written as an MP4 and a frame strip. null =
+    the family pipeline's default. Image families: must stay null."""
+
 
 @dataclass
 class Logging:

@@ -44,7 +44,8 @@ from flowtune.sample import (
     SampleJob,
     SampleSettings,
     SampleWriter,
-    generate,
+    frame_strip,
+    generate_frames,
     load_pipeline,
     load_references,
     pair_references,
@@ -129,9 +130,12 @@ class Validator:
         self.encodes_prompts = self.encoder_class.text_uses_references
         self.settings = SampleSettings(
             seed=v.seed, steps=v.steps, guidance=v.guidance, height=v.height, width=v.width,
-            negative_prompt=v.negative_prompt,
+            negative_prompt=v.negative_prompt, frames=v.frames,
+            fps=round(recipe.data.fps) if recipe.data.fps is not None else None,  # as trained
             max_sequence_length=recipe.data.max_sequence_length if self.encodes_prompts else None,
         )  # fmt: skip
+        # Video families sample clips (an MP4 and a frame strip each) at the family's frame rate.
+        self.fps = self.settings.frame_rate(spec) if spec.frame_granularity > 0 else None
         if self.encodes_prompts:  # generate() adds the negative prompt to a text prompt
             self._prompt_inputs = [{"prompt": p} for p in self.prompts]
         else:
@@ -243,7 +247,8 @@ class Validator:
 
     def images(self, model: nn.Module, step: int, device: torch.device, write: bool = True) -> list[Any]:
         """Sample the validation prompts into ``OUTPUT/samples/step-NNNNNN/`` (``write=False``: only
-        take part in the sampling, as FSDP needs every process to); returns the PIL images."""
+        take part in the sampling, as FSDP needs every process to); returns the PIL images (a video
+        family's: each clip's frame strip)."""
         if not self.prompts:
             return []
         pipe = self._pipeline(model, device)
@@ -269,10 +274,10 @@ class Validator:
                 )
             job = SampleJob(prompt, self.settings.seed, inputs, refs)
             with self.accelerator.autocast():
-                image = generate(pipe, job, self.settings, self.spec)
+                frames = generate_frames(pipe, job, self.settings, self.spec)
             if writer is not None:
-                writer.add(image, job, self.settings)
-            images.append(image)
+                writer.add_sample(frames, job, self.settings, self.fps)
+            images.append(frames[0] if self.fps is None else frame_strip(frames))
         if writer is not None:
             writer.write_grid()
         return images

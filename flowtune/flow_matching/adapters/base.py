@@ -65,8 +65,8 @@ class FlowMatchingContext:
 @dataclass(frozen=True)
 class ExampleSize:
     """The size of an example batch (:meth:`ModelAdapter.example_batch`): ``batch_size`` images of
-    ``height x width`` pixels with captions of ``text_tokens`` tokens; for a video family, clips
-    of ``frames`` frames (``data.frames``; 1 for images, which image families' adapters ignore)."""
+    ``height x width`` pixels with captions of ``text_tokens`` tokens; for video families, clips of
+    ``frames`` frames (1: a still image; image families ignore it)."""
 
     batch_size: int
     height: int
@@ -102,9 +102,9 @@ class ModelAdapter(ABC):
         frames: int = 1,
     ) -> dict[str, torch.Tensor]:
         """A batch shaped like the preprocess cache's for a model with transformer ``config``
-        (its ``config.json``): images of ``height x width`` pixels, captions of ``text_tokens``
-        tokens, ``references`` reference images of the same size (``control_latents_k``, shaped
-        like ``image_latents``); a video family's clips of ``frames`` frames.  Random values, made with torch's factory functions so that it
+        (its ``config.json``): images of ``height x width`` pixels (clips of ``frames`` frames
+        for video families), captions of ``text_tokens`` tokens, ``references`` reference images
+        of the same size (``control_latents_k``, shaped like ``image_latents``).  Random values, made with torch's factory functions so that it
         works on fake tensors (``flowtune plan`` traces a training step on it).  The shapes are
         the adapter's :meth:`example_shapes`.
 

@@ -1,0 +1,64 @@
+"""Wan 2.1 text-to-video (``model.family: wan``): its registry entry, :data:`SPEC`.
+
+Alibaba's Wan 2.1 T2V (1.3B and 14B): a DiT over 1x2x2 patches of a causal 3D VAE's latents
+(16 channels, 8x spatial and 4x temporal compression), cross-attending to UMT5-XXL caption
+embeddings zero-padded to 512 tokens; classifier-free guidance against a negative prompt.  Still
+images train as one-frame clips.  The family's code: :mod:`.adapter` (``WanAdapter``),
+:mod:`.encoder` (``WanEncoder``), :mod:`.naming` (``WAN_NAMING``: Wan's original module names
+for kohya / ComfyUI export), :mod:`.quantize`, :mod:`.tiny` (``build_tiny_wan``).
+"""
+
+from __future__ import annotations
+
+from flowtune.families.spec import FamilySpec
+from flowtune.families.wan.quantize import ENCODER_QUANTIZE_SKIP, QUANTIZE_SKIP
+
+# Every block's self-attention (attn1) and text cross-attention (attn2) projections and its
+# feed-forward, as musubi-tuner and diffusers' Wan LoRAs train them; the modulation is a
+# parameter table (scale_shift_table), not a layer.
+LORA_TARGETS = (
+    "attn1.to_q",
+    "attn1.to_k",
+    "attn1.to_v",
+    "attn1.to_out.0",
+    "attn2.to_q",
+    "attn2.to_k",
+    "attn2.to_v",
+    "attn2.to_out.0",
+    "ffn.net.0.proj",
+    "ffn.net.2",
+)
+
+# 30 (1.3B) or 40 (14B) blocks, nothing else.
+BLOCK_LISTS = (("blocks", "num_layers"),)
+
+SPEC = FamilySpec(
+    name="wan",
+    description="Wan 2.1 T2V (1.3B, 14B): text-to-video, UMT5-XXL text encoder, causal 3D VAE "
+    "(16 channels, 4x temporal), classifier-free guidance",
+    adapter="wan",
+    adapter_class="flowtune.families.wan.adapter:WanAdapter",
+    pipeline_class="WanPipeline",
+    transformer_class="WanTransformer3DModel",
+    lora_target_modules=LORA_TARGETS,
+    # WanPipeline rounds sides down to multiples of vae_scale_factor_spatial x patch (8 x 2).
+    spatial_granularity=16,
+    tiny_builder="flowtune.families.wan.tiny:build_tiny_wan",
+    encoder="flowtune.families.wan.encoder:WanEncoder",
+    lora_original_names="flowtune.families.wan.naming:WAN_NAMING",
+    block_lists=BLOCK_LISTS,
+    quantize_skip=QUANTIZE_SKIP,
+    encoder_quantize_skip=ENCODER_QUANTIZE_SKIP,
+    # The 14B model has the 1.3B's text encoder and VAE.
+    component_sources=(("Wan-AI/Wan2.1-T2V-14B-Diffusers", "Wan-AI/Wan2.1-T2V-1.3B-Diffusers"),),
+    adapter_arguments=(),  # WanAdapter takes none
+    # WanPipeline's classifier-free guidance, uncond + guidance_scale * (cond - uncond), runs when
+    # guidance_scale > 1 (its default 5.0).  Given no negative prompt, its encode_prompt encodes
+    # "" (``negative_prompt or ""``): the family's default negative prompt is that empty one.
+    guidance_argument="guidance_scale",
+    guidance=5.0,
+    negative_prompt="",
+    video_vae=True,  # AutoencoderKLWan: an image is a one-frame video
+    frame_granularity=4,  # 4n + 1 frames: the VAE keeps the first frame and packs 4 per latent frame
+    fps=16,
+)
