@@ -8,6 +8,10 @@ from dataclasses import dataclass
 from importlib import import_module
 from typing import Any
 
+GUIDER = "guider"
+"""``FamilySpec.guidance_argument`` of pipelines that take their classifier-free guidance scale
+from their ``guider`` component instead of a ``__call__`` argument (HunyuanVideo 1.5)."""
+
 
 @dataclass(frozen=True)
 class FamilySpec:
@@ -61,7 +65,10 @@ class FamilySpec:
         guidance_argument: The keyword of the pipeline's ``__call__`` that flowtune's guidance
             (``validation.guidance``, ``flowtune sample --guidance``) sets: ``guidance_scale``
             (FLUX's distilled guidance, or classifier-free guidance where the pipeline does it),
-            ``true_cfg_scale`` (Qwen-Image's classifier-free guidance).
+            ``true_cfg_scale`` (Qwen-Image's classifier-free guidance); or :data:`GUIDER`: the
+            pipeline's ``__call__`` takes none, and its ``guider`` component (diffusers'
+            ``ClassifierFreeGuidance``) is replaced by a copy with that ``guidance_scale``
+            (:meth:`FamilySpec.guidance_inputs`).
         guidance: The guidance value sampling uses when the recipe or command line gives none.
         adapter_arguments: ``(name, type)`` pairs of the keyword arguments the adapter's
             constructor takes (``model.adapter``), types as ``"float"``, ``"int"``, ``"bool"`` or
@@ -143,6 +150,15 @@ class FamilySpec:
         ``negative_prompt`` (the recipe's ``validation.negative_prompt``, which defaults to the
         family's), else the family's ``implicit_negative_prompt``."""
         return negative_prompt if negative_prompt is not None else self.implicit_negative_prompt
+
+    def guidance_inputs(self, pipe: Any, guidance: float) -> dict[str, float]:
+        """Set ``guidance`` for the next call of ``pipe`` (the family's pipeline): the keyword
+        arguments to pass, or, for :data:`GUIDER` families, none (``pipe.guider`` is replaced by
+        a copy with that ``guidance_scale``)."""
+        if self.guidance_argument == GUIDER:
+            pipe.guider = pipe.guider.new(guidance_scale=guidance)
+            return {}
+        return {self.guidance_argument: guidance}
 
     def lora_class(self) -> type:
         """The class whose LoRA methods write and read the family's LoRA files: ``lora_loader``

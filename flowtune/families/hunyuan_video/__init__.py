@@ -8,7 +8,7 @@ names), :mod:`.quantize`, :mod:`.tiny` (``build_tiny_hunyuan_video``).
 from __future__ import annotations
 
 from flowtune.families.hunyuan_video.quantize import ENCODER_QUANTIZE_SKIP, QUANTIZE_SKIP
-from flowtune.families.spec import FamilySpec
+from flowtune.families.spec import GUIDER, FamilySpec
 
 # The attention projections of both streams (video: to_q/k/v/out, text: add_*_proj/to_add_out)
 # and both streams' feed-forward layers, in the 54 double-stream blocks only (the text token
@@ -73,7 +73,7 @@ SPEC = FamilySpec(
     # The pipelines sample with classifier-free guidance through their guider component
     # (ClassifierFreeGuidance, guidance_scale 6.0 in the hub models' guider/config.json; 1.0 in
     # the distilled ones); __call__ takes no guidance argument: sampling sets the guider's.
-    guidance_argument="guidance_scale",
+    guidance_argument=GUIDER,
     guidance=6.0,
     # The pipelines' negative prompt when given none: "" (encoded as the user turn " ", no glyph
     # text).

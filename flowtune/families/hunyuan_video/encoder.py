@@ -28,7 +28,6 @@ the first latent frame of a clip is its first frame's own latent, the image-to-v
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar
@@ -52,17 +51,6 @@ def has_image_encoder(model_dir: Path) -> bool:
         return False
     components = json.loads(index.read_text(encoding="utf-8"))
     return all(isinstance(components.get(name), list) and components[name][0] for name in VISION_COMPONENTS)
-
-
-def folder_pipeline_class(model_dir: Path, spec: FamilySpec) -> str:
-    """The model folder's pipeline class (its model_index.json ``_class_name``) if it is one of
-    the family's, else the family's ``pipeline_class``."""
-    index = Path(model_dir) / "model_index.json"
-    if index.is_file():
-        name = json.loads(index.read_text(encoding="utf-8")).get("_class_name")
-        if name in spec.pipeline_classes:
-            return name
-    return spec.pipeline_class
 
 
 def valid_rows(embeddings: torch.Tensor, mask: torch.Tensor) -> list[torch.Tensor]:
@@ -103,9 +91,8 @@ class HunyuanVideoEncoder(FamilyEncoder):
             self.image_fields = {"video_latents": False, "image_embeds": False}
 
     def load(self, *, images: bool, texts: bool) -> None:
-        """Load as :meth:`FamilyEncoder.load`, through the folder's own pipeline class (an
-        image-to-video folder does not load as ``HunyuanVideo15Pipeline``: diffusers refuses its
-        extra components); the text encoder pads to ``max_sequence_length`` tokens (the
+        """Load as :meth:`FamilyEncoder.load` (an image-to-video folder through its own pipeline
+        class: :func:`flowtune.encoders.base.load_pipeline`); the text encoder pads to ``max_sequence_length`` tokens (the
         pipeline's ``tokenizer_max_length``, 1000).  The VAE is always loaded (the pipelines'
         constructors read its config), and kept in CPU memory when only texts are encoded."""
         from flowtune.encoders.base import load_pipeline
@@ -116,7 +103,7 @@ class HunyuanVideoEncoder(FamilyEncoder):
         if not texts:
             without += self.text_components
         self.pipe = load_pipeline(
-            dataclasses.replace(self.spec, pipeline_class=folder_pipeline_class(self.model_dir, self.spec)),
+            self.spec,
             self.model_dir,
             dtype=self.dtype,
             device=self.device,
