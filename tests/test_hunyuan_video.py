@@ -399,3 +399,16 @@ def test_bundled_configs_build_at_the_published_sizes(component, billions) -> No
             model = build_component(component_config(hub, component), torch.bfloat16)
     size = sum(p.numel() for p in model.parameters()) / 1e9
     assert billions[0] < size < billions[1], size
+
+
+def test_plan_says_in_one_line_that_it_cannot_trace_the_family(t2v_dir: Path, tmp_path: Path) -> None:
+    """The transformer branches on its inputs' values (t2v or i2v, tokens reordered by their
+    masks), which a trace on fake tensors cannot follow: `flowtune plan` says so, no traceback."""
+    from tests.helpers import assert_user_error, cli, write
+
+    recipe = write(
+        tmp_path / "recipe.yaml",
+        f"model: {{family: hunyuan-video, pretrained: '{t2v_dir}'}}\n"
+        f"data: {{source: '{tmp_path}', resolution: 32, frames: 5, max_sequence_length: 16}}\n",
+    )
+    assert_user_error(cli("plan", recipe), "flowtune plan cannot trace", "hunyuan-video")
