@@ -24,6 +24,7 @@ nothing; ``grid.png`` shows the latest run.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import json
 import math
 import re
@@ -245,14 +246,17 @@ def pipeline_frames(spec: FamilySpec) -> int:
     """The frames per clip that a video family's pipeline samples by default (its ``__call__``'s
     ``num_frames`` default, e.g. WanPipeline's 81), read without loading anything; 1 for image
     families."""
-    import inspect
-
     import diffusers
 
     if spec.frame_granularity == 0:
         return 1
     call = inspect.signature(getattr(diffusers, spec.pipeline_class).__call__)
     return int(call.parameters["num_frames"].default)
+
+
+def _takes(pipe: Any, argument: str) -> bool:
+    """Whether the pipeline's ``__call__`` has the keyword ``argument``."""
+    return argument in inspect.signature(type(pipe).__call__).parameters
 
 
 def generate_frames(
@@ -269,11 +273,12 @@ def generate_frames(
     """
     generator = torch.Generator(device="cpu").manual_seed(job.seed)
     inputs = dict(job.inputs)
-    if settings.max_sequence_length is not None:
+    # The trained text length, where the pipeline takes one (HunyuanVideo 1.5's has a fixed one).
+    if settings.max_sequence_length is not None and _takes(pipe, "max_sequence_length"):
         inputs.setdefault("max_sequence_length", settings.max_sequence_length)
     if settings.negative_prompt is not None and "prompt" in inputs:
         inputs.setdefault("negative_prompt", settings.negative_prompt)
-    inputs[spec.guidance_argument] = settings.guidance
+    inputs.update(spec.guidance_inputs(pipe, settings.guidance))
     video = spec.frame_granularity > 0
     if video and settings.frames is not None:
         inputs["num_frames"] = settings.frames
@@ -540,7 +545,6 @@ def check_lora(
         FlowtuneError: the file is missing or unreadable, was made for another family, targets
             modules this transformer does not have, or has layer sizes that do not match.
     """
-    import diffusers
 
     from flowtune.train.model import META_BASE_MODEL, META_FAMILY, read_lora_metadata
 
@@ -554,7 +558,7 @@ def check_lora(
     family = metadata.get(META_FAMILY)
     if family is not None and family != spec.name:
         raise FlowtuneError(f"{lora_file} is a LoRA for the {family} family; this model is {spec.name}")
-    pipeline_class = getattr(diffusers, spec.pipeline_class)
+    pipeline_class = spec.lora_class()
     try:
         state = pipeline_class.lora_state_dict(str(lora_file))
     except Exception as exc:  # noqa: BLE001 - diffusers' converters raise many kinds
@@ -591,18 +595,27 @@ def check_lora(
 
 
 def add_lora(pipe: Any, lora_file: Path, scale: float = 1.0) -> None:
-    """Load a LoRA file into the pipeline (``load_lora_weights``) at the given strength."""
+    """Load a LoRA file into the pipeline at the given strength: with its ``load_lora_weights``,
+    or, for pipelines without a LoRA loader (``FamilySpec.lora_loader``), with its transformer's
+    ``load_lora_adapter`` (the file's keys under the loader's ``transformer.`` prefix)."""
     lora_file = Path(lora_file)
     with warnings.catch_warnings():
         # On a torchao-quantized transformer (--quantize) peft warns that its LoRA layers cannot
         # merge into the quantized weights; sampling never merges.
         warnings.filterwarnings("ignore", message=".*get_apply_tensor_subclass")
-        pipe.load_lora_weights(str(lora_file.parent), weight_name=lora_file.name, adapter_name=ADAPTER_NAME)
-    # load_lora_weights leaves the new LoRA layers in train mode: a file that records a dropout
-    # would otherwise drop parts of the update at random while sampling.
+        if hasattr(pipe, "load_lora_weights"):
+            pipe.load_lora_weights(
+                str(lora_file.parent), weight_name=lora_file.name, adapter_name=ADAPTER_NAME
+            )
+        else:
+            pipe.transformer.load_lora_adapter(
+                str(lora_file), prefix="transformer", adapter_name=ADAPTER_NAME
+            )
+    # The loaders leave the new LoRA layers in train mode: a file that records a dropout would
+    # otherwise drop parts of the update at random while sampling.
     pipe.transformer.eval()
     if scale != 1.0:
-        pipe.set_adapters([ADAPTER_NAME], adapter_weights=[scale])
+        pipe.transformer.set_adapters([ADAPTER_NAME], weights=[scale])
 
 
 def _quantize(pipe: Any, source: SampleSource, device: str | None) -> None:

@@ -11,6 +11,7 @@ needs reference images."""
 
 from __future__ import annotations
 
+import inspect
 import signal
 from collections.abc import Callable
 from pathlib import Path
@@ -188,9 +189,28 @@ def _pipeline(family: dict[str, Any], lora: Path | None) -> Any:
     )
     pipe.register_modules(**own)
     if lora is not None:
-        pipe.load_lora_weights(lora)
+        _load_lora(pipe, lora)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def _load_lora(pipe: Any, lora: Path) -> None:
+    """The LoRA loaded as diffusers loads it: the pipeline's ``load_lora_weights``, or, for a
+    pipeline without a LoRA loader mixin (``FamilySpec.lora_loader``), its transformer's
+    ``load_lora_adapter``."""
+    if hasattr(pipe, "load_lora_weights"):
+        pipe.load_lora_weights(lora)
+    else:
+        lora = Path(lora)
+        file = lora / LORA_WEIGHTS_NAME if lora.is_dir() else lora
+        pipe.transformer.load_lora_adapter(str(file), prefix="transformer")
+
+
+def _unload_lora(pipe: Any) -> None:
+    if hasattr(pipe, "unload_lora_weights"):
+        pipe.unload_lora_weights()
+    else:
+        pipe.transformer.unload_lora()
 
 
 def _images(family: dict[str, Any], pipe: Any, seed: int = 5) -> np.ndarray:
@@ -201,11 +221,13 @@ def _images(family: dict[str, Any], pipe: Any, seed: int = 5) -> np.ndarray:
         extra = REFERENCE_CALLS[spec.name](control, pipe, HEIGHT, WIDTH)
     if spec.negative_prompt is not None:  # classifier-free guidance against the family's default
         extra["negative_prompt"] = spec.negative_prompt
-    extra[spec.guidance_argument] = GUIDANCE
+    extra.update(spec.guidance_inputs(pipe, GUIDANCE))
+    if "max_sequence_length" in inspect.signature(pipe.__call__).parameters:
+        extra["max_sequence_length"] = TEXT_TOKENS
     if _frames(spec) is not None:  # video pipelines return numpy frames unless asked for PIL
         extra.update(num_frames=_frames(spec), output_type="pil")
     output = pipe(
-        prompt=PROMPT, height=HEIGHT, width=WIDTH, num_inference_steps=2, max_sequence_length=TEXT_TOKENS,
+        prompt=PROMPT, height=HEIGHT, width=WIDTH, num_inference_steps=2,
         generator=torch.Generator().manual_seed(seed), **extra,
     )  # fmt: skip
     if _frames(spec) is not None:  # the clip's frames side by side, as flowtune's frame strip
@@ -241,8 +263,8 @@ def test_the_exported_lora_loads_back_with_the_same_images(family, run, tmp_path
     pipe = _pipeline(family, run / "final")
     from_checkpoint = _images(family, pipe)
     path = export(run, "diffusers", tmp_path / "lora.safetensors").path
-    pipe.unload_lora_weights()
-    pipe.load_lora_weights(str(path))
+    _unload_lora(pipe)
+    _load_lora(pipe, path)
     assert np.array_equal(_images(family, pipe), from_checkpoint)
     # The original-layout files (diffusers' loaders of those assume the full-size model's widths;
     # tests/test_export.py and tests/test_flux2_export.py check them against its converters).

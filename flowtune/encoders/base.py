@@ -292,7 +292,9 @@ def load_pipeline(
     without: Iterable[str] = (),
     encoder_quantize: str | None = None,
 ) -> Any:
-    """The family's diffusers pipeline from ``model_dir`` on ``device``, progress bars off.
+    """The family's diffusers pipeline from ``model_dir`` on ``device``, progress bars off: the
+    class the folder was saved by (its model_index.json) when it is one of the family's
+    (``FamilySpec.pipeline_classes``), else ``FamilySpec.pipeline_class``.
 
     Args:
         transformer: Use this transformer instead of loading ``model_dir/transformer`` (a full
@@ -307,13 +309,19 @@ def load_pipeline(
     """
     import diffusers
 
-    from flowtune.model_files import check_model_family
+    from flowtune.model_files import check_model_family, read_pipeline_class
     from flowtune.quiet import quiet_libraries
 
     check_model_family(Path(model_dir), spec)  # another family's folder: one line, before loading
     quiet_libraries()
     without = list(without)
-    pipeline_class = getattr(diffusers, spec.pipeline_class)
+    # The folder's own class when it is one of the family's (FamilySpec.other_pipeline_classes:
+    # e.g. an image-to-video checkpoint, which diffusers refuses to load as the text-to-video
+    # pipeline for its extra components).
+    class_name = read_pipeline_class(Path(model_dir))
+    pipeline_class = getattr(
+        diffusers, class_name if class_name in spec.pipeline_classes else spec.pipeline_class
+    )
     components = spec.load_encoder_class().pipeline_components(Path(model_dir), without)
     # The family's own components are set after loading: diffusers refuses a component of another
     # class than model_index.json names (FLUX.2 [dev]'s tokenizer is a PixtralProcessor).

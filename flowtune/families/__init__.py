@@ -33,6 +33,7 @@ _PACKAGES = (
     "qwen_image",
     "qwen_image_edit",
     "wan",
+    "hunyuan_video",
 )
 
 

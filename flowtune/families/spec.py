@@ -8,6 +8,10 @@ from dataclasses import dataclass
 from importlib import import_module
 from typing import Any
 
+GUIDER = "guider"
+"""``FamilySpec.guidance_argument`` of pipelines that take their classifier-free guidance scale
+from their ``guider`` component instead of a ``__call__`` argument (HunyuanVideo 1.5)."""
+
 
 @dataclass(frozen=True)
 class FamilySpec:
@@ -61,7 +65,10 @@ class FamilySpec:
         guidance_argument: The keyword of the pipeline's ``__call__`` that flowtune's guidance
             (``validation.guidance``, ``flowtune sample --guidance``) sets: ``guidance_scale``
             (FLUX's distilled guidance, or classifier-free guidance where the pipeline does it),
-            ``true_cfg_scale`` (Qwen-Image's classifier-free guidance).
+            ``true_cfg_scale`` (Qwen-Image's classifier-free guidance); or :data:`GUIDER`: the
+            pipeline's ``__call__`` takes none, and its ``guider`` component (diffusers'
+            ``ClassifierFreeGuidance``) is replaced by a copy with that ``guidance_scale``
+            (:meth:`FamilySpec.guidance_inputs`).
         guidance: The guidance value sampling uses when the recipe or command line gives none.
         adapter_arguments: ``(name, type)`` pairs of the keyword arguments the adapter's
             constructor takes (``model.adapter``), types as ``"float"``, ``"int"``, ``"bool"`` or
@@ -91,6 +98,11 @@ class FamilySpec:
             [C, F', H/8, W/8] with F' = (frames - 1) / frame_granularity + 1.
         fps: A video family's frame rate (the rate its models were trained at): ``data.fps``
             and ``flowtune sample --fps`` default to it.  0 for an image family.
+        lora_loader: ``"module:Class"`` of the diffusers LoRA loader mixin whose LoRA file layout
+            and methods (``transformer_name``, ``pack_weights``, ``save_lora_weights``,
+            ``lora_state_dict``) flowtune uses for the family's LoRA files, for a pipeline class
+            that has none (diffusers 0.42's ``HunyuanVideo15Pipeline``).  None: the pipeline
+            class's own (:meth:`lora_class`).
     """
 
     name: str
@@ -119,6 +131,7 @@ class FamilySpec:
     video_vae: bool = False
     frame_granularity: int = 0
     fps: int = 0
+    lora_loader: str | None = None
 
     @property
     def pipeline_classes(self) -> tuple[str, ...]:
@@ -137,6 +150,24 @@ class FamilySpec:
         ``negative_prompt`` (the recipe's ``validation.negative_prompt``, which defaults to the
         family's), else the family's ``implicit_negative_prompt``."""
         return negative_prompt if negative_prompt is not None else self.implicit_negative_prompt
+
+    def guidance_inputs(self, pipe: Any, guidance: float) -> dict[str, float]:
+        """Set ``guidance`` for the next call of ``pipe`` (the family's pipeline): the keyword
+        arguments to pass, or, for :data:`GUIDER` families, none (``pipe.guider`` is replaced by
+        a copy with that ``guidance_scale``)."""
+        if self.guidance_argument == GUIDER:
+            pipe.guider = pipe.guider.new(guidance_scale=guidance)
+            return {}
+        return {self.guidance_argument: guidance}
+
+    def lora_class(self) -> type:
+        """The class whose LoRA methods write and read the family's LoRA files: ``lora_loader``
+        where set, else the diffusers pipeline class."""
+        if self.lora_loader is not None:
+            return _import_object(self.lora_loader)
+        import diffusers
+
+        return getattr(diffusers, self.pipeline_class)
 
     def load_adapter_class(self) -> type:
         """Import and return the family's adapter class."""

@@ -182,7 +182,7 @@ def merge_lora(
     if recipe.model.variant is not None:
         kwargs["variant"] = recipe.model.variant
     transformer = getattr(diffusers, spec.transformer_class).from_pretrained(model_dir, **kwargs)
-    prefix = getattr(diffusers, spec.pipeline_class).transformer_name
+    prefix = spec.lora_class().transformer_name
     transformer.load_lora_adapter(
         str(lora_file.parent), weight_name=lora_file.name, prefix=prefix, adapter_name="flowtune"
     )

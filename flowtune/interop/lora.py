@@ -316,10 +316,9 @@ def write_lora(
     Raises:
         FlowtuneError: the family has no original layout, or the LoRA has modules outside it.
     """
-    import diffusers
     from safetensors.torch import save_file
 
-    prefix = getattr(diffusers, spec.pipeline_class).transformer_name
+    prefix = spec.lora_class().transformer_name
     if fmt == "diffusers":
         from safetensors import safe_open
 

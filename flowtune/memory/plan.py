@@ -35,6 +35,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch._subclasses.fake_tensor import DataDependentOutputException, DynamicOutputShapeException
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
@@ -302,6 +303,14 @@ def trace_recipe(recipe: Any, spec: FamilySpec) -> Trace:
         )
     except NotImplementedError:
         raise FlowtuneError(f"flowtune plan does not cover model family {spec.name!r} yet") from None
+    except (DataDependentOutputException, DynamicOutputShapeException):
+        # The transformer's forward branches on tensor values or makes value-dependent shapes
+        # (e.g. tokens reordered by their masks), which a trace on fake tensors cannot follow.
+        raise FlowtuneError(
+            f"flowtune plan cannot trace the {spec.transformer_class} of model family {spec.name!r}: "
+            "its forward depends on the values of its inputs; the family's recipe comments give "
+            "its memory figures"
+        ) from None
     return Trace(
         run.model,
         run.counts(),

@@ -253,7 +253,6 @@ def save_lora(
         state: The weights, already gathered by :func:`lora_state_dict` (under FSDP every process
             gathers, one writes); None = taken from ``transformer``.
     """
-    import diffusers
     from diffusers.loaders.lora_base import LORA_ADAPTER_METADATA_KEY
     from safetensors.torch import save_file
 
@@ -283,7 +282,7 @@ def save_lora(
         "alpha_pattern": dict(trained.get("rank_pattern") or {}),
         "use_rslora": False,
     }
-    pipeline_class = getattr(diffusers, spec.pipeline_class)
+    pipeline_class = spec.lora_class()  # the pipeline class, or the family's lora_loader
 
     def write(weights: dict[str, torch.Tensor], name: str, peft_config: dict, extra: dict[str, str]) -> None:
         if dtype is not None:
