@@ -1,11 +1,11 @@
 """HunyuanVideo 1.5's quantization choices (``FamilySpec.quantize_skip`` / ``encoder_quantize_skip``)."""
 
-# Kept in model.dtype under model.quantize: the input projections of the latents (x_embedder),
-# the image, Qwen2.5-VL (context_embedder: its token refiner too) and ByT5 embeddings, the
-# timestep embedder, and the output norm and projection: small, and sensitive to rounding.  The
-# 54 double-stream blocks, modulation layers included, are quantized.
+# Kept in model.dtype under model.quantize: the input projections of the image, Qwen2.5-VL
+# (context_embedder: its token refiner too) and ByT5 embeddings, the timestep embedder, and the
+# output norm and projection: small, and sensitive to rounding.  (The latents' patch embedding,
+# x_embedder, is a Conv3d, which model.quantize never touches.)  The 54 double-stream blocks,
+# modulation layers included, are quantized.
 QUANTIZE_SKIP = (
-    "x_embedder",
     "image_embedder",
     "context_embedder",
     "context_embedder_2",
