@@ -42,7 +42,9 @@ from tests.helpers import (
 
 pytestmark = [pytest.mark.slow, pytest.mark.processes]
 
-SEEDS = [5, 11]  # FLUX.1's data seeds
+# FLUX.1's data seeds.  Seed 11 ran here too until the suite grew past its 8-minute budget; the
+# margins below were measured on seeds 3, 5, 7, 11 and 13 (`SEEDS = [5, 11]` to run both).
+SEEDS = [5]
 
 FLUX2_TEXT_TOKENS = 48  # the tiny Mistral's system message takes ~30 tokens before the caption
 # The LoRA also adapts FLUX.2's modulation layers (FLUX2_MODULATION_TOO, tests/helpers.py).
