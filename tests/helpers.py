@@ -464,3 +464,40 @@ def small_reference_areas(area: int = 128 * 128) -> Iterator[None]:
 
     with mock.patch.multiple(edit_plus, VAE_IMAGE_SIZE=area, CONDITION_IMAGE_SIZE=area):
         yield
+
+
+def assert_offloaded_blocks_train_the_same_lora(
+    spec: Any, model: Path, inputs: dict[str, Any], checkpointing: bool, resident: tuple[int, ...] = (0, 1)
+) -> None:
+    """``train.block_offload``: 3 LoRA steps of ``spec``'s transformer from ``model`` on
+    ``inputs`` (its keyword inputs; loss = mean squared output) give the same losses and LoRA,
+    bit for bit, with each count of ``resident`` blocks as without offload, every use of an
+    offloaded weight while its block is on the device (strict)."""
+    import torch
+
+    from flowtune.train import offload
+    from flowtune.train.model import add_lora, load_transformer
+
+    def steps(kept: int | None) -> tuple[list[float], list[Any]]:
+        torch.manual_seed(0)
+        transformer = load_transformer(spec, model, torch.float32)
+        params = add_lora(transformer, spec, rank=4, alpha=4, init="gaussian")
+        if checkpointing:
+            transformer.enable_gradient_checkpointing()
+        if kept is not None:
+            offload.offload_blocks(transformer, spec, kept, torch.device("cpu"), strict=True)
+        optimizer = torch.optim.AdamW(params, lr=1e-2)
+        losses = []
+        for _ in range(3):
+            loss = transformer(**inputs)[0].pow(2).mean()
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            losses.append(loss.item())
+        return losses, [p.detach().clone() for p in params]
+
+    losses, lora = steps(None)
+    for kept in resident:
+        offloaded, offloaded_lora = steps(kept)
+        assert offloaded == losses, kept
+        assert all(torch.equal(a, b) for a, b in zip(lora, offloaded_lora, strict=True)), kept

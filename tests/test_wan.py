@@ -329,8 +329,7 @@ def test_offloaded_blocks_train_the_same_lora(model) -> None:
     checkpointing: 3 LoRA steps on clip latents with none or one of the two blocks resident equal
     the steps without offload, every use of an offloaded weight while its block is on the device
     (strict)."""
-    from flowtune.train import offload
-    from flowtune.train.model import add_lora, load_transformer
+    from tests.helpers import assert_offloaded_blocks_train_the_same_lora
 
     g = torch.Generator().manual_seed(0)
     inputs = {
@@ -340,28 +339,7 @@ def test_offloaded_blocks_train_the_same_lora(model) -> None:
         "return_dict": False,
     }
 
-    def steps(resident: int | None) -> tuple[list[float], list[torch.Tensor]]:
-        torch.manual_seed(0)
-        transformer = load_transformer(SPEC, model, torch.float32)
-        params = add_lora(transformer, SPEC, rank=4, alpha=4, init="gaussian")
-        transformer.enable_gradient_checkpointing()
-        if resident is not None:
-            offload.offload_blocks(transformer, SPEC, resident, torch.device("cpu"), strict=True)
-        optimizer = torch.optim.AdamW(params, lr=1e-2)
-        losses = []
-        for _ in range(3):
-            loss = transformer(**inputs)[0].pow(2).mean()
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad()
-            losses.append(loss.item())
-        return losses, [p.detach().clone() for p in params]
-
-    losses, lora = steps(None)
-    for resident in (0, 1):
-        offloaded, offloaded_lora = steps(resident)
-        assert offloaded == losses
-        assert all(torch.equal(a, b) for a, b in zip(lora, offloaded_lora, strict=True))
+    assert_offloaded_blocks_train_the_same_lora(SPEC, model, inputs, checkpointing=True)
 
 
 # ---------------------------------------------------------------------------------- export
