@@ -232,6 +232,7 @@ def run(model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
         f"validation: {{prompts: ['{PROMPT}'], every: 0, seed: 5, steps: 2, guidance: {GUIDANCE},"
         f" height: {HEIGHT}, width: {WIDTH}, frames: {FRAMES}}}\n"
         "optimizer: {lr: 5.0e-2}\n"
+        "logging: {trackers: [tensorboard]}\n"
     )
     recipe = load_recipe(root / "recipe.yaml")
     preprocess(recipe, console=Console(quiet=True))
@@ -249,6 +250,27 @@ def test_trains_on_clips_of_several_frames(run) -> None:
     losses = [r["loss"] for r in records if "loss" in r]
     assert len(losses) == 2 and all(np.isfinite(losses))
     assert [np.isfinite(r["val_loss"]) for r in records if "val_loss" in r] == [True]
+
+
+def test_validation_clips_play_in_tensorboard(run) -> None:
+    """The validation clip reaches TensorBoard as an animated GIF of its frames at Wan's 16 fps
+    (as SummaryWriter.add_video writes a clip), beside the frame strips in `validation`."""
+    import io
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(
+        str(next((run / "out" / "tensorboard").rglob("events.out.tfevents.*")).parent),
+        size_guidance={"images": 0},
+    )
+    events.Reload()
+    (clip,) = events.Images("validation_clips/0")
+    (strip,) = events.Images("validation")
+    assert (clip.step, clip.width, clip.height) == (2, WIDTH, HEIGHT) and strip.width == WIDTH * FRAMES
+    gif = Image.open(io.BytesIO(clip.encoded_image_string))
+    assert (
+        gif.format == "GIF" and gif.n_frames == FRAMES and abs(gif.info["duration"] - 1000 / 16) < 10
+    )  # GIF: 10 ms units
 
 
 def _pipeline_frames(model: Path, lora: Path | None) -> list[np.ndarray]:

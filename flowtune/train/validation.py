@@ -134,6 +134,7 @@ class Validator:
             fps=round(recipe.data.fps) if recipe.data.fps is not None else None,  # as trained
             max_sequence_length=recipe.data.max_sequence_length if self.encodes_prompts else None,
         )  # fmt: skip
+        self._clips: list[list[Any]] = []  # the last validation's clips (video families), for the trackers
         # Video families sample clips (an MP4 and a frame strip each) at the family's frame rate.
         self.fps = self.settings.frame_rate(spec) if spec.frame_granularity > 0 else None
         if self.encodes_prompts:  # generate() adds the negative prompt to a text prompt
@@ -249,6 +250,7 @@ class Validator:
         """Sample the validation prompts into ``OUTPUT/samples/step-NNNNNN/`` (``write=False``: only
         take part in the sampling, as FSDP needs every process to); returns the PIL images (a video
         family's: each clip's frame strip)."""
+        self._clips = []
         if not self.prompts:
             return []
         pipe = self._pipeline(model, device)
@@ -278,12 +280,16 @@ class Validator:
             if writer is not None:
                 writer.add_sample(frames, job, self.settings, self.fps)
             images.append(frames[0] if self.fps is None else frame_strip(frames))
+            if self.fps is not None:
+                self._clips.append(frames)
         if writer is not None:
             writer.write_grid()
         return images
 
     def log_images(self, images: list[Any], step: int) -> None:
-        """Send the images to the trackers (TensorBoard: one NHWC batch; W&B: a list)."""
+        """Send the images to the trackers (TensorBoard: one NHWC batch; W&B: a list).  A video
+        family's clips also go to TensorBoard as animated images (``validation_clips/K``), played
+        at the clips' frame rate (:func:`tensorboard_clip`)."""
         if not images:
             return
         for tracker in self.accelerator.trackers:
@@ -293,6 +299,12 @@ class Validator:
                     step,
                     dataformats="NHWC",
                 )
+                for k, clip in enumerate(self._clips):
+                    # SummaryWriter.add_video encodes with moviepy, which flowtune does not
+                    # install; the same animated-GIF image summary, encoded by Pillow.
+                    tracker.writer._get_file_writer().add_summary(
+                        tensorboard_clip(f"validation_clips/{k}", clip, self.fps), step
+                    )
             elif tracker.name == "wandb":
                 tracker.log_images({"validation": images}, step)
 
@@ -331,3 +343,20 @@ class Validator:
                     result["samples"] = str(self.output_dir / SAMPLES_DIR / checkpoint_name(step))
         acc.wait_for_everyone()
         return result
+
+
+def tensorboard_clip(tag: str, frames: list[Any], fps: int) -> Any:
+    """A TensorBoard image summary of a clip as an animated GIF (what ``SummaryWriter.add_video``
+    writes, which TensorBoard's image dashboard plays): ``frames`` (PIL images of one size) at
+    ``fps`` frames per second, looping."""
+    import io
+
+    from tensorboard.compat.proto.summary_pb2 import Summary
+
+    buffer = io.BytesIO()
+    first, *rest = [frame.convert("RGB") for frame in frames]
+    first.save(buffer, format="GIF", save_all=True, append_images=rest, duration=round(1000 / fps), loop=0)
+    image = Summary.Image(
+        height=first.height, width=first.width, colorspace=3, encoded_image_string=buffer.getvalue()
+    )
+    return Summary(value=[Summary.Value(tag=tag, image=image)])
