@@ -186,12 +186,12 @@ def pair_references(
             count that is neither 1 nor the number of prompts, a missing or unreadable file, or
             one the family's pipeline would refuse.
     """
-    if not spec.reference_images:
+    if not spec.reference_images and not spec.first_frame_images:
         if images:
             raise FlowtuneError(f"{spec.name} models take no reference image; leave out --image")
         return None
     if not images:
-        if spec.references_optional:
+        if spec.references_optional or spec.first_frame_images:
             return None
         raise FlowtuneError(f"{spec.name} models edit a reference image: give --image FILE")
     for image in images:
@@ -282,10 +282,10 @@ def generate_frames(
     video = spec.frame_granularity > 0
     if video and settings.frames is not None:
         inputs["num_frames"] = settings.frames
+    if _takes(pipe, "height"):  # image-to-video pipelines take the first frame's size
+        inputs.update(height=settings.height, width=settings.width)
     result = pipe(
         **inputs,
-        height=settings.height,
-        width=settings.width,
         num_inference_steps=settings.steps,
         generator=generator,
         output_type="pil",

@@ -412,3 +412,54 @@ def test_plan_says_in_one_line_that_it_cannot_trace_the_family(t2v_dir: Path, tm
         f"data: {{source: '{tmp_path}', resolution: 32, frames: 5, max_sequence_length: 16}}\n",
     )
     assert_user_error(cli("plan", recipe), "flowtune plan cannot trace", "hunyuan-video")
+
+
+def test_sample_starts_an_image_to_video_clip_from_its_first_frame(
+    i2v_dir: Path, t2v_dir: Path, tmp_path: Path
+) -> None:
+    """`flowtune sample --image` on an image-to-video checkpoint (FamilySpec.first_frame_images):
+    the clip equals HunyuanVideo15ImageToVideoPipeline's from that first frame, frame for frame;
+    a text-to-video checkpoint refuses the image in one line."""
+    from tests.helpers import assert_user_error, cli
+
+    first = tmp_path / "first.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (32, 48, 3), dtype=np.uint8)).save(first)
+    out = tmp_path / "out"
+    result = cli(
+        "sample", "--model", i2v_dir, "-p", "a blue square", "--image", first, "--frames", "5", "--steps", "2",
+        "--seed", "5", "--guidance", "2.5", "--out", out,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    pipe = _pipe("HunyuanVideo15ImageToVideoPipeline", i2v_dir)
+    pipe.guider = pipe.guider.new(guidance_scale=2.5)
+    frames = pipe(
+        image=Image.open(first).convert("RGB"), prompt="a blue square", negative_prompt="", num_frames=5,
+        num_inference_steps=2, generator=torch.Generator().manual_seed(5), output_type="pil",
+    ).frames[0]  # fmt: skip
+    strip = np.asarray(Image.open(out / "000000.png"))
+    assert np.array_equal(strip, np.concatenate([np.asarray(frame) for frame in frames], axis=1))
+    assert_user_error(
+        cli("sample", "--model", t2v_dir, "-p", "a blue square", "--image", first, "--out", tmp_path / "t2v"),
+        "text-to-video model",
+    )
+
+
+def test_first_frames_for_validation_need_an_image_to_video_checkpoint(t2v_dir: Path, tmp_path: Path) -> None:
+    """validation.images on a text-to-video checkpoint: `flowtune train` refuses in one line
+    before its first step (not at the first validation)."""
+    from flowtune.data.synthetic import make_video_dataset
+    from tests.helpers import assert_user_error, cli, save_image, write
+
+    make_video_dataset(tmp_path / "data", 2, sizes=[(32, 32)], frames=5)
+    save_image(tmp_path / "first.png", (32, 32))
+    recipe = write(
+        tmp_path / "recipe.yaml",
+        f"model: {{family: hunyuan-video, pretrained: '{t2v_dir}', dtype: float32}}\n"
+        f"data: {{source: '{tmp_path / 'data'}', cache_dir: '{tmp_path / 'cache'}', resolution: 32, frames: 5,"
+        " max_sequence_length: 16}\n"
+        f"train: {{output_dir: '{tmp_path / 'run'}', max_steps: 1, mixed_precision: 'no'}}\n"
+        f"validation: {{prompts: [a blue square], images: ['{tmp_path / 'first.png'}'], height: 32, width: 32}}\n",
+    )
+    assert cli("preprocess", recipe).returncode == 0
+    assert_user_error(cli("train", recipe), "validation.images", "text-to-video model")
+    assert not (tmp_path / "run" / "checkpoints").exists()

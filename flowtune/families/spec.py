@@ -44,6 +44,12 @@ class FamilySpec:
         references_optional: The family also generates from the caption alone (FLUX.2), so
             plain image datasets and sampling without ``--image`` work too; otherwise (FLUX.1
             Kontext) every example and every sample needs its reference.
+        first_frame_images: A video family whose image-to-video checkpoints (a pipeline class of
+            ``other_pipeline_classes``) start each clip from a given first frame:
+            ``flowtune sample --image FILE`` and ``validation.images`` give it, through the
+            encoder's :meth:`~flowtune.encoders.FamilyEncoder.reference_inputs`; text-to-video
+            checkpoints sample without.  Training takes the first frame from each clip itself
+            (``flow.i2v_prob``), so datasets stay plain clips.
         other_pipeline_classes: Further ``model_index.json`` ``_class_name`` values of model
             folders that hold this family's model (checkpoints saved by another pipeline class
             with the same components).
@@ -118,6 +124,7 @@ class FamilySpec:
     lora_original_names: str | None = None
     reference_images: bool = False
     references_optional: bool = False
+    first_frame_images: bool = False
     other_pipeline_classes: tuple[str, ...] = ()
     block_lists: tuple[tuple[str, str], ...] = ()
     quantize_skip: tuple[str, ...] = ()

@@ -480,7 +480,7 @@ def _check_semantics(cfg: Any) -> None:
         fail("data.edit_pairs", edit_pairs, f"model family {family.name!r} always edits a reference image")
 
     images, prompts = list(cfg.validation.images), list(cfg.validation.prompts)
-    if images and not family.reference_images:
+    if images and not family.reference_images and not family.first_frame_images:
         fail("validation.images", images, f"model family {family.name!r} takes no reference images; use []")
     required = family.reference_images and not family.references_optional
     if prompts and (images or required) and len(images) not in (1, len(prompts)):

@@ -37,6 +37,7 @@ from torch import nn
 
 from flowtune.data.loader import CacheCollator, CachedDataset
 from flowtune.data.store import CacheStore
+from flowtune.errors import FlowtuneError
 from flowtune.families import FamilySpec
 from flowtune.flow_matching import rng
 from flowtune.flow_matching.adapters.base import unwrap_model
@@ -156,7 +157,23 @@ class Validator:
             if self.prompts
             else None
         )
+        if self.references is not None and spec.first_frame_images:
+            self._check_first_frame_model()
         self._pipe: Any = None
+
+    def _check_first_frame_model(self) -> None:
+        """``validation.images`` are first frames (``FamilySpec.first_frame_images``): refuse them
+        now, before training, when the model is a text-to-video checkpoint (its folder's pipeline
+        class is the family's text-to-video ``pipeline_class``), which takes none."""
+        from flowtune.model_files import read_pipeline_class, resolve_pretrained
+
+        m = self.recipe.model
+        class_name = read_pipeline_class(resolve_pretrained(m.pretrained, m.revision, []))
+        if class_name == self.spec.pipeline_class:
+            raise FlowtuneError(
+                f"validation.images: {m.pretrained} is a text-to-video model ({class_name}); first frames "
+                "need an image-to-video checkpoint of the family. Use validation.images=[]"
+            )
 
     @property
     def enabled(self) -> bool:

@@ -65,6 +65,8 @@ SPEC = FamilySpec(
     # The image-to-video checkpoints: the same transformer and VAE, plus a SigLIP image encoder
     # (whose embeddings of a clip's first frame preprocess caches as image_embeds).
     other_pipeline_classes=("HunyuanVideo15ImageToVideoPipeline",),
+    # Their clips start from a given first frame (sample --image, validation.images).
+    first_frame_images=True,
     block_lists=BLOCK_LISTS,
     quantize_skip=QUANTIZE_SKIP,
     encoder_quantize_skip=ENCODER_QUANTIZE_SKIP,

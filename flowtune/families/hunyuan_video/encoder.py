@@ -28,9 +28,10 @@ the first latent frame of a clip is its first frame's own latent, the image-to-v
 
 from __future__ import annotations
 
+import inspect
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
@@ -186,6 +187,26 @@ class HunyuanVideoEncoder(FamilyEncoder):
             inputs[name] = embeddings
             inputs[name.replace("prompt_embeds", "prompt_embeds_mask")] = mask
         return inputs
+
+    @classmethod
+    def reference_inputs(
+        cls, pipe: Any, images: list[Image.Image], height: int, width: int, control_resize: str = "pipeline"
+    ) -> dict[str, Any]:
+        """The first frame of the clip (``FamilySpec.first_frame_images``):
+        ``HunyuanVideo15ImageToVideoPipeline(image=...)``, which sizes the clip from it (cropped
+        to the model's resolution bucket), as the pipeline does outside flowtune.
+
+        Raises:
+            ValueError: a text-to-video checkpoint (it takes no first frame), or not one image.
+        """
+        if "image" not in inspect.signature(type(pipe).__call__).parameters:
+            raise ValueError(
+                f"{type(pipe).__name__} is a text-to-video model: a first frame (--image, "
+                "validation.images) needs an image-to-video checkpoint"
+            )
+        if len(images) != 1:
+            raise ValueError(f"a clip starts from one first frame, got {len(images)} images")
+        return {"image": images[0]}
 
     def token_counts(self, prompts: list[str]) -> list[int]:
         """Qwen2.5-VL tokens per prompt as ``encode_prompt`` keeps them before padding or
