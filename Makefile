@@ -12,7 +12,7 @@ DEMO_DIR := .flowtune-demo
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: demo demo-kontext demo-flux2 demo-flux2-klein demo-z-image demo-qwen-image demo-qwen-image-edit demo-wan test lint format docs clean
+.PHONY: demo demo-kontext demo-flux2 demo-flux2-klein demo-z-image demo-qwen-image demo-qwen-image-edit demo-wan demo-hunyuan-video test lint format docs clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -114,6 +114,18 @@ demo-wan: $(STAMP)
 		--prompt "a small red circle moving right on a white background" --prompt "a small blue square moving up on a black background"
 	@echo "wan demo outputs: run $(DEMO_DIR)-wan/run, samples (MP4 + frame strips) $(DEMO_DIR)-wan/samples"
 
+# The same chain on HunyuanVideo 1.5 (Qwen2.5-VL + ByT5 text embeddings, 32-channel video latents,
+# HunyuanVideo15Pipeline sampling with classifier-free guidance through its guider).
+demo-hunyuan-video: $(STAMP)
+	$(BIN)/python -m flowtune make-tiny hunyuan-video $(DEMO_DIR)-hunyuan-video/tiny --overwrite
+	$(BIN)/python -m flowtune make-dataset $(DEMO_DIR)-hunyuan-video/dataset --count 8 --video --frames 9 --fps 24 --overwrite
+	$(BIN)/python -m flowtune preprocess recipes/tiny-hunyuan-video-demo.yaml
+	$(BIN)/python -m flowtune train recipes/tiny-hunyuan-video-demo.yaml
+	rm -rf $(DEMO_DIR)-hunyuan-video/samples
+	$(BIN)/python -m flowtune sample --ckpt $(DEMO_DIR)-hunyuan-video/run --out $(DEMO_DIR)-hunyuan-video/samples --frames 5 \
+		--prompt "a small red circle moving right on a white background"
+	@echo "hunyuan-video demo outputs: run $(DEMO_DIR)-hunyuan-video/run, samples (MP4 + frame strips) $(DEMO_DIR)-hunyuan-video/samples"
+
 # The test files run on TEST_WORKERS processes (pytest-xdist), each file's tests in one of them so
 # that a file's module-scoped tiny models and runs are made once; then the tests marked
 # `processes`, which start several processes of their own, run alone.
@@ -135,4 +147,4 @@ docs: $(STAMP)
 
 clean:
 	rm -rf $(DEMO_DIR) $(DEMO_DIR)-kontext $(DEMO_DIR)-flux2 $(DEMO_DIR)-flux2-klein $(DEMO_DIR)-z-image \
-		$(DEMO_DIR)-qwen-image $(DEMO_DIR)-qwen-image-edit $(DEMO_DIR)-wan .pytest_cache .ruff_cache
+		$(DEMO_DIR)-qwen-image $(DEMO_DIR)-qwen-image-edit $(DEMO_DIR)-wan $(DEMO_DIR)-hunyuan-video .pytest_cache .ruff_cache
