@@ -501,3 +501,26 @@ def assert_offloaded_blocks_train_the_same_lora(
         offloaded, offloaded_lora = steps(kept)
         assert offloaded == losses, kept
         assert all(torch.equal(a, b) for a, b in zip(lora, offloaded_lora, strict=True)), kept
+
+
+def bundled_billions(hub_id: str, component: str, transformer_class: str | None = None) -> float:
+    """Billions of parameters of a bundled config (``flowtune plan`` offline), built on the meta
+    device (no memory): ``component`` ``transformer`` from the bundled transformer config (which
+    must be bundled, of ``transformer_class`` when given), any other from the bundled component
+    configs."""
+    import diffusers
+    import torch
+
+    from flowtune.memory.phases import build_component, component_config
+    from flowtune.memory.plan import load_transformer_config
+
+    with torch.device("meta"):
+        if component == "transformer":
+            config, source = load_transformer_config(hub_id)
+            assert source == "bundled", hub_id
+            assert transformer_class in (None, config["_class_name"]), config["_class_name"]
+            rest = {k: v for k, v in config.items() if not k.startswith("_")}
+            model = getattr(diffusers, config["_class_name"]).from_config(rest)
+        else:
+            model = build_component(component_config(hub_id, component), torch.bfloat16)
+    return sum(p.numel() for p in model.parameters()) / 1e9

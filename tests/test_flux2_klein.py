@@ -338,8 +338,9 @@ def test_lora_training_makes_each_caption_sample_its_own_image(learned: Path, tm
 def test_bundled_configs_build_at_the_published_sizes(size, transformer, text_encoder) -> None:
     """klein 9B: a 9.1B transformer and Qwen3-8B; klein 4B: 3.9B and Qwen3-4B (billions of
     parameters, built on the meta device); the base models' configs are the same."""
-    from flowtune.memory.phases import build_component, component_config
+    from flowtune.memory.phases import component_config
     from flowtune.memory.plan import load_transformer_config
+    from tests.helpers import bundled_billions
 
     hub = f"black-forest-labs/FLUX.2-klein-{size}"
     config, source = load_transformer_config(hub)
@@ -349,10 +350,9 @@ def test_bundled_configs_build_at_the_published_sizes(size, transformer, text_en
     assert component_config(
         f"black-forest-labs/FLUX.2-klein-base-{size}", "text_encoder"
     ) == component_config(hub, "text_encoder")
-    with torch.device("meta"):
-        sizes = [
-            sum(p.numel() for p in build_component(c, torch.bfloat16).parameters()) / 1e9
-            for c in (config, component_config(hub, "text_encoder"))
-        ]
+    sizes = [
+        bundled_billions(hub, "transformer", get_family("flux2-klein").transformer_class),
+        bundled_billions(hub, "text_encoder"),
+    ]
     assert transformer[0] < sizes[0] < transformer[1] and text_encoder[0] < sizes[1] < text_encoder[1]
     assert config["joint_attention_dim"] == 3 * component_config(hub, "text_encoder")["hidden_size"]

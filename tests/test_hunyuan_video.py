@@ -383,22 +383,10 @@ def config_layers(pipe) -> int:
 def test_bundled_configs_build_at_the_published_sizes(component, billions) -> None:
     """The bundled configs of the 480p text-to-video model (flowtune plan offline): the 8.3B
     transformer, Qwen2.5-VL-7B's text model (7.07B) and ByT5-small (0.22B)."""
-    import diffusers
-
-    from flowtune.memory.phases import build_component, component_config
-    from flowtune.memory.plan import load_transformer_config
+    from tests.helpers import bundled_billions
 
     hub = "hunyuanvideo-community/HunyuanVideo-1.5-Diffusers-480p_t2v"
-    with torch.device("meta"):
-        if component == "transformer":
-            config, source = load_transformer_config(hub)
-            assert source == "bundled" and config["_class_name"] == SPEC.transformer_class
-            rest = {k: v for k, v in config.items() if not k.startswith("_")}
-            model = getattr(diffusers, config["_class_name"]).from_config(rest)
-        else:
-            model = build_component(component_config(hub, component), torch.bfloat16)
-    size = sum(p.numel() for p in model.parameters()) / 1e9
-    assert billions[0] < size < billions[1], size
+    assert billions[0] < bundled_billions(hub, component, SPEC.transformer_class) < billions[1]
 
 
 def test_plan_says_in_one_line_that_it_cannot_trace_the_family(t2v_dir: Path, tmp_path: Path) -> None:

@@ -231,21 +231,9 @@ def test_example_batch_runs_a_training_step(pipe) -> None:
 def test_bundled_configs_build_at_the_published_sizes(component, billions) -> None:
     """Qwen/Qwen-Image's bundled configs (flowtune plan offline): the 20B transformer,
     Qwen2.5-VL-7B (8.29B with its vision tower) and the VAE."""
-    import diffusers
+    from tests.helpers import bundled_billions
 
-    from flowtune.memory.phases import build_component, component_config
-    from flowtune.memory.plan import load_transformer_config
-
-    with torch.device("meta"):
-        if component == "transformer":
-            config, source = load_transformer_config("Qwen/Qwen-Image")
-            assert source == "bundled" and config["_class_name"] == SPEC.transformer_class
-            rest = {k: v for k, v in config.items() if not k.startswith("_")}
-            model = getattr(diffusers, config["_class_name"]).from_config(rest)
-        else:
-            model = build_component(component_config("Qwen/Qwen-Image", component), torch.bfloat16)
-    size = sum(p.numel() for p in model.parameters()) / 1e9
-    assert billions[0] < size < billions[1], size
+    assert billions[0] < bundled_billions("Qwen/Qwen-Image", component, SPEC.transformer_class) < billions[1]
 
 
 def test_plan_traces_the_video_vae_and_the_text_encoder_as_they_allocate(model) -> None:

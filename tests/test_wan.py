@@ -433,21 +433,9 @@ def test_exported_files_load_through_diffusers_wan_converters_with_the_same_late
 def test_bundled_configs_build_at_the_published_sizes(hub, component, billions) -> None:
     """Wan 2.1 T2V's bundled configs (flowtune plan offline): the 1.3B and 14B transformers, and
     the UMT5-XXL encoder and VAE that both ship (the 14B's found through component_sources)."""
-    import diffusers
+    from tests.helpers import bundled_billions
 
-    from flowtune.memory.phases import build_component, component_config
-    from flowtune.memory.plan import load_transformer_config
-
-    with torch.device("meta"):
-        if component == "transformer":
-            config, source = load_transformer_config(hub)
-            assert source == "bundled" and config["_class_name"] == SPEC.transformer_class
-            rest = {k: v for k, v in config.items() if not k.startswith("_")}
-            model = getattr(diffusers, config["_class_name"]).from_config(rest)
-        else:
-            model = build_component(component_config(hub, component), torch.bfloat16)
-    size = sum(p.numel() for p in model.parameters()) / 1e9
-    assert billions[0] < size < billions[1], size
+    assert billions[0] < bundled_billions(hub, component, SPEC.transformer_class) < billions[1]
 
 
 def test_plan_traces_clips_and_the_video_vae_as_they_allocate(model) -> None:
