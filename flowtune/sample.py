@@ -105,19 +105,22 @@ class SampleSettings:
             raise FlowtuneError(f"num-images must be at least 1, got {self.num_images}")
         if self.negative_prompt is not None and spec.negative_prompt is None:
             raise FlowtuneError(f"{spec.name} samples without a negative prompt; leave out --negative-prompt")
-        granularity = spec.frame_granularity
-        if granularity == 0 and (self.frames is not None or self.fps is not None):
+        if spec.frame_granularity == 0 and (self.frames is not None or self.fps is not None):
             raise FlowtuneError(f"{spec.name} samples images; leave out --frames and --fps")
-        if self.frames is not None and (self.frames < 1 or (self.frames - 1) % granularity):
-            raise FlowtuneError(
-                f"frames {self.frames} is not {granularity} n + 1 (1, {granularity + 1}, {2 * granularity + 1}, "
-                f"...), which {spec.name} needs"
-            )
+        if self.frames is not None:
+            from flowtune.data.video import frames_problem
+
+            problem = frames_problem(spec, self.frames)
+            if problem is not None:
+                raise FlowtuneError(f"frames {self.frames}: {problem}")
         if self.fps is not None and self.fps < 1:
             raise FlowtuneError(f"fps must be at least 1, got {self.fps}")
 
-    def frame_rate(self, spec: FamilySpec) -> int:
-        """The frame rate of a video family's clips: :attr:`fps`, else the family's."""
+    def frame_rate(self, spec: FamilySpec) -> int | None:
+        """The frame rate of a video family's clips: :attr:`fps`, else the family's; None for an
+        image family (its samples are images)."""
+        if spec.frame_granularity == 0:
+            return None
         return self.fps if self.fps is not None else spec.fps
 
 
@@ -873,7 +876,7 @@ def sample(
                     raise FlowtuneError(str(exc)) from None
                 inputs.append({"prompt": prompt, **extra})
         jobs = plan_jobs(prompts, settings, inputs, references)
-        fps = settings.frame_rate(spec) if spec.frame_granularity > 0 else None
+        fps = settings.frame_rate(spec)
         paths = []
         try:
             if cpu_offload:

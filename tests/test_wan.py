@@ -330,14 +330,14 @@ def test_frames_are_checked_against_the_family(model) -> None:
     from flowtune.errors import FlowtuneError
     from flowtune.sample import SampleSettings
 
-    with pytest.raises(FlowtuneError, match=r"frames 6 is not 4 n \+ 1"):
+    with pytest.raises(FlowtuneError, match=r"frames 6: must be 4 \* n \+ 1 frames"):
         SampleSettings(frames=6, height=32, width=32).check(SPEC)
     with pytest.raises(FlowtuneError, match="flux samples images; leave out --frames"):
         SampleSettings(frames=5, height=32, width=32).check(get_family("flux"))
     SampleSettings(frames=9, fps=24, height=32, width=32).check(SPEC)
     from flowtune.recipe import load_recipe
 
-    with pytest.raises(FlowtuneError, match=r"validation.frames.*4 n \+ 1"):
+    with pytest.raises(FlowtuneError, match=r"validation.frames.*4 \* n \+ 1 frames"):
         load_recipe("tiny-wan-demo", ["validation.frames=6"])
     with pytest.raises(FlowtuneError, match=r"validation.frames.*samples images"):
         load_recipe("tiny-flux-demo", ["validation.frames=5"])

@@ -460,16 +460,15 @@ def _check_semantics(cfg: Any) -> None:
         value = get(key)
         if value <= 0 or value % step:
             fail(key, value, f"must be a positive multiple of {step} for model family {family.name!r}")
-    frames, granularity = cfg.validation.frames, family.frame_granularity
-    if frames is not None and granularity == 0:
+    frames = cfg.validation.frames
+    if frames is not None and family.frame_granularity == 0:
         fail("validation.frames", frames, f"model family {family.name!r} samples images: leave it null")
-    if frames is not None and (frames < 1 or (frames - 1) % granularity):
-        fail(
-            "validation.frames",
-            frames,
-            f"must be {granularity} n + 1 (1, {granularity + 1}, {2 * granularity + 1}, ...) for model "
-            f"family {family.name!r}",
-        )
+    elif frames is not None:
+        from flowtune.data.video import frames_problem
+
+        problem = frames_problem(family, frames)
+        if problem is not None:
+            fail("validation.frames", frames, problem)
 
     _check_video(cfg, family, fail)
 

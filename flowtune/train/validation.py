@@ -137,7 +137,7 @@ class Validator:
         )  # fmt: skip
         self._clips: list[list[Any]] = []  # the last validation's clips (video families), for the trackers
         # Video families sample clips (an MP4 and a frame strip each) at the family's frame rate.
-        self.fps = self.settings.frame_rate(spec) if spec.frame_granularity > 0 else None
+        self.fps = self.settings.frame_rate(spec)
         if self.encodes_prompts:  # generate() adds the negative prompt to a text prompt
             self._prompt_inputs = [{"prompt": p} for p in self.prompts]
         else:
