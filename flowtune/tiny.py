@@ -253,3 +253,23 @@ def make_tiny(family: str, out_dir: str | Path, seed: int = 0, overwrite: bool =
     with atomic_dir(target, hint=hint) as staging:
         spec.load_tiny_builder()(staging, seed)
     return target
+
+
+def t5_encoder_config(config_class: type, tokenizer: Any, d_model: int) -> Any:
+    """A 2-layer T5 v1.1-style encoder config (gated GELU, relative attention, no dropout) of
+    width ``d_model`` sized to ``tokenizer``: ``config_class`` is ``T5Config`` (FLUX.1's T5-XXL)
+    or ``UMT5Config`` (Wan's umt5-xxl, which has a relative attention bias per layer)."""
+    return config_class(
+        vocab_size=len(tokenizer),
+        d_model=d_model,
+        d_kv=8,
+        d_ff=2 * d_model,
+        num_layers=2,
+        num_heads=4,
+        feed_forward_proj="gated-gelu",
+        dropout_rate=0.0,
+        is_encoder_decoder=False,
+        use_cache=False,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )

@@ -198,7 +198,8 @@ class FamilyEncoder(ABC):
             generators: B CPU generators, used when ``latent_dist`` is ``"sample"``.
 
         Returns:
-            ``{"video_latents": [B, C, F', H/8, W/8], ...}`` for every field of
+            ``{"video_latents": [B, C, F', h, w], ...}`` (h, w: the VAE's latent size, e.g.
+            H/8 x W/8 for Wan, H/16 x W/16 for HunyuanVideo 1.5) for every field of
             ``image_fields``, in ``self.dtype``, F' = (F - 1) / frame_granularity + 1.
 
         Raises:

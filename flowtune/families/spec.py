@@ -101,7 +101,7 @@ class FamilySpec:
             4 frames into one latent frame after the first): ``data.frames`` is checked against
             it, still images are 1-frame clips, and preprocess encodes clips through
             :meth:`flowtune.encoders.FamilyEncoder.encode_videos` into ``video_latents``
-            [C, F', H/8, W/8] with F' = (frames - 1) / frame_granularity + 1.
+            [C, F', h, w] (h, w: the VAE's latent size) with F' = (frames - 1) / frame_granularity + 1.
         fps: A video family's frame rate (the rate its models were trained at): ``data.fps``
             and ``flowtune sample --fps`` default to it.  0 for an image family.
         lora_loader: ``"module:Class"`` of the diffusers LoRA loader mixin whose LoRA file layout

@@ -6,7 +6,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from flowtune.tiny import CAPTION_WORDS, TINY_VAE_LAYOUT, seeded_components, unigram_tokenizer
+from flowtune.tiny import (
+    CAPTION_WORDS,
+    TINY_VAE_LAYOUT,
+    seeded_components,
+    t5_encoder_config,
+    unigram_tokenizer,
+)
 
 if TYPE_CHECKING:
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
@@ -84,20 +90,7 @@ def _t5_encoder(tokenizer: T5TokenizerFast) -> T5EncoderModel:
     """A 2-layer T5 v1.1-style encoder (gated GELU, relative attention) sized to ``tokenizer``."""
     from transformers import T5Config, T5EncoderModel
 
-    config = T5Config(
-        vocab_size=len(tokenizer),
-        d_model=T5_D_MODEL,
-        d_kv=8,
-        d_ff=2 * T5_D_MODEL,
-        num_layers=2,
-        num_heads=4,
-        feed_forward_proj="gated-gelu",
-        dropout_rate=0.0,
-        is_encoder_decoder=False,
-        use_cache=False,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-    )
+    config = t5_encoder_config(T5Config, tokenizer, T5_D_MODEL)
     return T5EncoderModel(config).eval()
 
 

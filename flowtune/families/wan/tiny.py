@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from flowtune.tiny import CAPTION_WORDS, seeded_components, unigram_tokenizer
+from flowtune.tiny import CAPTION_WORDS, seeded_components, t5_encoder_config, unigram_tokenizer
 
 if TYPE_CHECKING:
     from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanTransformer3DModel
@@ -49,20 +49,7 @@ def umt5_encoder(tokenizer: T5TokenizerFast) -> UMT5EncoderModel:
     width 32, sized to ``tokenizer``."""
     from transformers import UMT5Config, UMT5EncoderModel
 
-    config = UMT5Config(
-        vocab_size=len(tokenizer),
-        d_model=UMT5_D_MODEL,
-        d_kv=8,
-        d_ff=2 * UMT5_D_MODEL,
-        num_layers=2,
-        num_heads=4,
-        feed_forward_proj="gated-gelu",
-        dropout_rate=0.0,
-        is_encoder_decoder=False,
-        use_cache=False,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-    )
+    config = t5_encoder_config(UMT5Config, tokenizer, UMT5_D_MODEL)
     return UMT5EncoderModel(config).eval()
 
 
