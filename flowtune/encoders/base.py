@@ -74,6 +74,9 @@ class FamilyEncoder(ABC):
             from cached prompt embeddings.  Its :meth:`prepare_control` must then work with only
             the text components loaded (``match_target`` references are resized for the prompt
             too).  Default False: captions are encoded alone.
+        constructor_components: Image components that the family's pipeline constructor reads
+            (e.g. the VAE's config), so :meth:`load` loads them for text encoding too, and keeps
+            them in CPU memory then.
 
     The field names are the batch keys the family's flow-matching adapter reads.
     """
@@ -84,6 +87,7 @@ class FamilyEncoder(ABC):
     text_fields: ClassVar[dict[str, bool]] = {}
     version: ClassVar[int] = 1
     text_uses_references: ClassVar[bool] = False
+    constructor_components: ClassVar[tuple[str, ...]] = ()
 
     def __init__(
         self,
@@ -145,9 +149,10 @@ class FamilyEncoder(ABC):
             images: Load the VAE (and the image processor).
             texts: Load the text encoders and tokenizers (quantized per ``settings.quantize``).
         """
+        needed = self.constructor_components
         without = ["transformer"]
         if not images:
-            without += self.image_components
+            without += [name for name in self.image_components if name not in needed]
         if not texts:
             without += self.text_components
         self.pipe = load_pipeline(
@@ -159,6 +164,9 @@ class FamilyEncoder(ABC):
             without=without,
             encoder_quantize=self.settings.quantize if texts else None,
         )
+        if not images:  # loaded for the pipeline's constructor only: off the accelerator
+            for name in needed:
+                getattr(self.pipe, name).to("cpu")
 
     def unload(self) -> None:
         """Drop the loaded models (and free accelerator memory)."""

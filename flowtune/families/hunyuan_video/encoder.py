@@ -69,6 +69,8 @@ class HunyuanVideoEncoder(FamilyEncoder):
     """
 
     image_components: ClassVar[tuple[str, ...]] = ("vae",)
+    # The pipelines' constructors read the VAE's config: loaded for text encoding too.
+    constructor_components: ClassVar[tuple[str, ...]] = ("vae",)
     text_components: ClassVar[tuple[str, ...]] = (
         "text_encoder",
         "tokenizer",
@@ -93,28 +95,11 @@ class HunyuanVideoEncoder(FamilyEncoder):
 
     def load(self, *, images: bool, texts: bool) -> None:
         """Load as :meth:`FamilyEncoder.load` (an image-to-video folder through its own pipeline
-        class: :func:`flowtune.encoders.base.load_pipeline`); the text encoder pads to ``max_sequence_length`` tokens (the
-        pipeline's ``tokenizer_max_length``, 1000).  The VAE is always loaded (the pipelines'
-        constructors read its config), and kept in CPU memory when only texts are encoded."""
-        from flowtune.encoders.base import load_pipeline
-
-        without = ["transformer"]
-        if not images:  # but the VAE: the pipeline's constructor reads its config
-            without += [name for name in self.image_components if name != "vae"]
-        if not texts:
-            without += self.text_components
-        self.pipe = load_pipeline(
-            self.spec,
-            self.model_dir,
-            dtype=self.dtype,
-            device=self.device,
-            variant=self.settings.variant,
-            without=without,
-            encoder_quantize=self.settings.quantize if texts else None,
-        )
+        class: :func:`flowtune.encoders.base.load_pipeline`; the VAE always, as
+        :attr:`constructor_components`); the text encoder pads to ``max_sequence_length`` tokens
+        (the pipeline's ``tokenizer_max_length``, 1000)."""
+        super().load(images=images, texts=texts)
         self.pipe.tokenizer_max_length = self.settings.max_sequence_length
-        if not images:  # loaded for the constructor only: off the accelerator
-            self.pipe.vae.to("cpu")
 
     # -- images and clips --------------------------------------------------------------------
 
