@@ -314,12 +314,13 @@ def learning_pairs(cache: Path) -> Any:
     return CachedDataset(cache, [i for i, item in enumerate(items) if _COPY not in Path(item["source"]).stem])
 
 
-def learning_targets(data: Any) -> tuple[Any, list[str]]:
-    """The targets [4, C*H*W] (cached ``image_latents``, flattened) and the four distinct captions
-    of a learning run's pairs (:func:`learning_pairs`), in the cache's order."""
+def learning_targets(data: Any, field: str = "image_latents") -> tuple[Any, list[str]]:
+    """The targets [4, D] (the cached latents ``field``, flattened: ``video_latents`` for video
+    families) and the four distinct captions of a learning run's pairs (:func:`learning_pairs`),
+    in the cache's order."""
     import torch
 
-    targets = torch.stack([data[i]["image_latents"] for i in range(len(data))]).flatten(1)
+    targets = torch.stack([data[i][field] for i in range(len(data))]).flatten(1)
     captions = [data[i]["caption"] for i in range(len(data))]
     assert len(set(captions)) == 4
     return targets, captions

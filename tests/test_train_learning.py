@@ -211,8 +211,7 @@ def test_kontext_lora_training_makes_each_edit_land_on_its_own_target(trained: C
     root = trained("kontext")
     data = learning_pairs(root / "cache")
     stems = [Path(data.items[i]["source"]).stem for i in range(len(data))]
-    targets = torch.stack([data[i]["image_latents"] for i in range(len(data))]).flatten(1)
-    instructions = [data[i]["caption"] for i in range(len(data))]
+    targets, instructions = learning_targets(data)
 
     def sample(pipe: FluxKontextPipeline, i: int) -> torch.Tensor:
         source = Image.open(root / "data" / "control" / f"{stems[i]}.png").convert("RGB")

@@ -481,7 +481,7 @@ def test_lora_training_makes_each_caption_sample_its_own_clip(tmp_path: Path) ->
     from diffusers import WanPipeline
 
     from flowtune.data.synthetic import make_video_dataset
-    from tests.helpers import LEARNING_SEQUENCE_LENGTH, nearest_targets, train_learning_run
+    from tests.helpers import LEARNING_SEQUENCE_LENGTH, learning_targets, nearest_targets, train_learning_run
 
     model = make_tiny("wan", tmp_path / "tiny-wan")
     make_video_dataset(tmp_path / "data", 4, seed=LEARNING_SEED, frames=LEARNING_FRAMES)
@@ -489,9 +489,7 @@ def test_lora_training_makes_each_caption_sample_its_own_clip(tmp_path: Path) ->
         tmp_path, model, "wan", tmp_path / "data", LEARNING_STEPS,
         data_extra=f", frames: {LEARNING_FRAMES}", lora_extra=LEARNING_TARGETS,
     )  # fmt: skip
-    targets = torch.stack([data[i]["video_latents"] for i in range(len(data))]).flatten(1)
-    captions = [data[i]["caption"] for i in range(len(data))]
-    assert len(set(captions)) == 4
+    targets, captions = learning_targets(data, "video_latents")
 
     def sample(pipe: WanPipeline, i: int) -> torch.Tensor:
         return pipe(
