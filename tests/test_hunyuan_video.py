@@ -432,22 +432,42 @@ def test_sample_starts_an_image_to_video_clip_from_its_first_frame(
     )
 
 
-def test_first_frames_for_validation_need_an_image_to_video_checkpoint(t2v_dir: Path, tmp_path: Path) -> None:
-    """validation.images on a text-to-video checkpoint: `flowtune train` refuses in one line
-    before its first step (not at the first validation)."""
+def test_validation_clips_start_from_their_first_frame_on_an_image_to_video_checkpoint(
+    t2v_dir: Path, i2v_dir: Path, tmp_path: Path
+) -> None:
+    """An image-to-video run (`flow.i2v_prob` 0.5, the first frames taken from the clips) trains
+    and writes its validation clip from `validation.images` (through the image-to-video pipeline,
+    as `flowtune sample --image`, whose clip the test above compares frame for frame).  On a
+    text-to-video checkpoint `flowtune train` refuses
+    `validation.images` in one line, before its first step (not at the first validation)."""
     from flowtune.data.synthetic import make_video_dataset
     from tests.helpers import assert_user_error, cli, save_image, write
 
-    make_video_dataset(tmp_path / "data", 2, sizes=[(32, 32)], frames=5)
+    make_video_dataset(tmp_path / "data", 2, sizes=[(32, 32)], frames=5, fps=24)
     save_image(tmp_path / "first.png", (32, 32))
-    recipe = write(
-        tmp_path / "recipe.yaml",
-        f"model: {{family: hunyuan-video, pretrained: '{t2v_dir}', dtype: float32}}\n"
-        f"data: {{source: '{tmp_path / 'data'}', cache_dir: '{tmp_path / 'cache'}', resolution: 32, frames: 5,"
-        " max_sequence_length: 16}\n"
-        f"train: {{output_dir: '{tmp_path / 'run'}', max_steps: 1, mixed_precision: 'no'}}\n"
-        f"validation: {{prompts: [a blue square], images: ['{tmp_path / 'first.png'}'], height: 32, width: 32}}\n",
-    )
-    assert cli("preprocess", recipe).returncode == 0
-    assert_user_error(cli("train", recipe), "validation.images", "text-to-video model")
-    assert not (tmp_path / "run" / "checkpoints").exists()
+
+    def recipe(model: Path, name: str) -> Path:
+        return write(
+            tmp_path / f"{name}.yaml",
+            f"model: {{family: hunyuan-video, pretrained: '{model}', dtype: float32}}\n"
+            f"data: {{source: '{tmp_path / 'data'}', cache_dir: '{tmp_path / name}-cache', resolution: 32,"
+            " frames: 5, max_sequence_length: 16}\n"
+            "flow: {i2v_prob: 0.5}\n"
+            f"train: {{output_dir: '{tmp_path / name}', max_steps: 1, mixed_precision: 'no', batch_size: 2}}\n"
+            f"validation: {{prompts: [a blue square], images: ['{tmp_path / 'first.png'}'], height: 32,"
+            " width: 32, frames: 5, steps: 2}\n",
+        )
+
+    i2v = recipe(i2v_dir, "i2v")
+    assert cli("preprocess", i2v).returncode == 0
+    result = cli("train", i2v)
+    assert result.returncode == 0, result.stderr
+    samples = tmp_path / "i2v" / "samples" / "step-000001"
+    assert (samples / "000000.mp4").is_file()
+    strip = Image.open(samples / "000000.png")
+    assert strip.size[0] == 5 * strip.size[1]  # five frames side by side, as the image's size
+
+    t2v = recipe(t2v_dir, "t2v")
+    assert cli("preprocess", t2v).returncode == 0
+    assert_user_error(cli("train", t2v), "validation.images", "text-to-video model")
+    assert not (tmp_path / "t2v" / "checkpoints").exists()
