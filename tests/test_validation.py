@@ -196,17 +196,26 @@ def test_a_family_whose_prompts_use_the_references_samples_with_its_text_encoder
 ) -> None:
     """``FamilyEncoder.text_uses_references`` (Qwen-Image-Edit): nothing can be cached for the
     validation prompts, so the pipeline is loaded with its text encoders and encodes them (at
-    ``data.max_sequence_length``); the images are still the plain pipeline's."""
+    ``data.max_sequence_length``), on the accelerator only while sampling; the images are still
+    the plain pipeline's."""
     from diffusers import FluxPipeline
 
     from flowtune.families import get_family
 
     monkeypatch.setattr(get_family("flux").load_encoder_class(), "text_uses_references", True)
     trainer, validator = _validator(env, tmp_path, "data.validation_split=0")
+    moves = []
+    original = validator._text_encoders_to
+    monkeypatch.setattr(
+        validator, "_text_encoders_to", lambda device: (moves.append(str(device)), original(device))
+    )
     try:
         assert validator._prompt_inputs == [{"prompt": p} for p in PROMPTS]
         images = validator.images(trainer.model, 0, trainer.device, write=False)
         assert validator._pipe.text_encoder is not None and validator._pipe.tokenizer_2 is not None
+        # On the accelerator only while sampling: back in CPU memory for the training steps.
+        assert moves == [str(trainer.device), "cpu"]
+        assert validator._pipe.text_encoder.device.type == "cpu"
     finally:
         trainer.cleanup()
     pipe = FluxPipeline.from_pretrained(env / "tiny-flux", dtype=torch.float32)

@@ -6,8 +6,9 @@ Every ``validation.every`` steps and after the last step, :class:`Validator` doe
   the in-memory transformer (LoRA active), with the prompt embeddings that preprocess cached, so
   the text encoders are never loaded during training, except for families whose prompt
   embeddings depend on the reference images (``FamilyEncoder.text_uses_references``): their
-  pipeline is loaded with its text encoders (quantized per ``model.encoder_quantize``) and encodes
-  each prompt and the negative prompt with the prompt's ``validation.images``.  They are written by
+  pipeline is loaded with its text encoders (quantized per ``model.encoder_quantize``; on the
+  accelerator only while sampling, in CPU memory between validations) and encodes each prompt
+  and the negative prompt with the prompt's ``validation.images``.  They are written by
   :class:`flowtune.sample.SampleWriter` to ``OUTPUT/samples/step-NNNNNN/`` (images, a grid and
   ``samples.jsonl``) and sent to the trackers.  The main process samples; the others wait.
 * **Validation loss.**  The held-out items (``data.validation_split``) are evaluated at the fixed
@@ -263,6 +264,15 @@ class Validator:
             )
         return self._pipe
 
+    def _text_encoders_to(self, device: torch.device | str) -> None:
+        """Move the pipeline's text encoders (loaded only when validation encodes its prompts) to
+        ``device``: onto the accelerator for sampling, back to CPU memory for training, so that
+        training steps never share the GPU with them."""
+        for name in self.encoder_class.text_components:
+            module = getattr(self._pipe, name, None)
+            if isinstance(module, nn.Module):
+                module.to(device)
+
     def images(self, model: nn.Module, step: int, device: torch.device, write: bool = True) -> list[Any]:
         """Sample the validation prompts into ``OUTPUT/samples/step-NNNNNN/`` (``write=False``: only
         take part in the sampling, as FSDP needs every process to); returns the PIL images (a video
@@ -271,6 +281,16 @@ class Validator:
         if not self.prompts:
             return []
         pipe = self._pipeline(model, device)
+        if self.encodes_prompts:
+            self._text_encoders_to(device)
+            try:
+                return self._sample(pipe, step, device, write)
+            finally:
+                self._text_encoders_to("cpu")
+        return self._sample(pipe, step, device, write)
+
+    def _sample(self, pipe: Any, step: int, device: torch.device, write: bool) -> list[Any]:
+        """:meth:`images` with the pipeline ready on ``device``."""
         out_dir = self.output_dir / SAMPLES_DIR / checkpoint_name(step)
         if write:
             shutil.rmtree(out_dir, ignore_errors=True)  # the same step sampled again (a resumed run)
