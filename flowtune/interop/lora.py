@@ -339,6 +339,7 @@ def write_lora(
             f"model family {spec.name!r} has no original-layout LoRA naming for --format {fmt}; "
             "use --format diffusers"
         )
+    naming = naming.for_format(fmt)
     lora = read_lora(lora_file, prefix)
     peft_names = fmt == "comfyui" and naming.comfyui_peft_names
     modules = to_original(lora, naming, fold_scales=peft_names)

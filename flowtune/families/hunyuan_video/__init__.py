@@ -57,7 +57,7 @@ SPEC = FamilySpec(
     spatial_granularity=16,
     tiny_builder="flowtune.families.hunyuan_video.tiny:build_tiny_hunyuan_video",
     encoder="flowtune.families.hunyuan_video.encoder:HunyuanVideoEncoder",
-    lora_original_names=None,
+    lora_original_names="flowtune.families.hunyuan_video.naming:HUNYUAN_VIDEO_NAMING",
     # HunyuanVideo15Pipeline has no LoRA loader mixin in diffusers 0.42: its LoRA files are
     # written in the transformer-only layout of HunyuanVideo (1.0)'s mixin ("transformer." keys,
     # peft metadata), which its transformer's load_lora_adapter(..., prefix="transformer") reads.
