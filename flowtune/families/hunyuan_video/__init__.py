@@ -83,4 +83,7 @@ SPEC = FamilySpec(
     video_vae=True,  # AutoencoderKLHunyuanVideo15: an image is a one-frame video
     frame_granularity=4,
     fps=24,  # the image-to-video example exports at 24 fps; the models are trained at 24
+    # diffusers' forward branches on its image embeddings and reorders text tokens by their
+    # masks: flowtune plan traces a stand-in of the same shapes.
+    plan_forward="flowtune.families.hunyuan_video.plan:traceable_forward",
 )
