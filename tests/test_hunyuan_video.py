@@ -7,6 +7,8 @@ used directly."""
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import time
 from pathlib import Path
 
@@ -471,17 +473,52 @@ def test_bundled_configs_build_at_the_published_sizes(component, billions) -> No
     assert billions[0] < bundled_billions(hub, component, SPEC.transformer_class) < billions[1]
 
 
-def test_plan_says_in_one_line_that_it_cannot_trace_the_family(t2v_dir: Path, tmp_path: Path) -> None:
-    """The transformer branches on its inputs' values (t2v or i2v, tokens reordered by their
-    masks), which a trace on fake tensors cannot follow: `flowtune plan` says so, no traceback."""
-    from tests.helpers import assert_user_error, cli, write
+@pytest.mark.parametrize("image", ["t2v", "i2v"])
+def test_plan_stand_in_predicts_as_the_transformer(image: str) -> None:
+    """flowtune plan's stand-in for the transformer's forward (FamilySpec.plan_forward), which reads
+    no value, predicts as diffusers' forward on padded text (both texts), with zero image
+    embeddings (text-to-video: image tokens masked out) or real ones."""
+    from flowtune.families.hunyuan_video.plan import traceable_forward
+    from flowtune.families.hunyuan_video.tiny import tiny_hunyuan_transformer
 
-    recipe = write(
-        tmp_path / "recipe.yaml",
-        f"model: {{family: hunyuan-video, pretrained: '{t2v_dir}'}}\n"
-        f"data: {{source: '{tmp_path}', resolution: 32, frames: 5, max_sequence_length: 16}}\n",
+    torch.manual_seed(0)
+    model = tiny_hunyuan_transformer()
+    g = torch.Generator().manual_seed(1)
+    inputs = {
+        "hidden_states": torch.randn(2, 2 * C + 1, 2, 2, 3, generator=g),
+        "timestep": torch.tensor([400.0, 700.0]),
+        "encoder_hidden_states": torch.randn(2, 5, 32, generator=g),
+        "encoder_attention_mask": torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], dtype=torch.float32),
+        "encoder_hidden_states_2": torch.randn(2, 3, 24, generator=g),
+        "encoder_attention_mask_2": torch.tensor([[1, 0, 0], [1, 1, 0]], dtype=torch.float32),
+        "image_embeds": torch.zeros(2, 4, 16) if image == "t2v" else torch.randn(2, 4, 16, generator=g),
+        "return_dict": False,
+    }
+    assert SPEC.load_plan_forward() is traceable_forward
+    with torch.no_grad():
+        torch.testing.assert_close(traceable_forward(model, **inputs)[0], model(**inputs)[0])
+
+
+def test_plan_traces_the_family_on_the_tiny_folder(t2v_dir: Path) -> None:
+    """On the tiny folder: a training step of clips with i2v_prob (traced as image-to-video, the
+    worst case) and the validation clip's denoising forward trace on fake tensors, through the
+    stand-in; the transformer's own forward cannot (it reads its inputs' values)."""
+    from torch._subclasses.fake_tensor import DataDependentOutputException, DynamicOutputShapeException
+
+    from flowtune.memory.plan import trace_recipe
+    from flowtune.memory.steps import run_training_steps
+    from flowtune.recipe import load_recipe
+
+    recipe = load_recipe(
+        "tiny-hunyuan-video-demo",
+        [f"model.pretrained={t2v_dir}", "data.resolution=32", "data.frames=5", "flow.i2v_prob=0.5"],
     )
-    assert_user_error(cli("plan", recipe), "flowtune plan cannot trace", "hunyuan-video")
+    trace = trace_recipe(recipe, SPEC)
+    assert trace.sampling_peak > 0 and trace.plan(recipe, SPEC).activations > 0
+    config = json.loads((t2v_dir / "transformer" / "config.json").read_text())
+    without = dataclasses.replace(SPEC, plan_forward=None)
+    with pytest.raises((DataDependentOutputException, DynamicOutputShapeException)):
+        run_training_steps(recipe, without, config, steps=1)
 
 
 def test_sample_starts_an_image_to_video_clip_from_its_first_frame(

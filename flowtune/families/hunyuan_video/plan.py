@@ -81,7 +81,9 @@ def traceable_forward(
     checkpointing = torch.is_grad_enabled() and self.gradient_checkpointing
     for block in self.transformer_blocks:
         if checkpointing:
-            video, context = self._gradient_checkpointing_func(block, video, context, temb, context_mask, rotary)
+            video, context = self._gradient_checkpointing_func(
+                block, video, context, temb, context_mask, rotary
+            )
         else:
             video, context = block(video, context, temb, context_mask, rotary)
 
