@@ -13,7 +13,9 @@ The step is the trainer's: the family adapter's example batch at the recipe's la
 ``train.batch_size``, ``FlowMatchingPipeline.step`` (the adapter's forward and the loss) under
 bf16 autocast when ``train.mixed_precision=bf16`` (as Accelerate wraps the forward), backward,
 gradient clipping and the optimizer step; the LoRA is the trainer's (:func:`~flowtune.train.model.
-add_lora`), quantization and offload are the trainer's own functions.
+add_lora`), quantization and offload are the trainer's own functions.  On fake tensors only, a
+family's ``FamilySpec.plan_forward`` stands in for a transformer forward that reads its inputs'
+values, and a clip batch's image-to-video draw is not read back (:func:`_worst_case_task_types`).
 """
 
 from __future__ import annotations
