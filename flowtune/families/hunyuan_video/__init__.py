@@ -1,8 +1,9 @@
 """HunyuanVideo 1.5 (``model.family: hunyuan-video``): its registry entry, :data:`SPEC`.
 
 The family's code: :mod:`.adapter` (``HunyuanVideoAdapter``), :mod:`.encoder`
-(``HunyuanVideoEncoder``), :mod:`.naming` (``HUNYUAN_VIDEO_NAMING``: ComfyUI's original key
-names), :mod:`.quantize`, :mod:`.tiny` (``build_tiny_hunyuan_video``).
+(``HunyuanVideoEncoder``), :mod:`.naming` (``HUNYUAN_VIDEO_NAMING``: musubi-tuner's and
+ComfyUI's original key names), :mod:`.plan` (``traceable_forward``: the transformer forward that
+``flowtune plan`` traces), :mod:`.quantize`, :mod:`.tiny` (``build_tiny_hunyuan_video``).
 """
 
 from __future__ import annotations
