@@ -7,6 +7,7 @@ used directly."""
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from pathlib import Path
 
@@ -373,6 +374,88 @@ def config_layers(pipe) -> int:
     return int(pipe.transformer.config.num_layers)
 
 
+# ---------------------------------------------------------------------------------- export
+
+# Tencent's HunyuanVideo 1.5 module of each diffusers module in a double-stream block, as diffusers'
+# scripts/convert_hunyuan_video1_5_to_diffusers.py renames them (written out here, not taken from
+# flowtune.families.hunyuan_video.naming): the names musubi-tuner's LoRAs use.
+TENCENT_15 = {
+    "img_attn_q": "attn.to_q", "img_attn_k": "attn.to_k", "img_attn_v": "attn.to_v",
+    "img_attn_proj": "attn.to_out.0", "txt_attn_q": "attn.add_q_proj", "txt_attn_k": "attn.add_k_proj",
+    "txt_attn_v": "attn.add_v_proj", "txt_attn_proj": "attn.to_add_out", "img_mlp_fc1": "ff.net.0.proj",
+    "img_mlp_fc2": "ff.net.2", "txt_mlp_fc1": "ff_context.net.0.proj", "txt_mlp_fc2": "ff_context.net.2",
+    "img_mod_linear": "norm1.linear", "txt_mod_linear": "norm1_context.linear",
+}  # fmt: skip
+
+
+def test_exported_files_map_back_to_the_trained_modules(tmp_path: Path) -> None:
+    """A LoRA on the default targets and the video stream's modulation (scale 2, one module at rank
+    2 and scale 2 too), exported:
+
+    - ``comfyui`` (``diffusion_model.double_blocks.{i}.img_attn_qkv`` etc., fused q/k/v, peft
+      names): diffusers' HunyuanVideo converter (``HunyuanVideoLoraLoaderMixin.lora_state_dict``)
+      maps every module back, and the transformer with it predicts as with the trained LoRA;
+    - ``kohya`` (musubi-tuner's ``lora_unet_double_blocks_{i}_img_attn_q`` etc.): every key is a
+      Tencent HunyuanVideo 1.5 module (TENCENT_15), whose ``alpha / R * up @ down`` is the trained
+      module's peft update."""
+    import copy
+
+    from diffusers.loaders.lora_pipeline import HunyuanVideoLoraLoaderMixin
+    from peft import LoraConfig
+    from safetensors.torch import load_file
+
+    from flowtune.families.hunyuan_video.tiny import tiny_hunyuan_transformer
+    from flowtune.interop.lora import write_lora
+    from flowtune.train.model import LORA_WEIGHTS_NAME, expand_target_modules, save_lora
+
+    torch.manual_seed(0)
+    base = tiny_hunyuan_transformer()
+    trained = copy.deepcopy(base)
+    targets = expand_target_modules(trained, [*SPEC.lora_target_modules, "transformer_blocks.*.norm1.linear"])
+    odd = "transformer_blocks.0.attn.to_k"
+    config = LoraConfig(
+        target_modules=targets, r=4, lora_alpha=8, init_lora_weights=False,
+        rank_pattern={odd: 2}, alpha_pattern={odd: 4},
+    )  # fmt: skip
+    trained.add_adapter(config)
+    save_lora(trained, SPEC, tmp_path / "lora")
+    lora = tmp_path / "lora" / LORA_WEIGHTS_NAME
+    modules = {n: m for n, m in trained.named_modules() if hasattr(m, "lora_A")}
+    assert len(modules) == 2 * 13
+    files = {fmt: tmp_path / f"{fmt}.safetensors" for fmt in ("kohya", "comfyui")}
+    assert write_lora(lora, SPEC, "kohya", files["kohya"], None) == (26, 26)
+    assert write_lora(lora, SPEC, "comfyui", files["comfyui"], None) == (26, 18)  # q/k/v fused
+
+    converted = HunyuanVideoLoraLoaderMixin.lora_state_dict(str(files["comfyui"]))
+    assert {k.removeprefix("transformer.").rsplit(".lora_", 1)[0] for k in converted} == set(modules)
+    loaded = copy.deepcopy(base)
+    loaded.load_lora_adapter(converted, prefix="transformer", adapter_name="comfyui")
+    g = torch.Generator().manual_seed(0)
+    inputs = {
+        "hidden_states": torch.randn(1, 2 * C + 1, 2, 2, 3, generator=g),
+        "timestep": torch.tensor([400.0]),
+        "encoder_hidden_states": torch.randn(1, 5, 32, generator=g),
+        "encoder_attention_mask": torch.ones(1, 5),
+        "encoder_hidden_states_2": torch.randn(1, 3, 24, generator=g),
+        "encoder_attention_mask_2": torch.ones(1, 3),
+        "image_embeds": torch.zeros(1, 4, 16),
+        "return_dict": False,
+    }
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**inputs)[0], trained(**inputs)[0])
+
+    state = load_file(str(files["kohya"]))
+    seen = set()
+    for key in {k.rsplit(".", 2)[0] if k.endswith(".weight") else k.rsplit(".", 1)[0] for k in state}:
+        block, name = key.removeprefix("lora_unet_double_blocks_").split("_", 1)
+        module = f"transformer_blocks.{block}.{TENCENT_15[name]}"
+        down, up = state[f"{key}.lora_down.weight"], state[f"{key}.lora_up.weight"]
+        delta = state[f"{key}.alpha"] / down.shape[0] * up @ down
+        torch.testing.assert_close(delta, modules[module].get_delta_weight("default"))
+        seen.add(module)
+    assert seen == set(modules) and len(state) == 3 * len(modules)
+
+
 # ------------------------------------------------------------------------------ plan configs
 
 
@@ -389,17 +472,51 @@ def test_bundled_configs_build_at_the_published_sizes(component, billions) -> No
     assert billions[0] < bundled_billions(hub, component, SPEC.transformer_class) < billions[1]
 
 
-def test_plan_says_in_one_line_that_it_cannot_trace_the_family(t2v_dir: Path, tmp_path: Path) -> None:
-    """The transformer branches on its inputs' values (t2v or i2v, tokens reordered by their
-    masks), which a trace on fake tensors cannot follow: `flowtune plan` says so, no traceback."""
-    from tests.helpers import assert_user_error, cli, write
+@pytest.mark.parametrize("image", ["t2v", "i2v"])
+def test_plan_stand_in_predicts_as_the_transformer(image: str) -> None:
+    """flowtune plan's stand-in for the transformer's forward (FamilySpec.plan_forward), which reads
+    no value, predicts as diffusers' forward on padded text (both texts), with zero image
+    embeddings (text-to-video: image tokens masked out) or real ones."""
+    from flowtune.families.hunyuan_video.plan import traceable_forward
+    from flowtune.families.hunyuan_video.tiny import tiny_hunyuan_transformer
 
-    recipe = write(
-        tmp_path / "recipe.yaml",
-        f"model: {{family: hunyuan-video, pretrained: '{t2v_dir}'}}\n"
-        f"data: {{source: '{tmp_path}', resolution: 32, frames: 5, max_sequence_length: 16}}\n",
+    torch.manual_seed(0)
+    model = tiny_hunyuan_transformer()
+    g = torch.Generator().manual_seed(1)
+    inputs = {
+        "hidden_states": torch.randn(2, 2 * C + 1, 2, 2, 3, generator=g),
+        "timestep": torch.tensor([400.0, 700.0]),
+        "encoder_hidden_states": torch.randn(2, 5, 32, generator=g),
+        "encoder_attention_mask": torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], dtype=torch.float32),
+        "encoder_hidden_states_2": torch.randn(2, 3, 24, generator=g),
+        "encoder_attention_mask_2": torch.tensor([[1, 0, 0], [1, 1, 0]], dtype=torch.float32),
+        "image_embeds": torch.zeros(2, 4, 16) if image == "t2v" else torch.randn(2, 4, 16, generator=g),
+        "return_dict": False,
+    }
+    assert SPEC.load_plan_forward() is traceable_forward
+    with torch.no_grad():
+        torch.testing.assert_close(traceable_forward(model, **inputs)[0], model(**inputs)[0])
+
+
+def test_plan_traces_the_family_on_the_tiny_folder(t2v_dir: Path) -> None:
+    """On the tiny folder: a training step of clips with i2v_prob (traced as image-to-video, the
+    worst case) and the validation clip's denoising forward trace on fake tensors, through the
+    stand-in; without it the plan says in one line that it cannot trace the transformer."""
+    from flowtune.errors import FlowtuneError
+    from flowtune.memory.plan import trace_recipe
+    from flowtune.recipe import load_recipe
+
+    recipe = load_recipe(
+        "tiny-hunyuan-video-demo",
+        [f"model.pretrained={t2v_dir}", "data.resolution=32", "data.frames=5", "flow.i2v_prob=0.5"],
     )
-    assert_user_error(cli("plan", recipe), "flowtune plan cannot trace", "hunyuan-video")
+    trace = trace_recipe(recipe, SPEC)
+    assert trace.sampling_peak > 0 and trace.plan(recipe, SPEC).activations > 0
+    without = dataclasses.replace(SPEC, plan_forward=None)
+    with pytest.raises(
+        FlowtuneError, match="flowtune plan cannot trace the HunyuanVideo15Transformer3DModel"
+    ):
+        trace_recipe(recipe, without)
 
 
 def test_sample_starts_an_image_to_video_clip_from_its_first_frame(

@@ -325,3 +325,22 @@ def test_validation_that_encodes_its_prompts_plans_the_text_encoders_too(tmp_pat
     text = plan["validation"]["parts"]["text encoders"]
     assert text == plan["preprocess"]["parts"]["text encoder weights"] > 0
     assert plan["validation"]["peak"] >= plan["validation"]["parts"]["training state and VAE"] + text
+
+
+def test_the_plan_s_task_types_take_the_worst_case_without_reading_the_draw() -> None:
+    """On fake tensors the plan cannot read the pipeline's image-to-video draw back: a video batch
+    is traced as "i2v" whenever i2v_prob is above 0, with the per-sample mask as drawn; images and
+    i2v_prob 0 as "t2v"."""
+    import torch
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from flowtune.flow_matching import create_pipeline
+    from flowtune.memory.steps import _worst_case_task_types
+
+    flow = create_pipeline("hunyuan_video", {}, i2v_prob=0.3)
+    with FakeTensorMode():
+        task, mask = _worst_case_task_types(flow, "video", 3)
+        assert task == "i2v" and mask.shape == (3,) and mask.dtype == torch.bool
+        assert _worst_case_task_types(flow, "image", 3) == ("t2v", None)
+        flow.i2v_prob = 0.0
+        assert _worst_case_task_types(flow, "video", 3)[0] == "t2v"

@@ -109,6 +109,12 @@ class FamilySpec:
             ``lora_state_dict``) flowtune uses for the family's LoRA files, for a pipeline class
             that has none (diffusers 0.42's ``HunyuanVideo15Pipeline``).  None: the pipeline
             class's own (:meth:`lora_class`).
+        plan_forward: ``"module:function"`` of a stand-in for the transformer's ``forward``
+            that ``flowtune plan`` binds to the model it traces on fake tensors, for a transformer
+            whose forward reads its inputs' values (a branch on them, shapes made by boolean
+            indexing), which fake tensors cannot give: ``function(model, **forward kwargs)``,
+            the same modules and tensor shapes without reading a value.  Training and sampling
+            never use it.  None: the plan traces the transformer's own forward.
     """
 
     name: str
@@ -139,6 +145,7 @@ class FamilySpec:
     frame_granularity: int = 0
     fps: int = 0
     lora_loader: str | None = None
+    plan_forward: str | None = None
 
     @property
     def pipeline_classes(self) -> tuple[str, ...]:
@@ -187,6 +194,10 @@ class FamilySpec:
     def load_encoder_class(self) -> type:
         """Import and return the family's encoder class (a ``FamilyEncoder`` subclass)."""
         return _import_object(self.encoder)
+
+    def load_plan_forward(self) -> Any | None:
+        """Import and return the family's ``plan_forward`` function (None if it has none)."""
+        return _import_object(self.plan_forward) if self.plan_forward else None
 
     def load_lora_original_names(self) -> Any | None:
         """Import and return the family's ``OriginalNaming`` (None if it has none)."""

@@ -10,7 +10,8 @@ as an ``alpha`` tensor per module (delta W = alpha / rank * up @ down):
   metadata.  The layout kohya sd-scripts writes.
 - ``comfyui``: the same tensors keyed ``diffusion_model.<original name>.lora_down.weight`` etc.;
   for a family whose naming sets ``comfyui_peft_names`` (FLUX.2), ``.lora_A.weight`` /
-  ``.lora_B.weight`` instead and no ``alpha`` (the scale folded into ``lora_B``).
+  ``.lora_B.weight`` instead and no ``alpha`` (the scale folded into ``lora_B``); a family whose
+  ComfyUI layout differs from its kohya one names them by ``comfyui_slot`` (HunyuanVideo 1.5).
 
 Modules that diffusers splits and the original fuses (FLUX.1's ``qkv`` and ``linear1``) become one
 exact LoRA: ``lora_down`` stacks the parts' A matrices along the rank ([sum of ranks, in]) and
@@ -339,6 +340,7 @@ def write_lora(
             f"model family {spec.name!r} has no original-layout LoRA naming for --format {fmt}; "
             "use --format diffusers"
         )
+    naming = naming.for_format(fmt)
     lora = read_lora(lora_file, prefix)
     peft_names = fmt == "comfyui" and naming.comfyui_peft_names
     modules = to_original(lora, naming, fold_scales=peft_names)

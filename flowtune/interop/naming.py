@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 
 @dataclass(frozen=True)
@@ -64,6 +64,11 @@ class OriginalNaming:
             scale is folded into ``lora_B``.  ComfyUI reads both namings; set this where the
             family's other loaders read only this one under ``diffusion_model.`` names (FLUX.2:
             ai-toolkit's layout, the only one diffusers' FLUX.2 loader converts with those names).
+        comfyui_slot: The slots of ``comfyui`` files where ComfyUI maps another layout than the
+            one kohya-style trainers name their modules after (HunyuanVideo 1.5: musubi-tuner
+            names Tencent's separate q/k/v projections, ComfyUI maps HunyuanVideo's fused
+            ``qkv``); None: ``slot`` for both formats.
+        comfyui_description: ``description`` for ``comfyui`` files when ``comfyui_slot`` is set.
     """
 
     description: str
@@ -71,6 +76,16 @@ class OriginalNaming:
     kohya_network_module: str
     kohya_base_model_version: str
     comfyui_peft_names: bool = False
+    comfyui_slot: Callable[[str], OriginalSlot | None] | None = None
+    comfyui_description: str | None = None
+
+    def for_format(self, fmt: str) -> OriginalNaming:
+        """The naming that ``fmt`` (``kohya`` or ``comfyui``) files use: this one, or for
+        ``comfyui`` the one of ``comfyui_slot`` when the family sets it."""
+        if fmt != "comfyui" or self.comfyui_slot is None:
+            return self
+        description = self.comfyui_description or self.description
+        return replace(self, slot=self.comfyui_slot, description=description, comfyui_slot=None)
 
 
 # Per block: diffusers suffix -> (original suffix, the fused parts in row order, their relative sizes).

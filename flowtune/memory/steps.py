@@ -13,12 +13,16 @@ The step is the trainer's: the family adapter's example batch at the recipe's la
 ``train.batch_size``, ``FlowMatchingPipeline.step`` (the adapter's forward and the loss) under
 bf16 autocast when ``train.mixed_precision=bf16`` (as Accelerate wraps the forward), backward,
 gradient clipping and the optimizer step; the LoRA is the trainer's (:func:`~flowtune.train.model.
-add_lora`), quantization and offload are the trainer's own functions.
+add_lora`), quantization and offload are the trainer's own functions.  On fake tensors only, a
+family's ``FamilySpec.plan_forward`` stands in for a transformer forward that reads its inputs'
+values, and a clip batch's image-to-video draw is not read back (:func:`_worst_case_task_types`).
 """
 
 from __future__ import annotations
 
+import functools
 import time
+import types
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any
@@ -128,6 +132,20 @@ def build_model(spec: FamilySpec, config: dict[str, Any], dtype: torch.dtype, de
     return model
 
 
+def _worst_case_task_types(
+    flow: Any, data_type: str, batch_size: int, generator: Any = None
+) -> tuple[str, torch.Tensor | None]:
+    """``FlowMatchingPipeline.sample_task_types`` without reading its draw back, which fake
+    tensors cannot: the per-sample image-to-video mask drawn as training draws it, and the
+    batch's task type the worst case, "i2v" whenever ``flow.i2v_prob`` is above 0."""
+    if data_type != "video":
+        return "t2v", None
+    from flowtune.flow_matching import rng
+
+    mask = rng.rand(batch_size, generator, "cpu") < flow.i2v_prob
+    return ("i2v" if flow.i2v_prob > 0 else "t2v"), mask
+
+
 def _synchronize(device: str) -> None:
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize(device)
@@ -187,9 +205,7 @@ def run_training_steps(
         spec.adapter, OmegaConf.to_container(recipe.model.adapter), **OmegaConf.to_container(recipe.flow)
     )
     if fake:
-        # A video batch's image-to-video choice reads its random draw back, which fake tensors
-        # cannot: the fake trace takes every clip as text-to-video.
-        flow.sample_task_types = lambda data_type, batch_size, generator=None: ("t2v", None)
+        flow.sample_task_types = functools.partial(_worst_case_task_types, flow)
     optimizer_cfg = recipe.optimizer
     if fake and optimizer_cfg.name != "adamw":  # optional packages' optimizers do not run on fake tensors
         optimizer_cfg = OmegaConf.merge(optimizer_cfg, {"name": "adamw"})
@@ -233,6 +249,8 @@ def run_training_steps(
                 from flowtune.train.offload import offload_blocks
 
                 offload_blocks(model, spec, recipe.train.block_offload, torch.device(device))
+            if fake and (plan_forward := spec.load_plan_forward()) is not None:
+                model.forward = types.MethodType(plan_forward, model)
             if on_model is not None:
                 on_model(model)
             optimizer = build_optimizer(params, optimizer_cfg)

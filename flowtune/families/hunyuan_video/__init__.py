@@ -1,8 +1,9 @@
 """HunyuanVideo 1.5 (``model.family: hunyuan-video``): its registry entry, :data:`SPEC`.
 
 The family's code: :mod:`.adapter` (``HunyuanVideoAdapter``), :mod:`.encoder`
-(``HunyuanVideoEncoder``), :mod:`.naming` (``HUNYUAN_VIDEO_NAMING``: ComfyUI's original key
-names), :mod:`.quantize`, :mod:`.tiny` (``build_tiny_hunyuan_video``).
+(``HunyuanVideoEncoder``), :mod:`.naming` (``HUNYUAN_VIDEO_NAMING``: musubi-tuner's and
+ComfyUI's original key names), :mod:`.plan` (``traceable_forward``: the transformer forward that
+``flowtune plan`` traces), :mod:`.quantize`, :mod:`.tiny` (``build_tiny_hunyuan_video``).
 """
 
 from __future__ import annotations
@@ -57,7 +58,7 @@ SPEC = FamilySpec(
     spatial_granularity=16,
     tiny_builder="flowtune.families.hunyuan_video.tiny:build_tiny_hunyuan_video",
     encoder="flowtune.families.hunyuan_video.encoder:HunyuanVideoEncoder",
-    lora_original_names=None,
+    lora_original_names="flowtune.families.hunyuan_video.naming:HUNYUAN_VIDEO_NAMING",
     # HunyuanVideo15Pipeline has no LoRA loader mixin in diffusers 0.42: its LoRA files are
     # written in the transformer-only layout of HunyuanVideo (1.0)'s mixin ("transformer." keys,
     # peft metadata), which its transformer's load_lora_adapter(..., prefix="transformer") reads.
@@ -83,4 +84,7 @@ SPEC = FamilySpec(
     video_vae=True,  # AutoencoderKLHunyuanVideo15: an image is a one-frame video
     frame_granularity=4,
     fps=24,  # the image-to-video example exports at 24 fps; the models are trained at 24
+    # diffusers' forward branches on its image embeddings and reorders text tokens by their
+    # masks: flowtune plan traces a stand-in of the same shapes.
+    plan_forward="flowtune.families.hunyuan_video.plan:traceable_forward",
 )
