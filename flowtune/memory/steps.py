@@ -241,12 +241,10 @@ def run_training_steps(
                 from flowtune.train.offload import offload_blocks
 
                 offload_blocks(model, spec, recipe.train.block_offload, torch.device(device))
-            saved = nullcontext
             if recipe.train.activation_offload:
                 from flowtune.train.activation_offload import ActivationOffload
 
-                activations = ActivationOffload(device, simulate=fake)
-                saved = activations.hooks
+                activations = ActivationOffload(device, simulate=fake).install(model)
             if on_model is not None:
                 on_model(model)
             optimizer = build_optimizer(params, optimizer_cfg)
@@ -268,7 +266,7 @@ def run_training_steps(
                     torch.cuda.reset_peak_memory_stats(device)
                 _synchronize(device)
                 start = time.perf_counter()
-                with torch.autocast(device_type, dtype=torch.bfloat16, enabled=autocast), saved():
+                with torch.autocast(device_type, dtype=torch.bfloat16, enabled=autocast):
                     _, loss, _, _ = flow.step(
                         model, batch, device=device, dtype=dtype, collect_metrics=False, check_loss=False
                     )

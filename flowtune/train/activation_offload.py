@@ -67,8 +67,8 @@ def _is_parameter(tensor: torch.Tensor) -> bool:
 
 class ActivationOffload:
     """Saved-tensor hooks that keep the large saved activations of a forward in CPU memory (see
-    the module docstring).  Enter :meth:`hooks` around the forward (the loss included); the
-    backward, wherever it runs, unpacks through them.
+    the module docstring).  :meth:`install` runs every forward of a model under them (or enter
+    :meth:`hooks` around a forward); the backward, wherever it runs, unpacks through them.
 
     Args:
         device: The compute device: saved tensors on it move, others stay.
@@ -100,6 +100,26 @@ class ActivationOffload:
         """The context manager to run a forward under (a new one per forward)."""
         self._copies = {}
         return torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
+
+    def install(self, model: nn.Module) -> ActivationOffload:
+        """Run every forward of ``model`` under :meth:`hooks`: module hooks enter them before
+        its forward and leave them after (also when it raises), so they hold whatever wraps the
+        model later (DDP, Accelerate's autocast).  What the caller computes from the model's
+        output (the loss: latent-sized tensors) is saved as usual.  Returns self."""
+        active: list[torch.autograd.graph.saved_tensors_hooks] = []
+
+        def enter(_module: nn.Module, _args: Any) -> None:
+            context = self.hooks()
+            context.__enter__()
+            active.append(context)
+
+        def leave(_module: nn.Module, _args: Any, _output: Any) -> None:
+            if active:
+                active.pop().__exit__(None, None, None)
+
+        model.register_forward_pre_hook(enter)
+        model.register_forward_hook(leave, always_call=True)
+        return self
 
     def moves(self, tensor: torch.Tensor) -> bool:
         """Whether a saved ``tensor`` goes to the CPU: on the compute device, at least

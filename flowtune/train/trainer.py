@@ -253,10 +253,8 @@ class Trainer(
         self.offload = None
         if r.train.block_offload is not None:
             self.offload = offload_blocks(transformer, self.family, r.train.block_offload, self.device)
-        # Activation offload: the forward runs under its saved-tensor hooks (train_step).
-        self.saved_activations = contextlib.nullcontext
-        if r.train.activation_offload:
-            self.saved_activations = ActivationOffload(self.device).hooks
+        if r.train.activation_offload:  # its hooks run around every forward of the transformer
+            ActivationOffload(self.device).install(transformer)
         self.model, self.optimizer, self.scheduler = self.accelerator.prepare(
             transformer, optimizer, scheduler, device_placement=[False if self.offload else None, None, None]
         )
@@ -344,17 +342,16 @@ class Trainer(
             )
             sync = a == rounds - 1
             with contextlib.nullcontext() if sync else acc.no_sync(self.model):
-                with self.saved_activations():
-                    _, loss, _, _ = self.flow.step(
-                        self.model,
-                        batch,
-                        device=self.device,
-                        dtype=self.dtype,
-                        global_step=self.step,
-                        collect_metrics=False,
-                        check_loss=False,
-                        generator=generators,
-                    )
+                _, loss, _, _ = self.flow.step(
+                    self.model,
+                    batch,
+                    device=self.device,
+                    dtype=self.dtype,
+                    global_step=self.step,
+                    collect_metrics=False,
+                    check_loss=False,
+                    generator=generators,
+                )
                 acc.backward(loss / rounds)
             total += loss.detach().float()
         max_norm = r.train.max_grad_norm if r.train.max_grad_norm > 0 else math.inf
