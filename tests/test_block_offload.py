@@ -244,6 +244,27 @@ def test_what_activation_offload_moves() -> None:
     assert not activation_offload.ActivationOffload("meta").moves(torch.zeros(1024, 1024))
 
 
+def test_installed_hooks_hold_only_during_the_model_s_forward() -> None:
+    """install: the hooks are entered for the model's forward and left after it, also when the
+    forward raises, so nothing computed outside the model goes through them."""
+
+    class Square(torch.nn.Module):
+        def forward(self, x: torch.Tensor, fail: bool = False) -> torch.Tensor:
+            if fail:
+                raise ValueError("forward failed")
+            return x * x
+
+    model, x = Square(), torch.ones(4, requires_grad=True)
+    hooks = activation_offload.ActivationOffload("cpu", min_bytes=0).install(model)
+    (model(x) * x).sum().backward()
+    # x * x saves x twice: one copy, read back twice; the product outside the model saves as usual.
+    assert hooks.packed == 1 and hooks.unpacked == 2
+    with pytest.raises(ValueError, match="forward failed"):
+        model(x, fail=True)
+    (x * x).sum().backward()
+    assert hooks.packed == 1
+
+
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
