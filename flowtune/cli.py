@@ -689,9 +689,17 @@ def plan(
             for change in report.changes:
                 err.print(f"  {' '.join(change.overrides)}: {format_bytes(change.peak)}; {change.cost}")
         else:
+            train = resolved.train
+            more = (
+                "turn train.gradient_checkpointing on"
+                if not train.gradient_checkpointing
+                else "set train.activation_offload=true (saved activations in CPU memory)"
+                if not train.activation_offload
+                else "use a GPU with more memory"
+            )
             err.print(
                 "no model.quantize or train.block_offload setting fits it; lower data.resolution or "
-                "train.batch_size, or turn train.gradient_checkpointing on"
+                f"train.batch_size, or {more}"
             )
     for phase, advice in report.advice:
         err.print(warning_text(f"{titles[phase]} does not fit a {gpu_memory:g} GiB GPU: {advice}"))

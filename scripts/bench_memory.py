@@ -1,8 +1,11 @@
 """Measure the memory savers: peak memory and time per training step against `flowtune plan`.
 
-Each case is a bundled recipe (flux1-dev-lora, flux2-dev-lora) with LoRA rank 16, batch 1, the
-recipe's largest bucket at `data.resolution`, gradient checkpointing on and bf16 autocast, plus
-one saver setting (`model.quantize`, `train.block_offload`, both).  The transformer is built from
+Each case is a bundled recipe (flux1-dev-lora, flux2-dev-lora, wan21-t2v-1.3b-lora) with LoRA
+rank 16 (32 for Wan), batch 1, the recipe's largest bucket at `data.resolution`, gradient
+checkpointing on and bf16 autocast, plus saver settings (`model.quantize`, `train.block_offload`,
+`train.activation_offload`).  The `wan` cases are issue 20's long-clip goals: Wan 2.1 14B and
+1.3B at 81 frames of ~480x832 (`data.resolution=640`), with and without activation offload; for
+them the pinned CPU memory the saved activations take is reported under the table.  The transformer is built from
 the bundled config with random weights (no download) by `flowtune.memory.steps.run_training_steps`,
 the plan's own step runner, with the savers applied for real (torchao quantization, block offload
 hooks), and runs `--steps` training steps; each case runs in a process of its own.
@@ -12,8 +15,10 @@ hooks), and runs `--steps` training steps; each case runs in a process of its ow
   activations: what the plan predicts), also `max_memory_reserved` (the caching allocator's
   footprint, what nvidia-smi sees minus the CUDA context); s/step = median of those steps.
 - On a CPU: the same cases at a reduced shape (1 double + 2 single blocks, 4 heads, 256 px, 64
-  text tokens); measured = the peak of the live bytes of the real tensors (the plan's counter on
-  real data), so only the savers' accounting is compared, not CUDA's allocator.
+  text tokens; Wan: 3 blocks); measured = the peak of the live bytes of the real tensors (the
+  plan's counter on real data), so only the savers' accounting is compared, not CUDA's
+  allocator.  There the "CPU copies" of activation offload are on the measured device too, so
+  its cases measure more than the plan (which counts them as host memory).
 
 The plan column is `flowtune plan` for the same recipe and overrides (fake tensors, no device).
 
@@ -22,6 +27,11 @@ Usage:
       [--results bench.jsonl] [--skip-plan] [--budget 540] [--write docs/performance.md]
   python scripts/bench_memory.py --plan-only --device cuda --results plan.jsonl   # no GPU needed
   python scripts/bench_memory.py --render bench.jsonl [--render plan.jsonl] --write docs/performance.md
+
+Activation offload on a GPU (docs/performance.md "Long clips"), one call, plans taken here first:
+  python scripts/bench_memory.py --plan-only --device cuda --cases wan14-int8-offload,... --results plan.jsonl
+  python scripts/bench_memory.py --device cuda --skip-plan --steps 3 --budget 540 --results bench.jsonl \
+      --cases wan14-int8-offload-act,wan14-int8-24gb,wan14-int8-offload,wan13-bf16-81f-act,wan13-bf16-81f
 
 --results appends one JSON line per case as it finishes (a run cut short keeps what it measured);
 --render rebuilds the table from such files (the last line per case and field wins), so the GPU
@@ -65,6 +75,7 @@ class Case:
     recipe: str
     overrides: tuple[str, ...]
     resident_cpu: int | None = None  # block_offload on the reduced model (3 blocks)
+    reduced: tuple[tuple[str, int], ...] | None = None  # the reduced config; None = REDUCED
 
     def all_overrides(self, device: str) -> list[str]:
         overrides = list(self.overrides)
@@ -87,6 +98,31 @@ CASES = [
     Case("flux1-int8-offload", "flux1-dev-lora", ("model.quantize=int8", "train.block_offload=12"), 1),
     Case("flux2-bf16", "flux2-dev-lora", ()),
 ]
+# Wan 2.1 at 81 frames of ~480x832 (the 336x1248 bucket of data.resolution=640), the recipe's rank.
+WAN_CLIP = ("data.frames=81", "data.resolution=640", "lora.rank=32", "lora.alpha=32")
+WAN14 = ("model.pretrained=Wan-AI/Wan2.1-T2V-14B-Diffusers", *WAN_CLIP, "model.quantize=int8")
+WAN_REDUCED = (("num_layers", 3), ("num_attention_heads", 4))
+ACTIVATIONS = "train.activation_offload=true"
+CASES += [
+    Case("wan14-int8-offload", "wan21-t2v-1.3b-lora", (*WAN14, "train.block_offload=30"), 1, WAN_REDUCED),
+    Case(
+        "wan14-int8-offload-act",
+        "wan21-t2v-1.3b-lora",
+        (*WAN14, "train.block_offload=30", ACTIVATIONS),
+        1,
+        WAN_REDUCED,
+    ),
+    # What flowtune plan fits in 24 GiB with activation offload: 13 of 40 blocks resident.
+    Case(
+        "wan14-int8-24gb",
+        "wan21-t2v-1.3b-lora",
+        (*WAN14, "train.block_offload=13", ACTIVATIONS),
+        1,
+        WAN_REDUCED,
+    ),
+    Case("wan13-bf16-81f", "wan21-t2v-1.3b-lora", WAN_CLIP, None, WAN_REDUCED),
+    Case("wan13-bf16-81f-act", "wan21-t2v-1.3b-lora", (*WAN_CLIP, ACTIVATIONS), None, WAN_REDUCED),
+]
 BY_NAME = {case.name: case for case in CASES}
 
 
@@ -108,7 +144,8 @@ def _reduced_model(case: Case, root: Path) -> Path:
     config, _ = load_transformer_config(pretrained)
     folder = root / case.recipe
     (folder / "transformer").mkdir(parents=True, exist_ok=True)
-    (folder / "transformer" / "config.json").write_text(json.dumps({**config, **REDUCED}))
+    reduced = REDUCED if case.reduced is None else dict(case.reduced)
+    (folder / "transformer" / "config.json").write_text(json.dumps({**config, **reduced}))
     return folder
 
 
@@ -147,6 +184,7 @@ def measure(case: Case, device: str, steps: int) -> dict:
         "wall_seconds": round(total, 1),
         "resolution": f"{run.width}x{run.height}",
         "text_tokens": int(recipe.data.max_sequence_length),
+        "measured_host": run.host_activations,
         "torch": torch.__version__,
     }
     if device.startswith("cuda"):
@@ -171,6 +209,7 @@ def plan(case: Case, device: str) -> dict:
         "plan_weights": step.weights,
         "plan_activations": step.activations,
         "plan_offload_saved": step.offload_saved,
+        "plan_host": step.host_activations,
     }
 
 
@@ -250,6 +289,17 @@ def render(results: dict[str, dict], device_label: str) -> str:
             f"| {case.name} | {overrides} | {r.get('resolution', '-')} | {_fmt_gib(planned)} | {_fmt_gib(measured)} | {error} | "
             f"{_fmt_gib(r.get('measured_reserved'))} | {seconds} |\n"
         )
+    hosts = [
+        f"- {name}: plan {_fmt_gib(r.get('plan_host'))}, measured {_fmt_gib(r.get('measured_host'))}\n"
+        for name, r in ((c.name, results.get(c.name)) for c in CASES)
+        if r is not None and (r.get("plan_host") or r.get("measured_host"))
+    ]
+    if hosts:
+        lines += [
+            "\n",
+            "Pinned CPU memory holding the saved activations (`train.activation_offload`):\n\n",
+            *hosts,
+        ]
     return "".join(lines)
 
 

@@ -116,6 +116,51 @@ def test_savers_lower_the_plan_by_what_they_store(four_blocks: Path) -> None:
     assert offload.offload_saved > 0 and offload.peak == base.peak - offload.offload_saved
 
 
+def test_activation_offload_takes_the_saved_activations_off_the_gpu_plan(mid_flux: Path) -> None:
+    """The fake-tensor step with train.activation_offload (its size floor set to 0, so the tiny
+    model's saved tensors move): when the transformer's forward ends, the GPU count is lower by
+    what the hooks hold in CPU memory then (the blocks' saved inputs); the step's peak drops, by
+    less than all of it (the inputs of the block being recomputed come back); the plan reports
+    the pinned CPU memory."""
+    from unittest import mock
+
+    from flowtune.families import get_family
+    from flowtune.memory.plan import LiveBytes, load_transformer_config, plan_from_trace
+    from flowtune.memory.steps import run_training_steps
+    from flowtune.train import activation_offload
+
+    spec = get_family("flux")
+    small = ("data.resolution=128", "data.max_sequence_length=16", "train.gradient_checkpointing=true")
+    config, source = load_transformer_config(str(mid_flux))
+    hooks = activation_offload.ActivationOffload.hooks
+
+    def step(*overrides: str) -> tuple:
+        tracker, ends = LiveBytes(), []
+        with (
+            mock.patch.object(activation_offload, "MIN_BYTES", 0),
+            mock.patch.object(
+                activation_offload.ActivationOffload, "hooks", autospec=True, side_effect=hooks
+            ) as made,
+        ):
+
+            def forward_end(model) -> None:
+                host = lambda: made.call_args.args[0].host_bytes if made.called else 0  # noqa: E731
+                model.register_forward_hook(lambda *_: ends.append((tracker.current, host())))
+
+            recipe = _recipe(mid_flux, *small, *overrides)
+            run = run_training_steps(recipe, spec, config, tracker=tracker, on_model=forward_end, steps=1)
+        return recipe, run, ends[0]
+
+    _, plain, (gpu, _) = step()
+    recipe, moved, (moved_gpu, host) = step("train.activation_offload=true")
+    # A saved view frees its whole storage (hidden states sliced from a concatenation): a bit more.
+    assert 0 < host <= gpu - moved_gpu <= 1.1 * host, (gpu - moved_gpu, host)
+    assert plain.peak - moved.host_activations < moved.peak < plain.peak
+    planned = plan_from_trace(recipe, spec, moved.model, moved.counts(), source)
+    assert planned.host_activations == moved.host_activations >= host
+    assert dict(planned.settings)["activation offload"].endswith("in pinned CPU memory")
+
+
 def test_changes_to_fit_each_fit_and_come_cheapest_first(four_blocks: Path) -> None:
     """Just under the unchanged plan, block offload alone fits and comes first; every change's
     figure is the plan of the recipe with it; a budget nothing can meet gets no change."""

@@ -19,6 +19,12 @@ Two savers cannot run on fake tensors and are accounted from the traced model in
 - ``train.block_offload: N``: the frozen weights of all but the last N blocks leave the GPU;
   two of them (the running block and the prefetched one) are on it at a time.
 
+``train.activation_offload`` changes what the step keeps, so it is traced: the trainer's
+saved-tensor hooks run in the trace, simulating their copies (no data), so the large saved
+activations leave the count as the forward saves them and come back, one block's inputs at a
+time, when the backward unpacks them; the most bytes they held on the host at once is the pinned
+CPU memory the step needs (``StepPlan.host_activations``).
+
 Not counted: the CUDA caching allocator's rounding and fragmentation, the CUDA context (about
 0.5 GB per process), cuBLAS/attention workspaces, and the data loader's pinned host buffers.
 """
@@ -105,10 +111,14 @@ class StepPlan:
         gradients: Their gradients (float32).
         optimizer: The optimizer's states.
         activations: What the forward keeps for the backward and the backward's temporaries at
-            the step's peak (peak - weights - trainable - gradients - optimizer).
+            the step's peak (peak - weights - trainable - gradients - optimizer), on the GPU:
+            with ``train.activation_offload``, those in CPU memory are not in it, and the
+            inputs of the block being recomputed, back on the GPU, are.
         offload_saved: What ``train.block_offload`` takes off the GPU (0 without it).
         peak: The step's peak: weights + trainable + gradients + optimizer + activations -
             offload_saved.
+        host_activations: With ``train.activation_offload``, the most bytes of saved
+            activations in (pinned) CPU memory at once; 0 without it.
         settings: What the plan assumed, as (name, value) lines for the table.
     """
 
@@ -119,6 +129,7 @@ class StepPlan:
     activations: int
     offload_saved: int
     peak: int
+    host_activations: int = 0
     settings: list[tuple[str, str]] = field(default_factory=list)
 
     def fits(self, gpu_gib: float) -> bool:
@@ -517,6 +528,12 @@ def plan_from_trace(
             else f"{recipe.optimizer.name}: planned as AdamW's float32 states (an upper bound)",
         ),
         ("block offload", "off" if resident is None else f"{resident} blocks resident"),
+        (
+            "activation offload",
+            f"on: {format_bytes(counts.get('host_activations', 0))} of saved activations in pinned CPU memory"
+            if recipe.train.activation_offload
+            else "off",
+        ),
     ]
     if mode is not None:
         settings.append((f"frozen weights without {mode}", format_bytes(counts["frozen"])))
@@ -528,5 +545,6 @@ def plan_from_trace(
         activations=activations,
         offload_saved=offload_saved,
         peak=peak,
+        host_activations=counts.get("host_activations", 0),
         settings=settings,
     )

@@ -9,6 +9,10 @@ One function, :func:`run_training_steps`, serves both sides of the memory story:
   real shapes: no download), on the CPU or a GPU, with the savers the plan only accounts
   (``model.quantize``, ``train.block_offload``) applied for real, and time each step.
 
+``train.activation_offload`` changes what a step keeps on the device, so both run it: real runs
+with the trainer's hooks (:class:`~flowtune.train.activation_offload.ActivationOffload`), fake
+runs with the same hooks simulating the copies (no data), so the plan counts what stays.
+
 The step is the trainer's: the family adapter's example batch at the recipe's largest bucket and
 ``train.batch_size``, ``FlowMatchingPipeline.step`` (the adapter's forward and the loss) under
 bf16 autocast when ``train.mixed_precision=bf16`` (as Accelerate wraps the forward), backward,
@@ -50,6 +54,8 @@ class StepRun:
         references: Reference images per sample (edit families).
         seconds: Wall time of each step (device-synchronised).
         device_peak: ``torch.cuda.max_memory_allocated`` over the steps on CUDA, else None.
+        host_activations: With ``train.activation_offload``, the most bytes of saved
+            activations held in CPU memory at once (pinned on CUDA); else 0.
     """
 
     model: nn.Module
@@ -63,6 +69,7 @@ class StepRun:
     references: int = 0
     seconds: list[float] = field(default_factory=list)
     device_peak: int | None = None
+    host_activations: int = 0
 
     def counts(self) -> dict[str, int]:
         """The byte counts and the bucket as a mapping (what the plan reads)."""
@@ -75,6 +82,7 @@ class StepRun:
             "width": self.width,
             "height": self.height,
             "references": self.references,
+            "host_activations": self.host_activations,
         }
 
 
@@ -251,6 +259,10 @@ def run_training_steps(
                 offload_blocks(model, spec, recipe.train.block_offload, torch.device(device))
             if fake and (plan_forward := spec.load_plan_forward()) is not None:
                 model.forward = types.MethodType(plan_forward, model)
+            if recipe.train.activation_offload:
+                from flowtune.train.activation_offload import ActivationOffload
+
+                activations = ActivationOffload(device, simulate=fake).install(model)
             if on_model is not None:
                 on_model(model)
             optimizer = build_optimizer(params, optimizer_cfg)
@@ -292,6 +304,8 @@ def run_training_steps(
             )
             if tracker is not None:
                 run.peak = tracker.peak
+            if recipe.train.activation_offload:
+                run.host_activations = activations.host_peak
             if on_cuda:
                 run.device_peak = torch.cuda.max_memory_allocated(device)
             del batch

@@ -505,6 +505,7 @@ def _check_semantics(cfg: Any) -> None:
     if cfg.flow.device is not None and not cfg.flow.device.strip():
         fail("flow.device", cfg.flow.device, "give a device such as cuda or cpu, or null")
     _check_block_offload(cfg, family, fail)
+    _check_activation_offload(cfg, fail)
     _check_quantize(cfg, fail)
 
 
@@ -578,6 +579,27 @@ def _check_block_offload(cfg: Any, family: Any, fail: Callable[[str, Any, str], 
             resident,
             "FSDP2 already shards the blocks across GPUs and cannot be combined with block offload; "
             "set train.distributed=ddp or train.block_offload=null",
+        )
+
+
+def _check_activation_offload(cfg: Any, fail: Callable[[str, Any, str], None]) -> None:
+    """``train.activation_offload``: it moves what gradient checkpointing keeps, and is not
+    covered under FSDP2."""
+    if not cfg.train.activation_offload:
+        return
+    if not cfg.train.gradient_checkpointing:
+        fail(
+            "train.activation_offload",
+            True,
+            "it moves the inputs that gradient checkpointing keeps for the backward pass to CPU memory, "
+            "so it needs train.gradient_checkpointing=true",
+        )
+    if cfg.train.distributed == "fsdp":
+        fail(
+            "train.activation_offload",
+            True,
+            "it is not available with FSDP2 (untested with its sharded parameters); set "
+            "train.distributed=ddp or train.activation_offload=false",
         )
 
 

@@ -373,6 +373,15 @@ class Train:
     fsdp`; at most the model's block count. With `model.quantize` the offloaded blocks' weights
     move quantized (half or a quarter of the bytes to copy) (docs/training.md)."""
 
+    activation_offload: bool = False
+    """Activation offload: the large activations the forward keeps for the backward pass (with
+    gradient checkpointing, mostly each transformer block's inputs: for long video clips, the
+    largest part of a step's memory) are copied to pinned CPU memory as the forward goes and back
+    to the GPU when the backward needs them, one block's at a time. Needs
+    `train.gradient_checkpointing: true`; not with `train.distributed: fsdp`. Costs pinned CPU
+    memory about the size of those activations (`flowtune plan` gives it) and the copies the
+    computation cannot hide; same losses as without (docs/training.md)."""
+
     checkpoint_every: int = 250
     """Save a resumable checkpoint every this many steps (and always after the last step)."""
 

@@ -57,7 +57,8 @@ class RunReport:
                     f", block offload ({len(self.offload.blocks)} blocks streamed from the CPU)"
                     if self.offload is not None
                     else ""
-                ),
+                )
+                + (", activation offload to CPU memory" if r.train.activation_offload else ""),
             ),
             ("optimizer", f"{r.optimizer.name}, lr {r.optimizer.lr:g}, {r.lr_scheduler.name}"),
             ("output", f"{self.output_dir} (checkpoints every {r.train.checkpoint_every} steps)"),

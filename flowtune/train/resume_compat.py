@@ -28,6 +28,7 @@ _FREE_ON_RESUME = (
     "train.distributed",
     "train.batch_size",  # compared as the global batch size instead
     "train.gradient_accumulation",
+    "train.activation_offload",  # where saved activations wait for the backward: same results
     "data.num_workers",
     "validation",
     "logging",

@@ -57,6 +57,7 @@ from flowtune.model_files import resolve_pretrained
 from flowtune.recipe import recipe_to_yaml
 from flowtune.train import checkpoint as ckpt
 from flowtune.train.accelerator_setup import AcceleratorSetup
+from flowtune.train.activation_offload import ActivationOffload
 from flowtune.train.checkpoint_writer import CheckpointWriter
 from flowtune.train.display import TrainDisplay
 from flowtune.train.divergence import DivergenceGuard
@@ -252,6 +253,8 @@ class Trainer(
         self.offload = None
         if r.train.block_offload is not None:
             self.offload = offload_blocks(transformer, self.family, r.train.block_offload, self.device)
+        if r.train.activation_offload:  # its hooks run around every forward of the transformer
+            ActivationOffload(self.device).install(transformer)
         self.model, self.optimizer, self.scheduler = self.accelerator.prepare(
             transformer, optimizer, scheduler, device_placement=[False if self.offload else None, None, None]
         )
