@@ -8,7 +8,6 @@ used directly."""
 from __future__ import annotations
 
 import dataclasses
-import time
 from pathlib import Path
 
 import numpy as np
@@ -135,10 +134,7 @@ def _assert_same_call(ours: dict, theirs: dict) -> None:
 # ------------------------------------------------------------------------------ tiny pipeline
 
 
-def test_tiny_builds_fast_and_loads_with_the_pipeline(tmp_path: Path, pipe) -> None:
-    start = time.perf_counter()
-    build_tiny_hunyuan_video(tmp_path / "again")
-    assert time.perf_counter() - start < 2.0
+def test_tiny_loads_with_the_pipeline(pipe) -> None:
     config = pipe.transformer.config
     assert config.in_channels == 2 * C + 1 and config.out_channels == C
     inner = config.num_attention_heads * config.attention_head_dim

@@ -5,7 +5,6 @@ through diffusers' Wan converters, and the bundled configs of ``flowtune plan``.
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import numpy as np
@@ -66,14 +65,9 @@ def _context(noisy: torch.Tensor, t: torch.Tensor, batch: dict) -> FlowMatchingC
 # ------------------------------------------------------------------------------ tiny pipeline
 
 
-def test_tiny_builder_is_fast_and_loads_as_a_wan_pipeline(tmp_path, pipe) -> None:
+def test_tiny_builder_loads_as_a_wan_pipeline(pipe) -> None:
     from diffusers import AutoencoderKLWan, WanTransformer3DModel
 
-    from flowtune.families.wan.tiny import build_tiny_wan
-
-    start = time.perf_counter()
-    build_tiny_wan(tmp_path / "again", seed=0)
-    assert time.perf_counter() - start < 2.0
     assert isinstance(pipe.transformer, WanTransformer3DModel) and isinstance(pipe.vae, AutoencoderKLWan)
     config = pipe.transformer.config
     width = config.num_attention_heads * config.attention_head_dim
