@@ -1,6 +1,6 @@
 # flowtune: two set-up commands, both self-contained on a fresh clone.
 #   make demo   preprocess -> train -> sample on an embedded tiny model, offline, on the CPU
-#   make test   the test suite
+#   make test   the test suite (make test-extended: the few tests it leaves out for time)
 # Both create .venv at the repo root and install everything into it.
 
 PYTHON ?= python3
@@ -12,7 +12,7 @@ DEMO_DIR := .flowtune-demo
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: demo demo-kontext demo-flux2 demo-flux2-klein demo-z-image demo-qwen-image demo-qwen-image-edit demo-wan demo-hunyuan-video test lint format docs clean
+.PHONY: demo demo-kontext demo-flux2 demo-flux2-klein demo-z-image demo-qwen-image demo-qwen-image-edit demo-wan demo-hunyuan-video test test-extended lint format docs clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -128,11 +128,15 @@ demo-hunyuan-video: $(STAMP)
 
 # The test files run on TEST_WORKERS processes (pytest-xdist), each file's tests in one of them so
 # that a file's module-scoped tiny models and runs are made once; then the tests marked
-# `processes`, which start several processes of their own, run alone.
+# `processes`, which start several processes of their own, run alone.  The tests marked
+# `extended` (a 4-process launch, FLUX.2 [dev]'s learning run) are left to `make test-extended`.
 TEST_WORKERS ?= 2
 test: $(STAMP)
-	$(BIN)/pytest -q -n $(TEST_WORKERS) --dist loadfile -m "not processes"
-	$(BIN)/pytest -q -m processes
+	$(BIN)/pytest -q -n $(TEST_WORKERS) --dist loadfile -m "not processes and not extended"
+	$(BIN)/pytest -q -m "processes and not extended"
+
+test-extended: $(STAMP)
+	$(BIN)/pytest -q -m extended
 
 lint: $(STAMP)
 	$(BIN)/ruff check flowtune tests scripts

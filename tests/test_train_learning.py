@@ -179,6 +179,10 @@ def test_lora_training_makes_each_caption_sample_its_own_image(
     assert nearest == [0, 1, 2, 3], f"captions {captions} sampled nearest to images {nearest}"
 
 
+# FLUX.2 [dev]'s run is the costliest here (300 steps of a ~3x dearer step) and trains the same
+# adapter and transformer class as FLUX.2 [klein]'s learning test (tests/test_flux2_klein.py),
+# which `make test` runs: it runs with `make test-extended`.
+@pytest.mark.extended
 def test_flux2_lora_training_makes_each_caption_sample_its_own_image(trained: Callable[[str], Path]) -> None:
     from diffusers import Flux2Pipeline
 
