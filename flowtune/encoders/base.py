@@ -290,6 +290,27 @@ class FamilyEncoder(ABC):
         return {f"negative_{name}": value for name, value in cls.prompt_inputs(text).items()}
 
 
+def first_frame_inputs(pipe: Any, images: list[Image.Image]) -> dict[str, Any]:
+    """A video family's image-to-video ``__call__`` argument for the clip's first frame
+    (``FamilySpec.first_frame_images``, :meth:`FamilyEncoder.reference_inputs`): ``{"image":
+    image}``, which the pipeline sizes to the clip as it does outside flowtune.
+
+    Raises:
+        ValueError: ``pipe`` is a text-to-video pipeline (its ``__call__`` takes no ``image``),
+            or not one image.
+    """
+    import inspect
+
+    if "image" not in inspect.signature(type(pipe).__call__).parameters:
+        raise ValueError(
+            f"{type(pipe).__name__} is a text-to-video model: a first frame (--image, "
+            "validation.images) needs an image-to-video checkpoint"
+        )
+    if len(images) != 1:
+        raise ValueError(f"a clip starts from one first frame, got {len(images)} images")
+    return {"image": images[0]}
+
+
 def load_pipeline(
     spec: FamilySpec,
     model_dir: Path,

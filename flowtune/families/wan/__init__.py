@@ -44,6 +44,11 @@ SPEC = FamilySpec(
     # WanPipeline rounds sides down to multiples of vae_scale_factor_spatial x patch (8 x 2).
     spatial_granularity=16,
     tiny_builder="flowtune.families.wan.tiny:build_tiny_wan",
+    # Wan 2.1 I2V checkpoints (noisy, mask and condition channels, CLIP image tokens); Wan 2.2
+    # TI2V-5B is saved as WanPipeline (expand_timesteps).  Their clips start from a given first
+    # frame (sample --image, validation.images): flowtune.families.wan.encoder.
+    other_pipeline_classes=("WanImageToVideoPipeline",),
+    first_frame_images=True,
     encoder="flowtune.families.wan.encoder:WanEncoder",
     lora_original_names="flowtune.families.wan.naming:WAN_NAMING",
     block_lists=BLOCK_LISTS,

@@ -126,6 +126,14 @@ class ModelAdapter(ABC):
         """
         raise NotImplementedError(f"{type(self).__name__} does not describe its batch layout")
 
+    def loss_mask(self, context: FlowMatchingContext) -> torch.Tensor | None:
+        """Where the step's prediction is trained: a float tensor broadcastable to the latents
+        ([B, ...] of the same rank), 0 on elements the model is not asked to predict (e.g. a
+        condition frame it is given clean, at timestep 0), 1 elsewhere; the pipeline multiplies it
+        into the batch's ``loss_mask``.  Called after :meth:`prepare_inputs` with the same
+        context.  Default None: every element is trained."""
+        return None
+
     def post_process_prediction(self, model_pred: Any) -> torch.Tensor:
         """Take the prediction tensor out of a model's return value (tuple or tensor)."""
         if isinstance(model_pred, tuple | list):

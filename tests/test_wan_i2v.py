@@ -1,0 +1,236 @@
+"""Wan image-to-video (``wan``): Wan 2.1 I2V (``WanImageToVideoPipeline``: mask and condition
+channels, CLIP image tokens) and Wan 2.2 TI2V-5B (``expand_timesteps``: the clean first latent
+frame in the latents, per-token timesteps).  The tiny pipelines, the cached condition latents and
+image embeddings equal to the pipeline's own functions, the adapter's transformer inputs equal to
+the pipelines' at the same step (image-to-video and text-to-video samples), and a short
+image-to-video LoRA run whose validation clip and ``flowtune sample --image`` clip equal the
+pipeline's with the LoRA, frame for frame."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from flowtune.encoders.base import EncoderSettings, create_encoder, load_pipeline
+from flowtune.families import get_family
+from flowtune.families.wan.adapter import WanAdapter
+from flowtune.families.wan.encoder import WanEncoder
+from flowtune.families.wan.tiny import (
+    CLIP_HIDDEN,
+    I2V_IN_CHANNELS,
+    TI2V_LATENT_CHANNELS,
+    build_tiny_wan_i2v,
+    build_tiny_wan_ti2v,
+)
+from flowtune.flow_matching import FlowMatchingContext
+from tests.helpers import transformer_calls
+
+SPEC = get_family("wan")
+TEXT_TOKENS = 10
+FRAMES = 5
+
+
+@pytest.fixture(scope="module")
+def i2v_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("wan-i2v") / "i2v"
+    build_tiny_wan_i2v(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def ti2v_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("wan-ti2v") / "ti2v"
+    build_tiny_wan_ti2v(out)
+    return out
+
+
+def _pipe(model: Path, class_name: str | None = None):
+    """The folder's own pipeline class through flowtune's loading, or ``class_name``."""
+    import diffusers
+
+    if class_name is None:
+        return load_pipeline(SPEC, model, dtype=torch.float32, device="cpu")
+    pipe = getattr(diffusers, class_name).from_pretrained(model, dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _encoder(model: Path) -> WanEncoder:
+    settings = EncoderSettings(dtype="float32", max_sequence_length=TEXT_TOKENS, latent_dist="mode")
+    encoder = create_encoder(SPEC, model, settings, device="cpu")
+    encoder.load(images=True, texts=True)
+    return encoder
+
+
+def _clip(height: int, width: int, seed: int = 0) -> list[Image.Image]:
+    rng = np.random.default_rng(seed)
+    return [Image.fromarray(rng.integers(0, 255, (height, width, 3), dtype=np.uint8)) for _ in range(FRAMES)]
+
+
+def _context(noisy, latents, t, batch, i2v) -> FlowMatchingContext:
+    return FlowMatchingContext(
+        noisy_latents=noisy, latents=latents, timesteps=t, sigma=t / 1000,
+        task_type="i2v" if bool(i2v.any()) else "t2v", data_type="video", device=torch.device("cpu"),
+        dtype=torch.float32, batch=batch, i2v_mask=i2v,
+    )  # fmt: skip
+
+
+def _first_step(encoder: WanEncoder, pipe, prompt: str, **call) -> tuple[dict, dict, torch.Tensor]:
+    """The pipeline's first transformer call (conditional pass) from the encoder's cached
+    prompt and empty negative prompt, its output, and the cached prompt's batch fields."""
+    text = encoder.encode_prompts([prompt, ""])
+    rows = [{"text_embeddings": r[None], "text_length": text["text_length"][:1]} for r in text["text_embeddings"]]
+    calls, outputs = transformer_calls(
+        pipe, **WanEncoder.prompt_inputs(rows[0]), **WanEncoder.negative_inputs(rows[1]), num_frames=FRAMES,
+        num_inference_steps=1, guidance_scale=5.0, output_type="latent", generator=torch.Generator().manual_seed(0),
+        **call,
+    )  # fmt: skip
+    return calls[0], rows[0], outputs[0]
+
+
+def _assert_same_call(ours: dict, theirs: dict, keys: tuple[str, ...]) -> None:
+    for key in keys:
+        assert ours[key].shape == theirs[key].shape, key
+        assert torch.equal(ours[key], theirs[key].to(ours[key].dtype)), key
+
+
+# ------------------------------------------------------------------------------ tiny pipelines
+
+
+def test_tiny_builders_are_fast_and_load_with_the_pipelines(tmp_path: Path, i2v_dir: Path, ti2v_dir: Path) -> None:
+    from diffusers import WanImageToVideoPipeline
+
+    for build in (build_tiny_wan_i2v, build_tiny_wan_ti2v):
+        start = time.perf_counter()
+        build(tmp_path / build.__name__)
+        assert time.perf_counter() - start < 2.0, build.__name__
+    pipe = WanImageToVideoPipeline.from_pretrained(i2v_dir)
+    config = pipe.transformer.config
+    assert (config.in_channels, config.out_channels, config.image_dim) == (I2V_IN_CHANNELS, 16, CLIP_HIDDEN)
+    assert pipe.image_encoder is not None and not pipe.config.expand_timesteps
+    # TI2V: saved as WanPipeline (as the hub model), loadable for image-to-video too.
+    pipe = WanImageToVideoPipeline.from_pretrained(ti2v_dir)
+    assert pipe.config.expand_timesteps and pipe.image_encoder is None
+    assert pipe.transformer.config.in_channels == pipe.vae.config.z_dim == TI2V_LATENT_CHANNELS
+    assert (pipe.vae_scale_factor_spatial, pipe.vae_scale_factor_temporal) == (16, 4)
+
+
+# ------------------------------------------------------------------------- Wan 2.1 I2V
+
+
+@pytest.fixture(scope="module")
+def i2v_encoder(i2v_dir: Path) -> WanEncoder:
+    return _encoder(i2v_dir)
+
+
+@torch.no_grad()
+def test_i2v_cached_condition_and_inputs_equal_the_pipeline_s(i2v_dir: Path, i2v_encoder: WanEncoder) -> None:
+    """WanImageToVideoPipeline's first step from the clip's first frame against the cached
+    condition latents and CLIP embeddings and the adapter's inputs; a sample drawn text-to-video
+    (i2v_mask False) is conditioned all the same (an image-to-video-only checkpoint)."""
+    assert i2v_encoder.image_fields == {"video_latents": False, "condition_latents": False, "image_embeds": False}
+    pipe = _pipe(i2v_dir)
+    assert type(pipe).__name__ == "WanImageToVideoPipeline"
+    clip = _clip(32, 48)
+    call, text, output = _first_step(i2v_encoder, pipe, "a blue square", image=clip[0], height=32, width=48)
+    cached = i2v_encoder.encode_videos([clip])
+    hidden = call["hidden_states"]
+    assert hidden.shape == (1, I2V_IN_CHANNELS, 2, 4, 6)
+    assert torch.equal(cached["condition_latents"], hidden[:, 20:])
+    assert torch.equal(cached["image_embeds"], call["encoder_hidden_states_image"])
+    # Beyond the first frame the condition is not the clip's (the causal VAE saw black frames).
+    assert not torch.allclose(cached["condition_latents"][:, :, 1], cached["video_latents"][:, :, 1])
+
+    batch = {**text, **cached}
+    t = pipe.scheduler.timesteps[0].expand(1).float()
+    for i2v in (True, False):
+        context = _context(hidden[:, :16], cached["video_latents"], t, batch, torch.tensor([i2v]))
+        inputs = WanAdapter().prepare_inputs(context)
+        _assert_same_call(
+            inputs, call, ("hidden_states", "timestep", "encoder_hidden_states", "encoder_hidden_states_image")
+        )
+        assert WanAdapter().loss_mask(context) is None
+    assert torch.equal(WanAdapter().forward(pipe.transformer, inputs), output)
+
+
+def test_i2v_example_batch_runs_a_training_step(i2v_dir: Path) -> None:
+    from diffusers import WanTransformer3DModel
+
+    transformer = WanTransformer3DModel.from_pretrained(i2v_dir / "transformer")
+    adapter = WanAdapter()
+    batch = adapter.example_batch(dict(transformer.config), 2, 32, 48, text_tokens=7, frames=FRAMES)
+    assert batch["condition_latents"].shape == batch["video_latents"].shape == (2, 16, 2, 4, 6)
+    assert batch["image_embeds"].shape == (2, 257, CLIP_HIDDEN)
+    latents = batch["video_latents"]
+    context = _context(latents, latents, torch.tensor([100.0, 900.0]), batch, torch.tensor([True, False]))
+    context.cfg_dropout_mask = torch.tensor([True, False])
+    inputs = adapter.prepare_inputs(context)
+    assert not inputs["encoder_hidden_states"][0].any()  # dropped caption; the image stays
+    assert torch.equal(inputs["encoder_hidden_states_image"], batch["image_embeds"])
+    with torch.no_grad():
+        assert adapter.forward(transformer, inputs).shape == latents.shape
+
+
+# ------------------------------------------------------------------------ Wan 2.2 TI2V
+
+
+@torch.no_grad()
+def test_ti2v_inputs_equal_the_pipelines_for_i2v_and_t2v_samples(ti2v_dir: Path) -> None:
+    """The TI2V folder's cached condition is the image-to-video pipeline's; the adapter's inputs
+    equal WanImageToVideoPipeline's (first frame clean, timestep 0 on its tokens) for an i2v
+    sample and WanPipeline's (expand_timesteps: t on every token) for a t2v one; the loss skips
+    the clean first frame of an i2v sample only."""
+    encoder = _encoder(ti2v_dir)
+    assert encoder.image_fields == {"video_latents": False, "condition_latents": False}
+    clip = _clip(32, 64, seed=1)  # TI2V's sides are multiples of 32 (16x VAE, 2x2 patches)
+    cached = encoder.encode_videos([clip])
+    assert cached["condition_latents"].shape == (1, TI2V_LATENT_CHANNELS, 1, 2, 4)
+    # The causal VAE encodes the first frame alone: the clip's first latent frame (mode) is it.
+    assert torch.equal(cached["condition_latents"], cached["video_latents"][:, :, :1])
+    for class_name, i2v in (("WanImageToVideoPipeline", True), ("WanPipeline", False)):
+        pipe = _pipe(ti2v_dir, class_name)
+        extra = {"image": clip[0]} if i2v else {}
+        call, text, output = _first_step(encoder, pipe, "a red circle", height=32, width=64, **extra)
+        assert call["timestep"].shape == (1, 2 * 1 * 2)  # per token: 2 latent frames of 1 x 2
+        noisy = call["hidden_states"].clone()
+        noisy[:, :, 0] += 1.0 if i2v else 0.0  # what the pipeline replaces is not read
+        t = pipe.scheduler.timesteps[0].expand(1).float()
+        context = _context(noisy, cached["video_latents"], t, {**text, **cached}, torch.tensor([i2v]))
+        inputs = WanAdapter().prepare_inputs(context)
+        _assert_same_call(inputs, call, ("hidden_states", "timestep", "encoder_hidden_states"))
+        assert torch.equal(WanAdapter().forward(pipe.transformer, inputs), output)
+        assert WanAdapter().loss_mask(context).flatten().tolist() == [0.0 if i2v else 1.0, 1.0]
+
+
+def test_pipeline_loss_leaves_out_what_the_adapter_masks() -> None:
+    """FlowMatchingPipeline multiplies the adapter's loss mask into the batch's: a TI2V
+    image-to-video sample's first latent frame does not count, whatever the model predicts
+    there."""
+    from flowtune.flow_matching import FlowMatchingPipeline
+
+    class Frame0(torch.nn.Module):  # predicts 0 (the target is the noise), 1e3 on frame 0
+        def forward(self, hidden_states, **_):
+            out = torch.zeros_like(hidden_states)
+            out[:, :, 0] = 1e3
+            return (out,)
+
+    flow = FlowMatchingPipeline(WanAdapter(), i2v_prob=1.0, use_loss_weighting=False)
+    latents = torch.zeros(2, 4, 2, 2, 2)
+    batch = {
+        "video_latents": latents,
+        "condition_latents": latents[:, :, :1],
+        "text_embeddings": torch.zeros(2, 3, 8),
+        "loss_mask": torch.tensor([1.0, 0.0]).view(2, 1, 1, 1),
+    }
+    noise = torch.zeros_like(latents)
+    loss = flow.evaluate(Frame0(), batch, torch.tensor([0.5, 0.5]), noise, dtype=torch.float32)
+    assert loss.tolist() == [5e5, 0.0]  # evaluate draws no i2v (t2v): frame 0 counts
+    _, average, mask, _ = flow.step(Frame0(), batch, dtype=torch.float32, collect_metrics=False, check_loss=False)
+    # i2v_prob 1: frame 0 masked; the batch's own mask drops the second sample.
+    assert mask.flatten(1).tolist() == [[0.0, 1.0], [0.0, 0.0]]
+    assert float(average) < 100  # the squared noise of frame 1 only
