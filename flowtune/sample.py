@@ -854,8 +854,9 @@ def sample(
             )
         # Loaded on the CPU first, so that a LoRA that does not fit is refused before GPU memory is used.
         pipe = load_pipeline(
-            spec, model_dir, dtype=torch_dtype, device="cpu", variant=source.variant, transformer=transformer
-        )
+            spec, model_dir, dtype=torch_dtype, device="cpu", variant=source.variant, transformer=transformer,
+            first_frames=references is not None and spec.first_frame_images,
+        )  # fmt: skip
         warnings: list[str] = []
         if source.lora_file is not None:
             warnings = check_lora(spec, pipe.transformer, source.lora_file, base_model=source.pretrained)

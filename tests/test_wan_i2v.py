@@ -84,7 +84,9 @@ def _first_step(encoder: WanEncoder, pipe, prompt: str, **call) -> tuple[dict, d
     """The pipeline's first transformer call (conditional pass) from the encoder's cached
     prompt and empty negative prompt, its output, and the cached prompt's batch fields."""
     text = encoder.encode_prompts([prompt, ""])
-    rows = [{"text_embeddings": r[None], "text_length": text["text_length"][:1]} for r in text["text_embeddings"]]
+    rows = [
+        {"text_embeddings": r[None], "text_length": text["text_length"][:1]} for r in text["text_embeddings"]
+    ]
     calls, outputs = transformer_calls(
         pipe, **WanEncoder.prompt_inputs(rows[0]), **WanEncoder.negative_inputs(rows[1]), num_frames=FRAMES,
         num_inference_steps=1, guidance_scale=5.0, output_type="latent", generator=torch.Generator().manual_seed(0),
@@ -102,7 +104,9 @@ def _assert_same_call(ours: dict, theirs: dict, keys: tuple[str, ...]) -> None:
 # ------------------------------------------------------------------------------ tiny pipelines
 
 
-def test_tiny_builders_are_fast_and_load_with_the_pipelines(tmp_path: Path, i2v_dir: Path, ti2v_dir: Path) -> None:
+def test_tiny_builders_are_fast_and_load_with_the_pipelines(
+    tmp_path: Path, i2v_dir: Path, ti2v_dir: Path
+) -> None:
     from diffusers import WanImageToVideoPipeline
 
     for build in (build_tiny_wan_i2v, build_tiny_wan_ti2v):
@@ -133,7 +137,11 @@ def test_i2v_cached_condition_and_inputs_equal_the_pipeline_s(i2v_dir: Path, i2v
     """WanImageToVideoPipeline's first step from the clip's first frame against the cached
     condition latents and CLIP embeddings and the adapter's inputs; a sample drawn text-to-video
     (i2v_mask False) is conditioned all the same (an image-to-video-only checkpoint)."""
-    assert i2v_encoder.image_fields == {"video_latents": False, "condition_latents": False, "image_embeds": False}
+    assert i2v_encoder.image_fields == {
+        "video_latents": False,
+        "condition_latents": False,
+        "image_embeds": False,
+    }
     pipe = _pipe(i2v_dir)
     assert type(pipe).__name__ == "WanImageToVideoPipeline"
     clip = _clip(32, 48)
@@ -152,7 +160,9 @@ def test_i2v_cached_condition_and_inputs_equal_the_pipeline_s(i2v_dir: Path, i2v
         context = _context(hidden[:, :16], cached["video_latents"], t, batch, torch.tensor([i2v]))
         inputs = WanAdapter().prepare_inputs(context)
         _assert_same_call(
-            inputs, call, ("hidden_states", "timestep", "encoder_hidden_states", "encoder_hidden_states_image")
+            inputs,
+            call,
+            ("hidden_states", "timestep", "encoder_hidden_states", "encoder_hidden_states_image"),
         )
         assert WanAdapter().loss_mask(context) is None
     assert torch.equal(WanAdapter().forward(pipe.transformer, inputs), output)
@@ -230,7 +240,9 @@ def test_pipeline_loss_leaves_out_what_the_adapter_masks() -> None:
     noise = torch.zeros_like(latents)
     loss = flow.evaluate(Frame0(), batch, torch.tensor([0.5, 0.5]), noise, dtype=torch.float32)
     assert loss.tolist() == [5e5, 0.0]  # evaluate draws no i2v (t2v): frame 0 counts
-    _, average, mask, _ = flow.step(Frame0(), batch, dtype=torch.float32, collect_metrics=False, check_loss=False)
+    _, average, mask, _ = flow.step(
+        Frame0(), batch, dtype=torch.float32, collect_metrics=False, check_loss=False
+    )
     # i2v_prob 1: frame 0 masked; the batch's own mask drops the second sample.
     assert mask.flatten(1).tolist() == [[0.0, 1.0], [0.0, 0.0]]
     assert float(average) < 100  # the squared noise of frame 1 only
@@ -321,3 +333,21 @@ def test_i2v_run_caches_the_condition_and_its_clips_equal_the_pipeline_s_with_th
         with_lora = pipe.transformer(**inputs)[0]
         pipe.disable_lora()
         assert not torch.allclose(pipe.transformer(**inputs)[0], with_lora)
+
+
+def test_each_checkpoint_loads_with_its_pipeline_class_and_granularity(i2v_dir: Path, ti2v_dir: Path) -> None:
+    """A TI2V folder (saved as WanPipeline) samples first frames through WanImageToVideoPipeline
+    and text alone through WanPipeline, its sides multiples of 32 (16x VAE, 2x2 patches); Wan
+    2.1 I2V always through its own class, sides multiples of 16."""
+    settings = EncoderSettings(dtype="float32", max_sequence_length=TEXT_TOKENS, latent_dist="mode")
+    for model, first_frames, text_only, granularity in (
+        (ti2v_dir, "WanImageToVideoPipeline", "WanPipeline", 32),
+        (i2v_dir, "WanImageToVideoPipeline", "WanImageToVideoPipeline", 16),
+    ):
+        assert WanEncoder.pipeline_class_name(SPEC, model, first_frames=True) == first_frames
+        assert WanEncoder.pipeline_class_name(SPEC, model) == text_only
+        assert create_encoder(SPEC, model, settings).spatial_granularity() == granularity
+    pipe = load_pipeline(
+        SPEC, ti2v_dir, dtype=torch.float32, device="cpu", without=["text_encoder"], first_frames=True
+    )
+    assert type(pipe).__name__ == "WanImageToVideoPipeline" and pipe.config.expand_timesteps

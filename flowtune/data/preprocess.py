@@ -398,6 +398,7 @@ def _plan(
     problems: list[Problem] = []
     video_family = spec.frame_granularity > 0
     frames = resolve_frames(spec, data.frames) if video_family else 0
+    granularity = encoder.spatial_granularity()  # the model folder's (FamilySpec's by default)
     fps = resolve_fps(spec, data.fps) if video_family else 0.0
     for record in records:
         caption, warning = apply_caption_options(record.caption, data.trigger_word, data.default_caption)
@@ -442,7 +443,7 @@ def _plan(
             problems.append(Problem(record.path, warning, "warning"))
         caption_key = _hash("text", identity["text"], caption)
         for resolution in resolutions(recipe):
-            plan = bucket_for(width, height, resolution, spec.spatial_granularity, step=data.bucket_step)
+            plan = bucket_for(width, height, resolution, granularity, step=data.bucket_step)
             if plan.needs_upscale and data.min_size == "skip":
                 problems.append(
                     Problem(

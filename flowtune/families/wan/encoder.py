@@ -128,6 +128,27 @@ class WanEncoder(FamilyEncoder):
             self.image_fields = {LATENTS: False, CONDITION: False}
 
     @classmethod
+    def pipeline_class_name(cls, spec: FamilySpec, model_dir: Path, first_frames: bool = False) -> str:
+        """The folder's pipeline class (:meth:`FamilyEncoder.pipeline_class_name`), but
+        ``WanImageToVideoPipeline`` for first frames on a Wan 2.2 TI2V folder (saved as
+        ``WanPipeline`` with ``expand_timesteps``: text-to-video through ``WanPipeline``,
+        image-to-video through ``WanImageToVideoPipeline``, as diffusers documents the model)."""
+        if first_frames and model_index(model_dir).get("expand_timesteps"):
+            return "WanImageToVideoPipeline"
+        return super().pipeline_class_name(spec, model_dir, first_frames)
+
+    def spatial_granularity(self) -> int:
+        """The VAE's spatial factor (its ``scale_factor_spatial``: 8, Wan 2.2 TI2V's 16) times the
+        transformer's 2 x 2 patches, as the pipelines round sides: 16, or 32 for TI2V.  Read from
+        ``vae/config.json`` (present wherever images are encoded); ``FamilySpec``'s 16 without
+        one."""
+        config = self.model_dir / "vae" / "config.json"
+        if not config.is_file():
+            return self.spec.spatial_granularity
+        factor = json.loads(config.read_text(encoding="utf-8")).get("scale_factor_spatial") or 8
+        return max(self.spec.spatial_granularity, 2 * int(factor))
+
+    @classmethod
     def pipeline_components(cls, model_dir: Path, without: Iterable[str]) -> dict[str, Any]:
         """None of its own; makes the image-to-video pipeline take prompts without ftfy installed
         (:func:`guard_missing_ftfy`) before any Wan pipeline is loaded."""
