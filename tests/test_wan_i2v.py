@@ -28,6 +28,7 @@ from flowtune.families.wan.tiny import (
     build_tiny_wan_ti2v,
 )
 from flowtune.flow_matching import FlowMatchingContext
+from flowtune.flow_matching.adapters.base import ExampleSize
 from tests.helpers import transformer_calls
 
 SPEC = get_family("wan")
@@ -351,3 +352,29 @@ def test_each_checkpoint_loads_with_its_pipeline_class_and_granularity(i2v_dir: 
         SPEC, ti2v_dir, dtype=torch.float32, device="cpu", without=["text_encoder"], first_frames=True
     )
     assert type(pipe).__name__ == "WanImageToVideoPipeline" and pipe.config.expand_timesteps
+
+
+def test_bundled_configs_build_at_the_published_sizes_and_example_batches_fit_them() -> None:
+    """flowtune plan offline: the I2V 14B transformers (16.4B: the T2V 14B with CLIP image
+    projections in every block), TI2V-5B's transformer, its own Wan 2.2 VAE (48 channels, 16x)
+    and UMT5-XXL; example batches shaped as the encoder caches for them."""
+    from flowtune.memory.plan import load_transformer_config
+    from tests.helpers import bundled_billions
+
+    i2v, ti2v = "Wan-AI/Wan2.1-I2V-14B-480P-Diffusers", "Wan-AI/Wan2.2-TI2V-5B-Diffusers"
+    assert 16.3 < bundled_billions(i2v, "transformer", SPEC.transformer_class) < 16.5
+    assert 4.9 < bundled_billions(ti2v, "transformer", SPEC.transformer_class) < 5.1
+    assert 0.6 < bundled_billions(ti2v, "vae") < 0.8 and 5.6 < bundled_billions(ti2v, "text_encoder") < 5.8
+    shapes = WanAdapter().example_shapes(load_transformer_config(i2v)[0], ExampleSize(1, 480, 832, 512, 81))
+    assert shapes["condition_latents"] == shapes["video_latents"] == (1, 16, 21, 60, 104)
+    assert shapes["image_embeds"] == (1, 257, 1280)
+    shapes = WanAdapter().example_shapes(
+        load_transformer_config(ti2v)[0], ExampleSize(1, 704, 1280, 512, 121)
+    )
+    assert shapes["video_latents"] == (1, 48, 31, 44, 80) and shapes["condition_latents"] == (
+        1,
+        48,
+        1,
+        44,
+        80,
+    )

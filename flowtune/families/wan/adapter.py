@@ -20,6 +20,8 @@ from flowtune.flow_matching.adapters.base import (
 
 # Wan 2.1 I2V's mask channels: one per frame a latent frame packs (the VAE's temporal factor).
 MASK_CHANNELS = 4
+# The Wan 2.2 VAE's latent channels (TI2V-5B; 16x spatial compression).
+TI2V_LATENT_CHANNELS = 48
 # CLIP ViT-H/14 tokens of a 224-pixel image (256 patches and the class token): Wan 2.1 I2V's
 # image_embeds, for example batches.
 IMAGE_TOKENS = 257
@@ -71,19 +73,17 @@ class WanAdapter(ModelAdapter):
     """
 
     def example_shapes(self, config: dict[str, Any], size: ExampleSize) -> dict[str, tuple[int, ...]]:
-        """``video_latents`` [B, out_channels, F', H / 8, W / 8] (F' from ``size.frames``),
+        """``video_latents`` [B, out_channels, F', h, w] (F' from ``size.frames``; h = H / 8, or
+        H / 16 for the 48 latent channels of the Wan 2.2 VAE, the only Wan VAE with 48),
         ``text_embeddings`` [B, L, text_dim] and ``text_length`` [B, L, 0]; a transformer with an
         ``image_dim`` (Wan 2.1 I2V) also ``condition_latents`` shaped like the latents and
-        ``image_embeds`` [B, 257, image_dim]."""
+        ``image_embeds`` [B, 257, image_dim]; the Wan 2.2 TI2V latents a one-frame
+        ``condition_latents``."""
         b, tokens = size.batch_size, size.text_tokens
         latent_frames = (max(int(size.frames), 1) - 1) // SPEC.frame_granularity + 1
-        latents = (
-            b,
-            int(config.get("out_channels") or config.get("in_channels", 16)),
-            latent_frames,
-            size.height // 8,
-            size.width // 8,
-        )
+        channels = int(config.get("out_channels") or config.get("in_channels", 16))
+        scale = 16 if channels == TI2V_LATENT_CHANNELS else 8
+        latents = (b, channels, latent_frames, size.height // scale, size.width // scale)
         shapes = {
             LATENTS: latents,
             TEXT: (b, tokens, int(config.get("text_dim", 4096))),
@@ -92,6 +92,8 @@ class WanAdapter(ModelAdapter):
         if config.get("image_dim"):
             shapes[CONDITION] = latents
             shapes[IMAGE] = (b, IMAGE_TOKENS, int(config["image_dim"]))
+        elif channels == TI2V_LATENT_CHANNELS:
+            shapes[CONDITION] = (*latents[:2], 1, *latents[3:])
         return shapes
 
     @staticmethod
