@@ -378,3 +378,23 @@ def test_bundled_configs_build_at_the_published_sizes_and_example_batches_fit_th
         44,
         80,
     )
+
+
+def test_image_projections_export_under_the_names_diffusers_converts_back() -> None:
+    """A LoRA that targets Wan 2.1 I2V's image key/value projections exports them under Wan's
+    names (``cross_attn.k_img / v_img``), which diffusers' Wan converter maps back onto them."""
+    from diffusers.loaders.lora_conversion_utils import _convert_non_diffusers_wan_lora_to_diffusers
+
+    from flowtune.families.wan.naming import wan_slot
+
+    state = {}
+    for module in ("attn2.add_k_proj", "attn2.add_v_proj"):
+        name = wan_slot(f"blocks.0.{module}").name
+        state[f"diffusion_model.{name}.lora_down.weight"] = torch.ones(4, 8)
+        state[f"diffusion_model.{name}.lora_up.weight"] = torch.ones(8, 4)
+    converted = _convert_non_diffusers_wan_lora_to_diffusers(state)
+    assert {key for key in converted if "add_" in key} == {
+        f"transformer.blocks.0.attn2.{m}.lora_{ab}.weight"
+        for m in ("add_k_proj", "add_v_proj")
+        for ab in "AB"
+    }
