@@ -843,7 +843,11 @@ def sample(
         torch_dtype = getattr(torch, name)
         index = source.model_dir([]) / "model_index.json"
         components = [
-            k for k, v in json.loads(index.read_text()).items() if not k.startswith("_") and v and v[0]
+            # Components are [library, class] pairs; other entries are pipeline config values
+            # (e.g. a boolean expand_timesteps).
+            k
+            for k, v in json.loads(index.read_text()).items()
+            if not k.startswith("_") and isinstance(v, list) and v and v[0]
         ]
         model_dir = source.model_dir(components)
 

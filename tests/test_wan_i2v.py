@@ -398,3 +398,25 @@ def test_image_projections_export_under_the_names_diffusers_converts_back() -> N
         for m in ("add_k_proj", "add_v_proj")
         for ab in "AB"
     }
+
+
+def test_ti2v_sample_image_equals_the_image_to_video_pipeline_s_clip(ti2v_dir: Path, tmp_path: Path) -> None:
+    """`flowtune sample --image` on a TI2V folder (saved as WanPipeline) samples through
+    WanImageToVideoPipeline: the clip equals its own from that first frame, frame for frame."""
+    from tests.helpers import cli
+
+    rng = np.random.default_rng(3)
+    Image.fromarray(rng.integers(0, 255, (32, 64, 3), dtype=np.uint8)).save(tmp_path / "first.png")
+    result = cli(
+        "sample", "--model", ti2v_dir, "-p", PROMPT, "--image", tmp_path / "first.png", "--seed", "5", "--steps", "2",
+        "--guidance", str(GUIDANCE), "--height", "32", "--width", "64", "--frames", str(FRAMES), "--out", tmp_path,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    pipe = _pipe(ti2v_dir, "WanImageToVideoPipeline")
+    video = pipe(
+        image=Image.open(tmp_path / "first.png").convert("RGB"), prompt=PROMPT, negative_prompt="", num_frames=FRAMES,
+        height=32, width=64, num_inference_steps=2, guidance_scale=GUIDANCE, generator=torch.Generator().manual_seed(5),
+        output_type="np",
+    ).frames[0]  # fmt: skip
+    expected = np.concatenate([(frame * 255).round().astype("uint8") for frame in video], axis=1)
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "000000.png")), expected)
