@@ -277,7 +277,7 @@ def run(i2v_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
         f" max_sequence_length: {TEXT_TOKENS}, frames: {FRAMES}}}\n"
         "flow: {i2v_prob: 0.5}\n"
         f"train: {{output_dir: '{root / 'out'}', max_steps: 1, seed: 0, mixed_precision: 'no', batch_size: 2}}\n"
-        f"validation: {{prompts: ['{PROMPT}'], images: ['{root / 'first.png'}'], every: 0, seed: 5, steps: 2,"
+        f"validation: {{prompts: ['{PROMPT}'], images: ['{root / 'first.png'}'], every: 0, seed: 5, steps: 1,"
         f" guidance: {GUIDANCE}, height: {HEIGHT}, width: {WIDTH}, frames: {FRAMES}}}\n"
         "optimizer: {lr: 5.0e-2}\n"
     )
@@ -307,7 +307,7 @@ def test_i2v_run_caches_the_condition_and_its_clips_equal_the_pipeline_s_with_th
     assert item["image_embeds"].shape == (5, CLIP_HIDDEN)
     out = tmp_path / "out"
     result = cli(
-        "sample", "--ckpt", run / "out", "-p", PROMPT, "--image", run / "first.png", "--seed", "5", "--steps", "2",
+        "sample", "--ckpt", run / "out", "-p", PROMPT, "--image", run / "first.png", "--seed", "5", "--steps", "1",
         "--guidance", str(GUIDANCE), "--height", str(HEIGHT), "--width", str(WIDTH), "--frames", str(FRAMES),
         "--out", out,
     )  # fmt: skip
@@ -317,7 +317,7 @@ def test_i2v_run_caches_the_condition_and_its_clips_equal_the_pipeline_s_with_th
     pipe.load_lora_weights(run / "out" / "final")
     video = pipe(
         image=Image.open(run / "first.png").convert("RGB"), prompt=PROMPT, negative_prompt="", num_frames=FRAMES,
-        height=HEIGHT, width=WIDTH, num_inference_steps=2, guidance_scale=GUIDANCE, max_sequence_length=TEXT_TOKENS,
+        height=HEIGHT, width=WIDTH, num_inference_steps=1, guidance_scale=GUIDANCE, max_sequence_length=TEXT_TOKENS,
         generator=torch.Generator().manual_seed(5), output_type="np",
     ).frames[0]  # fmt: skip
     expected = [(frame * 255).round().astype("uint8") for frame in video]
@@ -408,14 +408,14 @@ def test_ti2v_sample_image_equals_the_image_to_video_pipeline_s_clip(ti2v_dir: P
     rng = np.random.default_rng(3)
     Image.fromarray(rng.integers(0, 255, (32, 64, 3), dtype=np.uint8)).save(tmp_path / "first.png")
     result = cli(
-        "sample", "--model", ti2v_dir, "-p", PROMPT, "--image", tmp_path / "first.png", "--seed", "5", "--steps", "2",
-        "--guidance", str(GUIDANCE), "--height", "32", "--width", "64", "--frames", str(FRAMES), "--out", tmp_path,
+        "sample", "--model", ti2v_dir, "-p", PROMPT, "--image", tmp_path / "first.png", "--seed", "5", "--steps", "1",
+        "--guidance", "1", "--height", "32", "--width", "64", "--frames", "5", "--out", tmp_path,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     pipe = _pipe(ti2v_dir, "WanImageToVideoPipeline")
     video = pipe(
-        image=Image.open(tmp_path / "first.png").convert("RGB"), prompt=PROMPT, negative_prompt="", num_frames=FRAMES,
-        height=32, width=64, num_inference_steps=2, guidance_scale=GUIDANCE, generator=torch.Generator().manual_seed(5),
+        image=Image.open(tmp_path / "first.png").convert("RGB"), prompt=PROMPT, num_frames=5, height=32, width=64,
+        num_inference_steps=1, guidance_scale=1.0, generator=torch.Generator().manual_seed(5),
         output_type="np",
     ).frames[0]  # fmt: skip
     expected = np.concatenate([(frame * 255).round().astype("uint8") for frame in video], axis=1)
