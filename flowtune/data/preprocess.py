@@ -894,7 +894,15 @@ def preprocess(
         model_dir = resolve_pretrained(
             recipe.model.pretrained, recipe.model.revision, _encoder_components(spec), family=spec
         )
-    encoder = create_encoder(spec, model_dir, _encoder_settings(recipe), device or group.device)
+        encoder = create_encoder(spec, model_dir, _encoder_settings(recipe), device or group.device)
+        # An encoder whose folder needs more than the family's components (an image-to-video
+        # checkpoint's image encoder) has them fetched too.
+        needed = (*encoder.image_components, *encoder.text_components)
+        if set(needed) - set(_encoder_components(spec)):
+            model_dir = resolve_pretrained(
+                recipe.model.pretrained, recipe.model.revision, needed, family=spec
+            )
+            encoder = create_encoder(spec, model_dir, _encoder_settings(recipe), device or group.device)
     identity = encoder.identity()
     store = CacheStore.open(data.cache_dir, create=True)
     store.writes_manifest = group.is_main
