@@ -97,20 +97,12 @@ class WanAdapter(ModelAdapter):
         return shapes
 
     @staticmethod
-    def i2v_samples(context: FlowMatchingContext) -> torch.Tensor:
-        """[B] bool: the samples trained image-to-video (TI2V)."""
-        b = context.noisy_latents.shape[0]
-        if context.i2v_mask is not None:
-            return context.i2v_mask.to(context.device, dtype=torch.bool)
-        return torch.full((b,), context.task_type == "i2v", device=context.device)
-
-    @staticmethod
     def first_frame_mask(context: FlowMatchingContext) -> torch.Tensor:
         """[B, 1, F', h, w] float32: 0 on the first latent frame of the samples trained
         image-to-video, 1 elsewhere (TI2V's ``first_frame_mask``, per sample)."""
         b, _, f, h, w = context.noisy_latents.shape
         mask = torch.ones(b, 1, f, h, w, device=context.device)
-        mask[:, :, 0] = (~WanAdapter.i2v_samples(context)).float().view(b, 1, 1, 1)
+        mask[:, :, 0] = (~ModelAdapter.i2v_samples(context)).float().view(b, 1, 1, 1)
         return mask
 
     def prepare_inputs(self, context: FlowMatchingContext) -> dict[str, Any]:

@@ -165,6 +165,15 @@ class ModelAdapter(ABC):
         return self.resolve_cfg_dropout(context)
 
     @staticmethod
+    def i2v_samples(context: FlowMatchingContext) -> torch.Tensor:
+        """[B] bool on the context's device: the samples trained image-to-video
+        (``context.i2v_mask``; without one, every sample when ``task_type`` is "i2v")."""
+        if context.i2v_mask is not None:
+            return context.i2v_mask.to(context.device, dtype=torch.bool)
+        b = context.noisy_latents.shape[0]
+        return torch.full((b,), context.task_type == "i2v", device=context.device)
+
+    @staticmethod
     def text_embeddings(context: FlowMatchingContext, key: str = "text_embeddings") -> torch.Tensor:
         """The batch's sequence text embeddings ``key`` as [B, L, D] on the context's device and
         dtype ([L, D] accepted for a batch of one, as in the reference), caption dropout not yet
