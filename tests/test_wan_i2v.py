@@ -61,6 +61,18 @@ def _pipe(model: Path, class_name: str | None = None):
     return pipe
 
 
+@pytest.fixture(scope="module")
+def i2v_pipe(i2v_dir: Path):
+    """WanImageToVideoPipeline of the Wan 2.1 I2V folder, through flowtune's loading."""
+    return _pipe(i2v_dir)
+
+
+@pytest.fixture(scope="module")
+def ti2v_i2v_pipe(ti2v_dir: Path):
+    """WanImageToVideoPipeline of the TI2V folder (saved as WanPipeline)."""
+    return _pipe(ti2v_dir, "WanImageToVideoPipeline")
+
+
 def _encoder(model: Path) -> WanEncoder:
     settings = EncoderSettings(dtype="float32", max_sequence_length=TEXT_TOKENS, latent_dist="mode")
     encoder = create_encoder(SPEC, model, settings, device="cpu")
@@ -134,7 +146,7 @@ def i2v_encoder(i2v_dir: Path) -> WanEncoder:
 
 
 @torch.no_grad()
-def test_i2v_cached_condition_and_inputs_equal_the_pipeline_s(i2v_dir: Path, i2v_encoder: WanEncoder) -> None:
+def test_i2v_cached_condition_and_inputs_equal_the_pipeline_s(i2v_pipe, i2v_encoder: WanEncoder) -> None:
     """WanImageToVideoPipeline's first step from the clip's first frame against the cached
     condition latents and CLIP embeddings and the adapter's inputs; a sample drawn text-to-video
     (i2v_mask False) is conditioned all the same (an image-to-video-only checkpoint)."""
@@ -143,7 +155,7 @@ def test_i2v_cached_condition_and_inputs_equal_the_pipeline_s(i2v_dir: Path, i2v
         "condition_latents": False,
         "image_embeds": False,
     }
-    pipe = _pipe(i2v_dir)
+    pipe = i2v_pipe
     assert type(pipe).__name__ == "WanImageToVideoPipeline"
     clip = _clip(32, 48)
     call, text, output = _first_step(i2v_encoder, pipe, "a blue square", image=clip[0], height=32, width=48)
@@ -191,7 +203,7 @@ def test_i2v_example_batch_runs_a_training_step(i2v_dir: Path) -> None:
 
 
 @torch.no_grad()
-def test_ti2v_inputs_equal_the_pipelines_for_i2v_and_t2v_samples(ti2v_dir: Path) -> None:
+def test_ti2v_inputs_equal_the_pipelines_for_i2v_and_t2v_samples(ti2v_dir: Path, ti2v_i2v_pipe) -> None:
     """The TI2V folder's cached condition is the image-to-video pipeline's; the adapter's inputs
     equal WanImageToVideoPipeline's (first frame clean, timestep 0 on its tokens) for an i2v
     sample and WanPipeline's (expand_timesteps: t on every token) for a t2v one; the loss skips
@@ -204,7 +216,7 @@ def test_ti2v_inputs_equal_the_pipelines_for_i2v_and_t2v_samples(ti2v_dir: Path)
     # The causal VAE encodes the first frame alone: the clip's first latent frame (mode) is it.
     assert torch.equal(cached["condition_latents"], cached["video_latents"][:, :, :1])
     for class_name, i2v in (("WanImageToVideoPipeline", True), ("WanPipeline", False)):
-        pipe = _pipe(ti2v_dir, class_name)
+        pipe = ti2v_i2v_pipe if i2v else _pipe(ti2v_dir, class_name)
         extra = {"image": clip[0]} if i2v else {}
         call, text, output = _first_step(encoder, pipe, "a red circle", height=32, width=64, **extra)
         assert call["timestep"].shape == (1, 2 * 1 * 2)  # per token: 2 latent frames of 1 x 2
@@ -294,7 +306,7 @@ def _strip_frames(path: Path) -> list[np.ndarray]:
 
 
 def test_i2v_run_caches_the_condition_and_its_clips_equal_the_pipeline_s_with_the_lora(
-    i2v_dir: Path, run: Path, tmp_path: Path
+    i2v_pipe, run: Path, tmp_path: Path
 ) -> None:
     """The run cached each clip's condition latents and CLIP embeddings; its validation clip and
     `flowtune sample --image` with its LoRA equal WanImageToVideoPipeline's from that first frame
@@ -313,7 +325,7 @@ def test_i2v_run_caches_the_condition_and_its_clips_equal_the_pipeline_s_with_th
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
 
-    pipe = _pipe(i2v_dir)
+    pipe = i2v_pipe
     pipe.load_lora_weights(run / "out" / "final")
     video = pipe(
         image=Image.open(run / "first.png").convert("RGB"), prompt=PROMPT, negative_prompt="", num_frames=FRAMES,
@@ -334,6 +346,7 @@ def test_i2v_run_caches_the_condition_and_its_clips_equal_the_pipeline_s_with_th
         with_lora = pipe.transformer(**inputs)[0]
         pipe.disable_lora()
         assert not torch.allclose(pipe.transformer(**inputs)[0], with_lora)
+    pipe.unload_lora_weights()
 
 
 def test_each_checkpoint_loads_with_its_pipeline_class_and_granularity(i2v_dir: Path, ti2v_dir: Path) -> None:
@@ -400,7 +413,9 @@ def test_image_projections_export_under_the_names_diffusers_converts_back() -> N
     }
 
 
-def test_ti2v_sample_image_equals_the_image_to_video_pipeline_s_clip(ti2v_dir: Path, tmp_path: Path) -> None:
+def test_ti2v_sample_image_equals_the_image_to_video_pipeline_s_clip(
+    ti2v_dir: Path, ti2v_i2v_pipe, tmp_path: Path
+) -> None:
     """`flowtune sample --image` on a TI2V folder (saved as WanPipeline) samples through
     WanImageToVideoPipeline: the clip equals its own from that first frame, frame for frame."""
     from tests.helpers import cli
@@ -412,8 +427,7 @@ def test_ti2v_sample_image_equals_the_image_to_video_pipeline_s_clip(ti2v_dir: P
         "--guidance", "1", "--height", "32", "--width", "64", "--frames", "5", "--out", tmp_path,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
-    pipe = _pipe(ti2v_dir, "WanImageToVideoPipeline")
-    video = pipe(
+    video = ti2v_i2v_pipe(
         image=Image.open(tmp_path / "first.png").convert("RGB"), prompt=PROMPT, num_frames=5, height=32, width=64,
         num_inference_steps=1, guidance_scale=1.0, generator=torch.Generator().manual_seed(5),
         output_type="np",
