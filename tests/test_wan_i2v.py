@@ -352,7 +352,8 @@ def test_i2v_run_caches_the_condition_and_its_clips_equal_the_pipeline_s_with_th
 def test_each_checkpoint_loads_with_its_pipeline_class_and_granularity(i2v_dir: Path, ti2v_dir: Path) -> None:
     """A TI2V folder (saved as WanPipeline) samples first frames through WanImageToVideoPipeline
     and text alone through WanPipeline, its sides multiples of 32 (16x VAE, 2x2 patches); Wan
-    2.1 I2V always through its own class, sides multiples of 16."""
+    2.1 I2V always through its own class, sides multiples of 16 (preprocess refuses a TI2V
+    resolution that is not a multiple of 32)."""
     settings = EncoderSettings(dtype="float32", max_sequence_length=TEXT_TOKENS, latent_dist="mode")
     for model, first_frames, text_only, granularity in (
         (ti2v_dir, "WanImageToVideoPipeline", "WanPipeline", 32),
@@ -361,6 +362,20 @@ def test_each_checkpoint_loads_with_its_pipeline_class_and_granularity(i2v_dir: 
         assert WanEncoder.pipeline_class_name(SPEC, model, first_frames=True) == first_frames
         assert WanEncoder.pipeline_class_name(SPEC, model) == text_only
         assert create_encoder(SPEC, model, settings).spatial_granularity() == granularity
+    # Preprocess refuses a resolution the TI2V folder cannot take, in one line, before encoding.
+    from types import SimpleNamespace
+
+    from flowtune.data.preprocess import check_granularity
+    from flowtune.errors import FlowtuneError
+
+    def recipe(resolution: int) -> SimpleNamespace:
+        data = SimpleNamespace(resolution=resolution, bucket_step=None)
+        return SimpleNamespace(data=data, model=SimpleNamespace(pretrained=str(ti2v_dir)))
+
+    check_granularity(recipe(64), create_encoder(SPEC, ti2v_dir, settings))
+    with pytest.raises(FlowtuneError, match=r"data.resolution 48 is not a multiple of 32"):
+        check_granularity(recipe(48), create_encoder(SPEC, ti2v_dir, settings))
+    check_granularity(recipe(48), create_encoder(SPEC, i2v_dir, settings))
     pipe = load_pipeline(
         SPEC, ti2v_dir, dtype=torch.float32, device="cpu", without=["text_encoder"], first_frames=True
     )

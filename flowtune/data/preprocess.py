@@ -139,6 +139,26 @@ def resolutions(recipe: Any) -> list[int]:
     return [int(value)] if isinstance(value, int) else [int(v) for v in value]
 
 
+def check_granularity(recipe: Any, encoder: FamilyEncoder) -> None:
+    """``data.resolution`` and ``data.bucket_step`` against the model folder's side granularity
+    (:meth:`FamilyEncoder.spatial_granularity`), which the recipe's checks cannot know when it is
+    coarser than the family's.
+
+    Raises:
+        FlowtuneError: a value that is not a multiple of it.
+    """
+    granularity = encoder.spatial_granularity()
+    values = [("data.resolution", r) for r in resolutions(recipe)]
+    if recipe.data.bucket_step is not None:
+        values.append(("data.bucket_step", int(recipe.data.bucket_step)))
+    for key, value in values:
+        if value % granularity:
+            raise FlowtuneError(
+                f"{key} {value} is not a multiple of {granularity}, which {recipe.model.pretrained} needs "
+                f"(its VAE's downsampling x the patch size); use a multiple of {granularity}"
+            )
+
+
 def cache_settings(recipe: Any) -> dict[str, Any]:
     """The values of :data:`SETTINGS_KEYS` in ``recipe`` (resolution normalised to a list), and of
     :data:`REFERENCE_SETTINGS_KEYS` for edit-pair datasets and of :data:`VIDEO_SETTINGS_KEYS` for
@@ -903,6 +923,7 @@ def preprocess(
                 recipe.model.pretrained, recipe.model.revision, needed, family=spec
             )
             encoder = create_encoder(spec, model_dir, _encoder_settings(recipe), device or group.device)
+    check_granularity(recipe, encoder)
     identity = encoder.identity()
     store = CacheStore.open(data.cache_dir, create=True)
     store.writes_manifest = group.is_main
