@@ -843,7 +843,11 @@ def sample(
         torch_dtype = getattr(torch, name)
         index = source.model_dir([]) / "model_index.json"
         components = [
-            k for k, v in json.loads(index.read_text()).items() if not k.startswith("_") and v and v[0]
+            # Components are [library, class] pairs; other entries are pipeline config values
+            # (e.g. a boolean expand_timesteps).
+            k
+            for k, v in json.loads(index.read_text()).items()
+            if not k.startswith("_") and isinstance(v, list) and v and v[0]
         ]
         model_dir = source.model_dir(components)
 
@@ -854,8 +858,9 @@ def sample(
             )
         # Loaded on the CPU first, so that a LoRA that does not fit is refused before GPU memory is used.
         pipe = load_pipeline(
-            spec, model_dir, dtype=torch_dtype, device="cpu", variant=source.variant, transformer=transformer
-        )
+            spec, model_dir, dtype=torch_dtype, device="cpu", variant=source.variant, transformer=transformer,
+            first_frames=references is not None and spec.first_frame_images,
+        )  # fmt: skip
         warnings: list[str] = []
         if source.lora_file is not None:
             warnings = check_lora(spec, pipe.transformer, source.lora_file, base_model=source.pretrained)

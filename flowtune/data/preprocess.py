@@ -139,6 +139,26 @@ def resolutions(recipe: Any) -> list[int]:
     return [int(value)] if isinstance(value, int) else [int(v) for v in value]
 
 
+def check_granularity(recipe: Any, encoder: FamilyEncoder) -> None:
+    """``data.resolution`` and ``data.bucket_step`` against the model folder's side granularity
+    (:meth:`FamilyEncoder.spatial_granularity`), which the recipe's checks cannot know when it is
+    coarser than the family's.
+
+    Raises:
+        FlowtuneError: a value that is not a multiple of it.
+    """
+    granularity = encoder.spatial_granularity()
+    values = [("data.resolution", r) for r in resolutions(recipe)]
+    if recipe.data.bucket_step is not None:
+        values.append(("data.bucket_step", int(recipe.data.bucket_step)))
+    for key, value in values:
+        if value % granularity:
+            raise FlowtuneError(
+                f"{key} {value} is not a multiple of {granularity}, which {recipe.model.pretrained} needs "
+                f"(its VAE's downsampling x the patch size); use a multiple of {granularity}"
+            )
+
+
 def cache_settings(recipe: Any) -> dict[str, Any]:
     """The values of :data:`SETTINGS_KEYS` in ``recipe`` (resolution normalised to a list), and of
     :data:`REFERENCE_SETTINGS_KEYS` for edit-pair datasets and of :data:`VIDEO_SETTINGS_KEYS` for
@@ -398,6 +418,7 @@ def _plan(
     problems: list[Problem] = []
     video_family = spec.frame_granularity > 0
     frames = resolve_frames(spec, data.frames) if video_family else 0
+    granularity = encoder.spatial_granularity()  # the model folder's (FamilySpec's by default)
     fps = resolve_fps(spec, data.fps) if video_family else 0.0
     for record in records:
         caption, warning = apply_caption_options(record.caption, data.trigger_word, data.default_caption)
@@ -442,7 +463,7 @@ def _plan(
             problems.append(Problem(record.path, warning, "warning"))
         caption_key = _hash("text", identity["text"], caption)
         for resolution in resolutions(recipe):
-            plan = bucket_for(width, height, resolution, spec.spatial_granularity, step=data.bucket_step)
+            plan = bucket_for(width, height, resolution, granularity, step=data.bucket_step)
             if plan.needs_upscale and data.min_size == "skip":
                 problems.append(
                     Problem(
@@ -893,7 +914,16 @@ def preprocess(
         model_dir = resolve_pretrained(
             recipe.model.pretrained, recipe.model.revision, _encoder_components(spec), family=spec
         )
-    encoder = create_encoder(spec, model_dir, _encoder_settings(recipe), device or group.device)
+        encoder = create_encoder(spec, model_dir, _encoder_settings(recipe), device or group.device)
+        # An encoder whose folder needs more than the family's components (an image-to-video
+        # checkpoint's image encoder) has them fetched too.
+        needed = (*encoder.image_components, *encoder.text_components)
+        if set(needed) - set(_encoder_components(spec)):
+            model_dir = resolve_pretrained(
+                recipe.model.pretrained, recipe.model.revision, needed, family=spec
+            )
+            encoder = create_encoder(spec, model_dir, _encoder_settings(recipe), device or group.device)
+    check_granularity(recipe, encoder)
     identity = encoder.identity()
     store = CacheStore.open(data.cache_dir, create=True)
     store.writes_manifest = group.is_main

@@ -275,6 +275,25 @@ class FamilyEncoder(ABC):
         return {}
 
     @classmethod
+    def pipeline_class_name(cls, spec: FamilySpec, model_dir: Path, first_frames: bool = False) -> str:
+        """The diffusers pipeline class that loads ``model_dir`` (:func:`load_pipeline`): the class
+        its ``model_index.json`` names when it is one of the family's
+        (``FamilySpec.pipeline_classes``), else ``FamilySpec.pipeline_class``.  ``first_frames``:
+        the pipeline will start clips from given first frames (``FamilySpec.first_frame_images``);
+        a family whose checkpoints do both text- and image-to-video through two pipeline classes
+        picks the image-to-video one then."""
+        from flowtune.model_files import read_pipeline_class
+
+        class_name = read_pipeline_class(Path(model_dir))
+        return class_name if class_name in spec.pipeline_classes else spec.pipeline_class
+
+    def spatial_granularity(self) -> int:
+        """Image sides (pixels) that this model folder's pipeline takes whole: multiples of this
+        (preprocess buckets with it).  Default ``FamilySpec.spatial_granularity``; a family whose
+        checkpoints differ reads it from the folder's configs, without loading weights."""
+        return self.spec.spatial_granularity
+
+    @classmethod
     @abstractmethod
     def prompt_inputs(cls, text: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The family pipeline's ``__call__`` arguments that stand for a prompt, from the cached text
@@ -290,6 +309,27 @@ class FamilyEncoder(ABC):
         return {f"negative_{name}": value for name, value in cls.prompt_inputs(text).items()}
 
 
+def first_frame_inputs(pipe: Any, images: list[Image.Image]) -> dict[str, Any]:
+    """A video family's image-to-video ``__call__`` argument for the clip's first frame
+    (``FamilySpec.first_frame_images``, :meth:`FamilyEncoder.reference_inputs`): ``{"image":
+    image}``, which the pipeline sizes to the clip as it does outside flowtune.
+
+    Raises:
+        ValueError: ``pipe`` is a text-to-video pipeline (its ``__call__`` takes no ``image``),
+            or not one image.
+    """
+    import inspect
+
+    if "image" not in inspect.signature(type(pipe).__call__).parameters:
+        raise ValueError(
+            f"{type(pipe).__name__} is a text-to-video model: a first frame (--image, "
+            "validation.images) needs an image-to-video checkpoint"
+        )
+    if len(images) != 1:
+        raise ValueError(f"a clip starts from one first frame, got {len(images)} images")
+    return {"image": images[0]}
+
+
 def load_pipeline(
     spec: FamilySpec,
     model_dir: Path,
@@ -300,10 +340,12 @@ def load_pipeline(
     transformer: torch.nn.Module | None = None,
     without: Iterable[str] = (),
     encoder_quantize: str | None = None,
+    first_frames: bool = False,
 ) -> Any:
     """The family's diffusers pipeline from ``model_dir`` on ``device``, progress bars off: the
     class the folder was saved by (its model_index.json) when it is one of the family's
-    (``FamilySpec.pipeline_classes``), else ``FamilySpec.pipeline_class``.
+    (``FamilySpec.pipeline_classes``), else ``FamilySpec.pipeline_class``
+    (:meth:`FamilyEncoder.pipeline_class_name`).
 
     Args:
         transformer: Use this transformer instead of loading ``model_dir/transformer`` (a full
@@ -312,13 +354,15 @@ def load_pipeline(
             for validation, which uses cached prompt embeddings instead).
         encoder_quantize: ``model.encoder_quantize``: quantize the family's text encoders
             (``FamilySpec.encoder_quantize_skip``) after loading, layer by layer on ``device``.
+        first_frames: The pipeline will start clips from given first frames (``flowtune sample
+            --image``, ``validation.images``), which may pick another class.
 
     Raises:
         FlowtuneError: ``model_dir`` holds another family's pipeline (its model_index.json).
     """
     import diffusers
 
-    from flowtune.model_files import check_model_family, read_pipeline_class
+    from flowtune.model_files import check_model_family
     from flowtune.quiet import quiet_libraries
 
     check_model_family(Path(model_dir), spec)  # another family's folder: one line, before loading
@@ -326,12 +370,12 @@ def load_pipeline(
     without = list(without)
     # The folder's own class when it is one of the family's (FamilySpec.other_pipeline_classes:
     # e.g. an image-to-video checkpoint, which diffusers refuses to load as the text-to-video
-    # pipeline for its extra components).
-    class_name = read_pipeline_class(Path(model_dir))
+    # pipeline for its extra components), or the one the encoder picks for first frames.
+    encoder_class = spec.load_encoder_class()
     pipeline_class = getattr(
-        diffusers, class_name if class_name in spec.pipeline_classes else spec.pipeline_class
+        diffusers, encoder_class.pipeline_class_name(spec, Path(model_dir), first_frames)
     )
-    components = spec.load_encoder_class().pipeline_components(Path(model_dir), without)
+    components = encoder_class.pipeline_components(Path(model_dir), without)
     # The family's own components are set after loading: diffusers refuses a component of another
     # class than model_index.json names (FLUX.2 [dev]'s tokenizer is a PixtralProcessor).
     kwargs: dict[str, Any] = {"dtype": dtype, **dict.fromkeys([*without, *components])}

@@ -45,7 +45,9 @@ class FamilySpec:
             plain image datasets and sampling without ``--image`` work too; otherwise (FLUX.1
             Kontext) every example and every sample needs its reference.
         first_frame_images: A video family whose image-to-video checkpoints (a pipeline class of
-            ``other_pipeline_classes``) start each clip from a given first frame:
+            ``other_pipeline_classes``, or the one the encoder's
+            :meth:`~flowtune.encoders.FamilyEncoder.pipeline_class_name` picks for first frames
+            of a folder that does both) start each clip from a given first frame:
             ``flowtune sample --image FILE`` and ``validation.images`` give it, through the
             encoder's :meth:`~flowtune.encoders.FamilyEncoder.reference_inputs`; text-to-video
             checkpoints sample without.  Training takes the first frame from each clip itself

@@ -15,7 +15,9 @@ sigma itself (no mixing, no shift), as the reference does.
 Where flowtune differs from the reference implementation (all documented in docs/):
 
 * ``device=None`` means the latents' device (the reference defaults to CUDA).
-* ``loss_mask`` from the batch is applied: the averages are masked means.
+* ``loss_mask`` from the batch is applied, times the adapter's own (``ModelAdapter.loss_mask``:
+  elements the model is given clean, such as a condition frame): the averages are masked
+  means.
 * Classifier-free-guidance dropout is drawn per sample by the pipeline (``cfg_dropout_mask`` in
   the context) and applied by every adapter to all of its text conditioning.
 * ``mix_uniform_ratio`` mixes uniform draws into every strategy but ``beta`` per sample, with no
@@ -148,6 +150,8 @@ class FlowMatchingPipeline:
         self.timestep_sampling = timestep_sampling
         self.flow_shift = flow_shift
         self.i2v_prob = i2v_prob
+        # The adapter's loss mask of the last predict() (ModelAdapter.loss_mask), for its loss.
+        self._adapter_loss_mask: torch.Tensor | None = None
         self.cfg_dropout_prob = cfg_dropout_prob
         self.logit_mean = logit_mean
         self.logit_std = logit_std
@@ -454,7 +458,21 @@ class FlowMatchingPipeline:
         )
         inputs = self.model_adapter.prepare_inputs(context)
         model_pred = self.model_adapter.forward(model, inputs)
+        self._adapter_loss_mask = self.model_adapter.loss_mask(context)
         return model_pred, noise - latents.float(), noisy_latents
+
+    def _masked_batch(self, batch: dict[str, Any], ndim: int) -> dict[str, Any]:
+        """``batch`` with the adapter's :meth:`~ModelAdapter.loss_mask` of the last
+        :meth:`predict` multiplied into its ``loss_mask`` (latents of rank ``ndim``); unchanged
+        when the adapter gave none."""
+        adapter_mask = self._adapter_loss_mask
+        if adapter_mask is None:
+            return batch
+        mask = batch.get("loss_mask")
+        if mask is not None:
+            mask = mask.to(adapter_mask.device, torch.float32)
+            adapter_mask = adapter_mask * (mask.unsqueeze(1) if mask.ndim == ndim - 1 else mask)
+        return {**batch, "loss_mask": adapter_mask}
 
     def evaluate(
         self,
@@ -486,7 +504,7 @@ class FlowMatchingPipeline:
             model, batch, latents, noise.to(device, torch.float32), sigma, dtype=dtype
         )
         loss = self.model_adapter.compute_loss(model_pred, target).float()
-        loss_mask = batch.get("loss_mask")
+        loss_mask = self._masked_batch(batch, loss.ndim).get("loss_mask")
         if loss_mask is None:
             return loss.flatten(1).mean(dim=1)
         mask = loss_mask.to(loss.device, torch.float32)
@@ -566,7 +584,7 @@ class FlowMatchingPipeline:
             average_unweighted_loss,
             loss_weight,
             loss_mask,
-        ) = self.compute_loss(model_pred, target, sigma, batch)
+        ) = self.compute_loss(model_pred, target, sigma, self._masked_batch(batch, model_pred.ndim))
 
         if check_loss:
             value = average_weighted_loss.detach()

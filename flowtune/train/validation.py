@@ -169,8 +169,9 @@ class Validator:
         from flowtune.model_files import read_pipeline_class, resolve_pretrained
 
         m = self.recipe.model
-        class_name = read_pipeline_class(resolve_pretrained(m.pretrained, m.revision, []))
-        if class_name == self.spec.pipeline_class:
+        model_dir = resolve_pretrained(m.pretrained, m.revision, [])
+        class_name = read_pipeline_class(model_dir)
+        if self.encoder_class.pipeline_class_name(self.spec, model_dir, True) == self.spec.pipeline_class:
             raise FlowtuneError(
                 f"validation.images: {m.pretrained} is a text-to-video model ({class_name}); first frames "
                 "need an image-to-video checkpoint of the family. Use validation.images=[]"
@@ -261,6 +262,7 @@ class Validator:
                 transformer=unwrap_model(model),
                 without=() if self.encodes_prompts else self.encoder_class.text_components,
                 encoder_quantize=m.encoder_quantize if self.encodes_prompts else None,
+                first_frames=self.references is not None and self.spec.first_frame_images,
             )
         return self._pipe
 

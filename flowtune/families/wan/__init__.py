@@ -44,13 +44,23 @@ SPEC = FamilySpec(
     # WanPipeline rounds sides down to multiples of vae_scale_factor_spatial x patch (8 x 2).
     spatial_granularity=16,
     tiny_builder="flowtune.families.wan.tiny:build_tiny_wan",
+    # Wan 2.1 I2V checkpoints (noisy, mask and condition channels, CLIP image tokens); Wan 2.2
+    # TI2V-5B is saved as WanPipeline (expand_timesteps).  Their clips start from a given first
+    # frame (sample --image, validation.images): flowtune.families.wan.encoder.
+    other_pipeline_classes=("WanImageToVideoPipeline",),
+    first_frame_images=True,
     encoder="flowtune.families.wan.encoder:WanEncoder",
     lora_original_names="flowtune.families.wan.naming:WAN_NAMING",
     block_lists=BLOCK_LISTS,
     quantize_skip=QUANTIZE_SKIP,
     encoder_quantize_skip=ENCODER_QUANTIZE_SKIP,
-    # The 14B model has the 1.3B's text encoder and VAE.
-    component_sources=(("Wan-AI/Wan2.1-T2V-14B-Diffusers", "Wan-AI/Wan2.1-T2V-1.3B-Diffusers"),),
+    # The 14B models (T2V, I2V) have the 1.3B's text encoder and VAE (the I2V's CLIP image
+    # encoder is not sized); Wan 2.2 TI2V-5B's own are bundled (its VAE is Wan 2.2's).
+    component_sources=(
+        ("Wan-AI/Wan2.1-T2V-14B-Diffusers", "Wan-AI/Wan2.1-T2V-1.3B-Diffusers"),
+        ("Wan-AI/Wan2.1-I2V-14B-480P-Diffusers", "Wan-AI/Wan2.1-T2V-1.3B-Diffusers"),
+        ("Wan-AI/Wan2.1-I2V-14B-720P-Diffusers", "Wan-AI/Wan2.1-T2V-1.3B-Diffusers"),
+    ),
     adapter_arguments=(),  # WanAdapter takes none
     # WanPipeline's classifier-free guidance, uncond + guidance_scale * (cond - uncond), runs when
     # guidance_scale > 1 (its default 5.0).  Given no negative prompt, its encode_prompt encodes

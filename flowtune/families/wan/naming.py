@@ -1,4 +1,4 @@
-"""Wan 2.1: diffusers module names -> Wan's original module names.
+"""Wan 2.1 (T2V, I2V): diffusers module names -> Wan's original module names.
 
 Wan's original layout (the ``Wan-AI/Wan2.1-T2V-*`` ``.pth``/``.safetensors`` checkpoints and
 ComfyUI's ``comfy/ldm/wan``) is what ComfyUI maps ``diffusion_model.<name>`` LoRA keys onto and
@@ -11,6 +11,7 @@ diffusers (``WanTransformer3DModel``)                       Wan
 ==========================================================  ======================================
 ``blocks.{i}.attn1.to_q | to_k | to_v | to_out.0``          ``blocks.{i}.self_attn.q | k | v | o``
 ``blocks.{i}.attn2.to_q | to_k | to_v | to_out.0``          ``blocks.{i}.cross_attn.q | k | v | o``
+``blocks.{i}.attn2.add_k_proj | add_v_proj`` (I2V)          ``blocks.{i}.cross_attn.k_img | v_img``
 ``blocks.{i}.ffn.net.0.proj | ffn.net.2``                   ``blocks.{i}.ffn.0 | ffn.2``
 ``condition_embedder.text_embedder.linear_1 | linear_2``    ``text_embedding.0 | .2``
 ``condition_embedder.time_embedder.linear_1 | linear_2``    ``time_embedding.0 | .2``
@@ -35,6 +36,9 @@ _IN_BLOCK = {
     "attn2.to_k": "cross_attn.k",
     "attn2.to_v": "cross_attn.v",
     "attn2.to_out.0": "cross_attn.o",
+    # Wan 2.1 I2V's projections of the CLIP image tokens in the cross-attention.
+    "attn2.add_k_proj": "cross_attn.k_img",
+    "attn2.add_v_proj": "cross_attn.v_img",
     "ffn.net.0.proj": "ffn.0",
     "ffn.net.2": "ffn.2",
 }

@@ -1,8 +1,10 @@
-"""Wan 2.1 T2V's tiny random pipeline (``flowtune make-tiny wan``): Wan 2.1's components and
-geometry at minimal widths and depths (see :mod:`flowtune.tiny`)."""
+"""Wan's tiny random pipelines: Wan 2.1 T2V (``flowtune make-tiny wan``), Wan 2.1 I2V
+(:func:`build_tiny_wan_i2v`) and Wan 2.2 TI2V-5B (:func:`build_tiny_wan_ti2v`), their components
+and geometry at minimal widths and depths (see :mod:`flowtune.tiny`)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -12,7 +14,7 @@ from flowtune.tiny import CAPTION_WORDS, seeded_components, t5_encoder_config, u
 
 if TYPE_CHECKING:
     from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanTransformer3DModel
-    from transformers import T5TokenizerFast, UMT5EncoderModel
+    from transformers import CLIPVisionModel, T5TokenizerFast, UMT5EncoderModel
 
 # Sizes of the tiny Wan components.  Wan 2.1's geometry is kept: a causal 3D VAE with 16 latent
 # channels that downsamples by 8 in space and 4 in time (the first frame alone), per-channel latent
@@ -26,6 +28,18 @@ TRANSFORMER_HEADS = 2
 TRANSFORMER_HEAD_DIM = 32  # 2 x 32 = 64 wide: a latent token's 64 features
 # Wan 2.1's flow shift for 480p sampling (its UniPC scheduler config; 5.0 for 720p).
 FLOW_SHIFT = 3.0
+# Wan 2.1 I2V: the transformer takes the noisy latents, 4 mask channels (one per frame a latent
+# frame packs) and the condition latents; its CLIP ViT-H/14 image encoder (1280 wide, 257 tokens
+# of 224-pixel images) is here 16 wide on 28-pixel images in 14-pixel patches (5 tokens).
+MASK_CHANNELS = 4
+I2V_IN_CHANNELS = LATENT_CHANNELS + MASK_CHANNELS + LATENT_CHANNELS
+CLIP_HIDDEN = 16
+CLIP_SIZE = 28
+CLIP_PATCH = 14
+# Wan 2.2 TI2V-5B: the Wan 2.2 VAE's 48 latent channels, 16x spatial (a 2x2 pixel patchify around
+# an 8x VAE), 4x temporal; its flow shift 5.0 (the hub model's UniPC config).
+TI2V_LATENT_CHANNELS = 48
+TI2V_FLOW_SHIFT = 5.0
 
 
 def umt5_tokenizer() -> T5TokenizerFast:
@@ -74,13 +88,45 @@ def tiny_wan_vae() -> AutoencoderKLWan:
     return vae
 
 
-def tiny_wan_transformer() -> WanTransformer3DModel:
-    """A Wan 2.1-shaped transformer: 2 blocks of self-attention, cross-attention to the text and a
-    GELU feed-forward, 64 wide in 2 heads of 32 (RoPE: 12 frame / 10 height / 10 width dims, as
-    diffusers splits a head), 1x2x2 patches of 16-channel latents, text width 32.
+def tiny_wan_ti2v_vae() -> AutoencoderKLWan:
+    """The Wan 2.2 VAE's layout (residual down/up-sampling blocks around a 2x2 pixel patchify:
+    12 input channels, 48 latent channels, 16x spatial and 4x temporal compression, causal in
+    time) at 8 channels wide, with its own latents' statistics as :func:`tiny_wan_vae`."""
+    from diffusers import AutoencoderKLWan
 
-    Takes latents [B, 16, F', h, w] and UMT5 embeddings [B, L, 32]; random weights from torch's
-    global RNG.
+    from flowtune.families.qwen_image.tiny import _latent_statistics
+
+    vae = AutoencoderKLWan(
+        base_dim=8,
+        decoder_base_dim=8,
+        z_dim=TI2V_LATENT_CHANNELS,
+        dim_mult=[1, 1, 1, 1],
+        num_res_blocks=1,
+        temperal_downsample=[False, True, True],
+        is_residual=True,
+        in_channels=12,
+        out_channels=12,
+        patch_size=2,
+        scale_factor_spatial=16,
+        latents_mean=[0.0] * TI2V_LATENT_CHANNELS,
+        latents_std=[1.0] * TI2V_LATENT_CHANNELS,
+    ).eval()
+    mean, std = _latent_statistics(vae)
+    vae.register_to_config(latents_mean=mean, latents_std=std)
+    return vae
+
+
+def tiny_wan_transformer(
+    in_channels: int = LATENT_CHANNELS, out_channels: int = LATENT_CHANNELS, image_dim: int | None = None
+) -> WanTransformer3DModel:
+    """A Wan-shaped transformer: 2 blocks of self-attention, cross-attention to the text and a
+    GELU feed-forward, 64 wide in 2 heads of 32 (RoPE: 12 frame / 10 height / 10 width dims, as
+    diffusers splits a head), 1x2x2 patches of ``in_channels``-channel latents, text width 32.
+
+    Takes latents [B, in_channels, F', h, w] and UMT5 embeddings [B, L, 32] (with ``image_dim``,
+    as Wan 2.1 I2V, also CLIP image tokens [B, N, image_dim] that each block's cross-attention
+    attends to through its own key and value projections, ``add_k_proj`` / ``add_v_proj``); random
+    weights from torch's global RNG.
     """
     from diffusers import WanTransformer3DModel
 
@@ -88,8 +134,10 @@ def tiny_wan_transformer() -> WanTransformer3DModel:
         patch_size=(1, 2, 2),
         num_attention_heads=TRANSFORMER_HEADS,
         attention_head_dim=TRANSFORMER_HEAD_DIM,
-        in_channels=LATENT_CHANNELS,
-        out_channels=LATENT_CHANNELS,
+        in_channels=in_channels,
+        out_channels=out_channels,
+        image_dim=image_dim,
+        added_kv_proj_dim=None if image_dim is None else TRANSFORMER_HEADS * TRANSFORMER_HEAD_DIM,
         text_dim=UMT5_D_MODEL,
         freq_dim=32,
         ffn_dim=2 * TRANSFORMER_HEADS * TRANSFORMER_HEAD_DIM,
@@ -118,16 +166,16 @@ def _open_gates(transformer: WanTransformer3DModel) -> None:
         block.scale_shift_table[:, 5] = 1.0
 
 
-def wan_scheduler() -> UniPCMultistepScheduler:
-    """Wan 2.1's scheduler config as its diffusers repositories ship it: UniPC (2nd order, bh2)
-    over flow-matching sigmas shifted by :data:`FLOW_SHIFT`."""
+def wan_scheduler(flow_shift: float = FLOW_SHIFT) -> UniPCMultistepScheduler:
+    """Wan's scheduler config as its diffusers repositories ship it: UniPC (2nd order, bh2)
+    over flow-matching sigmas shifted by ``flow_shift``."""
     from diffusers import UniPCMultistepScheduler
 
     return UniPCMultistepScheduler(
         num_train_timesteps=1000,
         prediction_type="flow_prediction",
         use_flow_sigmas=True,
-        flow_shift=FLOW_SHIFT,
+        flow_shift=flow_shift,
         solver_order=2,
         solver_type="bh2",
         predict_x0=True,
@@ -137,16 +185,19 @@ def wan_scheduler() -> UniPCMultistepScheduler:
     )
 
 
-def tiny_wan_components(seed: int) -> dict:
+def tiny_wan_components(
+    seed: int, transformer: Callable[[], WanTransformer3DModel] = tiny_wan_transformer
+) -> dict:
     """The tiny pipeline's components (``scheduler``, ``vae``, ``text_encoder``, ``tokenizer``,
-    ``transformer``), each seeded by ``seed`` and its name; the caller's RNG is untouched."""
+    ``transformer``, built by ``transformer``), each seeded by ``seed`` and its name; the caller's
+    RNG is untouched."""
     tokenizer = umt5_tokenizer()
     components = seeded_components(
         seed,
         {
             "text_encoder": lambda: umt5_encoder(tokenizer),
             "vae": tiny_wan_vae,
-            "transformer": tiny_wan_transformer,
+            "transformer": transformer,
         },
     )
     return {"scheduler": wan_scheduler(), "tokenizer": tokenizer, **components}
@@ -163,3 +214,61 @@ def build_tiny_wan(out_dir: Path, seed: int = 0) -> None:
 
     with torch.no_grad():
         WanPipeline(**tiny_wan_components(seed)).save_pretrained(out_dir, safe_serialization=True)
+
+
+def clip_vision_components(seed: int) -> dict:
+    """Wan 2.1 I2V's image components: a 2-layer CLIP vision tower (``image_encoder``; the
+    pipeline reads its second-to-last hidden state) :data:`CLIP_HIDDEN` wide on
+    :data:`CLIP_SIZE`-pixel images, and its ``image_processor`` (the PIL one: no torchvision)."""
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+    def image_encoder() -> CLIPVisionModel:
+        config = CLIPVisionConfig(
+            hidden_size=CLIP_HIDDEN, intermediate_size=2 * CLIP_HIDDEN, num_hidden_layers=2,
+            num_attention_heads=2, image_size=CLIP_SIZE, patch_size=CLIP_PATCH, projection_dim=CLIP_HIDDEN,
+        )  # fmt: skip
+        return CLIPVisionModel(config).eval()
+
+    processor = CLIPImageProcessorPil(
+        size={"shortest_edge": CLIP_SIZE}, crop_size={"height": CLIP_SIZE, "width": CLIP_SIZE}
+    )
+    return {**seeded_components(seed, {"image_encoder": image_encoder}), "image_processor": processor}
+
+
+def build_tiny_wan_i2v(out_dir: Path, seed: int = 0) -> None:
+    """Write a tiny random Wan 2.1 I2V-shaped pipeline (``WanImageToVideoPipeline``) to
+    ``out_dir``: the T2V components, a transformer taking :data:`I2V_IN_CHANNELS` (noisy latents,
+    mask, condition latents) and CLIP image tokens, and the CLIP image components
+    (:func:`clip_vision_components`)."""
+    from diffusers import WanImageToVideoPipeline
+
+    components = tiny_wan_components(
+        seed, lambda: tiny_wan_transformer(I2V_IN_CHANNELS, LATENT_CHANNELS, CLIP_HIDDEN)
+    )
+    components.update(clip_vision_components(seed))
+    with torch.no_grad():
+        WanImageToVideoPipeline(**components).save_pretrained(out_dir, safe_serialization=True)
+
+
+def build_tiny_wan_ti2v(out_dir: Path, seed: int = 0) -> None:
+    """Write a tiny random Wan 2.2 TI2V-5B-shaped pipeline to ``out_dir``: ``WanPipeline`` with
+    ``expand_timesteps`` (per-token timesteps, as the hub model's ``model_index.json``), the
+    48-channel 16x VAE (:func:`tiny_wan_ti2v_vae`), a transformer on its latents, no image
+    encoder; ``WanImageToVideoPipeline.from_pretrained`` loads it for image-to-video."""
+    from diffusers import WanPipeline
+
+    tokenizer = umt5_tokenizer()
+    components = seeded_components(
+        seed,
+        {
+            "text_encoder": lambda: umt5_encoder(tokenizer),
+            "vae": tiny_wan_ti2v_vae,
+            "transformer": lambda: tiny_wan_transformer(TI2V_LATENT_CHANNELS, TI2V_LATENT_CHANNELS),
+        },
+    )
+    pipe = WanPipeline(
+        scheduler=wan_scheduler(TI2V_FLOW_SHIFT), tokenizer=tokenizer, expand_timesteps=True, **components
+    )
+    with torch.no_grad():
+        pipe.save_pretrained(out_dir, safe_serialization=True)

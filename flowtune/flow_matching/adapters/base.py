@@ -126,6 +126,14 @@ class ModelAdapter(ABC):
         """
         raise NotImplementedError(f"{type(self).__name__} does not describe its batch layout")
 
+    def loss_mask(self, context: FlowMatchingContext) -> torch.Tensor | None:
+        """Where the step's prediction is trained: a float tensor broadcastable to the latents
+        ([B, ...] of the same rank), 0 on elements the model is not asked to predict (e.g. a
+        condition frame it is given clean, at timestep 0), 1 elsewhere; the pipeline multiplies it
+        into the batch's ``loss_mask``.  Called after :meth:`prepare_inputs` with the same
+        context.  Default None: every element is trained."""
+        return None
+
     def post_process_prediction(self, model_pred: Any) -> torch.Tensor:
         """Take the prediction tensor out of a model's return value (tuple or tensor)."""
         if isinstance(model_pred, tuple | list):
@@ -155,6 +163,15 @@ class ModelAdapter(ABC):
         """
         check_latent_rank(self, context.noisy_latents, rank, layout)
         return self.resolve_cfg_dropout(context)
+
+    @staticmethod
+    def i2v_samples(context: FlowMatchingContext) -> torch.Tensor:
+        """[B] bool on the context's device: the samples trained image-to-video
+        (``context.i2v_mask``; without one, every sample when ``task_type`` is "i2v")."""
+        if context.i2v_mask is not None:
+            return context.i2v_mask.to(context.device, dtype=torch.bool)
+        b = context.noisy_latents.shape[0]
+        return torch.full((b,), context.task_type == "i2v", device=context.device)
 
     @staticmethod
     def text_embeddings(context: FlowMatchingContext, key: str = "text_embeddings") -> torch.Tensor:
