@@ -100,14 +100,6 @@ class HunyuanVideoAdapter(ModelAdapter):
             raise ValueError(f"{key}_mask has {mask.shape[1]} positions, {key} {length}")
         return mask.to(context.device, dtype=context.dtype)
 
-    @staticmethod
-    def i2v_samples(context: FlowMatchingContext) -> torch.Tensor:
-        """[B] bool: the samples trained image-to-video."""
-        b = context.noisy_latents.shape[0]
-        if context.i2v_mask is not None:
-            return context.i2v_mask.to(context.device, dtype=torch.bool)
-        return torch.full((b,), context.task_type == "i2v", device=context.device)
-
     def condition(self, context: FlowMatchingContext, i2v: torch.Tensor) -> torch.Tensor:
         """[B, C + 1, F, H, W]: condition latents and mask channel; for the ``i2v`` samples the
         clean first latent frame and a mask of 1 on frame 0, zeros elsewhere."""

@@ -28,14 +28,13 @@ the first latent frame of a clip is its first frame's own latent, the image-to-v
 
 from __future__ import annotations
 
-import inspect
 import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
-from flowtune.encoders.base import EncoderSettings, FamilyEncoder
+from flowtune.encoders.base import EncoderSettings, FamilyEncoder, first_frame_inputs
 from flowtune.families import FamilySpec
 
 if TYPE_CHECKING:
@@ -184,14 +183,7 @@ class HunyuanVideoEncoder(FamilyEncoder):
         Raises:
             ValueError: a text-to-video checkpoint (it takes no first frame), or not one image.
         """
-        if "image" not in inspect.signature(type(pipe).__call__).parameters:
-            raise ValueError(
-                f"{type(pipe).__name__} is a text-to-video model: a first frame (--image, "
-                "validation.images) needs an image-to-video checkpoint"
-            )
-        if len(images) != 1:
-            raise ValueError(f"a clip starts from one first frame, got {len(images)} images")
-        return {"image": images[0]}
+        return first_frame_inputs(pipe, images)
 
     def token_counts(self, prompts: list[str]) -> list[int]:
         """Qwen2.5-VL tokens per prompt as ``encode_prompt`` keeps them before padding or
