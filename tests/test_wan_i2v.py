@@ -8,7 +8,6 @@ pipeline's with the LoRA, frame for frame."""
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import numpy as np
@@ -117,15 +116,9 @@ def _assert_same_call(ours: dict, theirs: dict, keys: tuple[str, ...]) -> None:
 # ------------------------------------------------------------------------------ tiny pipelines
 
 
-def test_tiny_builders_are_fast_and_load_with_the_pipelines(
-    tmp_path: Path, i2v_dir: Path, ti2v_dir: Path
-) -> None:
+def test_tiny_builders_load_with_the_pipelines(i2v_dir: Path, ti2v_dir: Path) -> None:
     from diffusers import WanImageToVideoPipeline
 
-    for build in (build_tiny_wan_i2v, build_tiny_wan_ti2v):
-        start = time.perf_counter()
-        build(tmp_path / build.__name__)
-        assert time.perf_counter() - start < 2.0, build.__name__
     pipe = WanImageToVideoPipeline.from_pretrained(i2v_dir)
     config = pipe.transformer.config
     assert (config.in_channels, config.out_channels, config.image_dim) == (I2V_IN_CHANNELS, 16, CLIP_HIDDEN)
