@@ -600,15 +600,26 @@ def check_lora(
 def add_lora(pipe: Any, lora_file: Path, scale: float = 1.0) -> None:
     """Load a LoRA file into the pipeline at the given strength: with its ``load_lora_weights``,
     or, for pipelines without a LoRA loader (``FamilySpec.lora_loader``), with its transformer's
-    ``load_lora_adapter`` (the file's keys under the loader's ``transformer.`` prefix)."""
+    ``load_lora_adapter`` (the file's keys under the loader's ``transformer.`` prefix).  A LoRA
+    trained on the low-noise expert of a two-expert pipeline (:func:`flowtune.experts.lora_expert`)
+    goes into ``transformer_2`` (``load_into_transformer_2=True``)."""
+    from flowtune.experts import expert_component, lora_expert
+
     lora_file = Path(lora_file)
+    component = expert_component(lora_expert(lora_file))
+    into = {"load_into_transformer_2": True} if component != "transformer" else {}
+    if into and getattr(pipe, component, None) is None:
+        raise FlowtuneError(
+            f"{lora_file} was trained on the low-noise expert ({component}) of a two-expert model; "
+            "this model has none"
+        )
     with warnings.catch_warnings():
         # On a torchao-quantized transformer (--quantize) peft warns that its LoRA layers cannot
         # merge into the quantized weights; sampling never merges.
         warnings.filterwarnings("ignore", message=".*get_apply_tensor_subclass")
         if hasattr(pipe, "load_lora_weights"):
             pipe.load_lora_weights(
-                str(lora_file.parent), weight_name=lora_file.name, adapter_name=ADAPTER_NAME
+                str(lora_file.parent), weight_name=lora_file.name, adapter_name=ADAPTER_NAME, **into
             )
         else:
             pipe.transformer.load_lora_adapter(
@@ -616,9 +627,10 @@ def add_lora(pipe: Any, lora_file: Path, scale: float = 1.0) -> None:
             )
     # The loaders leave the new LoRA layers in train mode: a file that records a dropout would
     # otherwise drop parts of the update at random while sampling.
-    pipe.transformer.eval()
+    transformer = getattr(pipe, component)
+    transformer.eval()
     if scale != 1.0:
-        pipe.transformer.set_adapters([ADAPTER_NAME], weights=[scale])
+        transformer.set_adapters([ADAPTER_NAME], weights=[scale])
 
 
 def _quantize(pipe: Any, source: SampleSource, device: str | None) -> None:
@@ -858,7 +870,11 @@ def sample(
         )
         warnings: list[str] = []
         if source.lora_file is not None:
-            warnings = check_lora(spec, pipe.transformer, source.lora_file, base_model=source.pretrained)
+            from flowtune.experts import expert_component, lora_expert
+
+            target = getattr(pipe, expert_component(lora_expert(source.lora_file)), None)
+            target = target if target is not None else pipe.transformer  # add_lora refuses it
+            warnings = check_lora(spec, target, source.lora_file, base_model=source.pretrained)
         _quantize(pipe, source, None if cpu_offload or device == "cpu" else device)
         if source.lora_file is not None:
             add_lora(pipe, source.lora_file, settings.lora_scale)

@@ -99,6 +99,7 @@ def export_lora(
         FlowtuneError: unknown format or dtype, a full fine-tuning checkpoint, an existing file
             without ``overwrite``, or a LoRA that the format cannot express.
     """
+    from flowtune.experts import expert_file_name, lora_expert
     from flowtune.interop.lora import DTYPES, FORMATS, write_lora
     from flowtune.interop.output import check_free_file, default_stem, write_file_atomically
 
@@ -108,6 +109,9 @@ def export_lora(
     lora_file = _lora_checkpoint(trained, spec.transformer_class)
     folder, stem = default_stem(trained.path)
     name = f"{stem}-{fmt}.safetensors"
+    expert = lora_expert(lora_file)
+    if expert is not None:  # a two-expert model's LoRA: named for its expert, as other tools do
+        name = expert_file_name(name, expert)
     path = folder / name if out is None else Path(out).expanduser()
     if path.is_dir():
         path = path / name

@@ -506,6 +506,7 @@ def _check_semantics(cfg: Any) -> None:
         fail("flow.device", cfg.flow.device, "give a device such as cuda or cpu, or null")
     _check_block_offload(cfg, family, fail)
     _check_quantize(cfg, fail)
+    _check_expert(cfg, fail)
 
 
 def _resolve_sampling(cfg: Any, family: Any, fail: Callable[[str, Any, str], None]) -> None:
@@ -600,6 +601,23 @@ def _check_quantize(cfg: Any, fail: Callable[[str, Any, str], None]) -> None:
             mode,
             "FSDP2 cannot shard torchao's quantized weights in flowtune yet; set train.distributed=ddp "
             "(each GPU holds the quantized model) or model.quantize=null",
+        )
+
+
+def _check_expert(cfg: Any, fail: Callable[[str, Any, str], None]) -> None:
+    """``model.expert``: a LoRA per expert, its sigma sampled within the expert's range (whether
+    the model has two experts is checked from its model_index.json when training starts)."""
+    expert = cfg.model.expert
+    if expert is None:
+        return
+    if cfg.train.mode != "lora":
+        fail("model.expert", expert, "experts train LoRAs, so it needs train.mode=lora")
+    if cfg.flow.timestep_sampling == "beta" and cfg.flow.use_sigma_noise:
+        fail(
+            "model.expert",
+            expert,
+            "an expert's sigmas are sampled within its range, which beta sampling cannot do; "
+            "set flow.timestep_sampling to logit_normal, uniform, mode, lognorm or mix",
         )
 
 

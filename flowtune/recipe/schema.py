@@ -86,6 +86,14 @@ class Model:
     but its vision tower, which text prompts never run. The embeddings change slightly, so changing
     it re-encodes the captions (docs/data.md). null = the text encoders stay in `model.dtype`."""
 
+    expert: Literal["high", "low", "both"] | None = None
+    """For two-expert checkpoints (a `transformer_2` and a `boundary_ratio` b in model_index.json,
+    e.g. Wan 2.2 T2V-A14B, b = 0.875): `high` trains a LoRA on `transformer` (the high-noise
+    expert) with sigma sampled within [b, 1]; `low` one on `transformer_2` with sigma within
+    [0, b]; `both` one LoRA per expert in one run, each step training one expert on its range.
+    Sigma follows the `flow.*` distribution restricted to the range. LoRA only. Refused for
+    models without a `transformer_2` (docs/wan.md). null = the model's one transformer."""
+
     adapter: dict[str, Any] = field(default_factory=dict)
     """Extra keyword arguments of the family's flow-matching adapter. FLUX.1: `guidance_scale`
     (default 3.5; the guidance value fed to guidance-distilled models such as FLUX.1-dev during

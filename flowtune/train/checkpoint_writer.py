@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from flowtune import __version__
+from flowtune.experts import META_EXPERT
 from flowtune.recipe import recipe_to_yaml
 from flowtune.train import checkpoint as ckpt
 from flowtune.train.model import META_BASE_MODEL, META_STEP, META_VERSION
@@ -75,6 +76,8 @@ class CheckpointWriter:
             META_STEP: str(self.step),
             META_VERSION: __version__,
         }
+        if self.recipe.model.expert is not None:  # flowtune.experts: which transformer it loads into
+            metadata[META_EXPERT] = self.recipe.model.expert
         self.weights.save(self.model, directory, state, metadata)
 
     def _write_checkpoint(self) -> Path:

@@ -69,6 +69,7 @@ def load_transformer(
     quantize: str | None = None,
     device: torch.device | str | None = None,
     host: tuple[str, ...] | list[str] = (),
+    subfolder: str = "transformer",
 ) -> nn.Module:
     """The family's transformer from ``model_dir/transformer``, in ``dtype``, frozen, in train mode.
 
@@ -80,6 +81,8 @@ def load_transformer(
         device: Where quantized layers are quantized and kept (None = the CPU it loads on).
         host: Blocks whose quantized layers go back to the CPU (``train.block_offload``'s
             offloaded blocks: :func:`flowtune.train.offload.offloaded_block_names`).
+        subfolder: The transformer's folder: ``transformer_2`` for the low-noise expert of a
+            two-expert pipeline (``model.expert``, :mod:`flowtune.experts`).
     """
     import diffusers
 
@@ -87,7 +90,7 @@ def load_transformer(
 
     quiet_libraries()
     cls = getattr(diffusers, spec.transformer_class)
-    kwargs: dict[str, Any] = {"subfolder": "transformer", "dtype": dtype}
+    kwargs: dict[str, Any] = {"subfolder": subfolder, "dtype": dtype}
     if variant is not None:
         kwargs["variant"] = variant
     transformer = cls.from_pretrained(model_dir, **kwargs)

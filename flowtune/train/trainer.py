@@ -49,6 +49,7 @@ from flowtune.data.loader import (
 )
 from flowtune.data.preprocess import check_cache
 from flowtune.errors import FlowtuneError
+from flowtune.experts import Expert, boundary_ratio, expert_named
 from flowtune.families import get_family
 from flowtune.fileio import tree_bytes, write_errors
 from flowtune.flow_matching import create_pipeline
@@ -176,6 +177,7 @@ class Trainer(
             self.family.adapter,
             OmegaConf.to_container(r.model.adapter),
             **OmegaConf.to_container(r.flow),
+            sigma_range=self.expert.sigma_range if self.expert is not None else None,
         )
         self.validator = Validator(
             r, self.family, self.store, self.validation_indices, self.accelerator, self.output_dir
@@ -222,15 +224,15 @@ class Trainer(
         self.dtype = getattr(torch, r.model.dtype)
         if r.train.block_offload is not None:  # from config.json, before the weights download
             check_block_offload(self.family, r.model.pretrained, r.model.revision, r.train.block_offload)
-        model_dir = resolve_pretrained(
-            r.model.pretrained, r.model.revision, ["transformer"], family=self.family
-        )
+        self.expert = self._expert()
+        subfolder = self.expert.component if self.expert is not None else "transformer"
+        model_dir = resolve_pretrained(r.model.pretrained, r.model.revision, [subfolder], family=self.family)
         # Seeds Python, numpy and torch (LoRA initialisation, LoRA dropout) identically on every
         # process; the flow-matching draws use their own per-sample generators.
         set_seed(r.train.seed)
         host = quantized_host_blocks(self.family, model_dir, r.model.quantize, r.train.block_offload)
         transformer = load_transformer(
-            self.family, model_dir, self.dtype, r.model.variant, r.model.quantize, self.device, host
+            self.family, model_dir, self.dtype, r.model.variant, r.model.quantize, self.device, host, subfolder
         )
         self.quantized = getattr(transformer, "flowtune_quantized", None)
         params = self.weights.prepare(transformer)
@@ -257,6 +259,24 @@ class Trainer(
         )
         # FSDP2 replaces the parameters by sharded ones (and points the optimizer at them).
         self.params = [p for p in self.model.parameters() if p.requires_grad]
+
+    def _expert(self) -> Expert | None:
+        """The expert ``model.expert`` trains (:mod:`flowtune.experts`), its boundary from the
+        model's model_index.json; None without ``model.expert``.
+
+        Raises:
+            FlowtuneError: the model has no second expert (``transformer_2``, ``boundary_ratio``).
+        """
+        r = self.recipe
+        if r.model.expert is None:
+            return None
+        if r.model.expert == "both":
+            raise FlowtuneError(
+                "model.expert=both is not implemented yet; train model.expert=high and model.expert=low "
+                "in two runs (each writes its expert's LoRA)"
+            )
+        index_dir = resolve_pretrained(r.model.pretrained, r.model.revision, [], family=self.family)
+        return expert_named(r.model.expert, boundary_ratio(index_dir))
 
     def _setup_outputs(self, resume: ckpt.Checkpoint | None) -> None:
         r = self.recipe

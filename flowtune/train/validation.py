@@ -39,6 +39,7 @@ from torch import nn
 from flowtune.data.loader import CacheCollator, CachedDataset
 from flowtune.data.store import CacheStore
 from flowtune.errors import FlowtuneError
+from flowtune.experts import SECOND_TRANSFORMER, expert_component
 from flowtune.families import FamilySpec
 from flowtune.flow_matching import rng
 from flowtune.flow_matching.adapters.base import unwrap_model
@@ -251,7 +252,11 @@ class Validator:
 
             m = self.recipe.model
             text = list(self.encoder_class.text_components) if self.encodes_prompts else []
-            model_dir = resolve_pretrained(m.pretrained, m.revision, ["vae", "scheduler", *text])
+            # A two-expert model (model.expert) samples with both: the trained one in its slot,
+            # the other (frozen, quantized as training's) loaded from the model folder.
+            trained_as = expert_component(m.expert)
+            others = [] if m.expert is None else sorted({"transformer", SECOND_TRANSFORMER} - {trained_as})
+            model_dir = resolve_pretrained(m.pretrained, m.revision, ["vae", "scheduler", *text, *others])
             self._pipe = load_pipeline(
                 self.spec,
                 model_dir,
@@ -261,7 +266,14 @@ class Validator:
                 transformer=unwrap_model(model),
                 without=() if self.encodes_prompts else self.encoder_class.text_components,
                 encoder_quantize=m.encoder_quantize if self.encodes_prompts else None,
+                trained_as=trained_as,
             )
+            if m.quantize is not None:
+                from flowtune.memory.quantize import quantize_linears
+
+                for name in others:
+                    getattr(self._pipe, name).requires_grad_(False)
+                    quantize_linears(getattr(self._pipe, name), m.quantize, self.spec.quantize_skip, device)
         return self._pipe
 
     def _text_encoders_to(self, device: torch.device | str) -> None:
