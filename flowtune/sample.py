@@ -855,7 +855,7 @@ def sample(
         torch_dtype = getattr(torch, name)
         index = source.model_dir([]) / "model_index.json"
         components = [
-            k for k, v in json.loads(index.read_text()).items() if not k.startswith("_") and v and v[0]
+            k for k, v in json.loads(index.read_text()).items() if isinstance(v, list) and v and v[0]
         ]
         model_dir = source.model_dir(components)
 

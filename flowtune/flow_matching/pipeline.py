@@ -308,7 +308,9 @@ class FlowMatchingPipeline:
 
             def base(v: torch.Tensor) -> torch.Tensor:
                 w = 1.0 - v
-                return self._shifted((1 - w - MODE_SCALE * (torch.cos(math.pi * w / 2) ** 2 - 1 + w)).clamp(0, 1))
+                return self._shifted(
+                    (1 - w - MODE_SCALE * (torch.cos(math.pi * w / 2) ** 2 - 1 + w)).clamp(0, 1)
+                )
         else:
             mean, std = (self.logit_mean, self.logit_std) if method == "logit_normal" else (0.0, 1.0)
 
@@ -388,7 +390,9 @@ class FlowMatchingPipeline:
         """
         device = device if device is not None else (self.device or torch.device("cpu"))
         if self._restricted is not None:
-            sigma = self._sample_restricted(batch_size, device, generator).clamp(self.sigma_min, self.sigma_max)
+            sigma = self._sample_restricted(batch_size, device, generator).clamp(
+                self.sigma_min, self.sigma_max
+            )
             method = self.timestep_sampling if self.use_sigma_noise else "uniform_no_shift"
             return sigma, sigma * self.num_train_timesteps, method
         if not self.use_sigma_noise:

@@ -232,7 +232,14 @@ class Trainer(
         set_seed(r.train.seed)
         host = quantized_host_blocks(self.family, model_dir, r.model.quantize, r.train.block_offload)
         transformer = load_transformer(
-            self.family, model_dir, self.dtype, r.model.variant, r.model.quantize, self.device, host, subfolder
+            self.family,
+            model_dir,
+            self.dtype,
+            r.model.variant,
+            r.model.quantize,
+            self.device,
+            host,
+            subfolder,
         )
         self.quantized = getattr(transformer, "flowtune_quantized", None)
         params = self.weights.prepare(transformer)

@@ -1,0 +1,203 @@
+"""Wan 2.2 T2V-A14B's two experts (``model.expert``, :mod:`flowtune.experts`): sigma sampled within
+an expert's range (the distribution restricted, deterministic), the tiny two-expert pipeline, a
+short run whose LoRA loads into the right transformer and samples pixel-equal to the plain
+WanPipeline, and its exports loading back through diffusers' Wan converter."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from flowtune.errors import FlowtuneError
+from flowtune.experts import boundary_ratio, expert_for_step, lora_expert
+from flowtune.flow_matching import FlowMatchingPipeline
+from flowtune.flow_matching.adapters.simple import SimpleAdapter
+from tests.helpers import cli
+
+FRAMES, HEIGHT, WIDTH, GUIDANCE, STEPS, TEXT_TOKENS = 5, 32, 48, 2.5, 3, 10
+PROMPT = "a blue square"
+
+
+# ------------------------------------------------------------------------- range sampling
+
+
+@pytest.mark.parametrize("method", ["logit_normal", "mode", "uniform"])
+def test_sigmas_are_the_distribution_restricted_to_the_range(method) -> None:
+    """With sigma_range the pipeline draws the recipe's distribution conditioned on the range (as
+    rejection sampling would: same quantiles), not clamped into it; the same generators give the
+    same draws; the range's probability is the distribution's mass there."""
+    settings = {"timestep_sampling": method, "flow_shift": 5.0, "mix_uniform_ratio": 0.1, "logit_mean": 0.3}
+    full = FlowMatchingPipeline(SimpleAdapter(), **settings)
+    torch.manual_seed(0)
+    unrestricted, _, _ = full.sample_timesteps(40_000)
+    grid = torch.linspace(0, 1, 201)
+
+    def cdf(draws: torch.Tensor) -> torch.Tensor:
+        return torch.searchsorted(draws.sort().values, grid, right=True) / len(draws)
+
+    for low, high in ((0.875, 1.0), (0.0, 0.875)):
+        inside = unrestricted[(unrestricted >= low) & (unrestricted <= high)]
+        pipe = FlowMatchingPipeline(SimpleAdapter(), sigma_range=(low, high), **settings)
+        sigma, timesteps, _ = pipe.sample_timesteps(20_000, generator=torch.Generator().manual_seed(1))
+        assert low <= float(sigma.min()) and float(sigma.max()) <= high
+        assert torch.equal(timesteps, sigma * 1000)
+        assert (cdf(inside) - cdf(sigma)).abs().max() < 0.02  # Kolmogorov-Smirnov distance
+        assert abs(full.sigma_mass(low, high) - len(inside) / len(unrestricted)) < 0.01
+        generators = [torch.Generator().manual_seed(i) for i in range(4)]
+        again = [torch.Generator().manual_seed(i) for i in range(4)]
+        assert torch.equal(
+            pipe.sample_timesteps(4, generator=generators)[0], pipe.sample_timesteps(4, generator=again)[0]
+        )
+    # The clamp is kept as it was: sigma_min / sigma_max still pile the mass at the ends.
+    clamped, _, _ = FlowMatchingPipeline(SimpleAdapter(), sigma_min=0.875, **settings).sample_timesteps(1000)
+    assert (clamped == 0.875).float().mean() > 0.3
+
+
+def test_a_range_refuses_beta_sampling_and_an_empty_range() -> None:
+    with pytest.raises(ValueError, match="beta"):
+        FlowMatchingPipeline(SimpleAdapter(), timestep_sampling="beta", sigma_range=(0.5, 1.0))
+    with pytest.raises(ValueError, match="low < high"):
+        FlowMatchingPipeline(SimpleAdapter(), sigma_range=(0.9, 0.9))
+
+
+def test_the_expert_of_a_step_depends_only_on_the_seed_and_the_step() -> None:
+    """``both`` runs: the choice is a function of (seed, step), so every process and a resumed run
+    choose alike; over many steps the high expert's share is the given probability."""
+    choices = [expert_for_step(7, step, 0.4) for step in range(2000)]
+    assert choices == [expert_for_step(7, step, 0.4) for step in range(2000)]
+    assert abs(choices.count("high") / len(choices) - 0.4) < 0.04
+    assert choices != [expert_for_step(8, step, 0.4) for step in range(2000)]
+
+
+# ------------------------------------------------------------------------- the tiny model
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from flowtune.families.wan.tiny_a14b import BOUNDARY_RATIO, build_tiny_wan22_a14b
+
+    path = tmp_path_factory.mktemp("wan22") / "tiny-wan22"
+    build_tiny_wan22_a14b(path, seed=0)
+    assert boundary_ratio(path) == BOUNDARY_RATIO
+    return path
+
+
+def _pipe(model: Path):
+    from diffusers import WanPipeline
+
+    pipe = WanPipeline.from_pretrained(model, dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def test_tiny_model_is_a_two_expert_wan_pipeline(model) -> None:
+    pipe = _pipe(model)
+    assert pipe.config.boundary_ratio == 0.875 and pipe.transformer_2 is not None
+    assert {k: v for k, v in pipe.transformer.config.items() if not k.startswith("_")} == {
+        k: v for k, v in pipe.transformer_2.config.items() if not k.startswith("_")
+    }
+    first, second = pipe.transformer.state_dict(), pipe.transformer_2.state_dict()
+    assert not torch.equal(first["proj_out.weight"], second["proj_out.weight"])
+
+
+def test_expert_needs_a_second_transformer(model, tmp_path) -> None:
+    index = json.loads((model / "model_index.json").read_text())
+    del index["transformer_2"], index["boundary_ratio"]  # a Wan 2.1 folder's
+    (tmp_path / "model_index.json").write_text(json.dumps(index))
+    with pytest.raises(FlowtuneError, match="only for two-expert checkpoints"):
+        boundary_ratio(tmp_path)
+
+
+@pytest.fixture(scope="module")
+def run(model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 2-step LoRA run on the low-noise expert with a validation clip."""
+    from rich.console import Console
+
+    from flowtune.data.preprocess import preprocess
+    from flowtune.data.synthetic import make_video_dataset
+    from flowtune.recipe import load_recipe
+    from flowtune.train.trainer import Trainer
+
+    root = tmp_path_factory.mktemp("wan22-run")
+    make_video_dataset(root / "data", 4, seed=0, sizes=[(32, 32)], frames=FRAMES, fps=16)
+    (root / "recipe.yaml").write_text(
+        f"model: {{family: wan, pretrained: '{model}', dtype: float32, expert: low}}\n"
+        "lora: {rank: 4, alpha: 8, init: gaussian}\n"
+        f"data: {{source: '{root / 'data'}', cache_dir: '{root / 'cache'}', resolution: 32,"
+        f" max_sequence_length: {TEXT_TOKENS}, frames: {FRAMES}}}\n"
+        f"train: {{output_dir: '{root / 'out'}', max_steps: 2, seed: 0, mixed_precision: 'no', batch_size: 2}}\n"
+        f"validation: {{prompts: ['{PROMPT}'], every: 0, seed: 5, steps: {STEPS}, guidance: {GUIDANCE},"
+        f" height: {HEIGHT}, width: {WIDTH}, frames: {FRAMES}}}\n"
+        "optimizer: {lr: 5.0e-2}\n"
+    )
+    recipe = load_recipe(root / "recipe.yaml")
+    preprocess(recipe, console=Console(quiet=True))
+    trainer = Trainer(recipe, console=Console(quiet=True))
+    trainer.run()
+    assert trainer.flow.sigma_range == (0.0, 0.875)
+    return root / "out"
+
+
+def _frames(pipe) -> list[np.ndarray]:
+    video = pipe(
+        prompt=PROMPT, negative_prompt="", num_frames=FRAMES, height=HEIGHT, width=WIDTH,
+        num_inference_steps=STEPS, guidance_scale=GUIDANCE, max_sequence_length=TEXT_TOKENS,
+        generator=torch.Generator().manual_seed(5), output_type="np",
+    ).frames[0]  # fmt: skip
+    return [(frame * 255).round().astype("uint8") for frame in video]
+
+
+def _strip(path: Path) -> list[np.ndarray]:
+    from PIL import Image
+
+    strip = np.asarray(Image.open(path))
+    return [strip[:, k * WIDTH : (k + 1) * WIDTH] for k in range(FRAMES)]
+
+
+def test_low_expert_lora_samples_as_the_pipeline_with_it_in_transformer_2(model, run, tmp_path) -> None:
+    """The run's LoRA trains transformer_2 only; `flowtune sample` and validation load it there
+    (``load_into_transformer_2=True``) and sample pixel-equal to the plain WanPipeline with it."""
+    lora = run / "final" / "pytorch_lora_weights.safetensors"
+    assert lora_expert(lora) == "low"
+    out = tmp_path / "out"
+    result = cli(
+        "sample", "--ckpt", run, "-p", PROMPT, "--seed", "5", "--steps", str(STEPS), "--guidance", str(GUIDANCE),
+        "--height", str(HEIGHT), "--width", str(WIDTH), "--frames", str(FRAMES), "--out", out,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    pipe = _pipe(model)
+    plain = _frames(pipe)
+    pipe.load_lora_weights(run / "final", load_into_transformer_2=True)
+    assert not any(hasattr(m, "lora_A") for m in pipe.transformer.modules())
+    expected = _frames(pipe)
+    for folder in (out, run / "samples" / "step-000002"):
+        assert all(np.array_equal(a, b) for a, b in zip(_strip(folder / "000000.png"), expected, strict=True))
+    assert not all(np.array_equal(a, b) for a, b in zip(plain, expected, strict=True))  # the LoRA matters
+
+
+@pytest.mark.parametrize("fmt", ["comfyui"])  # kohya's keys: tests/test_wan.py
+def test_exports_are_named_for_the_expert_and_load_back_into_it(model, run, fmt, tmp_path) -> None:
+    """``flowtune export`` names the file ``..._low_noise.safetensors`` as peers do; diffusers'
+    Wan converter loads it into transformer_2 with the checkpoint's own latents."""
+    result = cli("export", "--ckpt", run, "--format", fmt, "--out", tmp_path)
+    assert result.returncode == 0, result.stderr
+    (exported,) = tmp_path.glob("*.safetensors")
+    assert exported.name.endswith(f"-{fmt}_low_noise.safetensors")
+    pipe = _pipe(model)
+
+    def latents() -> torch.Tensor:
+        return pipe(
+            prompt=PROMPT, num_frames=FRAMES, height=32, width=32, num_inference_steps=STEPS,
+            guidance_scale=GUIDANCE, max_sequence_length=TEXT_TOKENS,
+            generator=torch.Generator().manual_seed(0), output_type="latent",
+        ).frames  # fmt: skip
+
+    pipe.load_lora_weights(run / "final", load_into_transformer_2=True)
+    own = latents()
+    pipe.unload_lora_weights()
+    pipe.load_lora_weights(str(exported), load_into_transformer_2=True)
+    assert torch.equal(latents(), own)
