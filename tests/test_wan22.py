@@ -201,3 +201,32 @@ def test_exports_are_named_for_the_expert_and_load_back_into_it(model, run, fmt,
     pipe.unload_lora_weights()
     pipe.load_lora_weights(str(exported), load_into_transformer_2=True)
     assert torch.equal(latents(), own)
+
+
+def test_recipe_checks_expert_and_sigma_range() -> None:
+    from flowtune.recipe import RecipeError, load_recipe
+
+    recipe = load_recipe("wan22-t2v-a14b-lora", ["data.source=x", "model.expert=low"])
+    assert recipe.model.expert == "low" and recipe.flow.sigma_range is None
+    for overrides, message in (
+        (["model.expert=low", "flow.sigma_range=[0.2,0.5]"], "model.expert sets it"),
+        (
+            ["model.expert=high", "train.mode=full", "model.quantize=null", "train.block_offload=null"],
+            "train.mode=lora",
+        ),
+        (["model.expert=high", "flow.timestep_sampling=beta"], "beta"),
+        (["model.expert=null", "flow.sigma_range=[0.5,0.5]"], "0 <= low < high <= 1"),
+    ):
+        with pytest.raises(RecipeError, match=message):
+            load_recipe("wan22-t2v-a14b-lora", ["data.source=x", *overrides])
+
+
+@pytest.mark.parametrize(
+    ("component", "billions"), [("transformer", (14.2, 14.4)), ("text_encoder", (5.6, 5.8))]
+)
+def test_bundled_configs_plan_one_expert_at_its_published_size(component, billions) -> None:
+    """``flowtune plan`` sizes one 14B expert (each run trains one) with Wan 2.1's UMT5."""
+    from tests.helpers import bundled_billions
+
+    low, high = billions
+    assert low < bundled_billions("Wan-AI/Wan2.2-T2V-A14B-Diffusers", component) < high

@@ -605,11 +605,27 @@ def _check_quantize(cfg: Any, fail: Callable[[str, Any, str], None]) -> None:
 
 
 def _check_expert(cfg: Any, fail: Callable[[str, Any, str], None]) -> None:
-    """``model.expert``: a LoRA per expert, its sigma sampled within the expert's range (whether
-    the model has two experts is checked from its model_index.json when training starts)."""
+    """``flow.sigma_range`` and ``model.expert``: a LoRA per expert, its sigma sampled within the
+    expert's range (whether the model has two experts is checked from its model_index.json when
+    training starts)."""
+    sigma_range = cfg.flow.sigma_range
+    if sigma_range is not None:
+        values = list(sigma_range)
+        if not (len(values) == 2 and 0.0 <= values[0] < values[1] <= 1.0):
+            fail("flow.sigma_range", values, "give [low, high] with 0 <= low < high <= 1, or null")
+        if cfg.flow.timestep_sampling == "beta" and cfg.flow.use_sigma_noise:
+            fail(
+                "flow.sigma_range",
+                values,
+                "beta sampling cannot be restricted to a range; use another method",
+            )
     expert = cfg.model.expert
     if expert is None:
         return
+    if sigma_range is not None:
+        fail(
+            "flow.sigma_range", list(sigma_range), "model.expert sets it to the expert's range; leave it null"
+        )
     if cfg.train.mode != "lora":
         fail("model.expert", expert, "experts train LoRAs, so it needs train.mode=lora")
     if cfg.flow.timestep_sampling == "beta" and cfg.flow.use_sigma_noise:

@@ -309,6 +309,13 @@ class Flow:
     sigma_max: float = 1.0
     """Upper clamp of the sampled sigma, at most 1 (pure noise)."""
 
+    sigma_range: list[float] | None = None
+    """`[low, high]`, 0 <= low < high <= 1: draw sigma from the distribution above restricted to
+    [low, high] (conditioned on landing there: its shape is kept, nothing piles up at the ends as
+    with `sigma_min`/`sigma_max`), for a model that denoises only part of the noise range. Not
+    with `beta` sampling. `model.expert` sets it to its expert's range (leave it null then).
+    null = the whole range."""
+
     use_loss_weighting: bool = True
     """Weight each sample's loss according to `loss_weighting_scheme`. false = plain mean squared
     error."""

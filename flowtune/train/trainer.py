@@ -173,12 +173,10 @@ class Trainer(
         if resume is not None:
             self._check_resume_compatible(resume, resume.state())
         self._setup_model(resume)
-        self.flow = create_pipeline(
-            self.family.adapter,
-            OmegaConf.to_container(r.model.adapter),
-            **OmegaConf.to_container(r.flow),
-            sigma_range=self.expert.sigma_range if self.expert is not None else None,
-        )
+        flow = OmegaConf.to_container(r.flow)
+        if self.expert is not None:  # flowtune.experts: sigma sampled within the expert's range
+            flow["sigma_range"] = self.expert.sigma_range
+        self.flow = create_pipeline(self.family.adapter, OmegaConf.to_container(r.model.adapter), **flow)
         self.validator = Validator(
             r, self.family, self.store, self.validation_indices, self.accelerator, self.output_dir
         )

@@ -50,7 +50,11 @@ SPEC = FamilySpec(
     quantize_skip=QUANTIZE_SKIP,
     encoder_quantize_skip=ENCODER_QUANTIZE_SKIP,
     # The 14B model has the 1.3B's text encoder and VAE.
-    component_sources=(("Wan-AI/Wan2.1-T2V-14B-Diffusers", "Wan-AI/Wan2.1-T2V-1.3B-Diffusers"),),
+    component_sources=(
+        ("Wan-AI/Wan2.1-T2V-14B-Diffusers", "Wan-AI/Wan2.1-T2V-1.3B-Diffusers"),
+        # Wan 2.2 A14B (two experts, model.expert): the same UMT5-XXL and 16-channel VAE.
+        ("Wan-AI/Wan2.2-T2V-A14B-Diffusers", "Wan-AI/Wan2.1-T2V-1.3B-Diffusers"),
+    ),
     adapter_arguments=(),  # WanAdapter takes none
     # WanPipeline's classifier-free guidance, uncond + guidance_scale * (cond - uncond), runs when
     # guidance_scale > 1 (its default 5.0).  Given no negative prompt, its encode_prompt encodes
