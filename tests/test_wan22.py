@@ -221,12 +221,12 @@ def test_recipe_checks_expert_and_sigma_range() -> None:
             load_recipe("wan22-t2v-a14b-lora", ["data.source=x", *overrides])
 
 
-@pytest.mark.parametrize(
-    ("component", "billions"), [("transformer", (14.2, 14.4)), ("text_encoder", (5.6, 5.8))]
-)
-def test_bundled_configs_plan_one_expert_at_its_published_size(component, billions) -> None:
-    """``flowtune plan`` sizes one 14B expert (each run trains one) with Wan 2.1's UMT5."""
+def test_bundled_config_plans_one_expert_at_its_published_size() -> None:
+    """``flowtune plan`` sizes one 14B expert (each run trains one); the text encoder and VAE are
+    Wan 2.1's (``component_sources``)."""
+    from flowtune.memory.phases import SAME_COMPONENTS
     from tests.helpers import bundled_billions
 
-    low, high = billions
-    assert low < bundled_billions("Wan-AI/Wan2.2-T2V-A14B-Diffusers", component) < high
+    hub = "Wan-AI/Wan2.2-T2V-A14B-Diffusers"
+    assert 14.2 < bundled_billions(hub, "transformer") < 14.4
+    assert SAME_COMPONENTS[hub] == "Wan-AI/Wan2.1-T2V-1.3B-Diffusers"
