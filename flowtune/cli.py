@@ -608,7 +608,8 @@ def export(
         what = f"{result.modules} LoRA modules ({result.format})"
     else:
         what = f"{result.modules} LoRA modules as {result.original_modules} {result.format} modules"
-    err.print(ok_text(f"{what} written to {result.path}"))
+    paths = " and ".join(str(p) for p in (result.path, *result.more))  # more: a second expert's
+    err.print(ok_text(f"{what} written to {paths}"))
 
 
 @app.command()

@@ -128,6 +128,16 @@ def lora_expert(lora_file: Path) -> str | None:
         return None
 
 
+def expert_loras(lora_file: Path) -> list[Path]:
+    """The LoRA files that go with ``lora_file``: itself, and when it is the high-noise expert's
+    file of a ``both`` run, the low-noise expert's beside it (``..._low_noise.safetensors``)."""
+    lora_file = Path(lora_file)
+    companion = lora_file.with_name(expert_file_name(lora_file.name, "low"))
+    if lora_expert(lora_file) == "high" and companion.is_file() and lora_expert(companion) == "low":
+        return [lora_file, companion]
+    return [lora_file]
+
+
 def expert_for_step(seed: int, step: int, high_probability: float) -> str:
     """Which expert a ``both`` run trains at optimizer ``step``: ``high`` with probability
     ``high_probability`` (the sampling distribution's mass above the boundary, so that the two

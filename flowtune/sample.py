@@ -868,16 +868,18 @@ def sample(
         pipe = load_pipeline(
             spec, model_dir, dtype=torch_dtype, device="cpu", variant=source.variant, transformer=transformer
         )
-        warnings: list[str] = []
-        if source.lora_file is not None:
-            from flowtune.experts import expert_component, lora_expert
+        from flowtune.experts import expert_component, expert_loras, lora_expert
 
-            target = getattr(pipe, expert_component(lora_expert(source.lora_file)), None)
+        warnings: list[str] = []
+        # A two-expert model's LoRAs (flowtune.experts): each in its expert's transformer.
+        loras = expert_loras(source.lora_file) if source.lora_file is not None else []
+        for lora in loras:
+            target = getattr(pipe, expert_component(lora_expert(lora)), None)
             target = target if target is not None else pipe.transformer  # add_lora refuses it
-            warnings = check_lora(spec, target, source.lora_file, base_model=source.pretrained)
+            warnings += check_lora(spec, target, lora, base_model=source.pretrained)
         _quantize(pipe, source, None if cpu_offload or device == "cpu" else device)
-        if source.lora_file is not None:
-            add_lora(pipe, source.lora_file, settings.lora_scale)
+        for lora in loras:
+            add_lora(pipe, lora, settings.lora_scale)
 
         inputs = None
         if references is not None:

@@ -112,9 +112,9 @@ def test_expert_needs_a_second_transformer(model, tmp_path) -> None:
         boundary_ratio(tmp_path)
 
 
-@pytest.fixture(scope="module")
-def run(model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A 2-step LoRA run on the low-noise expert with a validation clip."""
+def _train(model: Path, root: Path, expert: str, *overrides: str) -> Path:
+    """A short LoRA run of ``model.expert=expert`` on 4 synthetic clips (cached once under
+    ``root``), with a validation clip at the end; returns its output directory."""
     from rich.console import Console
 
     from flowtune.data.preprocess import preprocess
@@ -122,24 +122,38 @@ def run(model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     from flowtune.recipe import load_recipe
     from flowtune.train.trainer import Trainer
 
-    root = tmp_path_factory.mktemp("wan22-run")
-    make_video_dataset(root / "data", 4, seed=0, sizes=[(32, 32)], frames=FRAMES, fps=16)
-    (root / "recipe.yaml").write_text(
-        f"model: {{family: wan, pretrained: '{model}', dtype: float32, expert: low}}\n"
-        "lora: {rank: 4, alpha: 8, init: gaussian}\n"
-        f"data: {{source: '{root / 'data'}', cache_dir: '{root / 'cache'}', resolution: 32,"
-        f" max_sequence_length: {TEXT_TOKENS}, frames: {FRAMES}}}\n"
-        f"train: {{output_dir: '{root / 'out'}', max_steps: 2, seed: 0, mixed_precision: 'no', batch_size: 2}}\n"
-        f"validation: {{prompts: ['{PROMPT}'], every: 0, seed: 5, steps: {STEPS}, guidance: {GUIDANCE},"
-        f" height: {HEIGHT}, width: {WIDTH}, frames: {FRAMES}}}\n"
-        "optimizer: {lr: 5.0e-2}\n"
-    )
-    recipe = load_recipe(root / "recipe.yaml")
-    preprocess(recipe, console=Console(quiet=True))
+    recipe_file = root / "recipe.yaml"
+    if not recipe_file.is_file():
+        make_video_dataset(root / "data", 4, seed=0, sizes=[(32, 32)], frames=FRAMES, fps=16)
+        recipe_file.write_text(
+            f"model: {{family: wan, pretrained: '{model}', dtype: float32}}\n"
+            "lora: {rank: 4, alpha: 8, init: gaussian}\n"
+            f"data: {{source: '{root / 'data'}', cache_dir: '{root / 'cache'}', resolution: 32,"
+            f" max_sequence_length: {TEXT_TOKENS}, frames: {FRAMES}}}\n"
+            "train: {seed: 0, mixed_precision: 'no', batch_size: 2}\n"
+            f"validation: {{prompts: ['{PROMPT}'], every: 0, seed: 5, steps: {STEPS}, guidance: {GUIDANCE},"
+            f" height: {HEIGHT}, width: {WIDTH}, frames: {FRAMES}}}\n"
+            "optimizer: {lr: 5.0e-2}\n"
+        )
+        preprocess(load_recipe(recipe_file), console=Console(quiet=True))
+    out = root / f"out-{expert}-{len(list(root.glob('out-*')))}"
+    recipe = load_recipe(recipe_file, [f"model.expert={expert}", f"train.output_dir={out}", *overrides])
     trainer = Trainer(recipe, console=Console(quiet=True))
     trainer.run()
-    assert trainer.flow.sigma_range == (0.0, 0.875)
-    return root / "out"
+    assert {name: flow.sigma_range for name, flow in trainer.expert_flows.items()} == {
+        name: r for name, r in (("high", (0.875, 1.0)), ("low", (0.0, 0.875))) if expert in (name, "both")
+    }
+    return out
+
+
+@pytest.fixture(scope="module")
+def runs(model: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A 1-step run on the low-noise expert, and a 4-step run on both (checkpoints every 2)."""
+    root = tmp_path_factory.mktemp("wan22-runs")
+    return {
+        "low": _train(model, root, "low", "train.max_steps=1"),
+        "both": _train(model, root, "both", "train.max_steps=4", "train.checkpoint_every=2"),
+    }
 
 
 def _frames(pipe) -> list[np.ndarray]:
@@ -158,11 +172,33 @@ def _strip(path: Path) -> list[np.ndarray]:
     return [strip[:, k * WIDTH : (k + 1) * WIDTH] for k in range(FRAMES)]
 
 
-def test_low_expert_lora_samples_as_the_pipeline_with_it_in_transformer_2(model, run, tmp_path) -> None:
-    """The run's LoRA trains transformer_2 only; `flowtune sample` and validation load it there
-    (``load_into_transformer_2=True``) and sample pixel-equal to the plain WanPipeline with it."""
-    lora = run / "final" / "pytorch_lora_weights.safetensors"
-    assert lora_expert(lora) == "low"
+def _same(a: list[np.ndarray], b: list[np.ndarray]) -> bool:
+    return all(np.array_equal(x, y) for x, y in zip(a, b, strict=True))
+
+
+def test_low_expert_lora_validates_as_the_pipeline_with_it_in_transformer_2(model, runs) -> None:
+    """A `low` run trains transformer_2 only; its validation clip (the other expert loaded from
+    the model folder) is pixel-equal to the plain WanPipeline with the LoRA loaded
+    ``load_into_transformer_2=True``."""
+    run = runs["low"]
+    assert lora_expert(run / "final" / "pytorch_lora_weights.safetensors") == "low"
+    pipe = _pipe(model)
+    plain = _frames(pipe)
+    pipe.load_lora_weights(run / "final", load_into_transformer_2=True)
+    assert not any(hasattr(m, "lora_A") for m in pipe.transformer.modules())
+    expected = _frames(pipe)
+    assert _same(_strip(run / "samples" / "step-000001" / "000000.png"), expected)
+    assert not _same(plain, expected)  # the LoRA matters
+
+
+def test_both_experts_sample_as_the_pipeline_with_their_two_loras(model, runs, tmp_path) -> None:
+    """A `both` checkpoint holds the high expert's LoRA (the usual file) and the low expert's
+    (``..._low_noise``); `flowtune sample` and validation load each into its transformer and
+    sample pixel-equal to the plain WanPipeline with both loaded as diffusers loads them."""
+    run = runs["both"]
+    final = run / "final"
+    assert lora_expert(final / "pytorch_lora_weights.safetensors") == "high"
+    assert lora_expert(final / "pytorch_lora_weights_low_noise.safetensors") == "low"
     out = tmp_path / "out"
     result = cli(
         "sample", "--ckpt", run, "-p", PROMPT, "--seed", "5", "--steps", str(STEPS), "--guidance", str(GUIDANCE),
@@ -170,23 +206,39 @@ def test_low_expert_lora_samples_as_the_pipeline_with_it_in_transformer_2(model,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     pipe = _pipe(model)
-    plain = _frames(pipe)
-    pipe.load_lora_weights(run / "final", load_into_transformer_2=True)
-    assert not any(hasattr(m, "lora_A") for m in pipe.transformer.modules())
+    pipe.load_lora_weights(final)
+    pipe.load_lora_weights(
+        final, weight_name="pytorch_lora_weights_low_noise.safetensors", load_into_transformer_2=True
+    )
     expected = _frames(pipe)
-    for folder in (out, run / "samples" / "step-000002"):
-        assert all(np.array_equal(a, b) for a, b in zip(_strip(folder / "000000.png"), expected, strict=True))
-    assert not all(np.array_equal(a, b) for a, b in zip(plain, expected, strict=True))  # the LoRA matters
+    assert _same(_strip(out / "000000.png"), expected)
+    assert _same(_strip(run / "samples" / "step-000004" / "000000.png"), expected)
 
 
-@pytest.mark.parametrize("fmt", ["comfyui"])  # kohya's keys: tests/test_wan.py
-def test_exports_are_named_for_the_expert_and_load_back_into_it(model, run, fmt, tmp_path) -> None:
-    """``flowtune export`` names the file ``..._low_noise.safetensors`` as peers do; diffusers'
-    Wan converter loads it into transformer_2 with the checkpoint's own latents."""
-    result = cli("export", "--ckpt", run, "--format", fmt, "--out", tmp_path)
+def test_both_resumes_choosing_the_same_experts(model, runs) -> None:
+    """Resumed from its step-2 checkpoint, a `both` run trains the same experts at steps 3 and 4
+    (the choice is a function of seed and step) and ends with the same two LoRAs, bit for bit."""
+    from safetensors.torch import load_file
+
+    run = runs["both"]
+    resumed = _train(
+        model, run.parent, "both", "train.max_steps=4", f"train.resume={run / 'checkpoints' / 'step-000002'}",
+        "validation.prompts=[]",
+    )  # fmt: skip
+    for name in ("pytorch_lora_weights.safetensors", "pytorch_lora_weights_low_noise.safetensors"):
+        first, again = load_file(run / "final" / name), load_file(resumed / "final" / name)
+        assert first.keys() == again.keys() and all(torch.equal(first[k], again[k]) for k in first)
+
+
+def test_exports_are_named_for_each_expert_and_load_back_into_it(model, runs, tmp_path) -> None:
+    """``flowtune export --format comfyui`` writes ``..._high_noise`` and ``..._low_noise`` files
+    (one, for a one-expert run); diffusers' Wan converter loads each into its transformer with
+    the checkpoint's own latents."""
+    result = cli("export", "--ckpt", runs["both"], "--format", "comfyui", "--out", tmp_path)
     assert result.returncode == 0, result.stderr
-    (exported,) = tmp_path.glob("*.safetensors")
-    assert exported.name.endswith(f"-{fmt}_low_noise.safetensors")
+    high, low = sorted(tmp_path.iterdir())
+    assert high.name.endswith("-final-comfyui_high_noise.safetensors")
+    assert low.name == high.name.replace("_high_noise", "_low_noise")
     pipe = _pipe(model)
 
     def latents() -> torch.Tensor:
@@ -196,11 +248,22 @@ def test_exports_are_named_for_the_expert_and_load_back_into_it(model, run, fmt,
             generator=torch.Generator().manual_seed(0), output_type="latent",
         ).frames  # fmt: skip
 
-    pipe.load_lora_weights(run / "final", load_into_transformer_2=True)
+    final = runs["both"] / "final"
+    pipe.load_lora_weights(final)
+    pipe.load_lora_weights(
+        final, weight_name="pytorch_lora_weights_low_noise.safetensors", load_into_transformer_2=True
+    )
     own = latents()
     pipe.unload_lora_weights()
-    pipe.load_lora_weights(str(exported), load_into_transformer_2=True)
+    pipe.load_lora_weights(str(high))
+    pipe.load_lora_weights(str(low), load_into_transformer_2=True)
     assert torch.equal(latents(), own)
+    (tmp_path / "low").mkdir()
+    single = cli("export", "--ckpt", runs["low"], "--format", "kohya", "--out", tmp_path / "low")
+    assert single.returncode == 0, single.stderr
+    assert [p.name.endswith("-final-kohya_low_noise.safetensors") for p in (tmp_path / "low").iterdir()] == [
+        True
+    ]
 
 
 def test_recipe_checks_expert_and_sigma_range() -> None:

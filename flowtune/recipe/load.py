@@ -628,6 +628,15 @@ def _check_expert(cfg: Any, fail: Callable[[str, Any, str], None]) -> None:
         )
     if cfg.train.mode != "lora":
         fail("model.expert", expert, "experts train LoRAs, so it needs train.mode=lora")
+    if expert == "both" and cfg.train.block_offload is not None:
+        fail(
+            "model.expert",
+            expert,
+            "both experts stay on the GPU, without block offload; set train.block_offload=null, or train "
+            "model.expert=high and model.expert=low in two runs (each can stream its blocks)",
+        )
+    if expert == "both" and cfg.train.distributed == "fsdp":
+        fail("model.expert", expert, "FSDP2 is not supported with both experts; set train.distributed=ddp")
     if cfg.flow.timestep_sampling == "beta" and cfg.flow.use_sigma_noise:
         fail(
             "model.expert",

@@ -14,7 +14,6 @@ from typing import Any
 import torch
 
 from flowtune import __version__
-from flowtune.experts import META_EXPERT
 from flowtune.recipe import recipe_to_yaml
 from flowtune.train import checkpoint as ckpt
 from flowtune.train.model import META_BASE_MODEL, META_STEP, META_VERSION
@@ -76,8 +75,6 @@ class CheckpointWriter:
             META_STEP: str(self.step),
             META_VERSION: __version__,
         }
-        if self.recipe.model.expert is not None:  # flowtune.experts: which transformer it loads into
-            metadata[META_EXPERT] = self.recipe.model.expert
         self.weights.save(self.model, directory, state, metadata)
 
     def _write_checkpoint(self) -> Path:
@@ -118,7 +115,7 @@ class CheckpointWriter:
             shutil.rmtree(partial, ignore_errors=True)
             partial.mkdir(parents=True)
             source = self.last_checkpoint
-            for name in [self.weights.name, ckpt.RECIPE_FILE, ckpt.STATE_FILE]:
+            for name in [*self.weights.files, ckpt.RECIPE_FILE, ckpt.STATE_FILE]:
                 _link_or_copy(source / name, partial / name)
             ckpt.publish(partial, final)
         self.accelerator.wait_for_everyone()

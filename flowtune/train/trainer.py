@@ -49,10 +49,11 @@ from flowtune.data.loader import (
 )
 from flowtune.data.preprocess import check_cache
 from flowtune.errors import FlowtuneError
-from flowtune.experts import Expert, boundary_ratio, expert_named
+from flowtune.experts import Expert, boundary_ratio, expert_for_step, experts
 from flowtune.families import get_family
 from flowtune.fileio import tree_bytes, write_errors
 from flowtune.flow_matching import create_pipeline
+from flowtune.flow_matching.adapters.base import unwrap_model
 from flowtune.memory.quantize import exclude_quantized_from_ddp
 from flowtune.model_files import resolve_pretrained
 from flowtune.recipe import recipe_to_yaml
@@ -61,6 +62,7 @@ from flowtune.train.accelerator_setup import AcceleratorSetup
 from flowtune.train.checkpoint_writer import CheckpointWriter
 from flowtune.train.display import TrainDisplay
 from flowtune.train.divergence import DivergenceGuard
+from flowtune.train.experts import TwoExperts
 from flowtune.train.health import LossJudge
 from flowtune.train.memory_check import MemoryCheck, check_memory
 from flowtune.train.metrics import MetricsLog, tracker_config
@@ -173,10 +175,15 @@ class Trainer(
         if resume is not None:
             self._check_resume_compatible(resume, resume.state())
         self._setup_model(resume)
-        flow = OmegaConf.to_container(r.flow)
-        if self.expert is not None:  # flowtune.experts: sigma sampled within the expert's range
-            flow["sigma_range"] = self.expert.sigma_range
-        self.flow = create_pipeline(self.family.adapter, OmegaConf.to_container(r.model.adapter), **flow)
+        flow, adapter = OmegaConf.to_container(r.flow), OmegaConf.to_container(r.model.adapter)
+        # model.expert (flowtune.experts): sigma sampled within each expert's range, one pipeline each.
+        self.expert_flows = {
+            e.name: create_pipeline(self.family.adapter, adapter, **{**flow, "sigma_range": e.sigma_range})
+            for e in self.experts
+        }
+        self.flow = next(iter(self.expert_flows.values()), None) or create_pipeline(
+            self.family.adapter, adapter, **flow
+        )
         self.validator = Validator(
             r, self.family, self.store, self.validation_indices, self.accelerator, self.output_dir
         )
@@ -222,24 +229,29 @@ class Trainer(
         self.dtype = getattr(torch, r.model.dtype)
         if r.train.block_offload is not None:  # from config.json, before the weights download
             check_block_offload(self.family, r.model.pretrained, r.model.revision, r.train.block_offload)
-        self.expert = self._expert()
-        subfolder = self.expert.component if self.expert is not None else "transformer"
-        model_dir = resolve_pretrained(r.model.pretrained, r.model.revision, [subfolder], family=self.family)
+        self.experts = self._experts()
+        subfolders = [e.component for e in self.experts] or ["transformer"]
+        model_dir = resolve_pretrained(r.model.pretrained, r.model.revision, subfolders, family=self.family)
         # Seeds Python, numpy and torch (LoRA initialisation, LoRA dropout) identically on every
         # process; the flow-matching draws use their own per-sample generators.
         set_seed(r.train.seed)
         host = quantized_host_blocks(self.family, model_dir, r.model.quantize, r.train.block_offload)
-        transformer = load_transformer(
-            self.family,
-            model_dir,
-            self.dtype,
-            r.model.variant,
-            r.model.quantize,
-            self.device,
-            host,
-            subfolder,
-        )
-        self.quantized = getattr(transformer, "flowtune_quantized", None)
+        loaded = [
+            load_transformer(
+                self.family,
+                model_dir,
+                self.dtype,
+                r.model.variant,
+                r.model.quantize,
+                self.device,
+                host,
+                folder,
+            )
+            for folder in subfolders
+        ]
+        self.quantized = getattr(loaded[0], "flowtune_quantized", None)
+        # model.expert=both: the two experts as one module (flowtune.train.experts).
+        transformer = loaded[0] if len(loaded) == 1 else TwoExperts(*loaded, self.experts[0].sigma_range[0])
         params = self.weights.prepare(transformer)
         if resume is not None:
             try:
@@ -265,23 +277,30 @@ class Trainer(
         # FSDP2 replaces the parameters by sharded ones (and points the optimizer at them).
         self.params = [p for p in self.model.parameters() if p.requires_grad]
 
-    def _expert(self) -> Expert | None:
-        """The expert ``model.expert`` trains (:mod:`flowtune.experts`), its boundary from the
-        model's model_index.json; None without ``model.expert``.
+    def _experts(self) -> list[Expert]:
+        """The experts ``model.expert`` trains (:mod:`flowtune.experts`), high first, their
+        boundary from the model's model_index.json; none without ``model.expert``.
 
         Raises:
             FlowtuneError: the model has no second expert (``transformer_2``, ``boundary_ratio``).
         """
         r = self.recipe
         if r.model.expert is None:
-            return None
-        if r.model.expert == "both":
-            raise FlowtuneError(
-                "model.expert=both is not implemented yet; train model.expert=high and model.expert=low "
-                "in two runs (each writes its expert's LoRA)"
-            )
+            return []
         index_dir = resolve_pretrained(r.model.pretrained, r.model.revision, [], family=self.family)
-        return expert_named(r.model.expert, boundary_ratio(index_dir))
+        return experts(r.model.expert, boundary_ratio(index_dir))
+
+    def _choose_expert(self) -> None:
+        """``model.expert=both``: make the expert of ``self.step`` (the same on every process and
+        on resume: :func:`flowtune.experts.expert_for_step`) the one the step trains, with its
+        sigma range; the high expert's share of steps is the sampling distribution's mass above
+        the boundary."""
+        if len(self.expert_flows) < 2:
+            return
+        high = self.expert_flows["high"]
+        name = expert_for_step(self.recipe.train.seed, self.step, high.sigma_mass(*high.sigma_range))
+        self.flow = self.expert_flows[name]
+        unwrap_model(self.model).active = name
 
     def _setup_outputs(self, resume: ckpt.Checkpoint | None) -> None:
         r = self.recipe
@@ -356,6 +375,7 @@ class Trainer(
         b = r.train.batch_size
         per_round = b * acc.num_processes
         first = acc.process_index * b
+        self._choose_expert()
         total = torch.zeros((), device=self.device)
         for a in range(rounds):
             batch = self._to_device(next(batches))
@@ -383,6 +403,8 @@ class Trainer(
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
+        if len(self.expert_flows) > 1:  # other calls (validation) route by their timesteps
+            unwrap_model(self.model).active = None
         return total / rounds, torch.as_tensor(grad_norm, device=self.device).detach().float()
 
     def _current_lr(self) -> float:

@@ -254,8 +254,14 @@ class Validator:
             text = list(self.encoder_class.text_components) if self.encodes_prompts else []
             # A two-expert model (model.expert) samples with both: the trained one in its slot,
             # the other (frozen, quantized as training's) loaded from the model folder.
+            trained = unwrap_model(model)
+            both = getattr(trained, "pipeline_components", None)  # model.expert=both: TwoExperts
             trained_as = expert_component(m.expert)
-            others = [] if m.expert is None else sorted({"transformer", SECOND_TRANSFORMER} - {trained_as})
+            others = (
+                []
+                if m.expert in (None, "both")
+                else sorted({"transformer", SECOND_TRANSFORMER} - {trained_as})
+            )
             model_dir = resolve_pretrained(m.pretrained, m.revision, ["vae", "scheduler", *text, *others])
             self._pipe = load_pipeline(
                 self.spec,
@@ -263,11 +269,14 @@ class Validator:
                 dtype=self.dtype,
                 device=device,
                 variant=m.variant,
-                transformer=unwrap_model(model),
-                without=() if self.encodes_prompts else self.encoder_class.text_components,
+                transformer=both()["transformer"] if both else trained,
+                without=(() if self.encodes_prompts else self.encoder_class.text_components)
+                + ((SECOND_TRANSFORMER,) if both else ()),
                 encoder_quantize=m.encoder_quantize if self.encodes_prompts else None,
                 trained_as=trained_as,
             )
+            if both:  # the second trained expert, already on the device
+                self._pipe.register_modules(**{SECOND_TRANSFORMER: both()[SECOND_TRANSFORMER]})
             if m.quantize is not None:
                 from flowtune.memory.quantize import quantize_linears
 
