@@ -12,7 +12,7 @@ steps with ``t >= b * num_train_timesteps`` and ``transformer_2`` the others (Wa
 * ``high``: a LoRA on ``transformer``, sigma sampled within [b, 1];
 * ``low``: a LoRA on ``transformer_2``, sigma sampled within [0, b];
 * ``both``: one LoRA per expert in one run; each optimizer step trains one expert on its own
-  range (:func:`expert_for_step`).
+  range (:func:`expert_for_step`, :mod:`flowtune.train.experts`).
 
 Sigma is *sampled* within the range (the recipe's ``flow.*`` distribution restricted to it,
 ``FlowMatchingPipeline(sigma_range=...)``), as musubi-tuner's ``--min_timestep/--max_timestep``
