@@ -13,11 +13,13 @@ import pytest
 import torch
 
 from flowtune.errors import FlowtuneError
+from flowtune.families import get_family
 from flowtune.experts import boundary_ratio, expert_for_step, lora_expert
 from flowtune.flow_matching import FlowMatchingPipeline
 from flowtune.flow_matching.adapters.simple import SimpleAdapter
 from tests.helpers import cli
 
+SPEC = get_family("wan")
 FRAMES, HEIGHT, WIDTH, GUIDANCE, STEPS, TEXT_TOKENS = 5, 32, 48, 2.5, 3, 10
 PROMPT = "a blue square"
 
@@ -264,6 +266,21 @@ def test_exports_are_named_for_each_expert_and_load_back_into_it(model, runs, tm
     assert [p.name.endswith("-final-kohya_low_noise.safetensors") for p in (tmp_path / "low").iterdir()] == [
         True
     ]
+
+
+def test_plan_counts_a_second_expert_for_both(runs) -> None:
+    """``model.expert=both`` keeps both experts on the GPU: the plan doubles the frozen weights,
+    LoRA and optimizer states, not the gradients (one expert's a step) or the activations."""
+    from flowtune.memory.plan import trace_recipe
+    from flowtune.recipe import load_recipe
+
+    recipe_file = runs["low"].parent / "recipe.yaml"
+    one, two = (load_recipe(recipe_file, [f"model.expert={e}"]) for e in ("high", "both"))
+    trace = trace_recipe(one, SPEC)
+    a, b = trace.plan(one, SPEC), trace.plan(two, SPEC)
+    assert (b.weights, b.lora, b.optimizer) == (2 * a.weights, 2 * a.lora, 2 * a.optimizer)
+    assert (b.gradients, b.activations) == (a.gradients, a.activations)
+    assert b.peak == a.peak + a.weights + a.lora + a.optimizer
 
 
 def test_recipe_checks_expert_and_sigma_range() -> None:
