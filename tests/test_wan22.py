@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from flowtune.errors import FlowtuneError
-from flowtune.families import get_family
 from flowtune.experts import boundary_ratio, expert_for_step, lora_expert
+from flowtune.families import get_family
 from flowtune.flow_matching import FlowMatchingPipeline
 from flowtune.flow_matching.adapters.simple import SimpleAdapter
 from tests.helpers import cli
