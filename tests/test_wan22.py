@@ -230,9 +230,17 @@ def test_both_resumes_choosing_the_same_experts(model, runs) -> None:
         model, run.parent, "both", "train.max_steps=4", f"train.resume={run / 'checkpoints' / 'step-000002'}",
         "validation.prompts=[]",
     )  # fmt: skip
-    for name in ("pytorch_lora_weights.safetensors", "pytorch_lora_weights_low_noise.safetensors"):
+    files = {"high": "pytorch_lora_weights.safetensors", "low": "pytorch_lora_weights_low_noise.safetensors"}
+    for name in files.values():
         first, again = load_file(run / "final" / name), load_file(resumed / "final" / name)
         assert first.keys() == again.keys() and all(torch.equal(first[k], again[k]) for k in first)
+    # Steps 3 and 4 (indices 2, 3) changed only the LoRA of the experts they chose: the other's
+    # weights are those of step 2, bit for bit (no gradient: AdamW leaves them alone).
+    high_share = FlowMatchingPipeline(SimpleAdapter()).sigma_mass(0.875, 1.0)  # the recipe's flow
+    chosen = {expert_for_step(0, step, high_share) for step in (2, 3)}
+    for expert, name in files.items():
+        before, after = (load_file(run / "checkpoints" / f"step-00000{k}" / name) for k in (2, 4))
+        assert all(torch.equal(before[k], after[k]) for k in before) == (expert not in chosen)
 
 
 def test_exports_are_named_for_each_expert_and_load_back_into_it(model, runs, tmp_path) -> None:

@@ -109,4 +109,5 @@ class ExpertLoras(LoraWeights):
             save_lora(expert, self.spec, directory, metadata={**metadata, META_EXPERT: name}, name=file)
 
     def describe(self) -> str:
-        return f"{super().describe()}, one per expert (high and low noise)"
+        lora = self.recipe.lora
+        return f"LoRA rank {lora.rank}, alpha {lora.alpha}, one per expert (high and low noise)"

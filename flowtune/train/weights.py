@@ -117,7 +117,9 @@ class LoraWeights(TrainedWeights):
         save_lora(model, self.spec, directory, state=state, metadata=metadata)
 
     def describe(self) -> str:
-        return f"LoRA rank {self.recipe.lora.rank}, alpha {self.recipe.lora.alpha}"
+        expert = self.recipe.model.expert
+        on = f", on the {expert}-noise expert" if expert in ("high", "low") else ""
+        return f"LoRA rank {self.recipe.lora.rank}, alpha {self.recipe.lora.alpha}{on}"
 
 
 class FullWeights(TrainedWeights):
