@@ -17,6 +17,7 @@ from flowtune.experts import boundary_ratio, expert_for_step, lora_expert
 from flowtune.families import get_family
 from flowtune.flow_matching import FlowMatchingPipeline
 from flowtune.flow_matching.adapters.simple import SimpleAdapter
+from flowtune.train.validation import validation_sigmas
 from tests.helpers import cli
 
 SPEC = get_family("wan")
@@ -49,6 +50,7 @@ def test_sigmas_are_the_distribution_restricted_to_the_range(method) -> None:
         pipe = FlowMatchingPipeline(SimpleAdapter(), sigma_range=(low, high), **settings)
         sigma, timesteps, _ = pipe.sample_timesteps(20_000, generator=torch.Generator().manual_seed(1))
         assert low <= float(sigma.min()) and float(sigma.max()) <= high
+        assert validation_sigmas(pipe) == ((0.9,) if low else (0.1, 0.3, 0.5, 0.7))  # its val_loss
         assert torch.equal(timesteps, sigma * 1000)
         assert (cdf(inside) - cdf(sigma)).abs().max() < 0.02  # Kolmogorov-Smirnov distance
         assert abs(full.sigma_mass(low, high) - len(inside) / len(unrestricted)) < 0.01

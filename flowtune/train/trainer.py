@@ -181,7 +181,10 @@ class Trainer(
             e.name: create_pipeline(self.family.adapter, adapter, **{**flow, "sigma_range": e.sigma_range})
             for e in self.experts
         }
-        self.flow = next(iter(self.expert_flows.values()), None) or create_pipeline(
+        # One expert: its range. None, or both (each step takes its expert's: _choose_expert), the
+        # whole range, which validation evaluates.
+        expert = r.model.expert
+        self.flow = self._whole_flow = self.expert_flows.get(expert) or create_pipeline(
             self.family.adapter, adapter, **flow
         )
         self.validator = Validator(
@@ -405,6 +408,7 @@ class Trainer(
         self.optimizer.zero_grad(set_to_none=True)
         if len(self.expert_flows) > 1:  # other calls (validation) route by their timesteps
             unwrap_model(self.model).active = None
+            self.flow = self._whole_flow
         return total / rounds, torch.as_tensor(grad_norm, device=self.device).detach().float()
 
     def _current_lr(self) -> float:

@@ -16,7 +16,9 @@ Every ``validation.every`` steps and after the last step, :class:`Validator` doe
   ``validation.seed`` and the item's key), without loss weighting or caption dropout
   (:meth:`FlowMatchingPipeline.evaluate`): ``val_loss`` depends only on the weights and the
   held-out data, so it is comparable between steps, runs and recipes with different ``flow.*``
-  settings.  The items are shared out among the processes and the sum is reduced.
+  settings.  The items are shared out among the processes and the sum is reduced.  A pipeline
+  that samples sigma within a range (``flow.sigma_range``; one expert of a two-expert model) is
+  evaluated at the levels within it (:func:`validation_sigmas`).
 
 Validation leaves training exactly as it was (:func:`training_state_kept`): the modules' train/eval
 flags, torch's CPU and CUDA random states, and the weights (no gradients are taken), so a run with
@@ -59,6 +61,14 @@ from flowtune.train.checkpoint import checkpoint_name
 # curves of different runs can be compared.
 VAL_SIGMAS = (0.1, 0.3, 0.5, 0.7, 0.9)
 SAMPLES_DIR = "samples"
+
+
+def validation_sigmas(flow: Any) -> tuple[float, ...]:
+    """The :data:`VAL_SIGMAS` within ``flow.sigma_range`` (the noise levels a run restricted to a
+    range trains on; all of them when none falls inside), else all."""
+    bounds = getattr(flow, "sigma_range", None)
+    inside = tuple(s for s in VAL_SIGMAS if bounds is None or bounds[0] <= s <= bounds[1])
+    return inside or VAL_SIGMAS
 
 
 def _on_device(value: Any, device: torch.device) -> Any:
@@ -232,7 +242,7 @@ class Validator:
                 shape = (
                     batch["image_latents"].shape if "image_latents" in batch else batch["video_latents"].shape
                 )
-                for sigma in VAL_SIGMAS:
+                for sigma in validation_sigmas(flow):
                     noise = rng.randn(shape, generators, device)
                     sigmas = torch.full((len(chunk),), sigma, device=device)
                     with acc.autocast():
