@@ -29,12 +29,8 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from flowtune.errors import FlowtuneError
-
-EXPERT_CHOICES = ("high", "low", "both")
-"""``model.expert`` values (null: a single-transformer model, or its ``transformer`` only)."""
 
 SECOND_TRANSFORMER = "transformer_2"
 META_EXPERT = "flowtune.expert"
@@ -54,21 +50,6 @@ class Expert:
     name: str
     component: str
     sigma_range: tuple[float, float]
-
-    @property
-    def suffix(self) -> str:
-        """``high_noise`` / ``low_noise``: how musubi-tuner, ai-toolkit and ComfyUI workflows
-        name each expert's LoRA file."""
-        return f"{self.name}_noise"
-
-    def file_name(self, name: str) -> str:
-        """``name`` (``x.safetensors``) with the expert's suffix: ``x_high_noise.safetensors``."""
-        return expert_file_name(name, self.name)
-
-    @property
-    def load_kwargs(self) -> dict[str, Any]:
-        """The keyword arguments of ``pipe.load_lora_weights`` that load a LoRA into this expert."""
-        return {"load_into_transformer_2": True} if self.component == SECOND_TRANSFORMER else {}
 
 
 def expert_file_name(name: str, expert: str) -> str:
@@ -104,11 +85,6 @@ def experts(choice: str, boundary: float) -> list[Expert]:
     high = Expert("high", "transformer", (boundary, 1.0))
     low = Expert("low", SECOND_TRANSFORMER, (0.0, boundary))
     return {"high": [high], "low": [low], "both": [high, low]}[choice]
-
-
-def expert_named(name: str, boundary: float) -> Expert:
-    """The expert ``high`` or ``low`` of a pipeline with this boundary."""
-    return experts(name, boundary)[0]
 
 
 def expert_component(name: str | None) -> str:
