@@ -77,6 +77,8 @@ class SampleSettings:
             ``frame_granularity * n + 1``; None = the pipeline's default.  Image families: None.
         fps: Video families: the frame rate the MP4 is written at; None = the family's
             (``FamilySpec.fps``).
+        guidance_2: A two-expert pipeline's guidance for its low-noise expert (its
+            ``guidance_scale_2``, :mod:`flowtune.experts`); None = ``guidance`` for both.
     """
 
     seed: int = 42
@@ -90,6 +92,7 @@ class SampleSettings:
     negative_prompt: str | None = None
     frames: int | None = None
     fps: int | None = None
+    guidance_2: float | None = None
 
     def check(self, spec: FamilySpec) -> None:
         """Raise a :class:`FlowtuneError` for settings the pipeline cannot use."""
@@ -282,6 +285,13 @@ def generate_frames(
     if settings.negative_prompt is not None and "prompt" in inputs:
         inputs.setdefault("negative_prompt", settings.negative_prompt)
     inputs.update(spec.guidance_inputs(pipe, settings.guidance))
+    if settings.guidance_2 is not None:  # the low-noise expert's (flowtune.experts)
+        if getattr(pipe, "transformer_2", None) is None or not _takes(pipe, "guidance_scale_2"):
+            raise FlowtuneError(
+                "guidance 2 (--guidance-2, validation.guidance_2) is for two-expert models; this one has "
+                "one transformer: leave it out"
+            )
+        inputs["guidance_scale_2"] = settings.guidance_2
     video = spec.frame_granularity > 0
     if video and settings.frames is not None:
         inputs["num_frames"] = settings.frames
@@ -742,6 +752,7 @@ def source_from_checkpoint(ckpt: Path, base_model: str | None = None) -> SampleS
             "seed": v.seed,
             "steps": v.steps,
             "guidance": v.guidance,
+            "guidance_2": v.guidance_2,
             "negative_prompt": v.negative_prompt,
             "height": v.height,
             "width": v.width,

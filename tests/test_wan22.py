@@ -25,6 +25,7 @@ FRAMES, HEIGHT, WIDTH, GUIDANCE, TEXT_TOKENS = 5, 32, 48, 2.5, 10
 # Sampling: 2 UniPC steps at timesteps 999 (the high-noise expert) and 750 (the low-noise one), of
 # one-frame clips (cheap: both experts and their LoRAs are what is checked).
 STEPS, SAMPLE_FRAMES = 2, 1
+GUIDANCE_2 = 1.5  # the low-noise expert's (guidance_scale_2), from the checkpoint's recipe
 PROMPT = "a blue square"
 
 
@@ -139,6 +140,7 @@ def _train(model: Path, root: Path, expert: str, *overrides: str) -> Path:
             f" max_sequence_length: {TEXT_TOKENS}, frames: {FRAMES}}}\n"
             "train: {seed: 0, mixed_precision: 'no', batch_size: 2}\n"
             f"validation: {{prompts: ['{PROMPT}'], every: 0, seed: 5, steps: {STEPS}, guidance: {GUIDANCE},"
+            f" guidance_2: {GUIDANCE_2},"
             f" height: {HEIGHT}, width: {WIDTH}, frames: {SAMPLE_FRAMES}}}\n"
             "optimizer: {lr: 5.0e-2}\n"
         )
@@ -166,8 +168,8 @@ def runs(model: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Pat
 def _frames(pipe) -> list[np.ndarray]:
     video = pipe(
         prompt=PROMPT, negative_prompt="", num_frames=SAMPLE_FRAMES, height=HEIGHT, width=WIDTH,
-        num_inference_steps=STEPS, guidance_scale=GUIDANCE, max_sequence_length=TEXT_TOKENS,
-        generator=torch.Generator().manual_seed(5), output_type="np",
+        num_inference_steps=STEPS, guidance_scale=GUIDANCE, guidance_scale_2=GUIDANCE_2,
+        max_sequence_length=TEXT_TOKENS, generator=torch.Generator().manual_seed(5), output_type="np",
     ).frames[0]  # fmt: skip
     return [(frame * 255).round().astype("uint8") for frame in video]
 
@@ -309,6 +311,7 @@ def test_recipe_checks_expert_and_sigma_range() -> None:
         ),
         (["model.expert=high", "flow.timestep_sampling=beta"], "beta"),
         (["model.expert=null", "flow.sigma_range=[0.5,0.5]"], "0 <= low < high <= 1"),
+        (["validation.guidance_2=-1"], "validation.guidance_2"),
     ):
         with pytest.raises(RecipeError, match=message):
             load_recipe("wan22-t2v-a14b-lora", ["data.source=x", *overrides])

@@ -517,6 +517,8 @@ def _resolve_sampling(cfg: Any, family: Any, fail: Callable[[str, Any, str], Non
         v.guidance = family.guidance
     elif not (math.isfinite(v.guidance) and v.guidance >= 0):
         fail("validation.guidance", v.guidance, "must be 0 or a positive number")
+    if v.guidance_2 is not None and not (math.isfinite(v.guidance_2) and v.guidance_2 >= 0):
+        fail("validation.guidance_2", v.guidance_2, "must be 0 or a positive number, or null")
     if v.negative_prompt is None:
         v.negative_prompt = family.negative_prompt
     elif family.negative_prompt is None:

@@ -489,6 +489,12 @@ class Validation:
     value, or a classifier-free guidance scale; see "Model families" below). null = the family's
     usual value."""
 
+    guidance_2: float | None = None
+    """The classifier-free guidance scale of a two-expert pipeline's low-noise expert
+    (`transformer_2`: the pipeline's `guidance_scale_2`; Wan 2.2 A14B samples with 4.0 and 3.0),
+    `guidance` being the high-noise expert's. null = `guidance` for both. Refused at sampling time
+    by models with one transformer."""
+
     negative_prompt: str | None = None
     """The negative prompt of families sampled with classifier-free guidance against one (see
     "Model families" below); `flowtune preprocess` encodes it with the prompts. null = the

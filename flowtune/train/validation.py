@@ -142,7 +142,7 @@ class Validator:
         # The pipeline encodes the prompts (with their references) when nothing could be cached.
         self.encodes_prompts = self.encoder_class.text_uses_references
         self.settings = SampleSettings(
-            seed=v.seed, steps=v.steps, guidance=v.guidance, height=v.height, width=v.width,
+            seed=v.seed, steps=v.steps, guidance=v.guidance, guidance_2=v.guidance_2, height=v.height, width=v.width,
             negative_prompt=v.negative_prompt, frames=v.frames,
             fps=round(recipe.data.fps) if recipe.data.fps is not None else None,  # as trained
             max_sequence_length=recipe.data.max_sequence_length if self.encodes_prompts else None,
@@ -171,6 +171,12 @@ class Validator:
         )
         if self.references is not None and spec.first_frame_images:
             self._check_first_frame_model()
+        if self.prompts and v.guidance_2 is not None:  # refused now, not after training steps
+            from flowtune.experts import boundary_ratio
+            from flowtune.model_files import resolve_pretrained
+
+            m = recipe.model
+            boundary_ratio(resolve_pretrained(m.pretrained, m.revision, []), "validation.guidance_2")
         self._pipe: Any = None
 
     def _check_first_frame_model(self) -> None:
