@@ -187,6 +187,8 @@ class Trainer(
         self.flow = self._whole_flow = self.expert_flows.get(expert) or create_pipeline(
             self.family.adapter, adapter, **flow
         )
+        # both: the high expert's share of the steps, the sampling distribution's mass above the boundary.
+        self._high_share = self._whole_flow.sigma_mass(*self.experts[0].sigma_range) if self.experts else 1.0
         self.validator = Validator(
             r, self.family, self.store, self.validation_indices, self.accelerator, self.output_dir
         )
@@ -300,8 +302,7 @@ class Trainer(
         the boundary."""
         if len(self.expert_flows) < 2:
             return
-        high = self.expert_flows["high"]
-        name = expert_for_step(self.recipe.train.seed, self.step, high.sigma_mass(*high.sigma_range))
+        name = expert_for_step(self.recipe.train.seed, self.step, self._high_share)
         self.flow = self.expert_flows[name]
         unwrap_model(self.model).active = name
 
