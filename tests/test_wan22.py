@@ -275,6 +275,8 @@ def test_exports_are_named_for_each_expert_and_load_back_into_it(model, runs, tm
     pipe.load_lora_weights(str(high))
     pipe.load_lora_weights(str(low), load_into_transformer_2=True)
     assert torch.equal(latents(), own)
+    merged = cli("export", "--ckpt", runs["low"], "--merge", "--out", tmp_path / "merged")
+    assert merged.returncode == 2 and "does not merge experts" in merged.stderr
     (tmp_path / "low").mkdir()
     single = cli("export", "--ckpt", runs["low"], "--format", "kohya", "--out", tmp_path / "low")
     assert single.returncode == 0, single.stderr
@@ -312,6 +314,16 @@ def test_recipe_checks_expert_and_sigma_range() -> None:
         (["model.expert=high", "flow.timestep_sampling=beta"], "beta"),
         (["model.expert=null", "flow.sigma_range=[0.5,0.5]"], "0 <= low < high <= 1"),
         (["validation.guidance_2=-1"], "validation.guidance_2"),
+        (["model.expert=both"], "train.block_offload=null"),  # the recipe streams 20 blocks
+        (
+            [
+                "model.expert=both",
+                "train.block_offload=null",
+                "model.quantize=null",
+                "train.distributed=fsdp",
+            ],
+            "FSDP2",
+        ),
     ):
         with pytest.raises(RecipeError, match=message):
             load_recipe("wan22-t2v-a14b-lora", ["data.source=x", *overrides])
