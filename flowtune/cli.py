@@ -321,6 +321,15 @@ def sample(
             show_default="recipe, else the family's",
         ),
     ] = None,
+    guidance_2: Annotated[
+        float | None,
+        typer.Option(
+            "--guidance-2",
+            help="Two-expert models (Wan 2.2 A14B): the low-noise expert's classifier-free guidance "
+            "scale (the pipeline's guidance_scale_2); --guidance is then the high-noise expert's.",
+            show_default="recipe, else --guidance",
+        ),
+    ] = None,
     negative_prompt: Annotated[
         str | None,
         typer.Option(
@@ -414,6 +423,7 @@ def sample(
         "seed": seed,
         "steps": steps,
         "guidance": guidance,
+        "guidance_2": guidance_2,
         "height": height,
         "width": width,
         "negative_prompt": negative_prompt,
@@ -608,7 +618,8 @@ def export(
         what = f"{result.modules} LoRA modules ({result.format})"
     else:
         what = f"{result.modules} LoRA modules as {result.original_modules} {result.format} modules"
-    err.print(ok_text(f"{what} written to {result.path}"))
+    paths = " and ".join(str(p) for p in (result.path, *result.more))  # more: a second expert's
+    err.print(ok_text(f"{what} written to {paths}"))
 
 
 @app.command()

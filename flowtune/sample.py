@@ -77,6 +77,8 @@ class SampleSettings:
             ``frame_granularity * n + 1``; None = the pipeline's default.  Image families: None.
         fps: Video families: the frame rate the MP4 is written at; None = the family's
             (``FamilySpec.fps``).
+        guidance_2: A two-expert pipeline's guidance for its low-noise expert (its
+            ``guidance_scale_2``, :mod:`flowtune.experts`); None = ``guidance`` for both.
     """
 
     seed: int = 42
@@ -90,6 +92,7 @@ class SampleSettings:
     negative_prompt: str | None = None
     frames: int | None = None
     fps: int | None = None
+    guidance_2: float | None = None
 
     def check(self, spec: FamilySpec) -> None:
         """Raise a :class:`FlowtuneError` for settings the pipeline cannot use."""
@@ -282,6 +285,13 @@ def generate_frames(
     if settings.negative_prompt is not None and "prompt" in inputs:
         inputs.setdefault("negative_prompt", settings.negative_prompt)
     inputs.update(spec.guidance_inputs(pipe, settings.guidance))
+    if settings.guidance_2 is not None:  # the low-noise expert's (flowtune.experts)
+        if getattr(pipe, "transformer_2", None) is None or not _takes(pipe, "guidance_scale_2"):
+            raise FlowtuneError(
+                "guidance 2 (--guidance-2, validation.guidance_2) is for two-expert models; this one has "
+                "one transformer: leave it out"
+            )
+        inputs["guidance_scale_2"] = settings.guidance_2
     video = spec.frame_granularity > 0
     if video and settings.frames is not None:
         inputs["num_frames"] = settings.frames
@@ -600,15 +610,26 @@ def check_lora(
 def add_lora(pipe: Any, lora_file: Path, scale: float = 1.0) -> None:
     """Load a LoRA file into the pipeline at the given strength: with its ``load_lora_weights``,
     or, for pipelines without a LoRA loader (``FamilySpec.lora_loader``), with its transformer's
-    ``load_lora_adapter`` (the file's keys under the loader's ``transformer.`` prefix)."""
+    ``load_lora_adapter`` (the file's keys under the loader's ``transformer.`` prefix).  A LoRA
+    trained on the low-noise expert of a two-expert pipeline (:func:`flowtune.experts.lora_expert`)
+    goes into ``transformer_2`` (``load_into_transformer_2=True``)."""
+    from flowtune.experts import expert_component, lora_expert
+
     lora_file = Path(lora_file)
+    component = expert_component(lora_expert(lora_file))
+    into = {"load_into_transformer_2": True} if component != "transformer" else {}
+    if into and getattr(pipe, component, None) is None:
+        raise FlowtuneError(
+            f"{lora_file} was trained on the low-noise expert ({component}) of a two-expert model; "
+            "this model has none"
+        )
     with warnings.catch_warnings():
         # On a torchao-quantized transformer (--quantize) peft warns that its LoRA layers cannot
         # merge into the quantized weights; sampling never merges.
         warnings.filterwarnings("ignore", message=".*get_apply_tensor_subclass")
         if hasattr(pipe, "load_lora_weights"):
             pipe.load_lora_weights(
-                str(lora_file.parent), weight_name=lora_file.name, adapter_name=ADAPTER_NAME
+                str(lora_file.parent), weight_name=lora_file.name, adapter_name=ADAPTER_NAME, **into
             )
         else:
             pipe.transformer.load_lora_adapter(
@@ -616,9 +637,10 @@ def add_lora(pipe: Any, lora_file: Path, scale: float = 1.0) -> None:
             )
     # The loaders leave the new LoRA layers in train mode: a file that records a dropout would
     # otherwise drop parts of the update at random while sampling.
-    pipe.transformer.eval()
+    transformer = getattr(pipe, component)
+    transformer.eval()
     if scale != 1.0:
-        pipe.transformer.set_adapters([ADAPTER_NAME], weights=[scale])
+        transformer.set_adapters([ADAPTER_NAME], weights=[scale])
 
 
 def _quantize(pipe: Any, source: SampleSource, device: str | None) -> None:
@@ -730,6 +752,7 @@ def source_from_checkpoint(ckpt: Path, base_model: str | None = None) -> SampleS
             "seed": v.seed,
             "steps": v.steps,
             "guidance": v.guidance,
+            "guidance_2": v.guidance_2,
             "negative_prompt": v.negative_prompt,
             "height": v.height,
             "width": v.width,
@@ -861,12 +884,18 @@ def sample(
             spec, model_dir, dtype=torch_dtype, device="cpu", variant=source.variant, transformer=transformer,
             first_frames=references is not None and spec.first_frame_images,
         )  # fmt: skip
+        from flowtune.experts import expert_component, expert_loras, lora_expert
+
         warnings: list[str] = []
-        if source.lora_file is not None:
-            warnings = check_lora(spec, pipe.transformer, source.lora_file, base_model=source.pretrained)
+        # A two-expert model's LoRAs (flowtune.experts): each in its expert's transformer.
+        loras = expert_loras(source.lora_file) if source.lora_file is not None else []
+        for lora in loras:
+            target = getattr(pipe, expert_component(lora_expert(lora)), None)
+            target = target if target is not None else pipe.transformer  # add_lora refuses it
+            warnings += check_lora(spec, target, lora, base_model=source.pretrained)
         _quantize(pipe, source, None if cpu_offload or device == "cpu" else device)
-        if source.lora_file is not None:
-            add_lora(pipe, source.lora_file, settings.lora_scale)
+        for lora in loras:
+            add_lora(pipe, lora, settings.lora_scale)
 
         inputs = None
         if references is not None:

@@ -224,6 +224,7 @@ def test_flow_defaults_are_the_reference_values():
         "use_sigma_noise": True,
         "sigma_min": 0.0,
         "sigma_max": 1.0,
+        "sigma_range": None,  # a flowtune addition (the whole range, as the reference samples)
         "use_loss_weighting": True,
         "loss_weighting_scheme": "linear",
         "log_interval": 100,

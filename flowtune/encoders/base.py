@@ -341,6 +341,7 @@ def load_pipeline(
     without: Iterable[str] = (),
     encoder_quantize: str | None = None,
     first_frames: bool = False,
+    trained_as: str = "transformer",
 ) -> Any:
     """The family's diffusers pipeline from ``model_dir`` on ``device``, progress bars off: the
     class the folder was saved by (its model_index.json) when it is one of the family's
@@ -356,6 +357,9 @@ def load_pipeline(
             (``FamilySpec.encoder_quantize_skip``) after loading, layer by layer on ``device``.
         first_frames: The pipeline will start clips from given first frames (``flowtune sample
             --image``, ``validation.images``), which may pick another class.
+        trained_as: The pipeline component that ``transformer`` is (``transformer_2``: the
+            low-noise expert of a two-expert pipeline, :mod:`flowtune.experts`); the other
+            transformers are loaded from ``model_dir``.
 
     Raises:
         FlowtuneError: ``model_dir`` holds another family's pipeline (its model_index.json).
@@ -380,7 +384,7 @@ def load_pipeline(
     # class than model_index.json names (FLUX.2 [dev]'s tokenizer is a PixtralProcessor).
     kwargs: dict[str, Any] = {"dtype": dtype, **dict.fromkeys([*without, *components])}
     if transformer is not None:
-        kwargs["transformer"] = transformer
+        kwargs[trained_as] = transformer
     if variant is not None:
         kwargs["variant"] = variant
     pipe = pipeline_class.from_pretrained(model_dir, **kwargs)

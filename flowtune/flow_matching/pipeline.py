@@ -10,7 +10,9 @@ Conventions, stated once:
 Timestep sampling draws u in (0, 1) from a distribution (``timestep_sampling``), replaces it by a
 uniform draw with probability ``mix_uniform_ratio``, applies the flow shift
 sigma = shift / (shift + (1/u - 1)) and clamps sigma to [sigma_min, sigma_max].  ``beta`` draws
-sigma itself (no mixing, no shift), as the reference does.
+sigma itself (no mixing, no shift), as the reference does.  ``sigma_range`` (a flowtune addition)
+instead *samples* sigma within a range: the same distribution restricted to it (conditioned on
+landing there), not clamped into it (:meth:`FlowMatchingPipeline.sample_timesteps`).
 
 Where flowtune differs from the reference implementation (all documented in docs/):
 
@@ -96,6 +98,11 @@ class FlowMatchingPipeline:
             sigma ~ Beta(beta_alpha, beta_beta) directly: no flow shift, no uniform mixing.
         use_sigma_noise: If False, sigma is drawn uniformly with no shift ("uniform_no_shift").
         sigma_min, sigma_max: Clamp range of sigma (fine-tuning may restrict it).
+        sigma_range: ``(low, high)``, 0 <= low < high <= 1: draw sigma from the configured
+            distribution restricted to [low, high] (what a model that denoises only part of the
+            noise range trains on, e.g. one expert of a two-expert pipeline); None = the whole
+            range.  Unlike the clamp, no probability piles up at the ends.  Every method but
+            ``beta`` (see :meth:`_restricted_components`).
         use_loss_weighting: Weight the per-element loss by sigma.
         loss_weighting_scheme: ``linear``: w = 1 + flow_shift * sigma; ``bsmntw``: the bell-shaped
             midpoint table of :meth:`_build_bsmntw_weights` indexed by timestep.
@@ -124,6 +131,7 @@ class FlowMatchingPipeline:
         use_sigma_noise: bool = True,
         sigma_min: float = 0.0,
         sigma_max: float = 1.0,
+        sigma_range: tuple[float, float] | None = None,
         use_loss_weighting: bool = True,
         loss_weighting_scheme: str = "linear",
         log_interval: int = 100,
@@ -145,6 +153,13 @@ class FlowMatchingPipeline:
             )
         if not 0.0 <= sigma_min <= sigma_max <= 1.0:
             raise ValueError(f"need 0 <= sigma_min <= sigma_max <= 1, got {sigma_min} and {sigma_max}")
+        if sigma_range is not None:
+            low, high = (float(v) for v in sigma_range)
+            if not 0.0 <= low < high <= 1.0:
+                raise ValueError(f"need 0 <= low < high <= 1 for sigma_range, got {low} and {high}")
+            if timestep_sampling == "beta" and use_sigma_noise:
+                raise ValueError("sigma_range cannot restrict beta timestep sampling; use another method")
+            sigma_range = (low, high)
         self.model_adapter = model_adapter
         self.num_train_timesteps = num_train_timesteps
         self.timestep_sampling = timestep_sampling
@@ -161,6 +176,7 @@ class FlowMatchingPipeline:
         self.use_sigma_noise = use_sigma_noise
         self.sigma_min = sigma_min
         self.sigma_max = sigma_max
+        self.sigma_range = sigma_range
         self.use_loss_weighting = use_loss_weighting
         self.loss_weighting_scheme = loss_weighting_scheme
         self.log_interval = log_interval
@@ -168,6 +184,7 @@ class FlowMatchingPipeline:
         self.device = torch.device(device) if device is not None else None
         self.noise_schedule = LinearInterpolationSchedule()
         self._bsmntw_weights = self._build_bsmntw_weights() if loss_weighting_scheme == "bsmntw" else None
+        self._restricted = self._restrict(*sigma_range) if sigma_range is not None else None
 
     # ------------------------------------------------------------------ timesteps
 
@@ -263,6 +280,95 @@ class FlowMatchingPipeline:
             raise ValueError(f"got {len(generator)} per-sample generators for a batch of {batch_size}")
         return rng.to_device(torch.cat([draw(1, g, g.device) for g in generator]), device)
 
+    # ------------------------------------------------------------------ restricted sampling
+
+    def _shifted(self, u: torch.Tensor) -> torch.Tensor:
+        """The flow shift s u / (s u + 1 - u) (= s / (s + 1/u - 1), defined at u = 0)."""
+        s = self.flow_shift
+        return s * u / (s * u + 1.0 - u)
+
+    def _restricted_components(self) -> list[tuple[float, Any]]:
+        """The configured distribution of sigma as a mixture of monotone maps of one uniform draw:
+        ``(weight, f)`` pairs, sigma = f(v) with v ~ U(0, 1) and f non-decreasing ([N] float64 ->
+        [N] float64), the weights summing to 1.
+
+        * ``use_sigma_noise=False``: f(v) = v.
+        * ``uniform``: f(v) = shift(v).
+        * ``logit_normal``, ``lognorm``, ``mix``: shift(sigmoid(mean + std * Phi^-1(v))), mixed
+          with ``uniform`` at ``mix_uniform_ratio``.
+        * ``mode``: shift(clamp(g(1 - v), 0, 1)) with g the decreasing "mode" map of
+          :meth:`_sample_from_distribution`, mixed with ``uniform`` likewise.
+
+        These are the distributions :meth:`sample_timesteps` draws from (but for its 1e-5 floor on
+        u), written as quantile functions so that a range of sigma is a range of v.
+        """
+        if not self.use_sigma_noise:
+            return [(1.0, lambda v: v)]
+        uniform = (1.0, self._shifted)
+        method = self.timestep_sampling
+        if method == "uniform":
+            return [uniform]
+        if method == "mode":
+
+            def base(v: torch.Tensor) -> torch.Tensor:
+                w = 1.0 - v
+                return self._shifted(
+                    (1 - w - MODE_SCALE * (torch.cos(math.pi * w / 2) ** 2 - 1 + w)).clamp(0, 1)
+                )
+        else:
+            mean, std = (self.logit_mean, self.logit_std) if method == "logit_normal" else (0.0, 1.0)
+
+            def base(v: torch.Tensor) -> torch.Tensor:
+                return self._shifted(torch.sigmoid(mean + std * torch.special.ndtri(v)))
+
+        ratio = self.mix_uniform_ratio
+        return [(1.0 - ratio, base), (ratio, self._shifted)] if ratio > 0 else [(1.0, base)]
+
+    def _restrict(self, low: float, high: float) -> list[tuple[float, float, float, Any]]:
+        """Each mixture component restricted to sigma in [low, high]: ``(probability, v_low,
+        v_high, f)``, the probabilities those of the components *given* sigma in the range (each
+        component's weight times its mass in the range, normalised).
+
+        Raises:
+            ValueError: the distribution puts no probability on the range.
+        """
+        parts = []
+        for weight, f in self._restricted_components():
+            v_low, v_high = _preimage(f, low), _preimage(f, high, upper=True)
+            parts.append((weight * max(v_high - v_low, 0.0), v_low, v_high, f))
+        mass = sum(p for p, *_ in parts)
+        if not mass > 0:
+            raise ValueError(
+                f"timestep_sampling {self.timestep_sampling!r} puts no probability on sigma in [{low}, {high}]"
+            )
+        return [(p / mass, v_low, v_high, f) for p, v_low, v_high, f in parts]
+
+    def sigma_mass(self, low: float, high: float) -> float:
+        """The probability that the configured distribution (without ``sigma_range`` and the
+        clamp) gives sigma in [low, high]."""
+        return sum(
+            weight * max(_preimage(f, high, upper=True) - _preimage(f, low), 0.0)
+            for weight, f in self._restricted_components()
+        )
+
+    def _sample_restricted(
+        self, batch_size: int, device: torch.device | str, generator: rng.Generators
+    ) -> torch.Tensor:
+        """sigma [B] float32 from the distribution restricted to ``sigma_range``: per sample a
+        component (by its probability given the range), then v uniform on that component's
+        [v_low, v_high] and sigma = f(v).  Two uniform draws per sample, whatever the method."""
+        low, high = self.sigma_range
+        pick = rng.rand(batch_size, generator, device).double()
+        v01 = rng.rand(batch_size, generator, device).double()
+        sigma = torch.zeros(batch_size, dtype=torch.float64, device=pick.device)
+        start = 0.0
+        for k, (p, v_low, v_high, f) in enumerate(self._restricted):
+            last = k == len(self._restricted) - 1
+            chosen = pick >= start if last else (pick >= start) & (pick < start + p)
+            sigma = torch.where(chosen, f(v_low + v01 * (v_high - v_low)), sigma)
+            start += p
+        return sigma.clamp(low, high).float()
+
     def sample_timesteps(
         self, batch_size: int, device: torch.device | str | None = None, *, generator: rng.Generators = None
     ) -> tuple[torch.Tensor, torch.Tensor, str]:
@@ -273,7 +379,8 @@ class FlowMatchingPipeline:
         host sync).  Then sigma = flow_shift / (flow_shift + (1/u - 1)), clamped to
         [sigma_min, sigma_max] (u is clamped to >= 1e-5 first).  ``beta``: sigma is the Beta draw,
         clamped, with no mixing and no shift.  With ``use_sigma_noise=False``: sigma ~ U(0, 1),
-        clamped, no shift.
+        clamped, no shift.  With ``sigma_range``: sigma from that distribution restricted to the
+        range (:meth:`_sample_restricted`), then clamped as above.
 
         Args:
             batch_size: Number of samples B.
@@ -286,6 +393,12 @@ class FlowMatchingPipeline:
             uniform u).
         """
         device = device if device is not None else (self.device or torch.device("cpu"))
+        if self._restricted is not None:
+            sigma = self._sample_restricted(batch_size, device, generator).clamp(
+                self.sigma_min, self.sigma_max
+            )
+            method = self.timestep_sampling if self.use_sigma_noise else "uniform_no_shift"
+            return sigma, sigma * self.num_train_timesteps, method
         if not self.use_sigma_noise:
             sigma = rng.rand(batch_size, generator, device).clamp(self.sigma_min, self.sigma_max)
             return sigma, sigma * self.num_train_timesteps, "uniform_no_shift"
@@ -748,6 +861,20 @@ __all__ = [
     "create_pipeline",
     "logger",
 ]
+
+
+def _preimage(f: Any, sigma: float, upper: bool = False, iterations: int = 64) -> float:
+    """The v in [0, 1] where the non-decreasing f(v) reaches ``sigma``, by bisection in float64:
+    the smallest v with f(v) >= sigma, or (``upper``) the largest v with f(v) <= sigma."""
+    lo, hi = 0.0, 1.0
+    for _ in range(iterations):
+        mid = (lo + hi) / 2
+        value = float(f(torch.tensor([mid], dtype=torch.float64))[0])
+        if value < sigma or (upper and value == sigma):
+            lo = mid
+        else:
+            hi = mid
+    return hi if not upper else lo
 
 
 def _data_type(batch: dict[str, Any], latents: torch.Tensor) -> str:

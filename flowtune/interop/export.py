@@ -33,12 +33,16 @@ class ExportResult:
         format: ``diffusers``, ``comfyui``, ``kohya``, or ``merged``.
         modules: Number of LoRA modules of the checkpoint (diffusers naming).
         original_modules: Number of original-layout modules written (kohya/comfyui), else None.
+        more: Further files written: the low-noise expert's of a two-expert run
+            (``model.expert: both``, :mod:`flowtune.experts`), beside ``path`` (the high-noise
+            expert's).
     """
 
     path: Path
     format: str
     modules: int
     original_modules: int | None = None
+    more: tuple[Path, ...] = ()
 
 
 def _check_choice(value: str | None, option: str, allowed: tuple[str, ...] | list[str]) -> None:
@@ -99,6 +103,7 @@ def export_lora(
         FlowtuneError: unknown format or dtype, a full fine-tuning checkpoint, an existing file
             without ``overwrite``, or a LoRA that the format cannot express.
     """
+    from flowtune.experts import expert_file_name, expert_loras, lora_expert
     from flowtune.interop.lora import DTYPES, FORMATS, write_lora
     from flowtune.interop.output import check_free_file, default_stem, write_file_atomically
 
@@ -108,18 +113,32 @@ def export_lora(
     lora_file = _lora_checkpoint(trained, spec.transformer_class)
     folder, stem = default_stem(trained.path)
     name = f"{stem}-{fmt}.safetensors"
-    path = folder / name if out is None else Path(out).expanduser()
-    if path.is_dir():
-        path = path / name
-    check_free_file(path, overwrite)
-    written: dict[str, tuple[int, int | None]] = {}
+    target = folder / name if out is None else Path(out).expanduser()
+    if target.is_dir():
+        target = target / name
+    # A two-expert model's LoRAs (one, or both of a `both` run): each file named for its expert
+    # (..._high_noise / ..._low_noise.safetensors), as musubi-tuner and ai-toolkit name them.
+    jobs = []
+    for lora in expert_loras(lora_file):
+        expert = lora_expert(lora)
+        path = target.with_name(expert_file_name(target.name, expert)) if expert is not None else target
+        check_free_file(path, overwrite)
+        jobs.append((lora, path))
+    counts: list[tuple[int, int | None]] = []
+    for lora, path in jobs:
 
-    def write(tmp: Path) -> None:
-        written["counts"] = write_lora(lora_file, spec, fmt, tmp, DTYPES[dtype] if dtype else None)
+        def write(tmp: Path, lora: Path = lora) -> None:
+            counts.append(write_lora(lora, spec, fmt, tmp, DTYPES[dtype] if dtype else None))
 
-    write_file_atomically(path, write)
-    modules, original_modules = written["counts"]
-    return ExportResult(path=path, format=fmt, modules=modules, original_modules=original_modules)
+        write_file_atomically(path, write)
+    modules, original_modules = counts[0]
+    return ExportResult(
+        path=jobs[0][1],
+        format=fmt,
+        modules=modules,
+        original_modules=original_modules,
+        more=tuple(path for _, path in jobs[1:]),
+    )
 
 
 def merge_lora(
@@ -230,6 +249,14 @@ def export(
     if not merge and base_model is not None:
         raise FlowtuneError("--model applies to --merge only (the base model to merge into)")
     trained = resolve_trained(ckpt, LORA_WEIGHTS_NAME)
+    if merge and trained.lora_file is not None:
+        from flowtune.experts import lora_expert
+
+        if lora_expert(trained.lora_file) is not None:
+            raise FlowtuneError(
+                f"{trained.path} holds a LoRA of an expert of a two-expert model; --merge writes one "
+                "transformer and does not merge experts yet: export it with --format instead"
+            )
     if merge:
         return merge_lora(
             trained, out, dtype=dtype, lora_scale=lora_scale, overwrite=overwrite, base_model=base_model

@@ -502,14 +502,12 @@ def plan_from_trace(
 
     static = counts["frozen"] + counts["trainable"]
     activations = counts["peak"] - static - counts["gradients"] - counts["optimizer"] + extra_transient
-    peak = (
-        weights
-        + counts["trainable"]
-        + counts["gradients"]
-        + counts["optimizer"]
-        + activations
-        - offload_saved
-    )
+    # model.expert=both (flowtune.train.experts): a second transformer of the same shapes stays on
+    # the GPU with its LoRA and optimizer states; a step's gradients are one expert's.
+    experts = 2 if recipe.model.expert == "both" else 1
+    weights *= experts
+    trainable, optimizer = counts["trainable"] * experts, counts["optimizer"] * experts
+    peak = weights + trainable + counts["gradients"] + optimizer + activations - offload_saved
     settings = [
         ("model", f"{recipe.model.pretrained} ({spec.transformer_class}, config {source})"),
         ("weights", f"{recipe.model.dtype}" + (f", {mode} linears" if mode else "")),
@@ -535,13 +533,15 @@ def plan_from_trace(
             else "off",
         ),
     ]
+    if experts > 1:
+        settings.append(("experts", "both on the GPU (model.expert=both), each with its LoRA"))
     if mode is not None:
         settings.append((f"frozen weights without {mode}", format_bytes(counts["frozen"])))
     return StepPlan(
         weights=weights,
-        lora=counts["trainable"],
+        lora=trainable,
         gradients=counts["gradients"],
-        optimizer=counts["optimizer"],
+        optimizer=optimizer,
         activations=activations,
         offload_saved=offload_saved,
         peak=peak,

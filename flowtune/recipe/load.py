@@ -507,6 +507,7 @@ def _check_semantics(cfg: Any) -> None:
     _check_block_offload(cfg, family, fail)
     _check_activation_offload(cfg, fail)
     _check_quantize(cfg, fail)
+    _check_expert(cfg, fail)
 
 
 def _resolve_sampling(cfg: Any, family: Any, fail: Callable[[str, Any, str], None]) -> None:
@@ -517,6 +518,8 @@ def _resolve_sampling(cfg: Any, family: Any, fail: Callable[[str, Any, str], Non
         v.guidance = family.guidance
     elif not (math.isfinite(v.guidance) and v.guidance >= 0):
         fail("validation.guidance", v.guidance, "must be 0 or a positive number")
+    if v.guidance_2 is not None and not (math.isfinite(v.guidance_2) and v.guidance_2 >= 0):
+        fail("validation.guidance_2", v.guidance_2, "must be 0 or a positive number, or null")
     if v.negative_prompt is None:
         v.negative_prompt = family.negative_prompt
     elif family.negative_prompt is None:
@@ -622,6 +625,48 @@ def _check_quantize(cfg: Any, fail: Callable[[str, Any, str], None]) -> None:
             mode,
             "FSDP2 cannot shard torchao's quantized weights in flowtune yet; set train.distributed=ddp "
             "(each GPU holds the quantized model) or model.quantize=null",
+        )
+
+
+def _check_expert(cfg: Any, fail: Callable[[str, Any, str], None]) -> None:
+    """``flow.sigma_range`` and ``model.expert``: a LoRA per expert, its sigma sampled within the
+    expert's range (whether the model has two experts is checked from its model_index.json when
+    training starts)."""
+    sigma_range = cfg.flow.sigma_range
+    if sigma_range is not None:
+        values = list(sigma_range)
+        if not (len(values) == 2 and 0.0 <= values[0] < values[1] <= 1.0):
+            fail("flow.sigma_range", values, "give [low, high] with 0 <= low < high <= 1, or null")
+        if cfg.flow.timestep_sampling == "beta" and cfg.flow.use_sigma_noise:
+            fail(
+                "flow.sigma_range",
+                values,
+                "beta sampling cannot be restricted to a range; use another method",
+            )
+    expert = cfg.model.expert
+    if expert is None:
+        return
+    if sigma_range is not None:
+        fail(
+            "flow.sigma_range", list(sigma_range), "model.expert sets it to the expert's range; leave it null"
+        )
+    if cfg.train.mode != "lora":
+        fail("model.expert", expert, "experts train LoRAs, so it needs train.mode=lora")
+    if expert == "both" and cfg.train.block_offload is not None:
+        fail(
+            "model.expert",
+            expert,
+            "both experts stay on the GPU, without block offload; set train.block_offload=null, or train "
+            "model.expert=high and model.expert=low in two runs (each can stream its blocks)",
+        )
+    if expert == "both" and cfg.train.distributed == "fsdp":
+        fail("model.expert", expert, "FSDP2 is not supported with both experts; set train.distributed=ddp")
+    if cfg.flow.timestep_sampling == "beta" and cfg.flow.use_sigma_noise:
+        fail(
+            "model.expert",
+            expert,
+            "an expert's sigmas are sampled within its range, which beta sampling cannot do; "
+            "set flow.timestep_sampling to logit_normal, uniform, mode, lognorm or mix",
         )
 
 

@@ -86,6 +86,14 @@ class Model:
     but its vision tower, which text prompts never run. The embeddings change slightly, so changing
     it re-encodes the captions (docs/data.md). null = the text encoders stay in `model.dtype`."""
 
+    expert: Literal["high", "low", "both"] | None = None
+    """For two-expert checkpoints (a `transformer_2` and a `boundary_ratio` b in model_index.json,
+    e.g. Wan 2.2 T2V-A14B, b = 0.875): `high` trains a LoRA on `transformer` (the high-noise
+    expert) with sigma sampled within [b, 1]; `low` one on `transformer_2` with sigma within
+    [0, b]; `both` one LoRA per expert in one run, each step training one expert on its range.
+    Sigma follows the `flow.*` distribution restricted to the range. LoRA only. Refused for
+    models without a `transformer_2` (docs/wan.md). null = the model's one transformer."""
+
     adapter: dict[str, Any] = field(default_factory=dict)
     """Extra keyword arguments of the family's flow-matching adapter. FLUX.1: `guidance_scale`
     (default 3.5; the guidance value fed to guidance-distilled models such as FLUX.1-dev during
@@ -301,6 +309,13 @@ class Flow:
     sigma_max: float = 1.0
     """Upper clamp of the sampled sigma, at most 1 (pure noise)."""
 
+    sigma_range: list[float] | None = None
+    """`[low, high]`, 0 <= low < high <= 1: draw sigma from the distribution above restricted to
+    [low, high] (conditioned on landing there: its shape is kept, nothing piles up at the ends as
+    with `sigma_min`/`sigma_max`), for a model that denoises only part of the noise range. Not
+    with `beta` sampling. `model.expert` sets it to its expert's range (leave it null then).
+    null = the whole range."""
+
     use_loss_weighting: bool = True
     """Weight each sample's loss according to `loss_weighting_scheme`. false = plain mean squared
     error."""
@@ -482,6 +497,12 @@ class Validation:
     """Guidance passed to the family's pipeline, as its guidance argument (a distilled guidance
     value, or a classifier-free guidance scale; see "Model families" below). null = the family's
     usual value."""
+
+    guidance_2: float | None = None
+    """The classifier-free guidance scale of a two-expert pipeline's low-noise expert
+    (`transformer_2`: the pipeline's `guidance_scale_2`; Wan 2.2 A14B samples with 4.0 and 3.0),
+    `guidance` being the high-noise expert's. null = `guidance` for both. Refused at sampling time
+    by models with one transformer."""
 
     negative_prompt: str | None = None
     """The negative prompt of families sampled with classifier-free guidance against one (see

@@ -17,7 +17,7 @@ class AcceleratorSetup:
 
     def _make_accelerator(self) -> Any:
         from accelerate import Accelerator
-        from accelerate.utils import ProjectConfiguration
+        from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration
 
         r = self.recipe
         trackers = list(r.logging.trackers)
@@ -38,6 +38,11 @@ class AcceleratorSetup:
                 # so a run's learning-rate curve does not depend on the world size.
                 step_scheduler_with_optimizer=False,
                 fsdp_plugin=fsdp_plugin,
+                # model.expert=both trains one of two experts a step: DDP must expect the other's
+                # LoRA to get no gradient (flowtune.train.experts).
+                kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)]
+                if r.model.expert == "both"
+                else None,
             )
         except (ValueError, RuntimeError) as exc:
             raise FlowtuneError(

@@ -115,7 +115,7 @@ class CheckpointWriter:
             shutil.rmtree(partial, ignore_errors=True)
             partial.mkdir(parents=True)
             source = self.last_checkpoint
-            for name in [self.weights.name, ckpt.RECIPE_FILE, ckpt.STATE_FILE]:
+            for name in [*self.weights.files, ckpt.RECIPE_FILE, ckpt.STATE_FILE]:
                 _link_or_copy(source / name, partial / name)
             ckpt.publish(partial, final)
         self.accelerator.wait_for_everyone()

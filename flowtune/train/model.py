@@ -69,6 +69,7 @@ def load_transformer(
     quantize: str | None = None,
     device: torch.device | str | None = None,
     host: tuple[str, ...] | list[str] = (),
+    subfolder: str = "transformer",
 ) -> nn.Module:
     """The family's transformer from ``model_dir/transformer``, in ``dtype``, frozen, in train mode.
 
@@ -80,6 +81,8 @@ def load_transformer(
         device: Where quantized layers are quantized and kept (None = the CPU it loads on).
         host: Blocks whose quantized layers go back to the CPU (``train.block_offload``'s
             offloaded blocks: :func:`flowtune.train.offload.offloaded_block_names`).
+        subfolder: The transformer's folder: ``transformer_2`` for the low-noise expert of a
+            two-expert pipeline (``model.expert``, :mod:`flowtune.experts`).
     """
     import diffusers
 
@@ -87,7 +90,7 @@ def load_transformer(
 
     quiet_libraries()
     cls = getattr(diffusers, spec.transformer_class)
-    kwargs: dict[str, Any] = {"subfolder": "transformer", "dtype": dtype}
+    kwargs: dict[str, Any] = {"subfolder": subfolder, "dtype": dtype}
     if variant is not None:
         kwargs["variant"] = variant
     transformer = cls.from_pretrained(model_dir, **kwargs)
@@ -229,6 +232,7 @@ def save_lora(
     dtype: torch.dtype | None = None,
     metadata: dict[str, str] | None = None,
     state: dict[str, torch.Tensor] | None = None,
+    name: str = LORA_WEIGHTS_NAME,
 ) -> Path:
     """Write the LoRA of ``transformer`` as ``out_dir/pytorch_lora_weights.safetensors``.
 
@@ -252,6 +256,8 @@ def save_lora(
         metadata: Extra string metadata entries.
         state: The weights, already gathered by :func:`lora_state_dict` (under FSDP every process
             gathers, one writes); None = taken from ``transformer``.
+        name: The file's name (another for a second LoRA in the same folder: each expert's of a
+            two-expert run, :mod:`flowtune.experts`); its unscaled copy is ``resume_`` + name.
     """
     from diffusers.loaders.lora_base import LORA_ADAPTER_METADATA_KEY
     from safetensors.torch import save_file
@@ -308,10 +314,17 @@ def save_lora(
         META_TRAINED_LORA: json.dumps({k: trained[k] for k in _SCALING_KEYS if k in trained}, sort_keys=True)
     }
     if not exact:
-        write(state, RESUME_LORA_NAME, trained, {})
-        extra[META_RESUME_FILE] = RESUME_LORA_NAME
-    write(scaled, LORA_WEIGHTS_NAME, config, extra)
-    return Path(out_dir) / LORA_WEIGHTS_NAME
+        resume_name = _resume_name(name)
+        write(state, resume_name, trained, {})
+        extra[META_RESUME_FILE] = resume_name
+    write(scaled, name, config, extra)
+    return Path(out_dir) / name
+
+
+def _resume_name(name: str) -> str:
+    """The unscaled copy's file name of LoRA file ``name`` (:data:`RESUME_LORA_NAME` for the
+    usual one)."""
+    return RESUME_LORA_NAME if name == LORA_WEIGHTS_NAME else f"resume_{name}"
 
 
 def read_lora_metadata(path: Path) -> dict[str, str]:
@@ -322,7 +335,7 @@ def read_lora_metadata(path: Path) -> dict[str, str]:
         return dict(handle.metadata() or {})
 
 
-def load_lora(transformer: nn.Module, directory: Path) -> None:
+def load_lora(transformer: nn.Module, directory: Path, name: str = LORA_WEIGHTS_NAME) -> None:
     """Load the trained LoRA weights that :func:`save_lora` wrote to ``directory`` into the LoRA
     layers already added to ``transformer`` by :func:`add_lora`, bit for bit (to resume training).
 
@@ -341,7 +354,7 @@ def load_lora(transformer: nn.Module, directory: Path) -> None:
 
     from flowtune.flow_matching.adapters.base import unwrap_model
 
-    path = Path(directory) / LORA_WEIGHTS_NAME
+    path = Path(directory) / name
     if not path.is_file():
         raise FlowtuneError(f"no LoRA weights at {path}")
     tensors = _read_tensors(path, load_file)

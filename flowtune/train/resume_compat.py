@@ -14,7 +14,13 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-_INCOMPATIBLE_ON_RESUME = ("model.family", "train.mode", "lora.rank", "lora.target_modules")
+_INCOMPATIBLE_ON_RESUME = (
+    "model.family",
+    "model.expert",
+    "train.mode",
+    "lora.rank",
+    "lora.target_modules",
+)
 
 
 _FREE_ON_RESUME = (

@@ -16,7 +16,9 @@ Every ``validation.every`` steps and after the last step, :class:`Validator` doe
   ``validation.seed`` and the item's key), without loss weighting or caption dropout
   (:meth:`FlowMatchingPipeline.evaluate`): ``val_loss`` depends only on the weights and the
   held-out data, so it is comparable between steps, runs and recipes with different ``flow.*``
-  settings.  The items are shared out among the processes and the sum is reduced.
+  settings.  The items are shared out among the processes and the sum is reduced.  A pipeline
+  that samples sigma within a range (``flow.sigma_range``; one expert of a two-expert model) is
+  evaluated at the levels within it (:func:`validation_sigmas`).
 
 Validation leaves training exactly as it was (:func:`training_state_kept`): the modules' train/eval
 flags, torch's CPU and CUDA random states, and the weights (no gradients are taken), so a run with
@@ -39,6 +41,7 @@ from torch import nn
 from flowtune.data.loader import CacheCollator, CachedDataset
 from flowtune.data.store import CacheStore
 from flowtune.errors import FlowtuneError
+from flowtune.experts import SECOND_TRANSFORMER, expert_component
 from flowtune.families import FamilySpec
 from flowtune.flow_matching import rng
 from flowtune.flow_matching.adapters.base import unwrap_model
@@ -58,6 +61,14 @@ from flowtune.train.checkpoint import checkpoint_name
 # curves of different runs can be compared.
 VAL_SIGMAS = (0.1, 0.3, 0.5, 0.7, 0.9)
 SAMPLES_DIR = "samples"
+
+
+def validation_sigmas(flow: Any) -> tuple[float, ...]:
+    """The :data:`VAL_SIGMAS` within ``flow.sigma_range`` (the noise levels a run restricted to a
+    range trains on; all of them when none falls inside), else all."""
+    bounds = getattr(flow, "sigma_range", None)
+    inside = tuple(s for s in VAL_SIGMAS if bounds is None or bounds[0] <= s <= bounds[1])
+    return inside or VAL_SIGMAS
 
 
 def _on_device(value: Any, device: torch.device) -> Any:
@@ -131,7 +142,7 @@ class Validator:
         # The pipeline encodes the prompts (with their references) when nothing could be cached.
         self.encodes_prompts = self.encoder_class.text_uses_references
         self.settings = SampleSettings(
-            seed=v.seed, steps=v.steps, guidance=v.guidance, height=v.height, width=v.width,
+            seed=v.seed, steps=v.steps, guidance=v.guidance, guidance_2=v.guidance_2, height=v.height, width=v.width,
             negative_prompt=v.negative_prompt, frames=v.frames,
             fps=round(recipe.data.fps) if recipe.data.fps is not None else None,  # as trained
             max_sequence_length=recipe.data.max_sequence_length if self.encodes_prompts else None,
@@ -160,6 +171,12 @@ class Validator:
         )
         if self.references is not None and spec.first_frame_images:
             self._check_first_frame_model()
+        if self.prompts and v.guidance_2 is not None:  # refused now, not after training steps
+            from flowtune.experts import boundary_ratio
+            from flowtune.model_files import resolve_pretrained
+
+            m = recipe.model
+            boundary_ratio(resolve_pretrained(m.pretrained, m.revision, []), "validation.guidance_2")
         self._pipe: Any = None
 
     def _check_first_frame_model(self) -> None:
@@ -232,7 +249,7 @@ class Validator:
                 shape = (
                     batch["image_latents"].shape if "image_latents" in batch else batch["video_latents"].shape
                 )
-                for sigma in VAL_SIGMAS:
+                for sigma in validation_sigmas(flow):
                     noise = rng.randn(shape, generators, device)
                     sigmas = torch.full((len(chunk),), sigma, device=device)
                     with acc.autocast():
@@ -252,18 +269,38 @@ class Validator:
 
             m = self.recipe.model
             text = list(self.encoder_class.text_components) if self.encodes_prompts else []
-            model_dir = resolve_pretrained(m.pretrained, m.revision, ["vae", "scheduler", *text])
+            # A two-expert model (model.expert) samples with both: the trained one in its slot,
+            # the other (frozen, quantized as training's) loaded from the model folder.
+            trained = unwrap_model(model)
+            both = getattr(trained, "pipeline_components", None)  # model.expert=both: TwoExperts
+            trained_as = expert_component(m.expert)
+            others = (
+                []
+                if m.expert in (None, "both")
+                else sorted({"transformer", SECOND_TRANSFORMER} - {trained_as})
+            )
+            model_dir = resolve_pretrained(m.pretrained, m.revision, ["vae", "scheduler", *text, *others])
             self._pipe = load_pipeline(
                 self.spec,
                 model_dir,
                 dtype=self.dtype,
                 device=device,
                 variant=m.variant,
-                transformer=unwrap_model(model),
-                without=() if self.encodes_prompts else self.encoder_class.text_components,
+                transformer=both()["transformer"] if both else trained,
+                without=(() if self.encodes_prompts else self.encoder_class.text_components)
+                + ((SECOND_TRANSFORMER,) if both else ()),
                 encoder_quantize=m.encoder_quantize if self.encodes_prompts else None,
                 first_frames=self.references is not None and self.spec.first_frame_images,
+                trained_as=trained_as,
             )
+            if both:  # the second trained expert, already on the device
+                self._pipe.register_modules(**{SECOND_TRANSFORMER: both()[SECOND_TRANSFORMER]})
+            if m.quantize is not None:
+                from flowtune.memory.quantize import quantize_linears
+
+                for name in others:
+                    getattr(self._pipe, name).requires_grad_(False)
+                    quantize_linears(getattr(self._pipe, name), m.quantize, self.spec.quantize_skip, device)
         return self._pipe
 
     def _text_encoders_to(self, device: torch.device | str) -> None:

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from flowtune.experts import META_EXPERT
 from flowtune.families import FamilySpec
 from flowtune.train.model import (
     LORA_WEIGHTS_NAME,
@@ -35,9 +36,15 @@ class TrainedWeights:
 
     Attributes:
         name: Their file or folder in a checkpoint (and in ``final/``).
+        files: Every file or folder of them (``name`` and, for two-expert runs, the second
+            expert's LoRA: :class:`flowtune.train.experts.ExpertLoras`).
     """
 
     name: str = ""
+
+    @property
+    def files(self) -> tuple[str, ...]:
+        return (self.name,)
 
     def __init__(self, recipe: Any, spec: FamilySpec) -> None:
         self.recipe = recipe
@@ -104,10 +111,15 @@ class LoraWeights(TrainedWeights):
         state: dict[str, torch.Tensor] | None,
         metadata: dict[str, str],
     ) -> None:
+        expert = self.recipe.model.expert  # high / low: which transformer it loads into
+        if expert is not None:
+            metadata = {**metadata, META_EXPERT: expert}
         save_lora(model, self.spec, directory, state=state, metadata=metadata)
 
     def describe(self) -> str:
-        return f"LoRA rank {self.recipe.lora.rank}, alpha {self.recipe.lora.alpha}"
+        expert = self.recipe.model.expert
+        on = f", on the {expert}-noise expert" if expert in ("high", "low") else ""
+        return f"LoRA rank {self.recipe.lora.rank}, alpha {self.recipe.lora.alpha}{on}"
 
 
 class FullWeights(TrainedWeights):
@@ -138,5 +150,9 @@ class FullWeights(TrainedWeights):
 
 
 def trained_weights(recipe: Any, spec: FamilySpec) -> TrainedWeights:
-    """The strategy for ``recipe.train.mode``."""
+    """The strategy for ``recipe.train.mode`` (and ``model.expert: both``)."""
+    if recipe.model.expert == "both":
+        from flowtune.train.experts import ExpertLoras
+
+        return ExpertLoras(recipe, spec)
     return (LoraWeights if recipe.train.mode == "lora" else FullWeights)(recipe, spec)

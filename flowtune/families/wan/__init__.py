@@ -54,12 +54,15 @@ SPEC = FamilySpec(
     block_lists=BLOCK_LISTS,
     quantize_skip=QUANTIZE_SKIP,
     encoder_quantize_skip=ENCODER_QUANTIZE_SKIP,
-    # The 14B models (T2V, I2V) have the 1.3B's text encoder and VAE (the I2V's CLIP image
-    # encoder is not sized); Wan 2.2 TI2V-5B's own are bundled (its VAE is Wan 2.2's).
+    # The 14B models (T2V, I2V, Wan 2.2 A14B's two experts) have the 1.3B's text encoder and VAE
+    # (the I2V's CLIP image encoder is not sized); Wan 2.2 TI2V-5B's own are bundled (its VAE is
+    # Wan 2.2's).
     component_sources=(
         ("Wan-AI/Wan2.1-T2V-14B-Diffusers", "Wan-AI/Wan2.1-T2V-1.3B-Diffusers"),
         ("Wan-AI/Wan2.1-I2V-14B-480P-Diffusers", "Wan-AI/Wan2.1-T2V-1.3B-Diffusers"),
         ("Wan-AI/Wan2.1-I2V-14B-720P-Diffusers", "Wan-AI/Wan2.1-T2V-1.3B-Diffusers"),
+        # Wan 2.2 A14B (two experts, model.expert): the same UMT5-XXL and 16-channel VAE.
+        ("Wan-AI/Wan2.2-T2V-A14B-Diffusers", "Wan-AI/Wan2.1-T2V-1.3B-Diffusers"),
     ),
     adapter_arguments=(),  # WanAdapter takes none
     # WanPipeline's classifier-free guidance, uncond + guidance_scale * (cond - uncond), runs when
