@@ -213,7 +213,9 @@ def test_preprocess_shares_its_work_across_processes(env: Path, tmp_path: Path) 
         for name in fields:
             assert torch.equal(mine[name], theirs[name]), (key, name)
 
-    again = flowtune("preprocess", recipe, f"data.cache_dir={cache}", "--num-processes", "2")
+    # Complete as one process's cache would be: a rerun (here on one process, in this one)
+    # encodes nothing again.
+    again = cli("preprocess", recipe, f"data.cache_dir={cache}")
     assert again.returncode == 0, again.stderr
     assert "0 images, 0 captions" in again.stdout  # idempotent: nothing encoded twice
     assert CacheStore.open(cache).entries == sharded.entries
