@@ -338,3 +338,34 @@ def test_bundled_config_plans_one_expert_at_its_published_size() -> None:
     hub = "Wan-AI/Wan2.2-T2V-A14B-Diffusers"
     assert 14.2 < bundled_billions(hub, "transformer") < 14.4
     assert SAME_COMPONENTS[hub] == "Wan-AI/Wan2.1-T2V-1.3B-Diffusers"
+
+
+@pytest.mark.processes
+@pytest.mark.extended
+def test_both_on_two_processes_trains_the_same_run_as_one(model, runs) -> None:
+    """DDP with ``find_unused_parameters`` (each step leaves one expert's LoRA without a gradient):
+    two gloo processes with half the batch each train the run one process trains."""
+    from safetensors.torch import load_file
+
+    from flowtune.train.metrics import read_metrics
+    from tests.helpers import flowtune
+
+    root = runs["both"].parent
+    args = [
+        "train", root / "recipe.yaml", "model.expert=both", "train.max_steps=4", "train.log_every=1",
+        "validation.prompts=[]",
+    ]  # fmt: skip
+    run, out = root / "one-process", root / "two-processes"
+    assert cli(*args, f"train.output_dir={run}").returncode == 0
+    result = flowtune(*args, "train.batch_size=1", f"train.output_dir={out}", "--num-processes", "2")
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    def losses(path: Path) -> list[float]:
+        return [r["loss"] for r in read_metrics(path / "metrics.jsonl") if "loss" in r]
+
+    assert losses(out) == pytest.approx(losses(run), rel=1e-5, abs=1e-5) and len(losses(out)) == 4
+    for name in ("pytorch_lora_weights.safetensors", "pytorch_lora_weights_low_noise.safetensors"):
+        one, two = load_file(run / "final" / name), load_file(out / "final" / name)
+        assert one.keys() == two.keys()
+        for key in one:
+            torch.testing.assert_close(two[key], one[key], rtol=0, atol=1e-5, msg=key)
