@@ -1,13 +1,23 @@
-"""Wan 2.1 text-to-video (``model.family: wan``): its registry entry, :data:`SPEC`.
+"""Wan 2.1 / 2.2 (``model.family: wan``): its registry entry, :data:`SPEC`.
 
-Alibaba's Wan 2.1 T2V (1.3B and 14B): a DiT over 1x2x2 patches of a causal 3D VAE's latents
-(16 channels, 8x spatial and 4x temporal compression), cross-attending to UMT5-XXL caption
-embeddings zero-padded to 512 tokens; classifier-free guidance against a negative prompt.  Still
-images train as one-frame clips.  The family's code: :mod:`.adapter` (``WanAdapter``),
-:mod:`.encoder` (``WanEncoder``), :mod:`.naming` (``WAN_NAMING``: Wan's original module names
-for kohya / ComfyUI export), :mod:`.quantize`, :mod:`.tiny` (``build_tiny_wan``).
+Alibaba's Wan: a DiT over 1x2x2 patches of a causal 3D VAE's latents, cross-attending to UMT5-XXL
+caption embeddings zero-padded to 512 tokens; classifier-free guidance against a negative prompt.
+Still images train as one-frame clips.  The checkpoints it serves:
+
+- Wan 2.1 T2V (1.3B, 14B): ``WanPipeline``, 16-channel VAE (8x spatial, 4x temporal).
+- Wan 2.1 I2V 14B (480P, 720P): ``WanImageToVideoPipeline``; the transformer takes the noisy
+  latents, a 4-channel first-frame mask and the VAE encoding of [first frame, zeros] (cached as
+  ``condition_latents``), and CLIP image embeddings (cached as ``image_embeds``).
+- Wan 2.2 TI2V-5B: 48-channel VAE (16x spatial), ``expand_timesteps``: per-token timesteps, the
+  clean first latent frame for image-to-video (left out of the loss).
+- Wan 2.2 T2V-A14B: two experts (``transformer``, ``transformer_2``) split at ``boundary_ratio``;
+  ``model.expert`` trains one LoRA per expert (:mod:`flowtune.experts`).
+
+The family's code: :mod:`.adapter` (``WanAdapter``), :mod:`.encoder` (``WanEncoder``),
+:mod:`.naming` (``WAN_NAMING``: Wan's original module names for kohya / ComfyUI export),
+:mod:`.quantize`, :mod:`.tiny` (``build_tiny_wan``, ``build_tiny_wan_i2v``,
+``build_tiny_wan_ti2v``), :mod:`.tiny_a14b` (``build_tiny_wan22_a14b``).
 """
-
 from __future__ import annotations
 
 from flowtune.families.spec import FamilySpec
@@ -34,8 +44,8 @@ BLOCK_LISTS = (("blocks", "num_layers"),)
 
 SPEC = FamilySpec(
     name="wan",
-    description="Wan 2.1 T2V (1.3B, 14B): text-to-video, UMT5-XXL text encoder, causal 3D VAE "
-    "(16 channels, 4x temporal), classifier-free guidance",
+    description="Wan 2.1 T2V (1.3B, 14B) and I2V (14B), Wan 2.2 TI2V-5B and T2V-A14B (two experts): "
+    "UMT5-XXL text encoder, causal 3D VAE (4x temporal), classifier-free guidance",
     adapter="wan",
     adapter_class="flowtune.families.wan.adapter:WanAdapter",
     pipeline_class="WanPipeline",
