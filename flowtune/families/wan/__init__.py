@@ -18,6 +18,7 @@ The family's code: :mod:`.adapter` (``WanAdapter``), :mod:`.encoder` (``WanEncod
 :mod:`.quantize`, :mod:`.tiny` (``build_tiny_wan``, ``build_tiny_wan_i2v``,
 ``build_tiny_wan_ti2v``), :mod:`.tiny_a14b` (``build_tiny_wan22_a14b``).
 """
+
 from __future__ import annotations
 
 from flowtune.families.spec import FamilySpec
