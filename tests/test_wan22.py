@@ -157,10 +157,12 @@ def _train(model: Path, root: Path, expert: str, *overrides: str) -> Path:
 
 @pytest.fixture(scope="module")
 def runs(model: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """A 1-step run on the low-noise expert, and a 4-step run on both (checkpoints every 2)."""
+    """A 1-step run on the low-noise expert (one block of 2 streamed), and a 4-step run on both
+    (checkpoints every 2)."""
     root = tmp_path_factory.mktemp("wan22-runs")
     return {
-        "low": _train(model, root, "low", "train.max_steps=1"),
+        # Block offload: the trained expert's first block, and at validation the other's, stream.
+        "low": _train(model, root, "low", "train.max_steps=1", "train.block_offload=1"),
         "both": _train(model, root, "both", "train.max_steps=4", "train.checkpoint_every=2"),
     }
 
@@ -187,8 +189,8 @@ def _same(a: list[np.ndarray], b: list[np.ndarray]) -> bool:
 
 def test_low_expert_lora_validates_as_the_pipeline_with_it_in_transformer_2(model, runs) -> None:
     """A `low` run trains transformer_2 only; its validation clip (the other expert loaded from
-    the model folder) is pixel-equal to the plain WanPipeline with the LoRA loaded
-    ``load_into_transformer_2=True``."""
+    the model folder, its first block streamed as ``train.block_offload=1`` says) is pixel-equal to
+    the plain WanPipeline with the LoRA loaded ``load_into_transformer_2=True``."""
     run = runs["low"]
     assert lora_expert(run / "final" / "pytorch_lora_weights.safetensors") == "low"
     pipe = _pipe(model)
@@ -198,6 +200,35 @@ def test_low_expert_lora_validates_as_the_pipeline_with_it_in_transformer_2(mode
     expected = _frames(pipe)
     assert _same(_strip(run / "samples" / "step-000001" / "000000.png"), expected)
     assert not _same(plain, expected)  # the LoRA matters
+
+
+def test_the_other_expert_streams_its_blocks_under_no_grad(model, runs) -> None:
+    """With ``train.block_offload=1`` a `low` run's validation loads the high expert with its first
+    block's weights off the device (strict: empty between uses), onloaded for its forward under
+    ``torch.no_grad()`` and dropped after it: the output equals the expert loaded whole."""
+    from diffusers import WanTransformer3DModel
+
+    from flowtune.recipe import load_recipe
+    from flowtune.train.validation import frozen_expert
+
+    recipe = load_recipe(runs["low"].parent / "recipe.yaml", ["model.expert=low", "train.block_offload=1"])
+    expert = frozen_expert(SPEC, model, "transformer", recipe, torch.device("cpu"), strict=True)
+    assert expert.flowtune_block_offload.blocks == [expert.blocks[0]] and not expert.training
+    first, last = expert.blocks[0].ffn.net[2].weight, expert.blocks[1].ffn.net[2].weight
+    assert first.numel() == 0 and last.numel() > 0
+    whole = WanTransformer3DModel.from_pretrained(model, subfolder="transformer").eval()
+    config = whole.config
+    inputs = {
+        "hidden_states": torch.randn(
+            1, config.in_channels, 1, 4, 4, generator=torch.Generator().manual_seed(0)
+        ),
+        "timestep": torch.tensor([900.0]),
+        "encoder_hidden_states": torch.randn(1, TEXT_TOKENS, config.text_dim),
+        "return_dict": False,
+    }
+    with torch.no_grad():
+        assert torch.equal(expert(**inputs)[0], whole(**inputs)[0])
+    assert first.numel() == 0  # dropped again after its forward
 
 
 def test_both_experts_sample_as_the_pipeline_with_their_two_loras(model, runs, tmp_path) -> None:
