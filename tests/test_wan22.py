@@ -316,19 +316,54 @@ def test_exports_are_named_for_each_expert_and_load_back_into_it(model, runs, tm
     ]
 
 
-def test_plan_counts_a_second_expert_for_both(runs) -> None:
-    """``model.expert=both`` keeps both experts on the GPU: the plan doubles the frozen weights,
-    LoRA and optimizer states, not the gradients (one expert's a step) or the activations."""
-    from flowtune.memory.plan import trace_recipe
+def _recipe(runs: dict[str, Path], *overrides: str):
     from flowtune.recipe import load_recipe
 
-    recipe_file = runs["low"].parent / "recipe.yaml"
-    one, two = (load_recipe(recipe_file, [f"model.expert={e}"]) for e in ("high", "both"))
-    trace = trace_recipe(one, SPEC)
+    return load_recipe(runs["low"].parent / "recipe.yaml", list(overrides))
+
+
+@pytest.fixture(scope="module")
+def trace(runs):
+    """The traced step of a `high` run (the plan's savers and model.expert do not change it)."""
+    from flowtune.memory.plan import trace_recipe
+
+    return trace_recipe(_recipe(runs, "model.expert=high"), SPEC)
+
+
+def test_plan_counts_a_second_expert_for_both(runs, trace) -> None:
+    """``model.expert=both`` keeps both experts on the GPU: the plan doubles the frozen weights,
+    LoRA and optimizer states, not the gradients (one expert's a step) or the activations."""
+    one, two = (_recipe(runs, f"model.expert={e}") for e in ("high", "both"))
     a, b = trace.plan(one, SPEC), trace.plan(two, SPEC)
     assert (b.weights, b.lora, b.optimizer) == (2 * a.weights, 2 * a.lora, 2 * a.optimizer)
     assert (b.gradients, b.activations) == (a.gradients, a.activations)
     assert b.peak == a.peak + a.weights + a.lora + a.optimizer
+
+
+def test_plan_counts_the_other_expert_for_validation_and_sampling(runs, trace) -> None:
+    """A one-expert run samples with the other expert too: validation adds it whole, or only its
+    resident part (its weights less its streamed blocks) with ``train.block_offload``; `flowtune
+    sample` adds it whole."""
+    from flowtune.memory.phases import plan_sampling
+
+    def phases(*overrides: str) -> tuple[dict, object]:
+        recipe = _recipe(runs, *overrides)
+        step = trace.plan(recipe, SPEC)
+        return {p.name: p for p in plan_sampling(recipe, SPEC, trace, step)}, step
+
+    (alone, _), (whole, step) = phases("model.expert=null"), phases("model.expert=high")
+    assert whole["validation"].peak - alone["validation"].peak == step.weights > 0
+    assert whole["sample"].peak - alone["sample"].peak == step.weights
+    (streamed, offload), (alone, _) = (
+        phases(f"model.expert={e}", "train.block_offload=1") for e in ("low", "null")
+    )
+    block = sum(
+        p.numel() * p.element_size() for p in trace.model.blocks[0].parameters() if not p.requires_grad
+    )
+    assert offload.offloaded == block and offload.weights == step.weights  # one block of 2 streams
+    resident = dict(streamed["validation"].parts)["other expert, blocks streamed"]
+    assert resident == step.weights - block
+    assert streamed["validation"].peak - alone["validation"].peak == resident
 
 
 def test_recipe_checks_expert_and_sigma_range() -> None:
