@@ -205,10 +205,12 @@ def test_low_expert_lora_validates_as_the_pipeline_with_it_in_transformer_2(mode
 def test_the_other_expert_streams_its_blocks_under_no_grad(model, runs) -> None:
     """With ``train.block_offload=1`` a `low` run's validation loads the high expert with its first
     block's weights off the device (strict: empty between uses), onloaded for its forward under
-    ``torch.no_grad()`` and dropped after it: the output equals the expert loaded whole."""
+    ``torch.no_grad()`` and dropped after it: the output equals the expert loaded whole.  Between
+    validations only its resident part moves to CPU memory (``move_resident``)."""
     from diffusers import WanTransformer3DModel
 
     from flowtune.recipe import load_recipe
+    from flowtune.train.offload import streamed_weights
     from flowtune.train.validation import frozen_expert
 
     recipe = load_recipe(runs["low"].parent / "recipe.yaml", ["model.expert=low", "train.block_offload=1"])
@@ -229,6 +231,13 @@ def test_the_other_expert_streams_its_blocks_under_no_grad(model, runs) -> None:
     with torch.no_grad():
         assert torch.equal(expert(**inputs)[0], whole(**inputs)[0])
     assert first.numel() == 0  # dropped again after its forward
+    # Parked between validations, the resident part moves; the streamed weights stay with their hooks.
+    streamed = streamed_weights(expert)
+    resident = {n for n, m in expert.named_modules() for k in m._parameters if (id(m), k) not in streamed}
+    assert {"blocks.1.ffn.net.2", "proj_out"} <= resident and "blocks.0.ffn.net.2" not in resident
+    assert resident >= {
+        n for n, m in expert.named_modules() if not n.startswith("blocks.0") and m._parameters
+    }
 
 
 def test_both_experts_sample_as_the_pipeline_with_their_two_loras(model, runs, tmp_path) -> None:

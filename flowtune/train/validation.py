@@ -178,6 +178,7 @@ class Validator:
             m = recipe.model
             boundary_ratio(resolve_pretrained(m.pretrained, m.revision, []), "validation.guidance_2")
         self._pipe: Any = None
+        self._others: list[str] = []  # the pipeline's frozen experts (model.expert: high | low)
 
     def _check_first_frame_model(self) -> None:
         """``validation.images`` are first frames (``FamilySpec.first_frame_images``): refuse them
@@ -300,7 +301,20 @@ class Validator:
                 self._pipe.register_modules(
                     **{name: frozen_expert(self.spec, model_dir, name, self.recipe, device)}
                 )
+            self._others = others
         return self._pipe
+
+    def _frozen_to(self, device: torch.device | str) -> None:
+        """Move the pipeline's frozen components that training does not use (the text encoders
+        when validation encodes its prompts, a one-expert run's other expert: its resident part
+        when it streams its blocks) to ``device``: onto the accelerator for sampling, back to CPU
+        memory for training, so that training steps never share the GPU with them."""
+        from flowtune.train.offload import move_resident
+
+        if self.encodes_prompts:
+            self._text_encoders_to(device)
+        for name in self._others:
+            move_resident(getattr(self._pipe, name), device)
 
     def _text_encoders_to(self, device: torch.device | str) -> None:
         """Move the pipeline's text encoders (loaded only when validation encodes its prompts) to
@@ -319,13 +333,11 @@ class Validator:
         if not self.prompts:
             return []
         pipe = self._pipeline(model, device)
-        if self.encodes_prompts:
-            self._text_encoders_to(device)
-            try:
-                return self._sample(pipe, step, device, write)
-            finally:
-                self._text_encoders_to("cpu")
-        return self._sample(pipe, step, device, write)
+        self._frozen_to(device)
+        try:
+            return self._sample(pipe, step, device, write)
+        finally:
+            self._frozen_to("cpu")
 
     def _sample(self, pipe: Any, step: int, device: torch.device, write: bool) -> list[Any]:
         """:meth:`images` with the pipeline ready on ``device``."""
@@ -439,7 +451,8 @@ def frozen_expert(
     memory, copied in just before each block's forward (:func:`offload_blocks`; its backward
     hooks never fire under ``torch.no_grad()``), so validation adds only its resident part to the
     GPU, never the whole expert.  Without it, the whole expert goes to ``device``.  Either way the
-    numbers are those of the expert loaded whole: pixels do not depend on the streaming.
+    numbers are those of the expert loaded whole: pixels do not depend on the streaming.  The
+    validator parks it in CPU memory between validations (:func:`move_resident`).
 
     Args:
         component: ``transformer`` or ``transformer_2`` (the expert not trained).
