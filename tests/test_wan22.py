@@ -157,10 +157,12 @@ def _train(model: Path, root: Path, expert: str, *overrides: str) -> Path:
 
 @pytest.fixture(scope="module")
 def runs(model: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """A 1-step run on the low-noise expert, and a 4-step run on both (checkpoints every 2)."""
+    """A 1-step run on the low-noise expert (one block of 2 streamed), and a 4-step run on both
+    (checkpoints every 2)."""
     root = tmp_path_factory.mktemp("wan22-runs")
     return {
-        "low": _train(model, root, "low", "train.max_steps=1"),
+        # Block offload: the trained expert's first block, and at validation the other's, stream.
+        "low": _train(model, root, "low", "train.max_steps=1", "train.block_offload=1"),
         "both": _train(model, root, "both", "train.max_steps=4", "train.checkpoint_every=2"),
     }
 
@@ -187,8 +189,8 @@ def _same(a: list[np.ndarray], b: list[np.ndarray]) -> bool:
 
 def test_low_expert_lora_validates_as_the_pipeline_with_it_in_transformer_2(model, runs) -> None:
     """A `low` run trains transformer_2 only; its validation clip (the other expert loaded from
-    the model folder) is pixel-equal to the plain WanPipeline with the LoRA loaded
-    ``load_into_transformer_2=True``."""
+    the model folder, its first block streamed as ``train.block_offload=1`` says) is pixel-equal to
+    the plain WanPipeline with the LoRA loaded ``load_into_transformer_2=True``."""
     run = runs["low"]
     assert lora_expert(run / "final" / "pytorch_lora_weights.safetensors") == "low"
     pipe = _pipe(model)
@@ -198,6 +200,44 @@ def test_low_expert_lora_validates_as_the_pipeline_with_it_in_transformer_2(mode
     expected = _frames(pipe)
     assert _same(_strip(run / "samples" / "step-000001" / "000000.png"), expected)
     assert not _same(plain, expected)  # the LoRA matters
+
+
+def test_the_other_expert_streams_its_blocks_under_no_grad(model, runs) -> None:
+    """With ``train.block_offload=1`` a `low` run's validation loads the high expert with its first
+    block's weights off the device (strict: empty between uses), onloaded for its forward under
+    ``torch.no_grad()`` and dropped after it: the output equals the expert loaded whole.  Between
+    validations only its resident part moves to CPU memory (``move_resident``)."""
+    from diffusers import WanTransformer3DModel
+
+    from flowtune.recipe import load_recipe
+    from flowtune.train.offload import streamed_weights
+    from flowtune.train.validation import frozen_expert
+
+    recipe = load_recipe(runs["low"].parent / "recipe.yaml", ["model.expert=low", "train.block_offload=1"])
+    expert = frozen_expert(SPEC, model, "transformer", recipe, torch.device("cpu"), strict=True)
+    assert expert.flowtune_block_offload.blocks == [expert.blocks[0]] and not expert.training
+    first, last = expert.blocks[0].ffn.net[2].weight, expert.blocks[1].ffn.net[2].weight
+    assert first.numel() == 0 and last.numel() > 0
+    whole = WanTransformer3DModel.from_pretrained(model, subfolder="transformer").eval()
+    config = whole.config
+    inputs = {
+        "hidden_states": torch.randn(
+            1, config.in_channels, 1, 4, 4, generator=torch.Generator().manual_seed(0)
+        ),
+        "timestep": torch.tensor([900.0]),
+        "encoder_hidden_states": torch.randn(1, TEXT_TOKENS, config.text_dim),
+        "return_dict": False,
+    }
+    with torch.no_grad():
+        assert torch.equal(expert(**inputs)[0], whole(**inputs)[0])
+    assert first.numel() == 0  # dropped again after its forward
+    # Parked between validations, the resident part moves; the streamed weights stay with their hooks.
+    streamed = streamed_weights(expert)
+    resident = {n for n, m in expert.named_modules() for k in m._parameters if (id(m), k) not in streamed}
+    assert {"blocks.1.ffn.net.2", "proj_out"} <= resident and "blocks.0.ffn.net.2" not in resident
+    assert resident >= {
+        n for n, m in expert.named_modules() if not n.startswith("blocks.0") and m._parameters
+    }
 
 
 def test_both_experts_sample_as_the_pipeline_with_their_two_loras(model, runs, tmp_path) -> None:
@@ -285,19 +325,54 @@ def test_exports_are_named_for_each_expert_and_load_back_into_it(model, runs, tm
     ]
 
 
-def test_plan_counts_a_second_expert_for_both(runs) -> None:
-    """``model.expert=both`` keeps both experts on the GPU: the plan doubles the frozen weights,
-    LoRA and optimizer states, not the gradients (one expert's a step) or the activations."""
-    from flowtune.memory.plan import trace_recipe
+def _recipe(runs: dict[str, Path], *overrides: str):
     from flowtune.recipe import load_recipe
 
-    recipe_file = runs["low"].parent / "recipe.yaml"
-    one, two = (load_recipe(recipe_file, [f"model.expert={e}"]) for e in ("high", "both"))
-    trace = trace_recipe(one, SPEC)
+    return load_recipe(runs["low"].parent / "recipe.yaml", list(overrides))
+
+
+@pytest.fixture(scope="module")
+def trace(runs):
+    """The traced step of a `high` run (the plan's savers and model.expert do not change it)."""
+    from flowtune.memory.plan import trace_recipe
+
+    return trace_recipe(_recipe(runs, "model.expert=high"), SPEC)
+
+
+def test_plan_counts_a_second_expert_for_both(runs, trace) -> None:
+    """``model.expert=both`` keeps both experts on the GPU: the plan doubles the frozen weights,
+    LoRA and optimizer states, not the gradients (one expert's a step) or the activations."""
+    one, two = (_recipe(runs, f"model.expert={e}") for e in ("high", "both"))
     a, b = trace.plan(one, SPEC), trace.plan(two, SPEC)
     assert (b.weights, b.lora, b.optimizer) == (2 * a.weights, 2 * a.lora, 2 * a.optimizer)
     assert (b.gradients, b.activations) == (a.gradients, a.activations)
     assert b.peak == a.peak + a.weights + a.lora + a.optimizer
+
+
+def test_plan_counts_the_other_expert_for_validation_and_sampling(runs, trace) -> None:
+    """A one-expert run samples with the other expert too: validation adds it whole, or only its
+    resident part (its weights less its streamed blocks) with ``train.block_offload``; `flowtune
+    sample` adds it whole."""
+    from flowtune.memory.phases import plan_sampling
+
+    def phases(*overrides: str) -> tuple[dict, object]:
+        recipe = _recipe(runs, *overrides)
+        step = trace.plan(recipe, SPEC)
+        return {p.name: p for p in plan_sampling(recipe, SPEC, trace, step)}, step
+
+    (alone, _), (whole, step) = phases("model.expert=null"), phases("model.expert=high")
+    assert whole["validation"].peak - alone["validation"].peak == step.weights > 0
+    assert whole["sample"].peak - alone["sample"].peak == step.weights
+    (streamed, offload), (alone, _) = (
+        phases(f"model.expert={e}", "train.block_offload=1") for e in ("low", "null")
+    )
+    block = sum(
+        p.numel() * p.element_size() for p in trace.model.blocks[0].parameters() if not p.requires_grad
+    )
+    assert offload.offloaded == block and offload.weights == step.weights  # one block of 2 streams
+    resident = dict(streamed["validation"].parts)["other expert, blocks streamed"]
+    assert resident == step.weights - block
+    assert streamed["validation"].peak - alone["validation"].peak == resident
 
 
 def test_recipe_checks_expert_and_sigma_range() -> None:

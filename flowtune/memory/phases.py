@@ -13,9 +13,14 @@ configs alone, counting live bytes with :class:`~flowtune.memory.plan.LiveBytes`
   then the VAE decoding the latents, on top of what stays on the GPU: during training, the
   training state (frozen weights, LoRA, optimizer states: validation images), and the text
   encoders for families whose validation encodes its prompts with their reference images
-  (``FamilyEncoder.text_uses_references``); for
+  (``FamilyEncoder.text_uses_references``), and for a one-expert run (``model.expert: high |
+  low``) the other expert, frozen and quantized as the trained one (its weights as the step
+  plan's), only its resident part when ``train.block_offload`` streams its blocks (the two
+  blocks in flight are those the trained expert's offload leaves room for: one expert runs at a
+  time; :func:`flowtune.train.validation.frozen_expert`); for
   ``flowtune sample``, the transformer with its LoRA, the text encoders and the VAE, all on
-  the GPU (``--cpu-offload`` keeps one at a time there instead).
+  the GPU (``--cpu-offload`` keeps one at a time there instead), a one-expert run's other
+  expert whole among them.
 
 A component's config is a local model folder's ``COMPONENT/config.json``, or one bundled in
 ``flowtune/memory/configs/components/`` for the Hub ids the bundled recipes name.
@@ -238,9 +243,15 @@ def plan_sampling(recipe: Any, spec: FamilySpec, trace: Any, step: Any) -> list[
     plans = []
     text = _text_phase(recipe, spec, 1)
     text_weights, text_run = (text[0], text[1] - text[0]) if text is not None else (0, 0)
+    # A one-expert run samples with the other expert too (model.expert=both: already in step).
+    other = step.weights if recipe.model.expert in ("high", "low") else 0
     if recipe.validation.prompts:
         static = trace.training_static + quantized - step.offload_saved + vae_weights
         parts = [("training state and VAE", static)]
+        if other:
+            resident = other - step.offloaded
+            static += resident
+            parts.append(("other expert" + (", blocks streamed" if step.offloaded else ""), resident))
         peaks = [forward, decode]
         if spec.load_encoder_class().text_uses_references:  # validation encodes its prompts
             static += text_weights
@@ -253,13 +264,15 @@ def plan_sampling(recipe: Any, spec: FamilySpec, trace: Any, step: Any) -> list[
                 [*parts, (f"denoising forward at {size}", forward), ("VAE decoding", decode)],
             )
         )
-    static = trace.counts["frozen"] + quantized + trace.counts["trainable"] + text_weights + vae_weights
+    static = (
+        trace.counts["frozen"] + quantized + other + trace.counts["trainable"] + text_weights + vae_weights
+    )
     plans.append(
         PhasePlan(
             "sample",
             static + max(forward, decode, text_run),
             [
-                ("transformer, LoRA, text encoders and VAE", static),
+                (f"transformer{'s' if other else ''}, LoRA, text encoders and VAE", static),
                 (f"denoising forward at {size}", forward),
                 ("VAE decoding", decode),
             ],

@@ -115,6 +115,8 @@ class StepPlan:
             with ``train.activation_offload``, those in CPU memory are not in it, and the
             inputs of the block being recomputed, back on the GPU, are.
         offload_saved: What ``train.block_offload`` takes off the GPU (0 without it).
+        offloaded: The frozen weights of the blocks ``train.block_offload`` streams, all in CPU
+            memory (0 without it); ``offload_saved`` is less the two blocks in flight.
         peak: The step's peak: weights + trainable + gradients + optimizer + activations -
             offload_saved.
         host_activations: With ``train.activation_offload``, the most bytes of saved
@@ -131,6 +133,7 @@ class StepPlan:
     peak: int
     host_activations: int = 0
     settings: list[tuple[str, str]] = field(default_factory=list)
+    offloaded: int = 0
 
     def fits(self, gpu_gib: float) -> bool:
         """Whether the peak fits a GPU of ``gpu_gib`` GiB (without its CUDA context's share)."""
@@ -478,7 +481,7 @@ def plan_from_trace(
         weights += sum(quantized_bytes(m.weight.shape, mode) for _, m in linears) - full
         extra_transient = dequantized_copies(recipe, spec, linears, mode, grad_inputs)
 
-    offload_saved = 0
+    offload_saved = offloaded = 0
     resident = recipe.train.block_offload
     if resident is not None:
         quantized = {id(m) for _, m in linears} if mode is not None else set()
@@ -498,7 +501,8 @@ def plan_from_trace(
                     size += quantized_bytes(param.shape, mode) if is_q else param.untyped_storage().nbytes()
             sizes.append(size)
         if sizes:
-            offload_saved = max(0, sum(sizes) - 2 * max(sizes))
+            offloaded = sum(sizes)
+            offload_saved = max(0, offloaded - 2 * max(sizes))
 
     static = counts["frozen"] + counts["trainable"]
     activations = counts["peak"] - static - counts["gradients"] - counts["optimizer"] + extra_transient
@@ -547,4 +551,5 @@ def plan_from_trace(
         peak=peak,
         host_activations=counts.get("host_activations", 0),
         settings=settings,
+        offloaded=offloaded,
     )

@@ -304,17 +304,7 @@ def offload_blocks(
         )
     offloaded = blocks[: len(blocks) - resident]
     moving = {id(p) for block in offloaded for p in block.parameters() if not p.requires_grad}
-    for module in model.modules():
-        for name, param in module._parameters.items():
-            if param is None or id(param) in moving or param.device == device:
-                continue
-            if hasattr(param, "__tensor_flatten__"):  # quantized: .data cannot be swapped
-                moved = map_tensor(param.detach(), lambda t: t.to(device))
-                module._parameters[name] = nn.Parameter(moved, requires_grad=param.requires_grad)
-            else:
-                param.data = param.data.to(device)
-    for buffer in model.buffers():
-        buffer.data = buffer.data.to(device)
+    _move(model, device, {(id(m), n) for m, n, p in _parameters(model) if id(p) in moving})
     # DDP would broadcast every parameter from rank 0 at wrapping time; the offloaded ones are
     # frozen, identical on every rank and on the CPU, so it skips them.
     ignored = list(getattr(model, "_ddp_params_and_buffers_to_ignore", []))
@@ -326,3 +316,40 @@ def offload_blocks(
     # leaves it where it is instead of moving every weight to the device.
     model.flowtune_block_offload = hooks  # type: ignore[assignment]
     return hooks
+
+
+def _parameters(model: nn.Module) -> list[tuple[nn.Module, str, nn.Parameter]]:
+    """(module, name, parameter) of every parameter of ``model``, each module's own."""
+    return [(m, n, p) for m in model.modules() for n, p in m._parameters.items() if p is not None]
+
+
+def _move(model: nn.Module, device: torch.device | str, kept: set[tuple[int, str]]) -> None:
+    """Move ``model``'s parameters and buffers to ``device``, but the parameters ``kept`` names
+    (``(id(module), name)``) where they are; quantized ones (tensor subclasses, whose ``.data``
+    cannot be swapped) are replaced in their modules by moved copies."""
+    device = torch.device(device)
+    for module, name, param in _parameters(model):
+        if (id(module), name) in kept or param.device == device:
+            continue
+        if hasattr(param, "__tensor_flatten__"):
+            moved = map_tensor(param.detach(), lambda t: t.to(device))
+            module._parameters[name] = nn.Parameter(moved, requires_grad=param.requires_grad)
+        else:
+            param.data = param.data.to(device)
+    for buffer in model.buffers():
+        buffer.data = buffer.data.to(device)
+
+
+def move_resident(model: nn.Module, device: torch.device | str) -> None:
+    """Move what ``model`` keeps on its compute device to ``device`` (a frozen model parked in
+    CPU memory between uses, and back): under :func:`offload_blocks`, everything but the
+    streamed blocks' frozen weights, which stay with their hooks (all offloaded: call it between
+    forwards); without block offload, the whole model."""
+    _move(model, device, streamed_weights(model))
+
+
+def streamed_weights(model: nn.Module) -> set[tuple[int, str]]:
+    """``(id(module), name)`` of the frozen weights :func:`offload_blocks` streams in ``model``
+    (empty without block offload): those :func:`move_resident` leaves alone."""
+    hooks = getattr(model, "flowtune_block_offload", None)
+    return {(id(w.module), w.name) for block in (hooks.weights if hooks else []) for w in block}

@@ -178,6 +178,7 @@ class Validator:
             m = recipe.model
             boundary_ratio(resolve_pretrained(m.pretrained, m.revision, []), "validation.guidance_2")
         self._pipe: Any = None
+        self._others: list[str] = []  # the pipeline's frozen experts (model.expert: high | low)
 
     def _check_first_frame_model(self) -> None:
         """``validation.images`` are first frames (``FamilySpec.first_frame_images``): refuse them
@@ -270,7 +271,8 @@ class Validator:
             m = self.recipe.model
             text = list(self.encoder_class.text_components) if self.encodes_prompts else []
             # A two-expert model (model.expert) samples with both: the trained one in its slot,
-            # the other (frozen, quantized as training's) loaded from the model folder.
+            # the other (frozen, quantized as training's, streamed as training's) loaded from the
+            # model folder by frozen_expert.
             trained = unwrap_model(model)
             both = getattr(trained, "pipeline_components", None)  # model.expert=both: TwoExperts
             trained_as = expert_component(m.expert)
@@ -288,20 +290,31 @@ class Validator:
                 variant=m.variant,
                 transformer=both()["transformer"] if both else trained,
                 without=(() if self.encodes_prompts else self.encoder_class.text_components)
-                + ((SECOND_TRANSFORMER,) if both else ()),
+                + ((SECOND_TRANSFORMER,) if both else tuple(others)),
                 encoder_quantize=m.encoder_quantize if self.encodes_prompts else None,
                 first_frames=self.references is not None and self.spec.first_frame_images,
                 trained_as=trained_as,
             )
             if both:  # the second trained expert, already on the device
                 self._pipe.register_modules(**{SECOND_TRANSFORMER: both()[SECOND_TRANSFORMER]})
-            if m.quantize is not None:
-                from flowtune.memory.quantize import quantize_linears
-
-                for name in others:
-                    getattr(self._pipe, name).requires_grad_(False)
-                    quantize_linears(getattr(self._pipe, name), m.quantize, self.spec.quantize_skip, device)
+            for name in others:
+                self._pipe.register_modules(
+                    **{name: frozen_expert(self.spec, model_dir, name, self.recipe, device)}
+                )
+            self._others = others
         return self._pipe
+
+    def _frozen_to(self, device: torch.device | str) -> None:
+        """Move the pipeline's frozen components that training does not use (the text encoders
+        when validation encodes its prompts, a one-expert run's other expert: its resident part
+        when it streams its blocks) to ``device``: onto the accelerator for sampling, back to CPU
+        memory for training, so that training steps never share the GPU with them."""
+        from flowtune.train.offload import move_resident
+
+        if self.encodes_prompts:
+            self._text_encoders_to(device)
+        for name in self._others:
+            move_resident(getattr(self._pipe, name), device)
 
     def _text_encoders_to(self, device: torch.device | str) -> None:
         """Move the pipeline's text encoders (loaded only when validation encodes its prompts) to
@@ -320,13 +333,11 @@ class Validator:
         if not self.prompts:
             return []
         pipe = self._pipeline(model, device)
-        if self.encodes_prompts:
-            self._text_encoders_to(device)
-            try:
-                return self._sample(pipe, step, device, write)
-            finally:
-                self._text_encoders_to("cpu")
-        return self._sample(pipe, step, device, write)
+        self._frozen_to(device)
+        try:
+            return self._sample(pipe, step, device, write)
+        finally:
+            self._frozen_to("cpu")
 
     def _sample(self, pipe: Any, step: int, device: torch.device, write: bool) -> list[Any]:
         """:meth:`images` with the pipeline ready on ``device``."""
@@ -419,6 +430,46 @@ class Validator:
                     result["samples"] = str(self.output_dir / SAMPLES_DIR / checkpoint_name(step))
         acc.wait_for_everyone()
         return result
+
+
+def frozen_expert(
+    spec: FamilySpec,
+    model_dir: Path,
+    component: str,
+    recipe: Any,
+    device: torch.device,
+    *,
+    strict: bool = False,
+) -> nn.Module:
+    """The other expert of a one-expert run (``model.expert: high | low``), for validation
+    clips: ``model_dir/component`` loaded as the trained one was (:func:`load_transformer`:
+    ``model.dtype``, ``model.variant``, ``model.quantize`` layer by layer on ``device``), frozen,
+    in eval mode.
+
+    With ``train.block_offload: N`` it streams as the trained expert does: its last N blocks and
+    everything outside the blocks sit on ``device``, the other blocks' weights in pinned CPU
+    memory, copied in just before each block's forward (:func:`offload_blocks`; its backward
+    hooks never fire under ``torch.no_grad()``), so validation adds only its resident part to the
+    GPU, never the whole expert.  Without it, the whole expert goes to ``device``.  Either way the
+    numbers are those of the expert loaded whole: pixels do not depend on the streaming.  The
+    validator parks it in CPU memory between validations (:func:`move_resident`).
+
+    Args:
+        component: ``transformer`` or ``transformer_2`` (the expert not trained).
+        strict: See :class:`flowtune.train.offload.BlockOffload` (tests).
+    """
+    from flowtune.train.model import load_transformer
+    from flowtune.train.offload import offload_blocks, quantized_host_blocks
+
+    m, resident = recipe.model, recipe.train.block_offload
+    host = quantized_host_blocks(spec, model_dir, m.quantize, resident)
+    dtype = getattr(torch, m.dtype)
+    expert = load_transformer(spec, model_dir, dtype, m.variant, m.quantize, device, host, component)
+    expert.eval()
+    if resident is None:
+        return expert.to(device)
+    offload_blocks(expert, spec, resident, device, strict=strict)
+    return expert
 
 
 def tensorboard_clip(tag: str, frames: list[Any], fps: int) -> Any:
