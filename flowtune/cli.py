@@ -135,19 +135,33 @@ def copy_recipe(
     )
 
 
+def _tiny_variants() -> str:
+    """The families' tiny variants for ``make-tiny --help``: ``family: a, b; ...``."""
+    return "; ".join(
+        f"{name}: {', '.join(variant for variant, _ in spec.tiny_variants)}"
+        for name, spec in FAMILIES.items()
+        if spec.tiny_variants
+    )
+
+
 @app.command("make-tiny")
 def make_tiny_command(
     family: Annotated[str, typer.Argument(help=f"Model family: one of {', '.join(family_names())}.")],
     out_dir: Annotated[Path, typer.Argument(help="Directory to write the diffusers-format pipeline to.")],
     seed: Annotated[int, typer.Option(help="Seed of the random weights.")] = 0,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a non-empty OUT_DIR.")] = False,
+    variant: Annotated[
+        str | None,
+        typer.Option(help=f"Another checkpoint kind of FAMILY ({_tiny_variants()})."),
+    ] = None,
 ) -> None:
     """Write a tiny random pipeline of FAMILY (offline, for tests and demos) to OUT_DIR."""
     from flowtune.tiny import make_tiny
 
     quiet_libraries()
-    path = make_tiny(family, out_dir, seed=seed, overwrite=overwrite)
-    err.print(ok_text(f"tiny {family} pipeline written to {path}"))
+    path = make_tiny(family, out_dir, seed=seed, overwrite=overwrite, variant=variant)
+    kind = f" {variant}" if variant else ""
+    err.print(ok_text(f"tiny {family}{kind} pipeline written to {path}"))
 
 
 def _relaunched(

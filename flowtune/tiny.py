@@ -214,7 +214,9 @@ def tiny_qwen3(
     return (Qwen3ForCausalLM if causal_lm else Qwen3Model)(config).eval()
 
 
-def make_tiny(family: str, out_dir: str | Path, seed: int = 0, overwrite: bool = False) -> Path:
+def make_tiny(
+    family: str, out_dir: str | Path, seed: int = 0, overwrite: bool = False, variant: str | None = None
+) -> Path:
     """Build a tiny random pipeline of ``family`` into ``out_dir`` and return its resolved path.
 
     The pipeline is written to a temporary sibling directory and renamed into place, so an
@@ -226,12 +228,18 @@ def make_tiny(family: str, out_dir: str | Path, seed: int = 0, overwrite: bool =
         out_dir: The directory to create.  It may exist if it is empty.
         seed: Seed for the random weights.
         overwrite: Replace ``out_dir`` if it exists and is not empty.
+        variant: One of the family's ``FamilySpec.tiny_variants`` (e.g. Wan's ``i2v``); None:
+            its main tiny pipeline.
 
     Raises:
-        FlowtuneError: Unknown family, ``out_dir`` is a file or a non-empty directory (without
+        FlowtuneError: Unknown family or variant, ``out_dir`` is a file or a non-empty directory (without
             ``overwrite``), or its parent directory cannot be written.
     """
     spec = get_family(family)
+    try:
+        builder = spec.load_tiny_builder(variant)
+    except ValueError as err:
+        raise FlowtuneError(f"{err}; leave out --variant for its main tiny pipeline") from None
     target = Path(out_dir).expanduser().resolve()
     if target.exists():
         if not target.is_dir():
@@ -251,7 +259,7 @@ def make_tiny(family: str, out_dir: str | Path, seed: int = 0, overwrite: bool =
     # Written to a temporary folder and renamed into place (an existing one is moved aside first),
     # so that at every moment either the old or the new complete directory exists.
     with atomic_dir(target, hint=hint) as staging:
-        spec.load_tiny_builder()(staging, seed)
+        builder(staging, seed)
     return target
 
 

@@ -254,3 +254,22 @@ def test_qwen3_tokenizer_keeps_the_words_whole_in_qwen3_s_chat_format() -> None:
     assert model.config.vocab_size == len(tokenizer) and model.config.pad_token_id == tokenizer.pad_token_id
     base = tiny_qwen3(tokenizer, hidden=8, layers=2, init_std=0.5, causal_lm=False)
     assert type(base).__name__ == "Qwen3Model" and not base.config.tie_word_embeddings
+
+
+def test_variants_build_the_family_s_other_checkpoint_kinds(tmp_path: Path) -> None:
+    """``make-tiny FAMILY DIR --variant NAME``: every declared variant's builder imports; one is
+    built through the command (a folder of one of the family's pipeline classes); an unknown
+    variant is a one-line error naming the family's variants."""
+    from flowtune.families import FAMILIES, get_family
+    from tests.helpers import assert_user_error, cli
+
+    variants = [(name, v) for name, spec in FAMILIES.items() for v, _ in spec.tiny_variants]
+    assert ("wan", "a14b") in variants and ("hunyuan-video", "i2v") in variants
+    for name, variant in variants:
+        assert callable(get_family(name).load_tiny_builder(variant)), (name, variant)
+    result = cli("make-tiny", "hunyuan-video", tmp_path / "i2v", "--variant", "i2v")
+    assert result.returncode == 0, result.stderr
+    index = json.loads((tmp_path / "i2v" / "model_index.json").read_text())
+    assert index["_class_name"] == "HunyuanVideo15ImageToVideoPipeline"
+    assert index["_class_name"] in get_family("hunyuan-video").pipeline_classes
+    assert_user_error(cli("make-tiny", "flux", tmp_path / "x", "--variant", "i2v"), "no tiny variant 'i2v'")

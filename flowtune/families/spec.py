@@ -32,6 +32,9 @@ class FamilySpec:
         spatial_granularity: Image sides (pixels) must be multiples of this.
         tiny_builder: ``"module:function"`` writing an offline tiny random pipeline in diffusers
             format; called as ``fn(out_dir: Path, seed: int) -> None``.
+        tiny_variants: ``(name, "module:function")`` pairs: tiny builders of the family's other
+            checkpoint kinds (an image-to-video or two-expert pipeline), called like
+            ``tiny_builder``; ``flowtune make-tiny FAMILY DIR --variant NAME``.
         encoder: ``"module:Class"`` of the family's :class:`flowtune.encoders.FamilyEncoder`,
             which ``flowtune preprocess`` uses to turn images and captions into cached tensors.
         lora_original_names: ``"module:attribute"`` of the family's
@@ -148,6 +151,7 @@ class FamilySpec:
     fps: int = 0
     lora_loader: str | None = None
     plan_forward: str | None = None
+    tiny_variants: tuple[tuple[str, str], ...] = ()
 
     @property
     def pipeline_classes(self) -> tuple[str, ...]:
@@ -189,9 +193,22 @@ class FamilySpec:
         """Import and return the family's adapter class."""
         return _import_object(self.adapter_class)
 
-    def load_tiny_builder(self) -> Callable[..., Any]:
-        """Import and return the tiny-pipeline builder function."""
-        return _import_object(self.tiny_builder)
+    def load_tiny_builder(self, variant: str | None = None) -> Callable[..., Any]:
+        """Import and return the tiny-pipeline builder function (of ``variant``, one of
+        ``tiny_variants``' names; None: ``tiny_builder``).
+
+        Raises:
+            ValueError: the family has no such variant.
+        """
+        if variant is None:
+            return _import_object(self.tiny_builder)
+        variants = dict(self.tiny_variants)
+        if variant not in variants:
+            have = ", ".join(variants) if variants else "none"
+            raise ValueError(
+                f"model family {self.name!r} has no tiny variant {variant!r} (its variants: {have})"
+            )
+        return _import_object(variants[variant])
 
     def load_encoder_class(self) -> type:
         """Import and return the family's encoder class (a ``FamilyEncoder`` subclass)."""

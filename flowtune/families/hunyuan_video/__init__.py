@@ -57,6 +57,7 @@ SPEC = FamilySpec(
     lora_target_modules=LORA_TARGETS,
     spatial_granularity=16,
     tiny_builder="flowtune.families.hunyuan_video.tiny:build_tiny_hunyuan_video",
+    tiny_variants=(("i2v", "flowtune.families.hunyuan_video.tiny:build_tiny_hunyuan_video_i2v"),),
     encoder="flowtune.families.hunyuan_video.encoder:HunyuanVideoEncoder",
     lora_original_names="flowtune.families.hunyuan_video.naming:HUNYUAN_VIDEO_NAMING",
     # HunyuanVideo15Pipeline has no LoRA loader mixin in diffusers 0.42: its LoRA files are

@@ -55,6 +55,11 @@ SPEC = FamilySpec(
     # WanPipeline rounds sides down to multiples of vae_scale_factor_spatial x patch (8 x 2).
     spatial_granularity=16,
     tiny_builder="flowtune.families.wan.tiny:build_tiny_wan",
+    tiny_variants=(
+        ("i2v", "flowtune.families.wan.tiny:build_tiny_wan_i2v"),  # Wan 2.1 I2V
+        ("ti2v", "flowtune.families.wan.tiny:build_tiny_wan_ti2v"),  # Wan 2.2 TI2V-5B
+        ("a14b", "flowtune.families.wan.tiny_a14b:build_tiny_wan22_a14b"),  # Wan 2.2 T2V-A14B
+    ),
     # Wan 2.1 I2V checkpoints (noisy, mask and condition channels, CLIP image tokens); Wan 2.2
     # TI2V-5B is saved as WanPipeline (expand_timesteps).  Their clips start from a given first
     # frame (sample --image, validation.images): flowtune.families.wan.encoder.
