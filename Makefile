@@ -132,7 +132,7 @@ demo-hunyuan-video: $(STAMP)
 # `extended` (a 4-process launch, FLUX.2 [dev]'s learning run) are left to `make test-extended`.
 TEST_WORKERS ?= 2
 test: $(STAMP)
-	$(BIN)/pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder -m "not processes and not extended"
+	$(BIN)/pytest -q -n $(TEST_WORKERS) --dist loadfile -m "not processes and not extended"
 	$(BIN)/pytest -q -m "processes and not extended"
 
 test-extended: $(STAMP)
