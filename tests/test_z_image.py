@@ -320,8 +320,10 @@ OUTPUT_TOO = (
 # Steps of batch 16 (each pair 4 times, see train_learning_run) at lr 1e-2.  Measured on data
 # seeds 3, 5 and 11: after 200 steps each caption's sample is nearer its own target than any other
 # by a margin (the other's mean squared distance / its own) of 1.45 or more; after 120 steps one
-# caption of seed 11 missed; at lr 1.5e-2 the LoRA learned to ignore the captions.
-STEPS = 200
+# caption of seed 11 missed; at lr 1.5e-2 the LoRA learned to ignore the captions.  On this test's
+# seed 5 the margins were 1.24 or more after 120 steps and 1.35 or more after 150 (2026-12-01),
+# which it runs to keep the suite within its time budget.
+STEPS = 150
 DATA_SEED = 5
 
 
