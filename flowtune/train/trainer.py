@@ -49,11 +49,8 @@ from flowtune.data.loader import (
 )
 from flowtune.data.preprocess import check_cache
 from flowtune.errors import FlowtuneError
-from flowtune.experts import Expert, boundary_ratio, expert_for_step, experts
 from flowtune.families import get_family
 from flowtune.fileio import tree_bytes, write_errors
-from flowtune.flow_matching import create_pipeline
-from flowtune.flow_matching.adapters.base import unwrap_model
 from flowtune.memory.quantize import exclude_quantized_from_ddp
 from flowtune.model_files import resolve_pretrained
 from flowtune.recipe import recipe_to_yaml
@@ -63,7 +60,7 @@ from flowtune.train.activation_offload import ActivationOffload
 from flowtune.train.checkpoint_writer import CheckpointWriter
 from flowtune.train.display import TrainDisplay
 from flowtune.train.divergence import DivergenceGuard
-from flowtune.train.experts import TwoExperts
+from flowtune.train.experts import ExpertFlows, expert_model, recipe_experts
 from flowtune.train.health import LossJudge
 from flowtune.train.memory_check import MemoryCheck, check_memory
 from flowtune.train.metrics import MetricsLog, tracker_config
@@ -176,20 +173,15 @@ class Trainer(
         if resume is not None:
             self._check_resume_compatible(resume, resume.state())
         self._setup_model(resume)
-        flow, adapter = OmegaConf.to_container(r.flow), OmegaConf.to_container(r.model.adapter)
-        # model.expert (flowtune.experts): sigma sampled within each expert's range, one pipeline each.
-        self.expert_flows = {
-            e.name: create_pipeline(self.family.adapter, adapter, **{**flow, "sigma_range": e.sigma_range})
-            for e in self.experts
-        }
-        # One expert: its range. None, or both (each step takes its expert's: _choose_expert), the
-        # whole range, which validation evaluates.
-        expert = r.model.expert
-        self.flow = self._whole_flow = self.expert_flows.get(expert) or create_pipeline(
-            self.family.adapter, adapter, **flow
+        # model.expert (flowtune.train.experts): sigma sampled within each expert's range.
+        self.flows = ExpertFlows(
+            self.family.adapter,
+            OmegaConf.to_container(r.model.adapter),
+            OmegaConf.to_container(r.flow),
+            self.experts,
+            r.train.seed,
         )
-        # both: the high expert's share of the steps, the sampling distribution's mass above the boundary.
-        self._high_share = self._whole_flow.sigma_mass(*self.experts[0].sigma_range) if self.experts else 1.0
+        self.expert_flows, self.flow = self.flows.by_expert, self.flows.default
         self.validator = Validator(
             r, self.family, self.store, self.validation_indices, self.accelerator, self.output_dir
         )
@@ -235,29 +227,22 @@ class Trainer(
         self.dtype = getattr(torch, r.model.dtype)
         if r.train.block_offload is not None:  # from config.json, before the weights download
             check_block_offload(self.family, r.model.pretrained, r.model.revision, r.train.block_offload)
-        self.experts = self._experts()
+        self.experts = recipe_experts(r, self.family)
         subfolders = [e.component for e in self.experts] or ["transformer"]
         model_dir = resolve_pretrained(r.model.pretrained, r.model.revision, subfolders, family=self.family)
         # Seeds Python, numpy and torch (LoRA initialisation, LoRA dropout) identically on every
         # process; the flow-matching draws use their own per-sample generators.
         set_seed(r.train.seed)
         host = quantized_host_blocks(self.family, model_dir, r.model.quantize, r.train.block_offload)
+        m = r.model
         loaded = [
             load_transformer(
-                self.family,
-                model_dir,
-                self.dtype,
-                r.model.variant,
-                r.model.quantize,
-                self.device,
-                host,
-                folder,
+                self.family, model_dir, self.dtype, m.variant, m.quantize, self.device, host, sub
             )
-            for folder in subfolders
+            for sub in subfolders
         ]
         self.quantized = getattr(loaded[0], "flowtune_quantized", None)
-        # model.expert=both: the two experts as one module (flowtune.train.experts).
-        transformer = loaded[0] if len(loaded) == 1 else TwoExperts(*loaded, self.experts[0].sigma_range[0])
+        transformer = expert_model(loaded, self.experts)  # model.expert=both: TwoExperts
         params = self.weights.prepare(transformer)
         if resume is not None:
             try:
@@ -284,30 +269,6 @@ class Trainer(
         )
         # FSDP2 replaces the parameters by sharded ones (and points the optimizer at them).
         self.params = [p for p in self.model.parameters() if p.requires_grad]
-
-    def _experts(self) -> list[Expert]:
-        """The experts ``model.expert`` trains (:mod:`flowtune.experts`), high first, their
-        boundary from the model's model_index.json; none without ``model.expert``.
-
-        Raises:
-            FlowtuneError: the model has no second expert (``transformer_2``, ``boundary_ratio``).
-        """
-        r = self.recipe
-        if r.model.expert is None:
-            return []
-        index_dir = resolve_pretrained(r.model.pretrained, r.model.revision, [], family=self.family)
-        return experts(r.model.expert, boundary_ratio(index_dir))
-
-    def _choose_expert(self) -> None:
-        """``model.expert=both``: make the expert of ``self.step`` (the same on every process and
-        on resume: :func:`flowtune.experts.expert_for_step`) the one the step trains, with its
-        sigma range; the high expert's share of steps is the sampling distribution's mass above
-        the boundary."""
-        if len(self.expert_flows) < 2:
-            return
-        name = expert_for_step(self.recipe.train.seed, self.step, self._high_share)
-        self.flow = self.expert_flows[name]
-        unwrap_model(self.model).active = name
 
     def _setup_outputs(self, resume: ckpt.Checkpoint | None) -> None:
         r = self.recipe
@@ -382,7 +343,7 @@ class Trainer(
         b = r.train.batch_size
         per_round = b * acc.num_processes
         first = acc.process_index * b
-        self._choose_expert()
+        self.flow = self.flows.for_step(self.step, self.model)
         total = torch.zeros((), device=self.device)
         for a in range(rounds):
             batch = self._to_device(next(batches))
@@ -410,9 +371,7 @@ class Trainer(
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        if len(self.expert_flows) > 1:  # other calls (validation) route by their timesteps
-            unwrap_model(self.model).active = None
-            self.flow = self._whole_flow
+        self.flow = self.flows.after_step(self.model)
         return total / rounds, torch.as_tensor(grad_norm, device=self.device).detach().float()
 
     def _current_lr(self) -> float:
