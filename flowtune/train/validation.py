@@ -318,8 +318,7 @@ class Validator:
 
     def _text_encoders_to(self, device: torch.device | str) -> None:
         """Move the pipeline's text encoders (loaded only when validation encodes its prompts) to
-        ``device``: onto the accelerator for sampling, back to CPU memory for training, so that
-        training steps never share the GPU with them."""
+        ``device`` (:meth:`_frozen_to`)."""
         for name in self.encoder_class.text_components:
             module = getattr(self._pipe, name, None)
             if isinstance(module, nn.Module):
