@@ -301,6 +301,9 @@ def test_sigterm_to_a_num_processes_run_checkpoints_every_process_and_exits_143(
     assert {"random_states_0.pkl", "random_states_1.pkl"} <= {p.name for p in checkpoint.iterdir()}
 
 
+# In `make test-extended` (the suite's time budget): FSDP2 itself is covered by the float32 LoRA
+# and full fine-tuning runs above and below, which `make test` runs.
+@pytest.mark.extended
 def test_fsdp2_with_a_bf16_base_and_bf16_autocast_follows_the_single_process_run(
     env: Path, tmp_path: Path
 ) -> None:
