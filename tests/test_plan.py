@@ -271,10 +271,10 @@ def test_train_warns_before_loading_the_model_when_the_plan_does_not_fit(
     from flowtune.errors import FlowtuneError
 
     with mock.patch("flowtune.train.trainer.load_transformer", side_effect=FlowtuneError("loading now")):
-        result = cli("train", tiny_env, f"train.output_dir={tmp_path / 'a'}", "--gpu-memory", "0.0005")
+        result = cli("train", tiny_env, f"train.output_dir={tmp_path / 'a'}", "--gpu-memory", "0.0006")
     assert result.returncode == 2 and "loading now" in result.stderr
     warning = [line for line in result.stdout.splitlines() if "flowtune plan predicts" in line]
-    assert len(warning) == 1 and "more than the 524.3 KiB of --gpu-memory 0.0005" in warning[0], result.stdout
+    assert len(warning) == 1 and "more than the 629.1 KiB of --gpu-memory 0.0006" in warning[0], result.stdout
     assert "train.block_offload=" in warning[0] or "model.quantize=" in warning[0]
 
     result = cli("train", tiny_env, f"train.output_dir={tmp_path / 'b'}", "--gpu-memory", "80")

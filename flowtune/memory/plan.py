@@ -212,39 +212,59 @@ def _frozen_linears(model: nn.Module, spec: FamilySpec) -> list[tuple[str, nn.Li
     return found
 
 
-def dequantized_copies(
-    recipe: Any,
-    spec: FamilySpec,
-    linears: list[tuple[str, nn.Linear]],
-    mode: str,
-    grad_inputs: set[str] | None,
-) -> int:
-    """Bytes of dequantized weights alive at the step's peak on top of the traced step.
+def dequantization_bytes(weight: torch.Tensor, mode: str) -> int:
+    """Bytes of the temporaries of dequantizing one slice of ``weight`` [out_features,
+    in_features] once ``model.quantize=mode`` stores it (:mod:`flowtune.memory.quantized_linear`
+    dequantizes one slice at a time and keeps no dequantized copy for the backward); 0 for a
+    weight the mode cannot store (kept in ``model.dtype``)."""
+    from flowtune.memory.quantize import NF4_BLOCK_SIZE, nf4_scaler_block_size
+    from flowtune.memory.quantized_linear import DEQUANTIZE_BYTES_PER_WEIGHT, slice_rows
 
-    ``nf4`` (torchao's ``linear_nf4``) dequantizes one layer at a time and saves the NF4 weight
-    for the backward: one layer's weight.  ``int8`` and ``fp8`` dequantize inside the matmul,
-    and autograd keeps the dequantized weight for the input's gradient: every quantized linear
-    with an input that requires grad holds a copy from its forward to its backward.  With
-    gradient checkpointing the blocks' copies live only while one block is recomputed (the
-    largest block's), those outside the blocks for the whole step.
-    """
-    sizes = {name: m.weight.untyped_storage().nbytes() for name, m in linears}
-    one_layer = max(sizes.values(), default=0)
+    rows, cols = weight.shape
+    blocks = None
     if mode == "nf4":
-        return one_layer
-    saved = {name: size for name, size in sizes.items() if grad_inputs is None or name in grad_inputs}
-    if not recipe.train.gradient_checkpointing:
-        return max(one_layer, sum(saved.values()))
-    per_block: dict[str, int] = {}
-    outside = 0
-    for name, size in saved.items():
-        parts = name.split(".")
-        if len(parts) > 2 and parts[0] in {attr for attr, _ in spec.block_lists}:
-            key = ".".join(parts[:2])
-            per_block[key] = per_block.get(key, 0) + size
-        else:
-            outside += size
-    return max(one_layer, outside + max(per_block.values(), default=0))
+        scaler = nf4_scaler_block_size(rows * cols)
+        if scaler is None:
+            return 0
+        blocks = rows * cols // NF4_BLOCK_SIZE // scaler
+    per_weight = DEQUANTIZE_BYTES_PER_WEIGHT[mode][4 if weight.element_size() >= 4 else 2]
+    return slice_rows(rows, cols, blocks) * cols * per_weight
+
+
+class LinearMoments:
+    """Records, for each frozen linear that ``model.quantize`` would quantize, the most bytes
+    alive in the traced training steps at the two moments its quantized version dequantizes
+    slices of its weight: right after its forward (its output made) and when its output's
+    gradient arrives (plus its input's gradient, which it makes then).  A quantized plan adds
+    each layer's dequantization temporaries at its own moments instead of at the step's peak.
+
+    Args:
+        tracker: The trace's :class:`LiveBytes`.
+    """
+
+    def __init__(self, spec: FamilySpec, tracker: LiveBytes) -> None:
+        self.spec = spec
+        self.tracker = tracker
+        self.live: dict[str, int] = {}
+        self.recording = True
+
+    def _note(self, name: str, live: int) -> None:
+        if self.recording:
+            self.live[name] = max(self.live.get(name, 0), live)
+
+    def install(self, model: nn.Module) -> None:
+        """Register the hooks (they stay: the model is thrown away after the trace)."""
+        for name, module in _frozen_linears(model, self.spec):
+
+            def after(_module: nn.Module, args: tuple, output: Any, name: str = name) -> None:
+                self._note(name, self.tracker.current)
+                if isinstance(output, torch.Tensor) and output.requires_grad:
+                    grad_input = args[0].numel() * args[0].element_size()
+                    output.register_hook(
+                        lambda _grad: self._note(name, self.tracker.current + grad_input)  # noqa: B023
+                    )
+
+            module.register_forward_hook(after)
 
 
 @dataclass
@@ -255,7 +275,8 @@ class Trace:
     model: nn.Module
     counts: dict[str, int]
     source: str
-    grad_inputs: set[str]
+    linear_moments: dict[str, int]
+    """:class:`LinearMoments`' bytes alive at each quantizable linear's dequantizations."""
     training_static: int = 0
     """Bytes alive between training steps (frozen weights, LoRA, optimizer states)."""
     sampling_peak: int = 0
@@ -263,7 +284,7 @@ class Trace:
 
     def plan(self, recipe: Any, spec: FamilySpec) -> StepPlan:
         """The plan of ``recipe`` (the traced one, or one that differs only in those savers)."""
-        return plan_from_trace(recipe, spec, self.model, self.counts, self.source, self.grad_inputs)
+        return plan_from_trace(recipe, spec, self.model, self.counts, self.source, self.linear_moments)
 
 
 def trace_recipe(recipe: Any, spec: FamilySpec) -> Trace:
@@ -276,12 +297,13 @@ def trace_recipe(recipe: Any, spec: FamilySpec) -> Trace:
     from flowtune.memory.steps import run_training_steps, validation_frames
 
     config, source = load_transformer_config(recipe.model.pretrained)
-    watch = GradInputs(spec)
     tracker = LiveBytes()
+    moments = LinearMoments(spec, tracker)
     sampling: dict[str, int] = {}
 
     def sample_forward(model: nn.Module, flow: Any, autocast: Any) -> None:
         """One denoising forward at the validation size, batch 1, no gradients."""
+        moments.recording = False
         sampling["static"] = tracker.current
         references = 1 if spec.reference_images and spec.uses_edit_pairs(recipe.data.edit_pairs) else 0
         batch = flow.model_adapter.example_batch(
@@ -312,7 +334,7 @@ def trace_recipe(recipe: Any, spec: FamilySpec) -> Trace:
             config,
             fake=True,
             tracker=tracker,
-            on_model=watch.install,
+            on_model=moments.install,
             after_steps=sample_forward,
         )
     except NotImplementedError:
@@ -329,7 +351,7 @@ def trace_recipe(recipe: Any, spec: FamilySpec) -> Trace:
         run.model,
         run.counts(),
         source,
-        watch.names,
+        moments.live,
         sampling["static"],
         sampling["peak"] - sampling["static"],
     )
@@ -434,41 +456,21 @@ def changes_to_fit(
     return found[:limit]
 
 
-class GradInputs:
-    """Records which of the frozen linears ``model.quantize`` would quantize receive an input
-    that requires grad: for those, torchao's int8 and fp8 weights keep a dequantized copy of the
-    weight (in the input's dtype, for the input's gradient) from the forward to the backward."""
-
-    def __init__(self, spec: FamilySpec) -> None:
-        self.spec = spec
-        self.names: set[str] = set()
-
-    def install(self, model: nn.Module) -> None:
-        """Register the forward hooks (they stay: the model is thrown away after the trace)."""
-        for name, module in _frozen_linears(model, self.spec):
-
-            def record(_module: nn.Module, args: tuple, name: str = name) -> None:
-                if torch.is_grad_enabled() and args and getattr(args[0], "requires_grad", False):
-                    self.names.add(name)
-
-            module.register_forward_pre_hook(record)
-
-
 def plan_from_trace(
     recipe: Any,
     spec: FamilySpec,
     model: nn.Module,
     counts: dict[str, int],
     source: str,
-    grad_inputs: set[str] | None = None,
+    linear_moments: dict[str, int] | None = None,
 ) -> StepPlan:
     """The plan from a traced step (:func:`~flowtune.memory.steps.run_training_steps`) and the
     savers that do not change the trace: ``model.quantize`` and ``train.block_offload`` (see
     the module docstring).
 
     Args:
-        grad_inputs: Names of the quantizable linears whose input required grad in the trace
-            (:class:`GradInputs`); None = all of them.
+        linear_moments: :class:`LinearMoments`' record of the trace; None = every quantized
+            layer's dequantization is counted at the step's peak (an upper bound).
     """
     from flowtune.console import format_bytes
 
@@ -479,7 +481,12 @@ def plan_from_trace(
     if mode is not None:
         full = sum(m.weight.untyped_storage().nbytes() for _, m in linears)
         weights += sum(quantized_bytes(m.weight.shape, mode) for _, m in linears) - full
-        extra_transient = dequantized_copies(recipe, spec, linears, mode, grad_inputs)
+        moments = linear_moments or {}
+        at_peak = max(
+            (moments.get(name, counts["peak"]) + dequantization_bytes(m.weight, mode) for name, m in linears),
+            default=0,
+        )
+        extra_transient = max(0, at_peak - counts["peak"])
 
     offload_saved = offloaded = 0
     resident = recipe.train.block_offload

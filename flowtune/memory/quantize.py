@@ -6,13 +6,20 @@ LoRA training reads the base weights but never updates them, so they can be stor
 
 - ``int8``: torchao ``Int8WeightOnlyConfig``, int8 weights with one scale per output row
   (half of bf16).
-- ``fp8``: torchao ``Float8WeightOnlyConfig``, float8 e4m3 weights with one scale per output row
-  (half of bf16); stored as float8 on every device, computed after dequantizing to the input's
-  dtype, so it needs no float8 matmul hardware.
+- ``fp8``: float8 e4m3 weights with one scale per output row (half of bf16).  Quantized on a
+  GPU that has float8 matmuls (CUDA compute capability 8.9+: Ada, Hopper, Blackwell), torchao's
+  ``Float8DynamicActivationFloat8WeightConfig`` with row-wise scales: the forward quantizes each
+  layer's input row by row on the fly and multiplies in float8 (``torch._scaled_mm``).
+  Elsewhere (CPU, Ampere) ``Float8WeightOnlyConfig``: the same storage, computed after
+  dequantizing to the input's dtype.
 - ``nf4``: torchao's ``NF4Tensor`` (``to_nf4``), as torchtune's QLoRA stores its frozen linear
   weights: 4-bit NormalFloat in blocks of 64 with double-quantized scales (about a quarter of
   bf16).  A linear whose weight holds an NF4Tensor computes through torchao's ``linear_nf4``
   (``F.linear`` is overridden by the tensor), so it stays a plain ``nn.Linear`` that peft wraps.
+
+Every quantized layer becomes a :class:`~flowtune.memory.quantized_linear.QuantizedLinear`,
+whose forward and backward keep no dequantized copy and dequantize a slice of rows at a time
+(:mod:`flowtune.memory.quantized_linear`).
 
 Order matters: quantize first, then add the LoRA.  peft wraps an int8/fp8 linear (a torchao
 tensor subclass weight) in its ``TorchaoLoraLinear`` and an NF4 one in its plain LoRA ``Linear``;
@@ -38,6 +45,7 @@ import torch
 from torch import nn
 
 from flowtune.errors import FlowtuneError
+from flowtune.memory.quantized_linear import adopt
 
 QUANTIZE_MODES: tuple[str, ...] = ("int8", "fp8", "nf4")
 
@@ -55,12 +63,15 @@ class QuantizeSummary:
         quantized: Names of the linear layers whose weights were quantized.
         kept: Linear layers kept in their dtype because the family's ``quantize_skip`` names them.
         unsupported: Linear layers kept because the mode cannot store their shape.
+        fp8_matmuls: Layers computed with float8 matmuls (``fp8`` on a GPU that has them); the
+            other quantized layers dequantize their weights.
     """
 
     mode: str
     quantized: list[str] = field(default_factory=list)
     kept: list[str] = field(default_factory=list)
     unsupported: list[str] = field(default_factory=list)
+    fp8_matmuls: list[str] = field(default_factory=list)
 
     def describe(self) -> str:
         """One line for the training banner, e.g. ``int8 weights in 120 of 130 linear layers``."""
@@ -68,6 +79,10 @@ class QuantizeSummary:
         line = f"{self.mode} weights in {len(self.quantized)} of {total} linear layers"
         if self.unsupported:
             line += f" ({len(self.unsupported)} too small for {self.mode}, kept)"
+        if self.mode == "fp8" and self.fp8_matmuls:
+            line += f", float8 matmuls in {len(self.fp8_matmuls)}"
+        elif self.mode == "fp8" and self.quantized:
+            line += ", weight-only (this device has no float8 matmuls)"
         return line
 
 
@@ -122,7 +137,7 @@ def check_quantize_available(mode: str, key: str = "model.quantize") -> None:
         ) from None
 
 
-def _nf4_scaler_block_size(numel: int) -> int | None:
+def nf4_scaler_block_size(numel: int) -> int | None:
     """The scale-of-scales block for a weight of ``numel`` values: torchtune's 256 where the
     number of 64-weight blocks allows it, else the largest power of two that divides that number
     (small layers of test models); None when ``numel`` is not a multiple of 64 (not storable)."""
@@ -135,12 +150,21 @@ def _nf4_scaler_block_size(numel: int) -> int | None:
     return size
 
 
+def has_fp8_matmuls(device: torch.device | str | None) -> bool:
+    """Whether ``device`` multiplies float8 matrices (``torch._scaled_mm`` with row-wise
+    scales): a CUDA GPU of compute capability 8.9 or newer (Ada, Hopper, Blackwell)."""
+    if device is None or torch.device(device).type != "cuda" or not torch.cuda.is_available():
+        return False
+    return torch.cuda.get_device_capability(torch.device(device)) >= (8, 9)
+
+
 def quantize_linears(
     model: nn.Module,
     mode: str,
     skip: tuple[str, ...] | list[str] = (),
     device: torch.device | str | None = None,
     host: tuple[str, ...] | list[str] = (),
+    fp8_matmuls: bool | None = None,
 ) -> QuantizeSummary:
     """Quantize, in place, the weights of every ``nn.Linear`` of the frozen ``model`` that ``skip``
     does not name (see :func:`matches_any`).  Call it before adding the LoRA.
@@ -158,6 +182,10 @@ def quantize_linears(
             full-precision weights never reach it all at once); None = where the model is.
         host: Module names (and their children) whose layers go back to the CPU once quantized:
             the blocks ``train.block_offload`` keeps off the GPU.
+        fp8_matmuls: ``fp8`` only: quantize for float8 matmuls (True) or weight-only (False);
+            None = where ``device`` has them (:func:`has_fp8_matmuls`).  Layers torchao cannot
+            multiply in float8 (a weight that is not bf16, sides that are not multiples of 16)
+            are stored weight-only.
 
     Raises:
         FlowtuneError: an unknown mode, or torchao is not installed.
@@ -170,7 +198,7 @@ def quantize_linears(
             continue
         if matches_any(name, skip):
             summary.kept.append(name)
-        elif mode == "nf4" and _nf4_scaler_block_size(module.weight.numel()) is None:
+        elif mode == "nf4" and nf4_scaler_block_size(module.weight.numel()) is None:
             summary.unsupported.append(name)
         else:
             targets.append((name, module))
@@ -178,9 +206,9 @@ def quantize_linears(
     if mode == "nf4":
         from torchao.quantization import to_nf4
 
-        def quantize(module: nn.Linear) -> None:
+        def quantize(name: str, module: nn.Linear) -> None:
             weight = module.weight.detach()
-            scaler_block = _nf4_scaler_block_size(weight.numel())
+            scaler_block = nf4_scaler_block_size(weight.numel())
             module.weight = nn.Parameter(
                 to_nf4(weight.contiguous(), NF4_BLOCK_SIZE, scaler_block), requires_grad=False
             )
@@ -188,15 +216,27 @@ def quantize_linears(
         from torchao.quantization import Float8WeightOnlyConfig, Int8WeightOnlyConfig, quantize_
 
         config = Int8WeightOnlyConfig() if mode == "int8" else Float8WeightOnlyConfig()
+        if mode == "fp8" and (has_fp8_matmuls(device) if fp8_matmuls is None else fp8_matmuls):
+            from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow
 
-        def quantize(module: nn.Linear) -> None:
-            quantize_(module, config)
+            matmul_config = Float8DynamicActivationFloat8WeightConfig(granularity=PerRow())
+        else:
+            matmul_config = None
+
+        def quantize(name: str, module: nn.Linear) -> None:
+            if matmul_config is not None and module.weight.dtype == torch.bfloat16:
+                quantize_(module, matmul_config)
+            if hasattr(module.weight, "__tensor_flatten__"):
+                summary.fp8_matmuls.append(name)
+            else:  # weight-only, or a shape torchao's float8 matmul left unquantized
+                quantize_(module, config)
             module.weight.requires_grad_(False)
 
     for name, module in targets:
         if device is not None:
             module.to(device)
-        quantize(module)
+        quantize(name, module)
+        adopt(module)
         if device is not None and torch.device(device).type != "cpu" and matches_any(name, host):
             module.weight = nn.Parameter(
                 map_tensor(module.weight.detach(), lambda t: t.to("cpu")), requires_grad=False

@@ -1,0 +1,156 @@
+"""The forward and backward of a frozen linear layer whose weight torchao quantized.
+
+A LoRA step needs from a frozen base layer ``y = x W^T + b`` only its output and the gradient of
+its input, ``dx = dy W``; ``W`` itself gets no gradient.  Left to autograd, torchao's quantized
+linears cost more memory than that:
+
+- ``int8`` and ``fp8`` (weight-only) dequantize ``W`` inside their ``F.linear`` above autograd, so
+  autograd saves the dequantized copy (bf16, as large as the unquantized weight) from the forward
+  to the backward: with gradient checkpointing, one whole block's weights in bf16 while the block
+  is recomputed.
+- Dequantizing a whole weight at once takes several times its bf16 size in temporaries (NF4's
+  lookup goes through int64 indices, about 7x; fp8's through float32), one layer at a time.
+- torchao's fp8 matmul (dynamic activation scaling, ``torch._scaled_mm``) has no backward at all.
+
+:class:`QuantizedLinear` replaces its forward with :class:`FrozenQuantizedLinear`, which saves
+nothing for the backward (it reads the layer's current weight then, so block offload's onloaded
+copy is the one used), and dequantizes at most :data:`CHUNK_WEIGHTS` weights at a time: the
+weight's rows are split (torchao's quantized tensors slice along their rows),
+torchao computes each slice's output, and the backward adds up ``dy[..., rows] W[rows]`` with
+``W[rows]`` dequantized by torchao.  A weight quantized for fp8 matmuls (its activations are
+quantized on the fly) is computed by torchao in one call: it never dequantizes in the forward.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+CHUNK_WEIGHTS = 1 << 23
+"""The most weights one slice of a quantized weight holds (8.4M: 16 MiB in bf16)."""
+
+
+def dequantize(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``weight`` (a torchao quantized tensor, or a plain one) as a plain tensor of ``dtype``."""
+    if hasattr(weight, "get_original_weight"):  # NF4Tensor
+        return weight.get_original_weight().to(dtype)
+    if hasattr(weight, "dequantize"):
+        return weight.dequantize().to(dtype)
+    return weight.to(dtype)
+
+
+DEQUANTIZE_BYTES_PER_WEIGHT = {
+    "int8": {2: 10, 4: 8},
+    "fp8": {2: 10, 4: 8},
+    "nf4": {2: 14, 4: 20},
+}
+"""Bytes per weight of the temporaries torchao's dequantization of one slice allocates at its
+peak, by mode and by the size of the weight's logical dtype (2: bf16/fp16, 4: float32): int8/fp8
+compute in float32 and then cast, nf4 looks its codes up through int64 indices.  Measured on CPU
+tensors by ``tests/test_quantized_linear.py``."""
+
+
+def slice_rows(rows: int, cols: int, nf4_scale_blocks: int | None = None) -> int:
+    """How many rows of a [rows, cols] quantized weight one slice holds: the fewest slices of at
+    most :data:`CHUNK_WEIGHTS` weights each (``rows``: one slice, when it is that small).
+
+    Args:
+        nf4_scale_blocks: For an NF4 weight, its number of scale-of-scales blocks: its slices
+            must be equal and hold whole blocks, so they may be smaller, or, where its shape
+            allows no such split, it stays whole.
+    """
+    wanted = -(-rows * cols // CHUNK_WEIGHTS)
+    if wanted <= 1:
+        return rows
+    if nf4_scale_blocks is None:
+        return -(-rows // wanted)
+    common = math.gcd(rows, nf4_scale_blocks)
+    count = next((n for n in range(wanted, common + 1) if common % n == 0), 1)
+    return rows // count
+
+
+def row_slices(weight: torch.Tensor) -> list[torch.Tensor]:
+    """``weight`` [out_features, in_features] as slices of :func:`slice_rows` rows each."""
+    rows, cols = weight.shape
+    factors = getattr(weight, "quantization_factor", None)  # NF4Tensor: one per block of scales
+    step = slice_rows(rows, cols, None if factors is None else factors.numel())
+    if step == rows:
+        return [weight]
+    if factors is not None:  # NF4Tensor splits into equal parts
+        return list(weight.split(step))
+    return [weight[start : start + step] for start in range(0, rows, step)]  # int8/float8: slices
+
+
+def _computes_in_one_call(weight: torch.Tensor) -> bool:
+    """Whether torchao's linear computes ``weight`` without dequantizing it (fp8 matmuls)."""
+    return getattr(weight, "act_quant_kwargs", None) is not None
+
+
+class FrozenQuantizedLinear(torch.autograd.Function):
+    """``y = x W^T + b`` for a frozen quantized ``W`` (see the module docstring).
+
+    ``x`` [..., in_features] -> ``y`` [..., out_features]; the backward returns ``dx``
+    [..., in_features] (and ``db`` [out_features] when the bias trains).
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, bias: torch.Tensor | None, layer: nn.Linear) -> torch.Tensor:
+        ctx.layer = layer
+        ctx.x_dtype = x.dtype
+        device = x.device.type
+        ctx.dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+        weight = layer.weight
+        if _computes_in_one_call(weight):
+            return F.linear(x, weight, bias)
+        slices = row_slices(weight)
+        if len(slices) == 1:
+            return F.linear(x, weight, bias)
+        biases = bias.split([s.shape[0] for s in slices]) if bias is not None else [None] * len(slices)
+        y = None
+        start = 0
+        for part, part_bias in zip(slices, biases, strict=True):
+            out = F.linear(x, part, part_bias)
+            if y is None:
+                y = out.new_empty(*x.shape[:-1], weight.shape[0])
+            y[..., start : start + part.shape[0]] = out
+            start += part.shape[0]
+            del out
+        return y
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, None]:
+        weight = ctx.layer.weight
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            flat = grad.reshape(-1, grad.shape[-1]).to(ctx.dtype)
+            start = 0
+            for part in row_slices(weight):
+                rows = part.shape[0]
+                dense = dequantize(part, ctx.dtype)
+                if grad_x is None:
+                    grad_x = flat[:, start : start + rows] @ dense
+                else:
+                    grad_x.addmm_(flat[:, start : start + rows], dense)
+                del dense
+                start += rows
+            grad_x = grad_x.reshape(*grad.shape[:-1], weight.shape[1]).to(ctx.x_dtype)
+        grad_bias = grad.reshape(-1, grad.shape[-1]).sum(0) if ctx.needs_input_grad[1] else None
+        return grad_x, grad_bias, None
+
+
+class QuantizedLinear(nn.Linear):
+    """An ``nn.Linear`` whose frozen weight torchao quantized, computed by
+    :class:`FrozenQuantizedLinear`.  :func:`adopt` turns a quantized ``nn.Linear`` into one in
+    place, so its parameters, name and hooks stay; peft wraps it like any linear."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return FrozenQuantizedLinear.apply(x, self.bias, self)
+
+
+def adopt(layer: nn.Linear) -> None:
+    """Make the quantized ``layer`` a :class:`QuantizedLinear` (its class only changes)."""
+    layer.__class__ = QuantizedLinear

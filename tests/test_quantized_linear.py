@@ -1,0 +1,123 @@
+"""A quantized frozen linear (``flowtune.memory.quantized_linear``): its forward and backward equal
+torchao's computation on the same quantized weight, it keeps nothing for the backward, it
+dequantizes one slice of rows at a time, and those slices' temporaries are what ``flowtune plan``
+counts.  ``fp8`` with float8 matmuls (a GPU of compute capability 8.9+) runs here through torchao's
+own CPU path, with its hardware check lifted."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from flowtune.memory import quantized_linear
+from flowtune.memory.quantize import has_fp8_matmuls, quantize_linears
+from flowtune.memory.quantized_linear import (
+    DEQUANTIZE_BYTES_PER_WEIGHT,
+    QuantizedLinear,
+    dequantize,
+    row_slices,
+)
+
+CASES = {  # name: (mode, fp8 matmuls, dtype)
+    "int8": ("int8", None, torch.float32),
+    "fp8": ("fp8", False, torch.float32),
+    "fp8-matmuls": ("fp8", True, torch.bfloat16),
+    "nf4": ("nf4", None, torch.float32),
+}
+
+
+@pytest.fixture
+def fp8_matmuls_on_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    """torchao refuses float8 matmul weights without a GPU that has them; its CPU path runs."""
+    monkeypatch.setattr("torchao.quantization.quant_api._check_hardware_support", lambda granularity: None)
+
+
+def _layer(mode: str, fp8: bool | None, dtype: torch.dtype, rows: int = 384, cols: int = 256) -> nn.Linear:
+    torch.manual_seed(0)
+    layer = nn.Linear(cols, rows).to(dtype).requires_grad_(False)
+    summary = quantize_linears(layer, mode, fp8_matmuls=fp8)
+    assert isinstance(layer, QuantizedLinear) and summary.quantized == [""]
+    assert summary.fp8_matmuls == ([""] if fp8 else [])
+    return layer
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_slices_compute_torchao_s_result_and_keep_nothing_for_the_backward(
+    case: str, monkeypatch: pytest.MonkeyPatch, fp8_matmuls_on_cpu: None
+) -> None:
+    mode, fp8, dtype = CASES[case]
+    monkeypatch.setattr(quantized_linear, "CHUNK_WEIGHTS", 64 * 256)
+    layer = _layer(mode, fp8, dtype)
+    assert [s.shape[0] for s in row_slices(layer.weight)] == [64] * 6
+    layer.bias.requires_grad_(True)
+    x = torch.randn(2, 5, 256, dtype=dtype, requires_grad=True)
+    grad = torch.randn(2, 5, 384, dtype=dtype)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        y = layer(x)
+    y.backward(grad)
+    assert saved == []  # no dequantized copy, not even the weight: it is read again in the backward
+
+    with torch.no_grad():  # torchao on the whole weight, and the gradient from its dequantization
+        want = F.linear(x, layer.weight, layer.bias)
+        want_grad = grad @ dequantize(layer.weight, dtype)
+    tolerance = {"rtol": 1e-2, "atol": 1e-2} if dtype == torch.bfloat16 else {"rtol": 1e-5, "atol": 1e-5}
+    torch.testing.assert_close(y, want, **tolerance)
+    torch.testing.assert_close(x.grad, want_grad, **tolerance)
+    torch.testing.assert_close(layer.bias.grad, grad.sum((0, 1)), **tolerance)
+
+
+def test_a_lora_trains_on_a_float8_matmul_weight(fp8_matmuls_on_cpu: None) -> None:
+    from peft import LoraConfig, inject_adapter_in_model
+
+    model = nn.Sequential(_layer("fp8", True, torch.bfloat16))
+    inject_adapter_in_model(LoraConfig(r=4, target_modules=["0"], init_lora_weights=False), model)
+    x = torch.randn(3, 256, dtype=torch.bfloat16, requires_grad=True)
+    model(x).float().pow(2).mean().backward()
+    assert model[0].lora_A["default"].weight.grad.abs().sum() > 0 and x.grad.abs().sum() > 0
+
+
+def test_fp8_says_whether_it_multiplies_in_float8() -> None:
+    assert not has_fp8_matmuls("cpu") and not has_fp8_matmuls(None)
+    layer = nn.Linear(64, 64)
+    assert "weight-only (this device has no float8 matmuls)" in quantize_linears(layer, "fp8").describe()
+
+
+def _peak(fn) -> int:
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    live = peak = 0
+    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
+    for event in sorted(events, key=lambda e: e.start_ns()):
+        live += event.nbytes()
+        peak = max(peak, live)
+    return peak
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("mode", ["int8", "fp8", "nf4"])
+def test_the_peak_is_one_slice_s_dequantization_as_the_plan_counts(
+    mode: str, dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A [1024, 256] weight in slices of 256 rows: the forward's and the backward's peaks exceed
+    those of the unquantized layer by one slice's temporaries, which the plan counts as
+    DEQUANTIZE_BYTES_PER_WEIGHT per weight (within one byte).  The unquantized layer is taken in
+    float32 (its outputs scaled to ``dtype``): CPU bf16 matmuls allocate float32 scratch of their
+    own, which CUDA's do not."""
+    monkeypatch.setattr(quantized_linear, "CHUNK_WEIGHTS", 256 * 256)
+    layers = [nn.Linear(256, 1024).requires_grad_(False), _layer(mode, False, dtype, rows=1024)]
+    assert len(row_slices(layers[1].weight)) == 4
+    peaks = []
+    for layer, layer_dtype in zip(layers, [torch.float32, dtype], strict=True):
+        x = torch.randn(4, 256, dtype=layer_dtype, requires_grad=True)
+        output = {}
+        forward = _peak(lambda: output.setdefault("y", layer(x)))  # noqa: B023
+        backward = _peak(lambda: output["y"].backward(torch.ones_like(output["y"])))  # noqa: B023
+        peaks.append(max(forward, backward))
+    planned = DEQUANTIZE_BYTES_PER_WEIGHT[mode][dtype.itemsize] * 256 * 256
+    extra = peaks[1] - peaks[0] * dtype.itemsize // 4
+    assert abs(extra - planned) < 256 * 256, (peaks, planned)
