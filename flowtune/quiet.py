@@ -6,7 +6,7 @@ settings of the same environment variables win.
 
 torchao (``model.quantize``), which diffusers imports whenever it is installed, logs a warning for
 each of its optional compiled kernels that this torch build cannot load (all of them on a CPU
-build; its weight-only configs do not use them), and its import makes torch's pytree logger warn
+build; flowtune's configs run without them), and its import makes torch's pytree logger warn
 about an Enum registration: both are turned down to errors.
 """
 

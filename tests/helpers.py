@@ -525,3 +525,18 @@ def bundled_billions(hub_id: str, component: str, transformer_class: str | None 
         else:
             model = build_component(component_config(hub_id, component), torch.bfloat16)
     return sum(p.numel() for p in model.parameters()) / 1e9
+
+
+def allocated_peak(fn) -> int:
+    """Run ``fn()`` under torch's profiler and return the peak of the bytes the CPU allocator
+    handed out meanwhile (its memory events; independent of flowtune's own counters)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
+    live = peak = 0
+    for event in sorted(events, key=lambda e: e.start_ns()):
+        live += event.nbytes()
+        peak = max(peak, live)
+    return peak

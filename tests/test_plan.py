@@ -68,29 +68,41 @@ def test_plan_matches_the_memory_a_real_cpu_step_allocates(mid_flux: Path) -> No
     """The plan (fake tensors) is within TOLERANCE of the peak of the CPU allocator's live bytes
     in a real LoRA training step with gradient checkpointing, as torch's profiler records them
     (independent of the plan's own dispatch-mode counter)."""
-    from torch.profiler import ProfilerActivity, profile
-
     from flowtune.families import get_family
     from flowtune.memory.plan import load_transformer_config, plan_training_step
     from flowtune.memory.steps import run_training_steps
+    from tests.helpers import allocated_peak
 
     recipe = _recipe(mid_flux, "train.gradient_checkpointing=true")
     spec = get_family("flux")
     planned = plan_training_step(recipe, spec)
     config, _ = load_transformer_config(str(mid_flux))
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        run_training_steps(recipe, spec, config, fake=False)
-    events = sorted(
-        (e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
-        key=lambda e: e.start_ns(),
-    )
-    live = peak = 0
-    for event in events:
-        live += event.nbytes()
-        peak = max(peak, live)
+    peak = allocated_peak(lambda: run_training_steps(recipe, spec, config, fake=False))
     assert abs(planned.peak - peak) / peak < TOLERANCE, (planned.peak, peak)
     assert planned.weights + planned.lora + planned.gradients + planned.optimizer < planned.peak
     assert planned.optimizer == 2 * planned.lora == 2 * planned.gradients  # AdamW: two fp32 states
+
+
+@pytest.mark.parametrize(("mode", "over"), [("nf4", 0.03), ("int8", 0.2)])
+def test_a_quantized_plan_places_the_dequantization_where_a_real_step_has_it(
+    mid_flux: Path, mode: str, over: float
+) -> None:
+    """With the weights quantized for real, the plan's counter on the real tensors of the same
+    steps (their peak, not the quantization's at load; float32, whose plan is exact
+    unquantized): the plan is at most 1% below it, and above it by at most ``over`` (int8's forward
+    dequantizes with fewer temporaries than its backward, whose figure the plan counts at both
+    moments; docs/performance.md)."""
+    from flowtune.families import get_family
+    from flowtune.memory.plan import LiveBytes, load_transformer_config, plan_training_step
+    from flowtune.memory.steps import run_training_steps
+
+    overrides = ("train.gradient_checkpointing=true", "model.dtype=float32", f"model.quantize={mode}")
+    recipe = _recipe(mid_flux, *overrides)
+    spec = get_family("flux")
+    planned = plan_training_step(recipe, spec)
+    config, _ = load_transformer_config(str(mid_flux))
+    peak = run_training_steps(recipe, spec, config, fake=False, savers=True, tracker=LiveBytes()).peak
+    assert peak * 0.99 <= planned.peak <= peak * (1 + over), (planned.peak, peak)
 
 
 def test_savers_lower_the_plan_by_what_they_store(four_blocks: Path) -> None:

@@ -15,7 +15,9 @@ Two savers cannot run on fake tensors and are accounted from the traced model in
 
 - ``model.quantize``: torchao's tensor subclasses do not build on fake tensors.  The frozen
   linear weights the family quantizes are replaced in the sum by their quantized size
-  (:func:`quantized_bytes`), plus one layer's weight dequantized during its matmul.
+  (:func:`quantized_bytes`), plus the temporaries of dequantizing one slice of a weight
+  (:func:`dequantization_bytes`), added at the moments of the trace where each layer
+  dequantizes (:class:`LinearMoments`).
 - ``train.block_offload: N``: the frozen weights of all but the last N blocks leave the GPU;
   two of them (the running block and the prefetched one) are on it at a time.
 

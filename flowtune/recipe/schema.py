@@ -70,8 +70,9 @@ class Model:
 
     quantize: Literal["int8", "fp8", "nf4"] | None = None
     """Store the frozen transformer's linear weights quantized while training a LoRA (QLoRA),
-    with torchao: `int8` (int8 weight-only, half of bf16), `fp8` (float8 e4m3 weight-only, half
-    of bf16; needs no float8 hardware) or `nf4` (4-bit NormalFloat as in QLoRA, about a quarter).
+    with torchao: `int8` (int8 weight-only, half of bf16), `fp8` (float8 e4m3, half of bf16;
+    float8 matmuls on GPUs that have them, compute capability 8.9+, weight-only elsewhere) or
+    `nf4` (4-bit NormalFloat as in QLoRA, about a quarter).
     The LoRA still trains in float32 and is an ordinary LoRA: it loads on, and merges into, the
     unquantized base. The family keeps its embedders and output layers unquantized. LoRA only
     (not `train.mode: full`), not with `train.distributed: fsdp` (docs/training.md). null = the

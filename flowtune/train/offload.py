@@ -119,8 +119,9 @@ class _Weight:
     A plain parameter keeps its ``nn.Parameter`` object and only its ``.data`` changes, so
     autograd, which may have saved the parameter itself for the backward, finds the onloaded data
     there.  A quantized weight (a tensor subclass, whose ``.data`` cannot be swapped) is replaced
-    in its module by a new frozen parameter: torchao's int8/fp8 matmuls save a dequantized copy
-    and NF4's saves the module's current weight, which a checkpoint recomputation re-reads.
+    in its module by a new frozen parameter: a quantized layer
+    (:class:`~flowtune.memory.quantized_linear.QuantizedLinear`) reads its module's current
+    weight in its forward, its checkpoint recomputation and its backward.
     """
 
     def __init__(self, module: nn.Module, name: str, stored: torch.Tensor) -> None:
