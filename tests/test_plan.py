@@ -195,6 +195,30 @@ def test_changes_to_fit_each_fit_and_come_cheapest_first(four_blocks: Path) -> N
     assert changes_to_fit(recipe, spec, trace, 1) == []
 
 
+def test_when_nothing_else_fits_the_changes_add_activation_offload(
+    four_blocks: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Under the lowest plan of block offload and quantization, the changes keep the checkpointed
+    activations in CPU memory too (its size floor set to 0, so the small model's move), with
+    the plan of a trace with them and the RAM it takes."""
+    from flowtune.families import get_family
+    from flowtune.memory.plan import ACTIVATION_OFFLOAD, _with, changes_to_fit, trace_recipe
+    from flowtune.train import activation_offload
+
+    monkeypatch.setattr(activation_offload, "MIN_BYTES", 0)
+    spec = get_family("flux")
+    recipe = _recipe(
+        four_blocks, "data.resolution=256", "data.max_sequence_length=16", "train.gradient_checkpointing=true"
+    )
+    trace = trace_recipe(recipe, spec)
+    lowest = trace.plan(_with(recipe, ["model.quantize=nf4", "train.block_offload=0"]), spec).peak
+    changes = changes_to_fit(recipe, spec, trace, lowest - 1)
+    assert changes and all(c.overrides[0] == ACTIVATION_OFFLOAD for c in changes)
+    changed = _with(recipe, changes[0].overrides)
+    assert changes[0].peak == trace_recipe(changed, spec).plan(changed, spec).peak <= lowest - 1
+    assert "KiB of RAM" in changes[0].cost
+
+
 def _stored_bytes(tensor) -> int:
     """Bytes of a tensor's storage, or of a torchao tensor subclass's inner tensors."""
     if hasattr(tensor, "__tensor_flatten__"):

@@ -401,8 +401,12 @@ def _with(recipe: Any, overrides: list[str]) -> Any:
     changed = copy.deepcopy(recipe)
     for override in overrides:
         key, value = override.split("=", 1)
-        OmegaConf.update(changed, key, None if value == "null" else int(value) if value.isdigit() else value)
+        parsed = {"null": None, "true": True, "false": False}.get(value, value)
+        OmegaConf.update(changed, key, int(value) if value.isdigit() else parsed)
     return changed
+
+
+ACTIVATION_OFFLOAD = "train.activation_offload=true"
 
 
 def changes_to_fit(
@@ -410,11 +414,37 @@ def changes_to_fit(
 ) -> list[FitChange]:
     """Up to ``limit`` recipe changes, cheapest first, whose plan fits ``budget`` bytes: block
     offload with as many blocks resident as fit, then each quantization mode the recipe does not
-    already go beyond, alone and then with block offload.
+    already go beyond, alone and then with block offload.  When none fits, the same with
+    ``train.activation_offload`` on (traced once more, only then).
 
     Only changes the recipe allows are offered: a quantized base and block offload need LoRA
-    (the plan covers nothing else); block offload is not for FSDP2 nor families without blocks.
+    (the plan covers nothing else); block offload is not for FSDP2 nor families without blocks;
+    activation offload needs gradient checkpointing and is not for FSDP2.
     """
+    found = _changes_within(recipe, spec, trace, budget, limit, [], "")
+    train = recipe.train
+    if found or train.activation_offload or not train.gradient_checkpointing or train.distributed == "fsdp":
+        return found
+    offloaded = _with(recipe, [ACTIVATION_OFFLOAD])
+    trace = trace_recipe(offloaded, spec)
+    host = trace.counts.get("host_activations", 0)
+    from flowtune.console import format_bytes
+
+    cost = (
+        f"the checkpointed activations in pinned CPU memory ({format_bytes(host)} of RAM, "
+        "copied out and back once a step)"
+    )
+    change = FitChange([ACTIVATION_OFFLOAD], trace.plan(offloaded, spec).peak, cost)
+    if change.peak <= budget:
+        return [change]
+    return _changes_within(offloaded, spec, trace, budget, limit, [ACTIVATION_OFFLOAD], cost)
+
+
+def _changes_within(
+    recipe: Any, spec: FamilySpec, trace: Trace, budget: int, limit: int, base: list[str], base_cost: str
+) -> list[FitChange]:
+    """:func:`changes_to_fit`'s block offload and quantization changes of ``recipe`` (traced as
+    ``trace``), each after the ``base`` overrides and costing ``base_cost`` too."""
     modes = list(QUANTIZE_COSTS)
     current = recipe.model.quantize
     if current is not None:
@@ -423,14 +453,14 @@ def changes_to_fit(
     blocks = sum(len(getattr(trace.model, attr, [])) for attr, _ in spec.block_lists)
     resident_now = recipe.train.block_offload
 
-    def offload(base: list[str]) -> FitChange | None:
+    def offload(overrides: list[str]) -> FitChange | None:
         # Fewer resident blocks never need more memory: the most that fit is the cheapest.
         top = blocks if resident_now is None else resident_now - 1
         for resident in range(top, -1, -1):
-            overrides = [*base, f"train.block_offload={resident}"]
-            peak = trace.plan(_with(recipe, overrides), spec).peak
+            changed = [*overrides, f"train.block_offload={resident}"]
+            peak = trace.plan(_with(recipe, changed), spec).peak
             if peak <= budget:
-                return FitChange(overrides, peak, "")
+                return FitChange(changed, peak, "")
         return None
 
     found: list[FitChange] = []
@@ -455,6 +485,9 @@ def changes_to_fit(
                 resident = change.overrides[-1].split("=")[1]
                 change.cost = f"{QUANTIZE_COSTS[mode]}, {resident} of {blocks} blocks on the GPU"
                 found.append(change)
+    for change in found:
+        change.overrides = [*base, *change.overrides]
+        change.cost = "; ".join(filter(None, [base_cost, change.cost]))
     return found[:limit]
 
 
