@@ -104,9 +104,9 @@ def build_component(config: dict[str, Any], dtype: torch.dtype) -> nn.Module:
 
 
 def _quantized_saving(model: nn.Module, mode: str | None, skip: tuple[str, ...]) -> tuple[int, int]:
-    """(bytes ``mode`` saves on ``model``'s linear weights, the largest one's bytes: dequantized
-    while it computes); (0, 0) without a mode."""
-    from flowtune.memory.plan import quantized_bytes
+    """(bytes ``mode`` saves on ``model``'s linear weights, the largest temporaries of
+    dequantizing one slice of one of them while it computes); (0, 0) without a mode."""
+    from flowtune.memory.plan import dequantization_bytes, quantized_bytes
     from flowtune.memory.quantize import matches_any
 
     if mode is None:
@@ -116,7 +116,7 @@ def _quantized_saving(model: nn.Module, mode: str | None, skip: tuple[str, ...])
         if isinstance(module, nn.Linear) and not matches_any(name, skip):
             full = module.weight.untyped_storage().nbytes()
             saved += full - quantized_bytes(module.weight.shape, mode)
-            largest = max(largest, full)
+            largest = max(largest, dequantization_bytes(module.weight, mode))
     return saved, largest
 
 
@@ -239,6 +239,11 @@ def plan_sampling(recipe: Any, spec: FamilySpec, trace: Any, step: Any) -> list[
     vae_weights, vae_peak = vae if vae is not None else (0, 0)
     decode = vae_peak - vae_weights
     forward = trace.sampling_peak
+    if recipe.model.quantize is not None:  # one slice of a quantized weight dequantized at a time
+        from flowtune.memory.plan import dequantization_bytes, frozen_linears
+
+        linears = frozen_linears(trace.model, spec)
+        forward += max((dequantization_bytes(m.weight, recipe.model.quantize) for _, m in linears), default=0)
     quantized = step.weights - trace.counts["frozen"]  # <= 0: what model.quantize saves
     plans = []
     text = _text_phase(recipe, spec, 1)

@@ -201,7 +201,7 @@ def quantized_bytes(shape: torch.Size, mode: str) -> int:
     return numel // 2 + blocks + 4 * max(1, blocks // NF4_SCALER_BLOCK_SIZE)
 
 
-def _frozen_linears(model: nn.Module, spec: FamilySpec) -> list[tuple[str, nn.Linear]]:
+def frozen_linears(model: nn.Module, spec: FamilySpec) -> list[tuple[str, nn.Linear]]:
     """The frozen linear layers ``model.quantize`` quantizes (peft's base layers included)."""
     from flowtune.memory.quantize import matches_any
 
@@ -256,7 +256,7 @@ class LinearMoments:
 
     def install(self, model: nn.Module) -> None:
         """Register the hooks (they stay: the model is thrown away after the trace)."""
-        for name, module in _frozen_linears(model, self.spec):
+        for name, module in frozen_linears(model, self.spec):
 
             def after(_module: nn.Module, args: tuple, output: Any, name: str = name) -> None:
                 self._note(name, self.tracker.current)
@@ -512,7 +512,7 @@ def plan_from_trace(
     weights = counts["frozen"]
     extra_transient = 0
     mode = recipe.model.quantize
-    linears = _frozen_linears(model, spec)
+    linears = frozen_linears(model, spec)
     if mode is not None:
         full = sum(m.weight.untyped_storage().nbytes() for _, m in linears)
         weights += sum(quantized_bytes(m.weight.shape, mode) for _, m in linears) - full
