@@ -70,16 +70,6 @@ def test_slices_compute_torchao_s_result_and_keep_nothing_for_the_backward(
     torch.testing.assert_close(layer.bias.grad, grad.sum((0, 1)), **tolerance)
 
 
-def test_a_lora_trains_on_a_float8_matmul_weight(fp8_matmuls_on_cpu: None) -> None:
-    from peft import LoraConfig, inject_adapter_in_model
-
-    model = nn.Sequential(_layer("fp8", True, torch.bfloat16))
-    inject_adapter_in_model(LoraConfig(r=4, target_modules=["0"], init_lora_weights=False), model)
-    x = torch.randn(3, 256, dtype=torch.bfloat16, requires_grad=True)
-    model(x).float().pow(2).mean().backward()
-    assert model[0].lora_A["default"].weight.grad.abs().sum() > 0 and x.grad.abs().sum() > 0
-
-
 def test_fp8_says_whether_it_multiplies_in_float8() -> None:
     assert not has_fp8_matmuls("cpu") and not has_fp8_matmuls(None)
     layer = nn.Linear(64, 64)
@@ -135,8 +125,9 @@ def test_float8_matmuls_keep_the_transformer_s_output_within_the_stated_error(
 
 
 def test_float8_matmul_weights_stream_with_block_offload(fp8_matmuls_on_cpu: None) -> None:
-    """A LoRA step on float8-matmul weights, with gradient checkpointing, equals the same step
-    with 3 of the 4 blocks offloaded, whose weights are empty while offloaded (strict)."""
+    """A LoRA trains on float8-matmul weights (peft wraps them), and its step with gradient
+    checkpointing equals the same step with 3 of the 4 blocks offloaded, whose weights are
+    empty while offloaded (strict)."""
     import copy
 
     from flowtune.families import get_family
@@ -166,4 +157,5 @@ def test_float8_matmul_weights_stream_with_block_offload(fp8_matmuls_on_cpu: Non
             offload_blocks(model, spec, resident, torch.device("cpu"), strict=True)
         model(**inputs)[0].float().pow(2).mean().backward()
         grads.append([param.grad for param in params])
+    assert all(g.abs().sum() > 0 for g in grads[0])
     assert all(torch.equal(a, b) for a, b in zip(*grads, strict=True))
