@@ -715,17 +715,18 @@ def plan(
                 err.print(f"  {' '.join(change.overrides)}: {format_bytes(change.peak)}; {change.cost}")
         else:
             train = resolved.train
+            offload_tried = train.gradient_checkpointing and train.distributed != "fsdp"
+            tried = (
+                "model.quantize, train.block_offload or train.activation_offload"
+                if offload_tried
+                else "model.quantize or train.block_offload"
+            )
             more = (
-                "turn train.gradient_checkpointing on"
-                if not train.gradient_checkpointing
-                else "set train.activation_offload=true (saved activations in CPU memory)"
-                if not train.activation_offload
-                else "use a GPU with more memory"
+                "use a GPU with more memory"
+                if train.gradient_checkpointing
+                else "turn train.gradient_checkpointing on"
             )
-            err.print(
-                "no model.quantize or train.block_offload setting fits it; lower data.resolution or "
-                f"train.batch_size, or {more}"
-            )
+            err.print(f"no {tried} setting fits it; lower data.resolution or train.batch_size, or {more}")
     for phase, advice in report.advice:
         err.print(warning_text(f"{titles[phase]} does not fit a {gpu_memory:g} GiB GPU: {advice}"))
 
