@@ -129,7 +129,8 @@ demo-hunyuan-video: $(STAMP)
 # The test files run on TEST_WORKERS processes (pytest-xdist), each file's tests in one of them so
 # that a file's module-scoped tiny models and runs are made once; then the tests marked
 # `processes`, which start several processes of their own, run alone.  The tests marked
-# `extended` (a 4-process launch, FSDP2 with a bf16 base, FLUX.2 [dev]'s learning run) are left to `make test-extended`.
+# `extended` (a 4-process launch, FSDP2 with a bf16 base, FLUX.2 [dev]'s and Qwen-Image-Edit's learning
+# runs, Kontext's 1 MP control latents, Wan 2.2 experts on two processes) are left to `make test-extended`.
 TEST_WORKERS ?= 2
 test: $(STAMP)
 	$(BIN)/pytest -q -n $(TEST_WORKERS) --dist loadfile -m "not processes and not extended"

@@ -329,7 +329,10 @@ def _pipeline_control_latents(pipe, image: Image.Image, auto_resize: bool, size=
         return pipe._encode_vae_image(image, generator=None)[0]
 
 
-@pytest.mark.parametrize("mode", ["kontext", "match_target"])
+# `kontext` encodes at the pipeline's ~1 MP sizes (9 s) and is in `make test-extended`; the sizes
+# themselves are test_control_size_of_sides_that_are_not_multiples_of_16_follows_the_pipeline's,
+# the bitwise encoding is also match_target's.
+@pytest.mark.parametrize("mode", [pytest.param("kontext", marks=pytest.mark.extended), "match_target"])
 def test_control_latents_equal_flux_kontext_pipeline_preprocessing(
     tmp_path, tiny_kontext, pairs, mode
 ) -> None:

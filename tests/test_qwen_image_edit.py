@@ -207,7 +207,10 @@ def _condition_size(image: Image.Image) -> tuple[int, int]:
 LEARNING_SEED, LEARNING_STEPS = 13, 400
 
 
+# In `make test-extended` (23 s): Qwen-Image's learning run trains the same transformer class, and
+# this family's model inputs equal the edit pipeline's (test_inputs_and_prediction_equal_...).
 @pytest.mark.slow
+@pytest.mark.extended
 def test_lora_training_makes_each_edit_land_on_its_own_target(tmp_path: Path) -> None:
     """Four edit pairs (a shape -> the same shape recoloured): with the trained LoRA, the edit
     pipeline given each pair's instruction and source lands nearest that pair's target.
