@@ -545,6 +545,10 @@ def test_sample_starts_an_image_to_video_clip_from_its_first_frame(
     )
 
 
+# In `make test-extended` (7 s): the trainer's image-to-video validation path is shared with Wan
+# I2V, whose test (tests/test_wan_i2v.py) runs in `make test`; this family's image-to-video
+# sampling is test_sample_starts_an_image_to_video_clip_from_its_first_frame's.
+@pytest.mark.extended
 def test_validation_clips_start_from_their_first_frame_on_an_image_to_video_checkpoint(
     t2v_dir: Path, i2v_dir: Path, tmp_path: Path
 ) -> None:

@@ -83,26 +83,25 @@ def test_plan_matches_the_memory_a_real_cpu_step_allocates(mid_flux: Path) -> No
     assert planned.optimizer == 2 * planned.lora == 2 * planned.gradients  # AdamW: two fp32 states
 
 
-@pytest.mark.parametrize(("mode", "over"), [("nf4", 0.03), ("int8", 0.2)])
-def test_a_quantized_plan_places_the_dequantization_where_a_real_step_has_it(
-    mid_flux: Path, mode: str, over: float
-) -> None:
+def test_a_quantized_plan_places_the_dequantization_where_a_real_step_has_it(mid_flux: Path) -> None:
     """With the weights quantized for real, the plan's counter on the real tensors of the same
     steps (their peak, not the quantization's at load; float32, whose plan is exact
-    unquantized): the plan is at most 1% below it, and above it by at most ``over`` (int8's forward
-    dequantizes with fewer temporaries than its backward, whose figure the plan counts at both
-    moments; docs/performance.md)."""
+    unquantized): the plan is at most 1% below it, and above it by at most 3% (nf4) or 20%
+    (int8: its forward dequantizes with fewer temporaries than its backward, whose figure the
+    plan counts at both moments; docs/performance.md).  Both plans come from one trace."""
     from flowtune.families import get_family
-    from flowtune.memory.plan import LiveBytes, load_transformer_config, plan_training_step
+    from flowtune.memory.plan import LiveBytes, _with, load_transformer_config, trace_recipe
     from flowtune.memory.steps import run_training_steps
 
-    overrides = ("train.gradient_checkpointing=true", "model.dtype=float32", f"model.quantize={mode}")
-    recipe = _recipe(mid_flux, *overrides)
+    recipe = _recipe(mid_flux, "train.gradient_checkpointing=true", "model.dtype=float32")
     spec = get_family("flux")
-    planned = plan_training_step(recipe, spec)
+    trace = trace_recipe(recipe, spec)
     config, _ = load_transformer_config(str(mid_flux))
-    peak = run_training_steps(recipe, spec, config, fake=False, savers=True, tracker=LiveBytes()).peak
-    assert peak * 0.99 <= planned.peak <= peak * (1 + over), (planned.peak, peak)
+    for mode, over in (("nf4", 0.03), ("int8", 0.2)):
+        quantized = _with(recipe, [f"model.quantize={mode}"])
+        planned = trace.plan(quantized, spec).peak
+        peak = run_training_steps(quantized, spec, config, fake=False, savers=True, tracker=LiveBytes()).peak
+        assert peak * 0.99 <= planned <= peak * (1 + over), (mode, planned, peak)
 
 
 def test_savers_lower_the_plan_by_what_they_store(four_blocks: Path) -> None:
