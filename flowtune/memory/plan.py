@@ -389,7 +389,7 @@ OFFLOAD_COST = (
     "streams the other blocks' weights from CPU memory (+1% to +15% s/step measured; slower PCIe costs more)"
 )
 QUANTIZE_COSTS = {
-    "fp8": "8-bit float weights (+34% s/step measured on FLUX.1-dev)",
+    "fp8": "8-bit float weights (+34% s/step measured on FLUX.1-dev weight-only; float8 matmuls not measured yet)",
     "int8": "8-bit integer weights (+33% to +57% s/step measured)",
     "nf4": "4-bit weights, the largest rounding (+72% to +93% s/step measured)",
 }
