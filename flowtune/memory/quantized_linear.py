@@ -19,6 +19,11 @@ weight's rows are split (torchao's quantized tensors slice along their rows),
 torchao computes each slice's output, and the backward adds up ``dy[..., rows] W[rows]`` with
 ``W[rows]`` dequantized by torchao.  A weight quantized for fp8 matmuls (its activations are
 quantized on the fly) is computed by torchao in one call: it never dequantizes in the forward.
+
+Precision: the input's gradient adds up the slices' products in the compute dtype.  In bf16 that
+rounds once per slice: 24 slices of a [6144, 1024] weight measured 0.67% relative error against
+float64, where one bf16 matmul has 0.29% (float32 accumulation would cost a float32 [tokens,
+in_features] buffer per layer; not done).
 """
 
 from __future__ import annotations
