@@ -121,6 +121,7 @@ def test_float8_matmuls_keep_the_transformer_s_output_within_the_stated_error(
         summary = quantize_linears(base, "fp8", get_family("flux").quantize_skip, fp8_matmuls=True)
         got = base(**inputs)[0].float()
     assert len(summary.fp8_matmuls) == len(summary.quantized) == 40
+    assert summary.describe().endswith(", float8 matmuls in 40")
     assert 0 < float((got - want).norm() / want.norm()) < 0.015
 
 

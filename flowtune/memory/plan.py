@@ -219,8 +219,8 @@ def dequantization_bytes(weight: torch.Tensor, mode: str) -> int:
     in_features] once ``model.quantize=mode`` stores it (:mod:`flowtune.memory.quantized_linear`
     dequantizes one slice at a time and keeps no dequantized copy for the backward); 0 for a
     weight the mode cannot store (kept in ``model.dtype``)."""
+    from flowtune.memory import quantized_linear
     from flowtune.memory.quantize import NF4_BLOCK_SIZE, nf4_scaler_block_size
-    from flowtune.memory.quantized_linear import DEQUANTIZE_BYTES_PER_WEIGHT, slice_rows
 
     rows, cols = weight.shape
     blocks = None
@@ -229,8 +229,8 @@ def dequantization_bytes(weight: torch.Tensor, mode: str) -> int:
         if scaler is None:
             return 0
         blocks = rows * cols // NF4_BLOCK_SIZE // scaler
-    per_weight = DEQUANTIZE_BYTES_PER_WEIGHT[mode][4 if weight.element_size() >= 4 else 2]
-    return slice_rows(rows, cols, blocks) * cols * per_weight
+    per_weight = quantized_linear.DEQUANTIZE_BYTES_PER_WEIGHT[mode][4 if weight.element_size() >= 4 else 2]
+    return quantized_linear.slice_rows(rows, cols, blocks, quantized_linear.CHUNK_WEIGHTS) * cols * per_weight
 
 
 class LinearMoments:
@@ -421,6 +421,8 @@ def changes_to_fit(
     (the plan covers nothing else); block offload is not for FSDP2 nor families without blocks;
     activation offload needs gradient checkpointing and is not for FSDP2.
     """
+    from flowtune.console import format_bytes
+
     found = _changes_within(recipe, spec, trace, budget, limit, [], "")
     train = recipe.train
     if found or train.activation_offload or not train.gradient_checkpointing or train.distributed == "fsdp":
@@ -428,8 +430,6 @@ def changes_to_fit(
     offloaded = _with(recipe, [ACTIVATION_OFFLOAD])
     trace = trace_recipe(offloaded, spec)
     host = trace.counts.get("host_activations", 0)
-    from flowtune.console import format_bytes
-
     cost = (
         f"the checkpointed activations in pinned CPU memory ({format_bytes(host)} of RAM, "
         "copied out and back once a step)"

@@ -28,6 +28,7 @@ in_features] buffer per layer; not done).
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -40,12 +41,10 @@ CHUNK_WEIGHTS = 1 << 23
 
 
 def dequantize(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``weight`` (a torchao quantized tensor, or a plain one) as a plain tensor of ``dtype``."""
+    """``weight`` (a torchao quantized tensor) as a plain tensor of ``dtype``."""
     if hasattr(weight, "get_original_weight"):  # NF4Tensor
         return weight.get_original_weight().to(dtype)
-    if hasattr(weight, "dequantize"):
-        return weight.dequantize().to(dtype)
-    return weight.to(dtype)
+    return weight.dequantize().to(dtype)
 
 
 DEQUANTIZE_BYTES_PER_WEIGHT = {
@@ -59,16 +58,18 @@ compute in float32 and then cast, nf4 looks its codes up through int64 indices. 
 tensors by ``tests/test_quantized_linear.py``."""
 
 
-def slice_rows(rows: int, cols: int, nf4_scale_blocks: int | None = None) -> int:
+@functools.lru_cache(maxsize=4096)
+def slice_rows(rows: int, cols: int, nf4_scale_blocks: int | None, chunk: int) -> int:
     """How many rows of a [rows, cols] quantized weight one slice holds: the fewest slices of at
-    most :data:`CHUNK_WEIGHTS` weights each (``rows``: one slice, when it is that small).
+    most ``chunk`` (:data:`CHUNK_WEIGHTS`) weights each (``rows``: one slice, when it is that
+    small).  Cached: every forward and backward of a quantized layer asks.
 
     Args:
         nf4_scale_blocks: For an NF4 weight, its number of scale-of-scales blocks: its slices
             must be equal and hold whole blocks, so they may be smaller, or, where its shape
             allows no such split, it stays whole.
     """
-    wanted = -(-rows * cols // CHUNK_WEIGHTS)
+    wanted = -(-rows * cols // chunk)
     if wanted <= 1:
         return rows
     if nf4_scale_blocks is None:
@@ -82,7 +83,7 @@ def row_slices(weight: torch.Tensor) -> list[torch.Tensor]:
     """``weight`` [out_features, in_features] as slices of :func:`slice_rows` rows each."""
     rows, cols = weight.shape
     factors = getattr(weight, "quantization_factor", None)  # NF4Tensor: one per block of scales
-    step = slice_rows(rows, cols, None if factors is None else factors.numel())
+    step = slice_rows(rows, cols, None if factors is None else factors.numel(), CHUNK_WEIGHTS)
     if step == rows:
         return [weight]
     if factors is not None:  # NF4Tensor splits into equal parts
