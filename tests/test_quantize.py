@@ -200,12 +200,12 @@ dist.destroy_process_group()
 """
 
 
-@pytest.mark.processes
 def test_ddp_wraps_a_quantized_base_once_its_weights_are_excluded() -> None:
     """DDP broadcasts every parameter when it starts, and torchao's tensors implement none of the
     ops that needs; they need no copy (every process quantizes the same file the same way) and,
     frozen, never reach DDP's all-reduce.  Checked end to end by hand: 2 CPU processes with
-    int8, fp8 and nf4 bases train the single process's run (same losses)."""
+    int8, fp8 and nf4 bases train the single process's run (same losses).  One process of world
+    size 1, so it runs beside the other tests rather than in the serial `processes` part."""
     import socket
 
     with socket.socket() as sock:
