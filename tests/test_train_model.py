@@ -266,3 +266,53 @@ def test_sample_generators_depend_only_on_seed_step_and_index() -> None:
     assert not torch.equal(whole[0], whole[1])
     assert not torch.equal(whole[0], draws(sample_generators(7, 4, [0]))[0])
     assert not torch.equal(whole[0], draws(sample_generators(8, 3, [0]))[0])
+
+
+def _lora_step(model: torch.nn.Module, autocast: bool) -> tuple[torch.Tensor, list[torch.Tensor], int]:
+    """One forward/backward of the tiny FLUX.1; returns the output, the LoRA gradients and how
+    many float32 tensors the operators made."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    made = [0]
+
+    class Dtypes(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            leaves = torch.utils._pytree.tree_leaves(out)
+            made[0] += sum(isinstance(t, torch.Tensor) and t.dtype == torch.float32 for t in leaves)
+            return out
+
+    inputs = {
+        k: v.to(torch.bfloat16) if isinstance(v, torch.Tensor) and v.is_floating_point() else v
+        for k, v in tiny_flux_inputs().items()
+    }
+    model.zero_grad(set_to_none=True)
+    with Dtypes(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        out = model(**inputs)[0]
+        out.float().square().mean().backward()
+    return out, [p.grad for p in model.parameters() if p.requires_grad], made[0]
+
+
+def test_lora_layers_skip_the_float32_input_copy_only_under_autocast() -> None:
+    torch.manual_seed(0)
+    model = tiny_flux_transformer().to(torch.bfloat16)
+    model.requires_grad_(False)
+    add_lora(model, FLUX, rank=2, alpha=2, init="gaussian")
+    for p in model.parameters():  # lora_B starts at zero: give the LoRA path values to compare
+        if p.requires_grad:
+            p.data.normal_(0, 0.1)
+    layers = [m for m in model.modules() if hasattr(m, "cast_input_dtype_enabled")]
+    assert layers and all(bool(m.cast_input_dtype_enabled) for m in layers)  # no autocast here
+    out, grads, made = _lora_step(model, autocast=True)
+    for m in layers:
+        m.cast_input_dtype_enabled = True
+    ref_out, ref_grads, ref_made = _lora_step(model, autocast=True)
+    # Under autocast peft's cast makes a float32 copy of every LoRA layer's input; now none ...
+    assert ref_made - made >= len(layers), (ref_made, made)
+    # ... and the results are those of peft's own cast, bit for bit.
+    assert torch.equal(out, ref_out)
+    assert all(torch.equal(a, b) for a, b in zip(grads, ref_grads, strict=True))
+    # Without autocast the cast stays: a bf16 input meets the float32 LoRA weights.
+    fresh = tiny_flux_transformer().to(torch.bfloat16).requires_grad_(False)
+    add_lora(fresh, FLUX, rank=2, alpha=2)
+    assert _lora_step(fresh, autocast=False)[0].dtype == torch.bfloat16

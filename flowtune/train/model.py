@@ -6,7 +6,8 @@
   (:mod:`flowtune.memory.quantize`), before any LoRA is added.
 - :func:`add_lora` adds peft LoRA layers (``transformer.add_adapter(LoraConfig(...))``) on the
   recipe's or the family's target modules; everything else stays frozen.  Trainable LoRA weights
-  are kept in float32 whatever the base dtype, so optimizer updates are not rounded away.
+  are kept in float32 whatever the base dtype, so optimizer updates are not rounded away; under
+  autocast their layers take the input as it is (:class:`CastUnlessAutocast`).
 - :func:`save_lora` writes ``pytorch_lora_weights.safetensors`` through the family pipeline's own
   ``save_lora_weights`` with each module's scale ``alpha / rank`` multiplied into its ``lora_B``
   and alpha = rank in the peft config of the file's metadata, so every loader applies exactly the
@@ -59,6 +60,29 @@ def expand_target_modules(model: nn.Module, targets: list[str]) -> list[str]:
             )
         expanded.extend(m for m in matches if m not in expanded)
     return expanded
+
+
+class CastUnlessAutocast:
+    """True, as peft LoRA layers' ``cast_input_dtype_enabled``, only while autocast is off.
+
+    Before ``lora_A``, peft casts a layer's input to the LoRA weights' dtype: a float32 copy of
+    a bf16 activation ``[batch, tokens, in_features]`` (4 bytes a value, 0.43 GiB for FLUX.2's
+    widest layer at 1024 px).  Under autocast (``train.mixed_precision: bf16``, validation)
+    ``lora_A`` then casts that copy back to bf16 and keeps it for its backward, so every LoRA
+    layer holds a second bf16 copy of its input while its block is recomputed.  Both copies are
+    exact, so skipping them changes no value; without autocast (``train.mixed_precision: no``)
+    the cast is what lets a bf16 input meet float32 LoRA weights, so it stays.  peft reads the
+    attribute at every call, so one instance serves every layer, in every context.
+    """
+
+    def __bool__(self) -> bool:
+        return not (torch.is_autocast_enabled("cuda") or torch.is_autocast_enabled("cpu"))
+
+    def __repr__(self) -> str:
+        return "CastUnlessAutocast()"
+
+
+CAST_UNLESS_AUTOCAST = CastUnlessAutocast()
 
 
 def load_transformer(
@@ -144,6 +168,11 @@ def add_lora(
     from diffusers.training_utils import cast_training_params
 
     cast_training_params(transformer, dtype=torch.float32)
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    for module in transformer.modules():
+        if isinstance(module, BaseTunerLayer):
+            module.cast_input_dtype_enabled = CAST_UNLESS_AUTOCAST
     return [p for p in transformer.parameters() if p.requires_grad]
 
 
