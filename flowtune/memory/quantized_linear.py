@@ -23,7 +23,7 @@ one call in the forward: it never dequantizes there.
 
 Dequantizing int8 and float8 weights with row scales takes a cast and an in-place multiply in the
 compute dtype, where torchao's ``dequantize`` goes through float32 (5 times the temporaries in
-bf16, and 2-3 times the CPU time); the values are torchao's, bit for bit, when the compute
+bf16, and 2 to 3.5 times the CPU time); the values are torchao's, bit for bit, when the compute
 dtype is the dtype the weight was quantized from (its scales are then exact in it).
 
 Precision: the input's gradient adds up the slices' products in the compute dtype.  In bf16 that
