@@ -21,10 +21,10 @@ those rows in the forward and ``dy[..., rows] W[rows]`` added up in the backward
 quantized for fp8 matmuls (its activations are quantized on the fly) is computed by torchao in
 one call in the forward: it never dequantizes there.
 
-Dequantizing int8 and float8 weights with row scales takes a cast and an in-place multiply in the
-compute dtype, where torchao's ``dequantize`` goes through float32 (5 times the temporaries in
-bf16, and 2 to 3.5 times the CPU time); the values are torchao's, bit for bit, when the compute
-dtype is the dtype the weight was quantized from (its scales are then exact in it).
+Dequantizing int8 and float8 weights with row scales takes one pass over the weight (int8, on
+CUDA) or two (float8) in the compute dtype, where torchao's ``dequantize`` goes through float32
+in four (10 bytes of temporaries per bf16 weight); the values are torchao's, bit for bit, when the
+compute dtype is the dtype the weight was quantized from (its scales are then exact in it).
 
 Precision: the input's gradient adds up the slices' products in the compute dtype.  In bf16 that
 rounds once per slice: 24 slices of a [6144, 1024] weight measured 0.67% relative error against
@@ -59,31 +59,39 @@ def _row_scaled(weight: torch.Tensor) -> bool:
 def dequantize(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """``weight`` (a torchao quantized tensor) as a plain tensor of ``dtype``.
 
-    Row-scaled int8/float8 weights in the dtype they were quantized from: ``qdata`` cast to
-    ``dtype``, less its zero points, times the row scales, in place.  The cast and the difference
-    are exact (integers of at most 9 bits; float8's 4-bit significands) and the product is
-    rounded once, as torchao's float32 computation is rounded (the scales are exact in that
-    dtype); otherwise torchao's own dequantization.
+    Row-scaled int8/float8 weights in the dtype they were quantized from, in one or two passes
+    over the weight where torchao's goes through float32 in four:
+
+    - int8: ``qdata * scale - zero_point * scale`` in one ``addcmul`` (CUDA casts the int8 data
+      inside the kernel; a CPU makes a ``dtype`` copy of it first).  With torchao's symmetric
+      int8 (zero points of 0: ``model.quantize``'s) the values are torchao's bit for bit: the
+      product of an 8-bit integer and a scale exact in ``dtype`` is rounded once, as torchao
+      rounds its float32 product; an asymmetric zero point would round once more.
+    - float8: the data cast to ``dtype`` (exact), scaled in place: torchao's values bit for bit.
+
+    Otherwise, torchao's own dequantization.
     """
     if hasattr(weight, "get_original_weight"):  # NF4Tensor
         return weight.get_original_weight().to(dtype)
     if dtype == weight.dtype and _row_scaled(weight):
-        dense = weight.qdata.to(dtype)
-        if getattr(weight, "zero_point", None) is not None:
-            dense -= weight.zero_point.to(dtype)
-        return dense.mul_(weight.scale.to(dtype))
+        scale = weight.scale.to(dtype)
+        zero_point = getattr(weight, "zero_point", None)
+        if zero_point is None:
+            return weight.qdata.to(dtype).mul_(scale)
+        return torch.addcmul(-(zero_point.to(dtype) * scale), weight.qdata, scale)
     return weight.dequantize().to(dtype)
 
 
 DEQUANTIZE_BYTES_PER_WEIGHT = {
-    "int8": {2: 2, 4: 4},
+    "int8": {2: 4, 4: 8},
     "fp8": {2: 2, 4: 4},
     "nf4": {2: 14, 4: 20},
 }
 """Bytes per weight of the temporaries :func:`dequantize` of one slice allocates at its peak, by
-mode and by the size of the weight's logical dtype (2: bf16/fp16, 4: float32): int8/fp8 the
-dequantized slice itself (scaled in place), nf4 looks its codes up through int64 indices.  Measured on CPU
-tensors by ``tests/test_quantized_linear.py``."""
+mode and by the size of the weight's logical dtype (2: bf16/fp16, 4: float32): the dequantized
+slice itself, and for int8 the CPU's cast copy of its data (CUDA makes none: there the plan is
+high by a slice's bf16 size, 16 MiB at most); nf4 looks its codes up through int64 indices.
+Measured on CPU tensors by ``tests/test_quantized_linear.py``."""
 
 
 @functools.lru_cache(maxsize=4096)
