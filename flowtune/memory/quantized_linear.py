@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -56,6 +57,26 @@ def _row_scaled(weight: torch.Tensor) -> bool:
     return scale is not None and scale.shape == rows and (zero_point is None or zero_point.shape == rows)
 
 
+def _row_scales(weight: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    """The row scales [rows, 1] of a row-scaled ``weight`` in ``dtype``, and the offsets
+    ``-zero_point * scale`` [rows, 1] (None without zero points); None where :func:`dequantize`
+    leaves the weight to torchao (another layout, or ``dtype`` is not the weight's own)."""
+    if dtype != weight.dtype or not _row_scaled(weight):
+        return None
+    scale = weight.scale.to(dtype)
+    zero_point = getattr(weight, "zero_point", None)
+    return scale, None if zero_point is None else -(zero_point.to(dtype) * scale)
+
+
+def _scaled(
+    qdata: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor | None, dtype: torch.dtype
+) -> torch.Tensor:
+    """``qdata * scale + offset`` [rows, cols] in ``dtype`` (see :func:`dequantize`)."""
+    if offset is None:
+        return qdata.to(dtype).mul_(scale)
+    return torch.addcmul(offset, qdata, scale)
+
+
 def dequantize(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """``weight`` (a torchao quantized tensor) as a plain tensor of ``dtype``.
 
@@ -73,12 +94,9 @@ def dequantize(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """
     if hasattr(weight, "get_original_weight"):  # NF4Tensor
         return weight.get_original_weight().to(dtype)
-    if dtype == weight.dtype and _row_scaled(weight):
-        scale = weight.scale.to(dtype)
-        zero_point = getattr(weight, "zero_point", None)
-        if zero_point is None:
-            return weight.qdata.to(dtype).mul_(scale)
-        return torch.addcmul(-(zero_point.to(dtype) * scale), weight.qdata, scale)
+    scales = _row_scales(weight, dtype)
+    if scales is not None:
+        return _scaled(weight.qdata, *scales, dtype)
     return weight.dequantize().to(dtype)
 
 
@@ -115,16 +133,39 @@ def slice_rows(rows: int, cols: int, nf4_scale_blocks: int | None, chunk: int) -
     return rows // count
 
 
-def row_slices(weight: torch.Tensor) -> list[torch.Tensor]:
-    """``weight`` [out_features, in_features] as slices of :func:`slice_rows` rows each."""
+def row_slices(weight: torch.Tensor) -> list[tuple[int, int]]:
+    """The row ranges ``(start, stop)`` of ``weight`` [out_features, in_features]'s slices:
+    :func:`slice_rows` rows each."""
     rows, cols = weight.shape
     factors = getattr(weight, "quantization_factor", None)  # NF4Tensor: one per block of scales
     step = slice_rows(rows, cols, None if factors is None else factors.numel(), CHUNK_WEIGHTS)
-    if step == rows:
-        return [weight]
-    if factors is not None:  # NF4Tensor splits into equal parts
-        return list(weight.split(step))
-    return [weight[start : start + step] for start in range(0, rows, step)]  # int8/float8: slices
+    return [(start, min(start + step, rows)) for start in range(0, rows, step)]
+
+
+def dequantized_slices(weight: torch.Tensor, dtype: torch.dtype) -> Iterator[tuple[int, int, torch.Tensor]]:
+    """``(start, stop, W[start:stop])`` for each of :func:`row_slices`, dequantized in ``dtype``
+    when it is asked for: the caller drops each slice before asking for the next.
+
+    Row-scaled int8/float8 slices are made from views of the weight's data and scales (no
+    torchao tensor is built per slice: that costs more host time than the slice's kernels);
+    NF4 weights split into equal parts, other layouts slice through torchao.
+    """
+    ranges = row_slices(weight)
+    scales = _row_scales(weight, dtype)
+    if scales is not None:
+        scale, offset = scales
+        for start, stop in ranges:
+            part_offset = None if offset is None else offset[start:stop]
+            yield start, stop, _scaled(weight.qdata[start:stop], scale[start:stop], part_offset, dtype)
+        return
+    if len(ranges) == 1:
+        parts = [weight]
+    elif hasattr(weight, "quantization_factor"):  # NF4Tensor splits into equal parts
+        parts = list(weight.split(ranges[0][1]))
+    else:
+        parts = [weight[start:stop] for start, stop in ranges]
+    for (start, stop), part in zip(ranges, parts, strict=True):
+        yield start, stop, dequantize(part, dtype)
 
 
 def _computes_in_one_call(weight: torch.Tensor) -> bool:
@@ -148,18 +189,15 @@ class FrozenQuantizedLinear(torch.autograd.Function):
         weight = layer.weight
         if _computes_in_one_call(weight):
             return F.linear(x, weight, bias)
-        slices = row_slices(weight)
-        if len(slices) == 1:
-            return F.linear(x, dequantize(weight, ctx.dtype), bias)
-        biases = bias.split([s.shape[0] for s in slices]) if bias is not None else [None] * len(slices)
         y = None
-        start = 0
-        for part, part_bias in zip(slices, biases, strict=True):
-            out = F.linear(x, dequantize(part, ctx.dtype), part_bias)
+        for start, stop, dense in dequantized_slices(weight, ctx.dtype):
+            if start == 0 and stop == weight.shape[0]:
+                return F.linear(x, dense, bias)
+            out = F.linear(x, dense, None if bias is None else bias[start:stop])
+            del dense
             if y is None:
                 y = out.new_empty(*x.shape[:-1], weight.shape[0])
-            y[..., start : start + part.shape[0]] = out
-            start += part.shape[0]
+            y[..., start:stop] = out
             del out
         return y
 
@@ -169,16 +207,12 @@ class FrozenQuantizedLinear(torch.autograd.Function):
         grad_x = None
         if ctx.needs_input_grad[0]:
             flat = grad.reshape(-1, grad.shape[-1]).to(ctx.dtype)
-            start = 0
-            for part in row_slices(weight):
-                rows = part.shape[0]
-                dense = dequantize(part, ctx.dtype)
+            for start, stop, dense in dequantized_slices(weight, ctx.dtype):
                 if grad_x is None:
-                    grad_x = flat[:, start : start + rows] @ dense
+                    grad_x = flat[:, start:stop] @ dense
                 else:
-                    grad_x.addmm_(flat[:, start : start + rows], dense)
+                    grad_x.addmm_(flat[:, start:stop], dense)
                 del dense
-                start += rows
             grad_x = grad_x.reshape(*grad.shape[:-1], weight.shape[1]).to(ctx.x_dtype)
         grad_bias = grad.reshape(-1, grad.shape[-1]).sum(0) if ctx.needs_input_grad[1] else None
         return grad_x, grad_bias, None
