@@ -16,8 +16,9 @@ linears cost more memory than that:
 nothing for the backward (it reads the layer's current weight then, so block offload's onloaded
 copy is the one used), and dequantizes at most :data:`CHUNK_WEIGHTS` weights at a time: the
 weight's rows are split (:func:`dequantized_slices`: int8/float8 as views of their data and row
-scales, NF4 into equal parts), each slice is dequantized and multiplied in the compute dtype, for the output's columns of
-those rows in the forward and ``dy[..., rows] W[rows]`` added up in the backward.  A weight
+scales, NF4 into equal parts), and each slice is dequantized and multiplied in the compute
+dtype, for the output's columns of those rows in the forward and ``dy[..., rows] W[rows]``
+added up in the backward.  A weight
 quantized for fp8 matmuls (its activations are quantized on the fly) is computed by torchao in
 one call in the forward: it never dequantizes there.
 
