@@ -24,7 +24,7 @@ one call in the forward: it never dequantizes there.
 
 Dequantizing int8 and float8 weights with row scales takes one pass over the weight (int8, on
 CUDA) or two (float8) in the compute dtype, where torchao's ``dequantize`` goes through float32
-in four (10 bytes of temporaries per bf16 weight); the values are torchao's, bit for bit, when the
+in four (7-10 bytes of temporaries per bf16 weight); the values are torchao's, bit for bit, when the
 compute dtype is the dtype the weight was quantized from (its scales are then exact in it).
 
 Precision: the input's gradient adds up the slices' products in the compute dtype.  In bf16 that
