@@ -33,6 +33,7 @@ taken on any machine first (they spend no device time):
   python scripts/bench_memory.py --plan-only --device cuda --cases flux2-int8,...(as below) --results plan.jsonl
   python scripts/bench_memory.py --device cuda --skip-plan --steps 3 --budget 480 --results bench.jsonl \
       --cases flux2-int8,flux2-nf4,flux2-fp8,flux1-fp8,flux1-int8,flux1-bf16,flux2-bf16,flux2-int8-act,flux2-nf4-act,flux1-nf4
+  and, in seconds, one layer at a time: python scripts/bench_quantized_linear.py --device cuda
 
 Activation offload on a GPU (docs/performance.md "Long clips"), one call, plans taken here first:
   python scripts/bench_memory.py --plan-only --device cuda --cases wan14-int8-offload,... --results plan.jsonl
