@@ -86,9 +86,9 @@ def test_plan_matches_the_memory_a_real_cpu_step_allocates(mid_flux: Path) -> No
 def test_a_quantized_plan_places_the_dequantization_where_a_real_step_has_it(mid_flux: Path) -> None:
     """With the weights quantized for real, the plan's counter on the real tensors of the same
     steps (their peak, not the quantization's at load; float32, whose plan is exact
-    unquantized): the plan is at most 1% below it, and above it by at most 3% (nf4) or 20%
-    (int8: its forward dequantizes with fewer temporaries than its backward, whose figure the
-    plan counts at both moments; docs/performance.md).  Both plans come from one trace."""
+    unquantized): the plan is at most 1% below it and at most 3% above it (nf4 is counted
+    +2% high: its lookup's peak on top of everything alive at the layer's moments; int8 within
+    0.2%; docs/performance.md).  Both plans come from one trace."""
     from flowtune.families import get_family
     from flowtune.memory.plan import LiveBytes, _with, load_transformer_config, trace_recipe
     from flowtune.memory.steps import run_training_steps
@@ -97,11 +97,11 @@ def test_a_quantized_plan_places_the_dequantization_where_a_real_step_has_it(mid
     spec = get_family("flux")
     trace = trace_recipe(recipe, spec)
     config, _ = load_transformer_config(str(mid_flux))
-    for mode, over in (("nf4", 0.03), ("int8", 0.2)):
+    for mode in ("nf4", "int8"):
         quantized = _with(recipe, [f"model.quantize={mode}"])
         planned = trace.plan(quantized, spec).peak
         peak = run_training_steps(quantized, spec, config, fake=False, savers=True, tracker=LiveBytes()).peak
-        assert peak * 0.99 <= planned <= peak * (1 + over), (mode, planned, peak)
+        assert peak * 0.99 <= planned <= peak * 1.03, (mode, planned, peak)
 
 
 def test_savers_lower_the_plan_by_what_they_store(four_blocks: Path) -> None:

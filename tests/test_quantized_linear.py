@@ -79,6 +79,7 @@ def test_dequantize_gives_torchao_s_values_bit_for_bit(mode: str, dtype: torch.d
     weight = _layer(mode, False, dtype).weight
     spread = torch.logspace(-3, 3, weight.shape[0]).unsqueeze(1)  # scales of many magnitudes,
     weight.scale.copy_((weight.scale * spread).to(dtype).float())  # exact in ``dtype`` as torchao's are
+    assert quantized_linear._row_scales(weight, dtype) is not None  # flowtune's path, not torchao's
     assert torch.equal(dequantize(weight, dtype), weight.dequantize().to(dtype))
     assert torch.equal(dequantize(weight[64:128], dtype), weight.dequantize()[64:128].to(dtype))
 

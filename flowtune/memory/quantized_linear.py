@@ -18,9 +18,8 @@ copy is the one used), and dequantizes at most :data:`CHUNK_WEIGHTS` weights at 
 weight's rows are split (:func:`dequantized_slices`: int8/float8 as views of their data and row
 scales, NF4 into equal parts), and each slice is dequantized and multiplied in the compute
 dtype, for the output's columns of those rows in the forward and ``dy[..., rows] W[rows]``
-added up in the backward.  A weight
-quantized for fp8 matmuls (its activations are quantized on the fly) is computed by torchao in
-one call in the forward: it never dequantizes there.
+added up in the backward.  A weight quantized for fp8 matmuls (its activations are quantized on
+the fly) is computed by torchao in one call in the forward: it never dequantizes there.
 
 Dequantizing int8 and float8 weights with row scales takes one pass over the weight (int8, on
 CUDA) or two (float8) in the compute dtype, where torchao's ``dequantize`` goes through float32
