@@ -4,6 +4,7 @@ quantized text encoders (``model.encoder_quantize``), and ``flowtune sample --qu
 
 from __future__ import annotations
 
+import copy
 import json
 import sys
 import weakref
@@ -217,3 +218,28 @@ def test_a_missing_torchao_is_one_line_before_any_model_loads(models, tmp_path, 
             cli("sample", "--model", str(models["flux"]), "-p", "x", option, "int8"),
             f"{option}=int8 needs torchao",
         )
+
+
+def test_text_encoders_lose_only_what_encoding_never_runs(models, monkeypatch) -> None:
+    """FLUX.2's Mistral3 keeps its layers up to hidden state 30 and loses its head and vision
+    tower; the embeddings stay bit for bit.  The tiny model's 30 layers are deepened to 33 first,
+    so that hidden state 30 is a layer's raw output, as in FLUX.2 [dev]'s 40 layers, and pruning
+    drops layers."""
+    from flowtune.families.flux2.encoder import Flux2Encoder
+
+    monkeypatch.setattr(Flux2Encoder, "prune_text_encoder", classmethod(lambda cls, name, model: None))
+    encoder = create_encoder(
+        get_family("flux2"), models["flux2"], EncoderSettings("float32", 16, "mode"), "cpu"
+    )
+    encoder.load(images=False, texts=True)
+    model = encoder.pipe.text_encoder
+    layers = model.get_decoder().layers
+    layers.extend(copy.deepcopy(layers[-3:]))
+    model.get_decoder().config.num_hidden_layers = len(layers)
+    whole = encoder.encode_prompts(PROMPTS)["text_embeddings"]
+    monkeypatch.undo()
+
+    Flux2Encoder.prune_text_encoder("text_encoder", model)
+    assert len(layers) == 31 and isinstance(model.lm_head, torch.nn.Identity)
+    assert model.model.vision_tower is None and model.model.multi_modal_projector is None
+    assert torch.equal(encoder.encode_prompts(PROMPTS)["text_embeddings"], whole)

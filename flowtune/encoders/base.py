@@ -275,6 +275,16 @@ class FamilyEncoder(ABC):
         return {}
 
     @classmethod
+    def prune_text_encoder(cls, component: str, model: torch.nn.Module) -> None:
+        """Drop in place what the pipeline's caption encoding never runs from text encoder
+        ``component`` (a model of ``text_components``), right after it is loaded, before
+        ``model.encoder_quantize`` and the move to the accelerator; ``flowtune plan`` sizes the
+        pruned model.  The embeddings must stay the pipeline's bit for bit; the pipelines that
+        :func:`load_pipeline` returns are used for nothing else (no prompt rewriting with the
+        language model).  Tools: :mod:`flowtune.encoders.prune`.  Default: nothing."""
+        del component, model  # nothing to drop
+
+    @classmethod
     def pipeline_class_name(cls, spec: FamilySpec, model_dir: Path, first_frames: bool = False) -> str:
         """The diffusers pipeline class that loads ``model_dir`` (:func:`load_pipeline`): the class
         its ``model_index.json`` names when it is one of the family's
@@ -346,7 +356,8 @@ def load_pipeline(
     """The family's diffusers pipeline from ``model_dir`` on ``device``, progress bars off: the
     class the folder was saved by (its model_index.json) when it is one of the family's
     (``FamilySpec.pipeline_classes``), else ``FamilySpec.pipeline_class``
-    (:meth:`FamilyEncoder.pipeline_class_name`).
+    (:meth:`FamilyEncoder.pipeline_class_name`).  Its text encoders are pruned of what caption
+    encoding never runs (:meth:`FamilyEncoder.prune_text_encoder`) as they are loaded.
 
     Args:
         transformer: Use this transformer instead of loading ``model_dir/transformer`` (a full
@@ -389,6 +400,10 @@ def load_pipeline(
         kwargs["variant"] = variant
     pipe = pipeline_class.from_pretrained(model_dir, **kwargs)
     pipe.register_modules(**components)
+    for name in encoder_class.text_components:
+        model = getattr(pipe, name, None)
+        if isinstance(model, torch.nn.Module):
+            encoder_class.prune_text_encoder(name, model)
     pipe.set_progress_bar_config(disable=True)
     if encoder_quantize is not None:
         from flowtune.memory.quantize import quantize_text_encoders

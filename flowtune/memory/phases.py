@@ -6,7 +6,8 @@ configs alone, counting live bytes with :class:`~flowtune.memory.plan.LiveBytes`
 - **preprocess** runs in two halves that are never on the GPU together (``flowtune preprocess``
   frees the text encoders before it loads the VAE): the family's text encoders (its encoder's
   ``text_components`` that are models) encoding ``data.encode_batch_size`` captions of
-  ``data.max_sequence_length`` tokens (a CLIP encoder's own 77 at most), with
+  ``data.max_sequence_length`` tokens (a CLIP encoder's own 77 at most), pruned as they are
+  loaded (:meth:`~flowtune.encoders.FamilyEncoder.prune_text_encoder`), with
   ``model.encoder_quantize`` accounted as for the transformer; then the VAE encoding
   ``data.encode_batch_size`` images at the largest bucket.
 - **sampling**: one denoising forward of the transformer (no gradients) at the validation size,
@@ -135,7 +136,8 @@ def _text_phase(recipe: Any, spec: FamilySpec, batch: int, fake: bool = True) ->
     from flowtune.memory.plan import LiveBytes
 
     dtype = getattr(torch, recipe.model.dtype)
-    components = [c for c in spec.load_encoder_class().text_components]
+    encoder_class = spec.load_encoder_class()
+    components = list(encoder_class.text_components)
     configs = {c: component_config(recipe.model.pretrained, c) for c in components}
     configs = {c: cfg for c, cfg in configs.items() if cfg is not None}
     if not configs:
@@ -148,6 +150,7 @@ def _text_phase(recipe: Any, spec: FamilySpec, batch: int, fake: bool = True) ->
         models = {}
         for component, config in configs.items():
             models[component] = build_component(config, dtype)
+            encoder_class.prune_text_encoder(component, models[component])  # as load_pipeline does
             if component in skips:
                 s, largest = _quantized_saving(models[component], mode, skips[component])
                 saved, transient = saved + s, max(transient, largest)

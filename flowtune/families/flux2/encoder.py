@@ -68,6 +68,27 @@ class Flux2Encoder(FamilyEncoder):
     text_components: ClassVar[tuple[str, ...]] = ("text_encoder", "tokenizer")
     image_fields: ClassVar[dict[str, bool]] = {"image_latents": False}
     text_fields: ClassVar[dict[str, bool]] = {"text_embeddings": True}
+    prompt_pipeline: ClassVar[str] = "Flux2Pipeline"
+    """The diffusers pipeline whose ``encode_prompt`` encodes the captions (its default
+    ``text_encoder_out_layers`` are the hidden states read)."""
+
+    @classmethod
+    def prune_text_encoder(cls, component: str, model: torch.nn.Module) -> None:
+        """Keep of the language model only the layers up to the highest hidden state
+        ``encode_prompt`` reads (FLUX.2 [dev]'s Mistral3: 31 of 40 for hidden state 30; [klein]'s
+        Qwen3: 28 of 36 for hidden state 27), and neither its vocabulary head nor a vision tower
+        (text prompts never run it)."""
+        import inspect
+
+        import diffusers
+
+        from flowtune.encoders.prune import drop_output_head, drop_submodules, keep_hidden_states_through
+
+        encode = getattr(diffusers, cls.prompt_pipeline).encode_prompt
+        layers = inspect.signature(encode).parameters["text_encoder_out_layers"].default
+        keep_hidden_states_through(model, max(layers))
+        drop_output_head(model)
+        drop_submodules(model, ("model.vision_tower", "model.multi_modal_projector"))
 
     @classmethod
     def pipeline_components(cls, model_dir: Path, without: Iterable[str]) -> dict[str, Any]:

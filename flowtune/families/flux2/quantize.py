@@ -13,6 +13,7 @@ QUANTIZE_SKIP = (
     "proj_out",
 )
 
-# FLUX.2 quantizes Mistral3 (text_encoder) but its Pixtral vision tower and projector, which text
-# prompts never run (quantizing them would only slow the load).
-ENCODER_QUANTIZE_SKIP = (("text_encoder", ("model.vision_tower", "model.multi_modal_projector")),)
+# FLUX.2 quantizes all of Mistral3 (text_encoder) that encoding keeps: its vision tower and
+# projector, its vocabulary head and the layers after hidden state 30 are dropped as it loads
+# (Flux2Encoder.prune_text_encoder).
+ENCODER_QUANTIZE_SKIP = (("text_encoder", ()),)

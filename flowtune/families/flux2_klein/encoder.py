@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -30,6 +30,8 @@ class Flux2KleinEncoder(Flux2Encoder):
     Fields: ``image_latents`` [B, 128, H/16, W/16] (and ``control_latents_k`` for edit pairs), as
     :class:`Flux2Encoder`; ``text_embeddings`` [B, L, 3 x Qwen3 hidden].
     """
+
+    prompt_pipeline: ClassVar[str] = "Flux2KleinPipeline"
 
     @classmethod
     def pipeline_components(cls, model_dir: Path, without: Iterable[str]) -> dict[str, Any]:

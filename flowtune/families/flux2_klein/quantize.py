@@ -6,7 +6,7 @@ from flowtune.families.flux2.quantize import QUANTIZE_SKIP as FLUX2_QUANTIZE_SKI
 # output layers); klein has no guidance embedder, and the pattern that would cover it is harmless.
 QUANTIZE_SKIP = FLUX2_QUANTIZE_SKIP
 
-# model.encoder_quantize quantizes Qwen3 (text_encoder) but its output head: Flux2KleinPipeline
-# reads only hidden states, so lm_head (the vocabulary projection; tied to the input embedding in
-# Qwen3-4B) never runs, and quantizing it would only slow the load.
-ENCODER_QUANTIZE_SKIP = (("text_encoder", ("lm_head",)),)
+# model.encoder_quantize quantizes all of Qwen3 (text_encoder) that encoding keeps: its vocabulary
+# head and the layers after hidden state 27 are dropped as it loads (the inherited
+# Flux2Encoder.prune_text_encoder).
+ENCODER_QUANTIZE_SKIP = (("text_encoder", ()),)

@@ -57,6 +57,15 @@ class QwenImageEncoder(FamilyEncoder):
     image_fields: ClassVar[dict[str, bool]] = {"image_latents": False}
     text_fields: ClassVar[dict[str, bool]] = {"text_embeddings": True}
 
+    @classmethod
+    def prune_text_encoder(cls, component: str, model: torch.nn.Module) -> None:
+        """Qwen2.5-VL without its vocabulary head (the pipeline reads the last hidden state) and
+        without its vision tower (text prompts never run it)."""
+        from flowtune.encoders.prune import drop_output_head, drop_submodules
+
+        drop_output_head(model)
+        drop_submodules(model, ("model.visual",))
+
     @torch.no_grad()
     def encode_images(
         self, images: list[Image.Image], generators: list[torch.Generator] | None = None

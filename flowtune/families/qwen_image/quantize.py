@@ -6,7 +6,7 @@
 # are quantized.
 QUANTIZE_SKIP = ("time_text_embed", "img_in", "txt_in", "norm_out", "proj_out")
 
-# model.encoder_quantize: Qwen-Image quantizes Qwen2.5-VL-7B's language model (text_encoder) but
-# its vision tower ("model.visual"), which text prompts never run, and its output head ("lm_head",
-# whose logits the pipeline never uses: it reads the last hidden state).
-ENCODER_QUANTIZE_SKIP = (("text_encoder", ("model.visual", "lm_head")),)
+# model.encoder_quantize: Qwen-Image quantizes all of Qwen2.5-VL-7B (text_encoder) that encoding
+# keeps: its vision tower and output head are dropped as it loads
+# (QwenImageEncoder.prune_text_encoder).
+ENCODER_QUANTIZE_SKIP = (("text_encoder", ()),)

@@ -31,8 +31,9 @@ SPEC = FamilySpec(
     reference_images=True,
     block_lists=BLOCK_LISTS,
     quantize_skip=QUANTIZE_SKIP,
-    # The edit pipeline runs Qwen2.5-VL's vision tower on the references: only lm_head is skipped.
-    encoder_quantize_skip=(("text_encoder", ("lm_head",)),),
+    # All of Qwen2.5-VL that encoding keeps, its vision tower included (the edit pipeline runs it
+    # on the references); its output head is dropped as it loads (QwenImageEditEncoder).
+    encoder_quantize_skip=(("text_encoder", ()),),
     adapter_arguments=ADAPTER_ARGUMENTS,
     guidance_argument="true_cfg_scale",
     guidance=4.0,

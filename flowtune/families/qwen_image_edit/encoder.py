@@ -104,6 +104,14 @@ class QwenImageEditEncoder(QwenImageEncoder):
     text_uses_references: ClassVar[bool] = True
 
     @classmethod
+    def prune_text_encoder(cls, component: str, model: torch.nn.Module) -> None:
+        """Qwen2.5-VL without its vocabulary head; its vision tower stays: the prompts carry the
+        reference images."""
+        from flowtune.encoders.prune import drop_output_head
+
+        drop_output_head(model)
+
+    @classmethod
     def pipeline_components(cls, model_dir: Path, without: Iterable[str]) -> dict[str, Any]:
         """The ``processor``, loaded by :func:`load_processor` (no torchvision needed)."""
         if "processor" in without:
