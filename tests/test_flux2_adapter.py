@@ -196,3 +196,44 @@ def test_loss_covers_only_the_target_tokens_and_depends_on_the_reference(pipe) -
         assert weighted.shape == (1, 128, 2, 3)  # the target's latents, not the reference's
         losses.append(weighted)
     assert not torch.equal(losses[0], losses[1])
+
+
+def test_the_lean_feed_forward_activation_changes_no_prediction_or_gradient() -> None:
+    """The family's transformer patch (one ``chunk`` instead of two slices in every SwiGLU):
+    the same prediction and gradients as diffusers' own, bit for bit, and a backward with one
+    gradient of the activation's input [..., 2F] alive instead of three."""
+    from diffusers.models.transformers.transformer_flux2 import Flux2SwiGLU
+
+    from flowtune.families import get_family
+    from flowtune.families.flux2.lean import ChunkedSwiGLU
+    from flowtune.memory.plan import LiveBytes
+
+    torch.manual_seed(0)
+    theirs = tiny_flux2_transformer()
+    ours = get_family("flux2").patch_transformer(tiny_flux2_transformer())
+    ours.load_state_dict(theirs.state_dict())
+    assert {type(m) for m in ours.modules()} >= {ChunkedSwiGLU} and Flux2SwiGLU not in map(
+        type, ours.modules()
+    )
+    context = image_context(
+        torch.randn(1, 128, 2, 3), torch.tensor([0.3]), {"text_embeddings": torch.randn(1, 8, 48)}
+    )
+    inputs = Flux2Adapter().prepare_inputs(context)
+    weight = torch.randn(1, 128, 2, 3)
+    results = []
+    for model in (theirs, ours):
+        pred = Flux2Adapter().forward(model, inputs)
+        (pred * weight).sum().backward()
+        results.append((pred.detach(), {n: p.grad for n, p in model.named_parameters()}))
+    (pred, grads), (our_pred, our_grads) = results
+    assert torch.equal(our_pred, pred)
+    assert all(torch.equal(our_grads[n], g) for n, g in grads.items())
+
+    x = torch.randn(64, 2 * 256, requires_grad=True)
+    peaks = []
+    for activation in (Flux2SwiGLU(), ChunkedSwiGLU()):
+        y = activation(x)
+        with LiveBytes() as live:
+            y.backward(torch.ones_like(y))
+        peaks.append(live.peak)
+    assert peaks[1] + x.numel() * 4 <= peaks[0]  # at least one [64, 512] float32 tensor fewer

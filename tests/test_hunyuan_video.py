@@ -7,6 +7,7 @@ used directly."""
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from pathlib import Path
 
@@ -242,6 +243,34 @@ def test_unpadded_text_predicts_as_the_pipeline_s_padded_text(pipe, rows) -> Non
         batch = _padded_text(_rows(rows, [0]))
         short = adapter.forward(pipe.transformer, adapter.prepare_inputs(_context(noisy, noisy, t, batch)))
     torch.testing.assert_close(short, full, rtol=1e-5, atol=1e-5)
+
+
+def test_the_key_mask_attention_changes_no_prediction_or_gradient(rows) -> None:
+    """The family's transformer patch (flowtune's attention processor, which masks the text's
+    padding as keys only) against diffusers' dense mask: the same prediction and the same
+    gradient of a loss for every parameter, with text rows padded to different lengths."""
+    from flowtune.families.hunyuan_video.attention import KeyMaskAttnProcessor
+    from flowtune.families.hunyuan_video.tiny import tiny_hunyuan_transformer
+
+    torch.manual_seed(0)
+    theirs = tiny_hunyuan_transformer().train()
+    ours = SPEC.patch_transformer(copy.deepcopy(theirs))
+    assert all(isinstance(b.attn.processor, KeyMaskAttnProcessor) for b in ours.transformer_blocks)
+    batch = _padded_text(_rows(rows, [0, 1]))
+    assert not batch["text_embeddings_mask"].all()  # padding to mask
+    noisy = torch.randn(2, C, 2, 2, 3)
+    adapter = HunyuanVideoAdapter()
+    inputs = adapter.prepare_inputs(_context(noisy, noisy, torch.tensor([700.0, 300.0]), dict(batch)))
+    weight = torch.randn(2, C, 2, 2, 3)
+    results = []
+    for model in (theirs, ours):
+        pred = adapter.forward(model, inputs)
+        (pred * weight).sum().backward()
+        results.append((pred.detach(), {n: p.grad for n, p in model.named_parameters()}))
+    (pred, grads), (our_pred, our_grads) = results
+    assert torch.equal(our_pred, pred)
+    assert grads.keys() == our_grads.keys()
+    assert all(torch.equal(our_grads[n], g) for n, g in grads.items() if g is not None)
 
 
 def test_i2v_inputs_and_cached_condition_equal_the_image_to_video_pipeline_s(i2v_pipe, i2v_dir, rows) -> None:

@@ -357,7 +357,8 @@ def load_pipeline(
     class the folder was saved by (its model_index.json) when it is one of the family's
     (``FamilySpec.pipeline_classes``), else ``FamilySpec.pipeline_class``
     (:meth:`FamilyEncoder.pipeline_class_name`).  Its text encoders are pruned of what caption
-    encoding never runs (:meth:`FamilyEncoder.prune_text_encoder`) as they are loaded.
+    encoding never runs (:meth:`FamilyEncoder.prune_text_encoder`) as they are loaded, and its
+    transformers patched as training patches them (``FamilySpec.patch_transformer``).
 
     Args:
         transformer: Use this transformer instead of loading ``model_dir/transformer`` (a full
@@ -404,6 +405,9 @@ def load_pipeline(
         model = getattr(pipe, name, None)
         if isinstance(model, torch.nn.Module):
             encoder_class.prune_text_encoder(name, model)
+    for component in pipe.components.values():  # both experts of a two-expert pipeline
+        if isinstance(component, getattr(diffusers, spec.transformer_class)):
+            spec.patch_transformer(component)
     pipe.set_progress_bar_config(disable=True)
     if encoder_quantize is not None:
         from flowtune.memory.quantize import quantize_text_encoders

@@ -120,6 +120,13 @@ class FamilySpec:
             indexing), which fake tensors cannot give: ``function(model, **forward kwargs)``,
             the same modules and tensor shapes without reading a value.  Training and sampling
             never use it.  None: the plan traces the transformer's own forward.
+        transformer_patch: ``"module:function"`` that swaps, in place, parts of the family's
+            diffusers transformer for stand-ins of flowtune's that compute the same outputs with
+            less memory (an attention processor, an activation module):
+            ``function(transformer) -> None``, called as the transformer is built or loaded for
+            training, ``flowtune plan`` and sampling (:meth:`patch_transformer`).  Its outputs
+            must equal the unpatched model's, which tests/test_family_contract.py checks.  None:
+            the transformer as diffusers builds it.
     """
 
     name: str
@@ -152,6 +159,7 @@ class FamilySpec:
     lora_loader: str | None = None
     plan_forward: str | None = None
     tiny_variants: tuple[tuple[str, str], ...] = ()
+    transformer_patch: str | None = None
 
     @property
     def pipeline_classes(self) -> tuple[str, ...]:
@@ -217,6 +225,13 @@ class FamilySpec:
     def load_plan_forward(self) -> Any | None:
         """Import and return the family's ``plan_forward`` function (None if it has none)."""
         return _import_object(self.plan_forward) if self.plan_forward else None
+
+    def patch_transformer(self, transformer: Any) -> Any:
+        """Apply the family's ``transformer_patch`` to ``transformer`` (a diffusers model of
+        ``transformer_class``, before any LoRA or quantization); return it."""
+        if self.transformer_patch is not None:
+            _import_object(self.transformer_patch)(transformer)
+        return transformer
 
     def load_lora_original_names(self) -> Any | None:
         """Import and return the family's ``OriginalNaming`` (None if it has none)."""

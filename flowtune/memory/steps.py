@@ -122,8 +122,8 @@ def largest_bucket(resolutions: list[int], granularity: int, step: int | None) -
 
 
 def build_model(spec: FamilySpec, config: dict[str, Any], dtype: torch.dtype, device: str) -> nn.Module:
-    """The family's transformer from ``config`` with random weights, built directly in ``dtype``
-    on ``device`` (fake modules cannot be moved with ``.to()``; building on a GPU also
+    """The family's transformer from ``config`` with random weights (patched as training patches
+    it: ``FamilySpec.patch_transformer``), built directly in ``dtype`` on ``device`` (fake modules cannot be moved with ``.to()``; building on a GPU also
     initialises there, in seconds for 32B parameters), frozen, in train mode."""
     import diffusers
 
@@ -135,6 +135,7 @@ def build_model(spec: FamilySpec, config: dict[str, Any], dtype: torch.dtype, de
             model = cls.from_config({k: v for k, v in config.items() if not k.startswith("_")})
     finally:
         torch.set_default_dtype(previous)
+    spec.patch_transformer(model)
     model.requires_grad_(False)
     model.train()
     return model

@@ -95,7 +95,8 @@ def load_transformer(
     host: tuple[str, ...] | list[str] = (),
     subfolder: str = "transformer",
 ) -> nn.Module:
-    """The family's transformer from ``model_dir/transformer``, in ``dtype``, frozen, in train mode.
+    """The family's transformer from ``model_dir/transformer``, in ``dtype``, frozen, in train mode,
+    patched with the family's memory-lean stand-ins (``FamilySpec.patch_transformer``).
 
     Args:
         quantize: ``model.quantize``: store the linear weights (but the family's
@@ -117,7 +118,7 @@ def load_transformer(
     kwargs: dict[str, Any] = {"subfolder": subfolder, "dtype": dtype}
     if variant is not None:
         kwargs["variant"] = variant
-    transformer = cls.from_pretrained(model_dir, **kwargs)
+    transformer = spec.patch_transformer(cls.from_pretrained(model_dir, **kwargs))
     transformer.requires_grad_(False)
     if quantize is not None:
         from flowtune.memory.quantize import quantize_linears

@@ -2,6 +2,7 @@
 
 The family's code: :mod:`.adapter` (``Flux2Adapter``), :mod:`.encoder` (``Flux2Encoder``),
 :mod:`.naming` (``FLUX2_NAMING``, BFL names for kohya / ComfyUI export), :mod:`.quantize`,
+:mod:`.lean` (``patch_transformer``: a feed-forward activation with a leaner backward),
 :mod:`.tiny` (``build_tiny_flux2``).
 """
 
@@ -46,4 +47,5 @@ SPEC = FamilySpec(
     encoder_quantize_skip=ENCODER_QUANTIZE_SKIP,
     adapter_arguments=ADAPTER_ARGUMENTS,
     guidance=4.0,  # Flux2Pipeline's default guidance_scale
+    transformer_patch="flowtune.families.flux2.lean:patch_transformer",
 )

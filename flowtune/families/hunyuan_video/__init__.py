@@ -3,7 +3,9 @@
 The family's code: :mod:`.adapter` (``HunyuanVideoAdapter``), :mod:`.encoder`
 (``HunyuanVideoEncoder``), :mod:`.naming` (``HUNYUAN_VIDEO_NAMING``: musubi-tuner's and
 ComfyUI's original key names), :mod:`.plan` (``traceable_forward``: the transformer forward that
-``flowtune plan`` traces), :mod:`.quantize`, :mod:`.tiny` (``build_tiny_hunyuan_video``).
+``flowtune plan`` traces), :mod:`.attention` (``patch_transformer``: the blocks' attention with
+a key mask instead of diffusers' dense one), :mod:`.quantize`, :mod:`.tiny`
+(``build_tiny_hunyuan_video``).
 """
 
 from __future__ import annotations
@@ -88,4 +90,5 @@ SPEC = FamilySpec(
     # diffusers' forward branches on its image embeddings and reorders text tokens by their
     # masks: flowtune plan traces a stand-in of the same shapes.
     plan_forward="flowtune.families.hunyuan_video.plan:traceable_forward",
+    transformer_patch="flowtune.families.hunyuan_video.attention:patch_transformer",
 )
