@@ -401,6 +401,15 @@ def sample(
             show_default="the recipe's model.encoder_quantize, else none",
         ),
     ] = None,
+    block_offload: Annotated[
+        str | None,
+        typer.Option(
+            help="Keep this many transformer blocks on the GPU and stream the others from CPU "
+            "memory (none: all on the GPU); the prompts are encoded first and the text encoders "
+            "freed.",
+            show_default="the recipe's train.block_offload, else none",
+        ),
+    ] = None,
 ) -> None:
     """Generate images with a trained checkpoint (or a base model and a LoRA) through the
     family's diffusers pipeline; writes OUT/NNNNNN.png, OUT/samples.jsonl and OUT/grid.png."""
@@ -425,6 +434,12 @@ def sample(
         source.quantize = None if quantize == "none" else quantize
     if encoder_quantize is not None:
         source.encoder_quantize = None if encoder_quantize == "none" else encoder_quantize
+    if block_offload is not None:
+        if block_offload != "none" and not (block_offload.isdigit()):
+            raise FlowtuneError(
+                f"--block-offload {block_offload!r}: give the number of blocks to keep on the GPU, or none"
+            )
+        source.block_offload = None if block_offload == "none" else int(block_offload)
     if control_resize is not None:
         if control_resize not in ("pipeline", "match_target", "kontext"):
             raise FlowtuneError(f"--control-resize {control_resize!r}: choose pipeline or match_target")

@@ -30,7 +30,7 @@ import math
 import re
 import warnings
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -645,16 +645,77 @@ def add_lora(pipe: Any, lora_file: Path, scale: float = 1.0) -> None:
 
 def _quantize(pipe: Any, source: SampleSource, device: str | None) -> None:
     """Quantize the loaded pipeline's transformer (``source.quantize``) and text encoders
-    (``source.encoder_quantize``) in place, layer by layer on ``device`` (None: where they are),
-    before any LoRA is loaded: peft then wraps an int8/fp8 layer in its ``TorchaoLoraLinear`` and
+    (``source.encoder_quantize``) in place, layer by layer on ``device`` (None: where they are;
+    the blocks ``source.block_offload`` streams back in CPU memory), before any LoRA is loaded: peft then wraps an int8/fp8 layer in its ``TorchaoLoraLinear`` and
     an nf4 one in its plain LoRA ``Linear``, both adding the LoRA on top of the quantized weight."""
     from flowtune.memory.quantize import quantize_linears, quantize_text_encoders
+    from flowtune.train.offload import offloaded_block_names
 
     if source.quantize is not None:
         pipe.transformer.requires_grad_(False)
-        quantize_linears(pipe.transformer, source.quantize, source.spec.quantize_skip, device)
+        # The blocks that --block-offload streams go back to CPU memory once quantized.
+        host = []
+        if source.block_offload is not None:
+            host = offloaded_block_names(source.spec, dict(pipe.transformer.config), source.block_offload)
+        quantize_linears(pipe.transformer, source.quantize, source.spec.quantize_skip, device, host)
     if source.encoder_quantize is not None:
         quantize_text_encoders(pipe, source.encoder_quantize, source.spec.encoder_quantize_skip, device)
+
+
+def encode_prompts_first(
+    pipe: Any,
+    spec: FamilySpec,
+    model_dir: Path,
+    prompts: Sequence[str],
+    settings: SampleSettings,
+    dtype: str,
+    device: str,
+) -> list[dict[str, Any]]:
+    """Each prompt's pipeline arguments as embeddings (``prompt_embeds``..., batch 1, on
+    ``device``), encoded by the pipeline's own text encoders on ``device`` one prompt at a time,
+    as the pipeline encodes a prompt, with the negative prompt's (``settings.negative_prompt``,
+    else the family's implicit one) where the family has one; then the text encoders are dropped
+    from ``pipe``, so that sampling never has them on the GPU beside the transformer.  The same
+    arguments validation passes from cached embeddings (:meth:`FamilyEncoder.prompt_inputs`)."""
+    from flowtune.encoders.base import EncoderSettings, create_encoder
+
+    length = settings.max_sequence_length
+    if length is None:  # the pipeline's own default (sampling a base model and a LoRA)
+        parameter = inspect.signature(pipe.__call__).parameters.get("max_sequence_length")
+        length = parameter.default if parameter is not None else 0
+    encoder = create_encoder(spec, model_dir, EncoderSettings(dtype, length, "mode"), device)  # type: ignore[arg-type]
+    encoder.pipe = pipe
+    names = [n for n in encoder.text_components if isinstance(getattr(pipe, n, None), torch.nn.Module)]
+    for name in names:
+        getattr(pipe, name).to(device)
+
+    def encoded(prompt: str) -> dict[str, Any]:  # as a cache entry: each field batch 1
+        return {field: value[0].unsqueeze(0) for field, value in encoder.encode_prompts([prompt]).items()}
+
+    negative: dict[str, Any] = {}
+    negative_prompt = spec.cached_negative_prompt(settings.negative_prompt)
+    if negative_prompt is not None:
+        negative = encoder.negative_inputs(encoded(negative_prompt))
+    inputs = [{**encoder.prompt_inputs(encoded(prompt)), **negative} for prompt in dict.fromkeys(prompts)]
+    by_prompt = dict(zip(dict.fromkeys(prompts), inputs, strict=True))
+    pipe.register_modules(**dict.fromkeys(names))
+    return [by_prompt[prompt] for prompt in prompts]
+
+
+def place_with_block_offload(pipe: Any, spec: FamilySpec, resident: int, device: str) -> None:
+    """Put ``pipe`` on ``device`` but the weights of its transformers' blocks past the last
+    ``resident`` ones, which stay in pinned CPU memory and stream in as each block runs
+    (:func:`flowtune.train.offload.offload_blocks`, as ``train.block_offload`` streams them)."""
+    import diffusers
+
+    from flowtune.train.offload import offload_blocks
+
+    transformer_class = getattr(diffusers, spec.transformer_class)
+    for component in pipe.components.values():
+        if isinstance(component, transformer_class):
+            offload_blocks(component, spec, resident, torch.device(device))
+        elif isinstance(component, torch.nn.Module):
+            component.to(device)
 
 
 # ---------------------------------------------------------------------------------------- the command
@@ -683,6 +744,10 @@ class SampleSource:
             ``model.quantize``; the family's ``quantize_skip`` layers stay in ``dtype``), before
             the LoRA is loaded onto them.  From a checkpoint: its recipe's ``model.quantize``.
         encoder_quantize: The same for the text encoders (as ``model.encoder_quantize``).
+        block_offload: Keep this many of the transformer's blocks on the GPU and stream the
+            others' weights from pinned CPU memory (as ``train.block_offload``); the prompts are
+            then encoded before sampling and the text encoders freed (:func:`sample`).  From a
+            checkpoint: its recipe's ``train.block_offload``.
     """
 
     spec: FamilySpec
@@ -702,6 +767,7 @@ class SampleSource:
     model_hint: str | None = None
     quantize: str | None = None
     encoder_quantize: str | None = None
+    block_offload: int | None = None
 
     def model_dir(self, components: Sequence[str]) -> Path:
         """The base model's local directory with ``components`` (downloaded if needed), checked to
@@ -770,6 +836,7 @@ def source_from_checkpoint(ckpt: Path, base_model: str | None = None) -> SampleS
         else f"the base model of {trained.recipe_file} (give another with --model)",
         quantize=recipe.model.quantize,
         encoder_quantize=recipe.model.encoder_quantize,
+        block_offload=recipe.train.block_offload,
     )
 
 
@@ -843,6 +910,10 @@ def sample(
     for key, mode in (("--quantize", source.quantize), ("--encoder-quantize", source.encoder_quantize)):
         if mode is not None:  # an unknown mode, or torchao missing: one line, before any model loads
             check_quantize_available(mode, key)
+    if source.block_offload is not None:  # more blocks than the model has: before any model loads
+        from flowtune.train.offload import check_block_offload
+
+        check_block_offload(spec, source.pretrained, source.revision, source.block_offload, "--block-offload")
     references = pair_references(
         spec, prompts, images, (settings.width, settings.height), source.control_resize
     )
@@ -897,23 +968,30 @@ def sample(
         for lora in loras:
             add_lora(pipe, lora, settings.lora_scale)
 
+        encoder_class = spec.load_encoder_class()
         inputs = None
+        if source.block_offload is not None and not encoder_class.text_uses_references:
+            # The text encoders' work is done before the transformer comes onto the GPU.
+            inputs = encode_prompts_first(pipe, spec, model_dir, prompts, settings, name, device)
+            settings = replace(settings, max_sequence_length=None)  # embeddings are given
         if references is not None:
-            encoder_class = spec.load_encoder_class()
-            inputs = []
-            for prompt, files in zip(prompts, references, strict=True):
+            with_references = []
+            for i, (prompt, files) in enumerate(zip(prompts, references, strict=True)):
                 try:
                     extra = encoder_class.reference_inputs(
                         pipe, load_references(files), settings.height, settings.width, source.control_resize
                     )
                 except ValueError as exc:
                     raise FlowtuneError(str(exc)) from None
-                inputs.append({"prompt": prompt, **extra})
+                with_references.append({**(inputs[i] if inputs else {"prompt": prompt}), **extra})
+            inputs = with_references
         jobs = plan_jobs(prompts, settings, inputs, references)
         fps = settings.frame_rate(spec)
         paths = []
         try:
-            if cpu_offload:
+            if source.block_offload is not None:
+                place_with_block_offload(pipe, spec, source.block_offload, device)
+            elif cpu_offload:
                 pipe.enable_model_cpu_offload(device=device)
             else:
                 pipe.to(device)
@@ -925,9 +1003,11 @@ def sample(
                     progress(done, len(jobs), paths[-1])
         except torch.OutOfMemoryError:
             hint = (
-                "a smaller --height/--width"
+                "fewer --block-offload blocks, or a smaller --height/--width"
+                if source.block_offload is not None
+                else "a smaller --height/--width"
                 if cpu_offload
-                else "--cpu-offload, or a smaller --height/--width"
+                else "--cpu-offload, --block-offload N, or a smaller --height/--width"
             )
             raise FlowtuneError(
                 f"out of memory on {device} after {len(paths)} of {len(jobs)} images (those are saved in "

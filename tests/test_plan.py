@@ -172,24 +172,52 @@ def test_activation_offload_takes_the_saved_activations_off_the_gpu_plan(mid_flu
     assert dict(planned.settings)["activation offload"].endswith("in pinned CPU memory")
 
 
+@pytest.fixture(scope="module")
+def four_blocks_trace(four_blocks: Path) -> tuple:
+    """The four-block model's recipe at 128 px with gradient checkpointing, and its trace."""
+    from flowtune.families import get_family
+    from flowtune.memory.plan import trace_recipe
+
+    spec = get_family("flux")
+    recipe = _recipe(
+        four_blocks, "data.resolution=128", "data.max_sequence_length=16", "train.gradient_checkpointing=true"
+    )
+    return recipe, spec, trace_recipe(recipe, spec)
+
+
+def test_sampling_with_block_offload_streams_the_blocks_after_the_text_encoders(four_blocks_trace) -> None:
+    """``flowtune sample`` of a run with train.block_offload (its --block-offload default): the
+    transformer's resident part, LoRA and VAE, by what offload saves below the plain sample; the
+    text encoders (none in this folder) alone before it."""
+    from flowtune.memory.phases import plan_sampling
+    from flowtune.memory.plan import _with
+
+    recipe, spec, trace = four_blocks_trace
+    offload = _with(recipe, ["train.block_offload=1"])
+    plain = plan_sampling(recipe, spec, trace, trace.plan(recipe, spec))[-1]
+    step = trace.plan(offload, spec)
+    streamed = plan_sampling(offload, spec, trace, step)[-1]
+    assert streamed.name == plain.name == "sample" and step.offload_saved > 0
+    assert streamed.peak == plain.peak - step.offload_saved
+    assert [what for what, _ in streamed.parts][:2] == [
+        "text encoders, encoding the prompts first",
+        "transformer (blocks streamed), LoRA and VAE",
+    ]
+
+
 def test_changes_to_fit_each_fit_and_come_cheapest_first(
-    four_blocks: Path, monkeypatch: pytest.MonkeyPatch
+    four_blocks_trace: tuple, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Just under the unchanged plan, block offload alone fits and comes first; every change's
     figure is the plan of the recipe with it.  Under the lowest plan of block offload and
     quantization, the changes keep the checkpointed activations in CPU memory too (its size
     floor set to 0, so the small model's move), with the RAM it takes; a budget nothing can meet
     gets no change."""
-    from flowtune.families import get_family
-    from flowtune.memory.plan import ACTIVATION_OFFLOAD, _with, changes_to_fit, trace_recipe
+    from flowtune.memory.plan import ACTIVATION_OFFLOAD, _with, changes_to_fit
     from flowtune.train import activation_offload
 
     monkeypatch.setattr(activation_offload, "MIN_BYTES", 0)
-    spec = get_family("flux")
-    recipe = _recipe(
-        four_blocks, "data.resolution=128", "data.max_sequence_length=16", "train.gradient_checkpointing=true"
-    )
-    trace = trace_recipe(recipe, spec)
+    recipe, spec, trace = four_blocks_trace
     budget = trace.plan(recipe, spec).peak - 1
     changes = changes_to_fit(recipe, spec, trace, budget, limit=10)
     assert [c.overrides[0].split("=")[0] for c in changes[:2]] == ["train.block_offload", "model.quantize"]

@@ -123,6 +123,39 @@ def test_a_checkpoint_s_recipe_gives_the_defaults_and_a_second_run_adds_images(r
     assert np.array_equal(np.asarray(Image.open(first.images[0])), np.asarray(Image.open(third.images[0])))
 
 
+def test_block_offload_samples_the_same_pixels_with_the_text_encoders_freed_first(
+    run, tmp_path, monkeypatch
+) -> None:
+    """``--block-offload 1``: every prompt is encoded before sampling and the text encoders are
+    dropped, the transformer streams its other block from CPU memory, and the pixels are a plain
+    sample's; more blocks than the model has is a one-line error before anything loads."""
+    import flowtune.sample as sampling
+
+    source = source_from_checkpoint(run)
+    settings = SampleSettings(**source.defaults)
+    prompts = [PROMPT, "a blue square", PROMPT]
+    plain = sample(source, prompts, settings, tmp_path / "plain")
+    seen = []
+    generate = sampling.generate_frames
+
+    def watched(pipe, job, *args):
+        hooks = getattr(pipe.transformer, "flowtune_block_offload", None)
+        seen.append((pipe.text_encoder, pipe.text_encoder_2, hooks is not None, "prompt" in job.inputs))
+        return generate(pipe, job, *args)
+
+    monkeypatch.setattr(sampling, "generate_frames", watched)
+    source.block_offload = 1
+    streamed = sample(source, prompts, settings, tmp_path / "streamed")
+    assert seen == [(None, None, True, False)] * 3
+    for a, b in zip(plain.images, streamed.images, strict=True):
+        assert np.array_equal(np.asarray(Image.open(a)), np.asarray(Image.open(b)))
+    result = cli(
+        "sample", "--ckpt", str(run), "-p", "x", "--block-offload", "5", "--out", str(tmp_path / "no")
+    )
+    assert_user_error(result, "--block-offload 5 keeps more blocks on the GPU than the model has (4)")
+    assert not (tmp_path / "no").exists()
+
+
 def test_a_model_and_a_lora_file_at_a_lower_strength(run, tmp_path) -> None:
     model_dir = run.parent / "tiny-flux"
     source = source_from_model(str(model_dir), run / "final" / LORA_WEIGHTS_NAME)

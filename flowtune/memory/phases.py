@@ -21,7 +21,9 @@ configs alone, counting live bytes with :class:`~flowtune.memory.plan.LiveBytes`
   time; :func:`flowtune.train.validation.frozen_expert`); for
   ``flowtune sample``, the transformer with its LoRA, the text encoders and the VAE, all on
   the GPU (``--cpu-offload`` keeps one at a time there instead), a one-expert run's other
-  expert whole among them.
+  expert whole among them; with ``train.block_offload`` (``flowtune sample --block-offload``
+  defaults to it), the text encoders alone first, encoding the prompts, then the transformers'
+  resident parts, the LoRA and the VAE.
 
 A component's config is a local model folder's ``COMPONENT/config.json``, or one bundled in
 ``flowtune/memory/configs/components/`` for the Hub ids the bundled recipes name.
@@ -272,6 +274,25 @@ def plan_sampling(recipe: Any, spec: FamilySpec, trace: Any, step: Any) -> list[
                 [*parts, (f"denoising forward at {size}", forward), ("VAE decoding", decode)],
             )
         )
+    if recipe.train.block_offload is not None and not spec.load_encoder_class().text_uses_references:
+        # flowtune sample --block-offload (a checkpoint's default): the prompts are encoded first,
+        # the text encoders alone on the GPU, then freed; the transformers stream their blocks.
+        static = trace.counts["frozen"] + quantized - step.offload_saved + trace.counts["trainable"]
+        static += other - step.offloaded if other else 0
+        static += vae_weights
+        plans.append(
+            PhasePlan(
+                "sample",
+                max(static + max(forward, decode), text_weights + text_run),
+                [
+                    ("text encoders, encoding the prompts first", text_weights + text_run),
+                    (f"transformer{'s' if other else ''} (blocks streamed), LoRA and VAE", static),
+                    (f"denoising forward at {size}", forward),
+                    ("VAE decoding", decode),
+                ],
+            )
+        )
+        return plans
     static = (
         trace.counts["frozen"] + quantized + other + trace.counts["trainable"] + text_weights + vae_weights
     )

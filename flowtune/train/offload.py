@@ -65,27 +65,32 @@ def read_transformer_config(pretrained: str, revision: str | None) -> dict[str, 
         return None
 
 
-def check_block_offload(spec: FamilySpec, pretrained: str, revision: str | None, resident: int) -> None:
-    """Refuse ``train.block_offload: resident`` for ``model.pretrained`` when it keeps more blocks
-    than the model has, from its transformer's ``config.json`` alone, before any weight is
-    downloaded or loaded.
+def check_block_offload(
+    spec: FamilySpec, pretrained: str, revision: str | None, resident: int, key: str = "train.block_offload"
+) -> None:
+    """Refuse ``train.block_offload: resident`` (or ``flowtune sample``'s ``key``
+    ``--block-offload``) for ``model.pretrained`` when it keeps more blocks than the model has,
+    from its transformer's ``config.json`` alone, before any weight is downloaded or loaded.
 
     Raises:
         FlowtuneError: the family declares no block lists, or ``resident`` exceeds the count.
     """
+    option = key.startswith("--")
+    off = "none" if option else "null"
     if not spec.block_lists:
         raise FlowtuneError(
-            f"train.block_offload: model family {spec.name!r} declares no transformer block lists; set "
-            "train.block_offload=null"
+            f"{key}: model family {spec.name!r} declares no transformer block lists; "
+            + ("leave it out" if option else f"set {key}={off}")
         )
     config = read_transformer_config(pretrained, revision)
     if config is None:
         return
     count = model_block_count(spec, config)
     if resident > count:
+        given = f"{key} {resident}" if option else f"{key}={resident}"
         raise FlowtuneError(
-            f"train.block_offload={resident} keeps more blocks on the GPU than the model has ({count}); "
-            f"set it to 0-{count - 1} (the number of blocks kept on the GPU), or null to turn offload off"
+            f"{given} keeps more blocks on the GPU than the model has ({count}); "
+            f"set it to 0-{count - 1} (the number of blocks kept on the GPU), or {off} to turn offload off"
         )
 
 
