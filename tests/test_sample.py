@@ -149,10 +149,11 @@ def test_block_offload_samples_the_same_pixels_with_the_text_encoders_freed_firs
     assert seen == [(None, None, True, False)] * 3
     for a, b in zip(plain.images, streamed.images, strict=True):
         assert np.array_equal(np.asarray(Image.open(a)), np.asarray(Image.open(b)))
-    result = cli(
-        "sample", "--ckpt", str(run), "-p", "x", "--block-offload", "5", "--out", str(tmp_path / "no")
-    )
-    assert_user_error(result, "--block-offload 5 keeps more blocks on the GPU than the model has (4)")
+    source.block_offload = 5
+    with pytest.raises(
+        FlowtuneError, match=r"--block-offload 5 keeps more blocks .* than the model has \(4\)"
+    ):
+        sample(source, prompts, settings, tmp_path / "no")
     assert not (tmp_path / "no").exists()
 
 
