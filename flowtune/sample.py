@@ -644,20 +644,28 @@ def add_lora(pipe: Any, lora_file: Path, scale: float = 1.0) -> None:
 
 
 def _quantize(pipe: Any, source: SampleSource, device: str | None) -> None:
-    """Quantize the loaded pipeline's transformer (``source.quantize``) and text encoders
+    """Quantize the loaded pipeline's transformers (``source.quantize``; both experts of a
+    two-expert model, as training quantizes the frozen other one) and text encoders
     (``source.encoder_quantize``) in place, layer by layer on ``device`` (None: where they are;
-    the blocks ``source.block_offload`` streams back in CPU memory), before any LoRA is loaded: peft then wraps an int8/fp8 layer in its ``TorchaoLoraLinear`` and
-    an nf4 one in its plain LoRA ``Linear``, both adding the LoRA on top of the quantized weight."""
+    the blocks ``source.block_offload`` streams back in CPU memory), before any LoRA is loaded:
+    peft then wraps an int8/fp8 layer in its ``TorchaoLoraLinear`` and an nf4 one in its plain
+    LoRA ``Linear``, both adding the LoRA on top of the quantized weight."""
+    import diffusers
+
     from flowtune.memory.quantize import quantize_linears, quantize_text_encoders
     from flowtune.train.offload import offloaded_block_names
 
     if source.quantize is not None:
-        pipe.transformer.requires_grad_(False)
-        # The blocks that --block-offload streams go back to CPU memory once quantized.
-        host = []
-        if source.block_offload is not None:
-            host = offloaded_block_names(source.spec, dict(pipe.transformer.config), source.block_offload)
-        quantize_linears(pipe.transformer, source.quantize, source.spec.quantize_skip, device, host)
+        spec = source.spec
+        for transformer in pipe.components.values():  # both experts of a two-expert model
+            if not isinstance(transformer, getattr(diffusers, spec.transformer_class)):
+                continue
+            transformer.requires_grad_(False)
+            # The blocks that --block-offload streams go back to CPU memory once quantized.
+            host = []
+            if source.block_offload is not None:
+                host = offloaded_block_names(spec, dict(transformer.config), source.block_offload)
+            quantize_linears(transformer, source.quantize, spec.quantize_skip, device, host)
     if source.encoder_quantize is not None:
         quantize_text_encoders(pipe, source.encoder_quantize, source.spec.encoder_quantize_skip, device)
 
@@ -713,6 +721,8 @@ def place_with_block_offload(pipe: Any, spec: FamilySpec, resident: int, device:
     transformer_class = getattr(diffusers, spec.transformer_class)
     for component in pipe.components.values():
         if isinstance(component, transformer_class):
+            # Every weight is frozen here, the LoRA's too: offload_blocks streams frozen ones.
+            component.requires_grad_(False)
             offload_blocks(component, spec, resident, torch.device(device))
         elif isinstance(component, torch.nn.Module):
             component.to(device)

@@ -202,6 +202,43 @@ def test_low_expert_lora_validates_as_the_pipeline_with_it_in_transformer_2(mode
     assert not _same(plain, expected)  # the LoRA matters
 
 
+def test_sampling_a_run_with_block_offload_streams_both_experts_and_quantizes_both(
+    runs, tmp_path, monkeypatch
+) -> None:
+    """`flowtune sample` of the `low` run takes its train.block_offload (1 of 2 blocks resident)
+    for both experts, with the prompts encoded first: the validation clip's pixels.  With
+    --quantize, both experts are quantized, as training quantizes the frozen other one."""
+    import flowtune.sample as sampling
+    from flowtune.train.offload import streamed_weights
+
+    run = runs["low"]
+    source = sampling.source_from_checkpoint(run)
+    assert source.block_offload == 1
+    seen = []
+    generate = sampling.generate_frames
+
+    def watched(pipe, job, *args):
+        experts = (pipe.transformer, pipe.transformer_2)
+        # A streamed block's weights are in CPU memory between uses (None in the module then).
+        kinds = [
+            {type(m.weight).__name__ for n, m in e.named_modules() if isinstance(m, torch.nn.Linear)}
+            - {"NoneType"}
+            for e in experts
+        ]
+        seen.append(([len(streamed_weights(e)) > 0 for e in experts], kinds))
+        return generate(pipe, job, *args)
+
+    monkeypatch.setattr(sampling, "generate_frames", watched)
+    settings = sampling.SampleSettings(**source.defaults)
+    result = sampling.sample(source, source.prompts, settings, tmp_path / "streamed")
+    assert seen.pop() == ([True, True], [{"Parameter"}, {"Parameter"}])
+    assert _same(_strip(result.images[0]), _strip(run / "samples" / "step-000001" / "000000.png"))
+    source.quantize = "int8"
+    sampling.sample(source, source.prompts, settings, tmp_path / "int8")
+    streams, kinds = seen.pop()
+    assert streams == [True, True] and all(len(k - {"Parameter"}) == 1 for k in kinds), kinds
+
+
 def test_the_other_expert_streams_its_blocks_under_no_grad(model, runs) -> None:
     """With ``train.block_offload=1`` a `low` run's validation loads the high expert with its first
     block's weights off the device (strict: empty between uses), onloaded for its forward under
