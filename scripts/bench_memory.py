@@ -43,7 +43,8 @@ Activation offload on a GPU (docs/performance.md "Long clips"), one call, plans 
 --results appends one JSON line per case as it finishes (a run cut short keeps what it measured);
 --render rebuilds the table from such files (the last line per case and field wins), so the GPU
 measurement and the plan can be taken on different machines.  --write replaces the section
-`## Memory savers` of docs/performance.md.
+`## Memory savers` of docs/performance.md (the table and its introduction; the hand-written
+`## Memory savers: notes` after it stays, to be brought up to date by hand).
 """
 
 from __future__ import annotations
