@@ -10,9 +10,6 @@ file is an ordinary one that plain diffusers loads on the unquantized base and t
 from __future__ import annotations
 
 import copy
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -29,7 +26,7 @@ from flowtune.tiny import make_tiny
 from flowtune.train.metrics import read_metrics
 from flowtune.train.model import LORA_WEIGHTS_NAME, add_lora, load_transformer
 from flowtune.train.trainer import Trainer
-from tests.helpers import REPO, tiny_flux_inputs, tiny_flux_training_env
+from tests.helpers import tiny_flux_inputs, tiny_flux_training_env
 
 STEPS = 12
 
@@ -175,53 +172,43 @@ def test_export_merge_fuses_it_into_the_unquantized_base(runs: Path, tmp_path: P
     assert torch.equal(state["x_embedder.weight"], base_state["x_embedder.weight"])
 
 
-# Wraps the int8 tiny transformer with its LoRA in DDP (one gloo process), as Accelerate does,
-# without and with exclude_quantized_from_ddp; prints what each gives.
-_DDP_SCRIPT = """
-import torch.distributed as dist
-from torch.nn.parallel import DistributedDataParallel
-from flowtune.families import get_family
-from flowtune.memory.quantize import exclude_quantized_from_ddp, quantize_linears
-from flowtune.families.flux.tiny import tiny_flux_transformer
-from flowtune.train.model import add_lora
-
-dist.init_process_group("gloo", init_method="tcp://127.0.0.1:{port}", rank=0, world_size=1)
-for exclude in (False, True):
-    model = tiny_flux_transformer().requires_grad_(False)
-    quantize_linears(model, "int8", get_family("flux").quantize_skip)
-    add_lora(model, get_family("flux"), rank=4, alpha=4)
-    names = exclude_quantized_from_ddp(model) if exclude else []
-    try:
-        DistributedDataParallel(model)
-        print("wrapped", len(names))
-    except NotImplementedError:
-        print("refused")
-dist.destroy_process_group()
-"""
-
-
 def test_ddp_wraps_a_quantized_base_once_its_weights_are_excluded() -> None:
     """DDP broadcasts every parameter when it starts, and torchao's tensors implement none of the
     ops that needs; they need no copy (every process quantizes the same file the same way) and,
     frozen, never reach DDP's all-reduce.  Checked end to end by hand: 2 CPU processes with
-    int8, fp8 and nf4 bases train the single process's run (same losses).  One process of world
-    size 1, so it runs beside the other tests rather than in the serial `processes` part."""
+    int8, fp8 and nf4 bases train the single process's run (same losses).  Here one gloo process
+    group of world size 1, in this process (destroyed after), wraps the int8 tiny transformer with
+    its LoRA as Accelerate does, without and with ``exclude_quantized_from_ddp``."""
     import socket
+
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    from flowtune.families.flux.tiny import tiny_flux_transformer
+    from flowtune.memory.quantize import exclude_quantized_from_ddp, quantize_linears
+    from flowtune.train.model import add_lora
 
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    result = subprocess.run(
-        [sys.executable, "-c", _DDP_SCRIPT.format(port=port)],
-        cwd=REPO,
-        env={**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"},
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
+    spec = get_family("flux")
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    try:
+        outcomes = []
+        for exclude in (False, True):
+            model = tiny_flux_transformer().requires_grad_(False)
+            quantize_linears(model, "int8", spec.quantize_skip)
+            add_lora(model, spec, rank=4, alpha=4)
+            names = exclude_quantized_from_ddp(model) if exclude else []
+            try:
+                DistributedDataParallel(model)
+                outcomes.append(f"wrapped {len(names)}")
+            except NotImplementedError:
+                outcomes.append("refused")
+    finally:
+        dist.destroy_process_group()
     # 40 quantized block linears; the LoRA targets among them are now peft's base_layer weights.
-    assert result.stdout.split("\n")[:2] == ["refused", "wrapped 40"], result.stdout
+    assert outcomes == ["refused", "wrapped 40"]
 
 
 @pytest.mark.parametrize("family", family_names())
