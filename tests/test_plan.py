@@ -213,6 +213,9 @@ def test_changes_to_fit_each_fit_and_come_cheapest_first(
     quantization, the changes keep the checkpointed activations in CPU memory too (its size
     floor set to 0, so the small model's move), with the RAM it takes; a budget nothing can meet
     gets no change."""
+    from omegaconf import OmegaConf
+
+    from flowtune.memory import plan
     from flowtune.memory.plan import ACTIVATION_OFFLOAD, _with, changes_to_fit
     from flowtune.train import activation_offload
 
@@ -227,11 +230,22 @@ def test_changes_to_fit_each_fit_and_come_cheapest_first(
         assert change.peak <= budget and change.cost
         assert trace.plan(_with(recipe, change.overrides), spec).peak == change.peak
 
+    # The two calls below trace the recipe with activation offload: once is enough here.
+    traced: dict[str, object] = {}
+    trace_recipe = plan.trace_recipe
+
+    def trace_once(changed, spec):
+        key = OmegaConf.to_yaml(changed)
+        if key not in traced:
+            traced[key] = trace_recipe(changed, spec)
+        return traced[key]
+
+    monkeypatch.setattr(plan, "trace_recipe", trace_once)
     lowest = trace.plan(_with(recipe, ["model.quantize=nf4", "train.block_offload=0"]), spec).peak
     changes = changes_to_fit(recipe, spec, trace, lowest - 1)
     assert changes and all(c.overrides[0] == ACTIVATION_OFFLOAD and c.peak < lowest for c in changes)
     assert "KiB of RAM" in changes[0].cost
-    assert changes_to_fit(recipe, spec, trace, 1) == []
+    assert changes_to_fit(recipe, spec, trace, 1) == [] and len(traced) == 1
 
 
 def _stored_bytes(tensor) -> int:
