@@ -274,37 +274,22 @@ def plan_sampling(recipe: Any, spec: FamilySpec, trace: Any, step: Any) -> list[
                 [*parts, (f"denoising forward at {size}", forward), ("VAE decoding", decode)],
             )
         )
-    if recipe.train.block_offload is not None and not spec.load_encoder_class().text_uses_references:
-        # flowtune sample --block-offload (a checkpoint's default): the prompts are encoded first,
-        # the text encoders alone on the GPU, then freed; the transformers stream their blocks.
-        static = trace.counts["frozen"] + quantized - step.offload_saved + trace.counts["trainable"]
-        static += other - step.offloaded if other else 0
-        static += vae_weights
-        plans.append(
-            PhasePlan(
-                "sample",
-                max(static + max(forward, decode), text_weights + text_run),
-                [
-                    ("text encoders, encoding the prompts first", text_weights + text_run),
-                    (f"transformer{'s' if other else ''} (blocks streamed), LoRA and VAE", static),
-                    (f"denoising forward at {size}", forward),
-                    ("VAE decoding", decode),
-                ],
-            )
-        )
-        return plans
-    static = (
-        trace.counts["frozen"] + quantized + other + trace.counts["trainable"] + text_weights + vae_weights
-    )
-    plans.append(
-        PhasePlan(
-            "sample",
-            static + max(forward, decode, text_run),
-            [
-                (f"transformer{'s' if other else ''}, LoRA, text encoders and VAE", static),
-                (f"denoising forward at {size}", forward),
-                ("VAE decoding", decode),
-            ],
-        )
-    )
+    # flowtune sample --block-offload (a checkpoint's default: its train.block_offload): the
+    # transformers stream their blocks; the prompts are encoded first, the text encoders alone on
+    # the GPU and then freed, unless the family encodes them with their reference images.
+    streamed = recipe.train.block_offload is not None
+    transformers = trace.counts["frozen"] + quantized + other + trace.counts["trainable"]
+    if streamed:
+        transformers -= step.offload_saved + (step.offloaded if other else 0)
+    what = f"transformer{'s' if other else ''}{' (blocks streamed)' if streamed else ''}, LoRA"
+    runs = [(f"denoising forward at {size}", forward), ("VAE decoding", decode)]
+    if streamed and not spec.load_encoder_class().text_uses_references:
+        static = transformers + vae_weights
+        first = ("text encoders, encoding the prompts first", text_weights + text_run)
+        peak = max(static + max(forward, decode), first[1])
+        plans.append(PhasePlan("sample", peak, [first, (f"{what} and VAE", static), *runs]))
+    else:
+        static = transformers + text_weights + vae_weights
+        peak = static + max(forward, decode, text_run)
+        plans.append(PhasePlan("sample", peak, [(f"{what}, text encoders and VAE", static), *runs]))
     return plans
