@@ -647,13 +647,12 @@ def _quantize(pipe: Any, source: SampleSource, device: str | None) -> None:
     """Quantize the loaded pipeline's transformers (``source.quantize``; both experts of a
     two-expert model, as training quantizes the frozen other one) and text encoders
     (``source.encoder_quantize``) in place, layer by layer on ``device`` (None: where they are;
-    the blocks ``source.block_offload`` streams back in CPU memory), before any LoRA is loaded:
-    peft then wraps an int8/fp8 layer in its ``TorchaoLoraLinear`` and an nf4 one in its plain
-    LoRA ``Linear``, both adding the LoRA on top of the quantized weight."""
+    with ``source.block_offload`` the transformers' layers back in CPU memory), before any LoRA
+    is loaded: peft then wraps an int8/fp8 layer in its ``TorchaoLoraLinear`` and an nf4 one in
+    its plain LoRA ``Linear``, both adding the LoRA on top of the quantized weight."""
     import diffusers
 
     from flowtune.memory.quantize import quantize_linears, quantize_text_encoders
-    from flowtune.train.offload import offloaded_block_names
 
     if source.quantize is not None:
         spec = source.spec
@@ -661,10 +660,10 @@ def _quantize(pipe: Any, source: SampleSource, device: str | None) -> None:
             if not isinstance(transformer, getattr(diffusers, spec.transformer_class)):
                 continue
             transformer.requires_grad_(False)
-            # The blocks that --block-offload streams go back to CPU memory once quantized.
-            host = []
-            if source.block_offload is not None:
-                host = offloaded_block_names(spec, dict(transformer.config), source.block_offload)
+            # With --block-offload every quantized layer goes back to CPU memory: the text
+            # encoders have the GPU to themselves first, then place_with_block_offload moves
+            # the resident part.
+            host = ("*",) if source.block_offload is not None else ()
             quantize_linears(transformer, source.quantize, spec.quantize_skip, device, host)
     if source.encoder_quantize is not None:
         quantize_text_encoders(pipe, source.encoder_quantize, source.spec.encoder_quantize_skip, device)
@@ -707,6 +706,10 @@ def encode_prompts_first(
     inputs = [{**encoder.prompt_inputs(encoded(prompt)), **negative} for prompt in dict.fromkeys(prompts)]
     by_prompt = dict(zip(dict.fromkeys(prompts), inputs, strict=True))
     pipe.register_modules(**dict.fromkeys(names))
+    if torch.device(device).type != "cpu":  # modules in reference cycles hold their memory till then
+        import gc
+
+        gc.collect()
     return [by_prompt[prompt] for prompt in prompts]
 
 
