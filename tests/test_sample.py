@@ -266,6 +266,11 @@ def test_loras_for_another_family_or_base_model_are_refused(run, tmp_path) -> No
 
 def test_user_errors_are_one_line_with_exit_status_2(run, tmp_path) -> None:
     assert_user_error(cli("sample", "--ckpt", str(tmp_path / "missing"), "-p", "x"), "no checkpoint at")
+    assert_user_error(
+        cli("sample", "--ckpt", str(run), "-p", "x", "--block-offload", "two"),
+        "--block-offload 'two'",
+        "none",
+    )
     assert_user_error(cli("sample", "--ckpt", str(run), "-p", "x", "--height", "60"), "height 60", "16")
     (tmp_path / "prompts.txt").write_text("\n\n")
     assert_user_error(
