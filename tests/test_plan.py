@@ -282,6 +282,7 @@ def test_plan_command_prints_a_table_json_and_whether_it_fits(mid_flux: Path) ->
     assert "peak of a training step" in table.stdout and " px, 16 text tokens" in table.stdout
     assert "does not fit a 0.001 GiB GPU" in table.stderr
     assert "no model.quantize or train.block_offload setting fits it" in table.stderr
+    assert "flowtune sample does not fit" in table.stderr and "--block-offload N streams" in table.stderr
     data = json.loads(cli("plan", *common, "--json", "--gpu-memory", "80").stdout)
     assert data["fits"] is True and data["train_step"]["peak"] > data["train_step"]["weights"] > 0
 

@@ -91,6 +91,23 @@ def build_report(recipe: Any, spec: FamilySpec, gpu_memory_gib: float | None = N
             report.advice.append(
                 (phase.name, "lower validation.height and validation.width, or set validation.prompts=[]")
             )
+        elif spec.block_lists and recipe.train.block_offload is None:
+            report.advice.append(
+                (
+                    phase.name,
+                    "flowtune sample --cpu-offload keeps one component on the GPU at a time; "
+                    "--block-offload N streams all but N transformer blocks after encoding the prompts "
+                    "(this plan with train.block_offload=N gives its peak)",
+                )
+            )
+        elif spec.block_lists:  # it samples with the recipe's block offload: fewer blocks resident
+            report.advice.append(
+                (
+                    phase.name,
+                    "flowtune sample --block-offload N with N below train.block_offload (this plan "
+                    "with train.block_offload=N gives its peak)",
+                )
+            )
         else:
             report.advice.append(
                 (phase.name, "flowtune sample --cpu-offload keeps one component on the GPU at a time")
