@@ -375,6 +375,24 @@ def test_each_checkpoint_loads_with_its_pipeline_class_and_granularity(i2v_dir: 
     assert type(pipe).__name__ == "WanImageToVideoPipeline" and pipe.config.expand_timesteps
 
 
+def test_the_plan_takes_each_checkpoint_s_side_granularity_from_its_vae_config() -> None:
+    """A Hub id's bundled VAE config gives the plan TI2V-5B's 32 px sides (a 16 px multiple of a
+    bucket was a shape its transformer refused, with a traceback) and 8x Wan 2.1's 16."""
+    from flowtune.memory.phases import component_config
+    from flowtune.memory.steps import recipe_bucket
+    from flowtune.recipe import load_recipe
+
+    ti2v = "Wan-AI/Wan2.2-TI2V-5B-Diffusers"
+    assert WanEncoder.granularity_for(SPEC, component_config(ti2v, "vae")) == 32
+    assert WanEncoder.granularity_for(SPEC, component_config("Wan-AI/Wan2.1-T2V-1.3B-Diffusers", "vae")) == 16
+    assert WanEncoder.granularity_for(SPEC, None) == 16
+    for resolution in (480, 640):
+        recipe = load_recipe(
+            "wan21-t2v-1.3b-lora", [f"model.pretrained={ti2v}", f"data.resolution={resolution}"]
+        )
+        assert all(side % 32 == 0 for side in recipe_bucket(recipe, SPEC))
+
+
 def test_bundled_configs_build_at_the_published_sizes_and_example_batches_fit_them() -> None:
     """flowtune plan offline: the I2V 14B transformers (16.4B: the T2V 14B with CLIP image
     projections in every block), TI2V-5B's transformer, its own Wan 2.2 VAE (48 channels, 16x)

@@ -299,9 +299,19 @@ class FamilyEncoder(ABC):
 
     def spatial_granularity(self) -> int:
         """Image sides (pixels) that this model folder's pipeline takes whole: multiples of this
-        (preprocess buckets with it).  Default ``FamilySpec.spatial_granularity``; a family whose
-        checkpoints differ reads it from the folder's configs, without loading weights."""
-        return self.spec.spatial_granularity
+        (preprocess buckets with it): :meth:`granularity_for` its ``vae/config.json`` (None
+        without one), read without loading weights."""
+        config = self.model_dir / "vae" / "config.json"
+        vae = json.loads(config.read_text(encoding="utf-8")) if config.is_file() else None
+        return self.granularity_for(self.spec, vae)
+
+    @classmethod
+    def granularity_for(cls, spec: FamilySpec, vae_config: dict[str, Any] | None) -> int:
+        """The sides' granularity of a checkpoint whose VAE has ``vae_config`` (a model folder's,
+        or the one ``flowtune plan`` bundles for a Hub id; None: unknown).  Default
+        ``FamilySpec.spatial_granularity``; a family whose checkpoints differ overrides it."""
+        del vae_config  # the family's one granularity
+        return spec.spatial_granularity
 
     @classmethod
     @abstractmethod

@@ -198,8 +198,18 @@ def _vae_phase(
         weights = tracker.current
         with torch.no_grad():
             if decode:
-                channels = int(config.get("latent_channels", config.get("z_dim", 16)))
-                vae.decode(torch.zeros(batch, channels, *latent_frames, height // 8, width // 8, dtype=dtype))
+                # The latents' channels and spatial factor (8; 16 for Wan 2.2's VAE), from a
+                # 64 x 64 image's encoding, which is done before the decoding's peak is taken.
+                one_frame = (1,) * len(pixel_frames)
+                probe = vae.encode(torch.zeros(1, 3, *one_frame, 64, 64, dtype=dtype)).latent_dist.mode()
+                channels, factor = probe.shape[1], 64 // probe.shape[-1]
+                del probe
+                tracker.reset_peak()
+                vae.decode(
+                    torch.zeros(
+                        batch, channels, *latent_frames, height // factor, width // factor, dtype=dtype
+                    )
+                )
             else:
                 vae.encode(torch.zeros(batch, 3, *pixel_frames, height, width, dtype=dtype))
         peak = tracker.peak
@@ -209,12 +219,10 @@ def _vae_phase(
 def plan_preprocess(recipe: Any, spec: FamilySpec) -> PhasePlan | None:
     """The peak of ``flowtune preprocess``: its text half or its image half, the larger; None
     when neither the text encoders' nor the VAE's config is known."""
-    from flowtune.memory.steps import largest_bucket, recipe_frames, recipe_resolutions
+    from flowtune.memory.steps import recipe_bucket, recipe_frames
 
     batch = int(recipe.data.encode_batch_size)
-    width, height = largest_bucket(
-        recipe_resolutions(recipe), spec.spatial_granularity, recipe.data.bucket_step
-    )
+    width, height = recipe_bucket(recipe, spec)
     text = _text_phase(recipe, spec, batch)
     vae = _vae_phase(recipe, spec, batch, height, width, decode=False, frames=recipe_frames(recipe, spec))
     if text is None and vae is None:

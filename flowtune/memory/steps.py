@@ -121,6 +121,18 @@ def largest_bucket(resolutions: list[int], granularity: int, step: int | None) -
     return best.width, best.height
 
 
+def recipe_bucket(recipe: Any, spec: FamilySpec) -> tuple[int, int]:
+    """(width, height) of the recipe's largest bucket, at the granularity of the model's sides
+    (:meth:`flowtune.encoders.FamilyEncoder.granularity_for` its VAE config, a local folder's or
+    the bundled one of a Hub id: Wan 2.2 TI2V's sides are multiples of 32, other Wan's 16)."""
+    from flowtune.memory.phases import component_config
+
+    granularity = spec.load_encoder_class().granularity_for(
+        spec, component_config(recipe.model.pretrained, "vae")
+    )
+    return largest_bucket(recipe_resolutions(recipe), granularity, recipe.data.bucket_step)
+
+
 def build_model(spec: FamilySpec, config: dict[str, Any], dtype: torch.dtype, device: str) -> nn.Module:
     """The family's transformer from ``config`` with random weights (patched as training patches
     it: ``FamilySpec.patch_transformer``), built directly in ``dtype`` on ``device`` (fake modules cannot be moved with ``.to()``; building on a GPU also
@@ -206,9 +218,7 @@ def run_training_steps(
     if fake and savers:
         raise ValueError("savers run on real tensors only")
     dtype = getattr(torch, recipe.model.dtype)
-    width, height = largest_bucket(
-        recipe_resolutions(recipe), spec.spatial_granularity, recipe.data.bucket_step
-    )
+    width, height = recipe_bucket(recipe, spec)
     references = 1 if spec.reference_images and spec.uses_edit_pairs(recipe.data.edit_pairs) else 0
     flow = create_pipeline(
         spec.adapter, OmegaConf.to_container(recipe.model.adapter), **OmegaConf.to_container(recipe.flow)

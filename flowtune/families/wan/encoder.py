@@ -137,16 +137,15 @@ class WanEncoder(FamilyEncoder):
             return "WanImageToVideoPipeline"
         return super().pipeline_class_name(spec, model_dir, first_frames)
 
-    def spatial_granularity(self) -> int:
+    @classmethod
+    def granularity_for(cls, spec: FamilySpec, vae_config: dict[str, Any] | None) -> int:
         """The VAE's spatial factor (its ``scale_factor_spatial``: 8, Wan 2.2 TI2V's 16) times the
-        transformer's 2 x 2 patches, as the pipelines round sides: 16, or 32 for TI2V.  Read from
-        ``vae/config.json`` (present wherever images are encoded); ``FamilySpec``'s 16 without
-        one."""
-        config = self.model_dir / "vae" / "config.json"
-        if not config.is_file():
-            return self.spec.spatial_granularity
-        factor = json.loads(config.read_text(encoding="utf-8")).get("scale_factor_spatial") or 8
-        return max(self.spec.spatial_granularity, 2 * int(factor))
+        transformer's 2 x 2 patches, as the pipelines round sides: 16, or 32 for TI2V; without a
+        VAE config ``FamilySpec``'s 16."""
+        if vae_config is None:
+            return spec.spatial_granularity
+        factor = vae_config.get("scale_factor_spatial") or 8
+        return max(spec.spatial_granularity, 2 * int(factor))
 
     @classmethod
     def pipeline_components(cls, model_dir: Path, without: Iterable[str]) -> dict[str, Any]:
