@@ -435,7 +435,7 @@ def sample(
     if encoder_quantize is not None:
         source.encoder_quantize = None if encoder_quantize == "none" else encoder_quantize
     if block_offload is not None:
-        if block_offload != "none" and not (block_offload.isdigit()):
+        if block_offload != "none" and not block_offload.isdigit():
             raise FlowtuneError(
                 f"--block-offload {block_offload!r}: give the number of blocks to keep on the GPU, or none"
             )

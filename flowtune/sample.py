@@ -30,7 +30,7 @@ import math
 import re
 import warnings
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -279,10 +279,12 @@ def generate_frames(
     """
     generator = torch.Generator(device="cpu").manual_seed(job.seed)
     inputs = dict(job.inputs)
-    # The trained text length, where the pipeline takes one (HunyuanVideo 1.5's has a fixed one).
-    if settings.max_sequence_length is not None and _takes(pipe, "max_sequence_length"):
+    # The trained text length, where the pipeline encodes the prompt and takes one (HunyuanVideo
+    # 1.5's has a fixed one); given embeddings were encoded at it already.
+    text = "prompt" in inputs
+    if settings.max_sequence_length is not None and text and _takes(pipe, "max_sequence_length"):
         inputs.setdefault("max_sequence_length", settings.max_sequence_length)
-    if settings.negative_prompt is not None and "prompt" in inputs:
+    if settings.negative_prompt is not None and text:
         inputs.setdefault("negative_prompt", settings.negative_prompt)
     inputs.update(spec.guidance_inputs(pipe, settings.guidance))
     if settings.guidance_2 is not None:  # the low-noise expert's (flowtune.experts)
@@ -986,7 +988,6 @@ def sample(
         if source.block_offload is not None and not encoder_class.text_uses_references:
             # The text encoders' work is done before the transformer comes onto the GPU.
             inputs = encode_prompts_first(pipe, spec, model_dir, prompts, settings, name, device)
-            settings = replace(settings, max_sequence_length=None)  # embeddings are given
         if references is not None:
             with_references = []
             for i, (prompt, files) in enumerate(zip(prompts, references, strict=True)):

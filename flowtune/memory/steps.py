@@ -135,8 +135,9 @@ def recipe_bucket(recipe: Any, spec: FamilySpec) -> tuple[int, int]:
 
 def build_model(spec: FamilySpec, config: dict[str, Any], dtype: torch.dtype, device: str) -> nn.Module:
     """The family's transformer from ``config`` with random weights (patched as training patches
-    it: ``FamilySpec.patch_transformer``), built directly in ``dtype`` on ``device`` (fake modules cannot be moved with ``.to()``; building on a GPU also
-    initialises there, in seconds for 32B parameters), frozen, in train mode."""
+    it: ``FamilySpec.patch_transformer``), built directly in ``dtype`` on ``device`` (fake modules
+    cannot be moved with ``.to()``; building on a GPU also initialises there, in seconds for 32B
+    parameters), frozen, in train mode."""
     import diffusers
 
     cls = getattr(diffusers, spec.transformer_class)

@@ -145,7 +145,7 @@ class Validator:
             seed=v.seed, steps=v.steps, guidance=v.guidance, guidance_2=v.guidance_2, height=v.height, width=v.width,
             negative_prompt=v.negative_prompt, frames=v.frames,
             fps=round(recipe.data.fps) if recipe.data.fps is not None else None,  # as trained
-            max_sequence_length=recipe.data.max_sequence_length if self.encodes_prompts else None,
+            max_sequence_length=recipe.data.max_sequence_length,  # for prompts the pipeline encodes
         )  # fmt: skip
         self._clips: list[list[Any]] = []  # the last validation's clips (video families), for the trackers
         # Video families sample clips (an MP4 and a frame strip each) at the family's frame rate.
