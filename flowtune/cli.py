@@ -754,9 +754,11 @@ def main() -> None:
     is any write the file system refuses (:data:`flowtune.fileio.WRITE_ERRNOS`, torch.save's
     stream errors) that a command did not already turn into a message.
     """
+    from flowtune.allocator import configure_allocator
     from flowtune.distributed import rank_tag, shutdown
     from flowtune.fileio import write_failure_message
 
+    configure_allocator()  # before torch is imported: expandable segments (flowtune.allocator)
     quiet_libraries()
     try:
         try:

@@ -398,4 +398,7 @@ def _cuda() -> bool:
 
 if __name__ == "__main__":
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from flowtune.allocator import configure_allocator
+
+    configure_allocator()  # the allocator setting flowtune's commands run with (flowtune.allocator)
     main()

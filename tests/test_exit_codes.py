@@ -11,8 +11,10 @@ import re
 import shutil
 from collections.abc import Callable
 from pathlib import Path
+from unittest import mock
 
 import pytest
+import torch
 
 from flowtune import runlock
 from flowtune.data.synthetic import make_shapes_dataset
@@ -125,9 +127,33 @@ def _nothing_could_be_cached(env: Path, tmp: Path) -> Result:
     )
 
 
+CUDA_OOM = "CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of 23.55 GiB"
+
+
+def _out_of_memory_in_a_step(env: Path, tmp: Path) -> Result:
+    out = _run_copy(env, tmp)
+    oom = torch.OutOfMemoryError(CUDA_OOM)
+    with mock.patch("flowtune.train.trainer.Trainer._to_device", side_effect=oom):  # the plan still traces
+        return cli(
+            "train",
+            env / "recipe.yaml",
+            f"train.output_dir={out}",
+            "train.resume=latest",
+            "train.max_steps=4",
+            "--gpu-memory",
+            "1",
+        )
+
+
+def _out_of_memory_loading(env: Path, tmp: Path) -> Result:
+    oom = torch.OutOfMemoryError(CUDA_OOM)
+    with mock.patch("flowtune.train.trainer.load_transformer", side_effect=oom):
+        return cli("train", env / "recipe.yaml", f"train.output_dir={tmp / 'run'}")
+
+
 # (failure, the command that meets it, its status, words of the README's meaning of that status,
-# words of the one-line message)
-FAILURES: list[tuple[str, Callable[[Path, Path], Result], int, str, str]] = [
+# words of the one-line message, or several pieces of it)
+FAILURES: list[tuple[str, Callable[[Path, Path], Result], int, str, str | tuple[str, ...]]] = [
     ("output dir in use", _locked_output_dir, 2, "locked by another process", "is in use by pid"),
     ("diverged loss", _diverged, 1, "NaN or infinite", "training diverged: loss nan at step 3"),
     (
@@ -142,6 +168,26 @@ FAILURES: list[tuple[str, Callable[[Path, Path], Result], int, str, str]] = [
     ("truncated LoRA", _export_truncated_lora, 2, "missing or corrupt files", "truncated or damaged"),
     ("another family", _model_of_another_family, 2, "another family", "holds a Flux2Pipeline"),
     ("nothing cached", _nothing_could_be_cached, 1, "nothing could be cached", "nothing could be cached"),
+    (
+        "out of memory in a step",
+        _out_of_memory_in_a_step,
+        2,
+        "ran out of memory",
+        (
+            "out of memory on cpu in training step 3 (a batch of 1 at ",
+            ", asking for 2.00 GiB more. flowtune plan predicted a ",
+            "Nothing after checkpoint ",
+            "step-000002 was saved.",
+            "recipe.yaml --gpu-memory 1` lists the changes that fit, then continue with train.resume=latest.",
+        ),
+    ),
+    (
+        "out of memory loading",
+        _out_of_memory_loading,
+        2,
+        "ran out of memory",
+        "out of memory on cpu while setting up the run, before its first step",
+    ),
 ]
 
 
@@ -155,14 +201,16 @@ def test_each_failure_exits_with_its_documented_status_and_no_traceback(
     run: Callable[[Path, Path], Result],
     status: int,
     documented: str,
-    says: str,
+    says: str | tuple[str, ...],
 ) -> None:
     result = run(env, tmp_path)
     assert result.returncode == status, result.stderr
     assert documented in _documented_statuses()[status]
     assert "Traceback" not in result.stdout + result.stderr
     errors = [line for line in result.stderr.splitlines() if line.startswith("error")]
-    assert len(errors) == 1 and says in errors[0], result.stderr
+    assert len(errors) == 1, result.stderr
+    for words in (says,) if isinstance(says, str) else says:
+        assert words in errors[0], errors[0]
 
 
 def test_the_table_documents_every_status_the_commands_use() -> None:

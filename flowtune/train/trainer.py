@@ -69,6 +69,7 @@ from flowtune.train.model import load_transformer
 from flowtune.train.noise import sample_generators
 from flowtune.train.offload import check_block_offload, offload_blocks, quantized_host_blocks
 from flowtune.train.optim import build_optimizer, build_scheduler
+from flowtune.train.out_of_memory import run_out_of_memory
 from flowtune.train.report import RunReport
 from flowtune.train.resume_policy import ResumePolicy
 from flowtune.train.signals import SignalStop, StopRequest
@@ -317,6 +318,7 @@ class Trainer(
             )
             for batch in loader:
                 self.batches_consumed += 1
+                self._batch_keys = batch.get("keys", [])  # named if its step runs out of memory
                 yield batch
 
     @property
@@ -485,9 +487,12 @@ class Trainer(
             self._lock = None
 
     def run(self) -> TrainResult:
-        """:meth:`setup`, :meth:`train`, :meth:`cleanup`."""
+        """:meth:`setup`, :meth:`train`, :meth:`cleanup`; running out of GPU memory is one message
+        (:class:`~flowtune.train.out_of_memory.TrainingOutOfMemory`)."""
         try:
             self.setup()
             return self.train()
+        except torch.OutOfMemoryError as error:
+            raise run_out_of_memory(self, error) from None
         finally:
             self.cleanup()
