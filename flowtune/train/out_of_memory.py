@@ -160,7 +160,10 @@ def run_out_of_memory(trainer: Any, error: BaseException) -> TrainingOutOfMemory
     else:
         where = "while setting up the run, before its first step"
     device = torch.device(trainer.device)
-    memory = DeviceMemory.read(device)
+    try:
+        memory = DeviceMemory.read(device)
+    except RuntimeError:  # a device too broken to say: the message goes without its figures
+        memory = None
     check = trainer.memory
     planned = check.peak if check is not None else None
     change = None
