@@ -42,10 +42,10 @@ def test_the_message_says_what_the_gpu_held_what_was_planned_and_where_to_contin
 
 def test_a_plan_that_did_not_fit_names_its_cheapest_change() -> None:
     message = _message(
-        planned=30 * GIB, plan_change="train.block_offload=20, 21.0 GiB, slower", checkpoint=None
+        planned=30 * GIB, plan_change="train.block_offload=20 (21.0 GiB, slower)", checkpoint=None
     )
     assert "flowtune plan predicted a 30.0 GiB peak for this run's training step. No checkpoint" in message
-    assert "(the plan's cheapest change: train.block_offload=20, 21.0 GiB, slower)" in message
+    assert "(the plan's cheapest change: train.block_offload=20 (21.0 GiB, slower))" in message
     assert "resume" not in message
 
 

@@ -45,6 +45,14 @@ class MemoryCheck:
             return f"no plan ({self.note})"
         return f"{format_bytes(self.peak)} peak per GPU (flowtune plan); {self.gpu_name}: {format_bytes(self.gpu_bytes)}"
 
+    def cheapest_change(self) -> str | None:
+        """The first of ``changes``, e.g. ``train.block_offload=12 (18.0 GiB, slower)``; None
+        without one."""
+        if not self.changes:
+            return None
+        best = self.changes[0]
+        return f"{' '.join(best.overrides)} ({format_bytes(best.peak)}, {best.cost})"
+
     def warning(self) -> str | None:
         """One warning line when the plan says the step will not fit, else None."""
         if self.fits is not False:
@@ -54,8 +62,7 @@ class MemoryCheck:
             f"more than the {format_bytes(self.gpu_bytes)} of {self.gpu_name}: it will likely run out of memory"
         )
         if self.changes:
-            best = self.changes[0]
-            line += f"; {' '.join(best.overrides)} fits ({format_bytes(best.peak)}, {best.cost})"
+            line += f"; {self.cheapest_change()} fits"
             line += "; `flowtune plan RECIPE KEY=VALUE... --gpu-memory N` lists more"
         else:
             line += "; lower data.resolution or train.batch_size"

@@ -102,7 +102,7 @@ def out_of_memory_message(
         memory: The device's figures at the failure (None off CUDA).
         planned: ``flowtune plan``'s peak for the run's step (bytes), None without a plan.
         plan_change: The cheapest change the plan found to fit, e.g. ``train.block_offload=12
-            (18.0 GiB, ...)``, when it predicted that the run would not fit.
+            (18.0 GiB, slower)``, when it predicted that the run would not fit.
         checkpoint: The checkpoint a resume continues from, described, or None when none was
             saved.
         plan_command: The ``flowtune plan`` command line that lists the changes that fit.
@@ -164,12 +164,9 @@ def run_out_of_memory(trainer: Any, error: BaseException) -> TrainingOutOfMemory
         memory = DeviceMemory.read(device)
     except RuntimeError:  # a device too broken to say: the message goes without its figures
         memory = None
-    check = trainer.memory
+    check = trainer.memory  # flowtune.train.memory_check's plan of the run, when there is one
     planned = check.peak if check is not None else None
-    change = None
-    if check is not None and check.changes:
-        best = check.changes[0]
-        change = f"{' '.join(best.overrides)}, {format_bytes(best.peak)}, {best.cost}"
+    change = check.cheapest_change() if check is not None else None
     checkpoint = None if trainer.last_checkpoint is None else f"checkpoint {trainer.last_checkpoint}"
     recipe = trainer.output_dir / "recipe.yaml"
     command = f"flowtune plan {recipe if recipe.is_file() else 'RECIPE'}"
